@@ -1,0 +1,24 @@
+# Two commands from a fresh clone (each creates the virtual environment on first use):
+#   make demo   - the main job: prune a weight to 2:4 and compare it with the dense product
+#   make test   - the whole test suite
+# PYTHON picks the interpreter (e.g. PYTHON=python3.12 VENV=.venv312 make test).
+PYTHON ?= python3
+VENV ?= .venv
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cuda/*)
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python examples/prune_24.py
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+clean:
+	rm -rf build .venv .venv312

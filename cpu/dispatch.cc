@@ -1,0 +1,128 @@
+#include "cpu/dispatch.h"
+
+#include <atomic>
+#include <cstdint>
+
+#ifdef JAXSPARSE_X86
+#include <cpuid.h>
+#endif
+
+namespace jaxsparse {
+namespace cpu {
+namespace {
+
+struct IsaInfo {
+  Isa isa;
+  const char* name;
+  const NmKernelTable* kernels;
+};
+
+// Best first.
+constexpr IsaInfo kIsas[] = {
+#ifdef JAXSPARSE_X86
+    {Isa::kAvx512, "avx512", &kNmKernelsAvx512},
+    {Isa::kAvx2, "avx2", &kNmKernelsAvx2},
+#endif
+    {Isa::kPortable, "portable", &kNmKernelsPortable},
+};
+
+const IsaInfo* Find(Isa isa) {
+  for (const IsaInfo& info : kIsas) {
+    if (info.isa == isa) return &info;
+  }
+  return nullptr;
+}
+
+#ifdef JAXSPARSE_X86
+// XCR0: the register state the OS saves on a context switch. The CPUID feature
+// bits alone do not say the OS enabled the wider registers.
+uint64_t ReadXcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+bool X86Supports(Isa isa) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+  const bool fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!osxsave || !avx || !fma || !f16c) return false;
+  const uint64_t xcr0 = ReadXcr0();
+  constexpr uint64_t kYmmState = 0x6;    // SSE + AVX upper halves.
+  constexpr uint64_t kZmmState = 0xe6;   // + opmask, ZMM0-15 upper, ZMM16-31.
+  if ((xcr0 & kYmmState) != kYmmState) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx2 = b & (1u << 5);
+  if (isa == Isa::kAvx2) return avx2;
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) &&  // F, DQ
+                      (b & (1u << 30)) && (b & (1u << 31));    // BW, VL
+  return avx2 && avx512 && (xcr0 & kZmmState) == kZmmState;
+}
+#endif
+
+bool Supports(Isa isa) {
+  if (isa == Isa::kPortable) return true;
+#ifdef JAXSPARSE_X86
+  return X86Supports(isa);
+#else
+  return false;
+#endif
+}
+
+Isa BestIsa() {
+  for (const IsaInfo& info : kIsas) {
+    if (Supports(info.isa)) return info.isa;
+  }
+  return Isa::kPortable;
+}
+
+std::atomic<Isa>& CurrentIsaSlot() {
+  static std::atomic<Isa> current{BestIsa()};
+  return current;
+}
+
+}  // namespace
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kPortable:
+      return "portable";
+  }
+  return "unknown";
+}
+
+bool IsaFromName(const std::string& name, Isa* isa) {
+  for (Isa candidate : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+    if (name == IsaName(candidate)) {
+      *isa = candidate;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<Isa> SupportedIsas() {
+  std::vector<Isa> isas;
+  for (const IsaInfo& info : kIsas) {
+    if (Supports(info.isa)) isas.push_back(info.isa);
+  }
+  return isas;
+}
+
+Isa CurrentIsa() { return CurrentIsaSlot().load(std::memory_order_relaxed); }
+
+const NmKernelTable& CurrentKernels() { return *Find(CurrentIsa())->kernels; }
+
+bool SetCurrentIsa(Isa isa) {
+  if (Find(isa) == nullptr || !Supports(isa)) return false;
+  CurrentIsaSlot().store(isa, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace jaxsparse

@@ -1,0 +1,91 @@
+// The N:M kernels for AVX-512 F/BW/VL/DQ (compiled with those -m flags;
+// dispatch.cc only selects it after checking CPUID and that the OS saves the
+// ZMM and opmask state).
+// GCC 12's AVX-512 intrinsic headers warn on their own _mm512_undefined
+// placeholders (GCC bug 105593); the same kernel code is still checked for
+// these warnings in the portable and AVX2 units.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/dtype_convert.h"
+#include "cpu/nm_kernels_api.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace avx512 {
+
+struct Traits {
+  static constexpr int kWidth = 16;
+  // 8 zmm of tokens (128) per tile: each entry's value feeds 8 FMAs whose x
+  // operands are loads from L1 (about one load per FMA, the load ports' rate
+  // at two FMAs per cycle). Two FMA pipes x 4 cycles latency want 8
+  // independent chains; 16 of the 32 zmm may hold them.
+  static constexpr int kMaxVecs = 8;
+  static constexpr int kChains = 8;
+  static constexpr int kAccRegs = 16;
+
+  using V = __m512;
+
+  static V Zero() { return _mm512_setzero_ps(); }
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  // One load of the four values, then in-register shuffles.
+  static void Spread(__m128 f, V* v) {
+    const V q = _mm512_broadcast_f32x4(f);
+    v[0] = _mm512_permute_ps(q, 0x00);
+    v[1] = _mm512_permute_ps(q, 0x55);
+    v[2] = _mm512_permute_ps(q, 0xaa);
+    v[3] = _mm512_permute_ps(q, 0xff);
+  }
+  static void Broadcast4(const float* p, V* v) { Spread(_mm_loadu_ps(p), v); }
+  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V Add(V a, V b) { return _mm512_add_ps(a, b); }
+
+  // Transposing reduction of 16 vectors in four halving rounds (256-bit
+  // halves, 128-bit quarters, then pairs and single lanes inside each
+  // quarter); lane 4L + k then holds vector 4k + L, undone by one permute.
+  static V SumLanes(const V* a) {
+    V h[8], q[4], r[2];
+    for (int k = 0; k < 8; ++k) {
+      h[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                           _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xee));
+    }
+    for (int k = 0; k < 4; ++k) {
+      q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], 0x88),
+                           _mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], 0xdd));
+    }
+    for (int k = 0; k < 2; ++k) {
+      r[k] = _mm512_add_ps(_mm512_unpacklo_ps(q[2 * k], q[2 * k + 1]),
+                           _mm512_unpackhi_ps(q[2 * k], q[2 * k + 1]));
+    }
+    const V s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x44),
+                              _mm512_shuffle_ps(r[0], r[1], 0xee));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10,
+                                            14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, s);
+  }
+
+  static void Broadcast4Bf16(const uint16_t* p, V* v) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    Spread(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)), v);
+  }
+  static void Broadcast4F16(const uint16_t* p, V* v) {
+    Spread(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), v);
+  }
+};
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#define JAXSPARSE_NM_ISA avx512
+#include "cpu/nm_kernels.h"
+
+namespace jaxsparse {
+namespace cpu {
+const NmKernelTable kNmKernelsAvx512 = avx512::MakeTable<avx512::Traits>();
+}  // namespace cpu
+}  // namespace jaxsparse

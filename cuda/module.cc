@@ -1,0 +1,36 @@
+// The `_cuda` extension: the CUDA handlers of the jaxsparse FFI targets.
+//
+// Host-compiled so nanobind stays out of nvcc; jaxsparse/_ffi.py registers the
+// capsules with jax.ffi.register_ffi_target(name, capsule, platform="CUDA").
+#include <nanobind/nanobind.h>
+
+#include <type_traits>
+
+#include "cuda/nm_ops.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Fn>
+nb::capsule EncapsulateHandler(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler takes an XLA_FFI_CallFrame*");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict Registrations() {
+  nb::dict targets;
+  targets["jaxsparse_nm_spmm"] = EncapsulateHandler(JaxsparseCudaNmSpmm);
+  targets["jaxsparse_nm_spmm_t"] = EncapsulateHandler(JaxsparseCudaNmSpmmT);
+  targets["jaxsparse_nm_sddmm"] = EncapsulateHandler(JaxsparseCudaNmSddmm);
+  return targets;
+}
+
+}  // namespace
+
+NB_MODULE(_cuda, m) {
+  m.doc() = "CUDA handlers of the jaxsparse XLA FFI targets.";
+  m.def("registrations", &Registrations,
+        "Target name -> capsule of its XLA FFI handler (platform CUDA).");
+}

@@ -1,0 +1,466 @@
+// CUDA handlers of the N:M targets (docs/ffi_abi.md): shape checks, dtype
+// dispatch, and simple CUDA-core kernels whose per-output math lives in
+// nm_math.cuh. Tensor-core (mma.sp) kernels replace these kernels later.
+//
+// All three kernels use a 32 x 4 block. threadIdx.x runs along the output's
+// contiguous dim, so each warp's stores coalesce; threadIdx.y takes 4 rows of
+// the next dim, whose warps read the same operand rows at the same time
+// (weight rows for spmm and spmm_t, an x window for sddmm), so those rows are
+// fetched once into L1 for the whole block. 128 threads per block is the
+// smallest size that still shares those rows: residency is then limited by
+// the register file (the 64-bit index math takes about 40 registers; a cap of
+// 32 for full occupancy makes ptxas spill), not by the block size, and the
+// last wave stays short.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "cuda/nm_math.cuh"
+#include "cuda/nm_ops.h"
+
+// As in nm_ops.h: only the XLA header's own -Wreturn-type, only here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wreturn-type"
+#include "xla/ffi/api/ffi.h"
+#pragma GCC diagnostic pop
+
+namespace ffi = xla::ffi;
+
+#define JAXSPARSE_RETURN_IF_ERROR(expr)    \
+  do {                                     \
+    ffi::Error jaxsparse_status_ = (expr); \
+    if (jaxsparse_status_.failure()) {     \
+      return jaxsparse_status_;            \
+    }                                      \
+  } while (false)
+
+namespace jaxsparse {
+namespace {
+
+constexpr char kSpmm[] = "jaxsparse_nm_spmm";
+constexpr char kSpmmT[] = "jaxsparse_nm_spmm_t";
+constexpr char kSddmm[] = "jaxsparse_nm_sddmm";
+
+// ------------------------------------------------------------------ kernels
+
+constexpr int kWarpLanes = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kBlockThreads = kWarpLanes * kWarpsPerBlock;
+constexpr int64_t kMaxGridX = 2147483647;  // hardware limit of gridDim.x
+constexpr int64_t kMaxGridYZ = 65535;      // hardware limit of gridDim.y, z
+
+// Calls f(b, o, i) for every point of [batch, outer, inner]: i across the
+// lanes of a warp, o across the warps of a block, b along grid z. The
+// grid-stride loops cover sizes beyond the grid limits.
+template <typename F>
+__device__ __forceinline__ void ForEachPoint(int64_t batch, int64_t outer,
+                                             int64_t inner, const F& f) {
+  const int64_t o0 =
+      static_cast<int64_t>(blockIdx.y) * kWarpsPerBlock + threadIdx.y;
+  const int64_t i0 =
+      static_cast<int64_t>(blockIdx.x) * kWarpLanes + threadIdx.x;
+  const int64_t o_stride = static_cast<int64_t>(gridDim.y) * kWarpsPerBlock;
+  const int64_t i_stride = static_cast<int64_t>(gridDim.x) * kWarpLanes;
+  for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
+    for (int64_t o = o0; o < outer; o += o_stride) {
+      for (int64_t i = i0; i < inner; i += i_stride) f(b, o, i);
+    }
+  }
+}
+
+// One thread per y[b, t, j], j across lanes: at each step all lanes read the
+// same group of one x row (a broadcast of one or two sectors), and each lane
+// streams its own weight row through L1, shared with the block's 3 other
+// warps (same j, other t). A thread's f32 sum is the reference's order.
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    NmSpmmKernel(const __grid_constant__ nm::SpmmArgs<T> a) {
+  ForEachPoint(
+      a.d.batch, a.d.tokens, a.d.out,
+      [&](int64_t b, int64_t t, int64_t j) { nm::SpmmElement(a, b, t, j); });
+}
+
+// One thread per group (b, t, g), g across lanes: for each weight row j a warp
+// reads 32 consecutive groups (32 * n contiguous values and indices) and one
+// broadcast dy[b, t, j]. Gathering per group needs no atomics.
+template <int kSlots, typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    NmSpmmTKernel(const __grid_constant__ nm::SpmmTArgs<T> a) {
+  ForEachPoint(a.d.batch, a.d.tokens, a.d.groups,
+               [&](int64_t b, int64_t t, int64_t g) {
+                 nm::SpmmTGroup<kSlots>(a, b, t, g);
+               });
+}
+
+// One thread per dv[b, j, c], c across lanes: index loads and dv stores
+// coalesce, dy[b, t, j] is a broadcast, and a warp's x loads fall in one
+// 32 * m / n wide window of an x row, shared with the block's other warps
+// (same c, other j).
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    NmSddmmKernel(const __grid_constant__ nm::SddmmArgs<T> a) {
+  ForEachPoint(
+      a.d.batch, a.d.out, a.d.kept,
+      [&](int64_t b, int64_t j, int64_t c) { nm::SddmmElement(a, b, j, c); });
+}
+
+// ------------------------------------------------------------------ launches
+
+dim3 GridFor(int64_t batch, int64_t outer, int64_t inner) {
+  const auto blocks = [](int64_t size, int64_t per_block, int64_t limit) {
+    return static_cast<unsigned>(
+        std::min((size + per_block - 1) / per_block, limit));
+  };
+  return dim3(blocks(inner, kWarpLanes, kMaxGridX),
+              blocks(outer, kWarpsPerBlock, kMaxGridYZ),
+              blocks(batch, 1, kMaxGridYZ));
+}
+
+constexpr dim3 kBlock(kWarpLanes, kWarpsPerBlock);
+
+// Reports a failed launch. cudaGetLastError may also return an error left by
+// an earlier asynchronous launch on this device.
+ffi::Error LaunchStatus(const char* target) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) +
+                              ": CUDA error: " + cudaGetErrorString(err));
+}
+
+ffi::Error FillZeros(const char* target, cudaStream_t stream,
+                     ffi::AnyBuffer out) {
+  // All-zero bytes are +0 in f32, bf16 and f16.
+  const cudaError_t err =
+      cudaMemsetAsync(out.untyped_data(), 0, out.size_bytes(), stream);
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) +
+                              ": cudaMemsetAsync: " + cudaGetErrorString(err));
+}
+
+template <typename T>
+ffi::Error Launch(cudaStream_t stream, const nm::SpmmArgs<T>& a) {
+  NmSpmmKernel<T>
+      <<<GridFor(a.d.batch, a.d.tokens, a.d.out), kBlock, 0, stream>>>(a);
+  return LaunchStatus(kSpmm);
+}
+
+// kSlots is the smallest of 4, 8, 16 holding m: 2:4 and 4:8 keep 4 or 8
+// accumulators, not 16, and unroll to a quarter or half of the compares.
+template <typename T>
+ffi::Error Launch(cudaStream_t stream, const nm::SpmmTArgs<T>& a) {
+  const dim3 grid = GridFor(a.d.batch, a.d.tokens, a.d.groups);
+  if (a.d.m <= 4) {
+    NmSpmmTKernel<4, T><<<grid, kBlock, 0, stream>>>(a);
+  } else if (a.d.m <= 8) {
+    NmSpmmTKernel<8, T><<<grid, kBlock, 0, stream>>>(a);
+  } else {
+    NmSpmmTKernel<nm::kMaxM, T><<<grid, kBlock, 0, stream>>>(a);
+  }
+  return LaunchStatus(kSpmmT);
+}
+
+template <typename T>
+ffi::Error Launch(cudaStream_t stream, const nm::SddmmArgs<T>& a) {
+  NmSddmmKernel<T>
+      <<<GridFor(a.d.batch, a.d.out, a.d.kept), kBlock, 0, stream>>>(a);
+  return LaunchStatus(kSddmm);
+}
+
+// ------------------------------------------------------------------ checks
+
+ffi::Error Invalid(const char* target, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+}
+
+std::string DTypeName(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::U8:
+      return "uint8";
+    default:
+      return "XLA dtype #" + std::to_string(static_cast<int>(dtype));
+  }
+}
+
+ffi::Error CheckNM(const char* target, int32_t n, int32_t m) {
+  if (1 <= n && n < m && m <= nm::kMaxM) return ffi::Error::Success();
+  return Invalid(
+      target,
+      "attributes must satisfy 1 <= n < m <= " + std::to_string(nm::kMaxM) +
+          ", got n=" + std::to_string(n) + ", m=" + std::to_string(m));
+}
+
+// A named rank-3 operand or result.
+struct Array3 {
+  const char* name;
+  ffi::AnyBuffer buffer;
+  int64_t batch = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+ffi::Error ReadShape(const char* target, Array3& array) {
+  const auto dims = array.buffer.dimensions();
+  if (dims.size() != 3) {
+    return Invalid(target, std::string(array.name) +
+                               " must have rank 3, got rank " +
+                               std::to_string(dims.size()));
+  }
+  array.batch = dims[0];
+  array.rows = dims[1];
+  array.cols = dims[2];
+  return ffi::Error::Success();
+}
+
+// The float operands and the result share one of the supported dtypes.
+ffi::Error CheckFloatDTypes(const char* target,
+                            std::initializer_list<const Array3*> arrays) {
+  const Array3& first = **arrays.begin();
+  const ffi::DataType dtype = first.buffer.element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 &&
+      dtype != ffi::DataType::F16) {
+    return Invalid(target, std::string(first.name) + " dtype must be " +
+                               "float32, bfloat16 or float16, got " +
+                               DTypeName(dtype));
+  }
+  for (const Array3* array : arrays) {
+    if (array->buffer.element_type() != dtype) {
+      return Invalid(target, std::string(array->name) + " dtype must be " +
+                                 DTypeName(dtype) + " (" + first.name +
+                                 "'s), got " +
+                                 DTypeName(array->buffer.element_type()));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckIndicesDType(const char* target, const Array3& indices) {
+  const ffi::DataType dtype = indices.buffer.element_type();
+  if (dtype == ffi::DataType::U8) return ffi::Error::Success();
+  return Invalid(target,
+                 "indices dtype must be uint8, got " + DTypeName(dtype));
+}
+
+// The result's batch is the largest operand batch; each operand's is 1 or it.
+ffi::Error CheckBatches(const char* target,
+                        std::initializer_list<const Array3*> operands,
+                        const Array3& result) {
+  int64_t batch = 0;
+  for (const Array3* op : operands) batch = std::max(batch, op->batch);
+  for (const Array3* op : operands) {
+    if (op->batch != 1 && op->batch != batch) {
+      return Invalid(target, std::string(op->name) + ".shape[0] must be 1 or " +
+                                 std::to_string(batch) + ", got " +
+                                 std::to_string(op->batch));
+    }
+  }
+  if (result.batch == batch) return ffi::Error::Success();
+  return Invalid(target, std::string(result.name) + ".shape[0] must be " +
+                             std::to_string(batch) +
+                             " (the largest operand batch), got " +
+                             std::to_string(result.batch));
+}
+
+ffi::Error ExpectDim(const char* target, const std::string& what,
+                     int64_t expected, const std::string& source, int64_t got) {
+  if (got == expected) return ffi::Error::Success();
+  return Invalid(target, what + " must equal " + source + " = " +
+                             std::to_string(expected) + ", got " +
+                             std::to_string(got));
+}
+
+// Kc == ceil(K / m) * n for values and indices.
+ffi::Error CheckKept(const char* target, const Array3& array, int64_t k,
+                     int32_t n, int32_t m) {
+  const int64_t kept = (k + m - 1) / m * n;
+  if (array.cols == kept) return ffi::Error::Success();
+  return Invalid(target, std::string(array.name) +
+                             ".shape[2] (Kc) must be ceil(K/m)*n = ceil(" +
+                             std::to_string(k) + "/" + std::to_string(m) +
+                             ")*" + std::to_string(n) + " = " +
+                             std::to_string(kept) + ", got " +
+                             std::to_string(array.cols));
+}
+
+// The checks every target shares. Each has two float operands a and b, the
+// uint8 indices and a float result.
+ffi::Error CheckCommon(const char* target, int32_t n, int32_t m, Array3& a,
+                       Array3& b, Array3& indices, Array3& result) {
+  JAXSPARSE_RETURN_IF_ERROR(CheckNM(target, n, m));
+  for (Array3* array : {&a, &b, &indices, &result}) {
+    JAXSPARSE_RETURN_IF_ERROR(ReadShape(target, *array));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(CheckFloatDTypes(target, {&a, &b, &result}));
+  JAXSPARSE_RETURN_IF_ERROR(CheckIndicesDType(target, indices));
+  return CheckBatches(target, {&a, &b, &indices}, result);
+}
+
+nm::Dims MakeDims(int64_t batch, int64_t tokens, int64_t in, int64_t out,
+                  int32_t n, int32_t m) {
+  const int64_t groups = (in + m - 1) / m;
+  return nm::Dims{batch, tokens, in, out, groups, groups * n, n, m};
+}
+
+// ------------------------------------------------------------------ handlers
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) with the element type of a checked float dtype.
+template <typename Fn>
+ffi::Error DispatchFloat(const char* target, ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return fn(TypeTag<float>{});
+    case ffi::DataType::BF16:
+      return fn(TypeTag<__nv_bfloat16>{});
+    case ffi::DataType::F16:
+      return fn(TypeTag<__half>{});
+    default:
+      return Invalid(target, "unsupported dtype " + DTypeName(dtype));
+  }
+}
+
+template <typename T>
+const T* Data(const Array3& array) {
+  return static_cast<const T*>(array.buffer.untyped_data());
+}
+
+template <typename T>
+T* MutableData(const Array3& array) {
+  return static_cast<T*>(array.buffer.untyped_data());
+}
+
+ffi::Error NmSpmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
+                  ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
+                  int32_t n, int32_t m, ffi::Result<ffi::AnyBuffer> y_buffer) {
+  Array3 x{"x", x_buffer}, values{"values", values_buffer};
+  Array3 indices{"indices", indices_buffer}, y{"y", *y_buffer};
+  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSpmm, n, m, x, values, indices, y));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(kSpmm, "y.shape[1] (T)", x.rows, "x.shape[1]", y.rows));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmm, "values.shape[1] (N)", y.cols,
+                                      "y.shape[2]", values.rows));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmm, "indices.shape[1] (N)", y.cols,
+                                      "y.shape[2]", indices.rows));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmm, values, x.cols, n, m));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmm, indices, x.cols, n, m));
+
+  if (y.buffer.element_count() == 0) return ffi::Error::Success();
+  const nm::Dims d = MakeDims(y.batch, y.rows, x.cols, y.cols, n, m);
+  if (d.kept == 0) return FillZeros(kSpmm, stream, y.buffer);  // K == 0
+  return DispatchFloat(kSpmm, x.buffer.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return Launch(stream,
+                  nm::SpmmArgs<T>{Data<T>(x), Data<T>(values),
+                                  Data<uint8_t>(indices), MutableData<T>(y),
+                                  x.batch, values.batch, indices.batch, d});
+  });
+}
+
+ffi::Error NmSpmmT(cudaStream_t stream, ffi::AnyBuffer dy_buffer,
+                   ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
+                   int32_t n, int32_t m,
+                   ffi::Result<ffi::AnyBuffer> dx_buffer) {
+  Array3 dy{"dy", dy_buffer}, values{"values", values_buffer};
+  Array3 indices{"indices", indices_buffer}, dx{"dx", *dx_buffer};
+  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSpmmT, n, m, dy, values, indices, dx));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(kSpmmT, "dx.shape[1] (T)", dy.rows, "dy.shape[1]", dx.rows));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmmT, "values.shape[1] (N)", dy.cols,
+                                      "dy.shape[2]", values.rows));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmmT, "indices.shape[1] (N)", dy.cols,
+                                      "dy.shape[2]", indices.rows));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmmT, values, dx.cols, n, m));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmmT, indices, dx.cols, n, m));
+
+  if (dx.buffer.element_count() == 0) return ffi::Error::Success();
+  const nm::Dims d = MakeDims(dx.batch, dx.rows, dx.cols, dy.cols, n, m);
+  if (d.out == 0) return FillZeros(kSpmmT, stream, dx.buffer);  // N == 0
+  return DispatchFloat(kSpmmT, dy.buffer.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return Launch(stream,
+                  nm::SpmmTArgs<T>{Data<T>(dy), Data<T>(values),
+                                   Data<uint8_t>(indices), MutableData<T>(dx),
+                                   dy.batch, values.batch, indices.batch, d});
+  });
+}
+
+ffi::Error NmSddmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
+                   ffi::AnyBuffer dy_buffer, ffi::AnyBuffer indices_buffer,
+                   int32_t n, int32_t m,
+                   ffi::Result<ffi::AnyBuffer> dv_buffer) {
+  Array3 x{"x", x_buffer}, dy{"dy", dy_buffer};
+  Array3 indices{"indices", indices_buffer}, dv{"dv", *dv_buffer};
+  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSddmm, n, m, x, dy, indices, dv));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(kSddmm, "dy.shape[1] (T)", x.rows, "x.shape[1]", dy.rows));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(kSddmm, "dy.shape[2] (N)", dv.rows, "dv.shape[1]", dy.cols));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSddmm, "indices.shape[1] (N)", dv.rows,
+                                      "dv.shape[1]", indices.rows));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSddmm, indices, x.cols, n, m));
+  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSddmm, dv, x.cols, n, m));
+
+  if (dv.buffer.element_count() == 0) return ffi::Error::Success();
+  const nm::Dims d = MakeDims(dv.batch, x.rows, x.cols, dv.rows, n, m);
+  if (d.tokens == 0) return FillZeros(kSddmm, stream, dv.buffer);  // T == 0
+  return DispatchFloat(kSddmm, x.buffer.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return Launch(stream,
+                  nm::SddmmArgs<T>{Data<T>(x), Data<T>(dy),
+                                   Data<uint8_t>(indices), MutableData<T>(dv),
+                                   x.batch, dy.batch, indices.batch, d});
+  });
+}
+
+}  // namespace
+}  // namespace jaxsparse
+
+// The handlers only enqueue a memset or one kernel on XLA's stream, so XLA may
+// capture them into CUDA graphs (command buffers).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmm, jaxsparse::NmSpmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // values
+                                  .Arg<ffi::AnyBuffer>()  // indices
+                                  .Attr<int32_t>("n")
+                                  .Attr<int32_t>("m")
+                                  .Ret<ffi::AnyBuffer>(),  // y
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmT, jaxsparse::NmSpmmT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // values
+                                  .Arg<ffi::AnyBuffer>()  // indices
+                                  .Attr<int32_t>("n")
+                                  .Attr<int32_t>("m")
+                                  .Ret<ffi::AnyBuffer>(),  // dx
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSddmm, jaxsparse::NmSddmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // indices
+                                  .Attr<int32_t>("n")
+                                  .Attr<int32_t>("m")
+                                  .Ret<ffi::AnyBuffer>(),  // dv
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,32 @@
+"""jaxsparse: structured sparsity and low-bit weights for JAX, as XLA FFI custom calls.
+
+    >>> import jax, jaxsparse as jsp
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> ws = jsp.NMSparse.fromdense(w, n=2, m=4)
+    >>> y = jax.numpy.ones((8, 64)) @ ws        # [8, 32]
+"""
+
+from jaxsparse import _ffi
+from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
+from jaxsparse.formats import NM, NMSparse
+from jaxsparse.ops import JaxsparseFallbackWarning, matmul
+from jaxsparse import prune  # noqa: E402  (after formats: prune builds on NM)
+from jaxsparse import linen, mixed_precision, nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NM",
+    "NMSparse",
+    "JaxsparseFallbackWarning",
+    "cpu_isa",
+    "has_cpu_kernels",
+    "has_cuda_kernels",
+    "linen",
+    "matmul",
+    "mixed_precision",
+    "nn",
+    "prune",
+    "set_cpu_isa",
+    "supported_cpu_isas",
+]

@@ -1,0 +1,62 @@
+"""The one importer of jaxsparse's compiled extensions (CONVENTIONS.md 6).
+
+It registers every FFI target of the CPU module (`jaxsparse._cpu`, always built) and of the CUDA
+module (`jaxsparse._cuda`, built when nvcc was found) with XLA, once, at import.
+"""
+
+from __future__ import annotations
+
+import jax
+
+try:
+    from jaxsparse import _cpu
+except ImportError as err:  # A source checkout that was never built: ops fall back, with a warning.
+    _cpu, _cpu_import_error = None, err
+else:
+    _cpu_import_error = None
+
+try:
+    from jaxsparse import _cuda
+except ImportError:
+    _cuda = None
+
+for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
+    if _module is not None:
+        for _name, _capsule in _module.registrations().items():
+            jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
+
+
+def has_cpu_kernels() -> bool:
+    """True when the CPU extension is built and its targets are registered."""
+    return _cpu is not None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the CUDA extension was built (nvcc present at build time)."""
+    return _cuda is not None
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with now: "avx512", "avx2" or "portable"."""
+    _require_cpu()
+    return _cpu.isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """The instruction sets this CPU can run, best first."""
+    _require_cpu()
+    return list(_cpu.supported_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU kernels onto one instruction set (for tests and benchmarks).
+
+    The environment variable JAXSPARSE_CPU_ISA does the same at import.
+    """
+    _require_cpu()
+    _cpu.set_isa(name)
+
+
+def _require_cpu():
+    if _cpu is None:
+        raise RuntimeError(f"jaxsparse's CPU extension is not built: {_cpu_import_error}")

@@ -1,0 +1,356 @@
+"""N:M structured sparsity: the `NM` pattern and the `NMSparse` format.
+
+A weight `w` of shape `[..., in, out]` (a Flax kernel) is N:M sparse along `in` when every group of
+`m` consecutive inputs of every output keeps at most `n` values. 2:4 is what NVIDIA's sparse tensor
+cores run; any `1 <= n < m <= 16` is supported here.
+
+Canonical storage (device-neutral; checkpoints hold exactly this; kernels may pack it further):
+
+- `values  [..., out, ceil(in/m) * n]`: the kept values of each output, group after group, in the
+  order of their positions. This is `w.T` with the pruned entries squeezed out, the layout of
+  cuSPARSELt, CUTLASS and torch's semi-structured tensors.
+- `indices [..., out, ceil(in/m) * n]`, uint8: the position (0..m-1) of each kept value inside its
+  group, strictly increasing inside a group.
+
+When `in` is not a multiple of `m`, the input dimension is zero-padded to the next multiple of `m`:
+the last group has fewer real inputs, and a slot that cannot hold a real input (a group of 2 inputs
+at 2:4 keeps both, nothing is left to prune) points into the padding with value 0. Products treat the
+padding as zero inputs, so such slots contribute nothing and receive zero gradient; `todense()`
+drops them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse import _validate as V
+
+_MAX_M = 16
+
+
+class NM(NamedTuple):
+    """The N:M pattern: keep `n` of every `m` consecutive inputs of each output.
+
+    A hashable value, usable as a static argument and as the `sparsity=` of layers.
+
+    Example:
+        >>> NM(2, 4).density
+        0.5
+    """
+
+    n: int
+    m: int
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    def validate(self, where: str = "jaxsparse.NM") -> "NM":
+        n = V.check_int("m", self.m, low=2, high=_MAX_M, where=where)
+        V.check_int("n", self.n, low=1, high=n - 1, where=where)
+        return NM(int(self.n), int(self.m))
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@jax.tree_util.register_pytree_node_class
+class NMSparse:
+    """An N:M sparse matrix of logical shape `[..., in, out]`, sparse along `in`.
+
+    Build one with `NMSparse.fromdense(w, n=2, m=4)` or `NMSparse.frommask(w, mask, n=, m=)`.
+    Multiply with `x @ ws` or `jaxsparse.matmul(x, ws)`: `x [..., in] -> [..., out]`.
+
+    Attributes:
+        values: `[..., out, ceil(in/m)*n]`, float32/bfloat16/float16; the kept values.
+        indices: `[..., out, ceil(in/m)*n]`, uint8; each value's position inside its group of m.
+        n, m: the pattern (static).
+        in_features: the logical `in` (static); `out` and leading batch dims come from `values`.
+
+    A registered pytree: `values` and `indices` are its children, `(n, m, in_features)` its static
+    aux data, so it passes through `jit`, `vmap` (a stack of sparse weights is a leading batch dim
+    of both arrays), `grad` (w.r.t. `values`) and checkpointing unchanged.
+    """
+
+    __array_ufunc__ = None  # NumPy defers `np_array @ ws` to NMSparse.__rmatmul__.
+
+    def __init__(self, values, indices, *, n: int, m: int, in_features: int):
+        where = "jaxsparse.NMSparse"
+        n, m = NM(n, m).validate(where)
+        in_features = V.check_int("in_features", in_features, low=0, high=2**62, where=where)
+        values = V.as_array("values", values, where=where)
+        indices = V.as_array("indices", indices, where=where)
+        V.check_float_dtype("values", values.dtype, where=where)
+        if not jnp.issubdtype(indices.dtype, jnp.integer):
+            raise TypeError(f"{where}: indices must be an integer array, got {indices.dtype.name}")
+        V.check_rank("values", values, min_rank=2, where=where, what="[..., out, kept]")
+        kept = _num_groups(in_features, m) * n
+        if values.shape[-1] != kept:
+            raise ValueError(
+                f"{where}: values must have last dimension ceil(in_features/m)*n = "
+                f"ceil({in_features}/{m})*{n} = {kept}; got shape {tuple(values.shape)}"
+            )
+        if indices.shape != values.shape:
+            raise ValueError(
+                f"{where}: indices must have the shape of values {tuple(values.shape)}; "
+                f"got {tuple(indices.shape)}"
+            )
+        if V.is_concrete(indices):
+            _check_positions(np.asarray(indices), n, m, where)
+        self._init(values, indices.astype(jnp.uint8), n, m, in_features)
+
+    def _init(self, values, indices, n, m, in_features):
+        self.values = values
+        self.indices = indices
+        self.n, self.m, self.in_features = n, m, in_features
+
+    # ------------------------------------------------------------------ pytree
+    def tree_flatten(self):
+        return (self.values, self.indices), (self.n, self.m, self.in_features)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No validation: leaves may be tracers, None or sentinels inside JAX transformations.
+        obj = object.__new__(cls)
+        obj._init(*children, *aux)
+        return obj
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fromdense(cls, w, *, n: int, m: int) -> "NMSparse":
+        """Keep the `n` largest-magnitude values of every group of `m` consecutive inputs.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            n, m: the pattern, `1 <= n < m <= 16`.
+
+        Returns:
+            An NMSparse of shape `w.shape`. Ties keep the lower position. Jittable.
+        """
+        where = "jaxsparse.NMSparse.fromdense"
+        n, m = NM(n, m).validate(where)
+        w = _check_dense("w", w, where)
+        groups, real = _to_groups(w, m)
+        # Padding must lose to any real input, even a real zero: score it below 0.
+        score = jnp.where(real, jnp.abs(groups).astype(jnp.float32), -1.0)
+        return cls._from_scores(groups, score, n, m, w.shape[-2])
+
+    @classmethod
+    def frommask(cls, w, mask, *, n: int, m: int) -> "NMSparse":
+        """Keep the entries of `w` where `mask` is True; the mask must respect N:M.
+
+        A group with fewer than `n` True entries is filled with unmasked positions holding 0, so
+        `todense()` equals `where(mask, w, 0)` exactly.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            mask: `[..., in, out]` bool, at most `n` True in every group of `m` along `in`.
+        """
+        where = "jaxsparse.NMSparse.frommask"
+        n, m = NM(n, m).validate(where)
+        w = _check_dense("w", w, where)
+        mask = V.as_array("mask", mask, where=where)
+        if mask.shape != w.shape:
+            raise ValueError(
+                f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
+            )
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+        mask_groups, real = _to_groups(mask, m)
+        if V.is_concrete(mask_groups):
+            _check_mask_counts(np.asarray(mask_groups), n, m, where)
+        groups, _ = _to_groups(jnp.where(mask, w, jnp.zeros((), w.dtype)), m)
+        # Masked entries first, then real unmasked ones (value 0), then padding; lower position
+        # first among equals (top_k is stable).
+        score = mask_groups.astype(jnp.float32) * 2 + real.astype(jnp.float32)
+        return cls._from_scores(groups, score, n, m, w.shape[-2])
+
+    @classmethod
+    def _from_scores(cls, groups, score, n, m, in_features):
+        _, pos = jax.lax.top_k(score, n)
+        pos = jnp.sort(pos, axis=-1)
+        values = jnp.take_along_axis(groups, pos, axis=-1)
+        kept_shape = (*groups.shape[:-2], groups.shape[-2] * n)
+        return cls.tree_unflatten(
+            (n, m, in_features),
+            (values.reshape(kept_shape), pos.astype(jnp.uint8).reshape(kept_shape)),
+        )
+
+    def replace(self, **changes: Any) -> "NMSparse":
+        """A copy with new `values` and/or `indices` (same pattern and shape), validated.
+
+        `ws.replace(values=v)` is how training updates the kept values: `v` may be a tracer.
+        """
+        unknown = set(changes) - {"values", "indices"}
+        if unknown:
+            raise TypeError(
+                f"jaxsparse.NMSparse.replace: unknown fields {sorted(unknown)}; "
+                "expected values= and/or indices="
+            )
+        values = changes.get("values", self.values)
+        indices = changes.get("indices", self.indices)
+        where = "jaxsparse.NMSparse.replace"
+        values = V.as_array("values", values, where=where)
+        if values.shape != self.values.shape:
+            raise ValueError(
+                f"{where}: values must keep the shape {tuple(self.values.shape)}; "
+                f"got {tuple(values.shape)}"
+            )
+        if "indices" not in changes:  # Positions already validated: skip the host round trip.
+            V.check_float_dtype("values", values.dtype, where=where)
+            return self.tree_unflatten(self._aux, (values, self.indices))
+        return NMSparse(values, indices, n=self.n, m=self.m, in_features=self.in_features)
+
+    def astype(self, dtype) -> "NMSparse":
+        """The same pattern with values cast to `dtype` (float32, bfloat16 or float16)."""
+        V.check_float_dtype("dtype", dtype, where="jaxsparse.NMSparse.astype")
+        return self.tree_unflatten(self._aux, (self.values.astype(dtype), self.indices))
+
+    # ------------------------------------------------------------------ views
+    def todense(self) -> jax.Array:
+        """`[..., in, out]` in `dtype`: kept values in place, zeros elsewhere; bit-exact."""
+        hit, slot = self._position_slots()
+        vals = self._grouped(self.values)
+        picked = jnp.take_along_axis(vals, slot, axis=-1)
+        dense = jnp.where(hit, picked, jnp.zeros((), self.dtype))
+        return self._from_groups(dense)
+
+    def mask(self) -> jax.Array:
+        """`[..., in, out]` bool: True at every stored position (including stored zeros)."""
+        hit, _ = self._position_slots()
+        return self._from_groups(hit)
+
+    def _position_slots(self):
+        """For each position of each group: is it stored (`hit`) and in which slot (`slot`)."""
+        idx = self._grouped(self.indices)  # [..., out, G, n]
+        onehot = idx[..., :, None] == jnp.arange(self.m, dtype=idx.dtype)  # [..., G, n, m]
+        hit = jnp.any(onehot, axis=-2)  # [..., out, G, m]
+        slot = jnp.argmax(onehot, axis=-2)
+        return hit, slot
+
+    def _grouped(self, a):
+        return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
+
+    def _from_groups(self, a):
+        """`[..., out, G, m]` -> `[..., in, out]`, dropping the padding."""
+        flat = a.reshape(*a.shape[:-2], a.shape[-2] * a.shape[-1])[..., : self.in_features]
+        return jnp.swapaxes(flat, -1, -2)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def _aux(self):
+        return (self.n, self.m, self.in_features)
+
+    @property
+    def pattern(self) -> NM:
+        return NM(self.n, self.m)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape `[..., in, out]`."""
+        return (*self.values.shape[:-2], self.in_features, self.values.shape[-2])
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-2])
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[-2]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def density(self) -> float:
+        """Stored entries over logical entries: n/m, or more when `in` is padded."""
+        total = math.prod(self.shape)
+        return self.values.size / total if total else self.n / self.m
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the canonical arrays (values + 1-byte positions)."""
+        return self.values.nbytes + self.indices.nbytes
+
+    def __rmatmul__(self, x):
+        from jaxsparse.ops.matmul import matmul
+
+        return matmul(x, self)
+
+    def __matmul__(self, other):
+        raise TypeError(
+            "NMSparse @ x is not supported: jaxsparse multiplies a dense left operand by a sparse "
+            "weight, `x @ ws` with x [..., in]; for ws @ x use (x.T @ ws).T or ws.todense() @ x"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"NMSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
+            f"pattern={self.n}:{self.m}, nbytes={self.nbytes})"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _num_groups(in_features: int, m: int) -> int:
+    return -(-in_features // m)
+
+
+def _check_dense(name, w, where):
+    w = V.as_array(name, w, where=where)
+    V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
+    V.check_float_dtype(name, w.dtype, where=where)
+    return w
+
+
+def _to_groups(w, m):
+    """`[..., in, out]` -> (`[..., out, G, m]` zero-padded along in, bool `real` `[G, m]`)."""
+    in_features = w.shape[-2]
+    groups = _num_groups(in_features, m)
+    pad = groups * m - in_features
+    wt = jnp.swapaxes(w, -1, -2)
+    wt = jnp.pad(wt, [(0, 0)] * (wt.ndim - 1) + [(0, pad)])
+    real = (jnp.arange(groups * m) < in_features).reshape(groups, m)
+    return wt.reshape(*wt.shape[:-1], groups, m), real
+
+
+def _check_positions(indices: np.ndarray, n: int, m: int, where: str) -> None:
+    if indices.size == 0:
+        return
+    if indices.min() < 0 or indices.max() >= m:
+        bad = np.argwhere((indices < 0) | (indices >= m))[0]
+        raise ValueError(
+            f"{where}: indices must be positions in [0, {m}) inside each group of m={m}; "
+            f"got {indices[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+        )
+    grouped = indices.astype(np.int16).reshape(*indices.shape[:-1], -1, n)
+    order = np.diff(grouped, axis=-1) > 0
+    if not order.all():
+        bad = np.argwhere(~order)[0]
+        raise ValueError(
+            f"{where}: indices must be strictly increasing inside each group of n={n} slots "
+            f"(distinct, sorted positions); group {tuple(int(i) for i in bad[:-1])} holds "
+            f"{grouped[tuple(bad[:-1])].tolist()}"
+        )
+
+
+def _check_mask_counts(mask_groups: np.ndarray, n: int, m: int, where: str) -> None:
+    counts = mask_groups.sum(axis=-1)
+    if counts.size and counts.max() > n:
+        bad = np.argwhere(counts > n)[0]
+        *lead, out, group = (int(i) for i in bad)
+        raise ValueError(
+            f"{where}: mask keeps {int(counts[tuple(bad)])} entries in the group of inputs "
+            f"[{group * m}, {group * m + m}) of output {out}"
+            f"{' at batch index ' + str(tuple(lead)) if lead else ''}; the {n}:{m} pattern "
+            f"allows at most {n}"
+        )

@@ -1,0 +1,172 @@
+"""`SparseDense`: `flax.linen.Dense` with a structured-sparse kernel.
+
+The kept values live in the `params` collection (`values`, beside `bias`), so optax over
+`variables["params"]` trains exactly them; their positions live in the `"sparsity"` collection as
+`indices`, boxed in `SparsityIndices` (a `flax.core.meta.AxisMetadata`, like `nn.Partitioned`)
+that carries the pattern and `in_features` as static metadata, so a variable tree describes itself
+(`jaxsparse.linen.densify(variables)` needs nothing else).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+from flax.core import meta
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import default_kernel_init
+from flax.typing import Array, Dtype, Initializer, PrecisionLike, PromoteDtypeFn
+
+from jaxsparse.nn import _layout
+
+#: The collection that holds the positions of the kept values.
+SPARSITY_COLLECTION = "sparsity"
+
+
+class SparsityIndices(struct.PyTreeNode, meta.AxisMetadata):
+    """The positions of a SparseDense's kept values, boxed with their pattern and `in_features`.
+
+    A pytree whose only leaf is `value` (`[out, kept]`, uint8 for N:M); `pattern` and
+    `in_features` are static metadata, so the box passes through `jit`, `jax.tree.map`, orbax and
+    flax.serialization (which store `value` only). `nn.meta.unbox` strips it; `SparseDense` accepts
+    the bare array too.
+    """
+
+    value: Any
+    pattern: Any = struct.field(pytree_node=False)
+    in_features: int = struct.field(pytree_node=False)
+
+    def unbox(self) -> Any:
+        return self.value
+
+    def replace_boxed(self, val: Any) -> SparsityIndices:
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> SparsityIndices:
+        return self  # Stacked layers (nn.scan/vmap) keep one pattern and in_features.
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> SparsityIndices:
+        return self
+
+
+class SparseDense(nn.Module):
+    """A linear transformation with a structured-sparse kernel, over the last input dimension.
+
+    `nn.Dense` with `sparsity=`: `y = x @ W + b` with `W` `[in, features]` keeping only the entries
+    the pattern allows. `init` draws the dense kernel with `kernel_init` (from the same rng as
+    `nn.Dense` would) and prunes it by magnitude, so a fresh SparseDense is the magnitude-pruned
+    version of a fresh Dense of the same name.
+
+    Variables: `params/values` `[features, ceil(in/m)*n]` in `param_dtype`, `params/bias`
+    `[features]` (when `use_bias`), and `sparsity/indices` (a `SparsityIndices` box around uint8
+    `[features, ceil(in/m)*n]`): pass the whole variable dict to `apply`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsparse as jsp
+        >>> from flax import linen as nn
+        >>> layer = jsp.linen.SparseDense(4, sparsity="2:4")
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8)))
+        >>> jax.tree.map(jnp.shape, nn.meta.unbox(variables))
+        {'params': {'bias': (4,), 'values': (4, 4)}, 'sparsity': {'indices': (4, 4)}}
+        >>> layer.apply(variables, jnp.ones((16, 8))).shape
+        (16, 4)
+
+    Attributes:
+        features: the number of output features.
+        sparsity: the pattern (keyword-only): `jaxsparse.NM(n, m)` or a string `"n:m"` such as
+            `"2:4"` (N:M along the input dimension; the input size must be at least `m`).
+            Mask-only patterns (`jaxsparse.prune.Unstructured`) are refused.
+        use_bias: whether to add a bias to the output (default: True).
+        dtype: the dtype of the computation (default: infer from input and params).
+        param_dtype: the dtype passed to parameter initializers (default: float32).
+        precision: kept for signature compatibility; the sparse kernels multiply in the operand
+            dtype and always accumulate in float32.
+        kernel_init: initializer function for the dense `[in, features]` kernel that is pruned.
+        bias_init: initializer function for the bias.
+        promote_dtype: function to promote the dtype of the arrays to the desired dtype. The
+            function should accept `(inputs, values, bias)` and a `dtype` keyword argument, and
+            return a tuple of arrays with the promoted dtype.
+        dot_general, dot_general_cls: only None (the defaults): the product is
+            `jaxsparse.matmul`, a custom dot_general cannot apply to it.
+    """
+
+    features: int
+    sparsity: Any = dataclasses.field(kw_only=True)
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+    promote_dtype: PromoteDtypeFn = promote_dtype
+    dot_general: Any = None
+    dot_general_cls: Any = None
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        """Applies the sparse linear transformation to the last dimension of the inputs.
+
+        Args:
+            inputs: `[..., in]`.
+
+        Returns:
+            `[..., features]` in the promoted dtype.
+        """
+        where = f"jaxsparse.linen.SparseDense ({self.name or 'unnamed'})"
+        if self.dot_general is not None or self.dot_general_cls is not None:
+            raise ValueError(
+                f"{where}: dot_general and dot_general_cls must be None: the sparse product is "
+                "jaxsparse.matmul and cannot use a custom one; got "
+                f"dot_general={self.dot_general!r}, dot_general_cls={self.dot_general_cls!r}"
+            )
+        in_features = jnp.shape(inputs)[-1]
+        pattern, layout = _layout.layer_pattern(
+            sparsity=self.sparsity, in_features=in_features, out_features=self.features, where=where
+        )
+        initializing = not self.has_variable("params", "values")
+        if not initializing and not self.has_variable(SPARSITY_COLLECTION, "indices"):
+            raise ValueError(
+                f"{where}: the variables hold params/values but no sparsity/indices: pass the "
+                f"whole variable dict (the 'params' and the '{SPARSITY_COLLECTION}' "
+                "collections) to apply"
+            )
+        drawn = {}
+
+        def values_init(rng, shape, dtype):
+            # Draws and prunes the dense kernel; the positions go to the indices initializer.
+            kernel = self.kernel_init(rng, (in_features, self.features), dtype)
+            values, drawn["indices"] = layout.compress(kernel, pattern)
+            return values
+
+        state_shape = layout.state_shape(pattern, in_features, self.features)
+        values = self.param("values", values_init, state_shape, self.param_dtype)
+        boxed = self.variable(
+            SPARSITY_COLLECTION,
+            "indices",
+            lambda: SparsityIndices(drawn.pop("indices"), pattern, in_features),
+            unbox=False,
+        ).value
+        made_for = (
+            (boxed.pattern, boxed.in_features) if isinstance(boxed, SparsityIndices) else None
+        )
+        if made_for not in (None, (pattern, in_features)):
+            raise ValueError(
+                f"{where}: sparsity/indices were made for pattern {boxed.pattern} with "
+                f"in_features={boxed.in_features}; this layer is {pattern} with "
+                f"in_features={in_features}"
+            )
+        indices = meta.unbox(boxed)
+        _layout.check_state(where, pattern, layout, in_features, self.features, values, indices)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        else:
+            bias = None
+        inputs, values, bias = self.promote_dtype(inputs, values, bias, dtype=self.dtype)
+        weight = layout.weight(pattern, in_features, values, indices)
+        y = _layout.sparse_product(where, inputs, weight)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y

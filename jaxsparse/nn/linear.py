@@ -1,0 +1,333 @@
+"""`SparseLinear`: `nnx.Linear` with a structured-sparse kernel.
+
+The kept values are an `nnx.Param`; their positions are a `SparsityIndices`, a non-trainable
+`nnx.Variable` type of their own (as `nnx.LoRA` brings `LoRAParam`), so `nnx.grad`,
+`nnx.Optimizer(..., wrt=nnx.Param)` and optax never see them.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from types import MappingProxyType
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
+from jax import lax
+
+from jaxsparse import _validate as V
+from jaxsparse.nn import _layout
+
+Array = jax.Array
+A = tp.TypeVar("A")
+
+
+class SparsityIndices(nnx.Variable[A]):
+    """The positions of a sparse layer's kept values (uint8 for N:M): state, never trained.
+
+    Not an `nnx.Param`: `nnx.grad`, `nnx.Optimizer(model, tx, wrt=nnx.Param)` and
+    `nnx.state(model, nnx.Param)` leave it out, while `nnx.state(model)` (checkpoints) keeps it.
+    """
+
+
+class SparseLinear(nnx.Module):
+    """A linear transformation with a structured-sparse kernel, over the last input dimension.
+
+    `nnx.Linear` with `sparsity=`: `y = x @ W + b` where `W` `[in_features, out_features]` keeps
+    only the entries the pattern allows. A fresh layer is the magnitude-pruned version of a fresh
+    `nnx.Linear` built with the same arguments and `rngs`: the dense kernel is drawn with
+    `kernel_init` and pruned by magnitude.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxsparse as jsp
+        >>> from flax import nnx
+        >>> layer = jsp.nn.SparseLinear(8, 4, sparsity=jsp.NM(2, 4), rngs=nnx.Rngs(0))
+        >>> layer.values.shape, layer.indices.shape  # [out, in/m*n]
+        ((4, 4), (4, 4))
+        >>> layer(jnp.ones((16, 8))).shape
+        (16, 4)
+
+    Args:
+        in_features: the number of input features.
+        out_features: the number of output features.
+        sparsity: the pattern: `jaxsparse.NM(n, m)` or a string `"n:m"` such as `"2:4"` (N:M along
+            the input dimension; `in_features` must be at least `m`, a ragged last group is
+            zero-padded). Mask-only patterns (`jaxsparse.prune.Unstructured`) are refused.
+        use_bias: whether to add a bias to the output (default: True).
+        dtype: the dtype of the computation (default: infer from input and params).
+        param_dtype: the dtype passed to parameter initializers (default: float32).
+        precision: kept for `to_dense()`; the sparse kernels multiply in the operand dtype and
+            always accumulate in float32.
+        kernel_init: initializer function for the dense `[in, out]` kernel that is then pruned.
+        bias_init: initializer function for the bias.
+        dot_general: only `jax.lax.dot_general` (the default): the product is
+            `jaxsparse.matmul`, a custom dot_general cannot apply to it.
+        promote_dtype: function to promote the dtype of the arrays to the desired dtype. The
+            function should accept a tuple of `(inputs, values, bias)` and a `dtype` keyword
+            argument, and return a tuple of arrays with the promoted dtype.
+        preferred_element_type: the dtype of the product, as in `jax.lax.dot_general` (e.g.
+            float32 results from bfloat16 operands).
+        rngs: rng key.
+        kernel_metadata: optional metadata set on `values` and `indices`, both `[out, kept]` (the
+            transposed layout of a kernel: sharding annotations name the `(out, in)` axes).
+        bias_metadata: optional metadata set on the bias.
+
+    Attributes:
+        values: `nnx.Param` `[out_features, ceil(in_features/m)*n]` in `param_dtype`.
+        indices: `SparsityIndices` of the shape of `values`, uint8: each value's position in its
+            group of m inputs.
+        bias: `nnx.Param` `[out_features]` in `param_dtype`, or None.
+        sparsity: the validated pattern (a static value, e.g. `NM(2, 4)`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        sparsity: tp.Any,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = default_bias_init,
+        dot_general: tp.Any = lax.dot_general,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        preferred_element_type: Dtype | None = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    ):
+        where = "jaxsparse.nn.SparseLinear"
+        pattern, layout = _layout.layer_pattern(sparsity, in_features, out_features, where)
+        _check_dot_general(dot_general, where)
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        if isinstance(kernel, nnx.VariableMetadata):
+            raise TypeError(
+                f"{where}: kernel_init returned nnx.VariableMetadata (e.g. nnx.with_partitioning); "
+                "a sparse layer stores values [out, kept], not the kernel: give a plain "
+                "initializer and pass metadata through kernel_metadata="
+            )
+        values, indices = layout.compress(kernel, pattern)
+        self.values = nnx.Param(values, **kernel_metadata)
+        self.indices = SparsityIndices(indices, **kernel_metadata)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(
+                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata
+            )
+        else:
+            self.bias = nnx.data(None)
+
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.sparsity = pattern
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    def __call__(self, inputs: Array) -> Array:
+        """Applies the sparse linear transformation to the last dimension of the inputs.
+
+        Args:
+            inputs: `[..., in_features]`.
+
+        Returns:
+            `[..., out_features]` in the promoted dtype (or `preferred_element_type`).
+        """
+        where = "jaxsparse.nn.SparseLinear"
+        values = self.values[...]
+        indices = self.indices[...]
+        bias = self.bias[...] if self.bias is not None else None
+        layout = _layout.layout_of(self.sparsity, where)
+        _layout.check_state(
+            where, self.sparsity, layout, self.in_features, self.out_features, values, indices
+        )
+        inputs, values, bias = self.promote_dtype((inputs, values, bias), dtype=self.dtype)
+        weight = layout.weight(self.sparsity, self.in_features, values, indices)
+        y = _layout.sparse_product(where, inputs, weight, self.preferred_element_type)
+        assert self.use_bias == (bias is not None)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    @property
+    def weight(self):
+        """The sparse kernel (e.g. an `NMSparse` `[in_features, out_features]`), validated.
+
+        Outside `jit` the positions are checked (a clear error for corrupt or mismatched state).
+        """
+        where = "jaxsparse.nn.SparseLinear.weight"
+        layout = _layout.layout_of(self.sparsity, where)
+        values, indices = self.values[...], self.indices[...]
+        _layout.check_state(
+            where, self.sparsity, layout, self.in_features, self.out_features, values, indices
+        )
+        return layout.checked_weight(self.sparsity, self.in_features, values, indices)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear_or_kernel: nnx.Linear | Array,
+        sparsity: tp.Any,
+        *,
+        method: tp.Any = "magnitude",
+        bias: Array | None = None,
+        **kwargs: tp.Any,
+    ) -> SparseLinear:
+        """A SparseLinear holding the entries of a dense layer or kernel that `method` keeps.
+
+        Args:
+            linear_or_kernel: an `nnx.Linear` (its bias and its settings, dtype, param_dtype,
+                precision, promote_dtype, preferred_element_type, are carried over) or a kernel
+                `[in_features, out_features]` (float32/bfloat16/float16; `param_dtype` becomes its
+                dtype).
+            sparsity: the pattern, as for the constructor.
+            method: "magnitude" (keep the largest |w| the pattern allows), a bool mask
+                `[in_features, out_features]` that respects the pattern, or a callable
+                `(kernel, pattern) -> mask`.
+            bias: `[out_features]`, only with a kernel (a Linear brings its own).
+            **kwargs: constructor settings to set or override (dtype, precision, promote_dtype,
+                preferred_element_type, kernel_metadata, bias_metadata).
+
+        Returns:
+            A new SparseLinear; the argument is not modified.
+
+        Raises:
+            ValueError: a mask that breaks the pattern, a pattern the shape cannot take, an unknown
+                method, or a Linear whose custom dot_general cannot carry over.
+        """
+        where = "jaxsparse.nn.SparseLinear.from_dense"
+        unknown = set(kwargs) - _FROM_DENSE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"{where}: unexpected keyword arguments {sorted(unknown)}; accepted: "
+                f"{sorted(_FROM_DENSE_KWARGS)}"
+            )
+        if isinstance(linear_or_kernel, nnx.Linear):
+            linear = linear_or_kernel
+            reason = dense_layer_reason(linear)
+            if reason is not None:
+                raise ValueError(f"{where}: cannot convert this layer: {reason}")
+            if bias is not None:
+                raise TypeError(f"{where}: bias= is only for a kernel; a Linear brings its own")
+            kernel = linear.kernel[...]
+            bias = linear.bias[...] if linear.bias is not None else None
+            config = {
+                "dtype": linear.dtype,
+                "precision": linear.precision,
+                "promote_dtype": linear.promote_dtype,
+                "preferred_element_type": linear.preferred_element_type,
+            }
+        else:
+            kernel = linear_or_kernel
+            config = {}
+        kernel = _check_kernel(kernel, where)
+        in_features, out_features = kernel.shape
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if bias.shape != (out_features,):
+                raise ValueError(
+                    f"{where}: bias must have shape ({out_features},) (out_features of the "
+                    f"kernel {tuple(kernel.shape)}); got {tuple(bias.shape)}"
+                )
+        pattern, layout = _layout.layer_pattern(sparsity, in_features, out_features, where)
+        mask = _layout.mask_from_method(method, kernel, pattern, where)
+        if mask is not None:  # Checks the mask against the pattern before building anything.
+            values, indices = layout.compress(kernel, pattern, mask)
+        config.update(kwargs)
+        # The constructor prunes what kernel_init returns by magnitude, without a random draw;
+        # a mask then replaces its choice.
+        layer = cls(
+            in_features,
+            out_features,
+            sparsity=pattern,
+            use_bias=bias is not None,
+            param_dtype=kernel.dtype,
+            kernel_init=_Constant(kernel),
+            bias_init=_Constant(bias),
+            rngs=nnx.Rngs(0),
+            **config,
+        )
+        if mask is not None:
+            layer.values.set_value(values)
+            layer.indices.set_value(indices)
+        return layer
+
+    def to_dense(self) -> nnx.Linear:
+        """The equivalent `nnx.Linear`: the kept values in place, zeros elsewhere (bit-exact)."""
+        kernel = self.weight.todense()
+        bias = self.bias[...] if self.bias is not None else None
+        return nnx.Linear(
+            self.in_features,
+            self.out_features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=kernel.dtype,
+            precision=self.precision,
+            kernel_init=_Constant(kernel),
+            bias_init=_Constant(bias),
+            promote_dtype=self.promote_dtype,
+            preferred_element_type=self.preferred_element_type,
+            rngs=nnx.Rngs(0),
+        )
+
+
+_FROM_DENSE_KWARGS = frozenset(
+    {
+        "dtype",
+        "precision",
+        "promote_dtype",
+        "preferred_element_type",
+        "kernel_metadata",
+        "bias_metadata",
+    }
+)
+
+
+class _Constant:
+    """An initializer returning a given array (how from_dense/to_dense skip the random draw)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, key, shape, dtype=None):
+        return self.value
+
+
+def dense_layer_reason(linear: nnx.Linear) -> str | None:
+    """None when an nnx.Linear converts to SparseLinear without losing behaviour, else why not."""
+    if type(linear) is not nnx.Linear:
+        return (
+            f"{type(linear).__name__} is a subclass of nnx.Linear; converting it would lose its "
+            "own behaviour"
+        )
+    if linear.dot_general is not lax.dot_general:
+        return "it uses a custom dot_general, which the sparse product cannot apply"
+    return None
+
+
+def _check_dot_general(dot_general, where: str) -> None:
+    if dot_general is not lax.dot_general and dot_general is not None:
+        raise ValueError(
+            f"{where}: dot_general must be jax.lax.dot_general (the default): the sparse product "
+            f"is jaxsparse.matmul and cannot use a custom one; got {dot_general!r}"
+        )
+
+
+def _check_kernel(kernel, where: str):
+    kernel = V.as_array("kernel", kernel, where=where)
+    if kernel.ndim != 2:
+        raise ValueError(
+            f"{where}: kernel must be 2-D [in_features, out_features]; got shape "
+            f"{tuple(kernel.shape)}"
+        )
+    V.check_float_dtype("kernel", kernel.dtype, where=where)
+    return kernel

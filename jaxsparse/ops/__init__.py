@@ -1,0 +1,23 @@
+"""Sparse products as JAX primitives, one module per op family."""
+
+from jaxsparse.ops.matmul import matmul
+from jaxsparse.ops.nm import (
+    JaxsparseFallbackWarning,
+    nm_sddmm,
+    nm_sddmm_reference,
+    nm_spmm,
+    nm_spmm_reference,
+    nm_spmm_t,
+    nm_spmm_t_reference,
+)
+
+__all__ = [
+    "JaxsparseFallbackWarning",
+    "matmul",
+    "nm_sddmm",
+    "nm_sddmm_reference",
+    "nm_spmm",
+    "nm_spmm_reference",
+    "nm_spmm_t",
+    "nm_spmm_t_reference",
+]

@@ -1,0 +1,82 @@
+"""`jaxsparse.matmul(x, w)`: a dense left operand times a sparse weight, for every format.
+
+Each format registers the function that multiplies by it; `x @ w` on a format lands here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax.numpy as jnp
+
+from jaxsparse import _validate as V
+from jaxsparse.formats.nm import NMSparse
+from jaxsparse.ops.nm import nm_spmm
+
+_WHERE = "jaxsparse.matmul"
+
+
+def matmul(x, w):
+    """`x @ w` for a sparse weight `w` of logical shape `[..., in, out]`.
+
+    Args:
+        x: `[..., in]` float32/bfloat16/float16 (any leading dims, including none). With a
+            batched `w` (`[B..., in, out]`, a stack of weights), x is `[..., T, in]` and the leading
+            dims broadcast as in `jnp.matmul`.
+        w: a jaxsparse format, e.g. `NMSparse`.
+
+    Returns:
+        `[..., out]` in the promoted dtype of x and w (bf16 with f16 promotes to f32); the product
+        accumulates in f32.
+    """
+    for fmt, rule in _RULES.items():
+        if isinstance(w, fmt):
+            return rule(x, w)
+    raise TypeError(
+        f"{_WHERE}: w must be a jaxsparse sparse format ({', '.join(f.__name__ for f in _RULES)}); "
+        f"got {type(w).__name__}"
+    )
+
+
+def _prepare_x(x, w):
+    x = V.as_array("x", x, where=_WHERE)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{_WHERE}: x must be a float array, got dtype {x.dtype.name}")
+    V.check_float_dtype("x", x.dtype, where=_WHERE)
+    if x.ndim < 1 or x.shape[-1] != w.in_features:
+        raise ValueError(
+            f"{_WHERE}: x must have last dimension {w.in_features} (w's `in`, the contraction "
+            f"dim of w with shape {w.shape}); got x with shape {tuple(x.shape)}"
+        )
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    return x.astype(dtype), w if w.dtype == dtype else w.astype(dtype)
+
+
+def _nm_matmul(x, w: NMSparse):
+    x, w = _prepare_x(x, w)
+    values, indices = w.values, w.indices
+    if values.ndim == 2:
+        lead = x.shape[:-1]
+        x3 = x.reshape(1, math.prod(lead), w.in_features)
+        y = nm_spmm(x3, values[None], indices[None], n=w.n, m=w.m)
+        return y.reshape(*lead, w.out_features)
+    if x.ndim == 1:
+        return _nm_matmul(x[None], w)[..., 0, :]
+    batch = jnp.broadcast_shapes(x.shape[:-2], w.batch_shape)
+    x3 = _flatten_batch(x, batch, 2)
+    y = nm_spmm(x3, _flatten_batch(values, batch, 2), _flatten_batch(indices, batch, 2),
+                n=w.n, m=w.m)
+    return y.reshape(*batch, *y.shape[1:])
+
+
+def _flatten_batch(a, batch, core):
+    """Broadcast `a`'s leading dims to `batch` and flatten them to one; `[1, ...]` stays a view
+    when `a` has no leading dims (the kernel broadcasts it)."""
+    if a.ndim == core:
+        return a[None]
+    a = jnp.broadcast_to(a, (*batch, *a.shape[-core:]))
+    return a.reshape(math.prod(batch), *a.shape[-core:])
+
+
+_RULES: dict[type, Callable] = {NMSparse: _nm_matmul}

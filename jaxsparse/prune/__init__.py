@@ -1,0 +1,56 @@
+"""Pruning for jaxsparse, optax-shaped (CONVENTIONS.md 11).
+
+- Patterns are values: `jaxsparse.NM(n, m)`, `Unstructured(density)`; `as_pattern` turns a spec
+  (`"2:4"`) into one, `fits` says whether a layer shape can take it.
+- Masks are pure, jittable functions: `magnitude_mask`, `magnitude_masks`, `apply_masks`,
+  `nm_kept_magnitude`.
+- Channel permutations for N:M: `search_permutation`, `permute_inputs`, `permute_outputs`.
+- Schedules are optax schedules: `cubic_schedule`.
+- Training algorithms are `optax.GradientTransformation`s with NamedTuple states:
+  `gradual_pruning`, `masked`, `srste` (with `srste_weight` / `srste_weights` in the forward pass).
+
+    >>> import jax, optax
+    >>> from jaxsparse import prune
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    >>> tx = optax.chain(optax.adam(1e-3), prune.masked(prune.magnitude_masks(params, "2:4")))
+"""
+
+from jaxsparse.formats.nm import NM
+from jaxsparse.prune._masks import magnitude_mask, magnitude_masks, nm_kept_magnitude
+from jaxsparse.prune._patterns import Pattern, Unstructured, as_pattern, fits
+from jaxsparse.prune._permutation import (
+    PermutationResult,
+    permute_inputs,
+    permute_outputs,
+    search_permutation,
+)
+from jaxsparse.prune._schedules import cubic_schedule
+from jaxsparse.prune._srste import SRSTEState, srste, srste_weight, srste_weights
+from jaxsparse.prune._transforms import GradualPruningState, MaskedState, gradual_pruning, masked
+from jaxsparse.prune._tree import Filter, apply_masks
+
+__all__ = [
+    "NM",
+    "Filter",
+    "GradualPruningState",
+    "MaskedState",
+    "Pattern",
+    "PermutationResult",
+    "SRSTEState",
+    "Unstructured",
+    "apply_masks",
+    "as_pattern",
+    "cubic_schedule",
+    "fits",
+    "gradual_pruning",
+    "magnitude_mask",
+    "magnitude_masks",
+    "masked",
+    "nm_kept_magnitude",
+    "permute_inputs",
+    "permute_outputs",
+    "search_permutation",
+    "srste",
+    "srste_weight",
+    "srste_weights",
+]

@@ -1,0 +1,50 @@
+"""Shared checkers for every op test (CONVENTIONS.md 12): one tolerance table, random operands,
+and comparisons against the pure reference and against the dense product."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsparse as jsp
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# Kernels and references sum in f32 in different orders, then round once to the dtype: the results
+# may differ by rounding of the f32 sum (~sqrt(K) eps_f32) plus one ulp of the output dtype.
+_TOL = {
+    jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
+    jnp.dtype(jnp.bfloat16): dict(rtol=1.6e-2, atol=1.6e-2),
+    jnp.dtype(jnp.float16): dict(rtol=2e-3, atol=2e-3),
+}
+
+
+def tol(dtype, scale=1.0):
+    t = _TOL[jnp.dtype(dtype)]
+    return dict(rtol=t["rtol"], atol=t["atol"] * scale)
+
+
+def assert_close(actual, expected, dtype, scale=1.0, err_msg=""):
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32), err_msg=err_msg,
+        **tol(dtype, scale),
+    )
+
+
+def random_array(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def random_nm(key, in_features, out_features, n, m, dtype=jnp.float32, batch=()):
+    w = random_array(key, (*batch, in_features, out_features), dtype)
+    return jsp.NMSparse.fromdense(w, n=n, m=m)
+
+
+def keys(seed, count):
+    return jax.random.split(jax.random.key(seed), count)
+
+
+def scale_for(k):
+    """Outputs of sums over k unit normals have magnitude ~sqrt(k): scale atol with it."""
+    return max(1.0, float(np.sqrt(max(k, 1))))

@@ -1,0 +1,71 @@
+"""The compiled kernels: every CPU instruction-set path against the reference, and the fallback."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxsparse as jsp
+from jaxsparse.ops import (
+    JaxsparseFallbackWarning,
+    nm_sddmm,
+    nm_sddmm_reference,
+    nm_spmm,
+    nm_spmm_reference,
+    nm_spmm_t,
+    nm_spmm_t_reference,
+)
+from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
+
+# Sizes around the register tiles of every ISA path (16/32/64 tokens, 2 or 8 rows).
+SHAPES = [(1, 7, 3, 2, 4), (16, 33, 9, 2, 4), (17, 64, 16, 1, 4), (64, 100, 18, 4, 8),
+          (129, 40, 11, 3, 7), (33, 48, 35, 15, 16)]
+
+
+@pytest.fixture(params=jsp.supported_cpu_isas() if jsp.has_cpu_kernels() else [])
+def isa(request):
+    before = jsp.cpu_isa()
+    jsp.set_cpu_isa(request.param)
+    yield request.param
+    jsp.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,out,n,m", SHAPES)
+def test_every_isa_path(isa, t, k, out, n, m, dtype):
+    kx, kw, ky = keys(50, 3)
+    x = random_array(kx, (2, t, k), dtype)
+    ws = random_nm(kw, k, out, n, m, dtype, batch=(1,))
+    dy = random_array(ky, (2, t, out), dtype)
+    v, i = ws.values, ws.indices
+    assert jsp.cpu_isa() == isa
+    assert_close(nm_spmm(x, v, i, n=n, m=m), nm_spmm_reference(x, v, i, n=n, m=m), dtype, scale_for(k))
+    assert_close(nm_spmm_t(dy, v, i, n=n, m=m, in_features=k),
+                 nm_spmm_t_reference(dy, v, i, n=n, m=m, in_features=k), dtype, scale_for(k))
+    assert_close(nm_sddmm(x, dy, i, n=n, m=m), nm_sddmm_reference(x, dy, i, n=n, m=m), dtype,
+                 scale_for(t))
+
+
+def test_unvalidated_positions_never_read_out_of_bounds():
+    # Under jit the positions are unknown at trace time, so garbage can reach the kernel: it must
+    # neither crash nor read outside x; such entries contribute nothing.
+    ws = random_nm(keys(51, 1)[0], 10, 4, 2, 4)
+    garbage = ws.indices.at[:, -1].set(255).at[0, 0].set(200)
+
+    @jax.jit
+    def f(x, idx):
+        return nm_spmm(x[None], ws.values[None], idx[None], n=2, m=4)[0]
+
+    y = f(jnp.ones((3, 10)), garbage)
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError):
+        jsp.set_cpu_isa("sse9")
+
+
+def test_fallback_warns_on_a_platform_without_kernels():
+    ws = random_nm(keys(52, 1)[0], 8, 4, 2, 4)
+    traced = jax.jit(lambda x: x @ ws).trace(jnp.ones((2, 8)))
+    with pytest.warns(JaxsparseFallbackWarning, match="no jaxsparse_nm_spmm kernel for tpu"):
+        traced.lower(lowering_platforms=("tpu",))
