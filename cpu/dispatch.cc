@@ -49,8 +49,8 @@ bool X86Supports(Isa isa) {
   const bool fma = c & (1u << 12), f16c = c & (1u << 29);
   if (!osxsave || !avx || !fma || !f16c) return false;
   const uint64_t xcr0 = ReadXcr0();
-  constexpr uint64_t kYmmState = 0x6;    // SSE + AVX upper halves.
-  constexpr uint64_t kZmmState = 0xe6;   // + opmask, ZMM0-15 upper, ZMM16-31.
+  constexpr uint64_t kYmmState = 0x6;   // SSE + AVX upper halves.
+  constexpr uint64_t kZmmState = 0xe6;  // + opmask, ZMM0-15 upper, ZMM16-31.
   if ((xcr0 & kYmmState) != kYmmState) return false;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   const bool avx2 = b & (1u << 5);

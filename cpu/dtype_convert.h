@@ -78,7 +78,7 @@ static inline uint16_t F32ToF16(float f) {
   // Subnormal f16 (or zero): the result counts units of 2^-24. Shift the full
   // 24-bit significand right by (126 - exp) bits with round to nearest even.
   const uint32_t exp = a >> 23;
-  if (exp < 102) return sign;  // Below 2^-25: rounds to zero.
+  if (exp < 102) return sign;        // Below 2^-25: rounds to zero.
   const uint32_t shift = 126 - exp;  // 14..24
   const uint32_t sig = (a & 0x7fffffu) | 0x800000u;
   const uint32_t half = 1u << (shift - 1);

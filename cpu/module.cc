@@ -19,9 +19,12 @@ namespace {
 
 nb::dict Registrations() {
   nb::dict d;
-  d["jaxsparse_nm_spmm"] = nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmm));
-  d["jaxsparse_nm_spmm_t"] = nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmmT));
-  d["jaxsparse_nm_sddmm"] = nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSddmm));
+  d["jaxsparse_nm_spmm"] =
+      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmm));
+  d["jaxsparse_nm_spmm_t"] =
+      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmmT));
+  d["jaxsparse_nm_sddmm"] =
+      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSddmm));
   return d;
 }
 
@@ -33,19 +36,22 @@ std::vector<std::string> SupportedIsaNames() {
 
 std::string SupportedList() {
   std::string s;
-  for (const std::string& name : SupportedIsaNames()) s += (s.empty() ? "" : ", ") + name;
+  for (const std::string& name : SupportedIsaNames())
+    s += (s.empty() ? "" : ", ") + name;
   return s;
 }
 
 void SetIsa(const std::string& name) {
   Isa isa;
   if (!IsaFromName(name, &isa)) {
-    throw nb::value_error(("unknown ISA '" + name +
-                           "'; expected one of avx512, avx2, portable").c_str());
+    throw nb::value_error(
+        ("unknown ISA '" + name + "'; expected one of avx512, avx2, portable")
+            .c_str());
   }
   if (!SetCurrentIsa(isa)) {
-    throw nb::value_error(("this CPU cannot run ISA '" + name + "'; supported: " +
-                           SupportedList()).c_str());
+    throw nb::value_error(("this CPU cannot run ISA '" + name +
+                           "'; supported: " + SupportedList())
+                              .c_str());
   }
 }
 
@@ -58,15 +64,17 @@ NB_MODULE(_cpu, m) {
   m.doc() = "jaxsparse CPU kernels (XLA FFI handlers)";
   m.def("registrations", &jc::Registrations,
         "Target name -> capsule of its XLA FFI handler.");
-  m.def("isa", [] { return std::string(jc::IsaName(jc::CurrentIsa())); },
-        "The instruction set the kernels currently use.");
+  m.def(
+      "isa", [] { return std::string(jc::IsaName(jc::CurrentIsa())); },
+      "The instruction set the kernels currently use.");
   m.def("supported_isas", &jc::SupportedIsaNames,
         "The instruction sets this machine can run, best first.");
   m.def("set_isa", &jc::SetIsa, nb::arg("name"),
         "Use the kernels for `name` (ValueError if unknown or unsupported).");
   // JAXSPARSE_CPU_ISA forces a choice at import; a name this machine cannot
   // run fails the import rather than silently measuring another path.
-  if (const char* forced = std::getenv("JAXSPARSE_CPU_ISA"); forced && *forced) {
+  if (const char* forced = std::getenv("JAXSPARSE_CPU_ISA");
+      forced && *forced) {
     jc::SetIsa(forced);
   }
 }

@@ -9,7 +9,7 @@
 // generate out-of-line code.
 //
 // Traits provides:
-//   kWidth    floats per vector (a multiple of 4)
+//   kWidth    floats per vector (a multiple of 8)
 //   kMaxVecs  vectors of tokens in a full token tile
 //   kChains   independent FMA chains needed to hide FMA latency
 //             (latency x FMA pipes)
@@ -385,10 +385,12 @@ void Pack(const NmRuntime& rt, const typename D::Storage* src, int64_t cols,
           int64_t row_shift, bool blocked, int64_t num_groups, int32_t m,
           const TokenTiles<Tr>& tiles, const Chunking& chunking, int64_t chunk,
           float* dst) {
-  PackJob<Tr, D> job{src,   cols,   row_shift,
-                     blocked, num_groups, m,
-                     &tiles, chunking.First(chunk), dst,
-                     chunking.tile_floats, 0};
+  PackJob<Tr, D> job{src,        cols,
+                     row_shift,  blocked,
+                     num_groups, m,
+                     &tiles,     chunking.First(chunk),
+                     dst,        chunking.tile_floats,
+                     0};
   int64_t most_rows = 0;
   for (int v = 1; v <= Tr::kMaxVecs; ++v) {
     most_rows = Max(most_rows, job.PackedRows(int64_t{v} * Tr::kWidth));
@@ -445,7 +447,8 @@ void SpmmMicro(const float* blk, const QuadRows& quad, const uint8_t* idx,
       a[r][i] = Tr::Load(acc + r * kW + i * Tr::kWidth);
   const int64_t full = count / 4 * 4;
   uint64_t q[kRows];
-  for (int r = 0; r < kRows; ++r) q[r] = full > 0 ? quad.Rows(idx + r * stride, base) : 0;
+  for (int r = 0; r < kRows; ++r)
+    q[r] = full > 0 ? quad.Rows(idx + r * stride, base) : 0;
   for (int64_t c = 0; c < full; c += 4) {
     const int64_t next = c + 4 < full ? c + 4 : c;
     for (int r = 0; r < kRows; ++r) {
@@ -508,9 +511,8 @@ struct Spmm {
         n(prob.n),
         m(prob.m),
         tiles(prob.tokens),
-        chunking(MaxTileFloats<Tr>([&](int64_t w) {
-                   return Blocks(w, G, m).PackedRows();
-                 }),
+        chunking(MaxTileFloats<Tr>(
+                     [&](int64_t w) { return Blocks(w, G, m).PackedRows(); }),
                  tiles.count) {
     // Enough tasks for every worker even with a single tile.
     const int64_t want = CeilDiv(4 * rt.num_workers, chunking.tiles_per_chunk);
@@ -655,7 +657,8 @@ void SpmmTMicro(float* dxt, const QuadRows& quad, const uint8_t* idx,
     }
   }
   if (full < count) {
-    const TailQuad<typename D::Storage> t(idx + full, vals + full, count - full);
+    const TailQuad<typename D::Storage> t(idx + full, vals + full,
+                                          count - full);
     V v[4];
     D::Broadcast4(t.vals, v);
     SpmmTQuad<Tr, kVecs>(dxt, quad.Rows(t.idx, base + full), v, dy);
@@ -708,10 +711,11 @@ struct SpmmT {
   void Layout(Carver& c) {
     packed = c.Take<float>(chunking.tiles_per_chunk * chunking.tile_floats);
     workers = c.Take<Worker>(rt.num_workers);
-    const int64_t dxt_floats = MaxTileFloats<Tr>(
-        [&](int64_t w) { return Blocks(w, G, m).Stride(); });
+    const int64_t dxt_floats =
+        MaxTileFloats<Tr>([&](int64_t w) { return Blocks(w, G, m).Stride(); });
     for (int w = 0; w < rt.num_workers; ++w) {
-      const Worker wk{c.Take<float>(dxt_floats), c.Take<uint16_t>(kMaxGroupBase)};
+      const Worker wk{c.Take<float>(dxt_floats),
+                      c.Take<uint16_t>(kMaxGroupBase)};
       if (workers != nullptr) workers[w] = wk;
     }
   }
@@ -867,7 +871,8 @@ struct Sddmm {
                    return N + Blocks(w, G, m).PackedRows();
                  }),
                  tiles.count) {
-    rows_per_task = Max(1, Min(kSddmmRowsPerTask, CeilDiv(N, 4 * rt.num_workers)));
+    rows_per_task =
+        Max(1, Min(kSddmmRowsPerTask, CeilDiv(N, 4 * rt.num_workers)));
     row_tasks = CeilDiv(N, rows_per_task);
     shared_sums = !kIsF32<D> && chunking.num_chunks > 1;
   }
@@ -899,7 +904,8 @@ struct Sddmm {
       dv = static_cast<S*>(p.out) + b * N * Kc;
       for (chunk = 0; chunk < chunking.num_chunks; ++chunk) {
         if (b == 0 || p.dy_stride != 0 || !single) {
-          Pack<Tr, D>(rt, dy, N, 0, false, G, m, tiles, chunking, chunk, packed);
+          Pack<Tr, D>(rt, dy, N, 0, false, G, m, tiles, chunking, chunk,
+                      packed);
         }
         if (b == 0 || p.x_stride != 0 || !single) {
           Pack<Tr, D>(rt, x, K, N, true, G, m, tiles, chunking, chunk, packed);
@@ -925,7 +931,8 @@ struct Sddmm {
     if constexpr (!kIsF32<D>) {
       if (chunk + 1 == chunking.num_chunks) {
         S* out = dv + j0 * Kc;
-        for (int64_t i = 0; i < (j1 - j0) * Kc; ++i) out[i] = D::FromF32(acc[i]);
+        for (int64_t i = 0; i < (j1 - j0) * Kc; ++i)
+          out[i] = D::FromF32(acc[i]);
       }
     }
   }
@@ -950,12 +957,14 @@ struct Sddmm {
       const int64_t c0 = g0 * n, count = (g1 - g0) * n;
       for (int64_t j = j0; j < j1; ++j) {
         V dy[kVecs];
-        for (int i = 0; i < kVecs; ++i) dy[i] = Tr::Load(dyt + j * kW + i * kLanes);
+        for (int i = 0; i < kVecs; ++i)
+          dy[i] = Tr::Load(dyt + j * kW + i * kLanes);
         const uint8_t* row_idx = indices + j * Kc + c0;
         float* out = acc + (j - j0) * Kc + c0;
         int64_t c = 0;
         for (; c + kLanes <= count; c += kLanes) {
-          const V s = SddmmMicro<Tr, kVecs>(blk, quad, row_idx + c, base + c, dy);
+          const V s =
+              SddmmMicro<Tr, kVecs>(blk, quad, row_idx + c, base + c, dy);
           Tr::Store(out + c, Tr::Add(Tr::Load(out + c), s));
         }
         if (c < count) {  // The last entries, padded with invalid indices.

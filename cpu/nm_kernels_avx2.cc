@@ -41,12 +41,14 @@ struct Traits {
   static V SumLanes(const V* a) {
     V h[4];
     for (int k = 0; k < 4; ++k) {
-      h[k] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x20),
-                           _mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x31));
+      h[k] =
+          _mm256_add_ps(_mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x20),
+                        _mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x31));
     }
-    const V s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]),
-                               _mm256_hadd_ps(h[2], h[3]));
-    return _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const V s =
+        _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    return _mm256_permutevar8x32_ps(s,
+                                    _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
   static void Broadcast4Bf16(const uint16_t* p, V* v) {
@@ -54,7 +56,8 @@ struct Traits {
     Spread(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)), v);
   }
   static void Broadcast4F16(const uint16_t* p, V* v) {
-    Spread(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), v);
+    Spread(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+           v);
   }
 };
 

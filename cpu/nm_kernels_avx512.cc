@@ -63,8 +63,8 @@ struct Traits {
     }
     const V s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x44),
                               _mm512_shuffle_ps(r[0], r[1], 0xee));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10,
-                                            14, 3, 7, 11, 15);
+    const __m512i order =
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     return _mm512_permutexvar_ps(order, s);
   }
 
@@ -73,7 +73,8 @@ struct Traits {
     Spread(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)), v);
   }
   static void Broadcast4F16(const uint16_t* p, V* v) {
-    Spread(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), v);
+    Spread(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+           v);
   }
 };
 

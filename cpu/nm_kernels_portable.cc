@@ -78,6 +78,7 @@ struct Traits {
 
 namespace jaxsparse {
 namespace cpu {
-const NmKernelTable kNmKernelsPortable = portable::MakeTable<portable::Traits>();
+const NmKernelTable kNmKernelsPortable =
+    portable::MakeTable<portable::Traits>();
 }  // namespace cpu
 }  // namespace jaxsparse

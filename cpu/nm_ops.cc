@@ -8,8 +8,8 @@
 #include <exception>
 #include <initializer_list>
 #include <memory>
-#include <new>
 #include <mutex>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -51,7 +51,8 @@ int NumWorkers(ffi::ThreadPool& pool) {
   return threads < 1 ? 1 : static_cast<int>(threads < 256 ? threads : 256);
 }
 
-void RunInline(int64_t num_tasks, void (*task)(void*, int64_t, int), void* ctx) {
+void RunInline(int64_t num_tasks, void (*task)(void*, int64_t, int),
+               void* ctx) {
   for (int64_t i = 0; i < num_tasks; ++i) task(ctx, i, 0);
 }
 
@@ -263,19 +264,21 @@ ffi::Error FloatDtype(const Validator& v, const char* name,
 
 // The checks shared by the three targets: n:m, ranks, one float dtype D for
 // `floats`, u8 indices, and [Bw, N, Kc] indices with Kc = ceil(K / m) * n.
-ffi::Error CheckCommon(const Validator& v, int32_t n, int32_t m,
-                       std::initializer_list<std::pair<const char*, const ffi::AnyBuffer*>> floats,
-                       const ffi::AnyBuffer& indices, NmDtype* dtype) {
+ffi::Error CheckCommon(
+    const Validator& v, int32_t n, int32_t m,
+    std::initializer_list<std::pair<const char*, const ffi::AnyBuffer*>> floats,
+    const ffi::AnyBuffer& indices, NmDtype* dtype) {
   JAXSPARSE_RETURN_IF_ERROR(v.NM(n, m));
-  for (const auto& [name, buf] : floats) JAXSPARSE_RETURN_IF_ERROR(v.Rank3(name, *buf));
+  for (const auto& [name, buf] : floats)
+    JAXSPARSE_RETURN_IF_ERROR(v.Rank3(name, *buf));
   JAXSPARSE_RETURN_IF_ERROR(v.Rank3("indices", indices));
   const auto& [first_name, first] = *floats.begin();
   JAXSPARSE_RETURN_IF_ERROR(FloatDtype(v, first_name, *first, dtype));
   for (const auto& [name, buf] : floats) {
     if (buf->element_type() != first->element_type()) {
-      return v.Fail(std::string(name) + " must have the dtype of " + first_name + " (" +
-                    DtypeName(first->element_type()) + "), got " +
-                    DtypeName(buf->element_type()));
+      return v.Fail(std::string(name) + " must have the dtype of " +
+                    first_name + " (" + DtypeName(first->element_type()) +
+                    "), got " + DtypeName(buf->element_type()));
     }
   }
   JAXSPARSE_RETURN_IF_ERROR(v.Dtype("indices", indices, ffi::DataType::U8));
@@ -287,10 +290,11 @@ ffi::Error CheckIndices(const Validator& v, const ffi::AnyBuffer& indices,
   const auto d = indices.dimensions();
   const int64_t kc = (k + m - 1) / m * n;
   if (d[1] == n_out && d[2] == kc) return ffi::Error::Success();
-  return v.Fail("indices must be [Bw, N, Kc] with N = " + std::to_string(n_out) +
-                " and Kc = ceil(K / m) * n = " + std::to_string(kc) + " (K = " +
-                std::to_string(k) + ", n = " + std::to_string(n) + ", m = " +
-                std::to_string(m) + "), got " + DimsStr(d));
+  return v.Fail(
+      "indices must be [Bw, N, Kc] with N = " + std::to_string(n_out) +
+      " and Kc = ceil(K / m) * n = " + std::to_string(kc) +
+      " (K = " + std::to_string(k) + ", n = " + std::to_string(n) +
+      ", m = " + std::to_string(m) + "), got " + DimsStr(d));
 }
 
 int64_t BatchStride(int64_t batch_dim, int64_t elements) {
@@ -301,7 +305,8 @@ ffi::Error Run(const Validator& v, NmKernelFn kernel, const NmProblem& problem,
                ffi::ThreadPool& pool) {
   try {
     CallScratch scratch;
-    NmRuntime rt{&ParallelFor, &pool, NumWorkers(pool), &CallScratch::Get, &scratch};
+    NmRuntime rt{&ParallelFor, &pool, NumWorkers(pool), &CallScratch::Get,
+                 &scratch};
     if (kernel(problem, rt)) return ffi::Error::Success();
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       v.Prefix() + "out of memory for scratch buffers");
@@ -317,14 +322,15 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                     int32_t m, ffi::Result<ffi::AnyBuffer> y) {
   const Validator v("jaxsparse_nm_spmm");
   NmDtype dtype;
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(v, n, m, {{"x", &x}, {"values", &values}, {"y", &*y}},
-                                        indices, &dtype));
-  const auto xd = x.dimensions(), wd = values.dimensions(), yd = y->dimensions();
+  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(
+      v, n, m, {{"x", &x}, {"values", &values}, {"y", &*y}}, indices, &dtype));
+  const auto xd = x.dimensions(), wd = values.dimensions(),
+             yd = y->dimensions();
   const int64_t t = xd[1], k = xd[2], n_out = wd[1];
   JAXSPARSE_RETURN_IF_ERROR(CheckIndices(v, indices, k, n_out, n, m));
   if (!(indices.dimensions() == wd)) {
-    return v.Fail("values and indices must have the same shape, got " + DimsStr(wd) +
-                  " and " + DimsStr(indices.dimensions()));
+    return v.Fail("values and indices must have the same shape, got " +
+                  DimsStr(wd) + " and " + DimsStr(indices.dimensions()));
   }
   if (yd[1] != t || yd[2] != n_out) {
     return v.Fail("y must be [B, T, N] = [B, " + std::to_string(t) + ", " +
@@ -355,14 +361,16 @@ ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
                      int32_t m, ffi::Result<ffi::AnyBuffer> dx) {
   const Validator v("jaxsparse_nm_spmm_t");
   NmDtype dtype;
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(v, n, m, {{"dy", &dy}, {"values", &values}, {"dx", &*dx}},
-                                        indices, &dtype));
-  const auto dyd = dy.dimensions(), wd = values.dimensions(), xd = dx->dimensions();
+  JAXSPARSE_RETURN_IF_ERROR(
+      CheckCommon(v, n, m, {{"dy", &dy}, {"values", &values}, {"dx", &*dx}},
+                  indices, &dtype));
+  const auto dyd = dy.dimensions(), wd = values.dimensions(),
+             xd = dx->dimensions();
   const int64_t t = dyd[1], n_out = dyd[2], k = xd[2];
   JAXSPARSE_RETURN_IF_ERROR(CheckIndices(v, indices, k, n_out, n, m));
   if (!(indices.dimensions() == wd)) {
-    return v.Fail("values and indices must have the same shape, got " + DimsStr(wd) +
-                  " and " + DimsStr(indices.dimensions()));
+    return v.Fail("values and indices must have the same shape, got " +
+                  DimsStr(wd) + " and " + DimsStr(indices.dimensions()));
   }
   JAXSPARSE_RETURN_IF_ERROR(v.Dim("dx tokens (dim 1)", xd[1], t));
   JAXSPARSE_RETURN_IF_ERROR(v.Batch({dyd[0], wd[0]}, xd[0]));
@@ -390,16 +398,17 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                      ffi::Result<ffi::AnyBuffer> dv) {
   const Validator v("jaxsparse_nm_sddmm");
   NmDtype dtype;
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(v, n, m, {{"x", &x}, {"dy", &dy}, {"dv", &*dv}},
-                                        indices, &dtype));
-  const auto xd = x.dimensions(), dyd = dy.dimensions(), id = indices.dimensions();
+  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(
+      v, n, m, {{"x", &x}, {"dy", &dy}, {"dv", &*dv}}, indices, &dtype));
+  const auto xd = x.dimensions(), dyd = dy.dimensions(),
+             id = indices.dimensions();
   const auto vd = dv->dimensions();
   const int64_t t = xd[1], k = xd[2], n_out = dyd[2];
   JAXSPARSE_RETURN_IF_ERROR(v.Dim("dy tokens (dim 1)", dyd[1], t));
   JAXSPARSE_RETURN_IF_ERROR(CheckIndices(v, indices, k, n_out, n, m));
   if (vd[1] != id[1] || vd[2] != id[2]) {
-    return v.Fail("dv must be [B, N, Kc] like indices " + DimsStr(id) + ", got " +
-                  DimsStr(vd));
+    return v.Fail("dv must be [B, N, Kc] like indices " + DimsStr(id) +
+                  ", got " + DimsStr(vd));
   }
   JAXSPARSE_RETURN_IF_ERROR(v.Batch({xd[0], dyd[0], id[0]}, vd[0]));
   const int64_t kc = id[2];
