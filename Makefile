@@ -1,5 +1,5 @@
 # Two commands from a fresh clone (each creates the virtual environment on first use):
-#   make demo   - the main job: prune a weight to 2:4 and compare it with the dense product
+#   make demo   - the main job: train, prune, fine-tune and time a Flax MLP on digits (examples/digits.py)
 #   make test   - the whole test suite
 # PYTHON picks the interpreter (e.g. PYTHON=python3.12 VENV=.venv312 make test).
 PYTHON ?= python3
@@ -10,15 +10,14 @@ SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cuda/*)
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,examples]'
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python examples/prune_24.py
+	$(VENV)/bin/python examples/digits.py
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n 2 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --doctest-modules jaxsparse tests
 
 clean:
 	rm -rf build .venv .venv312
