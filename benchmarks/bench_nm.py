@@ -1,0 +1,432 @@
+"""Benchmark jaxsparse N:M products against XLA dense, BCOO and numpy, with a roofline.
+
+For every dtype x shape (in, out) x tokens, in one process:
+
+- XLA's dense dot of the same shape and dtype (the baseline every speedup is against),
+- jaxsparse N:M (`x @ NMSparse`) for each pattern,
+- `jax.experimental.sparse` BCOO at the 2:4 pattern where its estimated memory is < 4 GB,
+- numpy's matmul (float32 only: numpy has no bfloat16 BLAS),
+
+each as the forward alone (`fwd`) and forward plus backward as in a training step (`fwd+bwd`:
+y, then the cotangents of x and of the weight values). Times are medians of `--repeats` calls after
+a warm-up (compile + one call) outside the timing, each call ended by `block_until_ready`.
+
+The machine's ceilings are measured first: peak FLOP/s per dtype from a jnp.dot of a
+cache-friendly size, memory bandwidth from a large-array copy. Each kernel's effective FLOP/s is
+reported against the roofline `min(peak, intensity * bandwidth)`.
+
+Usage:
+    python benchmarks/bench_nm.py --quick            # < 2 minutes
+    python benchmarks/bench_nm.py                    # the full grid of issue 4
+Writes bench_results/bench_nm.{txt,json,png} (see --out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+import jaxsparse as jsp
+
+FULL_TOKENS = (1, 16, 128, 2048)
+FULL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+FULL_PATTERNS = ("1:4", "2:4", "2:8", "4:8")
+QUICK_TOKENS = (1, 128)
+QUICK_SHAPES = ((4096, 4096),)
+BCOO_MEMORY_LIMIT = 4 * 2**30
+BCOO_PATTERN = "2:4"
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+# ====================================================================== arguments
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small grid, one small BCOO case")
+    p.add_argument("--out-dir", default="bench_results/", type=Path)
+    p.add_argument("--dtypes", default="f32,bf16", help="comma list of f32,bf16")
+    p.add_argument("--patterns", default=",".join(FULL_PATTERNS), help="comma list of n:m")
+    p.add_argument("--tokens", default=None, help="comma list (1,16,128,2048; quick 1,128)")
+    p.add_argument("--shapes", default=None, help="comma list of INxOUT (quick: 4096x4096)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10; quick 7)")
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: unknown dtype {d!r}; expected f32 or bf16")
+    args.patterns = [parse_pattern(s) for s in args.patterns.split(",") if s.strip()]
+    default_tokens = QUICK_TOKENS if args.quick else FULL_TOKENS
+    args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
+    default_shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    shapes = args.shapes
+    args.shapes = [parse_shape(s) for s in shapes.split(",")] if shapes else default_shapes
+    args.repeats = args.repeats or (7 if args.quick else 10)
+    return args
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    n, m = (int(v) for v in text.strip().split(":"))
+    return n, m
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    k, n = (int(v) for v in text.strip().lower().split("x"))
+    return k, n
+
+
+# ====================================================================== timing
+def time_call(fn, *args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after a warm-up (compile + one call) outside the timing."""
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - first
+    repeats = min(repeats, 3) if first > 1.0 else repeats  # Keep the full grid's slow cases short.
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ====================================================================== ceilings
+def measure_peak_flops(dtype, repeats: int) -> float:
+    """FLOP/s of XLA's dense dot at cache-friendly sizes (best of 1024^3, 2048^3): the peak."""
+    best = 0.0
+    for size in (1024, 2048):
+        a = jnp.ones((size, size), dtype)
+        seconds = time_call(jax.jit(jnp.dot), a, a, repeats=repeats)
+        best = max(best, 2 * size**3 / seconds)
+    return best
+
+
+def measure_bandwidth(repeats: int) -> float:
+    """Bytes/s of reading a 512 MiB f32 array (a sum): the memory ceiling.
+
+    A read-only loop: a copy would time page faults on its freshly allocated output as well.
+    """
+    a = jnp.ones((128 * 2**20,), jnp.float32)
+    seconds = time_call(jax.jit(jnp.sum), a, repeats=repeats)
+    return a.nbytes / seconds
+
+
+def measure_ceilings(dtype_names, repeats: int) -> dict:
+    peaks = {name: measure_peak_flops(DTYPES[name], repeats) for name in dtype_names}
+    return {"peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+            "bandwidth_gbs": measure_bandwidth(repeats) / 1e9}
+
+
+# ====================================================================== operands
+def make_operands(tokens, k, n, dtype, seed=0):
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (tokens, k), dtype)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    g = jax.random.normal(kg, (tokens, n), dtype)
+    return x, w, g
+
+
+def with_values(ws: jsp.NMSparse, values) -> jsp.NMSparse:
+    return jsp.NMSparse.tree_unflatten((ws.n, ws.m, ws.in_features), (values, ws.indices))
+
+
+# ====================================================================== the measured functions
+def dense_fns():
+    fwd = jax.jit(lambda x, w: x @ w)
+
+    @jax.jit
+    def step(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: x @ w, x, w)
+        return (y, *vjp(g))
+
+    return fwd, step
+
+
+def nm_fns(ws: jsp.NMSparse):
+    fwd = jax.jit(lambda x, v: x @ with_values(ws, v))
+
+    @jax.jit
+    def step(x, v, g):
+        y, vjp = jax.vjp(lambda x, v: x @ with_values(ws, v), x, v)
+        return (y, *vjp(g))
+
+    return fwd, step
+
+
+def bcoo_fns(wb: jsparse.BCOO):
+    def product(x, data):
+        return x @ jsparse.BCOO((data, wb.indices), shape=wb.shape)
+
+    fwd = jax.jit(product)
+
+    @jax.jit
+    def step(x, data, g):
+        y, vjp = jax.vjp(product, x, data)
+        return (y, *vjp(g))
+
+    return fwd, step
+
+
+def numpy_fwd(x, w):
+    return x @ w
+
+
+def numpy_step(x, w, g):
+    return x @ w, g @ w.T, x.T @ g
+
+
+# ====================================================================== bytes and flops
+def dense_flops(tokens, k, n, mode) -> float:
+    """Dense-equivalent FLOPs: 2TKN for y, as much again for each of dx and dW."""
+    return 2.0 * tokens * k * n * (1 if mode == "fwd" else 3)
+
+
+def dense_bytes(tokens, k, n, isz, mode) -> float:
+    fwd = isz * (tokens * k + k * n + tokens * n)
+    # dx = g W^T reads g, W, writes dx; dW = x^T g reads x, g, writes dW.
+    bwd = isz * (tokens * n + k * n + tokens * k) + isz * (tokens * k + tokens * n + k * n)
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def nm_bytes(tokens, k, n, isz, density, mode) -> float:
+    kept = k * n * density  # values (isz bytes) + uint8 positions
+    fwd = isz * (tokens * k + tokens * n) + kept * (isz + 1)
+    bwd = (isz * (tokens * n + tokens * k) + kept * (isz + 1)
+           + isz * (tokens * k + tokens * n) + kept * (isz + 1))
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def bcoo_memory_estimate(tokens, k, n, isz, density) -> float:
+    """BCOO's CPU dot gathers one x column per stored entry: ~T*nse values, plus the matrix."""
+    nse = k * n * density
+    return nse * (2 * 4 + isz) + 3 * tokens * nse * isz
+
+
+# ====================================================================== one case
+def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
+    """All kernels and modes for one (dtype, shape, tokens); returns result rows."""
+    dtype = DTYPES[dtype_name]
+    isz = jnp.dtype(dtype).itemsize
+    x, w, g = make_operands(tokens, k, n, dtype)
+    base = {"dtype": dtype_name, "tokens": tokens, "in": k, "out": n}
+    rows, dense_t = [], {}
+    for mode, fn in zip(MODES, dense_fns()):
+        t = time_call(fn, x, w, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
+        dense_t[mode] = t
+        rows.append(row(base, "xla-dense", mode, t, 1.0, dense_bytes(tokens, k, n, isz, mode)))
+    rows += numpy_rows(base, x, w, g, dense_t, args)
+    for pattern in args.patterns:
+        ws = jsp.NMSparse.fromdense(w, n=pattern[0], m=pattern[1])
+        for mode, fn in zip(MODES, nm_fns(ws)):
+            t = time_call(fn, x, ws.values, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
+            rows.append(row(base, f"nm {pattern[0]}:{pattern[1]}", mode, t, pattern[0] / pattern[1],
+                            nm_bytes(tokens, k, n, isz, pattern[0] / pattern[1], mode), dense_t))
+    rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
+    return rows
+
+
+def numpy_rows(base, x, w, g, dense_t, args) -> list[dict]:
+    if base["dtype"] != "f32":
+        return [skip_row(base, "numpy", mode, "no bf16 BLAS in numpy") for mode in MODES]
+    xn, wn, gn = np.asarray(x), np.asarray(w), np.asarray(g)
+    rows = []
+    for mode, fn, extra in (("fwd", numpy_fwd, ()), ("fwd+bwd", numpy_step, (gn,))):
+        t = time_call(fn, xn, wn, *extra, repeats=args.repeats)
+        nbytes = dense_bytes(base["tokens"], base["in"], base["out"], 4, mode)
+        rows.append(row(base, "numpy", mode, t, 1.0, nbytes, dense_t))
+    return rows
+
+
+def bcoo_rows(base, x, w, g, dense_t, args, bcoo_done: list) -> list[dict]:
+    n_, m_ = parse_pattern(BCOO_PATTERN)
+    name, density = f"bcoo {BCOO_PATTERN}", n_ / m_
+    isz = jnp.dtype(x.dtype).itemsize
+    estimate = bcoo_memory_estimate(base["tokens"], base["in"], base["out"], isz, density)
+    if estimate >= BCOO_MEMORY_LIMIT:
+        reason = f"est. {estimate / 2**30:.1f} GB >= 4 GB"
+        return [skip_row(base, name, mode, reason) for mode in MODES]
+    if args.quick and bcoo_done:
+        return [skip_row(base, name, mode, "quick mode: one case only") for mode in MODES]
+    bcoo_done.append(True)
+    wb = jsparse.BCOO.fromdense(jsp.NMSparse.fromdense(w, n=n_, m=m_).todense())
+    rows = []
+    for mode, fn in zip(MODES, bcoo_fns(wb)):
+        t = time_call(fn, x, wb.data, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
+        nbytes = nm_bytes(base["tokens"], base["in"], base["out"], isz, density, mode)
+        rows.append(row(base, name, mode, t, density, nbytes, dense_t))
+    return rows
+
+
+def row(base, kernel, mode, seconds, density, nbytes, dense_t=None) -> dict:
+    flops = dense_flops(base["tokens"], base["in"], base["out"], mode)
+    speedup = dense_t[mode] / seconds if dense_t else 1.0
+    return {**base, "kernel": kernel, "mode": mode, "density": density, "ms": seconds * 1e3,
+            "dense_equiv_gflops": flops / seconds / 1e9,
+            "effective_gflops": flops * density / seconds / 1e9,
+            "gbs": nbytes / seconds / 1e9, "intensity": flops * density / nbytes,
+            "speedup": speedup, "ideal_speedup": 1 / density,
+            "fraction_of_ideal": speedup * density, "skipped": None}
+
+
+def skip_row(base, kernel, mode, reason) -> dict:
+    return {**base, "kernel": kernel, "mode": mode, "skipped": reason}
+
+
+def add_roofline(rows, ceilings) -> None:
+    """Attainable = min(peak, intensity * bandwidth); record each kernel's fraction of it."""
+    bw = ceilings["bandwidth_gbs"]
+    for r in rows:
+        if r["skipped"]:
+            continue
+        peak = ceilings["peak_gflops"][r["dtype"]]
+        r["roofline_gflops"] = min(peak, r["intensity"] * bw)
+        r["bound"] = "compute" if peak <= r["intensity"] * bw else "memory"
+        r["fraction_of_roofline"] = r["effective_gflops"] / r["roofline_gflops"]
+
+
+# ====================================================================== reporting
+HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':10} {'mode':8} {'ms':>9} "
+          f"{'dGF/s':>7} {'eGF/s':>7} {'GB/s':>6} {'speedup':>7} {'ideal':>5} {'%ideal':>6} "
+          f"{'%roof':>6} bound")
+
+
+def format_row(r) -> str:
+    shape = f"{r['in']:>5}x{r['out']:<5}"
+    head = f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:10} {r['mode']:8}"
+    if r["skipped"]:
+        return f"{head} {'skipped: ' + r['skipped']:>9}"
+    return (f"{head} {r['ms']:9.3f} {r['dense_equiv_gflops']:7.1f} {r['effective_gflops']:7.1f} "
+            f"{r['gbs']:6.1f} {r['speedup']:7.2f} {r['ideal_speedup']:5.1f} "
+            f"{100 * r['fraction_of_ideal']:5.0f}% {100 * r['fraction_of_roofline']:5.0f}% "
+            f"{r['bound']}")
+
+
+def format_table(rows, ceilings, meta) -> str:
+    peaks = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in ceilings["peak_gflops"].items())
+    lines = [f"jaxsparse N:M benchmark  {meta['machine']['cpu']} x{meta['machine']['cpus']}, "
+             f"ISA {meta['isa']}, jax {meta['jax']}, commit {meta['commit']}",
+             f"ceilings: peak (best jnp.dot 1024^3/2048^3) {peaks}; bandwidth (512 MiB sum) "
+             f"{ceilings['bandwidth_gbs']:.1f} GB/s",
+             "dGF/s = dense-equivalent GFLOP/s, eGF/s = effective (stored entries only); "
+             "speedup over xla-dense, same dtype/shape/mode; ideal = 1/density; "
+             "%roof = eGF/s / min(peak, intensity*bandwidth)",
+             HEADER, "-" * len(HEADER)]
+    lines += [format_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    kernels = [k for k in dict.fromkeys(r["kernel"] for r in rows) if k != "xla-dense"]
+    colors = {k: f"C{i}" for i, k in enumerate(kernels)}  # One color per kernel in every panel.
+    fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(12, 4 * len(dtypes)), squeeze=False)
+    for row_axes, dtype in zip(axes, dtypes):
+        for ax, mode in zip(row_axes, MODES):
+            plot_panel(ax, [r for r in rows if (r["dtype"], r["mode"]) == (dtype, mode)], colors)
+            ax.set_title(f"{dtype} {mode}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_panel(ax, rows, colors) -> None:
+    cases = sorted({(r["in"], r["out"], r["tokens"]) for r in rows})
+    labels = [f"{k}x{n}\nT={t}" for k, n, t in cases]
+    for kernel, color in colors.items():
+        by_case = {(r["in"], r["out"], r["tokens"]): r for r in rows
+                   if r["kernel"] == kernel and not r["skipped"]}
+        xs = [i for i, c in enumerate(cases) if c in by_case]
+        if xs:
+            ax.plot(xs, [by_case[cases[i]]["speedup"] for i in xs], "o-", color=color,
+                    label=kernel)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cases)), labels, fontsize=7)
+    ax.set_ylabel("speedup over XLA dense")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+
+
+# ====================================================================== metadata
+def metadata(args) -> dict:
+    return {"machine": machine_info(), "isa": jsp.cpu_isa(), "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+            "numpy": np.__version__, "python": sys.version.split()[0], "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "devices": [str(d) for d in jax.devices()],
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"node": platform.node(), "system": platform.platform(), "cpu": cpu,
+            "cpus": os.cpu_count()}
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, text=True, capture_output=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ====================================================================== main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    meta = metadata(args)
+    ceilings = measure_ceilings(args.dtypes, args.repeats)
+    rows, bcoo_done = [], []
+    for dtype_name in args.dtypes:
+        for k, n in args.shapes:
+            for tokens in args.tokens:
+                rows += run_case(tokens, k, n, dtype_name, args, bcoo_done)
+                print(f"  done {dtype_name} {k}x{n} T={tokens} "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    add_roofline(rows, ceilings)
+    meta["wall_seconds"] = time.perf_counter() - start
+    write_outputs(args.out_dir, rows, ceilings, meta)
+
+
+def write_outputs(out_dir: Path, rows, ceilings, meta) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows, ceilings, meta)
+    print(table)
+    (out_dir / "bench_nm.txt").write_text(table + "\n")
+    payload = {**meta, "ceilings": ceilings, "results": rows}
+    (out_dir / "bench_nm.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot(rows, out_dir / "bench_nm.png")
+    print(f"wrote {out_dir}/bench_nm.{{txt,json,png}} in {meta['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
