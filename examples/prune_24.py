@@ -2,9 +2,8 @@
 
     python examples/prune_24.py [--tokens 128] [--in-features 4096] [--out-features 4096]
 
-The weight is a real trained layer when one is at hand (the digits MLP of the Flax example comes in
-a later release); here it is a Gaussian matrix, which is the hard case for magnitude pruning (no
-outliers to keep). Times are medians of interleaved runs in this one process.
+The weight is a Gaussian matrix, the hard case for magnitude pruning (no outliers to keep); the
+trained-model workflow is examples/digits.py. Times are medians of interleaved runs in this one process.
 """
 
 from __future__ import annotations
