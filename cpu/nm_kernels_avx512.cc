@@ -84,9 +84,15 @@ struct Traits {
 
 #define JAXSPARSE_NM_ISA avx512
 #include "cpu/nm_kernels.h"
+#include "cpu/nm_rowdot_avx512.h"
 
 namespace jaxsparse {
 namespace cpu {
-const NmKernelTable kNmKernelsAvx512 = avx512::MakeTable<avx512::Traits>();
+// The forward adds the small-token kernel of nm_rowdot_avx512.h.
+const NmKernelTable kNmKernelsAvx512 = [] {
+  NmKernelTable table = avx512::MakeTable<avx512::Traits>();
+  table.spmm = &avx512::SpmmAvx512Any;
+  return table;
+}();
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxsparse as jsp
@@ -69,3 +70,22 @@ def test_fallback_warns_on_a_platform_without_kernels():
     traced = jax.jit(lambda x: x @ ws).trace(jnp.ones((2, 8)))
     with pytest.warns(JaxsparseFallbackWarning, match="no jaxsparse_nm_spmm kernel for tpu"):
         traced.lower(lowering_platforms=("tpu",))
+
+
+@pytest.mark.parametrize("t", [1, 3, 16, 20])
+def test_unvalidated_positions_add_nothing_even_next_to_inf(isa, t):
+    # A garbage position >= m names an input of the next group; the kernels must drop the entry,
+    # not multiply its value by that input (0 * inf would poison the row with NaN).
+    k, out, n, m = 40, 19, 2, 4
+    valid = jnp.tile(jnp.array([1, 2], jnp.uint8), (out, k // m))
+    values = random_array(keys(53, 1)[0], (out, k // m * n), jnp.float32)
+    garbage = valid.at[::2, 0::4].set(4).at[1::3, 1::6].set(7)
+    x = random_array(keys(54, 1)[0], (t, k), jnp.float32)
+    x = x.at[:, 0::4].set(jnp.inf).at[:, 3::4].set(-jnp.inf)  # Only garbage could read these.
+    kept = np.asarray(garbage == valid)
+    pos = (np.arange(k // m * n) // n) * m + np.asarray(valid[0], np.int64)  # Same in every row.
+    picked = np.asarray(x, np.float64)[:, pos]  # [t, Kc]: the finite inputs of valid positions.
+    want = (picked @ np.where(kept, np.asarray(values, np.float64), 0.0).T)[None]
+    got = jax.jit(lambda x, v, i: nm_spmm(x, v, i, n=n, m=m))(x[None], values[None], garbage[None])
+    assert bool(jnp.all(jnp.isfinite(got)))
+    assert_close(got, want, jnp.float32, scale_for(k))

@@ -1,0 +1,338 @@
+// The small-token N:M forward for AVX-512 (included by nm_kernels_avx512.cc
+// after nm_kernels.h, inside namespace jaxsparse::cpu::avx512).
+//
+// At a few tokens the product is a matrix-vector product bound by the weight
+// stream (values + indices), and the token-vectorised kernel of nm_kernels.h
+// wastes its vectors: 1 token fills 1 of 16 lanes. Here the vectors run along
+// the kept entries of weight rows instead, so every lane of every weight load
+// is used, and the x operand each lane needs is fetched from a register:
+//
+//   a chunk of one row is `lanes` <= 8 consecutive entries = `groups` whole
+//   groups, covering `span` <= 16 consecutive inputs. Those inputs of one
+//   token sit in one zmm (the "table"); each lane's input is picked by one
+//   vpermps whose control is the lane's position inside the chunk (group base
+//   + index). vpermps is a single uop with a non-destructive source: measured
+//   ~1.5x the rate of the two-table vpermt2ps, which also needs a register
+//   copy per use. Each zmm holds the chunks of two rows: lanes 0-7 row a,
+//   lanes 8-15 row b, so 8-entry chunks still fill whole vectors.
+//
+// A table is loaded once per (chunk, token) and shared by the rows of a
+// register block; weights and positions once per (chunk, row pair) and shared
+// by the block's tokens. One permute per FMA caps the core at ~1.3 FMA/cycle
+// (the shuffle and FMA pipes overlap on Zen 4/5), above what the weight stream
+// allows at these token counts.
+#ifndef JAXSPARSE_CPU_NM_ROWDOT_AVX512_H_
+#define JAXSPARSE_CPU_NM_ROWDOT_AVX512_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace jaxsparse {
+namespace cpu {
+namespace avx512 {
+
+// Up to this many tokens the row-vectorised kernel beats the token-vectorised
+// one (measured with benchmarks/bench_nm.py; see docs/cpu_speed_notes.md).
+constexpr int64_t kRowDotMaxTokens = 16;
+// Whole groups must fit in the 8 lanes of a row.
+constexpr int32_t kRowDotMaxN = 8;
+// Chunks of weight entries fetched ahead of use. Measured at T=4, 4096x4096
+// 2:4, one thread: no prefetch 3.0 ms, 8-32 chunks ahead 1.8-2.1 ms. The
+// permutes keep the core busy, and the hardware prefetcher alone falls behind
+// the weight stream.
+constexpr int64_t kRowDotAhead = 16;
+
+// The chunk geometry of a pattern.
+struct RowDotChunk {
+  int groups, lanes, span;
+  RowDotChunk(int32_t n, int32_t m) {
+    groups = kRowDotMaxN / n;
+    if (groups * m > 16) groups = 16 / m;
+    lanes = groups * n;
+    span = groups * m;
+  }
+};
+
+// Storage -> f32 for the lanes of two rows (row a in lanes 0-7 from pa, row b
+// in lanes 8-15 from pb), lanes outside `keep` zero. Masked-off lanes are not
+// read (and cannot fault), so the loads stay inside the arrays.
+template <class D>
+inline __m512 LoadPair(const typename D::Storage* pa,
+                       const typename D::Storage* pb, __mmask16 keep) {
+  if constexpr (std::is_same_v<typename D::Storage, float>) {
+    const __m512 a = _mm512_maskz_loadu_ps(keep & 0xff, pa);
+    return _mm512_mask_loadu_ps(a, keep & 0xff00, pb - 8);
+  } else {
+    const __m256i a = _mm256_maskz_loadu_epi16(keep & 0xff, pa);
+    const __m256i h = _mm256_mask_loadu_epi16(a, keep & 0xff00, pb - 8);
+    if constexpr (std::is_same_v<D, BF16<Traits>>) {
+      return _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// LoadPair for two rows of 8 live lanes each.
+template <class D>
+inline __m512 LoadPairPlain(const typename D::Storage* pa,
+                            const typename D::Storage* pb) {
+  if constexpr (std::is_same_v<typename D::Storage, float>) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(pa)),
+                              _mm256_loadu_ps(pb), 1);
+  } else {
+    const __m256i h = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1);
+    if constexpr (std::is_same_v<D, BF16<Traits>>) {
+      return _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+inline __m512i LoadPairIndices(const uint8_t* pa, const uint8_t* pb,
+                               __mmask16 live) {
+  const __m128i a = _mm_maskz_loadu_epi8(live & 0xff, pa);
+  return _mm512_cvtepu8_epi32(_mm_mask_loadu_epi8(a, live & 0xff00, pb - 8));
+}
+
+inline float SumLow8(__m512 v) {
+  return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xff, v));
+}
+inline float SumHigh8(__m512 v) {
+  return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xff00, v));
+}
+
+template <class D>
+struct RowDot {
+  using S = typename D::Storage;
+
+  const NmProblem& p;
+  const NmRuntime& rt;
+  int64_t T, K, N, G, Kc, chunks, x_stride;
+  int32_t n, m;
+  RowDotChunk chunk;
+  __m512i base;  // Lane -> its group's first input inside the chunk.
+  int64_t rows_per_task, row_tasks;
+  float* xs = nullptr;  // [T, x_stride] f32, zero padded past K.
+  // Per batch.
+  const S* values = nullptr;
+  const uint8_t* idx = nullptr;
+  S* y = nullptr;
+
+  static bool Applies(const NmProblem& p) {
+    return p.tokens <= kRowDotMaxTokens && p.n <= kRowDotMaxN;
+  }
+
+  RowDot(const NmProblem& prob, const NmRuntime& runtime)
+      : p(prob),
+        rt(runtime),
+        T(prob.tokens),
+        K(prob.k),
+        N(prob.n_out),
+        G(CeilDiv(prob.k, prob.m)),
+        Kc(G * prob.n),
+        n(prob.n),
+        m(prob.m),
+        chunk(prob.n, prob.m) {
+    chunks = CeilDiv(G, chunk.groups);
+    // The last chunk's table reaches 16 floats past its start.
+    x_stride = RoundUp(chunks * chunk.span + 16, 16);
+    alignas(64) int32_t b[16] = {};
+    for (int l = 0; l < chunk.lanes; ++l) b[l] = b[8 + l] = (l / n) * m;
+    base = _mm512_load_si512(b);
+    // Enough tasks to balance the workers; whole register blocks each.
+    rows_per_task =
+        Max(16, Min(64, RoundUp(CeilDiv(N, 8 * rt.num_workers), 16)));
+    row_tasks = CeilDiv(N, rows_per_task);
+  }
+
+  void Layout(Carver& c) { xs = c.Take<float>(T * x_stride); }
+
+  bool Compute() {
+    if (T == 0 || N == 0 || p.batch == 0) return true;
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const S* x = static_cast<const S*>(p.x) + b * p.x_stride;
+      values = static_cast<const S*>(p.values) + b * p.values_stride;
+      idx = p.indices + b * p.indices_stride;
+      y = static_cast<S*>(p.out) + b * T * N;
+      if (b == 0 || p.x_stride != 0) PackX(x);
+      RunParallel(rt, row_tasks, *this);
+    }
+    return true;
+  }
+
+  // x in f32, each token's row zero padded (the tables read past K).
+  void PackX(const S* x) const {
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = xs + t * x_stride;
+      const S* src = x + t * K;
+      for (int64_t k = 0; k < K; ++k) row[k] = D::ToF32(src[k]);
+      std::memset(row + K, 0, (x_stride - K) * sizeof(float));
+    }
+  }
+
+  void Run(int64_t task, int /*worker*/) const {
+    const int64_t j0 = task * rows_per_task, j1 = Min(N, j0 + rows_per_task);
+    if (T == 1) return Rows<8, 1>(j0, j1);
+    Rows<2, 8>(j0, j1);
+  }
+
+  // Register blocks of kPairs row pairs x up to kTb tokens (left-over rows go
+  // a pair at a time, an odd last row paired with nothing); each block's
+  // token count gets its own fully unrolled kernel.
+  template <int kPairs, int kTb>
+  void Rows(int64_t j0, int64_t j1) const {
+    for (int64_t t0 = 0; t0 < T; t0 += kTb) {
+      const int tb = static_cast<int>(Min(kTb, T - t0));
+      DispatchVecs<kTb>(tb, [&](auto toks) {
+        constexpr int kT = decltype(toks)::value;
+        int64_t j = j0;
+        for (; j + 2 * kPairs <= j1; j += 2 * kPairs) {
+          Block<kPairs, kT>(j, 2 * kPairs, t0);
+        }
+        for (; j < j1; j += 2) Block<1, kT>(j, Min(2, j1 - j), t0);
+      });
+    }
+  }
+
+  // Rows j .. j + rows - 1 (rows <= 2 * kPairs) x tokens t0 .. t0 + kTb - 1.
+  template <int kPairs, int kTb>
+  void Block(int64_t j, int64_t rows, int64_t t0) const {
+    // Locals: the compiler then keeps every accumulator in a register.
+    const int64_t kc = Kc, stride = x_stride, span = chunk.span;
+    const int64_t lanes = chunk.lanes, num_chunks = chunks;
+    const float* const x0 = xs + t0 * stride;
+    const uint8_t* const ix = idx + j * kc;
+    const S* const vs = values + j * kc;
+    const __m512i limit = _mm512_set1_epi32(m), lane_base = base;
+    const __mmask16 one = static_cast<__mmask16>((1u << lanes) - 1);
+    const __mmask16 both = static_cast<__mmask16>(one | (one << 8));
+    __m512 acc[kPairs][kTb];
+#pragma GCC unroll 16
+    for (int r = 0; r < kPairs; ++r)
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t) acc[r][t] = _mm512_setzero_ps();
+
+    // One chunk of every pair. `live`: the lanes holding entries (all but the
+    // row's end and a missing row b). kPlain: every lane is live, so the
+    // loads need no masks (8 lanes per row; a masked load pair measured
+    // slower than a plain load and an insert).
+    auto step = [&](int64_t c, __mmask16 live_all, __mmask16 live_last,
+                    auto plain) {
+      constexpr bool kPlain = decltype(plain)::value;
+      const int64_t e0 = c * lanes;
+      __m512 table[kTb];
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t)
+        table[t] = _mm512_loadu_ps(x0 + t * stride + c * span);
+#pragma GCC unroll 16
+      for (int r = 0; r < kPairs; ++r) {
+        const int64_t a = 2 * r * kc + e0, b = a + kc;
+        // The weight rows stream from memory while the permutes keep the
+        // core busy: fetch them kRowDotAhead chunks early, every other chunk
+        // (two chunks of a row are <= 64 bytes of values).
+        if ((c & 1) == 0) {
+          const int64_t ahead = kRowDotAhead * lanes;
+          _mm_prefetch(reinterpret_cast<const char*>(vs + a + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vs + b + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ix + a + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ix + b + ahead), _MM_HINT_T0);
+        }
+        const __mmask16 live = r == kPairs - 1 ? live_last : live_all;
+        __m512i i32;
+        if constexpr (kPlain) {
+          i32 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ix + a)),
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ix + b))));
+        } else {
+          i32 = LoadPairIndices(ix + a, ix + b, live);
+        }
+        // An index >= m (garbage that reached the kernel under jit) would
+        // name another group's input: its lane is dropped instead, and a
+        // zeroing permute makes it add 0, not 0 * (an inf in x). Lanes past
+        // the row's end (and a missing row b) pick from the zero padding of
+        // x or are never summed.
+        const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, limit);
+        const __m512i pos = _mm512_add_epi32(lane_base, i32);
+        if (kPlain && __builtin_expect(keep == 0xffff, 1)) {
+          const __m512 w = LoadPairPlain<D>(vs + a, vs + b);
+#pragma GCC unroll 16
+          for (int t = 0; t < kTb; ++t)
+            acc[r][t] = _mm512_fmadd_ps(
+                w, _mm512_permutexvar_ps(pos, table[t]), acc[r][t]);
+        } else {
+          // Zeroing permutes measured 0.84x the rate of plain ones.
+          const __m512 w = LoadPair<D>(vs + a, vs + b, keep);
+#pragma GCC unroll 16
+          for (int t = 0; t < kTb; ++t)
+            acc[r][t] = _mm512_fmadd_ps(
+                w, _mm512_maskz_permutexvar_ps(keep, pos, table[t]), acc[r][t]);
+        }
+      }
+    };
+
+    const bool odd = rows < 2 * kPairs;  // The last pair has no row b.
+    const __mmask16 last = odd ? static_cast<__mmask16>(both & 0xff) : both;
+    // Chunks whose entries are all inside the rows.
+    const int64_t whole = Min(num_chunks, kc / lanes);
+    int64_t c = 0;
+    if (lanes == 8 && !odd) {
+      for (; c < whole; ++c) step(c, both, both, std::true_type{});
+    } else {
+      for (; c < whole; ++c) step(c, both, last, std::false_type{});
+    }
+    for (; c < num_chunks; ++c) {  // The end of the rows.
+      const __mmask16 end = static_cast<__mmask16>((1u << (kc - c * lanes)) - 1);
+      const __mmask16 end2 = static_cast<__mmask16>(end | (end << 8));
+      step(c, end2, odd ? end : end2, std::false_type{});
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kPairs; ++r) {
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t) {
+        S* out = y + (t0 + t) * N + j + 2 * r;
+        out[0] = D::FromF32(SumLow8(acc[r][t]));
+        if (2 * r + 1 < rows) out[1] = D::FromF32(SumHigh8(acc[r][t]));
+      }
+    }
+  }
+};
+
+// The forward for AVX-512: the row-vectorised kernel at few tokens, else the
+// token-vectorised one.
+template <class D>
+bool SpmmAvx512(const NmProblem& p, const NmRuntime& rt) {
+  if (RowDot<D>::Applies(p)) {
+    RowDot<D> op(p, rt);
+    return op.Compute();
+  }
+  Spmm<Traits, D> op(p, rt);
+  return op.Compute();
+}
+
+inline bool SpmmAvx512Any(const NmProblem& p, const NmRuntime& rt) {
+  switch (p.dtype) {
+    case NmDtype::kF32:
+      return SpmmAvx512<F32<Traits>>(p, rt);
+    case NmDtype::kBF16:
+      return SpmmAvx512<BF16<Traits>>(p, rt);
+    case NmDtype::kF16:
+      return SpmmAvx512<F16<Traits>>(p, rt);
+  }
+  return true;
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_NM_ROWDOT_AVX512_H_
