@@ -9,7 +9,7 @@
 from jaxsparse import _ffi
 from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
 from jaxsparse.formats import NM, NMSparse
-from jaxsparse.ops import JaxsparseFallbackWarning, matmul
+from jaxsparse.ops import JaxsparseFallbackWarning, choose_path, matmul, matmul_path
 from jaxsparse import prune  # noqa: E402  (after formats: prune builds on NM)
 from jaxsparse import linen, mixed_precision, nn  # noqa: E402
 
@@ -19,11 +19,13 @@ __all__ = [
     "NM",
     "NMSparse",
     "JaxsparseFallbackWarning",
+    "choose_path",
     "cpu_isa",
     "has_cpu_kernels",
     "has_cuda_kernels",
     "linen",
     "matmul",
+    "matmul_path",
     "mixed_precision",
     "nn",
     "prune",

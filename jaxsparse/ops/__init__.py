@@ -1,5 +1,6 @@
 """Sparse products as JAX primitives, one module per op family."""
 
+from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.matmul import matmul
 from jaxsparse.ops.nm import (
     JaxsparseFallbackWarning,
@@ -13,7 +14,9 @@ from jaxsparse.ops.nm import (
 
 __all__ = [
     "JaxsparseFallbackWarning",
+    "choose_path",
     "matmul",
+    "matmul_path",
     "nm_sddmm",
     "nm_sddmm_reference",
     "nm_spmm",

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 
 from jaxsparse import _validate as V
 from jaxsparse.formats.nm import NMSparse
+from jaxsparse.ops.dispatch import check_path, choose_path
 from jaxsparse.ops.nm import nm_spmm
 
 _WHERE = "jaxsparse.matmul"
 
 
-def matmul(x, w):
+def matmul(x, w, *, path: str | None = None):
     """`x @ w` for a sparse weight `w` of logical shape `[..., in, out]`.
 
     Args:
@@ -25,14 +26,18 @@ def matmul(x, w):
             batched `w` (`[B..., in, out]`, a stack of weights), x is `[..., T, in]` and the leading
             dims broadcast as in `jnp.matmul`.
         w: a jaxsparse format, e.g. `NMSparse`.
+        path: "auto" (the default, or what an enclosing `jsp.matmul_path(...)` sets) picks at
+            trace time between the sparse kernel and the dense path (decompress `w`, then XLA's
+            dot) by `jsp.choose_path`; "sparse" or "dense" forces one (jaxsparse/ops/dispatch.py).
 
     Returns:
         `[..., out]` in the promoted dtype of x and w (bf16 with f16 promotes to f32); the product
         accumulates in f32.
     """
+    path = check_path(path, _WHERE)
     for fmt, rule in _RULES.items():
         if isinstance(w, fmt):
-            return rule(x, w)
+            return rule(x, w, path)
     raise TypeError(
         f"{_WHERE}: w must be a jaxsparse sparse format ({', '.join(f.__name__ for f in _RULES)}); "
         f"got {type(w).__name__}"
@@ -53,8 +58,23 @@ def _prepare_x(x, w):
     return x.astype(dtype), w if w.dtype == dtype else w.astype(dtype)
 
 
-def _nm_matmul(x, w: NMSparse):
+def _tokens(x, w) -> int:
+    """Rows of x per weight: all of x's leading dims for one weight, its last for a stack."""
+    if not w.batch_shape:
+        return math.prod(x.shape[:-1])
+    return x.shape[-2] if x.ndim >= 2 else 1
+
+
+def _nm_matmul(x, w: NMSparse, path: str):
     x, w = _prepare_x(x, w)
+    if path == "auto":
+        path = choose_path(_tokens(x, w), x.dtype, w.density)
+    if path == "dense":
+        return jnp.matmul(x, w.todense())
+    return _nm_spmm_any_rank(x, w)
+
+
+def _nm_spmm_any_rank(x, w: NMSparse):
     values, indices = w.values, w.indices
     if values.ndim == 2:
         lead = x.shape[:-1]
@@ -62,7 +82,7 @@ def _nm_matmul(x, w: NMSparse):
         y = nm_spmm(x3, values[None], indices[None], n=w.n, m=w.m)
         return y.reshape(*lead, w.out_features)
     if x.ndim == 1:
-        return _nm_matmul(x[None], w)[..., 0, :]
+        return _nm_spmm_any_rank(x[None], w)[..., 0, :]
     batch = jnp.broadcast_shapes(x.shape[:-2], w.batch_shape)
     x3 = _flatten_batch(x, batch, 2)
     y = nm_spmm(x3, _flatten_batch(values, batch, 2), _flatten_batch(indices, batch, 2),

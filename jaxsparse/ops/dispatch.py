@@ -1,0 +1,126 @@
+"""Which path `x @ ws` takes: the sparse kernel, or the dense path (decompress, then XLA's dot).
+
+A sparse kernel reads fewer bytes and does fewer FMAs, but XLA's dense dot runs its FMAs closer to
+the machine's peak (and, for bf16, on AVX512-BF16/AMX dot instructions our f32-accumulating CPU
+kernels do not use). So where the kernel cannot win, jaxsparse multiplies densely instead, and
+`x @ ws` is never much slower than the dense product. The choice is made at trace time from static
+facts only: the platform, the CPU kernels' instruction set, the dtype, the density n/m and the
+number of tokens (the product of x's leading dims).
+
+The rule, `choose_path`:
+
+- Off the CPU, or without the CPU extension: "sparse" (the CUDA kernels, or the reference with its
+  fallback warning).
+- On the CPU, per (instruction set, dtype), a table of measured crossovers (`SPARSE_MAX_TOKENS`):
+  for densities up to 1/4, up to 1/2, and above, the most tokens at which the sparse kernel was
+  still at least as fast as XLA's dense dot (benchmarks/bench_nm.py, docs/cpu_speed_notes.md).
+  Beyond it, "dense".
+
+A user forces either path per call (`jsp.matmul(x, ws, path="dense")`) or for a region of code,
+including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Both paths compute the same
+product; they round differently (the kernel accumulates in f32 in its own order; the dense path
+rounds as XLA's dot does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import jax
+import numpy as np
+
+from jaxsparse import _ffi
+
+__all__ = ["PATHS", "SPARSE_MAX_TOKENS", "choose_path", "matmul_path", "current_path"]
+
+PATHS = ("auto", "sparse", "dense")
+
+_ALWAYS = math.inf
+
+# (ISA, dtype) -> ((density bound, max tokens for the sparse kernel), ...), bounds ascending; the
+# first bound >= the weight's density applies. Measured on a 2-core AMD Zen 5 (AVX-512 with
+# AVX512-BF16, no AMX) against jax 0.12's dense dot; see docs/cpu_speed_notes.md.
+SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
+    # f32: the kernels beat XLA's f32 dot at every harness shape.
+    ("avx512", "float32"): ((1.0, _ALWAYS),),
+    # XLA's f16 dot has no fast CPU path: the kernels (f32 arithmetic) win everywhere.
+    ("avx512", "float16"): ((1.0, _ALWAYS),),
+    # XLA's bf16 dot runs at ~2x its f32 rate (AVX512-BF16); our kernels widen to f32.
+    ("avx512", "bfloat16"): ((0.25, _ALWAYS), (0.5, 64), (1.0, 16)),
+    # AVX2 machines: the kernels win while the weight stream dominates (few tokens), and at
+    # densities <= 1/4.
+    ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 16)),
+    ("avx2", "float16"): ((1.0, _ALWAYS),),
+    ("avx2", "bfloat16"): ((0.25, 64), (1.0, 16)),
+    # The portable path is a scalar fallback: dense beyond a matrix-vector product.
+    ("portable", "float32"): ((1.0, 1),),
+    ("portable", "float16"): ((1.0, 1),),
+    ("portable", "bfloat16"): ((1.0, 1),),
+}
+
+_state = threading.local()
+
+
+def current_path() -> str:
+    """The path `x @ ws` takes in this thread: "auto" unless inside `matmul_path(...)`."""
+    return getattr(_state, "path", "auto")
+
+
+@contextlib.contextmanager
+def matmul_path(path: str):
+    """Force every jaxsparse product traced inside the block onto one path.
+
+    Args:
+        path: "sparse" (always the sparse kernel), "dense" (always decompress, then XLA's dot) or
+            "auto" (`choose_path`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsparse as jsp
+        >>> ws = jsp.NMSparse.fromdense(jnp.ones((8, 4)), n=2, m=4)
+        >>> with jsp.matmul_path("dense"):
+        ...     y = jnp.ones((3, 8)) @ ws
+        >>> y.shape
+        (3, 4)
+    """
+    path = check_path(path, "jaxsparse.matmul_path")
+    before = current_path()
+    _state.path = path
+    try:
+        yield
+    finally:
+        _state.path = before
+
+
+def check_path(path, where: str) -> str:
+    if path is None:
+        return current_path()
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"{where}: path must be one of {', '.join(map(repr, PATHS))}; got {path!r}")
+    return path
+
+
+def choose_path(tokens: int, dtype, density: float, *, platform: str | None = None,
+                isa: str | None = None) -> str:
+    """The path "auto" takes for `tokens` rows of x times a weight of `dtype` and `density`.
+
+    Args:
+        tokens: the number of rows of x (the product of its leading dims).
+        dtype: the dtype of the product.
+        density: stored entries over logical entries (`ws.density`, n/m).
+        platform: the platform lowered for; default `jax.default_backend()`.
+        isa: the CPU kernels' instruction set; default `jsp.cpu_isa()`.
+
+    Returns:
+        "sparse" or "dense".
+    """
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or not _ffi.has_cpu_kernels():
+        return "sparse"
+    isa = isa or _ffi.cpu_isa()
+    table = SPARSE_MAX_TOKENS.get((isa, np.dtype(dtype).name), ((1.0, _ALWAYS),))
+    for bound, max_tokens in table:
+        if density <= bound + 1e-9:
+            return "sparse" if tokens <= max_tokens else "dense"
+    return "sparse" if tokens <= table[-1][1] else "dense"

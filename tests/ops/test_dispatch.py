@@ -1,0 +1,182 @@
+"""The trace-time choice between the sparse kernel and the dense path, and both paths' results."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxsparse as jsp
+from jaxsparse.ops import dispatch
+from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
+
+PATHS = ("sparse", "dense")
+
+
+def _uses_kernel(fn, *args) -> bool:
+    """Whether the jaxpr of fn(*args) holds the sparse forward primitive."""
+    return "jaxsparse_nm_spmm" in str(jax.make_jaxpr(fn)(*args))
+
+
+# ------------------------------------------------------------------ the rule
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_rule_follows_its_table(isa, dtype):
+    table = dispatch.SPARSE_MAX_TOKENS[(isa, dtype)]
+    for (n, m) in [(1, 4), (2, 8), (2, 4), (4, 8), (3, 4)]:
+        limit = next(t for bound, t in table if n / m <= bound + 1e-9)
+        for tokens in (1, 16, 17, 64, 65, 128, 2048):
+            want = "sparse" if tokens <= limit else "dense"
+            got = jsp.choose_path(tokens, dtype, n / m, platform="cpu", isa=isa)
+            assert got == want, (isa, dtype, n, m, tokens)
+
+
+def test_rule_keeps_the_kernel_where_it_was_measured_faster():
+    # The crossovers of docs/cpu_speed_notes.md: f32 and f16 always sparse on AVX-512; bf16 2:4
+    # goes dense at large token counts, where XLA's AVX512-BF16 dot outruns f32 arithmetic.
+    for tokens in (1, 16, 128, 2048):
+        assert jsp.choose_path(tokens, jnp.float32, 0.5, platform="cpu", isa="avx512") == "sparse"
+        assert jsp.choose_path(tokens, jnp.float16, 0.5, platform="cpu", isa="avx512") == "sparse"
+    assert jsp.choose_path(1, jnp.bfloat16, 0.5, platform="cpu", isa="avx512") == "sparse"
+    assert jsp.choose_path(2048, jnp.bfloat16, 0.5, platform="cpu", isa="avx512") == "dense"
+
+
+def test_rule_off_the_cpu_is_the_kernel():
+    assert jsp.choose_path(4096, jnp.bfloat16, 0.5, platform="gpu") == "sparse"
+
+
+def test_every_table_row_is_well_formed():
+    for key, table in dispatch.SPARSE_MAX_TOKENS.items():
+        bounds = [b for b, _ in table]
+        assert bounds == sorted(bounds) and bounds[-1] >= 1.0, key
+        assert all(t >= 1 for _, t in table), key
+
+
+# ------------------------------------------------------------------ forcing a path
+
+
+def test_forcing_per_call_and_per_region():
+    ws = random_nm(keys(70, 1)[0], 16, 8, 2, 4)
+    x = jnp.ones((4, 16))
+    assert _uses_kernel(lambda x: jsp.matmul(x, ws, path="sparse"), x)
+    assert not _uses_kernel(lambda x: jsp.matmul(x, ws, path="dense"), x)
+    with jsp.matmul_path("dense"):
+        assert not _uses_kernel(lambda x: x @ ws, x)
+        with jsp.matmul_path("sparse"):
+            assert _uses_kernel(lambda x: x @ ws, x)
+        assert not _uses_kernel(lambda x: x @ ws, x)
+        assert _uses_kernel(lambda x: jsp.matmul(x, ws, path="sparse"), x)  # The call wins.
+    assert dispatch.current_path() == "auto"
+
+
+def test_region_is_restored_after_an_error():
+    with pytest.raises(RuntimeError):
+        with jsp.matmul_path("dense"):
+            raise RuntimeError("boom")
+    assert dispatch.current_path() == "auto"
+
+
+def test_layers_follow_the_region():
+    from flax import nnx
+
+    layer = jsp.nn.SparseLinear(16, 8, sparsity=jsp.NM(2, 4), rngs=nnx.Rngs(0))
+    x = jnp.ones((3, 16))
+    with jsp.matmul_path("dense"):
+        assert not _uses_kernel(lambda x: layer(x), x)
+    with jsp.matmul_path("sparse"):
+        assert _uses_kernel(lambda x: layer(x), x)
+
+
+@pytest.mark.parametrize("bad", ["fast", "", 3, "Dense"])
+def test_bad_path_names_the_argument(bad):
+    ws = random_nm(keys(71, 1)[0], 8, 4, 2, 4)
+    with pytest.raises(ValueError, match=r"jaxsparse.matmul: path must be one of 'auto', 'sparse'"):
+        jsp.matmul(jnp.ones((2, 8)), ws, path=bad)
+    with pytest.raises(ValueError, match=r"jaxsparse.matmul_path: path must be one of"):
+        with jsp.matmul_path(bad):
+            pass
+
+
+def test_auto_takes_the_dense_path_where_the_rule_says():
+    if not jsp.has_cpu_kernels() or jax.default_backend() != "cpu":
+        pytest.skip("the rule's CPU table needs the CPU kernels")
+    ws = random_nm(keys(72, 1)[0], 64, 32, 2, 4, jnp.bfloat16)
+    for tokens in (1, 16, 4096):
+        x = jnp.ones((tokens, 64), jnp.bfloat16)
+        want = jsp.choose_path(tokens, jnp.bfloat16, ws.density)
+        assert _uses_kernel(lambda x: x @ ws, x) == (want == "sparse"), tokens
+
+
+# ------------------------------------------------------------------ both paths compute the product
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,out,n,m", [((1,), 8, 4, 2, 4), ((3, 5), 37, 19, 2, 4),
+                                            ((17,), 64, 33, 1, 4), ((2, 65), 40, 16, 4, 8),
+                                            ((), 21, 6, 3, 7)])
+def test_each_path_matches_the_dense_product(path, dtype, lead, k, out, n, m):
+    kx, kw = keys(73, 2)
+    x = random_array(kx, (*lead, k), dtype)
+    ws = random_nm(kw, k, out, n, m, dtype)
+    want = jnp.matmul(x.astype(jnp.float32), ws.todense().astype(jnp.float32))
+    for fn in (jsp.matmul, jax.jit(jsp.matmul, static_argnames="path")):
+        got = fn(x, ws, path=path)
+        assert got.shape == (*lead, out) and got.dtype == dtype
+        assert_close(got, want, dtype, scale_for(k))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_with_a_stack_of_weights(path):
+    kx, kw = keys(74, 2)
+    x = random_array(kx, (3, 5, 24))
+    ws = random_nm(kw, 24, 10, 2, 4, batch=(3,))
+    want = jnp.matmul(x, ws.todense())
+    assert_close(jsp.matmul(x, ws, path=path), want, jnp.float32, scale_for(24))
+    assert_close(jsp.matmul(x[0, 0], ws, path=path), jnp.matmul(x[0, 0], ws.todense()), jnp.float32,
+                 scale_for(24))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_differentiates_like_the_other(path):
+    kx, kw = keys(75, 2)
+    x = random_array(kx, (6, 32))
+    ws = random_nm(kw, 32, 12, 2, 4)
+
+    def loss(v, x):
+        return jnp.sum(jnp.sin(jsp.matmul(x, ws.replace(values=v), path=path)))
+
+    def dense_loss(v, x):
+        return jnp.sum(jnp.sin(x @ ws.replace(values=v).todense()))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(ws.values, x)
+    want = jax.grad(dense_loss, argnums=(0, 1))(ws.values, x)
+    for g, w in zip(got, want):
+        assert_close(g, w, jnp.float32, scale_for(32))
+    check_grads(loss, (ws.values, x), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2, eps=1e-3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_under_vmap(path):
+    kx, kw = keys(76, 2)
+    x = random_array(kx, (4, 3, 16))
+    ws = random_nm(kw, 16, 8, 2, 4)
+    got = jax.vmap(lambda x: jsp.matmul(x, ws, path=path), in_axes=1)(x)
+    want = jnp.stack([x[:, i] @ ws.todense() for i in range(3)])
+    assert_close(got, want, jnp.float32, scale_for(16))
+
+
+def test_tokens_count_every_leading_dim():
+    from jaxsparse.ops.matmul import _tokens
+
+    ws = random_nm(keys(77, 1)[0], 8, 4, 2, 4)
+    assert _tokens(jnp.ones((3, 5, 8)), ws) == 15
+    assert _tokens(jnp.ones((8,)), ws) == 1
+    stack = random_nm(keys(78, 1)[0], 8, 4, 2, 4, batch=(2,))
+    assert _tokens(jnp.ones((2, 7, 8)), stack) == 7
+    assert math.isinf(dispatch.SPARSE_MAX_TOKENS[("avx512", "float32")][-1][1])
+    assert np.dtype(jnp.bfloat16).name == "bfloat16"
