@@ -155,12 +155,16 @@ def dense_fns():
     return fwd, step
 
 
-def nm_fns(ws: jsp.NMSparse):
-    fwd = jax.jit(lambda x, v: x @ with_values(ws, v))
+def nm_fns(ws: jsp.NMSparse, path: str):
+    """`x @ ws` (path "auto": what a user gets) or one forced path."""
+    def product(x, v):
+        return jsp.matmul(x, with_values(ws, v), path=path)
+
+    fwd = jax.jit(product)
 
     @jax.jit
     def step(x, v, g):
-        y, vjp = jax.vjp(lambda x, v: x @ with_values(ws, v), x, v)
+        y, vjp = jax.vjp(product, x, v)
         return (y, *vjp(g))
 
     return fwd, step
@@ -230,10 +234,19 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
     rows += numpy_rows(base, x, w, g, dense_t, args)
     for pattern in args.patterns:
         ws = jsp.NMSparse.fromdense(w, n=pattern[0], m=pattern[1])
-        for mode, fn in zip(MODES, nm_fns(ws)):
-            t = time_call(fn, x, ws.values, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
-            rows.append(row(base, f"nm {pattern[0]}:{pattern[1]}", mode, t, pattern[0] / pattern[1],
-                            nm_bytes(tokens, k, n, isz, pattern[0] / pattern[1], mode), dense_t))
+        density = pattern[0] / pattern[1]
+        chosen = jsp.choose_path(tokens, dtype, density)
+        # `x @ ws` as a user gets it; where the rule picks the dense path, the kernel forced too.
+        runs = [("auto", f"nm {pattern[0]}:{pattern[1]}")]
+        if chosen == "dense":
+            runs.append(("sparse", f"nm {pattern[0]}:{pattern[1]}!"))
+        for path, name in runs:
+            for mode, fn in zip(MODES, nm_fns(ws, path)):
+                extra = (g,) if mode != "fwd" else ()
+                t = time_call(fn, x, ws.values, *extra, repeats=args.repeats)
+                r = row(base, name, mode, t, density, nm_bytes(tokens, k, n, isz, density, mode),
+                        dense_t)
+                rows.append({**r, "path": chosen if path == "auto" else path})
     rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
     return rows
 
@@ -278,11 +291,11 @@ def row(base, kernel, mode, seconds, density, nbytes, dense_t=None) -> dict:
             "effective_gflops": flops * density / seconds / 1e9,
             "gbs": nbytes / seconds / 1e9, "intensity": flops * density / nbytes,
             "speedup": speedup, "ideal_speedup": 1 / density,
-            "fraction_of_ideal": speedup * density, "skipped": None}
+            "fraction_of_ideal": speedup * density, "skipped": None, "path": ""}
 
 
 def skip_row(base, kernel, mode, reason) -> dict:
-    return {**base, "kernel": kernel, "mode": mode, "skipped": reason}
+    return {**base, "kernel": kernel, "mode": mode, "skipped": reason, "path": ""}
 
 
 def add_roofline(rows, ceilings) -> None:
@@ -298,14 +311,15 @@ def add_roofline(rows, ceilings) -> None:
 
 
 # ====================================================================== reporting
-HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':10} {'mode':8} {'ms':>9} "
+HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':10} {'path':6} {'mode':8} {'ms':>9} "
           f"{'dGF/s':>7} {'eGF/s':>7} {'GB/s':>6} {'speedup':>7} {'ideal':>5} {'%ideal':>6} "
           f"{'%roof':>6} bound")
 
 
 def format_row(r) -> str:
     shape = f"{r['in']:>5}x{r['out']:<5}"
-    head = f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:10} {r['mode']:8}"
+    head = (f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:10} {r['path']:6} "
+            f"{r['mode']:8}")
     if r["skipped"]:
         return f"{head} {'skipped: ' + r['skipped']:>9}"
     return (f"{head} {r['ms']:9.3f} {r['dense_equiv_gflops']:7.1f} {r['effective_gflops']:7.1f} "
@@ -322,7 +336,8 @@ def format_table(rows, ceilings, meta) -> str:
              f"{ceilings['bandwidth_gbs']:.1f} GB/s",
              "dGF/s = dense-equivalent GFLOP/s, eGF/s = effective (stored entries only); "
              "speedup over xla-dense, same dtype/shape/mode; ideal = 1/density; "
-             "%roof = eGF/s / min(peak, intensity*bandwidth)",
+             "%roof = eGF/s / min(peak, intensity*bandwidth); path = what `x @ ws` ran "
+             "(jsp.choose_path); 'nm n:m!' = the sparse kernel forced where the rule picks dense",
              HEADER, "-" * len(HEADER)]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)

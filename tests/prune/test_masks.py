@@ -21,6 +21,14 @@ def test_nm_mask_matches_oracle_and_fromdense(n, m, in_features):
     np.testing.assert_array_equal(mask, jsp.NMSparse.fromdense(w, n=n, m=m).mask())
 
 
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (4, 8), (3, 7), (15, 16)])
+def test_nm_mask_agrees_with_fromdense_on_zeros_infs_nans_and_ragged_groups(n, m):
+    w = random_array(keys(3, 1)[0], (37, 6))
+    w = w.at[0:4, 0].set(jnp.nan).at[5:9, 1].set(1.0).at[1, 2].set(-jnp.inf).at[:, 3].set(0.0)
+    np.testing.assert_array_equal(prune.magnitude_mask(w, jsp.NM(n, m)),
+                                  jsp.NMSparse.fromdense(w, n=n, m=m).mask())
+
+
 def test_nm_mask_ties_keep_lower_position_and_batches():
     w = jnp.ones((8, 3))
     mask = prune.magnitude_mask(w, "2:4")
