@@ -89,18 +89,44 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 # ====================================================================== timing
 def time_call(fn, *args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after a warm-up (compile + one call) outside the timing."""
-    jax.block_until_ready(fn(*args))
+    """Median seconds of `fn(*args)` after a warm-up (compile + one call) outside the timing.
+
+    An argument may be a `Rotating` list of equal arrays: call i then takes copy i % len, so a
+    weight read from memory is not left in the last-level cache by the previous call.
+    """
+    def call(i):
+        return fn(*(a[i % len(a)] if isinstance(a, Rotating) else a for a in args))
+
+    jax.block_until_ready(call(0))
     first = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(call(1))
     first = time.perf_counter() - first
     repeats = min(repeats, 3) if first > 1.0 else repeats  # Keep the full grid's slow cases short.
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call(i))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class Rotating(list):
+    """Copies of one operand that `time_call` cycles through."""
+
+
+# Weight copies cycled through at few tokens: together over twice a 32 MB last-level cache, so
+# every call streams its weight from DRAM as in a model with many layers (one copy of a
+# 40 MB 2:4 weight would stay mostly cached between calls, a 64 MB dense one would not).
+ROTATE_TOKENS = 16
+ROTATE_BYTES = 96 * 2**20
+
+
+def rotating(a, tokens):
+    """`a`, or a Rotating set of distinct copies of it when the weight stream dominates."""
+    if tokens > ROTATE_TOKENS:
+        return a
+    copies = int(min(4, max(2, -(-ROTATE_BYTES // max(1, a.nbytes)))))
+    return Rotating([a] + [a + jnp.zeros((), a.dtype) * i for i in range(1, copies)])
 
 
 # ====================================================================== ceilings
@@ -139,8 +165,8 @@ def make_operands(tokens, k, n, dtype, seed=0):
     return x, w, g
 
 
-def with_values(ws: jsp.NMSparse, values) -> jsp.NMSparse:
-    return jsp.NMSparse.tree_unflatten((ws.n, ws.m, ws.in_features), (values, ws.indices))
+def with_arrays(ws: jsp.NMSparse, values, indices) -> jsp.NMSparse:
+    return jsp.NMSparse.tree_unflatten((ws.n, ws.m, ws.in_features), (values, indices))
 
 
 # ====================================================================== the measured functions
@@ -157,14 +183,14 @@ def dense_fns():
 
 def nm_fns(ws: jsp.NMSparse, path: str):
     """`x @ ws` (path "auto": what a user gets) or one forced path."""
-    def product(x, v):
-        return jsp.matmul(x, with_values(ws, v), path=path)
+    def product(x, v, i):
+        return jsp.matmul(x, with_arrays(ws, v, i), path=path)
 
     fwd = jax.jit(product)
 
     @jax.jit
-    def step(x, v, g):
-        y, vjp = jax.vjp(product, x, v)
+    def step(x, v, i, g):
+        y, vjp = jax.vjp(lambda x, v: product(x, v, i), x, v)
         return (y, *vjp(g))
 
     return fwd, step
@@ -227,14 +253,17 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
     x, w, g = make_operands(tokens, k, n, dtype)
     base = {"dtype": dtype_name, "tokens": tokens, "in": k, "out": n}
     rows, dense_t = [], {}
+    w_timed = rotating(w, tokens)
     for mode, fn in zip(MODES, dense_fns()):
-        t = time_call(fn, x, w, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
+        t = time_call(fn, x, w_timed, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
         dense_t[mode] = t
         rows.append(row(base, "xla-dense", mode, t, 1.0, dense_bytes(tokens, k, n, isz, mode)))
     rows += numpy_rows(base, x, w, g, dense_t, args)
     for pattern in args.patterns:
         ws = jsp.NMSparse.fromdense(w, n=pattern[0], m=pattern[1])
         density = pattern[0] / pattern[1]
+        values_timed = rotating(ws.values, tokens)
+        indices_timed = rotating(ws.indices, tokens)
         chosen = jsp.choose_path(tokens, dtype, density)
         # `x @ ws` as a user gets it; where the rule picks the dense path, the kernel forced too.
         runs = [("auto", f"nm {pattern[0]}:{pattern[1]}")]
@@ -243,7 +272,7 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
         for path, name in runs:
             for mode, fn in zip(MODES, nm_fns(ws, path)):
                 extra = (g,) if mode != "fwd" else ()
-                t = time_call(fn, x, ws.values, *extra, repeats=args.repeats)
+                t = time_call(fn, x, values_timed, indices_timed, *extra, repeats=args.repeats)
                 r = row(base, name, mode, t, density, nm_bytes(tokens, k, n, isz, density, mode),
                         dense_t)
                 rows.append({**r, "path": chosen if path == "auto" else path})
