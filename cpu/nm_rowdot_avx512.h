@@ -44,29 +44,101 @@ constexpr int32_t kRowDotMaxN = 8;
 // the weight stream.
 constexpr int64_t kRowDotAhead = 16;
 
-// The chunk geometry of a pattern.
+// The chunk geometry of a pattern. A row's chunk takes a slot of 8 lanes
+// (lanes 5-8) or 4 lanes (lanes <= 4, e.g. 1:4 and 2:8), so a zmm holds the
+// chunks of 2 or 4 rows and low-density patterns still fill whole vectors.
 struct RowDotChunk {
-  int groups, lanes, span;
+  int groups, lanes, span, slot;
   RowDotChunk(int32_t n, int32_t m) {
     groups = kRowDotMaxN / n;
     if (groups * m > 16) groups = 16 / m;
     lanes = groups * n;
     span = groups * m;
+    slot = lanes <= 4 ? 4 : 8;
   }
 };
 
-// Storage -> f32 for the lanes of two rows (row a in lanes 0-7 from pa, row b
-// in lanes 8-15 from pb), lanes outside `keep` zero. Masked-off lanes are not
-// read (and cannot fault), so the loads stay inside the arrays.
-template <class D>
-inline __m512 LoadPair(const typename D::Storage* pa,
-                       const typename D::Storage* pb, __mmask16 keep) {
-  if constexpr (std::is_same_v<typename D::Storage, float>) {
-    const __m512 a = _mm512_maskz_loadu_ps(keep & 0xff, pa);
-    return _mm512_mask_loadu_ps(a, keep & 0xff00, pb - 8);
-  } else {
-    const __m256i a = _mm256_maskz_loadu_epi16(keep & 0xff, pa);
-    const __m256i h = _mm256_mask_loadu_epi16(a, keep & 0xff00, pb - 8);
+// Helpers for a vector of kRows row chunks: row q in lanes [q*kSlot, q*kSlot + kSlot).
+template <int kRows>
+struct RowVec {
+  static constexpr int kSlot = 16 / kRows;
+  static constexpr unsigned kRowMask = (1u << kSlot) - 1;
+
+  // Storage -> f32 for lanes in `keep` (others zero) of rows p, p + stride, ...
+  // Masked-off lanes are not read (and cannot fault), so loads stay inside
+  // the arrays.
+  template <class D>
+  static __m512 Values(const typename D::Storage* p, int64_t stride,
+                       __mmask16 keep) {
+    if constexpr (std::is_same_v<typename D::Storage, float>) {
+      __m512 v = _mm512_setzero_ps();
+      for (int q = 0; q < kRows; ++q)
+        v = _mm512_mask_loadu_ps(v, keep & (kRowMask << (kSlot * q)),
+                                 p + q * stride - kSlot * q);
+      return v;
+    } else {
+      __m256i h = _mm256_setzero_si256();
+      for (int q = 0; q < kRows; ++q)
+        h = _mm256_mask_loadu_epi16(h, keep & (kRowMask << (kSlot * q)),
+                                    p + q * stride - kSlot * q);
+      return Widen<D>(h);
+    }
+  }
+
+  // Values() for chunks whose every lane is live: plain loads and inserts
+  // (measured faster than the chain of merging masked loads).
+  template <class D>
+  static __m512 ValuesWhole(const typename D::Storage* p, int64_t stride) {
+    if constexpr (std::is_same_v<typename D::Storage, float>) {
+      if constexpr (kRows == 2) {
+        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(p)),
+                                  _mm256_loadu_ps(p + stride), 1);
+      } else {
+        __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(p + stride), 1);
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(p + 2 * stride), 2);
+        return _mm512_insertf32x4(v, _mm_loadu_ps(p + 3 * stride), 3);
+      }
+    } else {
+      return Values<D>(p, stride, 0xffff);
+    }
+  }
+
+  static __m512i Indices(const uint8_t* p, int64_t stride, __mmask16 live) {
+    __m128i b = _mm_setzero_si128();
+    for (int q = 0; q < kRows; ++q)
+      b = _mm_mask_loadu_epi8(b, live & (kRowMask << (kSlot * q)),
+                              p + q * stride - kSlot * q);
+    return _mm512_cvtepu8_epi32(b);
+  }
+
+  static __m512i IndicesWhole(const uint8_t* p, int64_t stride) {
+    if constexpr (kRows == 2) {
+      return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + stride))));
+    } else {
+      int32_t w[4];
+      for (int q = 0; q < 4; ++q) std::memcpy(&w[q], p + q * stride, 4);
+      return _mm512_cvtepu8_epi32(_mm_setr_epi32(w[0], w[1], w[2], w[3]));
+    }
+  }
+
+  // The live lanes of a vector whose first `rows` rows exist, each with the
+  // chunk lanes `row_live`.
+  static __mmask16 Live(__mmask16 row_live, int64_t rows) {
+    unsigned live = 0;
+    for (int q = 0; q < kRows && q < rows; ++q) live |= unsigned{row_live} << (kSlot * q);
+    return static_cast<__mmask16>(live);
+  }
+
+  static float Sum(__m512 v, int q) {
+    return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(
+        static_cast<__mmask16>(kRowMask << (kSlot * q)), v));
+  }
+
+  template <class D>
+  static __m512 Widen(__m256i h) {
     if constexpr (std::is_same_v<D, BF16<Traits>>) {
       return _mm512_castsi512_ps(
           _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -74,41 +146,7 @@ inline __m512 LoadPair(const typename D::Storage* pa,
       return _mm512_cvtph_ps(h);
     }
   }
-}
-
-// LoadPair for two rows of 8 live lanes each.
-template <class D>
-inline __m512 LoadPairPlain(const typename D::Storage* pa,
-                            const typename D::Storage* pb) {
-  if constexpr (std::is_same_v<typename D::Storage, float>) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(pa)),
-                              _mm256_loadu_ps(pb), 1);
-  } else {
-    const __m256i h = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1);
-    if constexpr (std::is_same_v<D, BF16<Traits>>) {
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-      return _mm512_cvtph_ps(h);
-    }
-  }
-}
-
-inline __m512i LoadPairIndices(const uint8_t* pa, const uint8_t* pb,
-                               __mmask16 live) {
-  const __m128i a = _mm_maskz_loadu_epi8(live & 0xff, pa);
-  return _mm512_cvtepu8_epi32(_mm_mask_loadu_epi8(a, live & 0xff00, pb - 8));
-}
-
-inline float SumLow8(__m512 v) {
-  return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xff, v));
-}
-inline float SumHigh8(__m512 v) {
-  return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xff00, v));
-}
+};
 
 template <class D>
 struct RowDot {
@@ -146,7 +184,10 @@ struct RowDot {
     // The last chunk's table reaches 16 floats past its start.
     x_stride = RoundUp(chunks * chunk.span + 16, 16);
     alignas(64) int32_t b[16] = {};
-    for (int l = 0; l < chunk.lanes; ++l) b[l] = b[8 + l] = (l / n) * m;
+    for (int l = 0; l < 16; ++l) {
+      const int in_slot = l % chunk.slot;
+      b[l] = in_slot < chunk.lanes ? (in_slot / n) * m : 0;
+    }
     base = _mm512_load_si512(b);
     // Enough tasks to balance the workers; whole register blocks each.
     rows_per_task =
@@ -180,33 +221,41 @@ struct RowDot {
     }
   }
 
+  // Register blocks: kVecs vectors of rows x up to kTb tokens (2 x 8 for
+  // several tokens: 16 accumulators, 8 tables, measured fastest of 1x16,
+  // 2x6, 2x8, 3x6, 4x4 at T=16; 8 x 1 for one token).
   void Run(int64_t task, int /*worker*/) const {
     const int64_t j0 = task * rows_per_task, j1 = Min(N, j0 + rows_per_task);
-    if (T == 1) return Rows<8, 1>(j0, j1);
-    Rows<2, 8>(j0, j1);
+    if (chunk.slot == 8) {
+      if (T == 1) return Rows<2, 8, 1>(j0, j1);
+      return Rows<2, 2, 8>(j0, j1);
+    }
+    if (T == 1) return Rows<4, 8, 1>(j0, j1);
+    Rows<4, 2, 8>(j0, j1);
   }
 
-  // Register blocks of kPairs row pairs x up to kTb tokens (left-over rows go
-  // a pair at a time, an odd last row paired with nothing); each block's
-  // token count gets its own fully unrolled kernel.
-  template <int kPairs, int kTb>
+  // Left-over rows go one vector at a time, its missing rows masked off; each
+  // block's token count gets its own fully unrolled kernel.
+  template <int kRows, int kVecs, int kTb>
   void Rows(int64_t j0, int64_t j1) const {
     for (int64_t t0 = 0; t0 < T; t0 += kTb) {
       const int tb = static_cast<int>(Min(kTb, T - t0));
       DispatchVecs<kTb>(tb, [&](auto toks) {
         constexpr int kT = decltype(toks)::value;
+        constexpr int64_t kBlockRows = int64_t{kRows} * kVecs;
         int64_t j = j0;
-        for (; j + 2 * kPairs <= j1; j += 2 * kPairs) {
-          Block<kPairs, kT>(j, 2 * kPairs, t0);
+        for (; j + kBlockRows <= j1; j += kBlockRows) {
+          Block<kRows, kVecs, kT>(j, kBlockRows, t0);
         }
-        for (; j < j1; j += 2) Block<1, kT>(j, Min(2, j1 - j), t0);
+        for (; j < j1; j += kRows) Block<kRows, 1, kT>(j, Min(kRows, j1 - j), t0);
       });
     }
   }
 
-  // Rows j .. j + rows - 1 (rows <= 2 * kPairs) x tokens t0 .. t0 + kTb - 1.
-  template <int kPairs, int kTb>
+  // Rows j .. j + rows - 1 (rows <= kRows * kVecs) x tokens t0 .. t0 + kTb - 1.
+  template <int kRows, int kVecs, int kTb>
   void Block(int64_t j, int64_t rows, int64_t t0) const {
+    using RV = RowVec<kRows>;
     // Locals: the compiler then keeps every accumulator in a register.
     const int64_t kc = Kc, stride = x_stride, span = chunk.span;
     const int64_t lanes = chunk.lanes, num_chunks = chunks;
@@ -215,19 +264,16 @@ struct RowDot {
     const S* const vs = values + j * kc;
     const __m512i limit = _mm512_set1_epi32(m), lane_base = base;
     const __mmask16 one = static_cast<__mmask16>((1u << lanes) - 1);
-    const __mmask16 both = static_cast<__mmask16>(one | (one << 8));
-    __m512 acc[kPairs][kTb];
+    const bool whole_rows = rows == int64_t{kRows} * kVecs;
+    __m512 acc[kVecs][kTb];
 #pragma GCC unroll 16
-    for (int r = 0; r < kPairs; ++r)
+    for (int v = 0; v < kVecs; ++v)
 #pragma GCC unroll 16
-      for (int t = 0; t < kTb; ++t) acc[r][t] = _mm512_setzero_ps();
+      for (int t = 0; t < kTb; ++t) acc[v][t] = _mm512_setzero_ps();
 
-    // One chunk of every pair. `live`: the lanes holding entries (all but the
-    // row's end and a missing row b). kPlain: every lane is live, so the
-    // loads need no masks (8 lanes per row; a masked load pair measured
-    // slower than a plain load and an insert).
-    auto step = [&](int64_t c, __mmask16 live_all, __mmask16 live_last,
-                    auto plain) {
+    // One chunk of every row of the block. kPlain: every lane is live (whole
+    // slots, whole rows, inside the rows' entries): no load masks.
+    auto step = [&](int64_t c, __mmask16 row_live, auto plain) {
       constexpr bool kPlain = decltype(plain)::value;
       const int64_t e0 = c * lanes;
       __m512 table[kTb];
@@ -235,73 +281,67 @@ struct RowDot {
       for (int t = 0; t < kTb; ++t)
         table[t] = _mm512_loadu_ps(x0 + t * stride + c * span);
 #pragma GCC unroll 16
-      for (int r = 0; r < kPairs; ++r) {
-        const int64_t a = 2 * r * kc + e0, b = a + kc;
+      for (int v = 0; v < kVecs; ++v) {
+        const int64_t at = int64_t{v} * kRows * kc + e0;
         // The weight rows stream from memory while the permutes keep the
         // core busy: fetch them kRowDotAhead chunks early, every other chunk
         // (two chunks of a row are <= 64 bytes of values).
         if ((c & 1) == 0) {
-          const int64_t ahead = kRowDotAhead * lanes;
-          _mm_prefetch(reinterpret_cast<const char*>(vs + a + ahead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vs + b + ahead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(ix + a + ahead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(ix + b + ahead), _MM_HINT_T0);
+          const int64_t ahead = at + kRowDotAhead * lanes;
+#pragma GCC unroll 16
+          for (int q = 0; q < kRows; ++q) {
+            _mm_prefetch(reinterpret_cast<const char*>(vs + ahead + q * kc), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(ix + ahead + q * kc), _MM_HINT_T0);
+          }
         }
-        const __mmask16 live = r == kPairs - 1 ? live_last : live_all;
-        __m512i i32;
-        if constexpr (kPlain) {
-          i32 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ix + a)),
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ix + b))));
-        } else {
-          i32 = LoadPairIndices(ix + a, ix + b, live);
-        }
+        const __mmask16 live = RV::Live(row_live, rows - int64_t{v} * kRows);
+        const __m512i i32 =
+            kPlain ? RV::IndicesWhole(ix + at, kc) : RV::Indices(ix + at, kc, live);
         // An index >= m (garbage that reached the kernel under jit) would
         // name another group's input: its lane is dropped instead, and a
         // zeroing permute makes it add 0, not 0 * (an inf in x). Lanes past
-        // the row's end (and a missing row b) pick from the zero padding of
-        // x or are never summed.
+        // a row's end, unused slot lanes and missing rows are zero in w and
+        // pick from inside the table (finite unless x holds an inf there);
+        // they are dropped the same way.
         const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, limit);
         const __m512i pos = _mm512_add_epi32(lane_base, i32);
         if (kPlain && __builtin_expect(keep == 0xffff, 1)) {
-          const __m512 w = LoadPairPlain<D>(vs + a, vs + b);
+          const __m512 w = RV::template ValuesWhole<D>(vs + at, kc);
 #pragma GCC unroll 16
           for (int t = 0; t < kTb; ++t)
-            acc[r][t] = _mm512_fmadd_ps(
-                w, _mm512_permutexvar_ps(pos, table[t]), acc[r][t]);
+            acc[v][t] = _mm512_fmadd_ps(
+                w, _mm512_permutexvar_ps(pos, table[t]), acc[v][t]);
         } else {
           // Zeroing permutes measured 0.84x the rate of plain ones.
-          const __m512 w = LoadPair<D>(vs + a, vs + b, keep);
+          const __m512 w = RV::template Values<D>(vs + at, kc, keep);
 #pragma GCC unroll 16
           for (int t = 0; t < kTb; ++t)
-            acc[r][t] = _mm512_fmadd_ps(
-                w, _mm512_maskz_permutexvar_ps(keep, pos, table[t]), acc[r][t]);
+            acc[v][t] = _mm512_fmadd_ps(
+                w, _mm512_maskz_permutexvar_ps(keep, pos, table[t]), acc[v][t]);
         }
       }
     };
 
-    const bool odd = rows < 2 * kPairs;  // The last pair has no row b.
-    const __mmask16 last = odd ? static_cast<__mmask16>(both & 0xff) : both;
     // Chunks whose entries are all inside the rows.
     const int64_t whole = Min(num_chunks, kc / lanes);
     int64_t c = 0;
-    if (lanes == 8 && !odd) {
-      for (; c < whole; ++c) step(c, both, both, std::true_type{});
+    if (lanes == RV::kSlot && whole_rows) {
+      for (; c < whole; ++c) step(c, one, std::true_type{});
     } else {
-      for (; c < whole; ++c) step(c, both, last, std::false_type{});
+      for (; c < whole; ++c) step(c, one, std::false_type{});
     }
     for (; c < num_chunks; ++c) {  // The end of the rows.
-      const __mmask16 end = static_cast<__mmask16>((1u << (kc - c * lanes)) - 1);
-      const __mmask16 end2 = static_cast<__mmask16>(end | (end << 8));
-      step(c, end2, odd ? end : end2, std::false_type{});
+      step(c, static_cast<__mmask16>((1u << (kc - c * lanes)) - 1), std::false_type{});
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < kPairs; ++r) {
+    for (int v = 0; v < kVecs; ++v) {
 #pragma GCC unroll 16
       for (int t = 0; t < kTb; ++t) {
-        S* out = y + (t0 + t) * N + j + 2 * r;
-        out[0] = D::FromF32(SumLow8(acc[r][t]));
-        if (2 * r + 1 < rows) out[1] = D::FromF32(SumHigh8(acc[r][t]));
+        S* out = y + (t0 + t) * N + j + int64_t{v} * kRows;
+#pragma GCC unroll 16
+        for (int q = 0; q < kRows; ++q) {
+          if (int64_t{v} * kRows + q < rows) out[q] = D::FromF32(RV::Sum(acc[v][t], q));
+        }
       }
     }
   }
