@@ -41,6 +41,7 @@ struct Traits {
     v[3] = _mm512_permute_ps(q, 0xff);
   }
   static void Broadcast4(const float* p, V* v) { Spread(_mm_loadu_ps(p), v); }
+  static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
 

@@ -38,6 +38,11 @@ struct Traits {
     for (int e = 0; e < 4; ++e)
       for (float& f : v[e].v) f = p[e];
   }
+  static V Broadcast(const float* p) {
+    V r;
+    for (float& f : r.v) f = *p;
+    return r;
+  }
   static V Fma(const V& a, const V& b, const V& c) {
     V r;
     for (int l = 0; l < kWidth; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
