@@ -35,7 +35,10 @@ namespace avx512 {
 
 // Up to this many tokens the row-vectorised kernel beats the token-vectorised
 // one (measured with benchmarks/bench_nm.py; see docs/cpu_speed_notes.md).
-constexpr int64_t kRowDotMaxTokens = 16;
+#ifndef RD_MAXT
+#define RD_MAXT 32
+#endif
+constexpr int64_t kRowDotMaxTokens = RD_MAXT;
 // Whole groups must fit in the 8 lanes of a row.
 constexpr int32_t kRowDotMaxN = 8;
 // Chunks of weight entries fetched ahead of use. Measured at T=4, 4096x4096

@@ -47,17 +47,20 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("avx512", "float32"): ((1.0, _ALWAYS),),
     # XLA's f16 dot has no fast CPU path: the kernels (f32 arithmetic) win everywhere.
     ("avx512", "float16"): ((1.0, _ALWAYS),),
-    # XLA's bf16 dot runs at ~2x its f32 rate (AVX512-BF16); our kernels widen to f32.
-    ("avx512", "bfloat16"): ((0.25, _ALWAYS), (0.5, 64), (1.0, 16)),
+    # XLA's bf16 dot runs at ~2x its f32 rate (AVX512-BF16); our kernels widen to f32, so at
+    # density 1/2 they lose from ~32 tokens on. But the dense path first materializes the dense
+    # weight (~30 ms for 4096x4096 on the measured VM, mostly page faults of the fresh buffer),
+    # so it only pays off once the dot itself is long: from 1024 tokens.
+    ("avx512", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
     # AVX2 machines: the kernels win while the weight stream dominates (few tokens), and at
     # densities <= 1/4.
-    ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 16)),
+    ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 1023)),
     ("avx2", "float16"): ((1.0, _ALWAYS),),
-    ("avx2", "bfloat16"): ((0.25, 64), (1.0, 16)),
-    # The portable path is a scalar fallback: dense beyond a matrix-vector product.
-    ("portable", "float32"): ((1.0, 1),),
-    ("portable", "float16"): ((1.0, 1),),
-    ("portable", "bfloat16"): ((1.0, 1),),
+    ("avx2", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
+    # The portable path is a scalar fallback: dense once the dot amortizes the decompression.
+    ("portable", "float32"): ((1.0, 255),),
+    ("portable", "float16"): ((1.0, 255),),
+    ("portable", "bfloat16"): ((1.0, 255),),
 }
 
 _state = threading.local()
