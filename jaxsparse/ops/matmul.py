@@ -70,8 +70,18 @@ def _nm_matmul(x, w: NMSparse, path: str):
     if path == "auto":
         path = choose_path(_tokens(x, w), x.dtype, w.density)
     if path == "dense":
-        return jnp.matmul(x, w.todense())
+        return _nm_dense_path(x, w)
     return _nm_spmm_any_rank(x, w)
+
+
+def _nm_dense_path(x, w: NMSparse):
+    """Decompress, then XLA's dot. The dot contracts the `[out, in]` rows as they come out of
+    the decompression: transposing them to `[in, out]` first measured 2-5x slower in total
+    (the transpose, and XLA fusing it into the dot's operand)."""
+    rows = w.dense_rows()[..., : w.in_features]
+    if not w.batch_shape:
+        return jnp.einsum("...k,nk->...n", x, rows)
+    return jnp.matmul(x, jnp.swapaxes(rows, -1, -2))
 
 
 def _nm_spmm_any_rank(x, w: NMSparse):
