@@ -420,6 +420,21 @@ inline void FillGroupBase(uint16_t* base, int64_t count, int32_t n, int32_t m) {
 
 // ------------------------------------------------------------------ spmm
 
+// The sizes every op derives from its problem: T tokens, K inputs, N outputs,
+// G = ceil(K / m) groups and Kc = G * n kept entries per output row.
+struct Dims {
+  int64_t T, K, N, G, Kc;
+  int32_t n, m;
+  explicit Dims(const NmProblem& p)
+      : T(p.tokens),
+        K(p.k),
+        N(p.n_out),
+        G(CeilDiv(p.k, p.m)),
+        Kc(G * p.n),
+        n(p.n),
+        m(p.m) {}
+};
+
 // One quad of entries (rows q, values v) into kVecs token vectors of partial
 // sums: per entry, kVecs FMAs whose x operand comes straight from the L1 block.
 template <class Tr, int kVecs>
@@ -481,7 +496,7 @@ void SpmmMicro(const float* blk, const QuadRows& quad, const uint8_t* idx,
 // (rows x tile width) live in a per-worker buffer across the K blocks; each K
 // block of the packed x is reused from L1 by every row of the task.
 template <class Tr, class D>
-struct Spmm {
+struct Spmm : Dims {
   using S = typename D::Storage;
 
   struct Worker {
@@ -491,8 +506,6 @@ struct Spmm {
 
   const NmProblem& p;
   const NmRuntime& rt;
-  int64_t T, K, N, G, Kc;
-  int32_t n, m;
   TokenTiles<Tr> tiles;
   Chunking chunking;
   int64_t rows_per_task = 0, row_tasks = 0;
@@ -505,15 +518,9 @@ struct Spmm {
   int64_t first_tile = 0;
 
   Spmm(const NmProblem& prob, const NmRuntime& runtime)
-      : p(prob),
+      : Dims(prob),
+        p(prob),
         rt(runtime),
-        T(prob.tokens),
-        K(prob.k),
-        N(prob.n_out),
-        G(CeilDiv(prob.k, prob.m)),
-        Kc(G * prob.n),
-        n(prob.n),
-        m(prob.m),
         tiles(prob.tokens),
         chunking(MaxTileFloats<Tr>(
                      [&](int64_t w) { return Blocks(w, G, m).PackedRows(); }),
@@ -728,7 +735,7 @@ constexpr int64_t kSpmmTGatherMinTiles = 2;
 constexpr int64_t kSpmmTRowsPerTask = 128;
 
 template <class Tr, class D>
-struct SpmmT {
+struct SpmmT : Dims {
   using S = typename D::Storage;
 
   struct Worker {
@@ -747,8 +754,6 @@ struct SpmmT {
 
   const NmProblem& p;
   const NmRuntime& rt;
-  int64_t T, K, N, G, Kc;
-  int32_t n, m;
   TokenTiles<Tr> tiles;
   Chunking chunking;
   bool gather;
@@ -766,15 +771,9 @@ struct SpmmT {
   Blocks blocks{1, 0, 1};
 
   SpmmT(const NmProblem& prob, const NmRuntime& runtime)
-      : p(prob),
+      : Dims(prob),
+        p(prob),
         rt(runtime),
-        T(prob.tokens),
-        K(prob.k),
-        N(prob.n_out),
-        G(CeilDiv(prob.k, prob.m)),
-        Kc(G * prob.n),
-        n(prob.n),
-        m(prob.m),
         tiles(prob.tokens),
         chunking(MaxTileFloats<Tr>([&](int64_t) { return N; }), tiles.count),
         gather(tiles.count >= kSpmmTGatherMinTiles) {
@@ -997,7 +996,7 @@ template <class Tr, int kVecs>
 // Sums accumulate in f32: in the output itself for f32, else in a per-worker
 // buffer, or in a call-wide one when T needs several chunks.
 template <class Tr, class D>
-struct Sddmm {
+struct Sddmm : Dims {
   using S = typename D::Storage;
 
   struct Worker {
@@ -1007,8 +1006,6 @@ struct Sddmm {
 
   const NmProblem& p;
   const NmRuntime& rt;
-  int64_t T, K, N, G, Kc;
-  int32_t n, m;
   TokenTiles<Tr> tiles;
   Chunking chunking;
   int64_t rows_per_task, row_tasks;
@@ -1022,15 +1019,9 @@ struct Sddmm {
   int64_t chunk = 0;
 
   Sddmm(const NmProblem& prob, const NmRuntime& runtime)
-      : p(prob),
+      : Dims(prob),
+        p(prob),
         rt(runtime),
-        T(prob.tokens),
-        K(prob.k),
-        N(prob.n_out),
-        G(CeilDiv(prob.k, prob.m)),
-        Kc(G * prob.n),
-        n(prob.n),
-        m(prob.m),
         tiles(prob.tokens),
         // A tile's slot holds the N rows of dy, then the blocks of x.
         chunking(MaxTileFloats<Tr>([&](int64_t w) {

@@ -34,11 +34,8 @@ namespace cpu {
 namespace avx512 {
 
 // Up to this many tokens the row-vectorised kernel beats the token-vectorised
-// one (measured with benchmarks/bench_nm.py; see docs/cpu_speed_notes.md).
-#ifndef RD_MAXT
-#define RD_MAXT 32
-#endif
-constexpr int64_t kRowDotMaxTokens = RD_MAXT;
+// one (measured for 2:4, 1:4 and 4:8 at 16-64 tokens; docs/cpu_speed_notes.md).
+constexpr int64_t kRowDotMaxTokens = 32;
 // Whole groups must fit in the 8 lanes of a row.
 constexpr int32_t kRowDotMaxN = 8;
 // Chunks of weight entries fetched ahead of use. Measured at T=4, 4096x4096
@@ -152,13 +149,12 @@ struct RowVec {
 };
 
 template <class D>
-struct RowDot {
+struct RowDot : Dims {
   using S = typename D::Storage;
 
   const NmProblem& p;
   const NmRuntime& rt;
-  int64_t T, K, N, G, Kc, chunks, x_stride;
-  int32_t n, m;
+  int64_t chunks, x_stride;
   RowDotChunk chunk;
   __m512i base;  // Lane -> its group's first input inside the chunk.
   int64_t rows_per_task, row_tasks;
@@ -173,15 +169,9 @@ struct RowDot {
   }
 
   RowDot(const NmProblem& prob, const NmRuntime& runtime)
-      : p(prob),
+      : Dims(prob),
+        p(prob),
         rt(runtime),
-        T(prob.tokens),
-        K(prob.k),
-        N(prob.n_out),
-        G(CeilDiv(prob.k, prob.m)),
-        Kc(G * prob.n),
-        n(prob.n),
-        m(prob.m),
         chunk(prob.n, prob.m) {
     chunks = CeilDiv(G, chunk.groups);
     // The last chunk's table reaches 16 floats past its start.

@@ -118,6 +118,11 @@ def choose_path(tokens: int, dtype, density: float, *, platform: str | None = No
     Returns:
         "sparse" or "dense".
     """
+    where = "jaxsparse.choose_path"
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
+        raise ValueError(f"{where}: tokens must be an int >= 0; got {tokens!r}")
+    if not isinstance(density, (int, float, np.floating)) or not 0 < density <= 1:
+        raise ValueError(f"{where}: density must be a number in (0, 1]; got {density!r}")
     platform = platform or jax.default_backend()
     if platform != "cpu" or not _ffi.has_cpu_kernels():
         return "sparse"

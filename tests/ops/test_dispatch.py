@@ -50,6 +50,17 @@ def test_rule_off_the_cpu_is_the_kernel():
     assert jsp.choose_path(4096, jnp.bfloat16, 0.5, platform="gpu") == "sparse"
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tokens=-1, dtype="float32", density=0.5), r"tokens must be an int >= 0; got -1"),
+    (dict(tokens=2.5, dtype="float32", density=0.5), r"tokens must be an int >= 0; got 2.5"),
+    (dict(tokens=4, dtype="float32", density=0.0), r"density must be a number in \(0, 1\]; got 0.0"),
+    (dict(tokens=4, dtype="float32", density="half"), r"density must be a number in \(0, 1\]"),
+])
+def test_rule_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jsp.choose_path(**kwargs)
+
+
 def test_every_table_row_is_well_formed():
     for key, table in dispatch.SPARSE_MAX_TOKENS.items():
         bounds = [b for b, _ in table]
