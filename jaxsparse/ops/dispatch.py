@@ -2,8 +2,9 @@
 
 A sparse kernel reads fewer bytes and does fewer FMAs, but XLA's dense dot runs its FMAs closer to
 the machine's peak (and, for bf16, on AVX512-BF16/AMX dot instructions our f32-accumulating CPU
-kernels do not use). So where the kernel cannot win, jaxsparse multiplies densely instead, and
-`x @ ws` is never much slower than the dense product. The choice is made at trace time from static
+kernels do not use). Where the measured crossovers say the dense path wins, jaxsparse multiplies
+densely instead (it does not yet win everywhere: docs/cpu_speed_notes.md lists the shapes where
+neither path reaches the dense dot). The choice is made at trace time from static
 facts only: the platform, the CPU kernels' instruction set, the dtype, the density n/m and the
 number of tokens (the product of x's leading dims).
 
@@ -11,10 +12,9 @@ The rule, `choose_path`:
 
 - Off the CPU, or without the CPU extension: "sparse" (the CUDA kernels, or the reference with its
   fallback warning).
-- On the CPU, per (instruction set, dtype), a table of measured crossovers (`SPARSE_MAX_TOKENS`):
-  for densities up to 1/4, up to 1/2, and above, the most tokens at which the sparse kernel was
-  still at least as fast as XLA's dense dot (benchmarks/bench_nm.py, docs/cpu_speed_notes.md).
-  Beyond it, "dense".
+- On the CPU, per (instruction set, dtype), a table of crossovers (`SPARSE_MAX_TOKENS`): for
+  density bands, the most tokens at which the sparse kernel beat the dense path
+  (benchmarks/bench_nm.py, docs/cpu_speed_notes.md). Beyond it, "dense".
 
 A user forces either path per call (`jsp.matmul(x, ws, path="dense")`) or for a region of code,
 including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Both paths compute the same
@@ -52,8 +52,8 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     # weight (~30 ms for 4096x4096 on the measured VM, mostly page faults of the fresh buffer),
     # so it only pays off once the dot itself is long: from 1024 tokens.
     ("avx512", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
-    # AVX2 machines: the kernels win while the weight stream dominates (few tokens), and at
-    # densities <= 1/4.
+    # AVX2 and portable rows are estimates, not measurements: XLA on the measured machine always
+    # ran its AVX-512 dot. They keep the kernel where its byte and FMA savings are largest.
     ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 1023)),
     ("avx2", "float16"): ((1.0, _ALWAYS),),
     ("avx2", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
