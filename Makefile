@@ -16,8 +16,10 @@ $(VENV)/.installed: $(SOURCES)
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/digits.py
 
+# The second run puts the op tests onto the CUDA kernels, executed by the SIMT emulator.
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -n 2 --doctest-modules jaxsparse tests
+	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 tests/ops tests/test_ffi.py
 
 clean:
 	rm -rf build .venv .venv312

@@ -24,6 +24,7 @@ nb::dict Registrations() {
   targets["jaxsparse_nm_spmm"] = EncapsulateHandler(JaxsparseCudaNmSpmm);
   targets["jaxsparse_nm_spmm_t"] = EncapsulateHandler(JaxsparseCudaNmSpmmT);
   targets["jaxsparse_nm_sddmm"] = EncapsulateHandler(JaxsparseCudaNmSddmm);
+  targets["jaxsparse_nm_spmm_sp24"] = EncapsulateHandler(JaxsparseCudaNmSpmmSp24);
   return targets;
 }
 

@@ -12,17 +12,17 @@
 // 32 for full occupancy makes ptxas spill), not by the block size, and the
 // last wave stays short.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "cuda/nm_math.cuh"
 #include "cuda/nm_ops.h"
+#include "cuda/nm_sp24.cuh"
+#include "cuda/nm_tc_backward.cuh"
+#include "cuda/simt.cuh"
 
 // As in nm_ops.h: only the XLA header's own -Wreturn-type, only here.
 #pragma GCC diagnostic push
@@ -46,6 +46,7 @@ namespace {
 constexpr char kSpmm[] = "jaxsparse_nm_spmm";
 constexpr char kSpmmT[] = "jaxsparse_nm_spmm_t";
 constexpr char kSddmm[] = "jaxsparse_nm_sddmm";
+constexpr char kSpmmSp24[] = "jaxsparse_nm_spmm_sp24";
 
 // ------------------------------------------------------------------ kernels
 
@@ -79,8 +80,8 @@ __device__ __forceinline__ void ForEachPoint(int64_t batch, int64_t outer,
 // streams its own weight row through L1, shared with the block's 3 other
 // warps (same j, other t). A thread's f32 sum is the reference's order.
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    NmSpmmKernel(const __grid_constant__ nm::SpmmArgs<T> a) {
+__global__ void JAXSPARSE_LAUNCH_BOUNDS(kBlockThreads)
+    NmSpmmKernel(const JAXSPARSE_GRID_CONSTANT nm::SpmmArgs<T> a) {
   ForEachPoint(
       a.d.batch, a.d.tokens, a.d.out,
       [&](int64_t b, int64_t t, int64_t j) { nm::SpmmElement(a, b, t, j); });
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // reads 32 consecutive groups (32 * n contiguous values and indices) and one
 // broadcast dy[b, t, j]. Gathering per group needs no atomics.
 template <int kSlots, typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    NmSpmmTKernel(const __grid_constant__ nm::SpmmTArgs<T> a) {
+__global__ void JAXSPARSE_LAUNCH_BOUNDS(kBlockThreads)
+    NmSpmmTKernel(const JAXSPARSE_GRID_CONSTANT nm::SpmmTArgs<T> a) {
   ForEachPoint(a.d.batch, a.d.tokens, a.d.groups,
                [&](int64_t b, int64_t t, int64_t g) {
                  nm::SpmmTGroup<kSlots>(a, b, t, g);
@@ -103,8 +104,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // 32 * m / n wide window of an x row, shared with the block's other warps
 // (same c, other j).
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    NmSddmmKernel(const __grid_constant__ nm::SddmmArgs<T> a) {
+__global__ void JAXSPARSE_LAUNCH_BOUNDS(kBlockThreads)
+    NmSddmmKernel(const JAXSPARSE_GRID_CONSTANT nm::SddmmArgs<T> a) {
   ForEachPoint(
       a.d.batch, a.d.out, a.d.kept,
       [&](int64_t b, int64_t j, int64_t c) { nm::SddmmElement(a, b, j, c); });
@@ -127,48 +128,46 @@ constexpr dim3 kBlock(kWarpLanes, kWarpsPerBlock);
 // Reports a failed launch. cudaGetLastError may also return an error left by
 // an earlier asynchronous launch on this device.
 ffi::Error LaunchStatus(const char* target) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) +
-                              ": CUDA error: " + cudaGetErrorString(err));
+  const std::string err = simt::LastLaunchError();
+  if (err.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) + ": CUDA error: " + err);
 }
 
-ffi::Error FillZeros(const char* target, cudaStream_t stream,
+ffi::Error FillZeros(const char* target, simt::Stream stream,
                      ffi::AnyBuffer out) {
   // All-zero bytes are +0 in f32, bf16 and f16.
-  const cudaError_t err =
-      cudaMemsetAsync(out.untyped_data(), 0, out.size_bytes(), stream);
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) +
-                              ": cudaMemsetAsync: " + cudaGetErrorString(err));
+  const std::string err =
+      simt::MemsetAsync(out.untyped_data(), out.size_bytes(), stream);
+  if (err.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) + ": cudaMemsetAsync: " + err);
 }
 
 template <typename T>
-ffi::Error Launch(cudaStream_t stream, const nm::SpmmArgs<T>& a) {
-  NmSpmmKernel<T>
-      <<<GridFor(a.d.batch, a.d.tokens, a.d.out), kBlock, 0, stream>>>(a);
+ffi::Error Launch(simt::Stream stream, const nm::SpmmArgs<T>& a) {
+  simt::Launch(kSpmm, &NmSpmmKernel<T>, GridFor(a.d.batch, a.d.tokens, a.d.out),
+               kBlock, 0, stream, a);
   return LaunchStatus(kSpmm);
 }
 
 // kSlots is the smallest of 4, 8, 16 holding m: 2:4 and 4:8 keep 4 or 8
 // accumulators, not 16, and unroll to a quarter or half of the compares.
 template <typename T>
-ffi::Error Launch(cudaStream_t stream, const nm::SpmmTArgs<T>& a) {
+ffi::Error Launch(simt::Stream stream, const nm::SpmmTArgs<T>& a) {
   const dim3 grid = GridFor(a.d.batch, a.d.tokens, a.d.groups);
   if (a.d.m <= 4) {
-    NmSpmmTKernel<4, T><<<grid, kBlock, 0, stream>>>(a);
+    simt::Launch(kSpmmT, &NmSpmmTKernel<4, T>, grid, kBlock, 0, stream, a);
   } else if (a.d.m <= 8) {
-    NmSpmmTKernel<8, T><<<grid, kBlock, 0, stream>>>(a);
+    simt::Launch(kSpmmT, &NmSpmmTKernel<8, T>, grid, kBlock, 0, stream, a);
   } else {
-    NmSpmmTKernel<nm::kMaxM, T><<<grid, kBlock, 0, stream>>>(a);
+    simt::Launch(kSpmmT, &NmSpmmTKernel<nm::kMaxM, T>, grid, kBlock, 0, stream, a);
   }
   return LaunchStatus(kSpmmT);
 }
 
 template <typename T>
-ffi::Error Launch(cudaStream_t stream, const nm::SddmmArgs<T>& a) {
-  NmSddmmKernel<T>
-      <<<GridFor(a.d.batch, a.d.out, a.d.kept), kBlock, 0, stream>>>(a);
+ffi::Error Launch(simt::Stream stream, const nm::SddmmArgs<T>& a) {
+  simt::Launch(kSddmm, &NmSddmmKernel<T>, GridFor(a.d.batch, a.d.out, a.d.kept),
+               kBlock, 0, stream, a);
   return LaunchStatus(kSddmm);
 }
 
@@ -326,9 +325,9 @@ ffi::Error DispatchFloat(const char* target, ffi::DataType dtype, Fn&& fn) {
     case ffi::DataType::F32:
       return fn(TypeTag<float>{});
     case ffi::DataType::BF16:
-      return fn(TypeTag<__nv_bfloat16>{});
+      return fn(TypeTag<simt::Bf16>{});
     case ffi::DataType::F16:
-      return fn(TypeTag<__half>{});
+      return fn(TypeTag<simt::Half>{});
     default:
       return Invalid(target, "unsupported dtype " + DTypeName(dtype));
   }
@@ -344,7 +343,69 @@ T* MutableData(const Array3& array) {
   return static_cast<T*>(array.buffer.untyped_data());
 }
 
-ffi::Error NmSpmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
+bool IsHalfPrecision(ffi::DataType dtype) {
+  return dtype == ffi::DataType::BF16 || dtype == ffi::DataType::F16;
+}
+
+template <typename T>
+tc::Args<T> TcArgs(const uint16_t* dense_a, const uint16_t* dy, const T* values,
+                   const Array3& indices, T* out, int64_t a_stride, int64_t dy_stride,
+                   int64_t values_batch, const nm::Dims& d) {
+  return tc::Args<T>{dense_a,
+                     dy,
+                     values,
+                     Data<uint8_t>(indices),
+                     out,
+                     a_stride,
+                     dy_stride,
+                     values_batch == 1 ? 0 : d.out * d.kept,
+                     indices.batch == 1 ? 0 : d.out * d.kept,
+                     d.batch,
+                     d.tokens,
+                     d.in,
+                     d.out,
+                     d.groups,
+                     d.kept,
+                     d.n,
+                     d.m};
+}
+
+// Launches the tensor-core backward kernel of `target`: spmm_t over (K, T)
+// tiles of dx, sddmm over (N, K) tiles of the Gram matrix.
+template <typename T, simt::MmaType kType>
+ffi::Error LaunchTensorCore(const char* target, simt::Stream stream, const tc::Args<T>& a) {
+  const bool spmm_t = target == kSpmmT;
+  const int64_t rows = spmm_t ? a.in : a.out_features, cols = spmm_t ? a.tokens : a.in;
+  const int64_t grid_y = (cols + tc::kTile - 1) / tc::kTile;
+  if (grid_y > kMaxGridYZ) {
+    return Invalid(target, "a dimension of " + std::to_string(cols) + " exceeds one launch");
+  }
+  const dim3 grid(static_cast<unsigned>((rows + tc::kTile - 1) / tc::kTile),
+                  static_cast<unsigned>(grid_y),
+                  static_cast<unsigned>(std::min<int64_t>(a.batch, kMaxGridYZ)));
+  if (spmm_t) {
+    simt::Launch(target, &tc::SpmmTTcKernel<T, kType>, grid, dim3(tc::kThreads), tc::kSpmmTSmem,
+                 stream, a);
+  } else {
+    simt::Launch(target, &tc::SddmmTcKernel<T, kType>, grid, dim3(tc::kThreads), tc::kSddmmSmem,
+                 stream, a);
+  }
+  return LaunchStatus(target);
+}
+
+// Calls launch(out) with the result as simt::Bf16* or simt::Half*, and the
+// matching MMA type as a template argument of LaunchTensorCore.
+template <typename Fn>
+ffi::Error DispatchHalf(const Array3& result, Fn&& launch) {
+  if (result.buffer.element_type() == ffi::DataType::BF16) {
+    return launch(MutableData<simt::Bf16>(result),
+                  std::integral_constant<simt::MmaType, simt::MmaType::kBf16>{});
+  }
+  return launch(MutableData<simt::Half>(result),
+                std::integral_constant<simt::MmaType, simt::MmaType::kF16>{});
+}
+
+ffi::Error NmSpmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
                   ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
                   int32_t n, int32_t m, ffi::Result<ffi::AnyBuffer> y_buffer) {
   Array3 x{"x", x_buffer}, values{"values", values_buffer};
@@ -371,7 +432,7 @@ ffi::Error NmSpmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
   });
 }
 
-ffi::Error NmSpmmT(cudaStream_t stream, ffi::AnyBuffer dy_buffer,
+ffi::Error NmSpmmT(simt::Stream stream, ffi::AnyBuffer dy_buffer,
                    ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
                    int32_t n, int32_t m,
                    ffi::Result<ffi::AnyBuffer> dx_buffer) {
@@ -390,6 +451,17 @@ ffi::Error NmSpmmT(cudaStream_t stream, ffi::AnyBuffer dy_buffer,
   if (dx.buffer.element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(dx.batch, dx.rows, dx.cols, dy.cols, n, m);
   if (d.out == 0) return FillZeros(kSpmmT, stream, dx.buffer);  // N == 0
+  // 16-bit operands whose dy rows are whole 16-byte pieces run on the tensor
+  // cores; the rest on the CUDA-core kernel.
+  if (IsHalfPrecision(dy.buffer.element_type()) && d.out % 8 == 0) {
+    return DispatchHalf(dx, [&](auto* out, auto type) {
+      using T = std::remove_pointer_t<decltype(out)>;
+      return LaunchTensorCore<T, decltype(type)::value>(
+          kSpmmT, stream,
+          TcArgs(Data<uint16_t>(dy), nullptr, Data<T>(values), indices, out,
+                 dy.batch == 1 ? 0 : d.tokens * d.out, 0, values.batch, d));
+    });
+  }
   return DispatchFloat(kSpmmT, dy.buffer.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Launch(stream,
@@ -399,7 +471,7 @@ ffi::Error NmSpmmT(cudaStream_t stream, ffi::AnyBuffer dy_buffer,
   });
 }
 
-ffi::Error NmSddmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
+ffi::Error NmSddmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
                    ffi::AnyBuffer dy_buffer, ffi::AnyBuffer indices_buffer,
                    int32_t n, int32_t m,
                    ffi::Result<ffi::AnyBuffer> dv_buffer) {
@@ -418,6 +490,18 @@ ffi::Error NmSddmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
   if (dv.buffer.element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(dv.batch, x.rows, x.cols, dv.rows, n, m);
   if (d.tokens == 0) return FillZeros(kSddmm, stream, dv.buffer);  // T == 0
+  if (IsHalfPrecision(x.buffer.element_type()) && d.out % 8 == 0 && d.in % 8 == 0) {
+    // Entries outside every tile (positions >= K or >= m) are never written.
+    JAXSPARSE_RETURN_IF_ERROR(FillZeros(kSddmm, stream, dv.buffer));
+    return DispatchHalf(dv, [&](auto* out, auto type) {
+      using T = std::remove_pointer_t<decltype(out)>;
+      return LaunchTensorCore<T, decltype(type)::value>(
+          kSddmm, stream,
+          TcArgs(Data<uint16_t>(x), Data<uint16_t>(dy), static_cast<const T*>(nullptr), indices, out,
+                 x.batch == 1 ? 0 : d.tokens * d.in, dy.batch == 1 ? 0 : d.tokens * d.out, 1,
+                 d));
+    });
+  }
   return DispatchFloat(kSddmm, x.buffer.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Launch(stream,
@@ -427,40 +511,165 @@ ffi::Error NmSddmm(cudaStream_t stream, ffi::AnyBuffer x_buffer,
   });
 }
 
+
+// ------------------------------------------------------------------ 2:4 on sparse tensor cores
+
+template <typename T, simt::MmaType kType>
+ffi::Error LaunchSp24(simt::Stream stream, const sp24::Args<T>& a) {
+  const int64_t token_blocks = (a.tokens + sp24::kBlockTokens - 1) / sp24::kBlockTokens;
+  if (token_blocks > kMaxGridYZ) {
+    return Invalid(kSpmmSp24, "T = " + std::to_string(a.tokens) + " exceeds one launch's " +
+                                  std::to_string(kMaxGridYZ * sp24::kBlockTokens) + " tokens");
+  }
+  const dim3 grid(static_cast<unsigned>((a.out + sp24::kBlockRows - 1) / sp24::kBlockRows),
+                  static_cast<unsigned>(token_blocks),
+                  static_cast<unsigned>(std::min<int64_t>(a.batch, kMaxGridYZ)));
+  simt::Launch(kSpmmSp24, &sp24::SpmmSp24Kernel<T, kType>, grid, dim3(sp24::kThreads),
+               sp24::kSmemBytes, stream, a);
+  return LaunchStatus(kSpmmSp24);
+}
+
+// y = x @ W for 2:4 weights whose values and metadata pack_mma_sp_24 prepared.
+ffi::Error NmSpmmSp24(simt::Stream stream, ffi::AnyBuffer x_buffer,
+                      ffi::AnyBuffer values_buffer, ffi::AnyBuffer metadata_buffer,
+                      ffi::Result<ffi::AnyBuffer> y_buffer) {
+  const char* target = kSpmmSp24;
+  Array3 x{"x", x_buffer}, values{"values", values_buffer}, y{"y", *y_buffer};
+  for (Array3* array : {&x, &values, &y}) {
+    JAXSPARSE_RETURN_IF_ERROR(ReadShape(target, *array));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(CheckFloatDTypes(target, {&x, &values, &y}));
+  const ffi::DataType dtype = x.buffer.element_type();
+  if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
+    return Invalid(target, "x dtype must be bfloat16 or float16, got " + DTypeName(dtype));
+  }
+  const auto meta_dims = metadata_buffer.dimensions();
+  if (metadata_buffer.element_type() != ffi::DataType::U32 || meta_dims.size() != 4) {
+    return Invalid(target, "metadata must be a rank-4 uint32 array");
+  }
+  if (x.cols % 16 != 0) {
+    return Invalid(target, "K = x.shape[2] must be a multiple of 16, got " +
+                               std::to_string(x.cols));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "values.shape[2] (K/2)", x.cols / 2, "x.shape[2] / 2", values.cols));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "y.shape[1] (T)", x.rows, "x.shape[1]", y.rows));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "values.shape[1] (N)", y.cols, "y.shape[2]", values.rows));
+  const int64_t m_tiles = (y.cols + 15) / 16, k_tiles = (x.cols + 63) / 64;
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "metadata.shape[0]", values.batch, "values.shape[0]", meta_dims[0]));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "metadata.shape[1]", m_tiles, "ceil(N/16)", meta_dims[1]));
+  JAXSPARSE_RETURN_IF_ERROR(
+      ExpectDim(target, "metadata.shape[2]", k_tiles, "ceil(K/64)", meta_dims[2]));
+  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(target, "metadata.shape[3]", 32, "32", meta_dims[3]));
+  JAXSPARSE_RETURN_IF_ERROR(CheckBatches(target, {&x, &values}, y));
+
+  if (y.buffer.element_count() == 0) return ffi::Error::Success();
+  if (x.cols == 0) return FillZeros(target, stream, y.buffer);
+  auto args = [&](auto* out) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    return sp24::Args<T>{Data<uint16_t>(x),
+                         Data<uint16_t>(values),
+                         static_cast<const uint32_t*>(metadata_buffer.untyped_data()),
+                         out,
+                         x.batch == 1 ? 0 : x.rows * x.cols,
+                         values.batch == 1 ? 0 : values.rows * values.cols,
+                         values.batch == 1 ? 0 : m_tiles * k_tiles * 32,
+                         y.batch,
+                         y.rows,
+                         x.cols,
+                         y.cols,
+                         m_tiles,
+                         k_tiles};
+  };
+  if (dtype == ffi::DataType::BF16) {
+    return LaunchSp24<simt::Bf16, simt::MmaType::kBf16>(stream,
+                                                        args(MutableData<simt::Bf16>(y)));
+  }
+  return LaunchSp24<simt::Half, simt::MmaType::kF16>(stream, args(MutableData<simt::Half>(y)));
+}
+
 }  // namespace
 }  // namespace jaxsparse
 
+#if defined(__CUDACC__)
 // The handlers only enqueue a memset or one kernel on XLA's stream, so XLA may
 // capture them into CUDA graphs (command buffers).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmm, jaxsparse::NmSpmm,
+// Operands (three arrays), attributes n and m, one result (docs/ffi_abi.md).
+#define JAXSPARSE_CUDA_HANDLER(symbol, fn)                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                    \
+                                ffi::Ffi::Bind()                               \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()  \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Attr<int32_t>("n")                        \
+                                    .Attr<int32_t>("m")                        \
+                                    .Ret<ffi::AnyBuffer>(),                    \
+                                {ffi::Traits::kCmdBufferCompatible});
+JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSpmm, jaxsparse::NmSpmm)
+JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSpmmT, jaxsparse::NmSpmmT)
+JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSddmm, jaxsparse::NmSddmm)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmSp24, jaxsparse::NmSpmmSp24,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // values
-                                  .Arg<ffi::AnyBuffer>()  // indices
-                                  .Attr<int32_t>("n")
-                                  .Attr<int32_t>("m")
+                                  .Arg<ffi::AnyBuffer>()  // metadata
                                   .Ret<ffi::AnyBuffer>(),  // y
                               {ffi::Traits::kCmdBufferCompatible});
+#else
+// Emulated: the same handlers as CPU targets (no stream; the emulator runs
+// each launch to completion). An emulator error (emu::Error: a rule of the
+// ISA broken) becomes an Internal error naming the target.
+namespace jaxsparse {
+namespace {
+template <class Fn, class... A>
+ffi::Error Emulated(const char* target, Fn fn, A... args) {
+  try {
+    return fn(nullptr, args...);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(target) + " (emulated CUDA): " + e.what());
+  }
+}
+ffi::Error EmuSpmm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
+                   ffi::Result<ffi::AnyBuffer> r) {
+  return Emulated(kSpmm, NmSpmm, a, b, c, n, m, r);
+}
+ffi::Error EmuSpmmT(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
+                    ffi::Result<ffi::AnyBuffer> r) {
+  return Emulated(kSpmmT, NmSpmmT, a, b, c, n, m, r);
+}
+ffi::Error EmuSddmm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
+                    ffi::Result<ffi::AnyBuffer> r) {
+  return Emulated(kSddmm, NmSddmm, a, b, c, n, m, r);
+}
+ffi::Error EmuSpmmSp24(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c,
+                       ffi::Result<ffi::AnyBuffer> r) {
+  return Emulated(kSpmmSp24, NmSpmmSp24, a, b, c, r);
+}
+}  // namespace
+}  // namespace jaxsparse
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmT, jaxsparse::NmSpmmT,
+#define JAXSPARSE_EMU_HANDLER(symbol, fn)                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                \
+                                ffi::Ffi::Bind()           \
+                                    .Arg<ffi::AnyBuffer>() \
+                                    .Arg<ffi::AnyBuffer>() \
+                                    .Arg<ffi::AnyBuffer>() \
+                                    .Attr<int32_t>("n")    \
+                                    .Attr<int32_t>("m")    \
+                                    .Ret<ffi::AnyBuffer>());
+JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSpmm, jaxsparse::EmuSpmm)
+JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSpmmT, jaxsparse::EmuSpmmT)
+JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSddmm, jaxsparse::EmuSddmm)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseEmuNmSpmmSp24, jaxsparse::EmuSpmmSp24,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // values
-                                  .Arg<ffi::AnyBuffer>()  // indices
-                                  .Attr<int32_t>("n")
-                                  .Attr<int32_t>("m")
-                                  .Ret<ffi::AnyBuffer>(),  // dx
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSddmm, jaxsparse::NmSddmm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // indices
-                                  .Attr<int32_t>("n")
-                                  .Attr<int32_t>("m")
-                                  .Ret<ffi::AnyBuffer>(),  // dv
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Arg<ffi::AnyBuffer>()  // values
+                                  .Arg<ffi::AnyBuffer>()  // metadata
+                                  .Ret<ffi::AnyBuffer>());  // y
+#endif

@@ -1,5 +1,6 @@
 // The typed XLA FFI handlers of the CUDA targets (docs/ffi_abi.md):
-// jaxsparse_nm_spmm, jaxsparse_nm_spmm_t and jaxsparse_nm_sddmm.
+// jaxsparse_nm_spmm, jaxsparse_nm_spmm_t, jaxsparse_nm_sddmm and
+// jaxsparse_nm_spmm_sp24.
 //
 // Defined in nm_ops.cu, handed to Python by module.cc; this header stays free
 // of CUDA and nanobind so both compilers can read it.
@@ -16,5 +17,13 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseCudaNmSpmm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmT);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseCudaNmSddmm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmSp24);
+
+// The same handlers compiled as host C++ against the SIMT emulator
+// (cuda/emu), registered as CPU targets by the _cuda_emu module.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseEmuNmSpmm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseEmuNmSpmmT);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseEmuNmSddmm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxsparseEmuNmSpmmSp24);
 
 #endif  // JAXSPARSE_CUDA_NM_OPS_H_

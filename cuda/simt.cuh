@@ -13,9 +13,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #define JAXSPARSE_DEV __device__ __forceinline__
+#define JAXSPARSE_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+#define JAXSPARSE_GRID_CONSTANT __grid_constant__
 #else
 #include <cstring>
 
@@ -31,6 +37,17 @@
 #define gridDim (::jaxsparse::emu::GridDim())
 using dim3 = ::jaxsparse::emu::Dim3;
 #define JAXSPARSE_DEV inline
+#define JAXSPARSE_LAUNCH_BOUNDS(threads)
+#define JAXSPARSE_GRID_CONSTANT
+#endif
+
+// Only the device pass unrolls; a host compiler would warn on the pragma.
+#ifndef JAXSPARSE_UNROLL
+#if defined(__CUDA_ARCH__)
+#define JAXSPARSE_UNROLL _Pragma("unroll")
+#else
+#define JAXSPARSE_UNROLL
+#endif
 #endif
 
 namespace jaxsparse::simt {
@@ -73,6 +90,17 @@ JAXSPARSE_DEV Smem<T> DynamicSmem(size_t byte_offset) {
 #else
   return Smem<T>(reinterpret_cast<T*>(emu::SharedBase() + byte_offset));
 #endif
+}
+
+// Where 16-byte piece `piece` of tile row `row` is stored when rows hold
+// kPieces (4 or 8) pieces: XOR-swizzled so that the 8 row addresses of one
+// ldmatrix phase (same logical piece, 8 consecutive rows) fall in 8
+// distinct 16-byte bank groups of the 128-byte bank line. With 64-byte rows
+// (4 pieces) rows r and r + 2 would collide, with 128-byte rows all 8 would.
+template <int kPieces>
+JAXSPARSE_DEV int SwizzledPiece(int row, int piece) {
+  static_assert(kPieces == 4 || kPieces == 8, "rows of 64 or 128 bytes");
+  return piece ^ ((row / (8 / kPieces)) % kPieces);
 }
 
 #if defined(__CUDACC__)
@@ -291,6 +319,103 @@ JAXSPARSE_DEV void MmaSpM16n8k32(float (&d)[4], const uint32_t (&a)[4], const ui
                      a, b, c, metadata, kSelector, d);
 #endif
 }
+
+// ------------------------------------------------------------ host side
+
+#if defined(__CUDACC__)
+using Stream = cudaStream_t;
+using Bf16 = __nv_bfloat16;
+using Half = __half;
+
+// The error of the last launch ("" when none). cudaGetLastError may also
+// return an error left by an earlier asynchronous launch on this device.
+inline std::string LastLaunchError() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+inline std::string MemsetAsync(void* p, size_t bytes, Stream stream) {
+  const cudaError_t err = cudaMemsetAsync(p, 0, bytes, stream);
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+#else
+using Stream = void*;
+
+// Host stand-ins for the 16-bit float types: storage plus the conversions
+// the kernels use (static_cast to and from float, round to nearest even).
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  explicit Bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // Quiet NaN.
+    } else {
+      bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  explicit operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+};
+
+struct Half {
+  uint16_t bits;
+  Half() = default;
+  explicit Half(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    const uint32_t abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) {
+      bits = sign | 0x7e00u;  // NaN.
+    } else if (abs >= 0x477ff000u) {
+      bits = sign | 0x7c00u;  // Rounds past 65504: infinity.
+    } else if (abs < 0x38800000u) {
+      // Subnormal (or zero) in f16: scale to an integer count of 2^-24 and
+      // round to nearest even.
+      float mag;
+      std::memcpy(&mag, &abs, sizeof(mag));
+      const float scaled = mag * 16777216.0f;  // 2^24, exact.
+      uint32_t q = static_cast<uint32_t>(scaled);
+      const float rest = scaled - static_cast<float>(q);
+      if (rest > 0.5f || (rest == 0.5f && (q & 1u))) ++q;
+      bits = sign | static_cast<uint16_t>(q);
+    } else {
+      const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+      bits = sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
+    }
+  }
+  explicit operator float() const {
+    const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+    uint32_t exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu, u;
+    if (exponent == 0x1f) {
+      u = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent == 0) {
+      const float m = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+      std::memcpy(&u, &m, sizeof(u));
+      u |= sign;
+    } else {
+      u = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+};
+
+// Emulated launches run synchronously and raise emu::Error themselves.
+inline std::string LastLaunchError() { return std::string(); }
+
+inline std::string MemsetAsync(void* p, size_t bytes, Stream) {
+  std::memset(p, 0, bytes);
+  return std::string();
+}
+#endif
 
 // ------------------------------------------------------------ launch
 

@@ -1,10 +1,17 @@
 """The one importer of jaxsparse's compiled extensions (CONVENTIONS.md 6).
 
-It registers every FFI target of the CPU module (`jaxsparse._cpu`, always built) and of the CUDA
-module (`jaxsparse._cuda`, built when nvcc was found) with XLA, once, at import.
+It registers every FFI target of the CPU module (`jaxsparse._cpu`, always built), of the CUDA
+module (`jaxsparse._cuda`, built when nvcc was found) and of the SIMT emulator module
+(`jaxsparse._cuda_emu`, always built: the CUDA handlers compiled for the CPU, as platform-cpu targets
+named `jaxsparse_emu_*`) with XLA, once, at import.
+
+`JAXSPARSE_EMULATE_CUDA=1` in the environment at import makes the CPU lowerings of the ops call the
+emulated CUDA kernels instead of the CPU kernels (docs/simt_emulator.md).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -20,7 +27,19 @@ try:
 except ImportError:
     _cuda = None
 
-for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
+try:
+    from jaxsparse import _cuda_emu
+except ImportError:
+    _cuda_emu = None
+
+_EMULATE_CUDA = os.environ.get("JAXSPARSE_EMULATE_CUDA", "").strip() not in ("", "0")
+if _EMULATE_CUDA and _cuda_emu is None:
+    raise ImportError(
+        "JAXSPARSE_EMULATE_CUDA is set, but jaxsparse's emulator module (_cuda_emu) is not built: "
+        "pip install -e . first"
+    )
+
+for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA"), (_cuda_emu, "cpu")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
@@ -29,6 +48,11 @@ for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
 def has_cpu_kernels() -> bool:
     """True when the CPU extension is built and its targets are registered."""
     return _cpu is not None
+
+
+def emulating_cuda() -> bool:
+    """True when JAXSPARSE_EMULATE_CUDA=1 routes the CPU lowerings to the emulated CUDA kernels."""
+    return _EMULATE_CUDA
 
 
 def has_cuda_kernels() -> bool:

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/emu/emu.h"
+#include "cuda/nm_ops.h"
 #include "cuda/emu/selftest_kernels.cuh"
 
 namespace nb = nanobind;
@@ -222,8 +223,31 @@ void RunDivergedShuffle() {
 }  // namespace
 }  // namespace jaxsparse::selftest
 
+namespace {
+
+template <typename Fn>
+nb::capsule EncapsulateHandler(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+// The emulated CUDA handlers, under their own names: jaxsparse/_ffi.py
+// registers them for platform cpu, and the CPU lowerings call them instead
+// of the CPU kernels when JAXSPARSE_EMULATE_CUDA=1.
+nb::dict Registrations() {
+  nb::dict targets;
+  targets["jaxsparse_emu_nm_spmm"] = EncapsulateHandler(JaxsparseEmuNmSpmm);
+  targets["jaxsparse_emu_nm_spmm_t"] = EncapsulateHandler(JaxsparseEmuNmSpmmT);
+  targets["jaxsparse_emu_nm_sddmm"] = EncapsulateHandler(JaxsparseEmuNmSddmm);
+  targets["jaxsparse_emu_nm_spmm_sp24"] = EncapsulateHandler(JaxsparseEmuNmSpmmSp24);
+  return targets;
+}
+
+}  // namespace
+
 NB_MODULE(_cuda_emu, m) {
   namespace st = jaxsparse::selftest;
+  m.def("registrations", &Registrations,
+        "Target name -> capsule of the emulated CUDA handlers (platform cpu).");
   m.doc() = "Self-test entry points of jaxsparse's SIMT emulator (CUDA kernels run on the CPU).";
   m.def("mma_sp", &st::MmaSp, nb::arg("a"), nb::arg("b"), nb::arg("c"), nb::arg("metadata"),
         nb::arg("selector"), nb::arg("dtype"), nb::arg("ordered") = true);

@@ -2,6 +2,7 @@
 
 from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.matmul import matmul
+from jaxsparse.ops.mma_sp import pack_mma_sp_24
 from jaxsparse.ops.nm import (
     JaxsparseFallbackWarning,
     nm_sddmm,
@@ -23,4 +24,5 @@ __all__ = [
     "nm_spmm_reference",
     "nm_spmm_t",
     "nm_spmm_t_reference",
+    "pack_mma_sp_24",
 ]

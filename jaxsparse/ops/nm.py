@@ -34,6 +34,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _ffi
+from jaxsparse.ops.mma_sp import pack_mma_sp_24
 
 __all__ = ["nm_spmm", "nm_spmm_t", "nm_sddmm", "nm_spmm_reference", "nm_spmm_t_reference",
            "nm_sddmm_reference", "JaxsparseFallbackWarning"]
@@ -176,12 +177,49 @@ def _ffi_kernel_lowering(target):
     return rule
 
 
+def _spmm_kernel_lowering(target, sp24_target):
+    """nm_spmm's FFI lowering: 2:4 bf16/f16 with K % 16 == 0 takes the sparse-tensor-core kernel
+    (its metadata packed by `pack_mma_sp_24` inside the same program), anything else `target`."""
+    generic = _ffi_kernel_lowering(target)
+
+    def sp24(x, values, indices):
+        packed, metadata = pack_mma_sp_24(values, indices)
+        y = jax.ShapeDtypeStruct(
+            (max(x.shape[0], values.shape[0]), x.shape[1], values.shape[1]), x.dtype)
+        return jax.ffi.ffi_call(sp24_target, y)(x, packed, metadata)
+
+    sp24_lowered = mlir.lower_fun(sp24, multiple_results=False)
+
+    def rule(ctx, x, values, indices, *, n, m):
+        x_aval = ctx.avals_in[0]
+        if (n, m) == (2, 4) and x_aval.dtype in _SP24_DTYPES and x_aval.shape[-1] % 16 == 0:
+            return sp24_lowered(ctx, x, values, indices)
+        return generic(ctx, x, values, indices, n=n, m=m)
+
+    return rule
+
+
+_SP24_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def _kernel_lowering(target, platform):
+    """The lowering to a kernel target: CUDA handlers on GPUs (and, emulated, on the CPU when
+    JAXSPARSE_EMULATE_CUDA=1), the CPU kernels otherwise."""
+    if platform == "cpu" and _ffi.emulating_cuda():
+        target = target.replace("jaxsparse_", "jaxsparse_emu_", 1)
+    elif platform == "cpu":
+        return _ffi_kernel_lowering(target)
+    if target.endswith("nm_spmm"):
+        return _spmm_kernel_lowering(target, target + "_sp24")
+    return _ffi_kernel_lowering(target)
+
+
 def _register_lowerings(prim, reference, target):
     """The FFI kernel where a module provides it; else the reference, with a warning."""
     mlir.register_lowering(prim, _fallback_lowering(prim, reference))
     for platform, available in (("cpu", _ffi.has_cpu_kernels()), ("cuda", _ffi.has_cuda_kernels())):
         if available:
-            mlir.register_lowering(prim, _ffi_kernel_lowering(target), platform=platform)
+            mlir.register_lowering(prim, _kernel_lowering(target, platform), platform=platform)
         else:
             mlir.register_lowering(prim, _fallback_lowering(prim, reference), platform=platform)
 

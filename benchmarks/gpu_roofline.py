@@ -1,0 +1,73 @@
+"""Paper predictions for the CUDA kernels on A100 and H100 (no GPU ran any of this).
+
+    python benchmarks/gpu_roofline.py            # the markdown tables of docs/gpu_kernels.md
+
+Per kernel and shape: the FLOPs (dense-equivalent 2*T*K*N) and the bytes each kernel must move at
+least once (its operands and result), and the roofline time max(math / peak, bytes / bandwidth) with
+the datasheet peaks below; the dense reference is cuBLAS's roofline on the same GPU (bf16 tensor
+cores, dense weights). Ratios are upper bounds of what the kernels can reach, not measurements.
+"""
+
+from __future__ import annotations
+
+# Datasheet figures (NVIDIA A100 80GB SXM4 and H100 SXM5), dense bf16 tensor-core TFLOP/s, their
+# 2:4 sparse rate, f32 CUDA-core TFLOP/s and HBM bandwidth in GB/s.
+GPUS = {
+    "A100": dict(tc=312e12, tc_sparse=624e12, fma=19.5e12, hbm=2039e9),
+    "H100": dict(tc=989e12, tc_sparse=1979e12, fma=67e12, hbm=3350e9),
+}
+# Warp-level mma/mma.sp (sm_80 instructions) do not reach Hopper's wgmma rate; we assume 2/3 of it
+# (an assumption, stated in the doc, not a datasheet figure).
+WARP_MMA_FRACTION = {"A100": 1.0, "H100": 2.0 / 3.0}
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+TOKENS = [1, 16, 128, 2048]
+BLOCK_TOKENS = 64  # The 2:4 kernel's token tile: fewer tokens still pay a whole tile of math.
+
+
+def sp24_forward(t, k, n):
+    """bytes: x (2TK), packed values (NK), metadata (NK/8), y (2TN); math executed on the sparse
+    tensor cores for whole 64-token tiles."""
+    flops = 2 * t * k * n
+    executed = 2 * max(t, BLOCK_TOKENS) * k * n if t < BLOCK_TOKENS else flops
+    bytes_ = 2 * t * k + n * k + n * k / 8 + 2 * t * n
+    return flops, executed, bytes_
+
+
+def dense(t, k, n):
+    return 2 * t * k * n, 2 * t * k * n, 2 * t * k + 2 * k * n + 2 * t * n
+
+
+def backward_tc(t, k, n):
+    """spmm_t / sddmm on dense tensor cores over decompressed tiles: the dense math, the sparse
+    weight bytes (values + 1-byte positions: 1.5 NK for 2:4) and the dense operands."""
+    return 2 * t * k * n, 2 * t * k * n, 2 * t * k + 1.5 * n * k + 2 * t * n
+
+
+def roofline(gpu, executed, bytes_, sparse_tc, tensor_cores=True):
+    g = GPUS[gpu]
+    peak = (g["tc_sparse"] if sparse_tc else g["tc"]) if tensor_cores else g["fma"]
+    peak *= WARP_MMA_FRACTION[gpu] if tensor_cores else 1.0
+    return max(executed / peak, bytes_ / g["hbm"])
+
+
+def table(gpu):
+    rows = [f"| T | K x N | dense (cuBLAS roofline) | 2:4 fwd mma.sp | ratio | "
+            f"backward op (dense TC) | ratio |", "|---|---|---|---|---|---|---|"]
+    for t in TOKENS:
+        for k, n in SHAPES:
+            fl, ex, by = dense(t, k, n)
+            t_dense = max(ex / GPUS[gpu]["tc"], by / GPUS[gpu]["hbm"])
+            fl, ex, by = sp24_forward(t, k, n)
+            t_sp = roofline(gpu, ex, by, sparse_tc=True)
+            fl, ex, by = backward_tc(t, k, n)
+            t_bw = roofline(gpu, ex, by, sparse_tc=False)
+            rows.append(f"| {t} | {k} x {n} | {t_dense * 1e6:.1f} us | {t_sp * 1e6:.1f} us | "
+                        f"{t_dense / t_sp:.2f}x | {t_bw * 1e6:.1f} us | {t_dense / t_bw:.2f}x |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    for gpu in GPUS:
+        print(f"### {gpu} (predicted)\n")
+        print(table(gpu))
+        print()

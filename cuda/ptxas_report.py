@@ -1,0 +1,132 @@
+"""Compile the CUDA targets for sm_80 and sm_90 and report what each kernel uses.
+
+    python cuda/ptxas_report.py [--out build/cuda_kernel_resources.json]
+
+Runs nvcc on cuda/nm_ops.cu once per architecture (a cubin each, ptxas -v), fails on any ptxas error
+or warning, and records per kernel and architecture: registers, spill stores/loads, stack, static
+shared memory, and the sparse / dense tensor-core, ldmatrix and cp.async instructions in its SASS
+(cuobjdump + nvdisasm from the PyPI packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm).
+The dynamic shared memory of the 2:4 kernel is fixed in cuda/nm_sp24.cuh (kSmemBytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("sm_80", "sm_90")
+SASS_COUNTS = ("HMMA.SP", "HMMA", "LDSM", "LDGSTS")
+
+
+def nvidia_tool(name: str) -> str:
+    """A CUDA binary tool from the PATH or from the nvidia-* PyPI wheels."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        nvidia = None
+    for base in getattr(nvidia, "__path__", []):
+        for candidate in Path(base).glob(f"*/bin/{name}"):
+            return str(candidate)
+    raise FileNotFoundError(f"{name} not found: pip install nvidia-cuda-{name}")
+
+
+def demangle_name(symbol: str) -> str:
+    """The kernel's template name from its mangled symbol (e.g. SpmmSp24Kernel<bf16>)."""
+    match = re.search(r"\d+([A-Z][A-Za-z0-9]*Kernel)I", symbol)
+    if not match:
+        return symbol
+    dtype = "bf16" if "bfloat16" in symbol else "f16" if "half" in symbol else "f32"
+    slots = re.search(r"ILi(\d+)E", symbol)
+    return f"{match.group(1)}<{slots.group(1) + ', ' if slots else ''}{dtype}>"
+
+
+def compile_arch(arch: str, workdir: Path) -> tuple[str, Path]:
+    import jax
+
+    cubin = workdir / f"nm_ops.{arch}.cubin"
+    cmd = ["nvcc", "-std=c++17", f"-I{ROOT}", f"-I{jax.ffi.include_dir()}",
+           "-Xcudafe=--diag_suppress=940", "-Xcudafe=--diag_suppress=2473",
+           "--Werror=all-warnings", "-Xptxas=-v,-warn-spills,-warn-lmem-usage", "-cubin",
+           f"-arch={arch}", str(ROOT / "cuda" / "nm_ops.cu"), "-o", str(cubin)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {arch}:\n{run.stderr}")
+    return run.stderr, cubin
+
+
+def parse_ptxas(log: str, arch: str) -> dict[str, dict]:
+    kernels, current = {}, None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line):
+            current = m.group(1)
+            kernels[current] = {"arch": m.group(2), "name": demangle_name(current)}
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                         r"(\d+) bytes spill loads", line)):
+            kernels[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            kernels[current]["registers"] = int(m[1])
+            smem = re.search(r"(\d+) bytes smem", line)
+            kernels[current]["static_smem"] = int(smem[1]) if smem else 0
+    return kernels
+
+
+def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
+    cuobjdump = nvidia_tool("cuobjdump")
+    env = dict(os.environ)
+    env["PATH"] = str(Path(nvidia_tool("nvdisasm")).parent) + os.pathsep + env.get("PATH", "")
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
+                          env=env, check=True).stdout
+    counts, current = {}, None
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            current = m.group(1)
+            counts[current] = dict.fromkeys(SASS_COUNTS, 0)
+        elif current:
+            for op in re.findall(r"\b(HMMA\.SP|HMMA|LDSM|LDGSTS)\b", line):
+                counts[current][op] += 1
+    return counts
+
+
+def report() -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ARCHS:
+            log, cubin = compile_arch(arch, Path(tmp))
+            kernels = parse_ptxas(log, arch)
+            for symbol, sass in sass_counts(cubin).items():
+                kernels.setdefault(symbol, {"arch": arch, "name": demangle_name(symbol)})
+                kernels[symbol]["sass"] = sass
+            rows.extend({"symbol": s, **k} for s, k in kernels.items())
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "build" / "cuda_kernel_resources.json"))
+    args = parser.parse_args(argv)
+    rows = report()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>5}  SASS")
+    for r in sorted(rows, key=lambda r: (r["name"], r["arch"])):
+        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        sass = " ".join(f"{k}={v}" for k, v in r.get("sass", {}).items() if v)
+        print(f"{r['name']:34} {r['arch']:6} {r.get('registers', 0):4} {spill:5} "
+              f"{r.get('static_smem', 0):5}  {sass}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
