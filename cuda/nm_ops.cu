@@ -347,6 +347,13 @@ bool IsHalfPrecision(ffi::DataType dtype) {
   return dtype == ffi::DataType::BF16 || dtype == ffi::DataType::F16;
 }
 
+// The tensor-core kernels keep tile origins in 32 bits (it saves the
+// registers that would otherwise spill).
+bool FitsTensorCoreTiles(const nm::Dims& d) {
+  constexpr int64_t kLimit = 0x7fffffff - 2 * tc::kTile;
+  return d.in < kLimit && d.out < kLimit && d.tokens < kLimit;
+}
+
 template <typename T>
 tc::Args<T> TcArgs(const uint16_t* dense_a, const uint16_t* dy, const T* values,
                    const Array3& indices, T* out, int64_t a_stride, int64_t dy_stride,
@@ -453,7 +460,7 @@ ffi::Error NmSpmmT(simt::Stream stream, ffi::AnyBuffer dy_buffer,
   if (d.out == 0) return FillZeros(kSpmmT, stream, dx.buffer);  // N == 0
   // 16-bit operands whose dy rows are whole 16-byte pieces run on the tensor
   // cores; the rest on the CUDA-core kernel.
-  if (IsHalfPrecision(dy.buffer.element_type()) && d.out % 8 == 0) {
+  if (IsHalfPrecision(dy.buffer.element_type()) && d.out % 8 == 0 && FitsTensorCoreTiles(d)) {
     return DispatchHalf(dx, [&](auto* out, auto type) {
       using T = std::remove_pointer_t<decltype(out)>;
       return LaunchTensorCore<T, decltype(type)::value>(
@@ -490,7 +497,8 @@ ffi::Error NmSddmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
   if (dv.buffer.element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(dv.batch, x.rows, x.cols, dv.rows, n, m);
   if (d.tokens == 0) return FillZeros(kSddmm, stream, dv.buffer);  // T == 0
-  if (IsHalfPrecision(x.buffer.element_type()) && d.out % 8 == 0 && d.in % 8 == 0) {
+  if (IsHalfPrecision(x.buffer.element_type()) && d.out % 8 == 0 && d.in % 8 == 0 &&
+      FitsTensorCoreTiles(d)) {
     // Entries outside every tile (positions >= K or >= m) are never written.
     JAXSPARSE_RETURN_IF_ERROR(FillZeros(kSddmm, stream, dv.buffer));
     return DispatchHalf(dv, [&](auto* out, auto type) {

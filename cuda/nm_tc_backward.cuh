@@ -119,8 +119,9 @@ JAXSPARSE_DEV void DecompressWt(const Args<T>& p, simt::Smem<uint16_t> a, int64_
 template <class T, simt::MmaType kType>
 __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_GRID_CONSTANT Args<T> p) {
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  // Tile origins fit 32 bits (grid dims are below 2^16 tiles of 64 in y, 2^31 in x).
+  const int k0 = static_cast<int>(blockIdx.x) * kTile;
+  const int t0 = static_cast<int>(blockIdx.y) * kTile;
   simt::Smem<uint16_t> wt = simt::DynamicSmem<uint16_t>(0);
   const int64_t j_tiles = (p.out_features + kReduce - 1) / kReduce;
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
@@ -142,6 +143,7 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_
       simt::SyncThreads();     // ... for every thread, and so has the W^T tile.
       const int quad = lane / 8, a_row = 16 * warp + lane % 8 + 8 * (quad & 1);
       uint32_t a[2][4];
+      JAXSPARSE_UNROLL
       for (int ks = 0; ks < 2; ++ks) {
         simt::Ldmatrix<4>(a[ks], wt + TileIndex<kReduce>(a_row, 16 * ks + 8 * (quad >> 1)));
       }
@@ -150,6 +152,7 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_
         // Four 8-column slices of the same 8 tokens: B registers of both k16 steps.
         uint32_t bfrag[4];
         simt::Ldmatrix<4>(bfrag, stage(jt) + TileIndex<kReduce>(8 * nt + lane % 8, 8 * quad));
+        JAXSPARSE_UNROLL
         for (int ks = 0; ks < 2; ++ks) {
           const uint32_t bk[2] = {bfrag[2 * ks], bfrag[2 * ks + 1]};
           simt::MmaM16n8k16<kType>(acc[nt], a[ks], bk, acc[nt]);
@@ -162,6 +165,7 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_
     T* dx = p.out + b * p.tokens * p.in;
     JAXSPARSE_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
+      JAXSPARSE_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int64_t k = k0 + 16 * warp + g + 8 * (i >> 1);
         const int64_t token = t0 + 8 * nt + 2 * t + (i & 1);
@@ -176,8 +180,8 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_
 template <class T, simt::MmaType kType>
 __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_GRID_CONSTANT Args<T> p) {
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int j0 = static_cast<int>(blockIdx.x) * kTile;
+  const int k0 = static_cast<int>(blockIdx.y) * kTile;
   constexpr int kStageElems = 2 * kReduce * kTile;  // dy and x tiles.
   auto dy_tile = [](int64_t s) { return simt::DynamicSmem<uint16_t>(2 * kStageElems * (s % 2)); };
   auto x_tile = [](int64_t s) {
@@ -190,20 +194,22 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_
     const uint16_t* x = p.dense_a + b * p.a_stride;
     const uint16_t* dy = p.dy + b * p.dy_stride;
     float acc[kNTiles][4] = {};
-    auto load = [&](int64_t tt) {
-      LoadRows<kTile>(dy_tile(tt), dy, p.out_features, tt * kReduce, p.tokens, j0,
-                      p.out_features, tid);
-      LoadRows<kTile>(x_tile(tt), x, p.in, tt * kReduce, p.tokens, k0, p.in, tid);
-    };
-    load(0);
+    LoadRows<kTile>(dy_tile(0), dy, p.out_features, 0, p.tokens, j0, p.out_features, tid);
+    LoadRows<kTile>(x_tile(0), x, p.in, 0, p.tokens, k0, p.in, tid);
     simt::CpAsyncCommit();
     for (int64_t tt = 0; tt < t_tiles; ++tt) {
-      if (tt + 1 < t_tiles) load(tt + 1);
+      if (tt + 1 < t_tiles) {
+        const int64_t t_next = (tt + 1) * kReduce;
+        LoadRows<kTile>(dy_tile(tt + 1), dy, p.out_features, t_next, p.tokens, j0,
+                        p.out_features, tid);
+        LoadRows<kTile>(x_tile(tt + 1), x, p.in, t_next, p.tokens, k0, p.in, tid);
+      }
       simt::CpAsyncCommit();
       simt::CpAsyncWait<1>();
       simt::SyncThreads();
       const int quad = lane / 8;
       uint32_t a[2][4];
+      JAXSPARSE_UNROLL
       for (int ks = 0; ks < 2; ++ks) {
         // A = dy^T (rows j, columns t): transposed reads of the [t][j] tile.
         simt::Ldmatrix<4, true>(
@@ -215,6 +221,7 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_
         // B = x (rows t, columns k), read transposed: 8-token slices q of columns 8nt..
         uint32_t bfrag[4];
         simt::Ldmatrix<4, true>(bfrag, x_tile(tt) + TileIndex<kTile>(8 * quad + lane % 8, 8 * nt));
+        JAXSPARSE_UNROLL
         for (int ks = 0; ks < 2; ++ks) {
           const uint32_t bk[2] = {bfrag[2 * ks], bfrag[2 * ks + 1]};
           simt::MmaM16n8k16<kType>(acc[nt], a[ks], bk, acc[nt]);
@@ -226,6 +233,7 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_
     const int g = lane >> 2, t = lane & 3;
     JAXSPARSE_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
+      JAXSPARSE_UNROLL
       for (int i = 0; i < 4; ++i) {
         gram[(16 * warp + g + 8 * (i >> 1)) * kGramLd + 8 * nt + 2 * t + (i & 1)] = acc[nt][i];
       }

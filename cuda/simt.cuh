@@ -100,7 +100,7 @@ JAXSPARSE_DEV Smem<T> DynamicSmem(size_t byte_offset) {
 template <int kPieces>
 JAXSPARSE_DEV int SwizzledPiece(int row, int piece) {
   static_assert(kPieces == 4 || kPieces == 8, "rows of 64 or 128 bytes");
-  return piece ^ ((row / (8 / kPieces)) % kPieces);
+  return piece ^ static_cast<int>((static_cast<unsigned>(row) / (8 / kPieces)) % kPieces);
 }
 
 #if defined(__CUDACC__)

@@ -37,3 +37,11 @@ def test_sp24_forward_uses_sparse_tensor_cores(kernels):
         # 2 k-steps x 8 token tiles of mma.sp per stage; ldmatrix for A and B; cp.async staging.
         assert k["sass"]["HMMA.SP"] == 16, k
         assert k["sass"]["LDSM"] > 0 and k["sass"]["LDGSTS"] > 0, k
+
+
+def test_backward_kernels_use_tensor_cores(kernels):
+    tc = [k for k in kernels if k["name"].split("<")[0] in ("SpmmTTcKernel", "SddmmTcKernel")]
+    assert len(tc) == 8
+    for k in tc:
+        # 2 k16 steps x 8 token/column tiles of dense mma per stage, ldmatrix reads.
+        assert k["sass"]["HMMA"] == 16 and k["sass"]["LDSM"] > 0, k
