@@ -180,6 +180,22 @@ JAXSPARSE_DEV uint32_t Ballot(unsigned mask, bool predicate) {
 #endif
 }
 
+JAXSPARSE_DEV bool Any(unsigned mask, bool predicate) {
+#if defined(__CUDACC__)
+  return __any_sync(mask, predicate);
+#else
+  return emu::Ballot(mask, predicate) != 0;
+#endif
+}
+
+JAXSPARSE_DEV bool All(unsigned mask, bool predicate) {
+#if defined(__CUDACC__)
+  return __all_sync(mask, predicate);
+#else
+  return emu::Ballot(mask, predicate) == mask;
+#endif
+}
+
 // ------------------------------------------------------------ ldmatrix
 
 // ldmatrix.sync.aligned.m8n8.x{kNum}{.trans}.shared.b16: lane i < 8 * kNum

@@ -144,13 +144,12 @@ std::vector<uint32_t> Shfl(const std::vector<uint32_t>& values, const std::vecto
   return out;
 }
 
-std::vector<uint32_t> Ballot(const std::vector<int>& predicates, uint32_t mask) {
+// [32, 3]: per lane (ballot, any, all) over the lanes of `mask`; 0 elsewhere.
+std::vector<uint32_t> Votes(const std::vector<int>& predicates, uint32_t mask) {
   CheckSize(predicates, kLanes, "predicates");
-  std::vector<uint32_t> out(kLanes, 0);
-  emu::Launch("BallotProbe", dim3(1), dim3(32), 0, [&] {
-    const int l = emu::LaneId();
-    if ((mask >> l) & 1u) out[l] = emu::Ballot(mask, predicates[l] != 0);
-  });
+  std::vector<uint32_t> out(3 * kLanes, 0);
+  simt::Launch("VoteProbe", &VoteProbe, dim3(1), dim3(32), 0, nullptr, predicates.data(), mask,
+               out.data());
   return out;
 }
 
@@ -256,7 +255,7 @@ NB_MODULE(_cuda_emu, m) {
         nb::arg("trans"));
   m.def("shfl", &st::Shfl, nb::arg("values"), nb::arg("args"), nb::arg("mask"),
         nb::arg("active"), nb::arg("width"), nb::arg("mode"));
-  m.def("ballot", &st::Ballot, nb::arg("predicates"), nb::arg("mask"));
+  m.def("votes", &st::Votes, nb::arg("predicates"), nb::arg("mask"));
   m.def("sparse_tile", &st::SparseTile, nb::arg("a_packed"), nb::arg("metadata"), nb::arg("b"),
         nb::arg("bug") = "none");
   m.def("block_sum", &st::BlockSumOf, nb::arg("x"), nb::arg("bug") = "none");

@@ -117,6 +117,16 @@ __global__ void BlockSum(const float* x, float* out) {
   if (tid == 0) out[0] = partial[0];
 }
 
+// Per lane l: out[3l..3l+2] = ballot, any and all of predicates over mask.
+__global__ void VoteProbe(const int* predicates, unsigned mask, uint32_t* out) {
+  const int l = simt::LaneId();
+  if (((mask >> l) & 1u) == 0) return;
+  const bool p = predicates[l] != 0;
+  out[3 * l] = simt::Ballot(mask, p);
+  out[3 * l + 1] = simt::Any(mask, p);
+  out[3 * l + 2] = simt::All(mask, p);
+}
+
 // Lanes 16-31 leave before a full-warp shuffle that lanes 0-15 enter: a
 // collective that can never complete.
 __global__ void DivergedShuffle(uint32_t* out) {

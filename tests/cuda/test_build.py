@@ -2,6 +2,7 @@
 warning, no kernel spills, and the 2:4 forward runs on the sparse tensor cores (HMMA.SP in its SASS)."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,12 @@ def kernels():
     spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "cuda" / "ptxas_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.report()
+    rows = module.report()
+    # The record of this build: registers, spills, stack and SASS counts per kernel and arch.
+    out = ROOT / "build" / "cuda_kernel_resources.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def test_every_kernel_builds_for_both_architectures_without_spills(kernels):

@@ -166,10 +166,11 @@ def test_collective_errors():
         emu.shfl(values, [0] * 32, 0xFFFFFFFF, 0xFFFFFFFF, 3, "idx")
 
 
-def test_ballot():
+@pytest.mark.parametrize("mask", [0xFFFFFFFF, 0x00FF00FF])
+def test_votes(mask):
     rng = np.random.default_rng(2)
-    preds = rng.integers(0, 2, size=32)
-    mask = 0x00FF00FF
-    out = emu.ballot(preds.tolist(), mask)
-    expected = sum(1 << lane for lane in range(32) if preds[lane] and (mask >> lane) & 1)
-    assert [out[lane] for lane in range(32) if (mask >> lane) & 1] == [expected] * 16
+    for preds in (rng.integers(0, 2, size=32), np.ones(32, int), np.zeros(32, int)):
+        out = np.array(emu.votes(preds.tolist(), mask), np.uint32).reshape(32, 3)
+        ballot = sum(1 << lane for lane in range(32) if preds[lane] and (mask >> lane) & 1)
+        lanes = [lane for lane in range(32) if (mask >> lane) & 1]
+        assert (out[lanes] == [ballot, ballot != 0, ballot == mask]).all()
