@@ -19,14 +19,7 @@
 #else
 #define JAXSPARSE_HD inline
 #endif
-// Only the device pass unrolls; a host compiler would warn on the pragma.
-#ifndef JAXSPARSE_UNROLL
-#if defined(__CUDA_ARCH__)
-#define JAXSPARSE_UNROLL _Pragma("unroll")
-#else
-#define JAXSPARSE_UNROLL
-#endif
-#endif
+#include "cuda/simt.cuh"  // JAXSPARSE_UNROLL
 
 namespace jaxsparse::nm {
 

@@ -164,8 +164,8 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmSp24Kernel(const JAXSPARSE
     }
     simt::CpAsyncWait<0>();
     simt::SyncThreads();  // The stages are reused by the next batch entry.
-    // D fragment: lane 4g + t holds rows g, g + 8 at tokens 2t, 2t + 1 of
-    // each 8-token tile.
+    // D rows are weight rows (outputs), columns tokens. Written out rather than
+    // through simt::ForEachAccumulator, whose lambda made ptxas spill here.
     const int g = lane >> 2, t = lane & 3;
     T* y = p.y + b * p.tokens * p.out;
 JAXSPARSE_UNROLL

@@ -161,17 +161,12 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SpmmTTcKernel(const JAXSPARSE_
       simt::SyncThreads();  // The W^T tile and this dy stage are rewritten next.
     }
     simt::CpAsyncWait<0>();
-    const int g = lane >> 2, t = lane & 3;
+    // D rows are inputs k, columns tokens.
     T* dx = p.out + b * p.tokens * p.in;
-    JAXSPARSE_UNROLL
-    for (int nt = 0; nt < kNTiles; ++nt) {
-      JAXSPARSE_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int64_t k = k0 + 16 * warp + g + 8 * (i >> 1);
-        const int64_t token = t0 + 8 * nt + 2 * t + (i & 1);
-        if (k < p.in && token < p.tokens) dx[token * p.in + k] = static_cast<T>(acc[nt][i]);
-      }
-    }
+    simt::ForEachAccumulator(lane, acc, [&](int r, int c, float v) {
+      const int64_t k = k0 + 16 * warp + r, token = t0 + c;
+      if (k < p.in && token < p.tokens) dx[token * p.in + k] = static_cast<T>(v);
+    });
   }
 }
 
@@ -230,14 +225,9 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_
       simt::SyncThreads();
     }
     simt::CpAsyncWait<0>();
-    const int g = lane >> 2, t = lane & 3;
-    JAXSPARSE_UNROLL
-    for (int nt = 0; nt < kNTiles; ++nt) {
-      JAXSPARSE_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        gram[(16 * warp + g + 8 * (i >> 1)) * kGramLd + 8 * nt + 2 * t + (i & 1)] = acc[nt][i];
-      }
-    }
+    simt::ForEachAccumulator(lane, acc, [&](int r, int c, float v) {
+      gram[(16 * warp + r) * kGramLd + c] = v;
+    });
     simt::SyncThreads();
     // Sample the tile at the kept positions that fall inside it.
     const uint8_t* indices = p.indices + b * p.indices_stride;

@@ -42,12 +42,10 @@ using dim3 = ::jaxsparse::emu::Dim3;
 #endif
 
 // Only the device pass unrolls; a host compiler would warn on the pragma.
-#ifndef JAXSPARSE_UNROLL
 #if defined(__CUDA_ARCH__)
 #define JAXSPARSE_UNROLL _Pragma("unroll")
 #else
 #define JAXSPARSE_UNROLL
-#endif
 #endif
 
 namespace jaxsparse::simt {
@@ -275,6 +273,20 @@ JAXSPARSE_DEV void CpAsyncWait() {
 // ------------------------------------------------------------ tensor cores
 
 enum class MmaType { kBf16, kF16 };
+
+// The f32 accumulator layout of an m16n8 tile (PTX ISA): register i of lane
+// 4g + t holds row g + 8 * (i >> 1), column 2t + (i & 1). Calls
+// f(row, column, value) for a warp's kTiles n8 tiles side by side (column +
+// 8 * tile): the epilogues write their results through it.
+template <int kTiles, class F>
+JAXSPARSE_DEV void ForEachAccumulator(int lane, const float (&acc)[kTiles][4], const F& f) {
+  const int g = lane >> 2, t = lane & 3;
+  JAXSPARSE_UNROLL
+  for (int nt = 0; nt < kTiles; ++nt) {
+    JAXSPARSE_UNROLL
+    for (int i = 0; i < 4; ++i) f(g + 8 * (i >> 1), 8 * nt + 2 * t + (i & 1), acc[nt][i]);
+  }
+}
 
 // D = A B + C, mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: per lane
 // A in a[4], B in b[2], C and D in 4 f32 (PTX ISA fragment layouts).
