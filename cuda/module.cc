@@ -4,20 +4,14 @@
 // capsules with jax.ffi.register_ffi_target(name, capsule, platform="CUDA").
 #include <nanobind/nanobind.h>
 
-#include <type_traits>
-
+#include "cuda/ffi_capsule.h"
 #include "cuda/nm_ops.h"
 
 namespace nb = nanobind;
 
 namespace {
 
-template <typename Fn>
-nb::capsule EncapsulateHandler(Fn* fn) {
-  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
-                "an XLA FFI handler takes an XLA_FFI_CallFrame*");
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
+using jaxsparse::EncapsulateHandler;
 
 nb::dict Registrations() {
   nb::dict targets;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/emu/emu.h"
+#include "cuda/ffi_capsule.h"
 #include "cuda/nm_ops.h"
 #include "cuda/emu/selftest_kernels.cuh"
 
@@ -224,10 +225,7 @@ void RunDivergedShuffle() {
 
 namespace {
 
-template <typename Fn>
-nb::capsule EncapsulateHandler(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
+using jaxsparse::EncapsulateHandler;
 
 // The emulated CUDA handlers, under their own names: jaxsparse/_ffi.py
 // registers them for platform cpu, and the CPU lowerings call them instead
