@@ -75,6 +75,17 @@ JAXSPARSE_DEV void LoadTokenRows(simt::Smem<uint16_t> tile, const uint16_t* src,
   }
 }
 
+// The groups with an input in [k0, k0 + kTile): [first, last).
+struct GroupRange {
+  int64_t first, last;
+};
+
+template <class T>
+JAXSPARSE_DEV GroupRange GroupsOfTile(const Args<T>& p, int64_t k0) {
+  const int64_t last = (k0 + kTile + p.m - 1) / p.m;
+  return GroupRange{k0 / p.m, last < p.groups ? last : p.groups};
+}
+
 // ------------------------------------------------------------------ spmm_t
 
 // W^T rows [k0, k0 + 64) x columns (weight rows) [j0, j0 + 32) into `a`:
@@ -91,13 +102,10 @@ JAXSPARSE_DEV void DecompressWt(const Args<T>& p, simt::Smem<uint16_t> a, int64_
   const T* values = p.values + b * p.values_stride;
   const uint8_t* indices = p.indices + b * p.indices_stride;
   simt::Smem<T> a_elems = a.template As<T>();
-  const int64_t g_first = k0 / p.m;
-  const int64_t g_last = (k0 + kTile + p.m - 1) / p.m < p.groups ? (k0 + kTile + p.m - 1) / p.m
-                                                                   : p.groups;
-  const int64_t span = g_last - g_first;
-  for (int64_t task = tid; task < kReduce * span; task += kThreads) {
+  const GroupRange groups = GroupsOfTile(p, k0);
+  for (int64_t task = tid; task < kReduce * (groups.last - groups.first); task += kThreads) {
     const int jl = static_cast<int>(task % kReduce);
-    const int64_t j = j0 + jl, g = g_first + task / kReduce;
+    const int64_t j = j0 + jl, g = groups.first + task / kReduce;
     if (j >= p.out_features) continue;
     uint32_t written = 0;
     for (int e = 0; e < p.n; ++e) {
@@ -232,12 +240,10 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kThreads) SddmmTcKernel(const JAXSPARSE_
     // Sample the tile at the kept positions that fall inside it.
     const uint8_t* indices = p.indices + b * p.indices_stride;
     T* dv = p.out + b * p.out_features * p.kept;
-    const int64_t g_first = k0 / p.m;
-    const int64_t g_last = (k0 + kTile + p.m - 1) / p.m < p.groups ? (k0 + kTile + p.m - 1) / p.m
-                                                                     : p.groups;
-    for (int64_t task = tid; task < kTile * (g_last - g_first); task += kThreads) {
+    const GroupRange groups = GroupsOfTile(p, k0);
+    for (int64_t task = tid; task < kTile * (groups.last - groups.first); task += kThreads) {
       const int jl = static_cast<int>(task % kTile);
-      const int64_t j = j0 + jl, grp = g_first + task / kTile;
+      const int64_t j = j0 + jl, grp = groups.first + task / kTile;
       if (j >= p.out_features) continue;
       for (int e = 0; e < p.n; ++e) {
         const int64_t c = grp * p.n + e;

@@ -67,26 +67,32 @@ void Multiply(const double (&a)[16][K], const double (&b)[K][8],
   }
 }
 
-// mma.m16n8k16 (dense): A reg i of lane l holds row g + 8 * (i & 1), columns
-// 2t + 8 * (i >> 1) + {0, 1}; B reg i holds rows 2t + 8i + {0, 1}, column g.
-void Mma(const Collective& op, const LaneInput* in, LaneResult* out) {
-  const auto type = static_cast<MmaType>(op.params[0]);
-  double a[16][16], b[16][8];
+// The A and B fragments of all lanes as matrices. A (16 x 16: the dense
+// m16n8k16 A, or mma.sp's packed A): reg i of lane l holds row g + 8 * (i & 1),
+// columns 2t + 8 * (i >> 1) + {0, 1}. B (8 kBRegs x 8): reg i holds rows
+// 2t + 8i + {0, 1}, column g; B's registers follow A's four in LaneInput.
+template <int kBRegs>
+void Fragments(MmaType type, const LaneInput* in, double (&a)[16][16],
+               double (&b)[8 * kBRegs][8]) {
   for (int l = 0; l < kLanes; ++l) {
     const int g = l >> 2, t = l & 3;
     for (int i = 0; i < 4; ++i)
       for (int h = 0; h < 2; ++h)
         a[g + 8 * (i & 1)][2 * t + 8 * (i >> 1) + h] = Element(type, in[l].u[i], h);
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kBRegs; ++i)
       for (int h = 0; h < 2; ++h)
         b[2 * t + 8 * i + h][g] = Element(type, in[l].u[4 + i], h);
   }
+}
+
+void Mma(const Collective& op, const LaneInput* in, LaneResult* out) {
+  double a[16][16], b[16][8];
+  Fragments<2>(static_cast<MmaType>(op.params[0]), in, a, b);
   Multiply<16>(a, b, in, out);
 }
 
 // mma.sp.m16n8k32: A is the packed 16 x 16 matrix in the dense m16n8k16 A
-// layout (packed columns 2c, 2c + 1 hold chunk c's two values); B reg i holds
-// rows 2t + 8i + {0, 1}, column g. Metadata of rows g and g + 8 comes from
+// layout (packed columns 2c, 2c + 1 hold chunk c's two values). Metadata of rows g and g + 8 comes from
 // lane 4g + 2 * selector + half (half 0: K columns 0-15, half 1: 16-31): bits
 // 0-15 row g, 16-31 row g + 8; chunk c of the half at bits 4c..4c+3, the
 // first value's position in bits 0-1, the second's in bits 2-3.
@@ -95,15 +101,7 @@ void MmaSp(const Collective& op, const LaneInput* in, LaneResult* out) {
   const bool ordered = op.params[1] != 0;
   const int selector = op.params[2];
   double packed[16][16], a[16][32] = {}, b[32][8];
-  for (int l = 0; l < kLanes; ++l) {
-    const int g = l >> 2, t = l & 3;
-    for (int i = 0; i < 4; ++i)
-      for (int h = 0; h < 2; ++h)
-        packed[g + 8 * (i & 1)][2 * t + 8 * (i >> 1) + h] = Element(type, in[l].u[i], h);
-    for (int i = 0; i < 4; ++i)
-      for (int h = 0; h < 2; ++h)
-        b[2 * t + 8 * i + h][g] = Element(type, in[l].u[4 + i], h);
-  }
+  Fragments<4>(type, in, packed, b);
   for (int g = 0; g < 8; ++g) {
     for (int half = 0; half < 2; ++half) {
       const int lane = 4 * g + 2 * selector + half;

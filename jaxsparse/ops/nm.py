@@ -177,10 +177,12 @@ def _ffi_kernel_lowering(target):
     return rule
 
 
-def _spmm_kernel_lowering(target, sp24_target):
-    """nm_spmm's FFI lowering: 2:4 bf16/f16 with K % 16 == 0 takes the sparse-tensor-core kernel
-    (its metadata packed by `pack_mma_sp_24` inside the same program), anything else `target`."""
+def _spmm_cuda_lowering(target):
+    """nm_spmm's CUDA lowering: 2:4 bf16/f16 with K % 16 == 0 takes the sparse-tensor-core kernel
+    `<target>_sp24` (its metadata packed by `pack_mma_sp_24` inside the same program), anything
+    else `target`."""
     generic = _ffi_kernel_lowering(target)
+    sp24_target = target + "_sp24"
 
     def sp24(x, values, indices):
         packed, metadata = pack_mma_sp_24(values, indices)
@@ -202,24 +204,23 @@ def _spmm_kernel_lowering(target, sp24_target):
 _SP24_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
-def _kernel_lowering(target, platform):
-    """The lowering to a kernel target: CUDA handlers on GPUs (and, emulated, on the CPU when
-    JAXSPARSE_EMULATE_CUDA=1), the CPU kernels otherwise."""
-    if platform == "cpu" and _ffi.emulating_cuda():
-        target = target.replace("jaxsparse_", "jaxsparse_emu_", 1)
-    elif platform == "cpu":
+def _kernel_lowering(target, platform, cuda_lowering):
+    """The lowering to a kernel target: `cuda_lowering(target)` on GPUs (and on the CPU with the
+    emulated CUDA targets when JAXSPARSE_EMULATE_CUDA=1), the CPU kernels otherwise."""
+    if platform == "cpu" and not _ffi.emulating_cuda():
         return _ffi_kernel_lowering(target)
-    if target.endswith("nm_spmm"):
-        return _spmm_kernel_lowering(target, target + "_sp24")
-    return _ffi_kernel_lowering(target)
+    if platform == "cpu":
+        target = target.replace("jaxsparse_", "jaxsparse_emu_", 1)
+    return cuda_lowering(target)
 
 
-def _register_lowerings(prim, reference, target):
+def _register_lowerings(prim, reference, target, cuda_lowering):
     """The FFI kernel where a module provides it; else the reference, with a warning."""
     mlir.register_lowering(prim, _fallback_lowering(prim, reference))
     for platform, available in (("cpu", _ffi.has_cpu_kernels()), ("cuda", _ffi.has_cuda_kernels())):
         if available:
-            mlir.register_lowering(prim, _kernel_lowering(target, platform), platform=platform)
+            rule = _kernel_lowering(target, platform, cuda_lowering)
+            mlir.register_lowering(prim, rule, platform=platform)
         else:
             mlir.register_lowering(prim, _fallback_lowering(prim, reference), platform=platform)
 
@@ -473,19 +474,19 @@ def _other(vmap_dim):
 def _register():
     rules = (
         (nm_spmm_p, _spmm_abstract_eval, _spmm_jvp, _spmm_transpose, _spmm_batch,
-         nm_spmm_reference, "jaxsparse_nm_spmm"),
+         nm_spmm_reference, "jaxsparse_nm_spmm", _spmm_cuda_lowering),
         (nm_spmm_t_p, _spmm_t_abstract_eval, _spmm_t_jvp, _spmm_t_transpose, _spmm_t_batch,
-         nm_spmm_t_reference, "jaxsparse_nm_spmm_t"),
+         nm_spmm_t_reference, "jaxsparse_nm_spmm_t", _ffi_kernel_lowering),
         (nm_sddmm_p, _sddmm_abstract_eval, _sddmm_jvp, _sddmm_transpose, _sddmm_batch,
-         nm_sddmm_reference, "jaxsparse_nm_sddmm"),
+         nm_sddmm_reference, "jaxsparse_nm_sddmm", _ffi_kernel_lowering),
     )
-    for prim, abstract_eval, jvp, transpose, batch, reference, target in rules:
+    for prim, abstract_eval, jvp, transpose, batch, reference, target, cuda_lowering in rules:
         prim.def_impl(_impl_via_jit(prim))
         prim.def_abstract_eval(abstract_eval)
         ad.primitive_jvps[prim] = jvp
         ad.primitive_transposes[prim] = transpose
         batching.primitive_batchers[prim] = batch
-        _register_lowerings(prim, reference, target)
+        _register_lowerings(prim, reference, target, cuda_lowering)
 
 
 _register()
