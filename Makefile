@@ -4,7 +4,7 @@
 # PYTHON picks the interpreter (e.g. PYTHON=python3.12 VENV=.venv312 make test).
 PYTHON ?= python3
 VENV ?= .venv
-SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cpu/*/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
 
 .PHONY: demo test clean
 

@@ -1,5 +1,5 @@
-// The nanobind module jaxsparse._cpu: the FFI handlers of the CPU targets and
-// the choice of instruction set their kernels use.
+// The nanobind module jaxsparse._cpu: the FFI handlers of every format's CPU
+// targets and the choice of instruction set their kernels use.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/dispatch.h"
-#include "cpu/nm_ops.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/targets.h"
 
 namespace nb = nanobind;
 
@@ -17,14 +17,12 @@ namespace jaxsparse {
 namespace cpu {
 namespace {
 
+// Every target a format's handler file registered (cpu/<format>/*_ops.cc).
 nb::dict Registrations() {
   nb::dict d;
-  d["jaxsparse_nm_spmm"] =
-      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmm));
-  d["jaxsparse_nm_spmm_t"] =
-      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSpmmT));
-  d["jaxsparse_nm_sddmm"] =
-      nb::capsule(reinterpret_cast<void*>(JaxsparseCpuNmSddmm));
+  for (const Target& target : RegisteredTargets(TargetModule::kCpu)) {
+    d[target.name] = nb::capsule(target.handler);
+  }
   return d;
 }
 

@@ -4,21 +4,19 @@
 // capsules with jax.ffi.register_ffi_target(name, capsule, platform="CUDA").
 #include <nanobind/nanobind.h>
 
-#include "cuda/ffi_capsule.h"
-#include "cuda/nm_ops.h"
+#include "cpu/common/targets.h"
 
 namespace nb = nanobind;
 
 namespace {
 
-using jaxsparse::EncapsulateHandler;
-
+// Every target a format's .cu file registered (cuda/ffi_target.h).
 nb::dict Registrations() {
   nb::dict targets;
-  targets["jaxsparse_nm_spmm"] = EncapsulateHandler(JaxsparseCudaNmSpmm);
-  targets["jaxsparse_nm_spmm_t"] = EncapsulateHandler(JaxsparseCudaNmSpmmT);
-  targets["jaxsparse_nm_sddmm"] = EncapsulateHandler(JaxsparseCudaNmSddmm);
-  targets["jaxsparse_nm_spmm_sp24"] = EncapsulateHandler(JaxsparseCudaNmSpmmSp24);
+  for (const jaxsparse::Target& target :
+       jaxsparse::RegisteredTargets(jaxsparse::TargetModule::kCuda)) {
+    targets[target.name] = nb::capsule(target.handler);
+  }
   return targets;
 }
 

@@ -2,11 +2,11 @@
 
     python cuda/ptxas_report.py [--out build/cuda_kernel_resources.json]
 
-Runs nvcc on cuda/nm_ops.cu once per architecture (a cubin each, ptxas -v), fails on any ptxas error
-or warning, and records per kernel and architecture: registers, spill stores/loads, stack, static
+Runs nvcc on every format's handler file (cuda/<format>/<format>_ops.cu) once per architecture (a
+cubin each, ptxas -v), fails on any ptxas error or warning, and records per kernel and architecture: registers, spill stores/loads, stack, static
 shared memory, and the sparse / dense tensor-core, ldmatrix and cp.async instructions in its SASS
 (cuobjdump + nvdisasm from the PyPI packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm).
-The dynamic shared memory of the 2:4 kernel is fixed in cuda/nm_sp24.cuh (kSmemBytes).
+The dynamic shared memory of the tensor-core kernels is fixed in their headers (kSmemBytes).
 """
 
 from __future__ import annotations
@@ -51,17 +51,22 @@ def demangle_name(symbol: str) -> str:
     return f"{match.group(1)}<{slots.group(1) + ', ' if slots else ''}{dtype}>"
 
 
-def compile_arch(arch: str, workdir: Path) -> tuple[str, Path]:
+def format_sources() -> list[Path]:
+    """Every format's CUDA handler file: cuda/<format>/<format>_ops.cu."""
+    return sorted(p for p in (ROOT / "cuda").glob("*/*_ops.cu") if p.stem == f"{p.parent.name}_ops")
+
+
+def compile_arch(source: Path, arch: str, workdir: Path) -> tuple[str, Path]:
     import jax
 
-    cubin = workdir / f"nm_ops.{arch}.cubin"
+    cubin = workdir / f"{source.stem}.{arch}.cubin"
     cmd = ["nvcc", "-std=c++17", f"-I{ROOT}", f"-I{jax.ffi.include_dir()}",
            "-Xcudafe=--diag_suppress=940", "-Xcudafe=--diag_suppress=2473",
            "--Werror=all-warnings", "-Xptxas=-v,-warn-spills,-warn-lmem-usage", "-cubin",
-           f"-arch={arch}", str(ROOT / "cuda" / "nm_ops.cu"), "-o", str(cubin)]
+           f"-arch={arch}", str(source), "-o", str(cubin)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        raise RuntimeError(f"nvcc failed for {arch}:\n{run.stderr}")
+        raise RuntimeError(f"nvcc failed for {source.name} on {arch}:\n{run.stderr}")
     return run.stderr, cubin
 
 
@@ -101,13 +106,15 @@ def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
 def report() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ARCHS:
-            log, cubin = compile_arch(arch, Path(tmp))
-            kernels = parse_ptxas(log, arch)
-            for symbol, sass in sass_counts(cubin).items():
-                kernels.setdefault(symbol, {"arch": arch, "name": demangle_name(symbol)})
-                kernels[symbol]["sass"] = sass
-            rows.extend({"symbol": s, **k} for s, k in kernels.items())
+        for source in format_sources():
+            for arch in ARCHS:
+                log, cubin = compile_arch(source, arch, Path(tmp))
+                kernels = parse_ptxas(log, arch)
+                for symbol, sass in sass_counts(cubin).items():
+                    kernels.setdefault(symbol, {"arch": arch, "name": demangle_name(symbol)})
+                    kernels[symbol]["sass"] = sass
+                fmt = source.parent.name
+                rows.extend({"symbol": s, "format": fmt, **k} for s, k in kernels.items())
     return rows
 
 

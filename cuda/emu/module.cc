@@ -11,8 +11,7 @@
 #include <vector>
 
 #include "cuda/emu/emu.h"
-#include "cuda/ffi_capsule.h"
-#include "cuda/nm_ops.h"
+#include "cpu/common/targets.h"
 #include "cuda/emu/selftest_kernels.cuh"
 
 namespace nb = nanobind;
@@ -225,17 +224,16 @@ void RunDivergedShuffle() {
 
 namespace {
 
-using jaxsparse::EncapsulateHandler;
-
-// The emulated CUDA handlers, under their own names: jaxsparse/_ffi.py
-// registers them for platform cpu, and the CPU lowerings call them instead
-// of the CPU kernels when JAXSPARSE_EMULATE_CUDA=1.
+// The emulated CUDA handlers, under their own names (jaxsparse_emu_*), as
+// every format's .cu file registered them (cuda/ffi_target.h):
+// jaxsparse/_ffi.py registers them for platform cpu, and the CPU lowerings
+// call them instead of the CPU kernels when JAXSPARSE_EMULATE_CUDA=1.
 nb::dict Registrations() {
   nb::dict targets;
-  targets["jaxsparse_emu_nm_spmm"] = EncapsulateHandler(JaxsparseEmuNmSpmm);
-  targets["jaxsparse_emu_nm_spmm_t"] = EncapsulateHandler(JaxsparseEmuNmSpmmT);
-  targets["jaxsparse_emu_nm_sddmm"] = EncapsulateHandler(JaxsparseEmuNmSddmm);
-  targets["jaxsparse_emu_nm_spmm_sp24"] = EncapsulateHandler(JaxsparseEmuNmSpmmSp24);
+  for (const jaxsparse::Target& target :
+       jaxsparse::RegisteredTargets(jaxsparse::TargetModule::kCudaEmu)) {
+    targets[target.name] = nb::capsule(target.handler);
+  }
   return targets;
 }
 

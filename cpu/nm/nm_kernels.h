@@ -48,8 +48,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cpu/dtype_convert.h"
-#include "cpu/nm_kernels_api.h"
+#include "cpu/common/dtype_convert.h"
+#include "cpu/nm/nm_kernels_api.h"
 
 namespace jaxsparse {
 namespace cpu {

@@ -1,11 +1,17 @@
-// The N:M kernels for AVX2 + FMA + F16C (compiled with -mavx2 -mfma -mf16c;
-// dispatch.cc only selects it after checking CPUID and the OS-enabled state).
+// SIMD traits for AVX2 + FMA + F16C (compiled with -mavx2 -mfma -mf16c;
+// cpu/common/isa.cc only selects it after checking CPUID and the OS-enabled state).
+//
+// One `Traits` class in namespace jaxsparse::cpu::avx2: the vector type and the
+// handful of operations every format's kernels are written against (see
+// cpu/nm/nm_kernels.h for the list). Include it only from translation units
+// compiled with this ISA's -m flags (CMake's jaxsparse_add_format does that).
+#ifndef JAXSPARSE_CPU_COMMON_SIMD_AVX2_H_
+#define JAXSPARSE_CPU_COMMON_SIMD_AVX2_H_
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "cpu/dtype_convert.h"
-#include "cpu/nm_kernels_api.h"
+#include "cpu/common/dtype_convert.h"
 
 namespace jaxsparse {
 namespace cpu {
@@ -66,11 +72,4 @@ struct Traits {
 }  // namespace cpu
 }  // namespace jaxsparse
 
-#define JAXSPARSE_NM_ISA avx2
-#include "cpu/nm_kernels.h"
-
-namespace jaxsparse {
-namespace cpu {
-const NmKernelTable kNmKernelsAvx2 = avx2::MakeTable<avx2::Traits>();
-}  // namespace cpu
-}  // namespace jaxsparse
+#endif  // JAXSPARSE_CPU_COMMON_SIMD_AVX2_H_

@@ -1,4 +1,4 @@
-#include "cpu/dispatch.h"
+#include "cpu/common/isa.h"
 
 #include <atomic>
 #include <cstdint>
@@ -14,16 +14,15 @@ namespace {
 struct IsaInfo {
   Isa isa;
   const char* name;
-  const NmKernelTable* kernels;
 };
 
 // Best first.
 constexpr IsaInfo kIsas[] = {
 #ifdef JAXSPARSE_X86
-    {Isa::kAvx512, "avx512", &kNmKernelsAvx512},
-    {Isa::kAvx2, "avx2", &kNmKernelsAvx2},
+    {Isa::kAvx512, "avx512"},
+    {Isa::kAvx2, "avx2"},
 #endif
-    {Isa::kPortable, "portable", &kNmKernelsPortable},
+    {Isa::kPortable, "portable"},
 };
 
 const IsaInfo* Find(Isa isa) {
@@ -115,8 +114,6 @@ std::vector<Isa> SupportedIsas() {
 }
 
 Isa CurrentIsa() { return CurrentIsaSlot().load(std::memory_order_relaxed); }
-
-const NmKernelTable& CurrentKernels() { return *Find(CurrentIsa())->kernels; }
 
 bool SetCurrentIsa(Isa isa) {
   if (Find(isa) == nullptr || !Supports(isa)) return false;

@@ -1,17 +1,23 @@
-// The N:M kernels for AVX-512 F/BW/VL/DQ (compiled with those -m flags;
-// dispatch.cc only selects it after checking CPUID and that the OS saves the
+// SIMD traits for AVX-512 F/BW/VL/DQ (compiled with those -m flags;
+// cpu/common/isa.cc only selects it after checking CPUID and that the OS saves the
 // ZMM and opmask state).
 // GCC 12's AVX-512 intrinsic headers warn on their own _mm512_undefined
 // placeholders (GCC bug 105593); the same kernel code is still checked for
 // these warnings in the portable and AVX2 units.
+//
+// One `Traits` class in namespace jaxsparse::cpu::avx512: the vector type and the
+// handful of operations every format's kernels are written against (see
+// cpu/nm/nm_kernels.h for the list). Include it only from translation units
+// compiled with this ISA's -m flags (CMake's jaxsparse_add_format does that).
+#ifndef JAXSPARSE_CPU_COMMON_SIMD_AVX512_H_
+#define JAXSPARSE_CPU_COMMON_SIMD_AVX512_H_
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "cpu/dtype_convert.h"
-#include "cpu/nm_kernels_api.h"
+#include "cpu/common/dtype_convert.h"
 
 namespace jaxsparse {
 namespace cpu {
@@ -83,17 +89,4 @@ struct Traits {
 }  // namespace cpu
 }  // namespace jaxsparse
 
-#define JAXSPARSE_NM_ISA avx512
-#include "cpu/nm_kernels.h"
-#include "cpu/nm_rowdot_avx512.h"
-
-namespace jaxsparse {
-namespace cpu {
-// The forward adds the small-token kernel of nm_rowdot_avx512.h.
-const NmKernelTable kNmKernelsAvx512 = [] {
-  NmKernelTable table = avx512::MakeTable<avx512::Traits>();
-  table.spmm = &avx512::SpmmAvx512Any;
-  return table;
-}();
-}  // namespace cpu
-}  // namespace jaxsparse
+#endif  // JAXSPARSE_CPU_COMMON_SIMD_AVX512_H_

@@ -1,5 +1,5 @@
-// The interface between the dtype-generic driver (nm_ops.cc) and the per-ISA
-// kernel translation units (nm_kernels_{portable,avx2,avx512}.cc).
+// The interface between the N:M handlers (nm_ops.cc) and the per-ISA kernel
+// translation units (nm_kernels_{portable,avx2,avx512}.cc).
 //
 // This header holds plain data and declarations only. It is included by the
 // ISA translation units, which are compiled with their own -m flags, so it must
@@ -12,10 +12,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cpu/common/kernel_api.h"
+
 namespace jaxsparse {
 namespace cpu {
 
-enum class NmDtype : int32_t { kF32, kBF16, kF16 };
+using NmDtype = Dtype;
+using NmRuntime = Runtime;
 
 // One call of a target, already validated. Leading batch dimensions are
 // expressed as element strides: 0 when the operand's batch dimension is 1.
@@ -37,22 +40,6 @@ struct NmProblem {
   const uint8_t* indices;  // [N, Kc] per batch
   int64_t indices_stride;
   void* out;  // [B, T, N], [B, T, K] or [B, N, Kc], dense
-};
-
-// What the kernels need from the host: XLA's thread pool and scratch memory.
-struct NmRuntime {
-  // Runs task(ctx, i, worker) for every i in [0, num_tasks) and returns when
-  // all have finished. `worker` is in [0, num_workers) and no two tasks run
-  // concurrently with the same worker id, so it can index per-worker scratch.
-  void (*parallel_for)(void* pool, int64_t num_tasks,
-                       void (*task)(void* ctx, int64_t i, int worker),
-                       void* ctx);
-  void* pool;
-  int num_workers;
-  // A 64-byte aligned buffer of `bytes` for this call, or null when the memory
-  // is not available. Valid until the kernel returns; one request per call.
-  void* (*scratch)(void* owner, size_t bytes);
-  void* scratch_owner;
 };
 
 // A kernel returns false only when scratch memory could not be obtained.

@@ -1,9 +1,15 @@
 // The N:M kernels in plain C++: "vectors" are small float arrays whose loops
 // the compiler vectorizes for whatever the target offers (SSE2, NEON, ...).
+//
+// One `Traits` class in namespace jaxsparse::cpu::portable: the vector type and the
+// handful of operations every format's kernels are written against (see
+// cpu/nm/nm_kernels.h for the list). Include it only from translation units
+// compiled with this ISA's -m flags (CMake's jaxsparse_add_format does that).
+#ifndef JAXSPARSE_CPU_COMMON_SIMD_PORTABLE_H_
+#define JAXSPARSE_CPU_COMMON_SIMD_PORTABLE_H_
 #include <cstdint>
 
-#include "cpu/dtype_convert.h"
-#include "cpu/nm_kernels_api.h"
+#include "cpu/common/dtype_convert.h"
 
 namespace jaxsparse {
 namespace cpu {
@@ -78,12 +84,4 @@ struct Traits {
 }  // namespace cpu
 }  // namespace jaxsparse
 
-#define JAXSPARSE_NM_ISA portable
-#include "cpu/nm_kernels.h"
-
-namespace jaxsparse {
-namespace cpu {
-const NmKernelTable kNmKernelsPortable =
-    portable::MakeTable<portable::Traits>();
-}  // namespace cpu
-}  // namespace jaxsparse
+#endif  // JAXSPARSE_CPU_COMMON_SIMD_PORTABLE_H_

@@ -18,27 +18,16 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda/nm_math.cuh"
-#include "cuda/nm_ops.h"
-#include "cuda/nm_sp24.cuh"
-#include "cuda/nm_tc_backward.cuh"
+#include "cpu/common/ffi.h"
+#include "cpu/common/validate.h"
+#include "cpu/nm/nm_checks.h"
+#include "cuda/ffi_target.h"
+#include "cuda/nm/nm_math.cuh"
+#include "cuda/nm/nm_sp24.cuh"
+#include "cuda/nm/nm_tc_backward.cuh"
 #include "cuda/simt.cuh"
 
-// As in nm_ops.h: only the XLA header's own -Wreturn-type, only here.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wreturn-type"
-#include "xla/ffi/api/ffi.h"
-#pragma GCC diagnostic pop
-
 namespace ffi = xla::ffi;
-
-#define JAXSPARSE_RETURN_IF_ERROR(expr)    \
-  do {                                     \
-    ffi::Error jaxsparse_status_ = (expr); \
-    if (jaxsparse_status_.failure()) {     \
-      return jaxsparse_status_;            \
-    }                                      \
-  } while (false)
 
 namespace jaxsparse {
 namespace {
@@ -172,137 +161,14 @@ ffi::Error Launch(simt::Stream stream, const nm::SddmmArgs<T>& a) {
 }
 
 // ------------------------------------------------------------------ checks
+// Shapes, dtypes and attributes go through the validator the CPU handlers use
+// (cpu/common/validate.h, cpu/nm/nm_checks.h).
+
+using Array3 = Operand3;
+using nm_check::Operands;
 
 ffi::Error Invalid(const char* target, const std::string& what) {
-  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
-}
-
-std::string DTypeName(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return "float32";
-    case ffi::DataType::BF16:
-      return "bfloat16";
-    case ffi::DataType::F16:
-      return "float16";
-    case ffi::DataType::U8:
-      return "uint8";
-    default:
-      return "XLA dtype #" + std::to_string(static_cast<int>(dtype));
-  }
-}
-
-ffi::Error CheckNM(const char* target, int32_t n, int32_t m) {
-  if (1 <= n && n < m && m <= nm::kMaxM) return ffi::Error::Success();
-  return Invalid(
-      target,
-      "attributes must satisfy 1 <= n < m <= " + std::to_string(nm::kMaxM) +
-          ", got n=" + std::to_string(n) + ", m=" + std::to_string(m));
-}
-
-// A named rank-3 operand or result.
-struct Array3 {
-  const char* name;
-  ffi::AnyBuffer buffer;
-  int64_t batch = 0;
-  int64_t rows = 0;
-  int64_t cols = 0;
-};
-
-ffi::Error ReadShape(const char* target, Array3& array) {
-  const auto dims = array.buffer.dimensions();
-  if (dims.size() != 3) {
-    return Invalid(target, std::string(array.name) +
-                               " must have rank 3, got rank " +
-                               std::to_string(dims.size()));
-  }
-  array.batch = dims[0];
-  array.rows = dims[1];
-  array.cols = dims[2];
-  return ffi::Error::Success();
-}
-
-// The float operands and the result share one of the supported dtypes.
-ffi::Error CheckFloatDTypes(const char* target,
-                            std::initializer_list<const Array3*> arrays) {
-  const Array3& first = **arrays.begin();
-  const ffi::DataType dtype = first.buffer.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 &&
-      dtype != ffi::DataType::F16) {
-    return Invalid(target, std::string(first.name) + " dtype must be " +
-                               "float32, bfloat16 or float16, got " +
-                               DTypeName(dtype));
-  }
-  for (const Array3* array : arrays) {
-    if (array->buffer.element_type() != dtype) {
-      return Invalid(target, std::string(array->name) + " dtype must be " +
-                                 DTypeName(dtype) + " (" + first.name +
-                                 "'s), got " +
-                                 DTypeName(array->buffer.element_type()));
-    }
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckIndicesDType(const char* target, const Array3& indices) {
-  const ffi::DataType dtype = indices.buffer.element_type();
-  if (dtype == ffi::DataType::U8) return ffi::Error::Success();
-  return Invalid(target,
-                 "indices dtype must be uint8, got " + DTypeName(dtype));
-}
-
-// The result's batch is the largest operand batch; each operand's is 1 or it.
-ffi::Error CheckBatches(const char* target,
-                        std::initializer_list<const Array3*> operands,
-                        const Array3& result) {
-  int64_t batch = 0;
-  for (const Array3* op : operands) batch = std::max(batch, op->batch);
-  for (const Array3* op : operands) {
-    if (op->batch != 1 && op->batch != batch) {
-      return Invalid(target, std::string(op->name) + ".shape[0] must be 1 or " +
-                                 std::to_string(batch) + ", got " +
-                                 std::to_string(op->batch));
-    }
-  }
-  if (result.batch == batch) return ffi::Error::Success();
-  return Invalid(target, std::string(result.name) + ".shape[0] must be " +
-                             std::to_string(batch) +
-                             " (the largest operand batch), got " +
-                             std::to_string(result.batch));
-}
-
-ffi::Error ExpectDim(const char* target, const std::string& what,
-                     int64_t expected, const std::string& source, int64_t got) {
-  if (got == expected) return ffi::Error::Success();
-  return Invalid(target, what + " must equal " + source + " = " +
-                             std::to_string(expected) + ", got " +
-                             std::to_string(got));
-}
-
-// Kc == ceil(K / m) * n for values and indices.
-ffi::Error CheckKept(const char* target, const Array3& array, int64_t k,
-                     int32_t n, int32_t m) {
-  const int64_t kept = (k + m - 1) / m * n;
-  if (array.cols == kept) return ffi::Error::Success();
-  return Invalid(target, std::string(array.name) +
-                             ".shape[2] (Kc) must be ceil(K/m)*n = ceil(" +
-                             std::to_string(k) + "/" + std::to_string(m) +
-                             ")*" + std::to_string(n) + " = " +
-                             std::to_string(kept) + ", got " +
-                             std::to_string(array.cols));
-}
-
-// The checks every target shares. Each has two float operands a and b, the
-// uint8 indices and a float result.
-ffi::Error CheckCommon(const char* target, int32_t n, int32_t m, Array3& a,
-                       Array3& b, Array3& indices, Array3& result) {
-  JAXSPARSE_RETURN_IF_ERROR(CheckNM(target, n, m));
-  for (Array3* array : {&a, &b, &indices, &result}) {
-    JAXSPARSE_RETURN_IF_ERROR(ReadShape(target, *array));
-  }
-  JAXSPARSE_RETURN_IF_ERROR(CheckFloatDTypes(target, {&a, &b, &result}));
-  JAXSPARSE_RETURN_IF_ERROR(CheckIndicesDType(target, indices));
-  return CheckBatches(target, {&a, &b, &indices}, result);
+  return Validator(target).Fail(what);
 }
 
 nm::Dims MakeDims(int64_t batch, int64_t tokens, int64_t in, int64_t out,
@@ -329,18 +195,18 @@ ffi::Error DispatchFloat(const char* target, ffi::DataType dtype, Fn&& fn) {
     case ffi::DataType::F16:
       return fn(TypeTag<simt::Half>{});
     default:
-      return Invalid(target, "unsupported dtype " + DTypeName(dtype));
+      return Invalid(target, "unsupported dtype " + DtypeName(dtype));
   }
 }
 
 template <typename T>
 const T* Data(const Array3& array) {
-  return static_cast<const T*>(array.buffer.untyped_data());
+  return static_cast<const T*>(array.buffer->untyped_data());
 }
 
 template <typename T>
 T* MutableData(const Array3& array) {
-  return static_cast<T*>(array.buffer.untyped_data());
+  return static_cast<T*>(array.buffer->untyped_data());
 }
 
 bool IsHalfPrecision(ffi::DataType dtype) {
@@ -404,7 +270,7 @@ ffi::Error LaunchTensorCore(const char* target, simt::Stream stream, const tc::A
 // matching MMA type as a template argument of LaunchTensorCore.
 template <typename Fn>
 ffi::Error DispatchHalf(const Array3& result, Fn&& launch) {
-  if (result.buffer.element_type() == ffi::DataType::BF16) {
+  if (result.buffer->element_type() == ffi::DataType::BF16) {
     return launch(MutableData<simt::Bf16>(result),
                   std::integral_constant<simt::MmaType, simt::MmaType::kBf16>{});
   }
@@ -415,22 +281,15 @@ ffi::Error DispatchHalf(const Array3& result, Fn&& launch) {
 ffi::Error NmSpmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
                   ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
                   int32_t n, int32_t m, ffi::Result<ffi::AnyBuffer> y_buffer) {
-  Array3 x{"x", x_buffer}, values{"values", values_buffer};
-  Array3 indices{"indices", indices_buffer}, y{"y", *y_buffer};
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSpmm, n, m, x, values, indices, y));
-  JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(kSpmm, "y.shape[1] (T)", x.rows, "x.shape[1]", y.rows));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmm, "values.shape[1] (N)", y.cols,
-                                      "y.shape[2]", values.rows));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmm, "indices.shape[1] (N)", y.cols,
-                                      "y.shape[2]", indices.rows));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmm, values, x.cols, n, m));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmm, indices, x.cols, n, m));
+  Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(nm_check::CheckSpmm(Validator(kSpmm), n, m, x_buffer, values_buffer,
+                                                indices_buffer, *y_buffer, &o));
+  const Array3 &x = o.a, &values = o.b, &indices = o.indices, &y = o.result;
 
-  if (y.buffer.element_count() == 0) return ffi::Error::Success();
+  if (y.buffer->element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(y.batch, y.rows, x.cols, y.cols, n, m);
-  if (d.kept == 0) return FillZeros(kSpmm, stream, y.buffer);  // K == 0
-  return DispatchFloat(kSpmm, x.buffer.element_type(), [&](auto tag) {
+  if (d.kept == 0) return FillZeros(kSpmm, stream, *y.buffer);  // K == 0
+  return DispatchFloat(kSpmm, x.buffer->element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Launch(stream,
                   nm::SpmmArgs<T>{Data<T>(x), Data<T>(values),
@@ -443,24 +302,17 @@ ffi::Error NmSpmmT(simt::Stream stream, ffi::AnyBuffer dy_buffer,
                    ffi::AnyBuffer values_buffer, ffi::AnyBuffer indices_buffer,
                    int32_t n, int32_t m,
                    ffi::Result<ffi::AnyBuffer> dx_buffer) {
-  Array3 dy{"dy", dy_buffer}, values{"values", values_buffer};
-  Array3 indices{"indices", indices_buffer}, dx{"dx", *dx_buffer};
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSpmmT, n, m, dy, values, indices, dx));
-  JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(kSpmmT, "dx.shape[1] (T)", dy.rows, "dy.shape[1]", dx.rows));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmmT, "values.shape[1] (N)", dy.cols,
-                                      "dy.shape[2]", values.rows));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSpmmT, "indices.shape[1] (N)", dy.cols,
-                                      "dy.shape[2]", indices.rows));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmmT, values, dx.cols, n, m));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSpmmT, indices, dx.cols, n, m));
+  Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(nm_check::CheckSpmmT(Validator(kSpmmT), n, m, dy_buffer,
+                                                 values_buffer, indices_buffer, *dx_buffer, &o));
+  const Array3 &dy = o.a, &values = o.b, &indices = o.indices, &dx = o.result;
 
-  if (dx.buffer.element_count() == 0) return ffi::Error::Success();
+  if (dx.buffer->element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(dx.batch, dx.rows, dx.cols, dy.cols, n, m);
-  if (d.out == 0) return FillZeros(kSpmmT, stream, dx.buffer);  // N == 0
+  if (d.out == 0) return FillZeros(kSpmmT, stream, *dx.buffer);  // N == 0
   // 16-bit operands whose dy rows are whole 16-byte pieces run on the tensor
   // cores; the rest on the CUDA-core kernel.
-  if (IsHalfPrecision(dy.buffer.element_type()) && d.out % 8 == 0 && FitsTensorCoreTiles(d)) {
+  if (IsHalfPrecision(dy.buffer->element_type()) && d.out % 8 == 0 && FitsTensorCoreTiles(d)) {
     return DispatchHalf(dx, [&](auto* out, auto type) {
       using T = std::remove_pointer_t<decltype(out)>;
       return LaunchTensorCore<T, decltype(type)::value>(
@@ -469,7 +321,7 @@ ffi::Error NmSpmmT(simt::Stream stream, ffi::AnyBuffer dy_buffer,
                  dy.batch == 1 ? 0 : d.tokens * d.out, 0, values.batch, d));
     });
   }
-  return DispatchFloat(kSpmmT, dy.buffer.element_type(), [&](auto tag) {
+  return DispatchFloat(kSpmmT, dy.buffer->element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Launch(stream,
                   nm::SpmmTArgs<T>{Data<T>(dy), Data<T>(values),
@@ -482,25 +334,18 @@ ffi::Error NmSddmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
                    ffi::AnyBuffer dy_buffer, ffi::AnyBuffer indices_buffer,
                    int32_t n, int32_t m,
                    ffi::Result<ffi::AnyBuffer> dv_buffer) {
-  Array3 x{"x", x_buffer}, dy{"dy", dy_buffer};
-  Array3 indices{"indices", indices_buffer}, dv{"dv", *dv_buffer};
-  JAXSPARSE_RETURN_IF_ERROR(CheckCommon(kSddmm, n, m, x, dy, indices, dv));
-  JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(kSddmm, "dy.shape[1] (T)", x.rows, "x.shape[1]", dy.rows));
-  JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(kSddmm, "dy.shape[2] (N)", dv.rows, "dv.shape[1]", dy.cols));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(kSddmm, "indices.shape[1] (N)", dv.rows,
-                                      "dv.shape[1]", indices.rows));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSddmm, indices, x.cols, n, m));
-  JAXSPARSE_RETURN_IF_ERROR(CheckKept(kSddmm, dv, x.cols, n, m));
+  Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(nm_check::CheckSddmm(Validator(kSddmm), n, m, x_buffer, dy_buffer,
+                                                 indices_buffer, *dv_buffer, &o));
+  const Array3 &x = o.a, &dy = o.b, &indices = o.indices, &dv = o.result;
 
-  if (dv.buffer.element_count() == 0) return ffi::Error::Success();
+  if (dv.buffer->element_count() == 0) return ffi::Error::Success();
   const nm::Dims d = MakeDims(dv.batch, x.rows, x.cols, dv.rows, n, m);
-  if (d.tokens == 0) return FillZeros(kSddmm, stream, dv.buffer);  // T == 0
-  if (IsHalfPrecision(x.buffer.element_type()) && d.out % 8 == 0 && d.in % 8 == 0 &&
+  if (d.tokens == 0) return FillZeros(kSddmm, stream, *dv.buffer);  // T == 0
+  if (IsHalfPrecision(x.buffer->element_type()) && d.out % 8 == 0 && d.in % 8 == 0 &&
       FitsTensorCoreTiles(d)) {
     // Entries outside every tile (positions >= K or >= m) are never written.
-    JAXSPARSE_RETURN_IF_ERROR(FillZeros(kSddmm, stream, dv.buffer));
+    JAXSPARSE_RETURN_IF_ERROR(FillZeros(kSddmm, stream, *dv.buffer));
     return DispatchHalf(dv, [&](auto* out, auto type) {
       using T = std::remove_pointer_t<decltype(out)>;
       return LaunchTensorCore<T, decltype(type)::value>(
@@ -510,7 +355,7 @@ ffi::Error NmSddmm(simt::Stream stream, ffi::AnyBuffer x_buffer,
                  d));
     });
   }
-  return DispatchFloat(kSddmm, x.buffer.element_type(), [&](auto tag) {
+  return DispatchFloat(kSddmm, x.buffer->element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Launch(stream,
                   nm::SddmmArgs<T>{Data<T>(x), Data<T>(dy),
@@ -542,14 +387,15 @@ ffi::Error NmSpmmSp24(simt::Stream stream, ffi::AnyBuffer x_buffer,
                       ffi::AnyBuffer values_buffer, ffi::AnyBuffer metadata_buffer,
                       ffi::Result<ffi::AnyBuffer> y_buffer) {
   const char* target = kSpmmSp24;
-  Array3 x{"x", x_buffer}, values{"values", values_buffer}, y{"y", *y_buffer};
-  for (Array3* array : {&x, &values, &y}) {
-    JAXSPARSE_RETURN_IF_ERROR(ReadShape(target, *array));
-  }
-  JAXSPARSE_RETURN_IF_ERROR(CheckFloatDTypes(target, {&x, &values, &y}));
-  const ffi::DataType dtype = x.buffer.element_type();
+  const Validator v(target);
+  Array3 x, values, y;
+  JAXSPARSE_RETURN_IF_ERROR(v.Shape3("x", x_buffer, &x));
+  JAXSPARSE_RETURN_IF_ERROR(v.Shape3("values", values_buffer, &values));
+  JAXSPARSE_RETURN_IF_ERROR(v.Shape3("y", *y_buffer, &y));
+  JAXSPARSE_RETURN_IF_ERROR(v.SameFloatDtype({&x, &values, &y}));
+  const ffi::DataType dtype = x.buffer->element_type();
   if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
-    return Invalid(target, "x dtype must be bfloat16 or float16, got " + DTypeName(dtype));
+    return Invalid(target, "x dtype must be bfloat16 or float16, got " + DtypeName(dtype));
   }
   const auto meta_dims = metadata_buffer.dimensions();
   if (metadata_buffer.element_type() != ffi::DataType::U32 || meta_dims.size() != 4) {
@@ -560,23 +406,23 @@ ffi::Error NmSpmmSp24(simt::Stream stream, ffi::AnyBuffer x_buffer,
                                std::to_string(x.cols));
   }
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "values.shape[2] (K/2)", x.cols / 2, "x.shape[2] / 2", values.cols));
+      v.Dim("values.shape[2] (K/2)", values.cols, "x.shape[2] / 2", x.cols / 2));
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "y.shape[1] (T)", x.rows, "x.shape[1]", y.rows));
+      v.Dim("y.shape[1] (T)", y.rows, "x.shape[1]", x.rows));
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "values.shape[1] (N)", y.cols, "y.shape[2]", values.rows));
+      v.Dim("values.shape[1] (N)", values.rows, "y.shape[2]", y.cols));
   const int64_t m_tiles = (y.cols + 15) / 16, k_tiles = (x.cols + 63) / 64;
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "metadata.shape[0]", values.batch, "values.shape[0]", meta_dims[0]));
+      v.Dim("metadata.shape[0]", meta_dims[0], "values.shape[0]", values.batch));
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "metadata.shape[1]", m_tiles, "ceil(N/16)", meta_dims[1]));
+      v.Dim("metadata.shape[1]", meta_dims[1], "ceil(N/16)", m_tiles));
   JAXSPARSE_RETURN_IF_ERROR(
-      ExpectDim(target, "metadata.shape[2]", k_tiles, "ceil(K/64)", meta_dims[2]));
-  JAXSPARSE_RETURN_IF_ERROR(ExpectDim(target, "metadata.shape[3]", 32, "32", meta_dims[3]));
-  JAXSPARSE_RETURN_IF_ERROR(CheckBatches(target, {&x, &values}, y));
+      v.Dim("metadata.shape[2]", meta_dims[2], "ceil(K/64)", k_tiles));
+  JAXSPARSE_RETURN_IF_ERROR(v.Dim("metadata.shape[3]", meta_dims[3], "32", 32));
+  JAXSPARSE_RETURN_IF_ERROR(v.Batch({&x, &values}, y));
 
-  if (y.buffer.element_count() == 0) return ffi::Error::Success();
-  if (x.cols == 0) return FillZeros(target, stream, y.buffer);
+  if (y.buffer->element_count() == 0) return ffi::Error::Success();
+  if (x.cols == 0) return FillZeros(target, stream, *y.buffer);
   auto args = [&](auto* out) {
     using T = std::remove_pointer_t<decltype(out)>;
     return sp24::Args<T>{Data<uint16_t>(x),
@@ -603,81 +449,15 @@ ffi::Error NmSpmmSp24(simt::Stream stream, ffi::AnyBuffer x_buffer,
 }  // namespace
 }  // namespace jaxsparse
 
-#if defined(__CUDACC__)
-// The handlers only enqueue a memset or one kernel on XLA's stream, so XLA may
-// capture them into CUDA graphs (command buffers).
 // Operands (three arrays), attributes n and m, one result (docs/ffi_abi.md).
-#define JAXSPARSE_CUDA_HANDLER(symbol, fn)                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                    \
-                                ffi::Ffi::Bind()                               \
-                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()  \
-                                    .Arg<ffi::AnyBuffer>()                     \
-                                    .Arg<ffi::AnyBuffer>()                     \
-                                    .Arg<ffi::AnyBuffer>()                     \
-                                    .Attr<int32_t>("n")                        \
-                                    .Attr<int32_t>("m")                        \
-                                    .Ret<ffi::AnyBuffer>(),                    \
-                                {ffi::Traits::kCmdBufferCompatible});
-JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSpmm, jaxsparse::NmSpmm)
-JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSpmmT, jaxsparse::NmSpmmT)
-JAXSPARSE_CUDA_HANDLER(JaxsparseCudaNmSddmm, jaxsparse::NmSddmm)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseCudaNmSpmmSp24, jaxsparse::NmSpmmSp24,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // values
-                                  .Arg<ffi::AnyBuffer>()  // metadata
-                                  .Ret<ffi::AnyBuffer>(),  // y
-                              {ffi::Traits::kCmdBufferCompatible});
-#else
-// Emulated: the same handlers as CPU targets (no stream; the emulator runs
-// each launch to completion). An emulator error (emu::Error: a rule of the
-// ISA broken) becomes an Internal error naming the target.
-namespace jaxsparse {
-namespace {
-template <class Fn, class... A>
-ffi::Error Emulated(const char* target, Fn fn, A... args) {
-  try {
-    return fn(nullptr, args...);
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string(target) + " (emulated CUDA): " + e.what());
-  }
-}
-ffi::Error EmuSpmm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
-                   ffi::Result<ffi::AnyBuffer> r) {
-  return Emulated(kSpmm, NmSpmm, a, b, c, n, m, r);
-}
-ffi::Error EmuSpmmT(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
-                    ffi::Result<ffi::AnyBuffer> r) {
-  return Emulated(kSpmmT, NmSpmmT, a, b, c, n, m, r);
-}
-ffi::Error EmuSddmm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c, int32_t n, int32_t m,
-                    ffi::Result<ffi::AnyBuffer> r) {
-  return Emulated(kSddmm, NmSddmm, a, b, c, n, m, r);
-}
-ffi::Error EmuSpmmSp24(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c,
-                       ffi::Result<ffi::AnyBuffer> r) {
-  return Emulated(kSpmmSp24, NmSpmmSp24, a, b, c, r);
-}
-}  // namespace
-}  // namespace jaxsparse
+#define JAXSPARSE_NM_BINDING                                                    \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()          \
+      .Attr<int32_t>("n").Attr<int32_t>("m").Ret<ffi::AnyBuffer>()
 
-#define JAXSPARSE_EMU_HANDLER(symbol, fn)                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                \
-                                ffi::Ffi::Bind()           \
-                                    .Arg<ffi::AnyBuffer>() \
-                                    .Arg<ffi::AnyBuffer>() \
-                                    .Arg<ffi::AnyBuffer>() \
-                                    .Attr<int32_t>("n")    \
-                                    .Attr<int32_t>("m")    \
-                                    .Ret<ffi::AnyBuffer>());
-JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSpmm, jaxsparse::EmuSpmm)
-JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSpmmT, jaxsparse::EmuSpmmT)
-JAXSPARSE_EMU_HANDLER(JaxsparseEmuNmSddmm, jaxsparse::EmuSddmm)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseEmuNmSpmmSp24, jaxsparse::EmuSpmmSp24,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // values
-                                  .Arg<ffi::AnyBuffer>()  // metadata
-                                  .Ret<ffi::AnyBuffer>());  // y
-#endif
+JAXSPARSE_CUDA_TARGET(NmSpmm, "nm_spmm", jaxsparse::NmSpmm, JAXSPARSE_NM_BINDING);
+JAXSPARSE_CUDA_TARGET(NmSpmmT, "nm_spmm_t", jaxsparse::NmSpmmT, JAXSPARSE_NM_BINDING);
+JAXSPARSE_CUDA_TARGET(NmSddmm, "nm_sddmm", jaxsparse::NmSddmm, JAXSPARSE_NM_BINDING);
+// x, the 2:4 values and their packed mma.sp metadata (pack_mma_sp_24), y.
+JAXSPARSE_CUDA_TARGET(NmSpmmSp24, "nm_spmm_sp24", jaxsparse::NmSpmmSp24,
+                      .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                          .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,65 @@
+// The host side of every format's CPU kernels: XLA's intra-op thread pool
+// and per-call scratch memory behind the plain `Runtime` the kernels see
+// (cpu/common/kernel_api.h), and the call wrapper every handler uses.
+#ifndef JAXSPARSE_CPU_COMMON_RUNTIME_H_
+#define JAXSPARSE_CPU_COMMON_RUNTIME_H_
+
+#include <cstddef>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+
+#include "cpu/common/ffi.h"
+#include "cpu/common/kernel_api.h"
+#include "cpu/common/validate.h"
+
+namespace jaxsparse {
+namespace cpu {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedPtr = std::unique_ptr<char, FreeDeleter>;
+
+// The scratch of one call. Each calling thread keeps its buffer between
+// calls (the kernels bound their requests to tens of MB), so steady-state
+// calls neither allocate nor page-fault fresh memory. Requests above
+// kKeepBytes (e.g. sddmm's f32 sums of a huge bf16/f16 gradient) get a buffer
+// of their own, freed after the call.
+class CallScratch {
+ public:
+  static void* Get(void* self, size_t bytes) {
+    return static_cast<CallScratch*>(self)->Allocate(bytes);
+  }
+
+ private:
+  static constexpr size_t kKeepBytes = size_t{64} << 20;
+  void* Allocate(size_t bytes);
+  AlignedPtr owned_;
+};
+
+// The Runtime of one call on XLA's pool, with `scratch` as its memory.
+Runtime MakeRuntime(xla::ffi::ThreadPool& pool, CallScratch* scratch);
+
+// Runs kernel(problem, runtime) and turns its outcome into the handler's
+// result: a kernel returns false only when scratch memory ran out.
+template <class Problem>
+xla::ffi::Error RunKernel(const Validator& v,
+                          bool (*kernel)(const Problem&, const Runtime&),
+                          const Problem& problem, xla::ffi::ThreadPool& pool) {
+  try {
+    CallScratch scratch;
+    if (kernel(problem, MakeRuntime(pool, &scratch))) {
+      return xla::ffi::Error::Success();
+    }
+    return xla::ffi::Error(xla::ffi::ErrorCode::kResourceExhausted,
+                           v.Prefix() + "out of memory for scratch buffers");
+  } catch (const std::exception& e) {  // Nothing below throws; a guard.
+    return xla::ffi::Error::Internal(v.Prefix() + e.what());
+  }
+}
+
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_COMMON_RUNTIME_H_
