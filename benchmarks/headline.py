@@ -1,7 +1,7 @@
-"""The README's headline table from a bench_nm.py JSON: `x @ ws` speedup over XLA's dense dot.
+"""The README's headline table from a bench.py JSON: `x @ ws` speedup over XLA's dense dot.
 
 Usage:
-    python benchmarks/headline.py [bench_results/bench_nm.json]
+    python benchmarks/headline.py [bench_results/bench.json]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _speedup(r) -> str:
 
 
 def main(argv) -> None:
-    path = Path(argv[1] if len(argv) > 1 else "bench_results/bench_nm.json")
+    path = Path(argv[1] if len(argv) > 1 else "bench_results/bench.json")
     payload = json.loads(path.read_text())
     print(f"{payload['machine']['cpu']} x{payload['machine']['cpus']}, ISA {payload['isa']}, "
           f"jax {payload['jax']}, commit {payload['commit']}, {payload['date']}\n")

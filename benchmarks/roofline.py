@@ -1,12 +1,12 @@
 """The two roofline numbers of every harness shape: the compute bound and the memory bound.
 
 For XLA's dense dot and each N:M pattern, at f32 and bf16, the least time the machine allows:
-`flops / peak` (compute) and `bytes / bandwidth` (memory), from the ceilings bench_nm.py measured
+`flops / peak` (compute) and `bytes / bandwidth` (memory), from the ceilings bench.py measured
 (its JSON), and the ideal speedup they imply (dense bound over N:M bound). N:M bytes count the
 values plus one byte per kept position (the canonical uint8 positions the kernels read).
 
 Usage:
-    python benchmarks/roofline.py [bench_results/bench_nm.json]
+    python benchmarks/roofline.py [bench_results/bench.json]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def table(ceilings) -> str:
 
 
 def main(argv) -> None:
-    path = Path(argv[1] if len(argv) > 1 else "bench_results/bench_nm.json")
+    path = Path(argv[1] if len(argv) > 1 else "bench_results/bench.json")
     print(table(json.loads(path.read_text())["ceilings"]))
 
 

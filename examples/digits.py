@@ -1,4 +1,4 @@
-"""Train an MLP on scikit-learn's digits, prune it to N:M sparsity three ways, compare with dense.
+"""Train an MLP on scikit-learn's digits, prune it to N:M and V:N:M sparsity, compare with dense.
 
     python examples/digits.py [--quick] [--out digits_sparsity.png] [--hidden 1024]
 
@@ -13,7 +13,9 @@ with a fixed train/test split and fixed seeds:
    more magnitude;
 4. "SR-STE": a model trained from scratch through 2:4-pruned kernels (`srste_weights` in the
    forward pass, the `srste` decay in the optimizer), then converted to `SparseLinear` layers;
-5. the sweep 1:4, 2:8 and 4:8 by magnitude + fine-tune.
+5. the sweep 1:4, 2:8 and 4:8 by magnitude + fine-tune;
+6. V:N:M (VENOM: panels of v outputs share 4 of every m inputs, n of those 4 kept per output)
+   64:2:8 (75% sparse), 128:2:16 (87.5%) and 64:2:32 (93.75%) by magnitude + fine-tune.
 
 It prints a table of sparsity, test accuracy, training-step time and inference time against dense
 (medians of interleaved runs after warm-up), and writes a PNG plot of accuracy against sparsity.
@@ -55,6 +57,7 @@ SEED = 0
 BATCH = 128
 LEARNING_RATE = 1e-3
 SWEEP = (jsp.NM(1, 4), jsp.NM(2, 4), jsp.NM(2, 8), jsp.NM(4, 8))
+VNM_SWEEP = (jsp.VNM(64, 2, 8), jsp.VNM(128, 2, 16), jsp.VNM(64, 2, 32))
 MIN_DENSE_ACCURACY = 0.9
 
 
@@ -87,7 +90,7 @@ class Trained:
 @dataclasses.dataclass
 class Row:
     method: str
-    pattern: jsp.NM | None
+    pattern: jsp.NM | jsp.VNM | None
     model: nnx.Module
     trained: Trained
     accuracy: float
@@ -201,7 +204,7 @@ def dense_row(data: Data, settings: Settings) -> Row:
     return row
 
 
-def finetuned_row(method: str, dense, pattern: jsp.NM, data: Data, settings: Settings) -> Row:
+def finetuned_row(method: str, dense, pattern, data: Data, settings: Settings) -> Row:
     """Prune every layer of `dense` by magnitude to SparseLinear, then fine-tune the kept values."""
     sparse = jsp.nn.sparsify(dense, pattern)
     trained = train(sparse, data, settings.finetune_steps, f"{method} {pattern}")
@@ -274,7 +277,7 @@ def weight_sparsity(model) -> float:
 
 
 def checked_row(row: Row) -> Row:
-    """The row, once its model's weights are checked against its N:M pattern."""
+    """The row, once its model's weights are checked against its pattern (N:M or V:N:M)."""
     for i, kernel in enumerate(dense_kernels(row.model), start=1):
         kept = jnp.where(prune.magnitude_mask(kernel, row.pattern), kernel, 0)
         require(
@@ -320,16 +323,16 @@ def print_table(rows: list[Row], data: Data, settings: Settings) -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, jaxsparse CPU kernels: {jsp.cpu_isa()}")
     print(f"MLP 64 -> {h} -> {h} -> 10 on digits ({len(data.y_train)} train / "
-          f"{len(data.y_test)} test images); all three Linear layers pruned, N:M along inputs")
+          f"{len(data.y_test)} test images); all three Linear layers pruned, along inputs")
     print(f"step: one adam step on a batch of {BATCH}; infer: the forward pass on the test set;")
     print("median ms, and /dense = time / dense time (below 1: faster than dense)")
-    head = (f"{'method':<19} {'pattern':>7} {'sparsity':>8} {'one-shot':>8} {'test acc':>8}  "
+    head = (f"{'method':<19} {'pattern':>8} {'sparsity':>8} {'one-shot':>8} {'test acc':>8}  "
             f"{'step ms':>8} {'/dense':>6}  {'infer ms':>8} {'/dense':>6}")
     print(head)
     print("-" * len(head))
     for row in rows:
         one_shot = "-" if row.one_shot_accuracy is None else f"{row.one_shot_accuracy:.2%}"
-        print(f"{row.method:<19} {str(row.pattern or '-'):>7} {row.sparsity:>8.2%} "
+        print(f"{row.method:<19} {str(row.pattern or '-'):>8} {row.sparsity:>8.2%} "
               f"{one_shot:>8} {row.accuracy:>8.2%}  "
               f"{row.step_ms:>8.2f} {row.step_ms / dense.step_ms:>5.2f}x  "
               f"{row.infer_ms:>8.2f} {row.infer_ms / dense.infer_ms:>5.2f}x")
@@ -341,6 +344,7 @@ PLOT_STYLE = {  # method -> (legend label, colour, marker, size: larger ones dra
     "magnitude": ("magnitude + fine-tune", "tab:blue", "o", 110),
     "permuted magnitude": ("permuted magnitude 2:4 + fine-tune", "tab:green", "*", 80),
     "SR-STE": ("SR-STE 2:4", "tab:red", "D", 40),
+    "V:N:M magnitude": ("V:N:M magnitude + fine-tune", "tab:purple", "^", 70),
     "dense": ("dense", "black", "s", 50),
 }
 
@@ -358,20 +362,21 @@ def plot(rows: list[Row], path: str) -> None:
             ax.scatter([r.sparsity for r in one_shot], [r.one_shot_accuracy for r in one_shot],
                        facecolors="none", edgecolors=color, marker=marker, s=size,
                        label=f"{label.removesuffix(' + fine-tune')}, one-shot")
-    names = {}  # The sweep's patterns, one label per point (2:4 and 4:8 may coincide).
-    for r in rows:
-        if r.method == "magnitude":
-            for y in (r.accuracy, r.one_shot_accuracy):
-                names.setdefault((r.sparsity, y), []).append(str(r.pattern))
-    for xy, patterns in names.items():
-        ax.annotate(", ".join(patterns), xy, textcoords="offset points", xytext=(8, -3),
-                    fontsize=8, color="tab:blue")
+    for method, color in (("magnitude", "tab:blue"), ("V:N:M magnitude", "tab:purple")):
+        names = {}  # The sweep's patterns, one label per point (2:4 and 4:8 may coincide).
+        for r in rows:
+            if r.method == method:
+                for y in (r.accuracy, r.one_shot_accuracy):
+                    names.setdefault((r.sparsity, y), []).append(str(r.pattern))
+        for xy, patterns in names.items():
+            ax.annotate(", ".join(patterns), xy, textcoords="offset points", xytext=(8, -3),
+                        fontsize=8, color=color)
     ax.margins(x=0.1)  # Room for the labels right of the 75% points.
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
     ax.set_xlabel("sparsity of the weights")
     ax.set_ylabel("test accuracy")
-    ax.set_title("digits MLP: N:M pruning with jaxsparse")
+    ax.set_title("digits MLP: N:M and V:N:M pruning with jaxsparse")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -408,6 +413,7 @@ def main():
         srste_row(two_four, data, settings),
         *(finetuned_row("magnitude", dense.model, p, data, settings)
           for p in SWEEP if p != two_four),
+        *(finetuned_row("V:N:M magnitude", dense.model, p, data, settings) for p in VNM_SWEEP),
     ]
     time_rows(rows, data, settings)
     print_table(rows, data, settings)

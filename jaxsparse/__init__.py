@@ -4,11 +4,22 @@
     >>> w = jax.random.normal(jax.random.key(0), (64, 32))
     >>> ws = jsp.NMSparse.fromdense(w, n=2, m=4)
     >>> y = jax.numpy.ones((8, 64)) @ ws        # [8, 32]
+    >>> wv = jsp.fromdense(w, jsp.VNM(16, 2, 8))  # V:N:M, 75% sparse
+    >>> y = jax.numpy.ones((8, 64)) @ wv
 """
 
 from jaxsparse import _ffi
 from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
-from jaxsparse.formats import NM, NMSparse
+from jaxsparse.formats import (
+    NM,
+    VNM,
+    NMSparse,
+    SparseFormat,
+    VNMSparse,
+    as_spec,
+    fromdense,
+    frommask,
+)
 from jaxsparse.ops import JaxsparseFallbackWarning, choose_path, matmul, matmul_path
 from jaxsparse import prune  # noqa: E402  (after formats: prune builds on NM)
 from jaxsparse import linen, mixed_precision, nn  # noqa: E402
@@ -18,6 +29,12 @@ __version__ = "0.1.0"
 __all__ = [
     "NM",
     "NMSparse",
+    "SparseFormat",
+    "VNM",
+    "VNMSparse",
+    "as_spec",
+    "fromdense",
+    "frommask",
     "JaxsparseFallbackWarning",
     "choose_path",
     "cpu_isa",

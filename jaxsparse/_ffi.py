@@ -39,10 +39,19 @@ if _EMULATE_CUDA and _cuda_emu is None:
         "pip install -e . first"
     )
 
-for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA"), (_cuda_emu, "cpu")):
+_TARGETS: dict[str, set[str]] = {"cpu": set(), "cuda": set(), "emu": set()}
+for _module, _platform, _kind in ((_cpu, "cpu", "cpu"), (_cuda, "CUDA", "cuda"),
+                                  (_cuda_emu, "cpu", "emu")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
+            _TARGETS[_kind].add(_name)
+
+
+def has_target(name: str, kind: str) -> bool:
+    """True when the module of `kind` ("cpu", "cuda" or "emu", the emulated CUDA handlers)
+    registered the FFI target `name` (a format may have no kernel on some platform)."""
+    return name in _TARGETS[kind]
 
 
 def has_cpu_kernels() -> bool:

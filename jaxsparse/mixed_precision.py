@@ -20,7 +20,9 @@ One step, from the building blocks (all pure functions, jittable):
 
 Integer leaves (the uint8 `indices` of an `NMSparse`, step counters) are left alone everywhere:
 `cast_tree` does not cast them, `all_finite` does not inspect them, and `make_train_step`
-differentiates and updates only the float leaves (an `NMSparse` is trained through its `values`).
+differentiates and updates only the float leaves; inside a jaxsparse format only the arrays it
+declares trainable (an `NMSparse` or `VNMSparse` is trained through its `values`, never through
+its frozen structure).
 
 Example (the loop written out; `make_train_step` packages exactly this):
 
@@ -66,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxsparse.formats._base import TRAINABLE, SparseFormat
 
 __all__ = [
     "DynamicLossScale",
@@ -604,9 +608,24 @@ def _is_trainable(x) -> bool:
 
 
 def _partition(tree):
-    """(float leaves with None elsewhere, the other leaves with None at the float ones)."""
-    trainable = jax.tree.map(lambda x: x if _is_trainable(x) else None, tree)
-    frozen = jax.tree.map(lambda x: None if _is_trainable(x) else x, tree)
+    """(trainable leaves with None elsewhere, the other leaves with None at the trainable ones).
+
+    Trainable: float array leaves, except inside a jaxsparse format, where only the arrays the
+    format declares `TRAINABLE` are (a format's frozen arrays never train, even float ones).
+    """
+    def split(node, keep_trainable):
+        if isinstance(node, SparseFormat):
+            trainable = set(node.arrays_with_role(TRAINABLE))
+            children = tuple(
+                a if ((n in trainable and _is_trainable(a)) == keep_trainable) else None
+                for n, a in node.arrays().items()
+            )
+            return node.tree_unflatten(node._aux, children)
+        return node if _is_trainable(node) == keep_trainable else None
+
+    is_format = lambda x: isinstance(x, SparseFormat)  # noqa: E731
+    trainable = jax.tree.map(lambda x: split(x, True), tree, is_leaf=is_format)
+    frozen = jax.tree.map(lambda x: split(x, False), tree, is_leaf=is_format)
     return trainable, frozen
 
 

@@ -1,5 +1,24 @@
-"""Sparse formats, one file each: registered pytrees in a canonical, device-neutral layout."""
+"""Weight formats, one file each: registered pytrees in a canonical, device-neutral layout.
 
+`_base.SparseFormat` is the seam (array roles, pytree registration, `x @ w`); `_spec` is the one
+registry of specs (`NM`, `VNM`, ...) with `as_spec`, `fromdense` and `frommask`.
+"""
+
+from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
+from jaxsparse.formats._spec import as_spec, frommask, fromdense, registered_specs
 from jaxsparse.formats.nm import NM, NMSparse
+from jaxsparse.formats.vnm import VNM, VNMSparse
 
-__all__ = ["NM", "NMSparse"]
+__all__ = [
+    "FROZEN",
+    "NM",
+    "NMSparse",
+    "SparseFormat",
+    "TRAINABLE",
+    "VNM",
+    "VNMSparse",
+    "as_spec",
+    "fromdense",
+    "frommask",
+    "registered_specs",
+]

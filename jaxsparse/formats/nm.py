@@ -21,22 +21,28 @@ drops them.
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple
+import functools
+import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
+from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
+from jaxsparse.formats._spec import register_spec
+from jaxsparse.ops.nm import nm_spmm
 
 _MAX_M = 16
 
 
+@register_spec
 class NM(NamedTuple):
-    """The N:M pattern: keep `n` of every `m` consecutive inputs of each output.
+    """The N:M spec: keep `n` of every `m` consecutive inputs of each output.
 
-    A hashable value, usable as a static argument and as the `sparsity=` of layers.
+    A hashable value, usable as a static argument and as the `sparsity=` of layers; `"n:m"`
+    strings (`"2:4"`) parse to it.
 
     Example:
         >>> NM(2, 4).density
@@ -46,29 +52,57 @@ class NM(NamedTuple):
     n: int
     m: int
 
+    STRING_FORM = "'n:m' such as '2:4'"
+
     @property
     def density(self) -> float:
         return self.n / self.m
+
+    @property
+    def format(self) -> type:
+        return NMSparse
 
     def validate(self, where: str = "jaxsparse.NM") -> "NM":
         n = V.check_int("m", self.m, low=2, high=_MAX_M, where=where)
         V.check_int("n", self.n, low=1, high=n - 1, where=where)
         return NM(int(self.n), int(self.m))
 
+    @classmethod
+    def from_string(cls, text: str) -> "NM | None":
+        match = _NM_STRING.match(text)
+        return None if match is None else cls(int(match.group(1)), int(match.group(2)))
+
+    def fits_shape(self, shape: tuple[int, ...]) -> str | None:
+        """None when a kernel `[..., in, out]` can take this spec, else why not."""
+        if shape[-2] < self.m:
+            return (
+                f"in={shape[-2]} < m={self.m}: an N:M group needs at least m inputs, "
+                "nothing would be pruned"
+            )
+        return None
+
+    def magnitude_mask(self, w) -> jax.Array:
+        """The bool mask `NMSparse.fromdense(w, n, m)` keeps (`[..., in, out]`)."""
+        return _magnitude_mask(w, self)
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 
 
-@jax.tree_util.register_pytree_node_class
-class NMSparse:
+_NM_STRING = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class NMSparse(SparseFormat):
     """An N:M sparse matrix of logical shape `[..., in, out]`, sparse along `in`.
 
-    Build one with `NMSparse.fromdense(w, n=2, m=4)` or `NMSparse.frommask(w, mask, n=, m=)`.
-    Multiply with `x @ ws` or `jaxsparse.matmul(x, ws)`: `x [..., in] -> [..., out]`.
+    Build one with `NMSparse.fromdense(w, n=2, m=4)`, `NMSparse.frommask(w, mask, n=, m=)` or
+    `jaxsparse.fromdense(w, NM(2, 4))`. Multiply with `x @ ws` or `jaxsparse.matmul(x, ws)`:
+    `x [..., in] -> [..., out]`.
 
     Attributes:
-        values: `[..., out, ceil(in/m)*n]`, float32/bfloat16/float16; the kept values.
-        indices: `[..., out, ceil(in/m)*n]`, uint8; each value's position inside its group of m.
+        values: `[..., out, ceil(in/m)*n]`, float32/bfloat16/float16; the kept values (trainable).
+        indices: `[..., out, ceil(in/m)*n]`, uint8; each value's position inside its group of m
+            (frozen).
         n, m: the pattern (static).
         in_features: the logical `in` (static); `out` and leading batch dims come from `values`.
 
@@ -77,7 +111,8 @@ class NMSparse:
     of both arrays), `grad` (w.r.t. `values`) and checkpointing unchanged.
     """
 
-    __array_ufunc__ = None  # NumPy defers `np_array @ ws` to NMSparse.__rmatmul__.
+    ARRAYS = (("values", TRAINABLE), ("indices", FROZEN))
+    SPEC = NM
 
     def __init__(self, values, indices, *, n: int, m: int, in_features: int):
         where = "jaxsparse.NMSparse"
@@ -102,23 +137,14 @@ class NMSparse:
             )
         if V.is_concrete(indices):
             _check_positions(np.asarray(indices), n, m, where)
-        self._init(values, indices.astype(jnp.uint8), n, m, in_features)
-
-    def _init(self, values, indices, n, m, in_features):
-        self.values = values
-        self.indices = indices
+        self.values, self.indices = values, indices.astype(jnp.uint8)
         self.n, self.m, self.in_features = n, m, in_features
 
-    # ------------------------------------------------------------------ pytree
-    def tree_flatten(self):
-        return (self.values, self.indices), (self.n, self.m, self.in_features)
-
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        # No validation: leaves may be tracers, None or sentinels inside JAX transformations.
-        obj = object.__new__(cls)
-        obj._init(*children, *aux)
-        return obj
+    def array_shapes(cls, spec: NM, in_features: int, out_features: int) -> dict:
+        """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
+        shape = (out_features, _num_groups(in_features, spec.m) * spec.n)
+        return {"values": (shape, None), "indices": (shape, jnp.uint8)}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,13 +180,7 @@ class NMSparse:
         where = "jaxsparse.NMSparse.frommask"
         n, m = NM(n, m).validate(where)
         w = _check_dense("w", w, where)
-        mask = V.as_array("mask", mask, where=where)
-        if mask.shape != w.shape:
-            raise ValueError(
-                f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
-            )
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+        mask = _check_mask(mask, w, where)
         mask_groups, real = _to_groups(mask, m)
         if V.is_concrete(mask_groups):
             _check_mask_counts(np.asarray(mask_groups), n, m, where)
@@ -180,36 +200,6 @@ class NMSparse:
             (n, m, in_features),
             (values.reshape(kept_shape), pos.astype(jnp.uint8).reshape(kept_shape)),
         )
-
-    def replace(self, **changes: Any) -> "NMSparse":
-        """A copy with new `values` and/or `indices` (same pattern and shape), validated.
-
-        `ws.replace(values=v)` is how training updates the kept values: `v` may be a tracer.
-        """
-        unknown = set(changes) - {"values", "indices"}
-        if unknown:
-            raise TypeError(
-                f"jaxsparse.NMSparse.replace: unknown fields {sorted(unknown)}; "
-                "expected values= and/or indices="
-            )
-        values = changes.get("values", self.values)
-        indices = changes.get("indices", self.indices)
-        where = "jaxsparse.NMSparse.replace"
-        values = V.as_array("values", values, where=where)
-        if values.shape != self.values.shape:
-            raise ValueError(
-                f"{where}: values must keep the shape {tuple(self.values.shape)}; "
-                f"got {tuple(values.shape)}"
-            )
-        if "indices" not in changes:  # Positions already validated: skip the host round trip.
-            V.check_float_dtype("values", values.dtype, where=where)
-            return self.tree_unflatten(self._aux, (values, self.indices))
-        return NMSparse(values, indices, n=self.n, m=self.m, in_features=self.in_features)
-
-    def astype(self, dtype) -> "NMSparse":
-        """The same pattern with values cast to `dtype` (float32, bfloat16 or float16)."""
-        V.check_float_dtype("dtype", dtype, where="jaxsparse.NMSparse.astype")
-        return self.tree_unflatten(self._aux, (self.values.astype(dtype), self.indices))
 
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
@@ -241,63 +231,8 @@ class NMSparse:
     def _grouped(self, a):
         return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def _aux(self):
-        return (self.n, self.m, self.in_features)
-
-    @property
-    def pattern(self) -> NM:
-        return NM(self.n, self.m)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The logical shape `[..., in, out]`."""
-        return (*self.values.shape[:-2], self.in_features, self.values.shape[-2])
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape[:-2])
-
-    @property
-    def out_features(self) -> int:
-        return self.values.shape[-2]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def dtype(self):
-        return self.values.dtype
-
-    @property
-    def density(self) -> float:
-        """Stored entries over logical entries: n/m, or more when `in` is padded."""
-        total = math.prod(self.shape)
-        return self.values.size / total if total else self.n / self.m
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the canonical arrays (values + 1-byte positions)."""
-        return self.values.nbytes + self.indices.nbytes
-
-    def __rmatmul__(self, x):
-        from jaxsparse.ops.matmul import matmul
-
-        return matmul(x, self)
-
-    def __matmul__(self, other):
-        raise TypeError(
-            "NMSparse @ x is not supported: jaxsparse multiplies a dense left operand by a sparse "
-            "weight, `x @ ws` with x [..., in]; for ws @ x use (x.T @ ws).T or ws.todense() @ x"
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"NMSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
-            f"pattern={self.n}:{self.m}, nbytes={self.nbytes})"
-        )
+    def _kernel(self, x, values, indices):
+        return nm_spmm(x, values, indices, n=self.n, m=self.m)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -310,6 +245,17 @@ def _check_dense(name, w, where):
     V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
     V.check_float_dtype(name, w.dtype, where=where)
     return w
+
+
+def _check_mask(mask, w, where):
+    mask = V.as_array("mask", mask, where=where)
+    if mask.shape != w.shape:
+        raise ValueError(
+            f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
+        )
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+    return mask
 
 
 def _to_groups(w, m):
@@ -359,3 +305,29 @@ def _check_mask_counts(mask_groups: np.ndarray, n: int, m: int, where: str) -> N
             f"{' at batch index ' + str(tuple(lead)) if lead else ''}; the {n}:{m} pattern "
             f"allows at most {n}"
         )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitude_mask(w, pattern: NM) -> jax.Array:
+    """`NMSparse.fromdense(w).mask()` without building the format: each entry's rank in its group
+    by pairwise comparison (m^2 compares per group, elementwise and fused by XLA), measured ~60x
+    faster than the top_k + scatter of fromdense on a 1024x1024 kernel.
+
+    The keys order like fromdense's top_k: |w| as its f32 bit pattern (non-negative floats, and
+    NaN above inf, order as their bits), the zero padding of a ragged group below every real entry.
+    """
+    n, m = pattern
+    k = w.shape[-2]
+    if k == 0 or w.shape[-1] == 0:
+        return jnp.zeros(w.shape, jnp.bool_)
+    groups = -(-k // m)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(w.astype(jnp.float32)), jnp.int32)
+    keys = jnp.pad(bits, [(0, 0)] * (w.ndim - 2) + [(0, groups * m - k), (0, 0)],
+                   constant_values=-1)
+    keys = keys.reshape(*w.shape[:-2], groups, m, 1, w.shape[-1])  # [..., G, i, 1, out]
+    other = jnp.swapaxes(keys, -3, -2)  # [..., G, 1, j, out]
+    earlier = (jnp.arange(m)[None, :] < jnp.arange(m)[:, None])[:, :, None]  # [i, j, 1]: j < i
+    beaten_by = (other > keys) | ((other == keys) & earlier)
+    rank = jnp.sum(beaten_by, axis=-2, dtype=jnp.int32)  # [..., G, m, out]
+    kept = (rank < n).reshape(*w.shape[:-2], groups * m, w.shape[-1])
+    return kept[..., :k, :]

@@ -1,9 +1,10 @@
-"""`SparseDense`: `flax.linen.Dense` with a structured-sparse kernel.
+"""`SparseDense`: `flax.linen.Dense` with a structured-sparse kernel, for every format.
 
-The kept values live in the `params` collection (`values`, beside `bias`), so optax over
-`variables["params"]` trains exactly them; their positions live in the `"sparsity"` collection as
-`indices`, boxed in `SparsityIndices` (a `flax.core.meta.AxisMetadata`, like `nn.Partitioned`)
-that carries the pattern and `in_features` as static metadata, so a variable tree describes itself
+The format's trainable arrays (the kept `values`) live in the `params` collection, beside `bias`,
+so optax over `variables["params"]` trains exactly them; its frozen arrays (N:M's `indices`,
+V:N:M's `indices` and `columns`) live in the `"sparsity"` collection under their own names, each
+boxed in `SparsityIndices` (a `flax.core.meta.AxisMetadata`, like `nn.Partitioned`) that carries
+the spec and `in_features` as static metadata, so a variable tree describes itself
 (`jaxsparse.linen.densify(variables)` needs nothing else).
 """
 
@@ -27,9 +28,10 @@ SPARSITY_COLLECTION = "sparsity"
 
 
 class SparsityIndices(struct.PyTreeNode, meta.AxisMetadata):
-    """The positions of a SparseDense's kept values, boxed with their pattern and `in_features`.
+    """One frozen array of a SparseDense (positions, column selections), boxed with the layer's
+    spec (`pattern`) and `in_features`.
 
-    A pytree whose only leaf is `value` (`[out, kept]`, uint8 for N:M); `pattern` and
+    A pytree whose only leaf is `value` (uint8, e.g. `[out, kept]` for N:M); `pattern` and
     `in_features` are static metadata, so the box passes through `jit`, `jax.tree.map`, orbax and
     flax.serialization (which store `value` only). `nn.meta.unbox` strips it; `SparseDense` accepts
     the bare array too.
@@ -61,8 +63,9 @@ class SparseDense(nn.Module):
     version of a fresh Dense of the same name.
 
     Variables: `params/values` `[features, ceil(in/m)*n]` in `param_dtype`, `params/bias`
-    `[features]` (when `use_bias`), and `sparsity/indices` (a `SparsityIndices` box around uint8
-    `[features, ceil(in/m)*n]`): pass the whole variable dict to `apply`.
+    `[features]` (when `use_bias`), and the format's frozen arrays in `sparsity/` (N:M:
+    `sparsity/indices`, uint8 `[features, ceil(in/m)*n]`; V:N:M also `sparsity/columns`), each a
+    `SparsityIndices` box: pass the whole variable dict to `apply`.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -76,9 +79,10 @@ class SparseDense(nn.Module):
 
     Attributes:
         features: the number of output features.
-        sparsity: the pattern (keyword-only): `jaxsparse.NM(n, m)` or a string `"n:m"` such as
-            `"2:4"` (N:M along the input dimension; the input size must be at least `m`).
-            Mask-only patterns (`jaxsparse.prune.Unstructured`) are refused.
+        sparsity: the format's spec (keyword-only): `jaxsparse.NM(n, m)` or `"n:m"` such as
+            `"2:4"`, `jaxsparse.VNM(v, n, m)` or `"v:n:m"` such as `"64:2:8"`, or any registered
+            spec (the input size must be at least `m`). Mask-only patterns
+            (`jaxsparse.prune.Unstructured`) are refused.
         use_bias: whether to add a bias to the output (default: True).
         dtype: the dtype of the computation (default: infer from input and params).
         param_dtype: the dtype passed to parameter initializers (default: float32).
@@ -123,49 +127,63 @@ class SparseDense(nn.Module):
                 f"dot_general={self.dot_general!r}, dot_general_cls={self.dot_general_cls!r}"
             )
         in_features = jnp.shape(inputs)[-1]
-        pattern, layout = _layout.layer_pattern(
+        pattern, fmt = _layout.layer_pattern(
             sparsity=self.sparsity, in_features=in_features, out_features=self.features, where=where
         )
-        initializing = not self.has_variable("params", "values")
-        if not initializing and not self.has_variable(SPARSITY_COLLECTION, "indices"):
+        trainable, frozen = _layout.trainable_names(fmt), _layout.frozen_names(fmt)
+        initializing = not self.has_variable("params", trainable[0])
+        missing = [n for n in frozen if not self.has_variable(SPARSITY_COLLECTION, n)]
+        if not initializing and missing:
             raise ValueError(
-                f"{where}: the variables hold params/values but no sparsity/indices: pass the "
-                f"whole variable dict (the 'params' and the '{SPARSITY_COLLECTION}' "
-                "collections) to apply"
+                f"{where}: the variables hold params/{trainable[0]} but no "
+                f"{SPARSITY_COLLECTION}/{missing[0]}: pass the whole variable dict (the 'params' "
+                f"and the '{SPARSITY_COLLECTION}' collections) to apply"
             )
         drawn = {}
 
-        def values_init(rng, shape, dtype):
-            # Draws and prunes the dense kernel; the positions go to the indices initializer.
-            kernel = self.kernel_init(rng, (in_features, self.features), dtype)
-            values, drawn["indices"] = layout.compress(kernel, pattern)
-            return values
+        def draw(rng):
+            # The first trainable array's initializer draws and prunes the dense kernel; the
+            # other arrays' initializers take their part of it.
+            kernel = self.kernel_init(rng, (in_features, self.features), self.param_dtype)
+            drawn.update(_layout.compress(kernel, pattern))
 
-        state_shape = layout.state_shape(pattern, in_features, self.features)
-        values = self.param("values", values_init, state_shape, self.param_dtype)
-        boxed = self.variable(
-            SPARSITY_COLLECTION,
-            "indices",
-            lambda: SparsityIndices(drawn.pop("indices"), pattern, in_features),
-            unbox=False,
-        ).value
-        made_for = (
-            (boxed.pattern, boxed.in_features) if isinstance(boxed, SparsityIndices) else None
-        )
-        if made_for not in (None, (pattern, in_features)):
-            raise ValueError(
-                f"{where}: sparsity/indices were made for pattern {boxed.pattern} with "
-                f"in_features={boxed.in_features}; this layer is {pattern} with "
-                f"in_features={in_features}"
+        def init_for(name):
+            def init(rng, shape, dtype):
+                if not drawn:
+                    draw(rng)
+                return drawn.pop(name)
+
+            return init
+
+        shapes = fmt.array_shapes(pattern, in_features, self.features)
+        arrays = {n: self.param(n, init_for(n), shapes[n][0], self.param_dtype) for n in trainable}
+        for name in frozen:
+            boxed = self.variable(
+                SPARSITY_COLLECTION,
+                name,
+                lambda name=name: SparsityIndices(drawn.pop(name), pattern, in_features),
+                unbox=False,
+            ).value
+            made_for = (
+                (boxed.pattern, boxed.in_features) if isinstance(boxed, SparsityIndices) else None
             )
-        indices = meta.unbox(boxed)
-        _layout.check_state(where, pattern, layout, in_features, self.features, values, indices)
+            if made_for not in (None, (pattern, in_features)):
+                raise ValueError(
+                    f"{where}: {SPARSITY_COLLECTION}/{name} was made for pattern {boxed.pattern} "
+                    f"with in_features={boxed.in_features}; this layer is {pattern} with "
+                    f"in_features={in_features}"
+                )
+            arrays[name] = meta.unbox(boxed)
+        _layout.check_state(where, pattern, fmt, in_features, self.features, arrays)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         else:
             bias = None
-        inputs, values, bias = self.promote_dtype(inputs, values, bias, dtype=self.dtype)
-        weight = layout.weight(pattern, in_features, values, indices)
+        inputs, *values, bias = self.promote_dtype(
+            inputs, *(arrays[n] for n in trainable), bias, dtype=self.dtype
+        )
+        arrays.update(zip(trainable, values))
+        weight = _layout.weight(pattern, in_features, arrays)
         y = _layout.sparse_product(where, inputs, weight)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

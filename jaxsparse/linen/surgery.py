@@ -2,7 +2,8 @@
 
 A linen model's structure lives in its code, so these functions turn *variables*: a model that uses
 `nn.Dense(name="fc")` has `params/fc/kernel`; the same model written with
-`SparseDense(name="fc", sparsity=...)` has `params/fc/values` and `sparsity/fc/indices`.
+`SparseDense(name="fc", sparsity=...)` has the format's trainable arrays in `params/fc/`
+(`values`) and its frozen arrays in `sparsity/fc/` (N:M: `indices`; V:N:M: `indices`, `columns`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ def sparsify(
 
     Every Dense layer in `variables["params"]` (a dict holding a 2-D float `kernel` `[in, out]`
     and optionally a `bias`, nothing else) that `filter` selects and the pattern fits becomes
-    `{"values", "bias"}` in `params` plus `indices` (a `SparsityIndices` box) at the same path in
-    the `"sparsity"` collection. Other layers and collections are kept as they are. Every
+    the format's trainable arrays plus `bias` in `params`, and its frozen arrays (each a
+    `SparsityIndices` box) at the same path in the `"sparsity"` collection. Other layers and collections are kept as they are. Every
     replacement and skip is logged with its reason on the `"jaxsparse"` logger (INFO).
 
     Args:
         variables: a linen variable dict (or FrozenDict) with a `"params"` collection; not
             modified.
-        sparsity: the pattern: `jaxsparse.NM(n, m)` or a string `"n:m"`.
+        sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`, or their
+            strings (`"2:4"`, `"64:2:8"`).
         method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`.
         filter: None (all Dense layers), a regular expression searched in the '/'-joined module
             path within params (e.g. `"^encoder/"`), or a predicate `(path, layer_params) -> bool`
@@ -54,7 +56,8 @@ def sparsify(
     """
     where = "jaxsparse.linen.sparsify"
     pattern = _layout.pattern_of(sparsity, where)
-    layout = _layout.layout_of(pattern, where)
+    fmt = _layout.format_of(pattern, where)
+    trainable = _layout.trainable_names(fmt)
     _layout.check_method(method, where)
     selected = _layout.make_filter(filter, where)
     frozen, variables = _copy_variables(variables, where)
@@ -74,17 +77,21 @@ def sparsify(
             _layout.logger.info("%s: skipped %s (%s): %s", where, name, desc, reason)
             return layer
         mask = _layout.mask_from_method(method, kernel, pattern, where)
-        values, indices = layout.compress(kernel, pattern, mask)
+        arrays = _layout.compress(kernel, pattern, mask)
         counts["replaced"] += 1
         _layout.logger.info("%s: replaced %s (%s) with SparseDense %s", where, name, desc, pattern)
         node = positions
         for key in path:
             node = node.setdefault(key, {})
-        node["indices"] = SparsityIndices(indices, pattern, int(kernel.shape[0]))
-        return {
-            ("values" if k == "kernel" else k): (values if k == "kernel" else v)
-            for k, v in layer.items()
-        }
+        for n in _layout.frozen_names(fmt):
+            node[n] = SparsityIndices(arrays[n], pattern, int(kernel.shape[0]))
+        out = {}
+        for k, v in layer.items():
+            if k == "kernel":
+                out.update((n, arrays[n]) for n in trainable)
+            else:
+                out[k] = v
+        return out
 
     variables["params"] = _map_layers(convert, variables["params"], (), _is_dense_layer)
     if positions:
@@ -102,13 +109,14 @@ def sparsify(
 def densify(variables: Mapping[str, Any]) -> Mapping[str, Any]:
     """The variables of the Dense version of a model, from those of its SparseDense version.
 
-    Each `sparsity/<path>/indices` box and its `params/<path>/values` become
-    `params/<path>/kernel` `[in, out]`, the kept values in place and zeros elsewhere (bit-exact);
-    the `"sparsity"` collection goes away when it empties. Logged on `"jaxsparse"` (INFO).
+    The `SparsityIndices` boxes at `sparsity/<path>/` and the trainable arrays at `params/<path>/`
+    of each SparseDense become `params/<path>/kernel` `[in, out]`, the kept values in place and
+    zeros elsewhere (bit-exact); the `"sparsity"` collection goes away when it empties. Logged on
+    `"jaxsparse"` (INFO).
 
     Args:
-        variables: a linen variable dict (or FrozenDict) from `SparseDense` layers, their indices
-            still boxed in `SparsityIndices` (which carries the pattern); not modified.
+        variables: a linen variable dict (or FrozenDict) from `SparseDense` layers, their frozen
+            arrays still boxed in `SparsityIndices` (which carries the spec); not modified.
 
     Returns:
         A new variable dict for `apply` of the model written with `nn.Dense` layers.
@@ -122,30 +130,35 @@ def densify(variables: Mapping[str, Any]) -> Mapping[str, Any]:
         nonlocal count
         if not isinstance(node, dict):
             return node
-        out = {k: visit((*path, k), v) for k, v in node.items() if k != "indices"}
-        if "indices" not in node:
-            return out
-        box, name = node["indices"], _layout.path_str(path) or "<root>"
-        if not isinstance(box, SparsityIndices):
+        boxes = {k: v for k, v in node.items() if isinstance(v, SparsityIndices)}
+        unboxed = [k for k, v in node.items() if not isinstance(v, (dict, SparsityIndices))]
+        name = _layout.path_str(path) or "<root>"
+        if unboxed and not boxes:
             raise TypeError(
-                f"{where}: {SPARSITY_COLLECTION}/{name}/indices must be a "
+                f"{where}: {SPARSITY_COLLECTION}/{name}/{unboxed[0]} must be a "
                 "jaxsparse.linen.SparsityIndices box (it carries the pattern); got "
-                f"{type(box).__name__} (stripped by nn.meta.unbox?)"
+                f"{type(node[unboxed[0]]).__name__} (stripped by nn.meta.unbox?)"
             )
+        out = {k: visit((*path, k), v) for k, v in node.items() if k not in boxes}
+        if not boxes:
+            return out
+        box = next(iter(boxes.values()))
+        fmt = _layout.format_of(box.pattern, where)
+        trainable = _layout.trainable_names(fmt)
         layer = _get(variables["params"], path)
-        if not isinstance(layer, dict) or "values" not in layer:
+        if not isinstance(layer, dict) or any(n not in layer for n in trainable):
             raise ValueError(
-                f"{where}: {SPARSITY_COLLECTION}/{name}/indices has no params/{name}/values "
-                "beside it"
+                f"{where}: {SPARSITY_COLLECTION}/{name}/{next(iter(boxes))} has no "
+                f"params/{name}/{trainable[0]} beside it"
             )
-        layout = _layout.layout_of(box.pattern, where)
-        kernel = layout.checked_weight(
-            box.pattern, box.in_features, layer["values"], box.value
-        ).todense()
-        dense = {
-            ("kernel" if k == "values" else k): (kernel if k == "values" else v)
-            for k, v in layer.items()
-        }
+        arrays = {n: layer[n] for n in trainable}
+        arrays.update((n, b.value) for n, b in boxes.items())
+        missing = [n for n in fmt.array_names() if n not in arrays]
+        if missing:
+            raise ValueError(f"{where}: {SPARSITY_COLLECTION}/{name}/{missing[0]} is missing")
+        kernel = _layout.weight(box.pattern, box.in_features, arrays, validate=True).todense()
+        dense = {"kernel": kernel}
+        dense.update((k, v) for k, v in layer.items() if k not in trainable)
         if path:
             _set(variables["params"], path, dense)
         else:

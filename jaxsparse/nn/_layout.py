@@ -1,10 +1,12 @@
-"""What the nnx and linen layers share: pattern -> compressed layout, the product, filters, methods.
+"""What the nnx and linen layers share: spec -> format, the arrays a layer holds, the product,
+filters, methods.
 
-Layers never branch on a pattern themselves: they look its type up in `_LAYOUTS`, which says how a
-dense `[in, out]` kernel is compressed into trainable `values` and non-trainable `indices`, and how
-those two arrays become a sparse weight again. N:M is the only entry today; V:N:M, 1xN blocks and
-int4 groups join by adding theirs (CONVENTIONS.md 8: the arrays are children, the pattern and the
-logical shape are static).
+Layers never name a format's arrays: a spec's format (`spec.format`, a `SparseFormat`) declares
+its arrays and their roles. A layer holds each `TRAINABLE` array as a parameter (`nnx.Param`,
+linen's `params`) and each `FROZEN` one as sparsity state (`SparsityIndices`, linen's `"sparsity"`
+collection), under the array's own name; `compress` makes them from a dense kernel and
+`weight` makes the format back from them (CONVENTIONS.md 8: arrays are children, the spec and
+the logical shape are static).
 """
 
 from __future__ import annotations
@@ -12,60 +14,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.nm import NM, NMSparse
+from jaxsparse.formats import FROZEN, TRAINABLE
+from jaxsparse.formats._spec import accepted_forms
 from jaxsparse.ops.matmul import matmul
-from jaxsparse.prune import as_pattern, fits
+from jaxsparse.prune import Unstructured, as_pattern, fits
 
 #: The library's logger: `sparsify` / `densify` report what they replaced and what they skipped.
 logger = logging.getLogger("jaxsparse")
-
-
-class Layout(NamedTuple):
-    """How one pattern type lives in a layer (all functions pure and jittable)."""
-
-    #: (pattern, in_features, out_features) -> the shape of `values` and of `indices`.
-    state_shape: Callable[[Any, int, int], tuple[int, ...]]
-    #: The dtype of `indices`.
-    indices_dtype: Any
-    #: (kernel [in, out], pattern, mask or None) -> (values, indices); None keeps by magnitude.
-    compress: Callable[..., tuple[jax.Array, jax.Array]]
-    #: (pattern, in_features, values, indices) -> the sparse weight, without host validation.
-    weight: Callable[..., Any]
-    #: The same, validated (positions checked when the arrays are concrete).
-    checked_weight: Callable[..., Any]
-
-
-def _nm_state_shape(pattern: NM, in_features: int, out_features: int) -> tuple[int, int]:
-    return (out_features, -(-in_features // pattern.m) * pattern.n)
-
-
-def _nm_compress(kernel, pattern: NM, mask=None):
-    n, m = pattern
-    ws = (
-        NMSparse.fromdense(kernel, n=n, m=m)
-        if mask is None
-        else NMSparse.frommask(kernel, mask, n=n, m=m)
-    )
-    return ws.values, ws.indices
-
-
-def _nm_weight(pattern: NM, in_features: int, values, indices) -> NMSparse:
-    return NMSparse.tree_unflatten((pattern.n, pattern.m, in_features), (values, indices))
-
-
-def _nm_checked_weight(pattern: NM, in_features: int, values, indices) -> NMSparse:
-    return NMSparse(values, indices, n=pattern.n, m=pattern.m, in_features=in_features)
-
-
-_LAYOUTS: dict[type, Layout] = {
-    NM: Layout(_nm_state_shape, jnp.uint8, _nm_compress, _nm_weight, _nm_checked_weight),
-}
 
 
 def pattern_of(sparsity, where: str):
@@ -76,58 +37,76 @@ def pattern_of(sparsity, where: str):
         raise type(err)(f"{where}: {err}") from None
 
 
-def layout_of(pattern, where: str) -> Layout:
-    """The layout of a pattern value; a ValueError for patterns no layer can hold."""
-    layout = _LAYOUTS.get(type(pattern))
-    if layout is None:
-        reason = fits(pattern, (1, 1)) or "it has no compressed format"
+def format_of(pattern, where: str):
+    """The format class of a spec; a ValueError for patterns no layer can hold."""
+    if isinstance(pattern, Unstructured):
+        reason = fits(pattern, (1, 1))
         raise ValueError(
             f"{where}: sparsity={pattern} cannot be held by a sparse layer: {reason}; "
-            f"layers take {', '.join(_accepted())}"
+            f"layers take {accepted_forms()}"
         )
-    return layout
+    return pattern.format
 
 
-def _accepted() -> list[str]:
-    return [f"jaxsparse.{t.__name__}" for t in _LAYOUTS] + ["a string 'n:m' such as '2:4'"]
+def trainable_names(fmt) -> tuple[str, ...]:
+    return fmt.arrays_with_role(TRAINABLE)
+
+
+def frozen_names(fmt) -> tuple[str, ...]:
+    return fmt.arrays_with_role(FROZEN)
 
 
 def layer_pattern(sparsity, in_features, out_features, where: str):
-    """Validate a layer's sizes and pattern together: (pattern, layout), or a clear exception."""
+    """Validate a layer's sizes and pattern together: (spec, format), or a clear exception."""
     in_features = V.check_int("in_features", in_features, low=0, high=2**62, where=where)
     out_features = V.check_int("out_features", out_features, low=0, high=2**62, where=where)
     pattern = pattern_of(sparsity, where)
-    layout = layout_of(pattern, where)
+    fmt = format_of(pattern, where)
     reason = fits(pattern, (in_features, out_features))
     if reason is not None:
         raise ValueError(
             f"{where}: sparsity={pattern} cannot be used by a layer with in_features={in_features}, "
             f"out_features={out_features}: {reason}"
         )
-    return pattern, layout
+    return pattern, fmt
 
 
-def check_state(
-    where: str, pattern, layout: Layout, in_features: int, out_features: int, values, indices
-) -> None:
+def compress(kernel, pattern, mask=None) -> dict[str, jax.Array]:
+    """`{array name: array}` of the format of `pattern` for a dense kernel `[in, out]`: by
+    magnitude, or keeping `mask` (which must respect the pattern)."""
+    fmt = pattern.format
+    if mask is None:
+        w = fmt.fromdense(kernel, **pattern._asdict())
+    else:
+        w = fmt.frommask(kernel, mask, **pattern._asdict())
+    return w.arrays()
+
+
+def weight(pattern, in_features: int, arrays: dict, *, validate: bool = False):
+    """The format of `pattern` from a layer's arrays (validated when asked: the positions are
+    checked when the arrays are concrete)."""
+    return pattern.format.from_arrays(pattern, in_features, arrays, validate=validate)
+
+
+def check_state(where: str, pattern, fmt, in_features: int, out_features: int, arrays) -> None:
     """Static (trace-time, free) checks of a layer's arrays against its pattern and sizes.
 
     This is what catches a checkpoint of another pattern or shape restored into the layer.
     """
-    want = layout.state_shape(pattern, in_features, out_features)
-    for name, a in (("values", values), ("indices", indices)):
-        if tuple(jnp.shape(a)) != want:
+    for name, (shape, dtype) in fmt.array_shapes(pattern, in_features, out_features).items():
+        a = arrays[name]
+        if tuple(jnp.shape(a)) != tuple(shape):
             raise ValueError(
-                f"{where}: {name} must have shape {want} for a {pattern} layer with "
+                f"{where}: {name} must have shape {tuple(shape)} for a {pattern} layer with "
                 f"in_features={in_features}, out_features={out_features}; got "
                 f"{tuple(jnp.shape(a))} (a checkpoint of another pattern or shape restored "
                 "into this layer?)"
             )
-    if jnp.result_type(indices) != jnp.dtype(layout.indices_dtype):
-        raise TypeError(
-            f"{where}: indices must have dtype {jnp.dtype(layout.indices_dtype).name}; got "
-            f"{jnp.result_type(indices).name}"
-        )
+        if dtype is not None and jnp.result_type(a) != jnp.dtype(dtype):
+            raise TypeError(
+                f"{where}: {name} must have dtype {jnp.dtype(dtype).name}; got "
+                f"{jnp.result_type(a).name}"
+            )
 
 
 def sparse_product(where: str, x, weight, preferred_element_type=None):

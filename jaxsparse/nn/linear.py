@@ -1,8 +1,10 @@
-"""`SparseLinear`: `nnx.Linear` with a structured-sparse kernel.
+"""`SparseLinear`: `nnx.Linear` with a structured-sparse kernel, for every format.
 
-The kept values are an `nnx.Param`; their positions are a `SparsityIndices`, a non-trainable
-`nnx.Variable` type of their own (as `nnx.LoRA` brings `LoRAParam`), so `nnx.grad`,
-`nnx.Optimizer(..., wrt=nnx.Param)` and optax never see them.
+The layer holds the arrays its format declares (jaxsparse/formats/_base.py), under their own
+names: the trainable ones (`values`) as `nnx.Param`s, the frozen ones (N:M's `indices`, V:N:M's
+`indices` and `columns`) as `SparsityIndices`, a non-trainable `nnx.Variable` type of their own
+(as `nnx.LoRA` brings `LoRAParam`), so `nnx.grad`, `nnx.Optimizer(..., wrt=nnx.Param)` and optax
+never see them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ A = tp.TypeVar("A")
 
 
 class SparsityIndices(nnx.Variable[A]):
-    """The positions of a sparse layer's kept values (uint8 for N:M): state, never trained.
+    """A sparse layer's frozen structure (positions, column selections; uint8): never trained.
 
     Not an `nnx.Param`: `nnx.grad`, `nnx.Optimizer(model, tx, wrt=nnx.Param)` and
     `nnx.state(model, nnx.Param)` leave it out, while `nnx.state(model)` (checkpoints) keeps it.
@@ -49,12 +51,16 @@ class SparseLinear(nnx.Module):
         ((4, 4), (4, 4))
         >>> layer(jnp.ones((16, 8))).shape
         (16, 4)
+        >>> layer = jsp.nn.SparseLinear(64, 32, sparsity=jsp.VNM(16, 2, 8), rngs=nnx.Rngs(0))
+        >>> layer.values.shape, layer.indices.shape, layer.columns.shape  # columns [out/v, in/m*4]
+        ((32, 16), (32, 16), (2, 32))
 
     Args:
         in_features: the number of input features.
         out_features: the number of output features.
-        sparsity: the pattern: `jaxsparse.NM(n, m)` or a string `"n:m"` such as `"2:4"` (N:M along
-            the input dimension; `in_features` must be at least `m`, a ragged last group is
+        sparsity: the format's spec: `jaxsparse.NM(n, m)` or `"n:m"` such as `"2:4"` (N:M along
+            the input dimension), `jaxsparse.VNM(v, n, m)` or `"v:n:m"` such as `"64:2:8"`, or any
+            registered spec (`in_features` must be at least `m`; a ragged last group is
             zero-padded). Mask-only patterns (`jaxsparse.prune.Unstructured`) are refused.
         use_bias: whether to add a bias to the output (default: True).
         dtype: the dtype of the computation (default: infer from input and params).
@@ -71,16 +77,17 @@ class SparseLinear(nnx.Module):
         preferred_element_type: the dtype of the product, as in `jax.lax.dot_general` (e.g.
             float32 results from bfloat16 operands).
         rngs: rng key.
-        kernel_metadata: optional metadata set on `values` and `indices`, both `[out, kept]` (the
-            transposed layout of a kernel: sharding annotations name the `(out, in)` axes).
+        kernel_metadata: optional metadata set on every array of the format (`values` and
+            `indices` are `[out, kept]`, the transposed layout of a kernel: sharding annotations
+            name the `(out, in)` axes).
         bias_metadata: optional metadata set on the bias.
 
     Attributes:
-        values: `nnx.Param` `[out_features, ceil(in_features/m)*n]` in `param_dtype`.
-        indices: `SparsityIndices` of the shape of `values`, uint8: each value's position in its
-            group of m inputs.
+        values: `nnx.Param` `[out_features, kept]` in `param_dtype` (kept = ceil(in/m)*n).
+        indices, ...: the format's frozen arrays as `SparsityIndices` (uint8; N:M: each value's
+            position in its group of m inputs; V:N:M: `indices` and `columns`).
         bias: `nnx.Param` `[out_features]` in `param_dtype`, or None.
-        sparsity: the validated pattern (a static value, e.g. `NM(2, 4)`).
+        sparsity: the validated spec (a static value, e.g. `NM(2, 4)`).
     """
 
     def __init__(
@@ -103,7 +110,7 @@ class SparseLinear(nnx.Module):
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
     ):
         where = "jaxsparse.nn.SparseLinear"
-        pattern, layout = _layout.layer_pattern(sparsity, in_features, out_features, where)
+        pattern, fmt = _layout.layer_pattern(sparsity, in_features, out_features, where)
         _check_dot_general(dot_general, where)
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         if isinstance(kernel, nnx.VariableMetadata):
@@ -112,9 +119,10 @@ class SparseLinear(nnx.Module):
                 "a sparse layer stores values [out, kept], not the kernel: give a plain "
                 "initializer and pass metadata through kernel_metadata="
             )
-        values, indices = layout.compress(kernel, pattern)
-        self.values = nnx.Param(values, **kernel_metadata)
-        self.indices = SparsityIndices(indices, **kernel_metadata)
+        trainable = set(_layout.trainable_names(fmt))
+        for name, array in _layout.compress(kernel, pattern).items():
+            kind = nnx.Param if name in trainable else SparsityIndices
+            setattr(self, name, kind(array, **kernel_metadata))
         self.bias: nnx.Param[jax.Array] | None
         if use_bias:
             self.bias = nnx.Param(
@@ -143,20 +151,26 @@ class SparseLinear(nnx.Module):
             `[..., out_features]` in the promoted dtype (or `preferred_element_type`).
         """
         where = "jaxsparse.nn.SparseLinear"
-        values = self.values[...]
-        indices = self.indices[...]
+        fmt = _layout.format_of(self.sparsity, where)
+        arrays = self._arrays(fmt)
         bias = self.bias[...] if self.bias is not None else None
-        layout = _layout.layout_of(self.sparsity, where)
         _layout.check_state(
-            where, self.sparsity, layout, self.in_features, self.out_features, values, indices
+            where, self.sparsity, fmt, self.in_features, self.out_features, arrays
         )
-        inputs, values, bias = self.promote_dtype((inputs, values, bias), dtype=self.dtype)
-        weight = layout.weight(self.sparsity, self.in_features, values, indices)
+        names = _layout.trainable_names(fmt)
+        inputs, *trainable, bias = self.promote_dtype(
+            (inputs, *(arrays[n] for n in names), bias), dtype=self.dtype
+        )
+        arrays.update(zip(names, trainable))
+        weight = _layout.weight(self.sparsity, self.in_features, arrays)
         y = _layout.sparse_product(where, inputs, weight, self.preferred_element_type)
         assert self.use_bias == (bias is not None)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
+
+    def _arrays(self, fmt) -> dict:
+        return {name: getattr(self, name)[...] for name in fmt.array_names()}
 
     @property
     def weight(self):
@@ -165,12 +179,12 @@ class SparseLinear(nnx.Module):
         Outside `jit` the positions are checked (a clear error for corrupt or mismatched state).
         """
         where = "jaxsparse.nn.SparseLinear.weight"
-        layout = _layout.layout_of(self.sparsity, where)
-        values, indices = self.values[...], self.indices[...]
+        fmt = _layout.format_of(self.sparsity, where)
+        arrays = self._arrays(fmt)
         _layout.check_state(
-            where, self.sparsity, layout, self.in_features, self.out_features, values, indices
+            where, self.sparsity, fmt, self.in_features, self.out_features, arrays
         )
-        return layout.checked_weight(self.sparsity, self.in_features, values, indices)
+        return _layout.weight(self.sparsity, self.in_features, arrays, validate=True)
 
     @classmethod
     def from_dense(
@@ -238,10 +252,10 @@ class SparseLinear(nnx.Module):
                     f"{where}: bias must have shape ({out_features},) (out_features of the "
                     f"kernel {tuple(kernel.shape)}); got {tuple(bias.shape)}"
                 )
-        pattern, layout = _layout.layer_pattern(sparsity, in_features, out_features, where)
+        pattern, _ = _layout.layer_pattern(sparsity, in_features, out_features, where)
         mask = _layout.mask_from_method(method, kernel, pattern, where)
         if mask is not None:  # Checks the mask against the pattern before building anything.
-            values, indices = layout.compress(kernel, pattern, mask)
+            arrays = _layout.compress(kernel, pattern, mask)
         config.update(kwargs)
         # The constructor prunes what kernel_init returns by magnitude, without a random draw;
         # a mask then replaces its choice.
@@ -257,8 +271,8 @@ class SparseLinear(nnx.Module):
             **config,
         )
         if mask is not None:
-            layer.values.set_value(values)
-            layer.indices.set_value(indices)
+            for name, array in arrays.items():
+                getattr(layer, name).set_value(array)
         return layer
 
     def to_dense(self) -> nnx.Linear:

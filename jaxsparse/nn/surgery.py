@@ -32,7 +32,8 @@ def sparsify(
 
     Args:
         model: an nnx graph node (a Module, or a list/dict of them); not modified.
-        sparsity: the pattern: `jaxsparse.NM(n, m)` or a string `"n:m"`.
+        sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`, or their
+            strings (`"2:4"`, `"64:2:8"`).
         method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`.
         filter: which layers to convert: None (all), a regular expression searched in the
             '/'-joined module path (e.g. `"^encoder/"`; list items appear as their index), or a
@@ -52,7 +53,7 @@ def sparsify(
     """
     where = "jaxsparse.nn.sparsify"
     pattern = _layout.pattern_of(sparsity, where)
-    _layout.layout_of(pattern, where)
+    _layout.format_of(pattern, where)
     _layout.check_method(method, where)
     selected = _layout.make_filter(filter, where)
     counts = {"replaced": 0, "skipped": 0}

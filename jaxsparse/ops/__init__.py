@@ -3,14 +3,22 @@
 from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.matmul import matmul
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
+from jaxsparse.ops._primitive import JaxsparseFallbackWarning
 from jaxsparse.ops.nm import (
-    JaxsparseFallbackWarning,
     nm_sddmm,
     nm_sddmm_reference,
     nm_spmm,
     nm_spmm_reference,
     nm_spmm_t,
     nm_spmm_t_reference,
+)
+from jaxsparse.ops.vnm import (
+    vnm_sddmm,
+    vnm_sddmm_reference,
+    vnm_spmm,
+    vnm_spmm_reference,
+    vnm_spmm_t,
+    vnm_spmm_t_reference,
 )
 
 __all__ = [
@@ -25,4 +33,10 @@ __all__ = [
     "nm_spmm_t",
     "nm_spmm_t_reference",
     "pack_mma_sp_24",
+    "vnm_sddmm",
+    "vnm_sddmm_reference",
+    "vnm_spmm",
+    "vnm_spmm_reference",
+    "vnm_spmm_t",
+    "vnm_spmm_t_reference",
 ]

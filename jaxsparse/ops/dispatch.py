@@ -14,7 +14,7 @@ The rule, `choose_path`:
   fallback warning).
 - On the CPU, per (instruction set, dtype), a table of crossovers (`SPARSE_MAX_TOKENS`): for
   density bands, the most tokens at which the sparse kernel beat the dense path
-  (benchmarks/bench_nm.py, docs/cpu_speed_notes.md). Beyond it, "dense".
+  (benchmarks/bench.py, docs/cpu_speed_notes.md). Beyond it, "dense".
 
 A user forces either path per call (`jsp.matmul(x, ws, path="dense")`) or for a region of code,
 including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Both paths compute the same
@@ -33,7 +33,8 @@ import numpy as np
 
 from jaxsparse import _ffi
 
-__all__ = ["PATHS", "SPARSE_MAX_TOKENS", "choose_path", "matmul_path", "current_path"]
+__all__ = ["FORMAT_TABLES", "PATHS", "SPARSE_MAX_TOKENS", "choose_path", "matmul_path",
+           "current_path"]
 
 PATHS = ("auto", "sparse", "dense")
 
@@ -62,6 +63,10 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("portable", "float16"): ((1.0, 255),),
     ("portable", "bfloat16"): ((1.0, 255),),
 }
+
+#: Per format (the spec type's name), its crossover table; N:M's is `SPARSE_MAX_TOKENS`. A
+#: format without a table (or without a row for the ISA and dtype) always takes its kernel.
+FORMAT_TABLES: dict[str, dict] = {"NM": SPARSE_MAX_TOKENS}
 
 _state = threading.local()
 
@@ -104,14 +109,16 @@ def check_path(path, where: str) -> str:
     return path
 
 
-def choose_path(tokens: int, dtype, density: float, *, platform: str | None = None,
+def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
                 isa: str | None = None) -> str:
     """The path "auto" takes for `tokens` rows of x times a weight of `dtype` and `density`.
 
     Args:
         tokens: the number of rows of x (the product of its leading dims).
         dtype: the dtype of the product.
-        density: stored entries over logical entries (`ws.density`, n/m).
+        density: the weight's spec (`ws.spec`, e.g. `NM(2, 4)` or `VNM(64, 2, 8)`: its format's
+            table), or a number, stored entries over logical entries (`ws.density`), read in the
+            N:M table.
         platform: the platform lowered for; default `jax.default_backend()`.
         isa: the CPU kernels' instruction set; default `jsp.cpu_isa()`.
 
@@ -121,13 +128,19 @@ def choose_path(tokens: int, dtype, density: float, *, platform: str | None = No
     where = "jaxsparse.choose_path"
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
         raise ValueError(f"{where}: tokens must be an int >= 0; got {tokens!r}")
+    tables = SPARSE_MAX_TOKENS
+    if isinstance(density, tuple) and hasattr(density, "density"):  # A spec value.
+        tables = FORMAT_TABLES.get(type(density).__name__, {})
+        density = density.density
     if not isinstance(density, (int, float, np.floating)) or not 0 < density <= 1:
-        raise ValueError(f"{where}: density must be a number in (0, 1]; got {density!r}")
+        raise ValueError(
+            f"{where}: density must be a number in (0, 1] (or a spec); got {density!r}"
+        )
     platform = platform or jax.default_backend()
     if platform != "cpu" or not _ffi.has_cpu_kernels():
         return "sparse"
     isa = isa or _ffi.cpu_isa()
-    table = SPARSE_MAX_TOKENS.get((isa, np.dtype(dtype).name), ((1.0, _ALWAYS),))
+    table = tables.get((isa, np.dtype(dtype).name), ((1.0, _ALWAYS),))
     for bound, max_tokens in table:
         if density <= bound + 1e-9:
             return "sparse" if tokens <= max_tokens else "dense"

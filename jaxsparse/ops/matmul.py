@@ -1,19 +1,18 @@
 """`jaxsparse.matmul(x, w)`: a dense left operand times a sparse weight, for every format.
 
-Each format registers the function that multiplies by it; `x @ w` on a format lands here.
+`x @ w` on any format lands here. This module validates `x`, promotes the dtypes, chooses the
+path (jaxsparse/ops/dispatch.py) and hands the product to the format (`w._matmul`, defined by
+`jaxsparse.formats._base.SparseFormat`): ops never import formats, formats call ops.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax.numpy as jnp
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.nm import NMSparse
 from jaxsparse.ops.dispatch import check_path, choose_path
-from jaxsparse.ops.nm import nm_spmm
 
 _WHERE = "jaxsparse.matmul"
 
@@ -25,7 +24,7 @@ def matmul(x, w, *, path: str | None = None):
         x: `[..., in]` float32/bfloat16/float16 (any leading dims, including none). With a
             batched `w` (`[B..., in, out]`, a stack of weights), x is `[..., T, in]` and the leading
             dims broadcast as in `jnp.matmul`.
-        w: a jaxsparse format, e.g. `NMSparse`.
+        w: a jaxsparse format, e.g. `NMSparse` or `VNMSparse`.
         path: "auto" (the default, or what an enclosing `jsp.matmul_path(...)` sets) picks at
             trace time between the sparse kernel and the dense path (decompress `w`, then XLA's
             dot) by `jsp.choose_path`; "sparse" or "dense" forces one (jaxsparse/ops/dispatch.py).
@@ -35,13 +34,15 @@ def matmul(x, w, *, path: str | None = None):
         accumulates in f32.
     """
     path = check_path(path, _WHERE)
-    for fmt, rule in _RULES.items():
-        if isinstance(w, fmt):
-            return rule(x, w, path)
-    raise TypeError(
-        f"{_WHERE}: w must be a jaxsparse sparse format ({', '.join(f.__name__ for f in _RULES)}); "
-        f"got {type(w).__name__}"
-    )
+    if not callable(getattr(w, "_matmul", None)):
+        raise TypeError(
+            f"{_WHERE}: w must be a jaxsparse sparse format (NMSparse, VNMSparse, ...: see "
+            f"jaxsparse.fromdense); got {type(w).__name__}"
+        )
+    x, w = _prepare_x(x, w)
+    if path == "auto":
+        path = choose_path(_tokens(x, w), x.dtype, w.spec)
+    return w._matmul(x, path)
 
 
 def _prepare_x(x, w):
@@ -63,50 +64,3 @@ def _tokens(x, w) -> int:
     if not w.batch_shape:
         return math.prod(x.shape[:-1])
     return x.shape[-2] if x.ndim >= 2 else 1
-
-
-def _nm_matmul(x, w: NMSparse, path: str):
-    x, w = _prepare_x(x, w)
-    if path == "auto":
-        path = choose_path(_tokens(x, w), x.dtype, w.density)
-    if path == "dense":
-        return _nm_dense_path(x, w)
-    return _nm_spmm_any_rank(x, w)
-
-
-def _nm_dense_path(x, w: NMSparse):
-    """Decompress, then XLA's dot. The dot contracts the `[out, in]` rows as they come out of
-    the decompression: transposing them to `[in, out]` first measured 2-5x slower in total
-    (the transpose, and XLA fusing it into the dot's operand)."""
-    rows = w.dense_rows()[..., : w.in_features]
-    if not w.batch_shape:
-        return jnp.einsum("...k,nk->...n", x, rows)
-    return jnp.matmul(x, jnp.swapaxes(rows, -1, -2))
-
-
-def _nm_spmm_any_rank(x, w: NMSparse):
-    values, indices = w.values, w.indices
-    if values.ndim == 2:
-        lead = x.shape[:-1]
-        x3 = x.reshape(1, math.prod(lead), w.in_features)
-        y = nm_spmm(x3, values[None], indices[None], n=w.n, m=w.m)
-        return y.reshape(*lead, w.out_features)
-    if x.ndim == 1:
-        return _nm_spmm_any_rank(x[None], w)[..., 0, :]
-    batch = jnp.broadcast_shapes(x.shape[:-2], w.batch_shape)
-    x3 = _flatten_batch(x, batch, 2)
-    y = nm_spmm(x3, _flatten_batch(values, batch, 2), _flatten_batch(indices, batch, 2),
-                n=w.n, m=w.m)
-    return y.reshape(*batch, *y.shape[1:])
-
-
-def _flatten_batch(a, batch, core):
-    """Broadcast `a`'s leading dims to `batch` and flatten them to one; `[1, ...]` stays a view
-    when `a` has no leading dims (the kernel broadcasts it)."""
-    if a.ndim == core:
-        return a[None]
-    a = jnp.broadcast_to(a, (*batch, *a.shape[-core:]))
-    return a.reshape(math.prod(batch), *a.shape[-core:])
-
-
-_RULES: dict[type, Callable] = {NMSparse: _nm_matmul}

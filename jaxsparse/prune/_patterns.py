@@ -1,18 +1,20 @@
-"""Sparsity patterns as values: `NM` (from the formats), `Unstructured`, `as_pattern`, `fits`.
+"""Sparsity patterns as values: the formats' specs (`NM`, `VNM`, ...), `Unstructured`,
+`as_pattern`, `fits`.
 
 Every pruning function and every layer dispatches on the *pattern value* (a hashable NamedTuple),
-never on strings scattered in the code, so further patterns (V:N:M, 1xN blocks) slot in as new
-values with their own branches in `magnitude_mask` and `fits`.
+never on strings scattered in the code. A format's spec (jaxsparse/formats/_spec.py) brings its
+own `fits_shape` and `magnitude_mask`, so the pruners take every registered format without a
+branch per format; `Unstructured` is the one mask-only pattern, with no format.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import NamedTuple, Union
 
 import numpy as np
 
+from jaxsparse.formats import _spec
 from jaxsparse.formats.nm import NM
 
 
@@ -50,26 +52,24 @@ class Unstructured(NamedTuple):
         return f"unstructured({self.density:g})"
 
 
-#: Every pattern value the pruning functions accept.
-Pattern = Union[NM, Unstructured]
+#: Every pattern value the pruning functions accept: a registered spec or `Unstructured`.
+Pattern = Union[NM, Unstructured, tuple]
 
-_NM_STRING = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_ACCEPTED = (
-    "a pattern value (jaxsparse.NM(n, m) or jaxsparse.prune.Unstructured(density)) or a string "
-    "'n:m' such as '2:4'"
-)
+
+def _accepted() -> str:
+    return f"{_spec.accepted_forms()}, or jaxsparse.prune.Unstructured(density)"
 
 
 def as_pattern(spec, *, name: str = "sparsity") -> Pattern:
     """Turn a sparsity spec into a validated pattern value.
 
     Args:
-        spec: `NM(n, m)`, `Unstructured(density)`, or a string `"n:m"` (e.g. `"2:4"`), with
-            `1 <= n < m <= 16` and `0 < density <= 1`.
+        spec: a format's spec (`NM(n, m)`, `VNM(v, n, m)`, ...), its string (`"2:4"`,
+            `"64:2:8"`), or `Unstructured(density)` with `0 < density <= 1`.
         name: the argument name used in error messages (`sparsity` for the layers).
 
     Returns:
-        The validated pattern (`NM` with Python ints, or `Unstructured` with a Python float).
+        The validated pattern (a spec with Python ints, or `Unstructured` with a Python float).
 
     Raises:
         TypeError: `spec` is neither a pattern value nor a string.
@@ -82,24 +82,19 @@ def as_pattern(spec, *, name: str = "sparsity") -> Pattern:
         Unstructured(density=0.1)
     """
     where = f"jaxsparse.prune.as_pattern: {name}"
-    if isinstance(spec, (NM, Unstructured)):
+    if isinstance(spec, Unstructured):
         try:
             return spec.validate(where)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{err} (invalid pattern {spec!r})") from None
-    if isinstance(spec, str):
-        match = _NM_STRING.match(spec)
-        if match is None:
-            raise ValueError(
-                f"jaxsparse.prune.as_pattern: {name} must be {_ACCEPTED}; got {spec!r}"
-            )
-        n, m = int(match.group(1)), int(match.group(2))
-        try:
-            return NM(n, m).validate(where)
-        except ValueError as err:
-            raise ValueError(f"{err} (from {name}={spec!r})") from None
+    if isinstance(spec, str) and not any(
+        t.from_string(spec) is not None for t in _spec.registered_specs()
+    ):
+        raise ValueError(f"jaxsparse.prune.as_pattern: {name} must be {_accepted()}; got {spec!r}")
+    if _spec.is_spec(spec) or isinstance(spec, str):
+        return _spec.as_spec(spec, name=name, where="jaxsparse.prune.as_pattern")
     raise TypeError(
-        f"jaxsparse.prune.as_pattern: {name} must be {_ACCEPTED}; got {type(spec).__name__} "
+        f"jaxsparse.prune.as_pattern: {name} must be {_accepted()}; got {type(spec).__name__} "
         f"{spec!r}"
         + (
             " (for unstructured sparsity pass jaxsparse.prune.Unstructured(density))"
@@ -145,15 +140,10 @@ def fits(pattern, kernel_shape) -> str | None:
         )
     if isinstance(pattern, Unstructured):
         return (
-            f"{pattern} has no compressed format or kernel: sparse layers take N:M patterns; "
-            "use jaxsparse.prune.magnitude_mask / masked() for unstructured pruning"
+            f"{pattern} has no compressed format or kernel: sparse layers take the formats' specs "
+            "(N:M, V:N:M, ...); use jaxsparse.prune.magnitude_mask / masked() for unstructured "
+            "pruning"
         )
     if len(shape) < 2:
         return f"kernel of shape {shape} has rank {len(shape)}; expected [..., in, out]"
-    in_features = shape[-2]
-    if in_features < pattern.m:
-        return (
-            f"in={in_features} < m={pattern.m}: an N:M group needs at least m inputs, "
-            "nothing would be pruned"
-        )
-    return None
+    return pattern.fits_shape(shape)

@@ -96,10 +96,8 @@ def search_permutation(
     where = "jaxsparse.prune.search_permutation"
     pattern = as_pattern(pattern, name="pattern")
     if not isinstance(pattern, NM):
-        raise ValueError(
-            f"{where}: pattern must be an N:M pattern (a permutation does not change what "
-            f"unstructured pruning keeps); got {pattern!r}"
-        )
+        raise ValueError(f"{where}: pattern must be an N:M pattern ({_why_nm_only(pattern)}); "
+                         f"got {pattern!r}")
     V.check_int("seed", seed, low=0, high=2**63 - 1, where=where)
     V.check_int("max_rounds", max_rounds, low=0, high=2**62, where=where)
     V.check_int("escape_attempts", escape_attempts, low=0, high=2**62, where=where)
@@ -122,6 +120,18 @@ def search_permutation(
     if after <= before:  # Nothing better found (or only by rounding): keep the original order.
         return PermutationResult(identity, frac(before), frac(before))
     return PermutationResult(perm[:in_features].astype(np.int32), frac(before), frac(after))
+
+
+def _why_nm_only(pattern) -> str:
+    if isinstance(pattern, tuple) and type(pattern).__name__ == "VNM":
+        # A V:N:M group's score is, per panel, the best 4-column choice for all its v outputs at
+        # once: moving one channel between groups changes that choice, so the exact per-swap
+        # gain table that makes this search fast (one max per column) has no closed form, and
+        # re-selecting the columns of both groups for every candidate swap costs C(m, 4) * v per
+        # panel. Not searched.
+        return ("V:N:M is not searched: its group score couples a panel's outputs through their "
+                "shared 4-column choice, so the per-swap gains have no closed form")
+    return "a permutation does not change what unstructured pruning keeps"
 
 
 def permute_inputs(kernel, perm):

@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse.formats.nm import NM
 from jaxsparse.prune import _tree
 from jaxsparse.prune._masks import magnitude_mask
-from jaxsparse.prune._patterns import as_pattern
+from jaxsparse.prune._patterns import Unstructured, as_pattern
 
 
 class SRSTEState(NamedTuple):
@@ -34,7 +33,7 @@ def srste_weight(w, pattern):
 
     Args:
         w: `[..., in, out]` float kernel.
-        pattern: an N:M pattern (anything `as_pattern` accepts except `Unstructured`).
+        pattern: a format's spec (N:M, V:N:M, ...; anything `as_pattern` accepts but `Unstructured`).
 
     Returns:
         `where(mask, w, 0)`, differentiable straight through. Works under `jit`, `vmap`,
@@ -62,7 +61,7 @@ def srste_weights(params, pattern, *, filter: _tree.Filter = None):
 
     Args:
         params: a params tree.
-        pattern: an N:M pattern.
+        pattern: a format's spec (N:M, V:N:M, ...).
         filter: as in `srste` (default: float leaves of rank >= 2 named `kernel`).
 
     Returns:
@@ -87,7 +86,7 @@ def srste(
     `optax.chain(srste("2:4"), optax.adam(1e-3))`.
 
     Args:
-        pattern: an N:M pattern.
+        pattern: a format's spec (N:M, V:N:M, ...).
         decay: :math:`\lambda_W` >= 0 (the paper's default 2e-4).
         filter: which params: a predicate `(path, leaf) -> bool` on the '/'-joined path, a
             regular expression searched in it, or None (float leaves of rank >= 2 named `kernel`).
@@ -135,11 +134,13 @@ def srste(
 
 
 # ---------------------------------------------------------------------- helpers
-def _nm_pattern(pattern, where) -> NM:
+def _nm_pattern(pattern, where):
+    """A format's spec (N:M, V:N:M, ...): SR-STE needs a structured mask to refine towards."""
     pattern = as_pattern(pattern, name="pattern")
-    if not isinstance(pattern, NM):
+    if isinstance(pattern, Unstructured):
         raise ValueError(
-            f"{where}: pattern must be an N:M pattern (SR-STE is N:M); got {pattern!r}"
+            f"{where}: pattern must be a format's spec (N:M, V:N:M, ...: SR-STE refines towards a "
+            f"structured mask); got {pattern!r}"
         )
     return pattern
 

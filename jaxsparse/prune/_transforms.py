@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.nm import NM
+from jaxsparse.formats._spec import is_spec
 from jaxsparse.prune import _tree
 from jaxsparse.prune._masks import _gradual_mask
 from jaxsparse.prune._patterns import Unstructured, as_pattern
@@ -61,8 +61,9 @@ def gradual_pruning(
         update_every: recompute the masks every this many steps (an int >= 1).
         pattern_fn: what the masks look like at sparsity `s`:
             None: unstructured, the largest `1 - s` fraction of each tensor;
-            a pattern (`NM(2, 4)`, `"2:4"`): approach that N:M pattern: its entries are kept first,
-            the others by |w|, so the mask is the N:M mask once `s` reaches `1 - n/m`;
+            a format's spec (`NM(2, 4)`, `"2:4"`, `VNM(64, 2, 8)`): approach its magnitude mask:
+            its entries are kept first, the others by |w|, so the mask is the spec's mask once `s`
+            reaches `1 - density` (and a subset of it beyond);
             a callable `s -> pattern` (`s` is a traced scalar under `jit`) returning either.
             For `Unstructured` the schedule sets the density (`1 - s`); the value's own density
             is not used.
@@ -190,18 +191,19 @@ def _check_schedule(schedule, where) -> Callable:
 def _pattern_fn(pattern_fn, where) -> Callable:
     if pattern_fn is None:
         return lambda s: Unstructured(1.0 - s)
-    if isinstance(pattern_fn, (NM, Unstructured, str)):
+    if isinstance(pattern_fn, (Unstructured, str)) or is_spec(pattern_fn):
         pattern = as_pattern(pattern_fn, name="pattern_fn")
         return lambda s: pattern
     if callable(pattern_fn):
         def checked(s):
             pattern = pattern_fn(s)
-            if not isinstance(pattern, (NM, Unstructured)):
+            if not (isinstance(pattern, Unstructured) or is_spec(pattern)):
                 pattern = as_pattern(pattern, name="pattern_fn(sparsity)")
             return pattern
 
         return checked
     raise TypeError(
-        f"{where}: pattern_fn must be None, a pattern (NM / Unstructured / 'n:m') or a callable "
+        f"{where}: pattern_fn must be None, a pattern (a spec such as NM / VNM, Unstructured, "
+        f"or a string such as '2:4') or a callable "
         f"sparsity -> pattern; got {type(pattern_fn).__name__}"
     )

@@ -165,7 +165,8 @@ def test_unboxed_indices_are_accepted():
 @pytest.mark.parametrize(
     "spec,err,match",
     [
-        ("2:4:8", ValueError, "sparsity must be"),
+        ("2-4", ValueError, "sparsity must be"),
+        ("2:4:8", ValueError, r"v must be in \[16, 256\]"),  # A V:N:M string, v too small.
         (0.5, TypeError, "sparsity must be"),
         ("4:4", ValueError, "n must be in"),
         (Unstructured(0.5), ValueError, "no compressed format"),

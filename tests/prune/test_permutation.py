@@ -178,6 +178,8 @@ def test_bad_arguments():
     w = np.ones((8, 4), np.float32)
     with pytest.raises(ValueError, match="pattern must be an N:M pattern"):
         prune.search_permutation(w, prune.Unstructured(0.5))
+    with pytest.raises(ValueError, match="V:N:M is not searched: its group score couples"):
+        prune.search_permutation(w, jsp.VNM(16, 2, 8))
     with pytest.raises(ValueError, match="pattern must be"):
         prune.search_permutation(w, "2-4")
     with pytest.raises(ValueError, match="n must be in"):

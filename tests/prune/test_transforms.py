@@ -92,6 +92,24 @@ def test_gradual_pruning_to_an_nm_pattern():
         np.testing.assert_array_equal(jsp.NMSparse.fromdense(kernel, n=2, m=4).todense(), kernel)
 
 
+def test_gradual_pruning_to_a_vnm_pattern_then_masked_fine_tuning():
+    spec = jsp.VNM(16, 2, 8)
+    params = {"kernel": random_array(keys(7, 1)[0], (32, 24))}
+    schedule = prune.cubic_schedule(1 - spec.density, 0, 30)
+    tx = optax.chain(optax.adam(1e-2), prune.gradual_pruning(schedule, update_every=10,
+                                                              pattern_fn=spec))
+    params, state = train(tx, params, 31)
+    kernel = params["kernel"]
+    vnm = prune.magnitude_mask(kernel, spec)
+    np.testing.assert_array_equal(state[1].masks["kernel"], vnm)
+    np.testing.assert_array_equal(kernel, jnp.where(vnm, kernel, 0))
+    # Fine-tuning with the mask fixed keeps the kernel V:N:M, so it converts exactly.
+    tuned, _ = train(optax.chain(optax.adam(1e-2), prune.masked({"kernel": vnm})), params, 5)
+    np.testing.assert_array_equal(tuned["kernel"], jnp.where(vnm, tuned["kernel"], 0))
+    ws = jsp.fromdense(tuned["kernel"], spec)
+    np.testing.assert_array_equal(ws.todense(), tuned["kernel"])
+
+
 def test_gradual_pruning_pattern_fn_callable_and_filter():
     seen = []
 

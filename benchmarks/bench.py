@@ -1,9 +1,10 @@
-"""Benchmark jaxsparse N:M products against XLA dense, BCOO and numpy, with a roofline.
+"""Benchmark jaxsparse's formats against XLA dense, BCOO and numpy, with a roofline.
 
 For every dtype x shape (in, out) x tokens, in one process:
 
 - XLA's dense dot of the same shape and dtype (the baseline every speedup is against),
-- jaxsparse N:M (`x @ NMSparse`) for each pattern,
+- jaxsparse (`x @ ws`) for each spec of `--specs`, any registered format: N:M (`2:4`), V:N:M
+  (`64:2:8`), ...,
 - `jax.experimental.sparse` BCOO at the 2:4 pattern where its estimated memory is < 4 GB,
 - numpy's matmul (float32 only: numpy has no bfloat16 BLAS),
 
@@ -16,9 +17,10 @@ cache-friendly size, memory bandwidth from a large-array copy. Each kernel's eff
 reported against the roofline `min(peak, intensity * bandwidth)`.
 
 Usage:
-    python benchmarks/bench_nm.py --quick            # < 2 minutes
-    python benchmarks/bench_nm.py                    # the full grid of issue 4
-Writes bench_results/bench_nm.{txt,json,png} (see --out-dir).
+    python benchmarks/bench.py --quick                 # < 2 minutes
+    python benchmarks/bench.py                         # the full grid (N:M and V:N:M)
+    python benchmarks/bench.py --specs 64:2:8,128:2:16 --tokens 128,2048 --dtypes f32
+Writes bench_results/bench.{txt,json,png} (see --out-dir).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import jaxsparse as jsp
 
 FULL_TOKENS = (1, 16, 128, 2048)
 FULL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
-FULL_PATTERNS = ("1:4", "2:4", "2:8", "4:8")
+FULL_SPECS = ("1:4", "2:4", "2:8", "4:8", "64:2:8", "128:2:16", "64:2:32")
 QUICK_TOKENS = (1, 128)
 QUICK_SHAPES = ((4096, 4096),)
 BCOO_MEMORY_LIMIT = 4 * 2**30
@@ -58,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small grid, one small BCOO case")
     p.add_argument("--out-dir", default="bench_results/", type=Path)
     p.add_argument("--dtypes", default="f32,bf16", help="comma list of f32,bf16")
-    p.add_argument("--patterns", default=",".join(FULL_PATTERNS), help="comma list of n:m")
+    p.add_argument("--specs", "--patterns", dest="specs", default=",".join(FULL_SPECS),
+                   help="comma list of specs of any format: n:m (N:M), v:n:m (V:N:M)")
     p.add_argument("--tokens", default=None, help="comma list (1,16,128,2048; quick 1,128)")
     p.add_argument("--shapes", default=None, help="comma list of INxOUT (quick: 4096x4096)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10; quick 7)")
@@ -67,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for d in args.dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: unknown dtype {d!r}; expected f32 or bf16")
-    args.patterns = [parse_pattern(s) for s in args.patterns.split(",") if s.strip()]
+    args.specs = [jsp.as_spec(s.strip(), name="--specs") for s in args.specs.split(",")
+                  if s.strip()]
     default_tokens = QUICK_TOKENS if args.quick else FULL_TOKENS
     args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
     default_shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -75,11 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.shapes = [parse_shape(s) for s in shapes.split(",")] if shapes else default_shapes
     args.repeats = args.repeats or (7 if args.quick else 10)
     return args
-
-
-def parse_pattern(text: str) -> tuple[int, int]:
-    n, m = (int(v) for v in text.strip().split(":"))
-    return n, m
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -165,8 +164,14 @@ def make_operands(tokens, k, n, dtype, seed=0):
     return x, w, g
 
 
-def with_arrays(ws: jsp.NMSparse, values, indices) -> jsp.NMSparse:
-    return jsp.NMSparse.tree_unflatten((ws.n, ws.m, ws.in_features), (values, indices))
+def with_arrays(ws: jsp.SparseFormat, arrays) -> jsp.SparseFormat:
+    """`ws` with its arrays replaced (timed copies), unvalidated like inside a jitted step."""
+    names = ws.array_names()
+    return ws.from_arrays(ws.spec, ws.in_features, dict(zip(names, arrays)), validate=False)
+
+
+def kernel_name(spec) -> str:
+    return f"{type(spec).__name__.lower()} {spec}"
 
 
 # ====================================================================== the measured functions
@@ -181,16 +186,18 @@ def dense_fns():
     return fwd, step
 
 
-def nm_fns(ws: jsp.NMSparse, path: str):
-    """`x @ ws` (path "auto": what a user gets) or one forced path."""
-    def product(x, v, i):
-        return jsp.matmul(x, with_arrays(ws, v, i), path=path)
+def sparse_fns(ws: jsp.SparseFormat, path: str):
+    """`x @ ws` (path "auto": what a user gets) or one forced path; the step differentiates x and
+    the trainable values (the first array)."""
+    def product(x, values, *frozen):
+        return jsp.matmul(x, with_arrays(ws, (values, *frozen)), path=path)
 
     fwd = jax.jit(product)
 
     @jax.jit
-    def step(x, v, i, g):
-        y, vjp = jax.vjp(lambda x, v: product(x, v, i), x, v)
+    def step(x, values, *rest):
+        *frozen, g = rest
+        y, vjp = jax.vjp(lambda x, v: product(x, v, *frozen), x, values)
         return (y, *vjp(g))
 
     return fwd, step
@@ -231,11 +238,11 @@ def dense_bytes(tokens, k, n, isz, mode) -> float:
     return fwd if mode == "fwd" else fwd + bwd
 
 
-def nm_bytes(tokens, k, n, isz, density, mode) -> float:
-    kept = k * n * density  # values (isz bytes) + uint8 positions
-    fwd = isz * (tokens * k + tokens * n) + kept * (isz + 1)
-    bwd = (isz * (tokens * n + tokens * k) + kept * (isz + 1)
-           + isz * (tokens * k + tokens * n) + kept * (isz + 1))
+def sparse_bytes(tokens, k, n, isz, weight_bytes, mode) -> float:
+    """x and y, plus the weight's canonical arrays (`ws.nbytes`), once per product."""
+    fwd = isz * (tokens * k + tokens * n) + weight_bytes
+    bwd = (isz * (tokens * n + tokens * k) + weight_bytes
+           + isz * (tokens * k + tokens * n) + weight_bytes)
     return fwd if mode == "fwd" else fwd + bwd
 
 
@@ -259,22 +266,21 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
         dense_t[mode] = t
         rows.append(row(base, "xla-dense", mode, t, 1.0, dense_bytes(tokens, k, n, isz, mode)))
     rows += numpy_rows(base, x, w, g, dense_t, args)
-    for pattern in args.patterns:
-        ws = jsp.NMSparse.fromdense(w, n=pattern[0], m=pattern[1])
-        density = pattern[0] / pattern[1]
-        values_timed = rotating(ws.values, tokens)
-        indices_timed = rotating(ws.indices, tokens)
-        chosen = jsp.choose_path(tokens, dtype, density)
+    for spec in args.specs:
+        ws = jsp.fromdense(w, spec)
+        density = spec.density
+        arrays_timed = [rotating(a, tokens) for a in ws.arrays().values()]
+        chosen = jsp.choose_path(tokens, dtype, spec)
         # `x @ ws` as a user gets it; where the rule picks the dense path, the kernel forced too.
-        runs = [("auto", f"nm {pattern[0]}:{pattern[1]}")]
+        runs = [("auto", kernel_name(spec))]
         if chosen == "dense":
-            runs.append(("sparse", f"nm {pattern[0]}:{pattern[1]}!"))
+            runs.append(("sparse", kernel_name(spec) + "!"))
         for path, name in runs:
-            for mode, fn in zip(MODES, nm_fns(ws, path)):
+            for mode, fn in zip(MODES, sparse_fns(ws, path)):
                 extra = (g,) if mode != "fwd" else ()
-                t = time_call(fn, x, values_timed, indices_timed, *extra, repeats=args.repeats)
-                r = row(base, name, mode, t, density, nm_bytes(tokens, k, n, isz, density, mode),
-                        dense_t)
+                t = time_call(fn, x, *arrays_timed, *extra, repeats=args.repeats)
+                nbytes = sparse_bytes(tokens, k, n, isz, ws.nbytes, mode)
+                r = row(base, name, mode, t, density, nbytes, dense_t)
                 rows.append({**r, "path": chosen if path == "auto" else path})
     rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
     return rows
@@ -293,8 +299,8 @@ def numpy_rows(base, x, w, g, dense_t, args) -> list[dict]:
 
 
 def bcoo_rows(base, x, w, g, dense_t, args, bcoo_done: list) -> list[dict]:
-    n_, m_ = parse_pattern(BCOO_PATTERN)
-    name, density = f"bcoo {BCOO_PATTERN}", n_ / m_
+    spec = jsp.as_spec(BCOO_PATTERN)
+    name, density = f"bcoo {BCOO_PATTERN}", spec.density
     isz = jnp.dtype(x.dtype).itemsize
     estimate = bcoo_memory_estimate(base["tokens"], base["in"], base["out"], isz, density)
     if estimate >= BCOO_MEMORY_LIMIT:
@@ -303,11 +309,12 @@ def bcoo_rows(base, x, w, g, dense_t, args, bcoo_done: list) -> list[dict]:
     if args.quick and bcoo_done:
         return [skip_row(base, name, mode, "quick mode: one case only") for mode in MODES]
     bcoo_done.append(True)
-    wb = jsparse.BCOO.fromdense(jsp.NMSparse.fromdense(w, n=n_, m=m_).todense())
+    ws = jsp.fromdense(w, spec)
+    wb = jsparse.BCOO.fromdense(ws.todense())
     rows = []
     for mode, fn in zip(MODES, bcoo_fns(wb)):
         t = time_call(fn, x, wb.data, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
-        nbytes = nm_bytes(base["tokens"], base["in"], base["out"], isz, density, mode)
+        nbytes = sparse_bytes(base["tokens"], base["in"], base["out"], isz, ws.nbytes, mode)
         rows.append(row(base, name, mode, t, density, nbytes, dense_t))
     return rows
 
@@ -340,14 +347,14 @@ def add_roofline(rows, ceilings) -> None:
 
 
 # ====================================================================== reporting
-HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':10} {'path':6} {'mode':8} {'ms':>9} "
+HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':13} {'path':6} {'mode':8} {'ms':>9} "
           f"{'dGF/s':>7} {'eGF/s':>7} {'GB/s':>6} {'speedup':>7} {'ideal':>5} {'%ideal':>6} "
           f"{'%roof':>6} bound")
 
 
 def format_row(r) -> str:
     shape = f"{r['in']:>5}x{r['out']:<5}"
-    head = (f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:10} {r['path']:6} "
+    head = (f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:13} {r['path']:6} "
             f"{r['mode']:8}")
     if r["skipped"]:
         return f"{head} {'skipped: ' + r['skipped']:>9}"
@@ -359,14 +366,15 @@ def format_row(r) -> str:
 
 def format_table(rows, ceilings, meta) -> str:
     peaks = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in ceilings["peak_gflops"].items())
-    lines = [f"jaxsparse N:M benchmark  {meta['machine']['cpu']} x{meta['machine']['cpus']}, "
+    lines = [f"jaxsparse benchmark  {meta['machine']['cpu']} x{meta['machine']['cpus']}, "
              f"ISA {meta['isa']}, jax {meta['jax']}, commit {meta['commit']}",
              f"ceilings: peak (best jnp.dot 1024^3/2048^3) {peaks}; bandwidth (512 MiB sum) "
              f"{ceilings['bandwidth_gbs']:.1f} GB/s",
              "dGF/s = dense-equivalent GFLOP/s, eGF/s = effective (stored entries only); "
              "speedup over xla-dense, same dtype/shape/mode; ideal = 1/density; "
              "%roof = eGF/s / min(peak, intensity*bandwidth); path = what `x @ ws` ran "
-             "(jsp.choose_path); 'nm n:m!' = the sparse kernel forced where the rule picks dense",
+             "(jsp.choose_path); 'nm n:m!' = the sparse kernel forced where the rule picks dense; "
+             "ideal = 1/density (the bytes allow less: see GB/s and %roof)",
              HEADER, "-" * len(HEADER)]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)
@@ -465,11 +473,11 @@ def write_outputs(out_dir: Path, rows, ceilings, meta) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, ceilings, meta)
     print(table)
-    (out_dir / "bench_nm.txt").write_text(table + "\n")
+    (out_dir / "bench.txt").write_text(table + "\n")
     payload = {**meta, "ceilings": ceilings, "results": rows}
-    (out_dir / "bench_nm.json").write_text(json.dumps(payload, indent=1) + "\n")
-    plot(rows, out_dir / "bench_nm.png")
-    print(f"wrote {out_dir}/bench_nm.{{txt,json,png}} in {meta['wall_seconds']:.0f} s")
+    (out_dir / "bench.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot(rows, out_dir / "bench.png")
+    print(f"wrote {out_dir}/bench.{{txt,json,png}} in {meta['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""The seam every weight format plugs into: `SparseFormat`, its array roles, and `x @ w`.
+
+A format is a registered pytree whose children are arrays with declared *roles*:
+
+- `TRAINABLE`: what training updates (the kept `values`); layers hold it as an `nnx.Param` /
+  in linen's `params`, `mixed_precision` differentiates it, `replace(values=...)` swaps it cheaply.
+- `FROZEN`: structure that training never touches (positions, column selections); layers hold it
+  as `SparsityIndices` / in linen's `"sparsity"` collection.
+
+and *static* fields (the spec's numbers and the logical `in_features`) as pytree aux data.
+Layers, surgery, mixed precision and checkpoints read these declarations and never name a
+format's arrays themselves, so a new format is one file here (plus its ops and kernels).
+
+Every format stores its trainable `values` as `[..., out, kept]` (the weight's `w.T` with pruned
+entries squeezed out, one row per output), so the logical shape `[..., in, out]`, the batch
+dims of a stack of weights, `dtype`, `density` and `nbytes` are defined once, here.
+
+Products: `x @ w` and `jaxsparse.matmul(x, w)` validate `x` (jaxsparse/ops/matmul.py), choose
+the path (jaxsparse/ops/dispatch.py) and call `w._matmul(x, path)`: the sparse path flattens the
+leading dims of `x` and of a stack of weights into one kernel batch dim and calls the format's
+`_kernel` (its primitive); the dense path multiplies by `dense_rows()` with XLA's dot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxsparse import _validate as V
+from jaxsparse.ops.matmul import matmul
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+ROLES = (TRAINABLE, FROZEN)
+
+
+class SparseFormat:
+    """Base of every jaxsparse weight format (`NMSparse`, `VNMSparse`, ...).
+
+    A subclass declares:
+
+    - `ARRAYS`: `((name, role), ...)` of its array children in pytree order; `values`
+      (`[..., out, kept]`, float32/bfloat16/float16) is the trainable one.
+    - `SPEC`: its spec type (e.g. `NM`); the spec's fields and `in_features` are the static
+      fields, in that order.
+    - `__init__(*arrays, **static)`: the validating constructor.
+    - `fromdense(w, **spec)`, `frommask(w, mask, **spec)`, `todense()`, `mask()`,
+      `dense_rows()`, `array_shapes(spec, in_features, out_features)` and
+      `_kernel(x3, *arrays3)` (the sparse product on rank-3 operands).
+
+    and gets pytree registration, `replace`, `astype`, the logical shape, `density`, `nbytes`,
+    `spec`, `x @ w` and a `repr` from here.
+    """
+
+    ARRAYS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    SPEC: ClassVar[type] = tuple
+
+    __array_ufunc__ = None  # NumPy defers `np_array @ w` to __rmatmul__.
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, role in cls.ARRAYS:
+            if role not in ROLES:
+                raise TypeError(f"{cls.__name__}.ARRAYS: role of {name!r} must be one of {ROLES}")
+        jax.tree_util.register_pytree_with_keys(
+            cls, cls._flatten_with_keys, cls._unflatten, flatten_func=cls._flatten
+        )
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def array_names(cls) -> tuple[str, ...]:
+        return tuple(name for name, _ in cls.ARRAYS)
+
+    @classmethod
+    def arrays_with_role(cls, role: str) -> tuple[str, ...]:
+        return tuple(name for name, r in cls.ARRAYS if r == role)
+
+    @classmethod
+    def static_names(cls) -> tuple[str, ...]:
+        return (*cls.SPEC._fields, "in_features")
+
+    # ------------------------------------------------------------------ pytree
+    def _flatten(self):
+        return tuple(getattr(self, n) for n in self.array_names()), self._aux
+
+    def _flatten_with_keys(self):
+        children = tuple(
+            (jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in self.array_names()
+        )
+        return children, self._aux
+
+    @classmethod
+    def _unflatten(cls, aux, children):
+        # No validation: leaves may be tracers, None or sentinels inside JAX transformations.
+        obj = object.__new__(cls)
+        for name, value in zip(cls.array_names(), children):
+            setattr(obj, name, value)
+        for name, value in zip(cls.static_names(), aux):
+            setattr(obj, name, value)
+        return obj
+
+    def tree_flatten(self):
+        return self._flatten()
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls._unflatten(aux, children)
+
+    @property
+    def _aux(self) -> tuple:
+        return tuple(getattr(self, n) for n in self.static_names())
+
+    @classmethod
+    def from_arrays(cls, spec, in_features: int, arrays: dict, *, validate: bool = True):
+        """A format from its spec, `in_features` and `{array name: array}` (what layers hold).
+
+        With `validate=False` nothing is checked (for arrays a layer already checked, or
+        tracers); otherwise the validating constructor runs.
+        """
+        if validate:
+            return cls(**arrays, **spec._asdict(), in_features=in_features)
+        return cls._unflatten((*spec, in_features), tuple(arrays[n] for n in cls.array_names()))
+
+    def arrays(self) -> dict[str, Any]:
+        """`{name: array}` of every array child, in pytree order."""
+        return {n: getattr(self, n) for n in self.array_names()}
+
+    # ------------------------------------------------------------------ updates
+    def replace(self, **changes: Any):
+        """A copy with some arrays replaced (same spec and shape), validated.
+
+        `w.replace(values=v)` is how training updates the kept values: `v` may be a tracer and
+        only its shape and dtype are checked; replacing a frozen array re-runs the constructor's
+        checks.
+        """
+        where = f"jaxsparse.{type(self).__name__}.replace"
+        unknown = set(changes) - set(self.array_names())
+        if unknown:
+            raise TypeError(
+                f"{where}: unknown fields {sorted(unknown)}; expected "
+                f"{', '.join(n + '=' for n in self.array_names())}"
+            )
+        arrays = self.arrays()
+        for name in self.arrays_with_role(TRAINABLE):
+            if name in changes:
+                new = V.as_array(name, changes[name], where=where)
+                if new.shape != arrays[name].shape:
+                    raise ValueError(
+                        f"{where}: {name} must keep the shape {tuple(arrays[name].shape)}; "
+                        f"got {tuple(new.shape)}"
+                    )
+                V.check_float_dtype(name, new.dtype, where=where)
+                changes[name] = new
+        arrays.update(changes)
+        if set(changes) <= set(self.arrays_with_role(TRAINABLE)):
+            # Frozen arrays were validated already: skip the host round trip.
+            return self._unflatten(self._aux, tuple(arrays[n] for n in self.array_names()))
+        return self.from_arrays(self.spec, self.in_features, arrays)
+
+    def astype(self, dtype):
+        """The same structure with the trainable values cast to `dtype` (f32, bf16 or f16)."""
+        V.check_float_dtype("dtype", dtype, where=f"jaxsparse.{type(self).__name__}.astype")
+        trainable = set(self.arrays_with_role(TRAINABLE))
+        children = tuple(
+            a.astype(dtype) if n in trainable else a for n, a in self.arrays().items()
+        )
+        return self._unflatten(self._aux, children)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def spec(self):
+        """The spec value of this weight, e.g. `NM(2, 4)`."""
+        return self.SPEC(*(getattr(self, f) for f in self.SPEC._fields))
+
+    @property
+    def pattern(self):
+        """The same as `spec` (the name the pruning toolkit uses)."""
+        return self.spec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape `[..., in, out]`."""
+        return (*self.values.shape[:-2], self.in_features, self.values.shape[-2])
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The leading dims of a stack of weights (`()` for one weight)."""
+        return tuple(self.values.shape[:-2])
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[-2]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def density(self) -> float:
+        """Stored values over logical entries (the spec's density, or more when padded)."""
+        total = math.prod(self.shape)
+        return self.values.size / total if total else float(self.spec.density)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the canonical arrays (what a checkpoint stores)."""
+        return sum(a.nbytes for a in self.arrays().values())
+
+    # ------------------------------------------------------------------ products
+    def _matmul(self, x, path: str):
+        """`x @ self` on the chosen path ("sparse" or "dense"); x is validated and has
+        `self`'s dtype (jaxsparse/ops/matmul.py)."""
+        if path == "dense":
+            return self._dense_product(x)
+        return self._sparse_product(x)
+
+    def _dense_product(self, x):
+        """Decompress, then XLA's dot. The dot contracts the `[out, in]` rows as they come out of
+        the decompression: transposing them to `[in, out]` first measured 2-5x slower in total
+        (the transpose, and XLA fusing it into the dot's operand)."""
+        rows = self.dense_rows()[..., : self.in_features]
+        if not self.batch_shape:
+            return jnp.einsum("...k,nk->...n", x, rows)
+        return jnp.matmul(x, jnp.swapaxes(rows, -1, -2))
+
+    def _sparse_product(self, x):
+        """The format's kernel over any leading dims of x and of a stack of weights."""
+        arrays = tuple(self.arrays().values())
+        if not self.batch_shape:
+            lead = x.shape[:-1]
+            x3 = x.reshape(1, math.prod(lead), self.in_features)
+            y = self._kernel(x3, *(a[None] for a in arrays))
+            return y.reshape(*lead, self.out_features)
+        if x.ndim == 1:
+            return self._sparse_product(x[None])[..., 0, :]
+        batch = jnp.broadcast_shapes(x.shape[:-2], self.batch_shape)
+        core = len(self.batch_shape)
+        x3 = _flatten_batch(x, batch, 2)
+        y = self._kernel(x3, *(_flatten_batch(a, batch, a.ndim - core) for a in arrays))
+        return y.reshape(*batch, *y.shape[1:])
+
+    def __rmatmul__(self, x):
+        return matmul(x, self)  # The public entry validates x and chooses the path.
+
+    def __matmul__(self, other):
+        name = type(self).__name__
+        raise TypeError(
+            f"{name} @ x is not supported: jaxsparse multiplies a dense left operand by a sparse "
+            "weight, `x @ ws` with x [..., in]; for ws @ x use (x.T @ ws).T or ws.todense() @ x"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
+            f"pattern={self.spec}, nbytes={self.nbytes})"
+        )
+
+
+def _flatten_batch(a, batch, core):
+    """Broadcast `a`'s leading dims to `batch` and flatten them to one; `[1, ...]` stays a view
+    when `a` has no leading dims (the kernel broadcasts it)."""
+    if a.ndim == core:
+        return a[None]
+    a = jnp.broadcast_to(a, (*batch, *a.shape[-core:]))
+    return a.reshape(math.prod(batch), *a.shape[-core:])

@@ -1,0 +1,400 @@
+"""V:N:M structured sparsity (VENOM): the `VNM` spec and the `VNMSparse` format.
+
+A weight `w [..., in, out]` (a Flax kernel) is V:N:M sparse when its outputs, in *panels* of `v`
+consecutive outputs, and its inputs, in *groups* of `m` consecutive inputs, form blocks in which
+the panel keeps the same 4 *selected* inputs for all its outputs, and each output keeps `n`
+(1 or 2) of those 4. Density is `n/m`: 64:2:8 is 75% sparse, 128:2:16 87.5%, 64:2:32 93.75%.
+The 4-of-m choice makes any ratio run on 2:4 sparse tensor cores (Castro et al., SC'23, "VENOM"),
+and on a CPU the `v` outputs of a panel share their inputs, so a panel is a small dense product
+over `4/m` of the inputs.
+
+Canonical storage (device-neutral; checkpoints hold exactly this; kernels may pack it further),
+with `G = ceil(in/m)` groups and `P = ceil(out/v)` panels:
+
+- `values  [..., out, G * n]`: each output's kept values, group after group, in input order.
+- `indices [..., out, G * n]`, uint8: the slot (0..3) of each kept value among its panel's 4
+  selected inputs of the group, strictly increasing inside a group.
+- `columns [..., P, G * 4]`, uint8: the 4 selected positions (0..m-1) of each panel and group,
+  strictly increasing.
+
+So kept entry `c` of output `r` is input `(c // n) * m + columns[r // v, 4 * (c // n) + indices[r, c]]`.
+`values` is the only trainable array; `indices` and `columns` are frozen structure. Per output
+and group this stores `n` values and `n` bytes, and per panel `4` bytes: for 64:2:8 in float32,
+10.06 bytes per 32 dense ones (3.18x fewer).
+
+Padding is handled as N:M handles it: `in` is zero-padded to a multiple of `m` (a ragged last
+group has fewer real inputs; when fewer than 4 are real, selected columns point into the padding
+and their values are 0, contributing nothing and receiving zero gradient); `out` need not be a
+multiple of `v` (the last panel is partial: `columns` covers it, `values` has exactly `out`
+rows). `todense()` drops the padding.
+
+`fromdense` is magnitude selection (KERNELS.md's VENOM rule, see `jaxsparse.formats._vnm_select`):
+per block, the 4 columns whose quad maximises the sum over the panel's outputs of each output's
+`n` largest `|w|` among them (exhaustive for `m <= 20`; candidates plus swap search above), then
+each output keeps its `n` largest `|w|` of the 4 (ties to the lower slot).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse import _validate as V
+from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
+from jaxsparse.formats._spec import register_spec
+from jaxsparse.formats._vnm_select import select_columns
+from jaxsparse.ops.vnm import vnm_spmm
+
+SELECTED = 4  # Inputs a panel keeps per group: the 4 of a 2:4 (or 1:4) chunk.
+_MAX_V = 256  # Panels up to 256 outputs (uint8 slots, CTA tiles up to 256 rows).
+_MAX_M = 64  # Groups up to 64 inputs (uint8 positions; selection cost grows as C(m, 4)).
+_V_MULTIPLE = 16  # Panels are whole m16 tiles of mma.sp.
+
+
+@register_spec
+class VNM(NamedTuple):
+    """The V:N:M spec: panels of `v` outputs keep 4 of every `m` inputs, each output `n` of them.
+
+    A hashable value, usable as a static argument and as the `sparsity=` of layers;
+    `"v:n:m"` strings (`"64:2:8"`) parse to it. `v` is a multiple of 16 in [16, 256]
+    (32, 64 and 128 are Spatha's), `n` is 1 or 2, `m` is in [4, 64] (4 is plain 2:4).
+
+    Example:
+        >>> VNM(64, 2, 8).density
+        0.25
+        >>> str(VNM(128, 2, 16))
+        '128:2:16'
+    """
+
+    v: int
+    n: int
+    m: int
+
+    STRING_FORM = "'v:n:m' such as '64:2:8'"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def format(self) -> type:
+        return VNMSparse
+
+    def validate(self, where: str = "jaxsparse.VNM") -> "VNM":
+        v = V.check_int("v", self.v, low=_V_MULTIPLE, high=_MAX_V, where=where)
+        if v % _V_MULTIPLE:
+            raise ValueError(
+                f"{where}: v must be a multiple of {_V_MULTIPLE} (whole 16-row tiles of the "
+                f"sparse tensor cores), got {v}"
+            )
+        n = V.check_int("n", self.n, low=1, high=2, where=where)
+        m = V.check_int("m", self.m, low=SELECTED, high=_MAX_M, where=where)
+        return VNM(v, n, m)
+
+    @classmethod
+    def from_string(cls, text: str) -> "VNM | None":
+        match = _VNM_STRING.match(text)
+        return None if match is None else cls(*(int(g) for g in match.groups()))
+
+    def fits_shape(self, shape: tuple[int, ...]) -> str | None:
+        """None when a kernel `[..., in, out]` can take this spec, else why not."""
+        if shape[-2] < self.m:
+            return (
+                f"in={shape[-2]} < m={self.m}: a V:N:M group needs at least m inputs, "
+                "nothing would be pruned"
+            )
+        return None
+
+    def magnitude_mask(self, w) -> jax.Array:
+        """The bool mask `VNMSparse.fromdense(w, v, n, m)` keeps (`[..., in, out]`)."""
+        return _magnitude_mask(w, self)
+
+    def __str__(self) -> str:
+        return f"{self.v}:{self.n}:{self.m}"
+
+
+_VNM_STRING = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class VNMSparse(SparseFormat):
+    """A V:N:M sparse matrix of logical shape `[..., in, out]` (module docstring: the layout).
+
+    Build one with `VNMSparse.fromdense(w, v=64, n=2, m=8)`, `VNMSparse.frommask(w, mask, ...)`
+    or `jaxsparse.fromdense(w, VNM(64, 2, 8))`; multiply with `x @ ws`.
+
+    Attributes:
+        values: `[..., out, ceil(in/m)*n]` float32/bfloat16/float16, the kept values (trainable).
+        indices: `[..., out, ceil(in/m)*n]` uint8, each value's slot among its panel's 4 (frozen).
+        columns: `[..., ceil(out/v), ceil(in/m)*4]` uint8, the selected positions (frozen).
+        v, n, m: the spec (static); in_features: the logical `in` (static).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsparse as jsp
+        >>> w = jax.random.normal(jax.random.key(0), (64, 48))
+        >>> ws = jsp.VNMSparse.fromdense(w, v=16, n=2, m=8)
+        >>> ws.values.shape, ws.columns.shape, ws.density
+        ((48, 16), (3, 32), 0.25)
+        >>> (jnp.ones((4, 64)) @ ws).shape
+        (4, 48)
+    """
+
+    ARRAYS = (("values", TRAINABLE), ("indices", FROZEN), ("columns", FROZEN))
+    SPEC = VNM
+
+    def __init__(self, values, indices, columns, *, v: int, n: int, m: int, in_features: int):
+        where = "jaxsparse.VNMSparse"
+        v, n, m = VNM(v, n, m).validate(where)
+        in_features = V.check_int("in_features", in_features, low=0, high=2**62, where=where)
+        values = V.as_array("values", values, where=where)
+        indices = V.as_array("indices", indices, where=where)
+        columns = V.as_array("columns", columns, where=where)
+        V.check_float_dtype("values", values.dtype, where=where)
+        for name, a in (("indices", indices), ("columns", columns)):
+            if not jnp.issubdtype(a.dtype, jnp.integer):
+                raise TypeError(f"{where}: {name} must be an integer array, got {a.dtype.name}")
+        V.check_rank("values", values, min_rank=2, where=where, what="[..., out, kept]")
+        groups = _num_groups(in_features, m)
+        out = values.shape[-2]
+        want = {
+            "values": (*values.shape[:-1], groups * n),
+            "indices": tuple(values.shape[:-1]) + (groups * n,),
+            "columns": (*values.shape[:-2], _num_groups(out, v), groups * SELECTED),
+        }
+        for name, a in (("values", values), ("indices", indices), ("columns", columns)):
+            if tuple(a.shape) != want[name]:
+                raise ValueError(
+                    f"{where}: {name} must have shape {want[name]} (out={out}, "
+                    f"in_features={in_features}, spec {v}:{n}:{m}: ceil(in/m)*n kept values per "
+                    f"output, ceil(out/v) panels of ceil(in/m)*4 columns); got {tuple(a.shape)}"
+                )
+        if V.is_concrete(indices):
+            _check_sorted_positions(np.asarray(indices), n, SELECTED, "indices", where)
+        if V.is_concrete(columns):
+            _check_sorted_positions(np.asarray(columns), SELECTED, m, "columns", where)
+        self.values = values
+        self.indices = indices.astype(jnp.uint8)
+        self.columns = columns.astype(jnp.uint8)
+        self.v, self.n, self.m, self.in_features = v, n, m, in_features
+
+    @classmethod
+    def array_shapes(cls, spec: VNM, in_features: int, out_features: int) -> dict:
+        """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
+        groups = _num_groups(in_features, spec.m)
+        kept = (out_features, groups * spec.n)
+        panels = (_num_groups(out_features, spec.v), groups * SELECTED)
+        return {"values": (kept, None), "indices": (kept, jnp.uint8),
+                "columns": (panels, jnp.uint8)}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fromdense(cls, w, *, v: int, n: int, m: int) -> "VNMSparse":
+        """Keep, per panel and group, the best 4 columns, then each output's `n` largest of them.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            v, n, m: the spec (see `VNM`).
+
+        Returns:
+            A VNMSparse of shape `w.shape`; the module docstring states the selection rule.
+            Jittable.
+        """
+        where = "jaxsparse.VNMSparse.fromdense"
+        spec = VNM(v, n, m).validate(where)
+        w = _check_dense("w", w, where)
+        return _fromdense(w, spec)
+
+    @classmethod
+    def frommask(cls, w, mask, *, v: int, n: int, m: int) -> "VNMSparse":
+        """Keep the entries of `w` where `mask` is True; the mask must respect V:N:M.
+
+        In every block at most 4 inputs may hold True entries (across the panel's outputs), and
+        each output at most `n` per group. The selected columns are the masked ones, then the
+        lowest unmasked real inputs; each output's slots are its masked entries, then unmasked
+        ones holding 0, so `todense()` equals `where(mask, w, 0)` exactly.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            mask: `[..., in, out]` bool.
+        """
+        where = "jaxsparse.VNMSparse.frommask"
+        spec = VNM(v, n, m).validate(where)
+        w = _check_dense("w", w, where)
+        mask = V.as_array("mask", mask, where=where)
+        if mask.shape != w.shape:
+            raise ValueError(
+                f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
+            )
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+        blocks, real, _ = _to_blocks(mask, spec)
+        if V.is_concrete(blocks):
+            _check_mask_blocks(np.asarray(blocks), spec, w.shape[-1], where)
+        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec)
+
+    # ------------------------------------------------------------------ views
+    def todense(self) -> jax.Array:
+        """`[..., in, out]` in `dtype`: kept values in place, zeros elsewhere; bit-exact."""
+        return _from_rows(self.dense_rows(), self.in_features)
+
+    def dense_rows(self) -> jax.Array:
+        """`todense()` before its transpose: `[..., out, ceil(in/m)*m]`, zero padded; selects
+        only (no gather of values), so XLA fuses it into one elementwise pass."""
+        col, vals = self._row_columns(), self._grouped(self.values)
+        position = jnp.arange(self.m, dtype=col.dtype)
+        dense = jnp.zeros((), self.dtype)
+        for s in range(self.n):  # The n columns of a row's group are distinct.
+            dense = jnp.where(col[..., s, None] == position, vals[..., s, None], dense)
+        return dense.reshape(*dense.shape[:-2], dense.shape[-2] * dense.shape[-1])
+
+    def mask(self) -> jax.Array:
+        """`[..., in, out]` bool: True at every stored position (including stored zeros)."""
+        col = self._row_columns()
+        hit = jnp.any(col[..., None] == jnp.arange(self.m, dtype=col.dtype), axis=-2)
+        return _from_rows(hit.reshape(*hit.shape[:-2], -1), self.in_features)
+
+    def _grouped(self, a):
+        return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
+
+    def _row_columns(self):
+        """`[..., out, G, n]` int32: the in-group position of every kept value."""
+        out, groups = self.out_features, self.values.shape[-1] // self.n
+        panel_cols = self.columns.reshape(*self.columns.shape[:-1], groups, SELECTED)
+        row_cols = jnp.repeat(panel_cols, self.v, axis=-3)[..., :out, :, :]
+        slots = self._grouped(self.indices).astype(jnp.int32)
+        return jnp.take_along_axis(row_cols.astype(jnp.int32), slots, axis=-1)
+
+    def _kernel(self, x, values, indices, columns):
+        return vnm_spmm(x, values, indices, columns, v=self.v, n=self.n, m=self.m)
+
+
+# ---------------------------------------------------------------------- selection
+def _to_blocks(w, spec: VNM):
+    """`[..., in, out]` -> `[..., P, G, v, m]` (outputs and inputs zero-padded), with bool
+    `real_in [G, m]` and `real_out [P, v]`."""
+    v, _, m = spec
+    in_f, out_f = w.shape[-2:]
+    groups, panels = _num_groups(in_f, m), _num_groups(out_f, v)
+    wt = jnp.swapaxes(w, -1, -2)
+    pad = [(0, 0)] * (wt.ndim - 2) + [(0, panels * v - out_f), (0, groups * m - in_f)]
+    wt = jnp.pad(wt, pad).reshape(*wt.shape[:-2], panels, v, groups, m)
+    real_in = (jnp.arange(groups * m) < in_f).reshape(groups, m)
+    real_out = (jnp.arange(panels * v) < out_f).reshape(panels, v)
+    return jnp.swapaxes(wt, -3, -2), real_in, real_out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fromdense(w, spec: VNM) -> VNMSparse:
+    blocks, real_in, real_out = _to_blocks(w, spec)  # [..., P, G, v, m]
+    # Padding inputs lose to any real one (even a real 0); padding outputs weigh nothing.
+    score = jnp.where(real_in[:, None, :], jnp.abs(blocks).astype(jnp.float32), -1.0)
+    score = jnp.where(real_out[:, None, :, None], score, 0.0)
+    columns = select_columns(score, spec.n).astype(jnp.int32)  # [..., P, G, 4]
+    return _keep_in_columns(blocks, score, columns, spec, w.shape[-2], w.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _frommask(w, mask, spec: VNM) -> VNMSparse:
+    blocks, real_in, _ = _to_blocks(w, spec)
+    mask_blocks, _, _ = _to_blocks(mask, spec)
+    real = real_in[:, None, :].astype(jnp.float32)
+    # Columns: masked ones first, then real unmasked ones, then padding (lowest position first).
+    column_score = jnp.any(mask_blocks, axis=-2).astype(jnp.float32) * 2 + real[..., 0, :]
+    _, columns = jax.lax.top_k(column_score, SELECTED)
+    columns = jnp.sort(columns, axis=-1)
+    score = mask_blocks.astype(jnp.float32) * 2 + real
+    return _keep_in_columns(blocks, score, columns, spec, w.shape[-2], w.shape[-1])
+
+
+def _keep_in_columns(blocks, score, columns, spec: VNM, in_f: int, out_f: int) -> VNMSparse:
+    """Each output keeps its `n` best-scored slots of its panel's 4 columns (ties: lower slot)."""
+    v, n, _ = spec
+    cols = jnp.broadcast_to(columns[..., None, :], (*blocks.shape[:-1], SELECTED))
+    slot_scores = jnp.take_along_axis(score, cols, axis=-1)  # [..., P, G, v, 4]
+    _, slots = jax.lax.top_k(slot_scores, n)
+    slots = jnp.sort(slots, axis=-1)  # [..., P, G, v, n]
+    values = jnp.take_along_axis(blocks, jnp.take_along_axis(cols, slots, axis=-1), axis=-1)
+    lead, (panels, groups) = blocks.shape[:-4], blocks.shape[-4:-2]
+
+    def rows(a):  # [..., P, G, v, n] -> [..., out, G*n]
+        a = jnp.swapaxes(a, -3, -2).reshape(*lead, panels * v, groups * n)
+        return a[..., :out_f, :]
+
+    children = (
+        rows(values),
+        rows(slots.astype(jnp.uint8)),
+        columns.astype(jnp.uint8).reshape(*lead, panels, groups * SELECTED),
+    )
+    return VNMSparse.tree_unflatten((*spec, in_f), children)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitude_mask(w, spec: VNM) -> jax.Array:
+    return _fromdense(w, spec).mask()
+
+
+# ---------------------------------------------------------------------- helpers
+def _num_groups(size: int, group: int) -> int:
+    return -(-size // group)
+
+
+def _check_dense(name, w, where):
+    w = V.as_array(name, w, where=where)
+    V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
+    V.check_float_dtype(name, w.dtype, where=where)
+    return w
+
+
+def _from_rows(rows, in_features):
+    """`[..., out, G*m]` -> `[..., in, out]`, dropping the padding."""
+    return jnp.swapaxes(rows[..., :in_features], -1, -2)
+
+
+def _check_sorted_positions(a: np.ndarray, per_group: int, limit: int, name: str, where: str):
+    """Every group of `per_group` entries holds distinct positions in [0, limit), increasing."""
+    if a.size == 0:
+        return
+    if a.min() < 0 or a.max() >= limit:
+        bad = np.argwhere((a < 0) | (a >= limit))[0]
+        raise ValueError(
+            f"{where}: {name} must hold positions in [0, {limit}); got {a[tuple(bad)]} at index "
+            f"{tuple(int(i) for i in bad)}"
+        )
+    grouped = a.astype(np.int16).reshape(*a.shape[:-1], -1, per_group)
+    order = np.diff(grouped, axis=-1) > 0
+    if not order.all():
+        bad = np.argwhere(~order)[0]
+        raise ValueError(
+            f"{where}: {name} must be strictly increasing inside each group of {per_group} "
+            f"(distinct, sorted positions); group {tuple(int(i) for i in bad[:-1])} holds "
+            f"{grouped[tuple(bad[:-1])].tolist()}"
+        )
+
+
+def _check_mask_blocks(blocks: np.ndarray, spec: VNM, out_f: int, where: str) -> None:
+    """A V:N:M mask: per block at most 4 inputs in use, per output at most n per group."""
+    v, n, m = spec
+    per_row = blocks.sum(axis=-1)  # [..., P, G, v]
+    if per_row.size and per_row.max() > n:
+        *lead, p, g, r = (int(i) for i in np.argwhere(per_row > n)[0])
+        raise ValueError(
+            f"{where}: mask keeps {int(per_row[(*lead, p, g, r)])} entries of output {p * v + r} "
+            f"in the group of inputs [{g * m}, {g * m + m}){_at(lead)}; the {spec} pattern "
+            f"allows at most {n}"
+        )
+    used = blocks.any(axis=-2).sum(axis=-1)  # [..., P, G]
+    if used.size and used.max() > SELECTED:
+        *lead, p, g = (int(i) for i in np.argwhere(used > SELECTED)[0])
+        raise ValueError(
+            f"{where}: mask uses {int(used[(*lead, p, g)])} inputs of the group "
+            f"[{g * m}, {g * m + m}) in the panel of outputs [{p * v}, {min(p * v + v, out_f)})"
+            f"{_at(lead)}; the {spec} pattern allows {SELECTED} per panel and group"
+        )
+
+
+def _at(lead) -> str:
+    return f" at batch index {tuple(lead)}" if lead else ""
