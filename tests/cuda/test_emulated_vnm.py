@@ -6,6 +6,12 @@ whose last one is partial (N = 2V + 16), every block height (V = 16, 32, 48, 64,
 16, 64, 128 rows per block), K not a multiple of m nor of a k-tile (8 groups), n = 1 and 2, and
 row lengths that leave the values and indices 16-, 8-, 4-byte or no cp.async alignment. f32 runs
 on the CUDA-core kernel, as do both backward ops at every dtype.
+
+These tests can fail: five planted bugs in cuda/vnm/vnm_sp.cuh (2026-12-02, commit c2bc922) each
+failed some of them: a descending slot pair not swapped (1 test), garbage slot pairs passed to
+mma.sp unchecked (10: the emulator raises on the invalid ordered_metadata codes), the metadata's
+high half taken from row g instead of g + 8 (17), the gathered tile stored into the buffer being
+read (12), a cp.async wait one group short (14: the MMAs read poisoned shared memory).
 """
 
 import jax
