@@ -126,6 +126,8 @@ SP_SHAPES = [
     (65, 300, 32, 1, 32),  # G=10, 2 k-tiles, n=1: 4 B / -
     (33, 90, 16, 2, 8),    # V=16: 16-row blocks, G=12: 16 B / 8 B
     (20, 77, 48, 1, 5),    # V=48: 16-row blocks, 3 per panel, G=16: 16 B / 8 B
+    (17, 600, 64, 2, 8),   # G=75: 10 k-tiles, the 3-stage ring wraps 3 times; 4 B / -
+    (9, 400, 128, 1, 5),   # G=80: 10 k-tiles, n=1; 16 B / 8 B
 ]
 
 
