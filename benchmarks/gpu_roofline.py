@@ -1,6 +1,7 @@
 """Paper predictions for the CUDA kernels on A100 and H100 (no GPU ran any of this).
 
     python benchmarks/gpu_roofline.py            # the markdown tables of docs/gpu_kernels.md
+    python benchmarks/gpu_roofline.py --vnm      # the V:N:M tables
 
 Per kernel and shape: the FLOPs (dense-equivalent 2*T*K*N) and the bytes each kernel must move at
 least once (its operands and result), and the roofline time max(math / peak, bytes / bandwidth) with
@@ -43,6 +44,54 @@ def backward_tc(t, k, n):
     return 2 * t * k * n, 2 * t * k * n, 2 * t * k + 1.5 * n * k + 2 * t * n
 
 
+VNM_SPECS = [(64, 2, 8), (128, 2, 16)]
+VNM_SHAPES = [(4096, 4096), (4096, 11008)]
+
+
+def vnm_forward(t, k, n, spec):
+    """V:N:M forward on mma.sp (cuda/vnm/vnm_sp.cuh): the condensed problem (4 of every m inputs)
+    is a 2:4 product of T x 4K/m x N, run for whole 64-token tiles. Bytes: x once (2TK: the panels
+    together select most inputs), values (2 bytes) and indices (1 byte) of the N*K*n/m kept
+    entries, the columns (4 bytes per panel and group), y (2TN). The gather's scattered 2-byte
+    reads of x are L2 traffic, not modelled here."""
+    v, nn, m = spec
+    flops = 2 * t * k * n
+    executed = 2 * max(t, BLOCK_TOKENS) * (4 * k / m) * n
+    bytes_ = 2 * t * k + 3 * n * k * nn / m + 4 * (n / v) * (k / m) + 2 * t * n
+    return flops, executed, bytes_
+
+
+def vnm_backward_cuda_cores(t, k, n, spec):
+    """spmm_t and sddmm on the CUDA-core kernels (f32 FMA): spmm_t compares every kept entry of a
+    selected slot's panel rows (about 4x the useful T*N*K*n/m FMAs), sddmm does the useful ones.
+    Returned as (spmm_t ops, sddmm ops, bytes): 2 ops per FMA or compare."""
+    v, nn, m = spec
+    useful = t * n * k * nn / m
+    bytes_ = 2 * t * k + 3 * n * k * nn / m + 4 * (n / v) * (k / m) + 2 * t * n
+    return 2 * 4 * useful, 2 * useful, bytes_
+
+
+def vnm_table(gpu):
+    g = GPUS[gpu]
+    rows = ["| spec | T | K x N | dense (cuBLAS roofline) | V:N:M fwd mma.sp | ratio | "
+            "spmm_t (CUDA cores) | sddmm (CUDA cores) |", "|---|---|---|---|---|---|---|---|"]
+    for spec in VNM_SPECS:
+        for t in TOKENS:
+            for k, n in VNM_SHAPES:
+                _, ex, by = dense(t, k, n)
+                t_dense = max(ex / g["tc"], by / g["hbm"])
+                _, ex, by = vnm_forward(t, k, n, spec)
+                t_fwd = roofline(gpu, ex, by, sparse_tc=True)
+                ops_t, ops_s, by = vnm_backward_cuda_cores(t, k, n, spec)
+                t_bt = roofline(gpu, ops_t, by, sparse_tc=False, tensor_cores=False)
+                t_bs = roofline(gpu, ops_s, by, sparse_tc=False, tensor_cores=False)
+                rows.append(f"| {':'.join(map(str, spec))} | {t} | {k} x {n} | "
+                            f"{t_dense * 1e6:.1f} us | {t_fwd * 1e6:.1f} us | "
+                            f"{t_dense / t_fwd:.2f}x | {t_bt * 1e6:.1f} us | "
+                            f"{t_bs * 1e6:.1f} us |")
+    return "\n".join(rows)
+
+
 def roofline(gpu, executed, bytes_, sparse_tc, tensor_cores=True):
     g = GPUS[gpu]
     peak = (g["tc_sparse"] if sparse_tc else g["tc"]) if tensor_cores else g["fma"]
@@ -67,7 +116,10 @@ def table(gpu):
 
 
 if __name__ == "__main__":
+    import sys
+
+    vnm = "--vnm" in sys.argv[1:]
     for gpu in GPUS:
-        print(f"### {gpu} (predicted)\n")
-        print(table(gpu))
+        print(f"### {gpu}{', V:N:M' if vnm else ''} (predicted)\n")
+        print(vnm_table(gpu) if vnm else table(gpu))
         print()

@@ -42,13 +42,15 @@ def nvidia_tool(name: str) -> str:
 
 
 def demangle_name(symbol: str) -> str:
-    """The kernel's template name from its mangled symbol (e.g. SpmmSp24Kernel<bf16>)."""
+    """The kernel's template name from its mangled symbol: its integer template arguments, then the
+    dtype (e.g. SpmmSp24Kernel<bf16>, NmSpmmTKernel<4, f16>, VnmSpmmSpKernel<64, 2, bf16>)."""
     match = re.search(r"\d+([A-Z][A-Za-z0-9]*Kernel)I", symbol)
     if not match:
         return symbol
     dtype = "bf16" if "bfloat16" in symbol else "f16" if "half" in symbol else "f32"
-    slots = re.search(r"ILi(\d+)E", symbol)
-    return f"{match.group(1)}<{slots.group(1) + ', ' if slots else ''}{dtype}>"
+    template = symbol[match.end() - 1:].split("EEv", 1)[0]
+    ints = re.findall(r"Li(\d+)E", template)
+    return f"{match.group(1)}<{''.join(i + ', ' for i in ints)}{dtype}>"
 
 
 def format_sources() -> list[Path]:

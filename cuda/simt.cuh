@@ -21,6 +21,10 @@
 #include <cuda_runtime.h>
 #define JAXSPARSE_DEV __device__ __forceinline__
 #define JAXSPARSE_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+// Also asks ptxas to fit `blocks` resident blocks per SM: a register cap of
+// 65536 / (threads * blocks), which it meets by rematerialising what it
+// would otherwise keep live.
+#define JAXSPARSE_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads, blocks)
 #define JAXSPARSE_GRID_CONSTANT __grid_constant__
 #else
 #include <cstring>
@@ -38,6 +42,7 @@
 using dim3 = ::jaxsparse::emu::Dim3;
 #define JAXSPARSE_DEV inline
 #define JAXSPARSE_LAUNCH_BOUNDS(threads)
+#define JAXSPARSE_LAUNCH_BOUNDS_MIN(threads, blocks)
 #define JAXSPARSE_GRID_CONSTANT
 #endif
 

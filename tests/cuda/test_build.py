@@ -34,6 +34,11 @@ def test_every_kernel_builds_for_both_architectures_without_spills(kernels):
         assert k["stack"] == 0, k
     assert all(archs == {"sm_80", "sm_90"} for archs in by_name.values()), by_name
     assert {"SpmmSp24Kernel<bf16>", "SpmmSp24Kernel<f16>"} <= set(by_name)
+    vnm_sp = {f"VnmSpmmSpKernel<{rows}, {n}, {t}>" for rows in (16, 32, 64, 128) for n in (1, 2)
+              for t in ("bf16", "f16")}
+    vnm_generic = {f"Vnm{op}Kernel<{t}>" for op in ("Spmm", "SpmmT", "Sddmm")
+                   for t in ("f32", "bf16", "f16")}
+    assert vnm_sp | vnm_generic <= set(by_name), sorted(set(by_name))
 
 
 def test_sp24_forward_uses_sparse_tensor_cores(kernels):
@@ -51,3 +56,19 @@ def test_backward_kernels_use_tensor_cores(kernels):
     for k in tc:
         # 2 k16 steps x 8 token/column tiles of dense mma per stage, ldmatrix reads.
         assert k["sass"]["HMMA"] == 16 and k["sass"]["LDSM"] > 0, k
+
+
+def test_vnm_forward_uses_sparse_tensor_cores(kernels):
+    vnm = [k for k in kernels if k["name"].startswith("VnmSpmmSpKernel")]
+    assert len(vnm) == 32  # 4 block heights x n = 1, 2 x bf16, f16 x sm_80, sm_90
+    for k in vnm:
+        rows = int(k["name"].split("<")[1].split(",")[0])
+        warps_m = rows // 16
+        warps_n = 2 if warps_m >= 4 else 8 // warps_m
+        # One m16n8k32 k-step per tile, one mma.sp per n8 tile of the warp's share of 64 tokens;
+        # ldmatrix for the gathered x; cp.async for the values and indices ring.
+        assert k["sass"]["HMMA.SP"] == 8 // warps_n, k
+        assert k["sass"]["LDSM"] > 0 and k["sass"]["LDGSTS"] > 0, k
+        # Sized to keep 128 registers per thread (two 256-thread blocks or one 512-thread block
+        # per SM): the launch bounds ask for it, and ptxas met it without spilling.
+        assert k["registers"] <= 128, k
