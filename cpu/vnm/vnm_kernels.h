@@ -220,27 +220,32 @@ inline int32_t EntryKk(const int32_t* slot_kk, int64_t g_rel, uint8_t slot) {
   return slot < kSelected ? slot_kk[g_rel * kSelected + slot] : -1;
 }
 
-// The panel's weights of groups [g0, g1) (rows r0 .. r0 + rows - 1) as a
-// dense tile[kk][r], `ld` floats per kk; columns rows .. ld - 1 are zero.
-// Entries that repeat a slot add up (the reference sums every entry).
-template <class D>
-void DecodeTile(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
-                int64_t rows, int64_t g0, int64_t g1, const int32_t* slot_kk,
-                int64_t nk, int64_t ld, float* tile) {
-  std::memset(tile, 0, nk * ld * sizeof(float));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t at = (r0 + r) * kc;
-    const uint8_t* idx = w.indices + at;
-    const typename D::Storage* val = w.values + at;
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int e = 0; e < n; ++e) {
-        const int64_t c = g * n + e;
-        const int32_t kk = EntryKk(slot_kk, g - g0, idx[c]);
-        if (kk >= 0) tile[kk * ld + r] += D::ToF32(val[c]);
+// Decode(...): the panel's weights of groups [g0, g1) (rows r0 .. r0 + rows
+// - 1) as a dense tile[kk][r], `ld` floats per kk; columns rows .. ld - 1 are
+// zero. Entries that repeat a slot add up (the reference sums every entry).
+// This one, entry by entry, serves every ISA; an ISA may bring a faster one
+// (the ops take the decoder as a template parameter).
+struct ScalarDecoder {
+  template <class D>
+  static void Decode(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
+                     int64_t rows, int64_t g0, int64_t g1,
+                     const int32_t* slot_kk, int64_t nk, int64_t ld,
+                     float* tile) {
+    std::memset(tile, 0, nk * ld * sizeof(float));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = (r0 + r) * kc;
+      const uint8_t* idx = w.indices + at;
+      const typename D::Storage* val = w.values + at;
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int e = 0; e < n; ++e) {
+          const int64_t c = g * n + e;
+          const int32_t kk = EntryKk(slot_kk, g - g0, idx[c]);
+          if (kk >= 0) tile[kk * ld + r] += D::ToF32(val[c]);
+        }
       }
     }
   }
-}
+};
 
 // ------------------------------------------------------------------ dense operands
 
@@ -394,7 +399,7 @@ void ForMicroTiles(int64_t rows, int64_t lanes, F&& f) {
 // tokens over it, the partial sums of the task in a per-worker buffer.
 // Consecutive tasks share the token block, so its rows of x stay in L3 while
 // the panels pass over them.
-template <class Tr, class D>
+template <class Tr, class D, class Dec>
 struct Spmm : Dims {
   using S = typename D::Storage;
   struct Worker {
@@ -459,7 +464,7 @@ struct Spmm : Dims {
       const int64_t g1 = Min(G, g0 + block_groups);
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
-      DecodeTile<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      Dec::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
       ForMicroTiles<Tr>(tokens, ld, [&](int64_t t, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
         const float* x_rows[kRows];
@@ -485,7 +490,7 @@ struct Spmm : Dims {
 // is kept transposed (dxT[input][tokens]) until the end of the task.
 // A task is (token block, range of groups): its inputs are its own, so tasks
 // never write the same dx element; it walks every panel.
-template <class Tr, class D>
+template <class Tr, class D, class Dec>
 struct SpmmT : Dims {
   using S = typename D::Storage;
   struct Worker {
@@ -577,7 +582,7 @@ struct SpmmT : Dims {
       const uint8_t* cols = w.columns + panel * G * kSelected;
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
-      DecodeTile<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      Dec::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
       ForMicroTiles<Tr>(nk, lanes, [&](int64_t kk, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
         const float* tile_rows[kRows];
@@ -605,7 +610,7 @@ struct SpmmT : Dims {
 // (outputs in the lanes, x read through sel by broadcast), then each output
 // samples its kept slots from it. A task is (panel, range of groups): the
 // entries it writes are its own.
-template <class Tr, class D>
+template <class Tr, class D, class Dec>
 struct Sddmm : Dims {
   using S = typename D::Storage;
   // Tokens per pass over a micro-tile: the pass's rows of dy and x stay in L2.
@@ -729,28 +734,42 @@ struct Sddmm : Dims {
 
 // ------------------------------------------------------------------ table
 
-template <class Tr, template <class, class> class Op>
-bool RunOp(const VnmProblem& p, const Runtime& rt) {
+template <class Op>
+bool Run(const VnmProblem& p, const Runtime& rt) {
+  Op op(p, rt);
+  return op.Compute();
+}
+
+// Op<D> for the call's dtype.
+template <template <class> class Op>
+bool RunForDtype(const VnmProblem& p, const Runtime& rt) {
   switch (p.dtype) {
-    case Dtype::kF32: {
-      Op<Tr, F32> op(p, rt);
-      return op.Compute();
-    }
-    case Dtype::kBF16: {
-      Op<Tr, BF16> op(p, rt);
-      return op.Compute();
-    }
-    case Dtype::kF16: {
-      Op<Tr, F16> op(p, rt);
-      return op.Compute();
-    }
+    case Dtype::kF32:
+      return Run<Op<F32>>(p, rt);
+    case Dtype::kBF16:
+      return Run<Op<BF16>>(p, rt);
+    case Dtype::kF16:
+      return Run<Op<F16>>(p, rt);
   }
   return true;
 }
 
-template <class Tr>
+template <class Tr, class Dec>
+struct Ops {
+  template <class D>
+  using SpmmOp = Spmm<Tr, D, Dec>;
+  template <class D>
+  using SpmmTOp = SpmmT<Tr, D, Dec>;
+  template <class D>
+  using SddmmOp = Sddmm<Tr, D, Dec>;
+};
+
+template <class Tr, class Dec = ScalarDecoder>
 constexpr VnmKernelTable MakeTable() {
-  return VnmKernelTable{&RunOp<Tr, Spmm>, &RunOp<Tr, SpmmT>, &RunOp<Tr, Sddmm>};
+  using O = Ops<Tr, Dec>;
+  return VnmKernelTable{&RunForDtype<O::template SpmmOp>,
+                        &RunForDtype<O::template SpmmTOp>,
+                        &RunForDtype<O::template SddmmOp>};
 }
 
 }  // namespace JAXSPARSE_VNM_ISA

@@ -19,9 +19,15 @@ struct VnmTile {
 
 #define JAXSPARSE_VNM_ISA avx512
 #include "cpu/vnm/vnm_kernels.h"
+#include "cpu/vnm/vnm_avx512.h"
 
 namespace jaxsparse {
 namespace cpu {
-const VnmKernelTable kVnmKernelsAvx512 = avx512::MakeTable<avx512::Traits>();
+// The vector decoder everywhere, and the streaming forward at few tokens.
+const VnmKernelTable kVnmKernelsAvx512 = [] {
+  VnmKernelTable table = avx512::MakeTable<avx512::Traits, avx512::Avx512Decoder>();
+  table.spmm = &avx512::SpmmAvx512Any;
+  return table;
+}();
 }  // namespace cpu
 }  // namespace jaxsparse
