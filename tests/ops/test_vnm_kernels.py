@@ -1,0 +1,241 @@
+"""The V:N:M CPU targets (jaxsparse_vnm_spmm, _spmm_t, _sddmm) called through jax.ffi directly,
+on every instruction-set path, against a float64 NumPy reference that densifies the weight from its
+three canonical arrays (cpu/vnm/vnm_checks.h gives the layouts).
+
+Shapes sit at the kernels' tile edges: panels of v outputs (a partial last panel), 16-lane vectors
+and the 6 x 64 (AVX-512) register tiles, token blocks of 256 and the small-token paths, groups of m
+(a ragged last group, also with fewer than 4 real inputs), batches that broadcast either way.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsparse as jsp
+from tests._check import DTYPES, assert_close, scale_for
+
+SPMM, SPMM_T, SDDMM = "jaxsparse_vnm_spmm", "jaxsparse_vnm_spmm_t", "jaxsparse_vnm_sddmm"
+
+
+@pytest.fixture(params=jsp.supported_cpu_isas() if jsp.has_cpu_kernels() else [])
+def isa(request):
+    before = jsp.cpu_isa()
+    jsp.set_cpu_isa(request.param)
+    yield request.param
+    jsp.set_cpu_isa(before)
+
+
+# ---------------------------------------------------------------- arrays and reference
+
+
+def random_vnm(rng, k, n_out, v, n, m, batch=1):
+    """Canonical V:N:M arrays (values f32, indices, columns) of a random [K, N] weight."""
+    g, p = -(-k // m), -(-n_out // v)
+    # Per (panel, group) 4 increasing positions in 0..m-1; per (output, group) n increasing slots.
+    columns = np.sort(rng.random((batch, p, g, m)).argsort(-1)[..., :4], -1).astype(np.uint8)
+    indices = np.sort(rng.random((batch, n_out, g, 4)).argsort(-1)[..., :n], -1).astype(np.uint8)
+    values = rng.standard_normal((batch, n_out, g, n)).astype(np.float32)
+    # The padding of a ragged last group (inputs >= K) holds zeros.
+    values[input_of(indices.reshape(batch, n_out, g * n), columns.reshape(batch, p, g * 4), v, n, m)
+           .reshape(values.shape) >= k] = 0
+    return values.reshape(batch, n_out, g * n), indices.reshape(batch, n_out, g * n), \
+        columns.reshape(batch, p, g * 4)
+
+
+def input_of(indices, columns, v, n, m):
+    """The input k of every kept entry, or -1 where its slot is > 3 or its position >= m."""
+    batch, n_out, kc = indices.shape
+    c = np.arange(kc)
+    g = c // n
+    slot = indices.astype(np.int64)
+    panel_cols = columns[:, np.arange(n_out) // v, :]  # [B, N, G*4]
+    pos = np.take_along_axis(panel_cols, np.minimum(4 * g + slot, 4 * (kc // n) - 1), -1)
+    pos = pos.astype(np.int64)
+    k = g * m + pos
+    return np.where((slot < 4) & (pos < m), k, -1)
+
+
+def densify(values, indices, columns, k, v, n, m):
+    """[B, K, N] float64: every entry whose input exists adds its value (the kernels' rule)."""
+    batch, n_out, _ = values.shape
+    inputs = input_of(indices, columns, v, n, m)
+    w = np.zeros((batch, k + 1, n_out))
+    ok = (inputs >= 0) & (inputs < k)
+    b, r, _ = np.meshgrid(np.arange(batch), np.arange(n_out), np.arange(values.shape[2]),
+                          indexing="ij")
+    np.add.at(w, (b[ok], inputs[ok], r[ok]), np.asarray(values, np.float64)[ok])
+    return w[:, :k]
+
+
+def sampled(gram, indices, columns, k, v, n, m):
+    """dv[b, r, c] = gram[b, k(r, c), r], 0 where the entry's input does not exist."""
+    inputs = input_of(indices, columns, v, n, m)
+    ok = (inputs >= 0) & (inputs < k)
+    picked = np.take_along_axis(np.swapaxes(gram, 1, 2), np.where(ok, inputs, 0), -1) \
+        if k > 0 else np.zeros(indices.shape)
+    return np.where(ok, picked, 0.0)
+
+
+def f64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+def call(target, out_shape, dtype, *operands, v, n, m):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, dtype))(
+        *operands, v=np.int32(v), n=np.int32(n), m=np.int32(m))
+
+
+# ---------------------------------------------------------------- products
+
+
+def check_all(t, k, n_out, v, n, m, dtype, bx=1, bw=1, seed=0):
+    rng = np.random.default_rng(seed)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m, bw)
+    b = max(bx, bw)
+    x = jnp.asarray(rng.standard_normal((bx, t, k)), dtype)
+    dy = jnp.asarray(rng.standard_normal((bx, t, n_out)), dtype)
+    vals = jnp.asarray(values, dtype)
+    w = densify(f64(vals), indices, columns, k, v, n, m)  # [Bw, K, N]
+    xs, dys = f64(x), f64(dy)
+    kw = dict(v=v, n=n, m=m)
+    y = call(SPMM, (b, t, n_out), dtype, x, vals, indices, columns, **kw)
+    assert_close(y, xs @ w, dtype, scale_for(k), err_msg="spmm")
+    dx = call(SPMM_T, (b, t, k), dtype, dy, vals, indices, columns, **kw)
+    assert_close(dx, dys @ np.swapaxes(w, 1, 2), dtype, scale_for(n_out), err_msg="spmm_t")
+    kc = indices.shape[2]
+    dv = call(SDDMM, (b, n_out, kc), dtype, x, dy, indices, columns, **kw)
+    gram = np.broadcast_to(np.swapaxes(xs, 1, 2) @ dys, (b, k, n_out))
+    want = sampled(gram, np.broadcast_to(indices, (b, *indices.shape[1:])),
+                   np.broadcast_to(columns, (b, *columns.shape[1:])), k, v, n, m)
+    assert_close(dv, want, dtype, scale_for(t), err_msg="sddmm")
+
+
+# (T, K, N, v, n, m): partial last panels (N % v), N not a multiple of 64, ragged last groups
+# (K % m, also < 4), T around the 6-token micro-tiles and the small-token path.
+SHAPES = [
+    (1, 40, 19, 16, 2, 4),
+    (3, 37, 50, 16, 1, 5),
+    (16, 67, 100, 32, 2, 8),
+    (17, 130, 70, 64, 2, 16),
+    (130, 97, 150, 128, 1, 32),
+    (5, 66, 200, 64, 2, 32),
+    (12, 200, 48, 16, 2, 64),
+    (8, 129, 33, 32, 1, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,n_out,v,n,m", SHAPES)
+def test_every_isa_path(isa, t, k, n_out, v, n, m, dtype):
+    assert jsp.cpu_isa() == isa
+    check_all(t, k, n_out, v, n, m, dtype)
+
+
+@pytest.mark.parametrize("t,k,n_out,v,n,m", [(17, 300, 130, 64, 2, 8), (300, 130, 96, 32, 1, 4),
+                                             (2, 520, 40, 16, 2, 16), (16, 600, 40, 16, 2, 8),
+                                             (13, 600, 70, 32, 1, 8)])
+def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
+    # Several token blocks (256), group blocks per task (K / m > 32 groups) and blocks of chunks
+    # in the small-token forward (> 64 groups at 16 tokens).
+    check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
+
+
+@pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (2, 2)])
+def test_batches_broadcast(isa, bx, bw):
+    check_all(7, 45, 33, 16, 2, 8, jnp.float32, bx=bx, bw=bw, seed=2)
+
+
+@pytest.mark.parametrize("t,k,n_out", [(0, 16, 32), (4, 0, 32), (4, 16, 0), (0, 0, 0)])
+def test_empty_dims(isa, t, k, n_out):
+    v, n, m = 16, 2, 8
+    g, p = -(-k // m), -(-n_out // v)
+    kw = dict(v=v, n=n, m=m)
+    x, dy = jnp.ones((1, t, k)), jnp.ones((1, t, n_out))
+    vals = jnp.ones((1, n_out, g * n))
+    idx = jnp.zeros((1, n_out, g * n), jnp.uint8)
+    cols = jnp.zeros((1, p, g * 4), jnp.uint8)
+    y = call(SPMM, (1, t, n_out), jnp.float32, x, vals, idx, cols, **kw)
+    dx = call(SPMM_T, (1, t, k), jnp.float32, dy, vals, idx, cols, **kw)
+    dv = call(SDDMM, (1, n_out, g * n), jnp.float32, x, dy, idx, cols, **kw)
+    for a in (y, dx, dv):
+        assert not np.any(np.asarray(a))
+
+
+# ---------------------------------------------------------------- garbage under jit
+
+
+@pytest.mark.parametrize("t", [1, 3, 16, 20])
+def test_garbage_positions_add_nothing_even_next_to_inf(isa, t):
+    # Under jit the arrays are unknown at trace time, so garbage can reach the kernels: slots > 3,
+    # positions >= m, repeated or decreasing ones. They must neither read nor write out of bounds,
+    # and an entry whose input does not exist must contribute nothing (not 0 * inf = NaN).
+    k, n_out, v, n, m = 45, 40, 16, 2, 8
+    rng = np.random.default_rng(3)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    columns[0, 0, 0:4] = [9, 200, 3, 3]  # Out of group, far out, a repeat.
+    columns[0, 1, 8:12] = [7, 6, 5, 4]  # Decreasing, all existing.
+    columns[0, 2, -4:] = [0, 1, 2, 7]  # Ragged last group (K % m = 5): position 7 is input 47.
+    indices[0, ::3, 1] = 4
+    indices[0, 1::5, 2:4] = [255, 1]
+    indices[0, 2::7, 4:6] = [2, 2]  # A repeated slot: both entries add.
+    values[0, 5, -2:] = 3.0  # Nonzero values on padding must still add nothing.
+    x = rng.standard_normal((1, t, k)).astype(np.float32)
+    dy = rng.standard_normal((1, t, n_out)).astype(np.float32)
+    inputs = input_of(indices, columns, v, n, m)
+    used = np.zeros(k, bool)
+    used[inputs[(inputs >= 0) & (inputs < k)]] = True
+    x[..., ~used] = np.inf  # Inputs no kept entry reads.
+    x[..., -3:][..., ~used[-3:]] = -np.inf
+    kw = dict(v=v, n=n, m=m)
+    w = densify(values, indices, columns, k, v, n, m)
+    xs = np.where(np.isfinite(x), x, 0.0)
+    y = jax.jit(lambda *a: call(SPMM, (1, t, n_out), jnp.float32, *a, **kw))(
+        x, values, indices, columns)
+    assert np.all(np.isfinite(y))
+    assert_close(y, xs @ w, jnp.float32, scale_for(k))
+    dx = jax.jit(lambda *a: call(SPMM_T, (1, t, k), jnp.float32, *a, **kw))(
+        dy, values, indices, columns)
+    assert_close(dx, dy @ np.swapaxes(w, 1, 2), jnp.float32, scale_for(n_out))
+    dv = jax.jit(lambda *a: call(SDDMM, (1, n_out, indices.shape[2]), jnp.float32, *a, **kw))(
+        x, dy, indices, columns)
+    assert np.all(np.isfinite(dv))
+    want = sampled(np.swapaxes(xs, 1, 2) @ dy, indices, columns, k, v, n, m)
+    assert_close(dv, want, jnp.float32, scale_for(t))
+
+
+# ---------------------------------------------------------------- the validator
+
+
+def test_the_validator_names_the_operand():
+    k, n_out, v, n, m = 32, 32, 16, 2, 8
+    rng = np.random.default_rng(4)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    x = np.ones((1, 3, k), np.float32)
+    ok = dict(v=v, n=n, m=m)
+
+    def spmm(*a, out=(1, 3, n_out), dtype=jnp.float32, **kw):
+        return call(SPMM, out, dtype, *a, **{**ok, **kw})
+
+    cases = [
+        (lambda: spmm(x, values.astype(np.float16), indices, columns), "values dtype"),
+        (lambda: spmm(x, values, indices.astype(np.int32), columns), "indices dtype"),
+        (lambda: spmm(x, values, indices, columns[:, :1]), "columns.shape[1]"),
+        (lambda: spmm(x, values, indices, columns[..., :-4]), "columns.shape[2]"),
+        (lambda: spmm(x, values[..., :-1], indices, columns), "values.shape[2]"),
+        (lambda: spmm(x[0], values, indices, columns), "x must have rank 3"),
+        (lambda: spmm(x, values, indices, columns, v=np.int32(24)), "attribute v"),
+        (lambda: spmm(x, values, indices, columns, n=np.int32(3)), "attribute n"),
+        (lambda: spmm(x, values, indices, columns, m=np.int32(65)), "attribute m"),
+        (lambda: spmm(x, values, indices, columns, out=(1, 4, n_out)), "y.shape[1]"),
+        (lambda: call(SPMM_T, (1, 3, k + 1), jnp.float32, np.ones((1, 3, n_out), np.float32),
+                      values, indices, columns, **ok), "values.shape[2]"),
+        (lambda: call(SDDMM, (1, n_out, 9), jnp.float32, x, np.ones((1, 3, n_out), np.float32),
+                      indices, columns, **ok), "dv.shape[2]"),
+        (lambda: call(SDDMM, (2, n_out, indices.shape[2]), jnp.float32,
+                      np.ones((3, 3, k), np.float32), np.ones((2, 3, n_out), np.float32),
+                      indices, columns, **ok), "dy.shape[0]"),
+    ]
+    for run, name in cases:
+        with pytest.raises(Exception, match=name.replace("[", r"\[").replace("]", r"\]")):
+            jax.block_until_ready(run())
