@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse import _validate as V
 from jaxsparse.ops.matmul import matmul
@@ -270,3 +271,67 @@ def _flatten_batch(a, batch, core):
         return a[None]
     a = jnp.broadcast_to(a, (*batch, *a.shape[-core:]))
     return a.reshape(math.prod(batch), *a.shape[-core:])
+
+
+# ====================================================================== helpers for formats
+def num_groups(size: int, group: int) -> int:
+    """`ceil(size / group)`: the groups (or panels) a dimension is padded to."""
+    return -(-size // group)
+
+
+def check_dense(name: str, w, where: str):
+    """`w` as a float array `[..., in, out]`, or a clear exception."""
+    w = V.as_array(name, w, where=where)
+    V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
+    V.check_float_dtype(name, w.dtype, where=where)
+    return w
+
+
+def check_mask(mask, w, where: str):
+    """`mask` as a bool array of `w`'s shape, or a clear exception."""
+    mask = V.as_array("mask", mask, where=where)
+    if mask.shape != w.shape:
+        raise ValueError(
+            f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
+        )
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+    return mask
+
+
+def rows_to_dense(rows, in_features: int):
+    """`[..., out, padded in]` -> `[..., in, out]`, dropping the padding."""
+    return jnp.swapaxes(rows[..., :in_features], -1, -2)
+
+
+def check_sorted_positions(a: np.ndarray, *, per_group: int, limit: int, name: str, where: str,
+                           unit: str = "positions") -> None:
+    """Every run of `per_group` entries along the last axis of `a` holds distinct `unit` in
+    `[0, limit)`, strictly increasing (a concrete array: called only outside jit)."""
+    if a.size == 0:
+        return
+    if a.min() < 0 or a.max() >= limit:
+        bad = np.argwhere((a < 0) | (a >= limit))[0]
+        raise ValueError(
+            f"{where}: {name} must be {unit} in [0, {limit}); got {a[tuple(bad)]} at index "
+            f"{tuple(int(i) for i in bad)}"
+        )
+    grouped = a.astype(np.int16).reshape(*a.shape[:-1], -1, per_group)
+    order = np.diff(grouped, axis=-1) > 0
+    if not order.all():
+        bad = np.argwhere(~order)[0]
+        raise ValueError(
+            f"{where}: {name} must be strictly increasing inside each group of {per_group} "
+            f"(distinct, sorted {unit}); group {tuple(int(i) for i in bad[:-1])} holds "
+            f"{grouped[tuple(bad[:-1])].tolist()}"
+        )
+
+
+def group_fits(shape, m: int, family: str) -> str | None:
+    """None when a kernel `[..., in, out]` has at least one whole group of `m` inputs."""
+    if shape[-2] < m:
+        return (
+            f"in={shape[-2]} < m={m}: a {family} group needs at least m inputs, "
+            "nothing would be pruned"
+        )
+    return None

@@ -30,7 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
-from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
+from jaxsparse.formats._base import (
+    FROZEN,
+    TRAINABLE,
+    SparseFormat,
+    check_dense,
+    check_mask,
+    check_sorted_positions,
+    group_fits,
+    num_groups,
+    rows_to_dense,
+)
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.ops.nm import nm_spmm
 
@@ -74,12 +84,7 @@ class NM(NamedTuple):
 
     def fits_shape(self, shape: tuple[int, ...]) -> str | None:
         """None when a kernel `[..., in, out]` can take this spec, else why not."""
-        if shape[-2] < self.m:
-            return (
-                f"in={shape[-2]} < m={self.m}: an N:M group needs at least m inputs, "
-                "nothing would be pruned"
-            )
-        return None
+        return group_fits(shape, self.m, "N:M")
 
     def magnitude_mask(self, w) -> jax.Array:
         """The bool mask `NMSparse.fromdense(w, n, m)` keeps (`[..., in, out]`)."""
@@ -124,7 +129,7 @@ class NMSparse(SparseFormat):
         if not jnp.issubdtype(indices.dtype, jnp.integer):
             raise TypeError(f"{where}: indices must be an integer array, got {indices.dtype.name}")
         V.check_rank("values", values, min_rank=2, where=where, what="[..., out, kept]")
-        kept = _num_groups(in_features, m) * n
+        kept = num_groups(in_features, m) * n
         if values.shape[-1] != kept:
             raise ValueError(
                 f"{where}: values must have last dimension ceil(in_features/m)*n = "
@@ -136,14 +141,15 @@ class NMSparse(SparseFormat):
                 f"got {tuple(indices.shape)}"
             )
         if V.is_concrete(indices):
-            _check_positions(np.asarray(indices), n, m, where)
+            check_sorted_positions(np.asarray(indices), per_group=n, limit=m, name="indices",
+                                   where=where)
         self.values, self.indices = values, indices.astype(jnp.uint8)
         self.n, self.m, self.in_features = n, m, in_features
 
     @classmethod
     def array_shapes(cls, spec: NM, in_features: int, out_features: int) -> dict:
         """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
-        shape = (out_features, _num_groups(in_features, spec.m) * spec.n)
+        shape = (out_features, num_groups(in_features, spec.m) * spec.n)
         return {"values": (shape, None), "indices": (shape, jnp.uint8)}
 
     # ------------------------------------------------------------------ construction
@@ -160,7 +166,7 @@ class NMSparse(SparseFormat):
         """
         where = "jaxsparse.NMSparse.fromdense"
         n, m = NM(n, m).validate(where)
-        w = _check_dense("w", w, where)
+        w = check_dense("w", w, where)
         groups, real = _to_groups(w, m)
         # Padding must lose to any real input, even a real zero: score it below 0.
         score = jnp.where(real, jnp.abs(groups).astype(jnp.float32), -1.0)
@@ -179,8 +185,8 @@ class NMSparse(SparseFormat):
         """
         where = "jaxsparse.NMSparse.frommask"
         n, m = NM(n, m).validate(where)
-        w = _check_dense("w", w, where)
-        mask = _check_mask(mask, w, where)
+        w = check_dense("w", w, where)
+        mask = check_mask(mask, w, where)
         mask_groups, real = _to_groups(mask, m)
         if V.is_concrete(mask_groups):
             _check_mask_counts(np.asarray(mask_groups), n, m, where)
@@ -204,7 +210,7 @@ class NMSparse(SparseFormat):
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
         """`[..., in, out]` in `dtype`: kept values in place, zeros elsewhere; bit-exact."""
-        return _from_rows(self.dense_rows(), self.in_features)
+        return rows_to_dense(self.dense_rows(), self.in_features)
 
     def dense_rows(self) -> jax.Array:
         """`todense()` before its transpose: `[..., out, ceil(in/m)*m]`, zero padded.
@@ -226,7 +232,7 @@ class NMSparse(SparseFormat):
         """`[..., in, out]` bool: True at every stored position (including stored zeros)."""
         idx = self._grouped(self.indices)[..., None, :]  # [..., out, G, 1, n]
         hit = jnp.any(idx == jnp.arange(self.m, dtype=idx.dtype)[:, None], axis=-1)
-        return _from_rows(hit.reshape(*hit.shape[:-2], -1), self.in_features)
+        return rows_to_dense(hit.reshape(*hit.shape[:-2], -1), self.in_features)
 
     def _grouped(self, a):
         return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
@@ -236,62 +242,15 @@ class NMSparse(SparseFormat):
 
 
 # ---------------------------------------------------------------------- helpers
-def _num_groups(in_features: int, m: int) -> int:
-    return -(-in_features // m)
-
-
-def _check_dense(name, w, where):
-    w = V.as_array(name, w, where=where)
-    V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
-    V.check_float_dtype(name, w.dtype, where=where)
-    return w
-
-
-def _check_mask(mask, w, where):
-    mask = V.as_array("mask", mask, where=where)
-    if mask.shape != w.shape:
-        raise ValueError(
-            f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
-        )
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
-    return mask
-
-
 def _to_groups(w, m):
     """`[..., in, out]` -> (`[..., out, G, m]` zero-padded along in, bool `real` `[G, m]`)."""
     in_features = w.shape[-2]
-    groups = _num_groups(in_features, m)
+    groups = num_groups(in_features, m)
     pad = groups * m - in_features
     wt = jnp.swapaxes(w, -1, -2)
     wt = jnp.pad(wt, [(0, 0)] * (wt.ndim - 1) + [(0, pad)])
     real = (jnp.arange(groups * m) < in_features).reshape(groups, m)
     return wt.reshape(*wt.shape[:-1], groups, m), real
-
-
-def _from_rows(rows, in_features):
-    """`[..., out, G*m]` -> `[..., in, out]`, dropping the padding."""
-    return jnp.swapaxes(rows[..., :in_features], -1, -2)
-
-
-def _check_positions(indices: np.ndarray, n: int, m: int, where: str) -> None:
-    if indices.size == 0:
-        return
-    if indices.min() < 0 or indices.max() >= m:
-        bad = np.argwhere((indices < 0) | (indices >= m))[0]
-        raise ValueError(
-            f"{where}: indices must be positions in [0, {m}) inside each group of m={m}; "
-            f"got {indices[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
-        )
-    grouped = indices.astype(np.int16).reshape(*indices.shape[:-1], -1, n)
-    order = np.diff(grouped, axis=-1) > 0
-    if not order.all():
-        bad = np.argwhere(~order)[0]
-        raise ValueError(
-            f"{where}: indices must be strictly increasing inside each group of n={n} slots "
-            f"(distinct, sorted positions); group {tuple(int(i) for i in bad[:-1])} holds "
-            f"{grouped[tuple(bad[:-1])].tolist()}"
-        )
 
 
 def _check_mask_counts(mask_groups: np.ndarray, n: int, m: int, where: str) -> None:

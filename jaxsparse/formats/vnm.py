@@ -45,7 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
-from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
+from jaxsparse.formats._base import (
+    FROZEN,
+    TRAINABLE,
+    SparseFormat,
+    check_dense,
+    check_mask,
+    check_sorted_positions,
+    group_fits,
+    num_groups,
+    rows_to_dense,
+)
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats._vnm_select import select_columns
 from jaxsparse.ops.vnm import vnm_spmm
@@ -103,12 +113,7 @@ class VNM(NamedTuple):
 
     def fits_shape(self, shape: tuple[int, ...]) -> str | None:
         """None when a kernel `[..., in, out]` can take this spec, else why not."""
-        if shape[-2] < self.m:
-            return (
-                f"in={shape[-2]} < m={self.m}: a V:N:M group needs at least m inputs, "
-                "nothing would be pruned"
-            )
-        return None
+        return group_fits(shape, self.m, "V:N:M")
 
     def magnitude_mask(self, w) -> jax.Array:
         """The bool mask `VNMSparse.fromdense(w, v, n, m)` keeps (`[..., in, out]`)."""
@@ -158,12 +163,12 @@ class VNMSparse(SparseFormat):
             if not jnp.issubdtype(a.dtype, jnp.integer):
                 raise TypeError(f"{where}: {name} must be an integer array, got {a.dtype.name}")
         V.check_rank("values", values, min_rank=2, where=where, what="[..., out, kept]")
-        groups = _num_groups(in_features, m)
+        groups = num_groups(in_features, m)
         out = values.shape[-2]
         want = {
             "values": (*values.shape[:-1], groups * n),
             "indices": tuple(values.shape[:-1]) + (groups * n,),
-            "columns": (*values.shape[:-2], _num_groups(out, v), groups * SELECTED),
+            "columns": (*values.shape[:-2], num_groups(out, v), groups * SELECTED),
         }
         for name, a in (("values", values), ("indices", indices), ("columns", columns)):
             if tuple(a.shape) != want[name]:
@@ -173,9 +178,11 @@ class VNMSparse(SparseFormat):
                     f"output, ceil(out/v) panels of ceil(in/m)*4 columns); got {tuple(a.shape)}"
                 )
         if V.is_concrete(indices):
-            _check_sorted_positions(np.asarray(indices), n, SELECTED, "indices", where)
+            check_sorted_positions(np.asarray(indices), per_group=n, limit=SELECTED,
+                                   name="indices", where=where, unit="slots")
         if V.is_concrete(columns):
-            _check_sorted_positions(np.asarray(columns), SELECTED, m, "columns", where)
+            check_sorted_positions(np.asarray(columns), per_group=SELECTED, limit=m,
+                                   name="columns", where=where)
         self.values = values
         self.indices = indices.astype(jnp.uint8)
         self.columns = columns.astype(jnp.uint8)
@@ -184,9 +191,9 @@ class VNMSparse(SparseFormat):
     @classmethod
     def array_shapes(cls, spec: VNM, in_features: int, out_features: int) -> dict:
         """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
-        groups = _num_groups(in_features, spec.m)
+        groups = num_groups(in_features, spec.m)
         kept = (out_features, groups * spec.n)
-        panels = (_num_groups(out_features, spec.v), groups * SELECTED)
+        panels = (num_groups(out_features, spec.v), groups * SELECTED)
         return {"values": (kept, None), "indices": (kept, jnp.uint8),
                 "columns": (panels, jnp.uint8)}
 
@@ -205,7 +212,7 @@ class VNMSparse(SparseFormat):
         """
         where = "jaxsparse.VNMSparse.fromdense"
         spec = VNM(v, n, m).validate(where)
-        w = _check_dense("w", w, where)
+        w = check_dense("w", w, where)
         return _fromdense(w, spec)
 
     @classmethod
@@ -223,14 +230,8 @@ class VNMSparse(SparseFormat):
         """
         where = "jaxsparse.VNMSparse.frommask"
         spec = VNM(v, n, m).validate(where)
-        w = _check_dense("w", w, where)
-        mask = V.as_array("mask", mask, where=where)
-        if mask.shape != w.shape:
-            raise ValueError(
-                f"{where}: mask must have the shape of w {tuple(w.shape)}; got {tuple(mask.shape)}"
-            )
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"{where}: mask must be a bool array, got {mask.dtype.name}")
+        w = check_dense("w", w, where)
+        mask = check_mask(mask, w, where)
         blocks, real, _ = _to_blocks(mask, spec)
         if V.is_concrete(blocks):
             _check_mask_blocks(np.asarray(blocks), spec, w.shape[-1], where)
@@ -239,7 +240,7 @@ class VNMSparse(SparseFormat):
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
         """`[..., in, out]` in `dtype`: kept values in place, zeros elsewhere; bit-exact."""
-        return _from_rows(self.dense_rows(), self.in_features)
+        return rows_to_dense(self.dense_rows(), self.in_features)
 
     def dense_rows(self) -> jax.Array:
         """`todense()` before its transpose: `[..., out, ceil(in/m)*m]`, zero padded; selects
@@ -255,7 +256,7 @@ class VNMSparse(SparseFormat):
         """`[..., in, out]` bool: True at every stored position (including stored zeros)."""
         col = self._row_columns()
         hit = jnp.any(col[..., None] == jnp.arange(self.m, dtype=col.dtype), axis=-2)
-        return _from_rows(hit.reshape(*hit.shape[:-2], -1), self.in_features)
+        return rows_to_dense(hit.reshape(*hit.shape[:-2], -1), self.in_features)
 
     def _grouped(self, a):
         return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
@@ -278,7 +279,7 @@ def _to_blocks(w, spec: VNM):
     `real_in [G, m]` and `real_out [P, v]`."""
     v, _, m = spec
     in_f, out_f = w.shape[-2:]
-    groups, panels = _num_groups(in_f, m), _num_groups(out_f, v)
+    groups, panels = num_groups(in_f, m), num_groups(out_f, v)
     wt = jnp.swapaxes(w, -1, -2)
     pad = [(0, 0)] * (wt.ndim - 2) + [(0, panels * v - out_f), (0, groups * m - in_f)]
     wt = jnp.pad(wt, pad).reshape(*wt.shape[:-2], panels, v, groups, m)
@@ -338,43 +339,6 @@ def _magnitude_mask(w, spec: VNM) -> jax.Array:
 
 
 # ---------------------------------------------------------------------- helpers
-def _num_groups(size: int, group: int) -> int:
-    return -(-size // group)
-
-
-def _check_dense(name, w, where):
-    w = V.as_array(name, w, where=where)
-    V.check_rank(name, w, min_rank=2, where=where, what="[..., in, out]")
-    V.check_float_dtype(name, w.dtype, where=where)
-    return w
-
-
-def _from_rows(rows, in_features):
-    """`[..., out, G*m]` -> `[..., in, out]`, dropping the padding."""
-    return jnp.swapaxes(rows[..., :in_features], -1, -2)
-
-
-def _check_sorted_positions(a: np.ndarray, per_group: int, limit: int, name: str, where: str):
-    """Every group of `per_group` entries holds distinct positions in [0, limit), increasing."""
-    if a.size == 0:
-        return
-    if a.min() < 0 or a.max() >= limit:
-        bad = np.argwhere((a < 0) | (a >= limit))[0]
-        raise ValueError(
-            f"{where}: {name} must hold positions in [0, {limit}); got {a[tuple(bad)]} at index "
-            f"{tuple(int(i) for i in bad)}"
-        )
-    grouped = a.astype(np.int16).reshape(*a.shape[:-1], -1, per_group)
-    order = np.diff(grouped, axis=-1) > 0
-    if not order.all():
-        bad = np.argwhere(~order)[0]
-        raise ValueError(
-            f"{where}: {name} must be strictly increasing inside each group of {per_group} "
-            f"(distinct, sorted positions); group {tuple(int(i) for i in bad[:-1])} holds "
-            f"{grouped[tuple(bad[:-1])].tolist()}"
-        )
-
-
 def _check_mask_blocks(blocks: np.ndarray, spec: VNM, out_f: int, where: str) -> None:
     """A V:N:M mask: per block at most 4 inputs in use, per output at most n per group."""
     v, n, m = spec

@@ -134,7 +134,7 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
         density = density.density
     if not isinstance(density, (int, float, np.floating)) or not 0 < density <= 1:
         raise ValueError(
-            f"{where}: density must be a number in (0, 1] (or a spec); got {density!r}"
+            f"{where}: density must be a number in (0, 1]; got {density!r} (or pass a spec)"
         )
     platform = platform or jax.default_backend()
     if platform != "cpu" or not _ffi.has_cpu_kernels():

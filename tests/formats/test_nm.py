@@ -190,7 +190,7 @@ def test_constructor_validates_positions():
     good = np.array([[0, 3, 1, 2]] * 2, np.uint8)
     ws = jsp.NMSparse(values, good, n=2, m=4, in_features=8)
     assert ws.shape == (8, 2)
-    with pytest.raises(ValueError, match=r"indices must be positions in \[0, 4\).*got 4 at index"):
+    with pytest.raises(ValueError, match=r"indices must be positions in \[0, 4\); got 4 at index"):
         jsp.NMSparse(values, np.array([[0, 4, 1, 2]] * 2, np.uint8), n=2, m=4, in_features=8)
     with pytest.raises(ValueError, match=r"strictly increasing inside each group.*\[3, 1\]"):
         jsp.NMSparse(values, np.array([[3, 1, 1, 2]] * 2, np.uint8), n=2, m=4, in_features=8)

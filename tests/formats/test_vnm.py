@@ -96,7 +96,7 @@ def test_constructor_validates_columns_and_slots():
     with pytest.raises(ValueError, match=r"columns must be strictly increasing .*\[0, 2, 2, 5\]"):
         jsp.VNMSparse(**{**arrays, "columns": cols}, **spec)
     cols[0, :4] = [0, 2, 4, 8]
-    with pytest.raises(ValueError, match=r"columns must hold positions in \[0, 8\); got 8"):
+    with pytest.raises(ValueError, match=r"columns must be positions in \[0, 8\); got 8"):
         jsp.VNMSparse(**{**arrays, "columns": cols}, **spec)
     slots = np.asarray(arrays["indices"]).copy()
     slots[0, :2] = [3, 1]
