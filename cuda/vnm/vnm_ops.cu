@@ -17,6 +17,7 @@
 #include "cpu/common/validate.h"
 #include "cpu/vnm/vnm_checks.h"
 #include "cuda/ffi_target.h"
+#include "cuda/launch.cuh"
 #include "cuda/simt.cuh"
 #include "cuda/vnm/vnm_math.cuh"
 #include "cuda/vnm/vnm_sp.cuh"
@@ -26,34 +27,13 @@ namespace ffi = xla::ffi;
 namespace jaxsparse {
 namespace {
 
+using namespace launch;  // NOLINT: the shared launch helpers of cuda/launch.cuh.
+
 constexpr char kSpmm[] = "jaxsparse_vnm_spmm";
 constexpr char kSpmmT[] = "jaxsparse_vnm_spmm_t";
 constexpr char kSddmm[] = "jaxsparse_vnm_sddmm";
 
 // ------------------------------------------------------------------ CUDA-core kernels
-
-constexpr int kWarpLanes = 32;
-constexpr int kWarpsPerBlock = 4;
-constexpr int kBlockThreads = kWarpLanes * kWarpsPerBlock;
-constexpr int64_t kMaxGridX = 2147483647;  // hardware limit of gridDim.x
-constexpr int64_t kMaxGridYZ = 65535;      // hardware limit of gridDim.y, z
-
-// Calls f(b, o, i) for every point of [batch, outer, inner]: i across the
-// lanes of a warp, o across the warps of a block, b along grid z. The
-// grid-stride loops cover sizes beyond the grid limits.
-template <typename F>
-__device__ __forceinline__ void ForEachPoint(int64_t batch, int64_t outer, int64_t inner,
-                                             const F& f) {
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kWarpsPerBlock + threadIdx.y;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kWarpLanes + threadIdx.x;
-  const int64_t o_stride = static_cast<int64_t>(gridDim.y) * kWarpsPerBlock;
-  const int64_t i_stride = static_cast<int64_t>(gridDim.x) * kWarpLanes;
-  for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
-    for (int64_t o = o0; o < outer; o += o_stride) {
-      for (int64_t i = i0; i < inner; i += i_stride) f(b, o, i);
-    }
-  }
-}
 
 // One thread per y[b, t, r], r across lanes: a warp's 32 outputs share at most
 // two panels' column rows (broadcasts), each lane streams its own value and
@@ -89,48 +69,23 @@ __global__ void JAXSPARSE_LAUNCH_BOUNDS(kBlockThreads)
 
 // ------------------------------------------------------------------ launches
 
-dim3 GridFor(int64_t batch, int64_t outer, int64_t inner) {
-  const auto blocks = [](int64_t size, int64_t per_block, int64_t limit) {
-    return static_cast<unsigned>(std::min((size + per_block - 1) / per_block, limit));
-  };
-  return dim3(blocks(inner, kWarpLanes, kMaxGridX), blocks(outer, kWarpsPerBlock, kMaxGridYZ),
-              blocks(batch, 1, kMaxGridYZ));
-}
-
-constexpr dim3 kBlock(kWarpLanes, kWarpsPerBlock);
-
-// Reports a failed launch. cudaGetLastError may also return an error left by
-// an earlier asynchronous launch on this device.
-ffi::Error LaunchStatus(const char* target) {
-  const std::string err = simt::LastLaunchError();
-  if (err.empty()) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) + ": CUDA error: " + err);
-}
-
-ffi::Error FillZeros(const char* target, simt::Stream stream, ffi::AnyBuffer out) {
-  // All-zero bytes are +0 in f32, bf16 and f16.
-  const std::string err = simt::MemsetAsync(out.untyped_data(), out.size_bytes(), stream);
-  if (err.empty()) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) + ": cudaMemsetAsync: " + err);
-}
-
 template <typename T>
 ffi::Error Launch(simt::Stream stream, const vnm::SpmmArgs<T>& a) {
-  simt::Launch(kSpmm, &VnmSpmmKernel<T>, GridFor(a.d.batch, a.d.tokens, a.d.out), kBlock, 0,
+  simt::Launch(kSpmm, &VnmSpmmKernel<T>, GridFor(a.d.batch, a.d.tokens, a.d.out), Block(), 0,
                stream, a);
   return LaunchStatus(kSpmm);
 }
 
 template <typename T>
 ffi::Error Launch(simt::Stream stream, const vnm::SpmmTArgs<T>& a) {
-  simt::Launch(kSpmmT, &VnmSpmmTKernel<T>, GridFor(a.d.batch, a.d.tokens, a.d.in), kBlock, 0,
+  simt::Launch(kSpmmT, &VnmSpmmTKernel<T>, GridFor(a.d.batch, a.d.tokens, a.d.in), Block(), 0,
                stream, a);
   return LaunchStatus(kSpmmT);
 }
 
 template <typename T>
 ffi::Error Launch(simt::Stream stream, const vnm::SddmmArgs<T>& a) {
-  simt::Launch(kSddmm, &VnmSddmmKernel<T>, GridFor(a.d.batch, a.d.out, a.d.kept), kBlock, 0,
+  simt::Launch(kSddmm, &VnmSddmmKernel<T>, GridFor(a.d.batch, a.d.out, a.d.kept), Block(), 0,
                stream, a);
   return LaunchStatus(kSddmm);
 }
@@ -186,36 +141,6 @@ ffi::Error LaunchSpFor(simt::Stream stream, const vnm_sp::Args<T>& a) {
 // ------------------------------------------------------------------ handlers
 
 using vnm_check::Operands;
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) with the element type of a checked float dtype.
-template <typename Fn>
-ffi::Error DispatchFloat(const char* target, ffi::DataType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return fn(TypeTag<float>{});
-    case ffi::DataType::BF16:
-      return fn(TypeTag<simt::Bf16>{});
-    case ffi::DataType::F16:
-      return fn(TypeTag<simt::Half>{});
-    default:
-      return Validator(target).Fail("unsupported dtype " + DtypeName(dtype));
-  }
-}
-
-template <typename T>
-const T* Data(const Operand3& array) {
-  return static_cast<const T*>(array.data());
-}
-
-template <typename T>
-T* MutableData(const Operand3& array) {
-  return static_cast<T*>(array.mutable_data());
-}
 
 vnm::Dims MakeDims(int64_t batch, int64_t tokens, int64_t in, int64_t out, int32_t v, int32_t n,
                    int32_t m) {
