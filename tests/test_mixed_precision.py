@@ -2,6 +2,7 @@
 full float16 training loops (dense and with an NMSparse weight) under jit."""
 
 import doctest
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -426,6 +427,50 @@ def test_nmsparse_indices_ride_along_untouched():
     np.testing.assert_array_equal(w1.indices, params["w1"].indices)
     assert not np.array_equal(w1.values, params["w1"].values)
     assert all(state.params[k].dtype == F32 for k in ("b1", "w2", "b2"))
+
+
+def test_vnmsparse_trains_through_its_values_only():
+    x, y = regression_data(5)
+    params = mlp_params(keys(6, 1)[0], sizes=(32, 16, 1))
+    params["w1"] = jsp.VNMSparse.fromdense(params["w1"], v=16, n=2, m=8)
+    train = mp.make_train_step(mlp_loss, optax.adam(1e-2), compute_dtype=jnp.bfloat16)
+    state = train.init(params)
+    step = jax.jit(train.step)
+    for _ in range(3):
+        state, info = step(state, *regression_data(5, features=32))
+    w1 = state.params["w1"]
+    assert isinstance(w1, jsp.VNMSparse) and w1.values.dtype == F32
+    np.testing.assert_array_equal(w1.indices, params["w1"].indices)
+    np.testing.assert_array_equal(w1.columns, params["w1"].columns)
+    assert not np.array_equal(w1.values, params["w1"].values)
+    del x, y
+
+
+class _ScaledSpec(NamedTuple):
+    group: int
+
+
+class _Scaled(jsp.SparseFormat):
+    """A format with a frozen *float* array (as int4 group scales will be): roles, not dtypes,
+    decide what trains."""
+
+    ARRAYS = (("values", jsp.formats.TRAINABLE), ("scales", jsp.formats.FROZEN))
+    SPEC = _ScaledSpec
+
+
+def test_frozen_float_arrays_of_a_format_never_train():
+    w = _Scaled._unflatten((4, 8), (jnp.ones((3, 8)), jnp.full((3, 2), 0.5)))
+    params = {"w": w, "b": jnp.zeros(3)}
+
+    def loss(p, x):
+        return jnp.sum((x @ (p["w"].values * jnp.repeat(p["w"].scales, 4, axis=1)).T + p["b"]) ** 2)
+
+    train = mp.make_train_step(loss, optax.sgd(0.1), compute_dtype=F32)
+    state = train.init(params)
+    state, _ = jax.jit(train.step)(state, jnp.ones((2, 8)))
+    np.testing.assert_array_equal(state.params["w"].scales, w.scales)
+    assert not np.array_equal(state.params["w"].values, w.values)
+    assert all(leaf.shape != (3, 2) for leaf in jax.tree.leaves(state.opt_state))
 
 
 @pytest.mark.parametrize("sparse_first", [False, True], ids=["dense", "nm"])
