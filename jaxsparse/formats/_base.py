@@ -327,11 +327,9 @@ def check_sorted_positions(a: np.ndarray, *, per_group: int, limit: int, name: s
         )
 
 
-def group_fits(shape, m: int, family: str) -> str | None:
-    """None when a kernel `[..., in, out]` has at least one whole group of `m` inputs."""
+def group_fits(shape, m: int, group: str) -> str | None:
+    """None when a kernel `[..., in, out]` has at least one whole group of `m` inputs; `group`
+    names the group in the reason (e.g. "an N:M group")."""
     if shape[-2] < m:
-        return (
-            f"in={shape[-2]} < m={m}: a {family} group needs at least m inputs, "
-            "nothing would be pruned"
-        )
+        return f"in={shape[-2]} < m={m}: {group} needs at least m inputs, nothing would be pruned"
     return None

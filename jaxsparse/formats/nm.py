@@ -84,7 +84,7 @@ class NM(NamedTuple):
 
     def fits_shape(self, shape: tuple[int, ...]) -> str | None:
         """None when a kernel `[..., in, out]` can take this spec, else why not."""
-        return group_fits(shape, self.m, "N:M")
+        return group_fits(shape, self.m, "an N:M group")
 
     def magnitude_mask(self, w) -> jax.Array:
         """The bool mask `NMSparse.fromdense(w, n, m)` keeps (`[..., in, out]`)."""

@@ -113,7 +113,7 @@ class VNM(NamedTuple):
 
     def fits_shape(self, shape: tuple[int, ...]) -> str | None:
         """None when a kernel `[..., in, out]` can take this spec, else why not."""
-        return group_fits(shape, self.m, "V:N:M")
+        return group_fits(shape, self.m, "a V:N:M group")
 
     def magnitude_mask(self, w) -> jax.Array:
         """The bool mask `VNMSparse.fromdense(w, v, n, m)` keeps (`[..., in, out]`)."""
