@@ -51,6 +51,9 @@
 #include "cpu/common/dtype_convert.h"
 #include "cpu/nm/nm_kernels_api.h"
 
+#define JAXSPARSE_KERNEL_ISA JAXSPARSE_NM_ISA
+#include "cpu/common/kernel_util.h"
+
 namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_NM_ISA {
@@ -73,12 +76,6 @@ constexpr int64_t kSpmmRowsPerTask = 128;
 constexpr int64_t kSddmmRowsPerTask = 64;
 constexpr int64_t kPackRowsPerTask = 256;
 constexpr int kMaxRowsPerPass = 4;
-constexpr int64_t kCacheLine = 64;
-
-inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
 // Nothing for bytes <= 0. kLocality 3 fetches into L1, 2 into L2.
 template <int kLocality = 3>
@@ -176,62 +173,6 @@ struct F16 {
 
 template <class D>
 constexpr bool kIsF32 = std::is_same_v<typename D::Storage, float>;
-
-// ------------------------------------------------------------------ runtime
-
-// Carves one scratch request into 64-byte aligned pieces: a first pass
-// measures (base == nullptr), the second hands out pointers.
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <class T>
-  T* Take(int64_t count) {
-    T* p = reinterpret_cast<T*>(base_ + used_);
-    used_ += RoundUp(count * static_cast<int64_t>(sizeof(T)), kCacheLine);
-    return base_ != nullptr ? p : nullptr;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
-
-// Measures the layout of `op`, gets the scratch and lays it out for real.
-template <class Op>
-bool TakeScratch(const NmRuntime& rt, Op& op) {
-  Carver measure(nullptr);
-  op.Layout(measure);
-  void* base = rt.scratch(rt.scratch_owner, measure.used());
-  if (base == nullptr) return false;
-  Carver carve(static_cast<char*>(base));
-  op.Layout(carve);
-  return true;
-}
-
-template <class Job>
-void RunParallel(const NmRuntime& rt, int64_t num_tasks, const Job& job) {
-  if (num_tasks <= 0) return;
-  rt.parallel_for(
-      rt.pool, num_tasks,
-      [](void* ctx, int64_t i, int worker) {
-        static_cast<const Job*>(ctx)->Run(i, worker);
-      },
-      const_cast<Job*>(&job));
-}
-
-// Calls f(std::integral_constant<int, vecs>) for a run-time vecs in
-// [1, kMax], so each tile width gets its own fully unrolled inner loops.
-template <int kMax, class F>
-void DispatchVecs(int vecs, F&& f) {
-  if constexpr (kMax >= 1) {
-    if (vecs == kMax) {
-      f(std::integral_constant<int, kMax>{});
-    } else {
-      DispatchVecs<kMax - 1>(vecs, f);
-    }
-  }
-}
 
 // ------------------------------------------------------------------ tiling
 
@@ -564,7 +505,7 @@ struct Spmm : Dims {
     const int64_t tile = first_tile + task / row_tasks;
     const int64_t j0 = (task % row_tasks) * rows_per_task;
     const int64_t j1 = Min(N, j0 + rows_per_task);
-    DispatchVecs<Tr::kMaxVecs>(tiles.Vecs(tile), [&](auto vecs) {
+    Dispatch<Tr::kMaxVecs>(tiles.Vecs(tile), [&](auto vecs) {
       Tile<decltype(vecs)::value>(tile, j0, j1, workers[worker]);
     });
   }
@@ -885,7 +826,7 @@ struct SpmmT : Dims {
     const int64_t per_tile = gather ? row_tasks : blocks.count;
     const int64_t tile = first_tile + task / per_tile;
     const int64_t b = task % per_tile;
-    DispatchVecs<Tr::kMaxVecs>(tiles.Vecs(tile), [&](auto vecs) {
+    Dispatch<Tr::kMaxVecs>(tiles.Vecs(tile), [&](auto vecs) {
       if (gather) {
         Gather<decltype(vecs)::value>(tile, b, workers[worker]);
       } else {
@@ -1081,7 +1022,7 @@ struct Sddmm : Dims {
     if (chunk == 0) std::memset(acc, 0, (j1 - j0) * Kc * sizeof(float));
     const int64_t first = chunking.First(chunk);
     for (int64_t i = 0; i < chunking.Count(chunk, tiles.count); ++i) {
-      DispatchVecs<Tr::kMaxVecs>(tiles.Vecs(first + i), [&](auto vecs) {
+      Dispatch<Tr::kMaxVecs>(tiles.Vecs(first + i), [&](auto vecs) {
         Tile<decltype(vecs)::value>(i, j0, j1, acc, w);
       });
     }

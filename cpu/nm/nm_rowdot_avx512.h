@@ -233,7 +233,7 @@ struct RowDot : Dims {
   void Rows(int64_t j0, int64_t j1) const {
     for (int64_t t0 = 0; t0 < T; t0 += kTb) {
       const int tb = static_cast<int>(Min(kTb, T - t0));
-      DispatchVecs<kTb>(tb, [&](auto toks) {
+      Dispatch<kTb>(tb, [&](auto toks) {
         constexpr int kT = decltype(toks)::value;
         constexpr int64_t kBlockRows = int64_t{kRows} * kVecs;
         int64_t j = j0;

@@ -49,6 +49,9 @@
 #include "cpu/common/dtype_convert.h"
 #include "cpu/vnm/vnm_kernels_api.h"
 
+#define JAXSPARSE_KERNEL_ISA JAXSPARSE_VNM_ISA
+#include "cpu/common/kernel_util.h"
+
 namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_VNM_ISA {
@@ -68,12 +71,6 @@ constexpr int64_t kTaskTokens = 256;
 // Groups per spmm_t and sddmm task: disjoint ranges of inputs, so tasks never
 // write the same dx or dv element.
 constexpr int64_t kTaskGroups = 32;
-constexpr int64_t kCacheLine = 64;
-
-inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
 // ------------------------------------------------------------------ dtypes
 
@@ -97,63 +94,6 @@ struct F16 {
 
 template <class D>
 constexpr bool kIsF32 = std::is_same_v<D, F32>;
-
-// ------------------------------------------------------------------ runtime
-
-// Carves one scratch request into 64-byte aligned pieces: a first pass
-// measures (base == nullptr), the second hands out pointers.
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <class T>
-  T* Take(int64_t count) {
-    T* p = reinterpret_cast<T*>(base_ + used_);
-    used_ += RoundUp(Max(count, 1) * static_cast<int64_t>(sizeof(T)), kCacheLine);
-    return base_ != nullptr ? p : nullptr;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
-
-// Measures the layout of `op`, gets the scratch and lays it out for real.
-template <class Op>
-bool TakeScratch(const Runtime& rt, Op& op) {
-  Carver measure(nullptr);
-  op.Layout(measure);
-  void* base = rt.scratch(rt.scratch_owner, measure.used());
-  if (base == nullptr) return false;
-  Carver carve(static_cast<char*>(base));
-  op.Layout(carve);
-  return true;
-}
-
-// Runs job.Run(i, worker) for i in [0, num_tasks) on XLA's pool.
-template <class Job>
-void RunParallel(const Runtime& rt, int64_t num_tasks, const Job& job) {
-  if (num_tasks <= 0) return;
-  rt.parallel_for(
-      rt.pool, num_tasks,
-      [](void* ctx, int64_t i, int worker) {
-        static_cast<const Job*>(ctx)->Run(i, worker);
-      },
-      const_cast<Job*>(&job));
-}
-
-// Calls f(std::integral_constant<int, k>) for a run-time k in [1, kMax], so
-// each micro-tile shape gets its own fully unrolled loops.
-template <int kMax, class F>
-void Dispatch(int k, F&& f) {
-  if constexpr (kMax >= 1) {
-    if (k == kMax) {
-      f(std::integral_constant<int, kMax>{});
-    } else {
-      Dispatch<kMax - 1>(k, f);
-    }
-  }
-}
 
 // ------------------------------------------------------------------ shapes
 
