@@ -11,6 +11,7 @@
 
 #include "cpu/common/ffi.h"
 #include "cpu/common/kernel_api.h"
+#include "cpu/common/targets.h"
 #include "cpu/common/validate.h"
 
 namespace jaxsparse {
@@ -38,6 +39,13 @@ class CallScratch {
   AlignedPtr owned_;
 };
 
+// The kernels' element type of a checked float dtype (f32, bf16 or f16).
+inline Dtype KernelDtype(xla::ffi::DataType t) {
+  return t == xla::ffi::DataType::BF16  ? Dtype::kBF16
+         : t == xla::ffi::DataType::F16 ? Dtype::kF16
+                                        : Dtype::kF32;
+}
+
 // The Runtime of one call on XLA's pool, with `scratch` as its memory.
 Runtime MakeRuntime(xla::ffi::ThreadPool& pool, CallScratch* scratch);
 
@@ -61,5 +69,15 @@ xla::ffi::Error RunKernel(const Validator& v,
 
 }  // namespace cpu
 }  // namespace jaxsparse
+
+// Defines the CPU handler symbol `symbol` for `fn(ffi::ThreadPool, operands...,
+// attributes..., result)` with the binding's operands, attributes and result
+// (`.Arg<...>()...`, after XLA's thread pool), and registers it as target
+// `name` of the _cpu module: a format names each CPU target once, here.
+#define JAXSPARSE_CPU_TARGET(symbol, name, fn, ...)                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                         \
+      symbol, fn,                                                        \
+      ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::ThreadPool>() __VA_ARGS__); \
+  JAXSPARSE_REGISTER_TARGET(kCpu, name, symbol)
 
 #endif  // JAXSPARSE_CPU_COMMON_RUNTIME_H_

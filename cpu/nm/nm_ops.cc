@@ -21,12 +21,6 @@ const NmKernelTable& Kernels() {
   return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kNmKernels);
 }
 
-Dtype KernelDtype(ffi::DataType t) {
-  return t == ffi::DataType::BF16  ? Dtype::kBF16
-         : t == ffi::DataType::F16 ? Dtype::kF16
-                                   : Dtype::kF32;
-}
-
 // The CPU kernels read values and indices with one batch stride.
 ffi::Error SameWeightBatch(const Validator& v, const nm_check::Operands& o) {
   return v.Dim("indices.shape[0]", o.indices.batch, "values.shape[0]",
@@ -100,21 +94,13 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 // Every N:M target: two float operands, the uint8 positions, attributes n and
 // m, one result.
-#define JAXSPARSE_NM_CPU_TARGET(symbol, name, fn)                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                        \
-                                ffi::Ffi::Bind()                   \
-                                    .Ctx<ffi::ThreadPool>()        \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Attr<int32_t>("n")            \
-                                    .Attr<int32_t>("m")            \
-                                    .Ret<ffi::AnyBuffer>());       \
-  JAXSPARSE_REGISTER_TARGET(kCpu, name, symbol)
+#define JAXSPARSE_NM_BINDING                                        \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>() \
+      .Attr<int32_t>("n").Attr<int32_t>("m").Ret<ffi::AnyBuffer>()
 
-JAXSPARSE_NM_CPU_TARGET(JaxsparseCpuNmSpmm, "jaxsparse_nm_spmm",
-                        jaxsparse::cpu::SpmmImpl);
-JAXSPARSE_NM_CPU_TARGET(JaxsparseCpuNmSpmmT, "jaxsparse_nm_spmm_t",
-                        jaxsparse::cpu::SpmmTImpl);
-JAXSPARSE_NM_CPU_TARGET(JaxsparseCpuNmSddmm, "jaxsparse_nm_sddmm",
-                        jaxsparse::cpu::SddmmImpl);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSpmm, "jaxsparse_nm_spmm",
+                     jaxsparse::cpu::SpmmImpl, JAXSPARSE_NM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSpmmT, "jaxsparse_nm_spmm_t",
+                     jaxsparse::cpu::SpmmTImpl, JAXSPARSE_NM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSddmm, "jaxsparse_nm_sddmm",
+                     jaxsparse::cpu::SddmmImpl, JAXSPARSE_NM_BINDING);

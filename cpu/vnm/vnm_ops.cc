@@ -21,12 +21,6 @@ const VnmKernelTable& Kernels() {
   return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kVnmKernels);
 }
 
-Dtype KernelDtype(ffi::DataType t) {
-  return t == ffi::DataType::BF16  ? Dtype::kBF16
-         : t == ffi::DataType::F16 ? Dtype::kF16
-                                   : Dtype::kF32;
-}
-
 // The fields every target shares; a = the first float operand.
 VnmProblem Problem(const vnm_check::Operands& o, int64_t tokens, int64_t k,
                    int64_t n_out, int32_t v, int32_t n, int32_t m) {
@@ -99,23 +93,13 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 // Every V:N:M target: two float operands, the uint8 indices and columns,
 // attributes v, n and m, one result.
-#define JAXSPARSE_VNM_CPU_TARGET(symbol, name, fn)                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                        \
-                                ffi::Ffi::Bind()                   \
-                                    .Ctx<ffi::ThreadPool>()        \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Arg<ffi::AnyBuffer>()         \
-                                    .Attr<int32_t>("v")            \
-                                    .Attr<int32_t>("n")            \
-                                    .Attr<int32_t>("m")            \
-                                    .Ret<ffi::AnyBuffer>());       \
-  JAXSPARSE_REGISTER_TARGET(kCpu, name, symbol)
+#define JAXSPARSE_VNM_BINDING \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>() \
+      .Attr<int32_t>("v").Attr<int32_t>("n").Attr<int32_t>("m").Ret<ffi::AnyBuffer>()
 
-JAXSPARSE_VNM_CPU_TARGET(JaxsparseCpuVnmSpmm, "jaxsparse_vnm_spmm",
-                         jaxsparse::cpu::SpmmImpl);
-JAXSPARSE_VNM_CPU_TARGET(JaxsparseCpuVnmSpmmT, "jaxsparse_vnm_spmm_t",
-                         jaxsparse::cpu::SpmmTImpl);
-JAXSPARSE_VNM_CPU_TARGET(JaxsparseCpuVnmSddmm, "jaxsparse_vnm_sddmm",
-                         jaxsparse::cpu::SddmmImpl);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSpmm, "jaxsparse_vnm_spmm",
+                     jaxsparse::cpu::SpmmImpl, JAXSPARSE_VNM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSpmmT, "jaxsparse_vnm_spmm_t",
+                     jaxsparse::cpu::SpmmTImpl, JAXSPARSE_VNM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSddmm, "jaxsparse_vnm_sddmm",
+                     jaxsparse::cpu::SddmmImpl, JAXSPARSE_VNM_BINDING);
