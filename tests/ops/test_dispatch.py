@@ -1,5 +1,6 @@
 """The trace-time choice between the sparse kernel and the dense path, and both paths' results."""
 
+import functools
 import math
 
 import jax
@@ -192,3 +193,15 @@ def test_tokens_count_every_leading_dim():
     assert _tokens(jnp.ones((2, 7, 8)), stack) == 7
     assert math.isinf(dispatch.SPARSE_MAX_TOKENS[("avx512", "float32")][-1][1])
     assert np.dtype(jnp.bfloat16).name == "bfloat16"
+
+
+def test_rule_reads_the_table_of_the_spec_format():
+    rule = functools.partial(jsp.choose_path, platform="cpu", isa="avx512")
+    assert rule(2048, jnp.bfloat16, jsp.VNM(64, 2, 8)) == "dense"  # 0.57x measured: dense path
+    assert rule(128, jnp.bfloat16, jsp.VNM(64, 2, 8)) == "sparse"
+    assert rule(2048, jnp.bfloat16, jsp.VNM(128, 2, 16)) == "sparse"
+    assert rule(2048, jnp.float32, jsp.VNM(64, 2, 8)) == "sparse"
+    # An N:M spec reads the N:M table by its density, as a number does.
+    for t in (1, 1024, 4096):
+        assert rule(t, jnp.bfloat16, jsp.NM(2, 4)) == rule(t, jnp.bfloat16, 0.5)
+    assert rule(1, jnp.float32, jsp.VNM(64, 2, 8)) == "sparse"
