@@ -74,7 +74,7 @@ void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
 // ------------------------------------------------------------------ transposes
 
 // r[i][j] -> r[j][i] for 16 rows of 16 floats.
-inline void Transpose16x16(__m512* r) {
+JAXSPARSE_VNM_INLINE inline void Transpose16x16(__m512* r) {
   __m512 t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -109,7 +109,7 @@ inline void Transpose16x16(__m512* r) {
 
 // b[i] byte j -> b[j] byte i for 16 rows of 16 bytes (four unpack rounds:
 // after round w, units of 2^w bytes hold 2^w consecutive rows of a column).
-inline void Transpose16x16Bytes(__m128i* b) {
+JAXSPARSE_VNM_INLINE inline void Transpose16x16Bytes(__m128i* b) {
   __m128i t[16];
   for (int i = 0; i < 8; ++i) {
     t[i] = _mm_unpacklo_epi8(b[2 * i], b[2 * i + 1]);      // columns 0-7
@@ -145,20 +145,43 @@ struct Avx512Decoder {
                      int64_t rows, int64_t g0, int64_t g1,
                      const int32_t* slot_kk, int64_t /*nk*/, int64_t ld,
                      float* tile) {
-    const int64_t first = g0 * n, count = (g1 - g0) * n;
+    if (n == 1) return DecodeN<D, 1>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
+    DecodeN<D, 2>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
+  }
+
+  // Chunks fetched ahead within the 16 rows of a block: their 16 streams are
+  // beyond what the hardware prefetchers follow.
+  static constexpr int64_t kAheadChunks = 4;
+
+  template <class D, int kN>
+  [[gnu::noinline]] static void DecodeN(const Weight<D>& w, int64_t kc, int64_t r0,
+                                        int64_t rows, int64_t g0, int64_t g1,
+                                        const int32_t* slot_kk, int64_t ld, float* tile) {
+    using S = typename D::Storage;
+    const int64_t first = g0 * kN, count = (g1 - g0) * kN;
     for (int64_t rb = 0; rb < ld; rb += 16) {
       const int64_t live_rows = Min(16, rows - rb);
+      const S* const vs = w.values + (r0 + rb) * kc + first;
+      const uint8_t* const ix = w.indices + (r0 + rb) * kc + first;
       for (int64_t e0 = 0; e0 < count; e0 += 16) {
         const int ne = static_cast<int>(Min(16, count - e0));
         const __mmask16 live = static_cast<__mmask16>((1u << ne) - 1);
+        const int64_t ahead = e0 + kAheadChunks * 16;
+        if (ahead < count) {
+          for (int64_t r = 0; r < live_rows; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(vs + r * kc + ahead), _MM_HINT_T0);
+            if (ahead % 64 == 0)
+              _mm_prefetch(reinterpret_cast<const char*>(ix + r * kc + ahead), _MM_HINT_T0);
+          }
+        }
         __m512 val[16];
         __m128i idx[16];
+#pragma GCC unroll 16
         for (int r = 0; r < 16; ++r) {
-          const int64_t at = (r0 + rb + r) * kc + first + e0;
           if (r < live_rows) {
-            val[r] = LoadF32<D>(w.values + at, live);
+            val[r] = LoadF32<D>(vs + r * kc + e0, live);
             // Lanes past the chunk read as slot 255: they match no slot.
-            idx[r] = _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live, w.indices + at);
+            idx[r] = _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live, ix + r * kc + e0);
           } else {
             val[r] = _mm512_setzero_ps();
             idx[r] = _mm_set1_epi8(-1);
@@ -166,26 +189,28 @@ struct Avx512Decoder {
         }
         Transpose16x16(val);
         Transpose16x16Bytes(idx);
-        const int64_t gb = e0 / n;  // First group of the chunk, relative to g0.
-        for (int q = 0; q < ne / n; ++q) {
-          const int32_t* kks = slot_kk + (gb + q) * kSelected;
+        const int32_t* const kks = slot_kk + e0 / kN * kSelected;
+        // Unrolled, so val[] and idx[] are registers, not stack arrays.
+#pragma GCC unroll 16
+        for (int q = 0; q < 16 / kN; ++q) {
+          if (q * kN >= ne) break;
+#pragma GCC unroll 4
           for (int s = 0; s < kSelected; ++s) {
-            if (kks[s] < 0) continue;
+            const int32_t kk = kks[q * kSelected + s];
+            if (kk < 0) continue;
             const __m128i slot = _mm_set1_epi8(static_cast<char>(s));
-            __m512 col = _mm512_maskz_mov_ps(
-                _mm_cmpeq_epi8_mask(idx[q * n], slot), val[q * n]);
-            if (n == 2) {
-              col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * n + 1], slot),
-                                       col, val[q * n + 1]);
+            __m512 col = _mm512_maskz_mov_ps(_mm_cmpeq_epi8_mask(idx[q * kN], slot), val[q * kN]);
+            if constexpr (kN == 2) {
+              col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * kN + 1], slot), col,
+                                       val[q * kN + 1]);
             }
-            _mm512_storeu_ps(tile + kks[s] * ld + rb, col);
+            _mm512_storeu_ps(tile + kk * ld + rb, col);
           }
         }
       }
     }
   }
 };
-
 
 // ------------------------------------------------------------------ stream forward
 
