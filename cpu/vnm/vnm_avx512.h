@@ -1,7 +1,7 @@
 // The AVX-512 parts of the V:N:M kernels (included by vnm_kernels_avx512.cc
 // after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512):
 //
-// 1. Avx512Decoder: the panel tile decoded 16 rows x 16 entries at a time.
+// 1. Avx512Isa: the panel tile decoded 16 rows x 16 entries at a time.
 //    The tile is [selected input][output], the transpose of the canonical
 //    [output][entry] arrays, so a block of 16 rows of values and of indices is
 //    transposed in registers (16 x 16 floats: 64 shuffles; 16 x 16 bytes: 64
@@ -139,7 +139,7 @@ JAXSPARSE_VNM_INLINE inline void Transpose16x16Bytes(__m128i* b) {
 
 // ------------------------------------------------------------------ decode
 
-struct Avx512Decoder {
+struct Avx512Isa {
   template <class D>
   static void Decode(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
                      int64_t rows, int64_t g0, int64_t g1,
@@ -207,6 +207,110 @@ struct Avx512Decoder {
             _mm512_storeu_ps(tile + kk * ld + rb, col);
           }
         }
+      }
+    }
+  }
+
+  // Gram tile -> each row's kept entries (the inverse of Decode), 16 rows x
+  // 16 entries at a time: per entry, the group's (up to) 4 tile columns are
+  // selected by compares of the transposed slots, then one 16 x 16 transpose
+  // puts the entries back in row order.
+  static void Sample(const float* gram, int64_t ld, const int32_t* slot_kk,
+                     const uint8_t* indices, int64_t kc, int32_t n, int64_t g0,
+                     int64_t g1, int64_t rows, float* out, int64_t out_ld) {
+    if (n == 1) return SampleN<1>(gram, ld, slot_kk, indices, kc, g0, g1, rows, out, out_ld);
+    SampleN<2>(gram, ld, slot_kk, indices, kc, g0, g1, rows, out, out_ld);
+  }
+
+  template <int kN>
+  [[gnu::noinline]] static void SampleN(const float* gram, int64_t ld, const int32_t* slot_kk,
+                                        const uint8_t* indices, int64_t kc, int64_t g0,
+                                        int64_t g1, int64_t rows, float* out, int64_t out_ld) {
+    const int64_t first = g0 * kN, count = (g1 - g0) * kN;
+    for (int64_t rb = 0; rb < rows; rb += 16) {
+      const int64_t live_rows = Min(16, rows - rb);
+      for (int64_t e0 = 0; e0 < count; e0 += 16) {
+        const int ne = static_cast<int>(Min(16, count - e0));
+        const __mmask16 live = static_cast<__mmask16>((1u << ne) - 1);
+        __m128i idx[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+          idx[r] = r < live_rows ? _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live,
+                                                       indices + (rb + r) * kc + first + e0)
+                                 : _mm_set1_epi8(-1);
+        }
+        Transpose16x16Bytes(idx);
+        const int32_t* const kks = slot_kk + e0 / kN * kSelected;
+        __m512 col[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16 / kN; ++q) {
+          __m512 tile_col[kSelected];
+#pragma GCC unroll 4
+          for (int s = 0; s < kSelected; ++s) {
+            const int32_t kk = q * kN < ne ? kks[q * kSelected + s] : -1;
+            // A dropped input (kk < 0) samples 0, as does a slot > 3.
+            tile_col[s] = kk >= 0 ? _mm512_loadu_ps(gram + kk * ld + rb) : _mm512_setzero_ps();
+          }
+#pragma GCC unroll 2
+          for (int e = 0; e < kN; ++e) {
+            __m512 v = _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int s = 0; s < kSelected; ++s)
+              v = _mm512_mask_mov_ps(
+                  v, _mm_cmpeq_epi8_mask(idx[q * kN + e], _mm_set1_epi8(static_cast<char>(s))),
+                  tile_col[s]);
+            col[q * kN + e] = v;
+          }
+        }
+        Transpose16x16(col);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          if (r < live_rows) _mm512_mask_storeu_ps(out + (rb + r) * out_ld + e0, live, col[r]);
+      }
+    }
+  }
+
+  // dst[c][r] = f32(src[r][c]) in 16 x 16 blocks through registers.
+  template <class D>
+  static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
+                          int64_t cols, float* dst, int64_t dst_ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = Min(16, rows - r0);
+      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t nc = Min(16, cols - c0);
+        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        __m512 b[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          b[r] = r < nr ? LoadF32<D>(src + (r0 + r) * src_ld + c0, col_mask) : _mm512_setzero_ps();
+        Transpose16x16(b);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c)
+          if (c < nc) _mm512_mask_storeu_ps(dst + (c0 + c) * dst_ld + r0, row_mask, b[c]);
+      }
+    }
+  }
+
+  // dst[c][r] = D(src[r][c]) in 16 x 16 blocks through registers.
+  template <class D>
+  static void TransposeOut(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                           typename D::Storage* dst, int64_t dst_ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = Min(16, rows - r0);
+      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t nc = Min(16, cols - c0);
+        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        __m512 b[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          b[r] = r < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + r) * src_ld + c0)
+                        : _mm512_setzero_ps();
+        Transpose16x16(b);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c)
+          if (c < nc) StoreF32<D>(dst + (c0 + c) * dst_ld + r0, b[c], row_mask);
       }
     }
   }
@@ -777,7 +881,7 @@ struct SpmmStream : Dims {
 template <class D>
 bool SpmmAvx512(const VnmProblem& p, const Runtime& rt) {
   if (SpmmStream<D>::Applies(p)) return Run<SpmmStream<D>>(p, rt);
-  return Run<Spmm<Traits, D, Avx512Decoder>>(p, rt);
+  return Run<Spmm<Traits, D, Avx512Isa>>(p, rt);
 }
 
 inline bool SpmmAvx512Any(const VnmProblem& p, const Runtime& rt) {
