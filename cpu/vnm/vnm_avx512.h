@@ -1,7 +1,7 @@
 // The AVX-512 parts of the V:N:M kernels (included by vnm_kernels_avx512.cc
 // after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512):
 //
-// 1. Avx512Decoder: the panel tile decoded 16 rows x 16 entries at a time.
+// 1. Avx512Isa: the panel tile decoded 16 rows x 16 entries at a time.
 //    The tile is [selected input][output], the transpose of the canonical
 //    [output][entry] arrays, so a block of 16 rows of values and of indices is
 //    transposed in registers (16 x 16 floats: 64 shuffles; 16 x 16 bytes: 64
@@ -28,6 +28,13 @@
 #include <cstdint>
 #include <cstring>
 
+// The inner loops are built from small helpers and lambdas; the compiler's
+// inlining budget runs out in these large templates, and an out-of-line
+// helper costs a call per chunk and spills the accumulators. So helpers of
+// the inner loops are forced inline, and each loop nest is its own
+// (non-inlined) function with the whole register file to itself.
+#define JAXSPARSE_VNM_INLINE __attribute__((always_inline))
+
 namespace jaxsparse {
 namespace cpu {
 namespace avx512 {
@@ -37,7 +44,7 @@ namespace avx512 {
 // 16 values of dtype D as f32; lanes outside `keep` are zero and not read
 // (a masked load never faults), so a chunk's tail stays inside the arrays.
 template <class D>
-__m512 LoadF32(const typename D::Storage* p, __mmask16 keep) {
+JAXSPARSE_VNM_INLINE inline __m512 LoadF32(const typename D::Storage* p, __mmask16 keep) {
   if constexpr (kIsF32<D>) {
     return _mm512_maskz_loadu_ps(keep, p);
   } else {
@@ -50,10 +57,24 @@ __m512 LoadF32(const typename D::Storage* p, __mmask16 keep) {
   }
 }
 
+// 16 f32 lanes stored as dtype D (rounded once, to nearest even), lanes in
+// `keep` only.
+template <class D>
+void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
+  if constexpr (kIsF32<D>) {
+    _mm512_mask_storeu_ps(p, keep, v);
+  } else {
+    alignas(64) float f[16];
+    _mm512_store_ps(f, v);
+    for (int l = 0; l < 16; ++l)
+      if ((keep >> l) & 1) p[l] = D::FromF32(f[l]);
+  }
+}
+
 // ------------------------------------------------------------------ transposes
 
 // r[i][j] -> r[j][i] for 16 rows of 16 floats.
-inline void Transpose16x16(__m512* r) {
+JAXSPARSE_VNM_INLINE inline void Transpose16x16(__m512* r) {
   __m512 t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -88,7 +109,7 @@ inline void Transpose16x16(__m512* r) {
 
 // b[i] byte j -> b[j] byte i for 16 rows of 16 bytes (four unpack rounds:
 // after round w, units of 2^w bytes hold 2^w consecutive rows of a column).
-inline void Transpose16x16Bytes(__m128i* b) {
+JAXSPARSE_VNM_INLINE inline void Transpose16x16Bytes(__m128i* b) {
   __m128i t[16];
   for (int i = 0; i < 8; ++i) {
     t[i] = _mm_unpacklo_epi8(b[2 * i], b[2 * i + 1]);      // columns 0-7
@@ -118,26 +139,49 @@ inline void Transpose16x16Bytes(__m128i* b) {
 
 // ------------------------------------------------------------------ decode
 
-struct Avx512Decoder {
+struct Avx512Isa {
   template <class D>
   static void Decode(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
                      int64_t rows, int64_t g0, int64_t g1,
                      const int32_t* slot_kk, int64_t /*nk*/, int64_t ld,
                      float* tile) {
-    const int64_t first = g0 * n, count = (g1 - g0) * n;
+    if (n == 1) return DecodeN<D, 1>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
+    DecodeN<D, 2>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
+  }
+
+  // Chunks fetched ahead within the 16 rows of a block: their 16 streams are
+  // beyond what the hardware prefetchers follow.
+  static constexpr int64_t kAheadChunks = 4;
+
+  template <class D, int kN>
+  [[gnu::noinline]] static void DecodeN(const Weight<D>& w, int64_t kc, int64_t r0,
+                                        int64_t rows, int64_t g0, int64_t g1,
+                                        const int32_t* slot_kk, int64_t ld, float* tile) {
+    using S = typename D::Storage;
+    const int64_t first = g0 * kN, count = (g1 - g0) * kN;
     for (int64_t rb = 0; rb < ld; rb += 16) {
       const int64_t live_rows = Min(16, rows - rb);
+      const S* const vs = w.values + (r0 + rb) * kc + first;
+      const uint8_t* const ix = w.indices + (r0 + rb) * kc + first;
       for (int64_t e0 = 0; e0 < count; e0 += 16) {
         const int ne = static_cast<int>(Min(16, count - e0));
         const __mmask16 live = static_cast<__mmask16>((1u << ne) - 1);
+        const int64_t ahead = e0 + kAheadChunks * 16;
+        if (ahead < count) {
+          for (int64_t r = 0; r < live_rows; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(vs + r * kc + ahead), _MM_HINT_T0);
+            if (ahead % 64 == 0)
+              _mm_prefetch(reinterpret_cast<const char*>(ix + r * kc + ahead), _MM_HINT_T0);
+          }
+        }
         __m512 val[16];
         __m128i idx[16];
+#pragma GCC unroll 16
         for (int r = 0; r < 16; ++r) {
-          const int64_t at = (r0 + rb + r) * kc + first + e0;
           if (r < live_rows) {
-            val[r] = LoadF32<D>(w.values + at, live);
+            val[r] = LoadF32<D>(vs + r * kc + e0, live);
             // Lanes past the chunk read as slot 255: they match no slot.
-            idx[r] = _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live, w.indices + at);
+            idx[r] = _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live, ix + r * kc + e0);
           } else {
             val[r] = _mm512_setzero_ps();
             idx[r] = _mm_set1_epi8(-1);
@@ -145,26 +189,132 @@ struct Avx512Decoder {
         }
         Transpose16x16(val);
         Transpose16x16Bytes(idx);
-        const int64_t gb = e0 / n;  // First group of the chunk, relative to g0.
-        for (int q = 0; q < ne / n; ++q) {
-          const int32_t* kks = slot_kk + (gb + q) * kSelected;
+        const int32_t* const kks = slot_kk + e0 / kN * kSelected;
+        // Unrolled, so val[] and idx[] are registers, not stack arrays.
+#pragma GCC unroll 16
+        for (int q = 0; q < 16 / kN; ++q) {
+          if (q * kN >= ne) break;
+#pragma GCC unroll 4
           for (int s = 0; s < kSelected; ++s) {
-            if (kks[s] < 0) continue;
+            const int32_t kk = kks[q * kSelected + s];
+            if (kk < 0) continue;
             const __m128i slot = _mm_set1_epi8(static_cast<char>(s));
-            __m512 col = _mm512_maskz_mov_ps(
-                _mm_cmpeq_epi8_mask(idx[q * n], slot), val[q * n]);
-            if (n == 2) {
-              col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * n + 1], slot),
-                                       col, val[q * n + 1]);
+            __m512 col = _mm512_maskz_mov_ps(_mm_cmpeq_epi8_mask(idx[q * kN], slot), val[q * kN]);
+            if constexpr (kN == 2) {
+              col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * kN + 1], slot), col,
+                                       val[q * kN + 1]);
             }
-            _mm512_storeu_ps(tile + kks[s] * ld + rb, col);
+            _mm512_storeu_ps(tile + kk * ld + rb, col);
           }
         }
       }
     }
   }
-};
 
+  // Gram tile -> each row's kept entries (the inverse of Decode), 16 rows x
+  // 16 entries at a time: per entry, the group's (up to) 4 tile columns are
+  // selected by compares of the transposed slots, then one 16 x 16 transpose
+  // puts the entries back in row order.
+  static void Sample(const float* gram, int64_t ld, const int32_t* slot_kk,
+                     const uint8_t* indices, int64_t kc, int32_t n, int64_t g0,
+                     int64_t g1, int64_t rows, float* out, int64_t out_ld) {
+    if (n == 1) return SampleN<1>(gram, ld, slot_kk, indices, kc, g0, g1, rows, out, out_ld);
+    SampleN<2>(gram, ld, slot_kk, indices, kc, g0, g1, rows, out, out_ld);
+  }
+
+  template <int kN>
+  [[gnu::noinline]] static void SampleN(const float* gram, int64_t ld, const int32_t* slot_kk,
+                                        const uint8_t* indices, int64_t kc, int64_t g0,
+                                        int64_t g1, int64_t rows, float* out, int64_t out_ld) {
+    const int64_t first = g0 * kN, count = (g1 - g0) * kN;
+    for (int64_t rb = 0; rb < rows; rb += 16) {
+      const int64_t live_rows = Min(16, rows - rb);
+      for (int64_t e0 = 0; e0 < count; e0 += 16) {
+        const int ne = static_cast<int>(Min(16, count - e0));
+        const __mmask16 live = static_cast<__mmask16>((1u << ne) - 1);
+        __m128i idx[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+          idx[r] = r < live_rows ? _mm_mask_loadu_epi8(_mm_set1_epi8(-1), live,
+                                                       indices + (rb + r) * kc + first + e0)
+                                 : _mm_set1_epi8(-1);
+        }
+        Transpose16x16Bytes(idx);
+        const int32_t* const kks = slot_kk + e0 / kN * kSelected;
+        __m512 col[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16 / kN; ++q) {
+          __m512 tile_col[kSelected];
+#pragma GCC unroll 4
+          for (int s = 0; s < kSelected; ++s) {
+            const int32_t kk = q * kN < ne ? kks[q * kSelected + s] : -1;
+            // A dropped input (kk < 0) samples 0, as does a slot > 3.
+            tile_col[s] = kk >= 0 ? _mm512_loadu_ps(gram + kk * ld + rb) : _mm512_setzero_ps();
+          }
+#pragma GCC unroll 2
+          for (int e = 0; e < kN; ++e) {
+            __m512 v = _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int s = 0; s < kSelected; ++s)
+              v = _mm512_mask_mov_ps(
+                  v, _mm_cmpeq_epi8_mask(idx[q * kN + e], _mm_set1_epi8(static_cast<char>(s))),
+                  tile_col[s]);
+            col[q * kN + e] = v;
+          }
+        }
+        Transpose16x16(col);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          if (r < live_rows) _mm512_mask_storeu_ps(out + (rb + r) * out_ld + e0, live, col[r]);
+      }
+    }
+  }
+
+  // dst[c][r] = f32(src[r][c]) in 16 x 16 blocks through registers.
+  template <class D>
+  static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
+                          int64_t cols, float* dst, int64_t dst_ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = Min(16, rows - r0);
+      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t nc = Min(16, cols - c0);
+        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        __m512 b[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          b[r] = r < nr ? LoadF32<D>(src + (r0 + r) * src_ld + c0, col_mask) : _mm512_setzero_ps();
+        Transpose16x16(b);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c)
+          if (c < nc) _mm512_mask_storeu_ps(dst + (c0 + c) * dst_ld + r0, row_mask, b[c]);
+      }
+    }
+  }
+
+  // dst[c][r] = D(src[r][c]) in 16 x 16 blocks through registers.
+  template <class D>
+  static void TransposeOut(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                           typename D::Storage* dst, int64_t dst_ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = Min(16, rows - r0);
+      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t nc = Min(16, cols - c0);
+        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        __m512 b[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          b[r] = r < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + r) * src_ld + c0)
+                        : _mm512_setzero_ps();
+        Transpose16x16(b);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c)
+          if (c < nc) StoreF32<D>(dst + (c0 + c) * dst_ld + r0, b[c], row_mask);
+      }
+    }
+  }
+};
 
 // ------------------------------------------------------------------ stream forward
 
@@ -173,84 +323,141 @@ constexpr int64_t kStreamMaxTokens = 16;
 // A block of chunks' tables (tokens x 16 floats per chunk) stays in L1 next
 // to the row chunks that stream through: 16 KB.
 constexpr int64_t kStreamTableFloats = 4096;
-// Row chunks fetched ahead of use, for the same rows: the hardware
-// prefetchers cannot follow the many row streams of a panel (2 per row).
-constexpr int64_t kStreamAheadChunks = 16;
+// The hardware prefetchers do not follow rows read a chunk at a time, several
+// rows at once (measured: 16 rows x 32 bytes per step stream at 12.5 GB/s, 2
+// rows at 6.8, against 29.6 for one sequential read on this 2-core Zen 5).
+// So each block of rows fetches, chunk by chunk in step with its own, the
+// chunks of a block about this many bytes further on.
+constexpr int64_t kStreamAheadBytes = 24 * 1024;
+// Up to this many tokens the forward runs in row mode (SpmmStream::RowMode).
+constexpr int kRowModeMaxTokens = 2;
+// Row mode's prefetch distance in the values stream (indices: a quarter):
+// 8 KB measured best of 0-32 KB for one core's sequential stream.
+constexpr int64_t kRowAheadBytes = 8 * 1024;
 
-// The rows of a zmm: `rpv` rows of `slot` lanes each (the 4n entries of 4
-// groups), row q in lanes [q * slot, (q + 1) * slot).
-struct RowChunks {
-  int slot, rpv;
-  explicit RowChunks(int32_t n) : slot(4 * n), rpv(16 / (4 * n)) {}
-  __mmask16 SlotMask(int q) const {
-    return static_cast<__mmask16>(((1u << slot) - 1) << (slot * q));
+// The rows of a zmm at n kept values per group: kRpv rows of kSlot lanes each
+// (the 4n entries of 4 groups), row q in lanes [q * kSlot, (q + 1) * kSlot).
+// Compile-time, so every loop over the rows of a zmm unrolls.
+template <int kN>
+struct RowChunk {
+  static constexpr int kSlot = 4 * kN;
+  static constexpr int kRpv = 16 / kSlot;
+  JAXSPARSE_VNM_INLINE static constexpr __mmask16 SlotMask(int q) {
+    return static_cast<__mmask16>(((1u << kSlot) - 1) << (kSlot * q));
   }
-};
 
-// The row chunks of one zmm: rows p, p + stride, ... (rpv of them), lanes in
-// `keep` only (the others zero and unread).
-template <class D>
-__m512 RowValues(const typename D::Storage* p, int64_t stride, const RowChunks& rc,
-                 __mmask16 keep) {
-  if constexpr (kIsF32<D>) {
-    __m512 v = _mm512_setzero_ps();
-    for (int q = 0; q < rc.rpv; ++q)
-      v = _mm512_mask_loadu_ps(v, keep & rc.SlotMask(q), p + q * stride - rc.slot * q);
-    return v;
-  } else {
-    __m256i h = _mm256_setzero_si256();
-    for (int q = 0; q < rc.rpv; ++q)
-      h = _mm256_mask_loadu_epi16(h, keep & rc.SlotMask(q), p + q * stride - rc.slot * q);
+  // The row chunks of rows p, p + stride, ... in lanes `keep` only (the
+  // others zero and unread: masked loads never fault).
+  template <class D>
+  JAXSPARSE_VNM_INLINE static __m512 Values(const typename D::Storage* p, int64_t stride, __mmask16 keep) {
+    if constexpr (kIsF32<D>) {
+      __m512 v = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int q = 0; q < kRpv; ++q)
+        v = _mm512_mask_loadu_ps(v, keep & SlotMask(q), p + q * stride - kSlot * q);
+      return v;
+    } else {
+      __m256i h = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int q = 0; q < kRpv; ++q)
+        h = _mm256_mask_loadu_epi16(h, keep & SlotMask(q), p + q * stride - kSlot * q);
+      return Widen<D>(h);
+    }
+  }
+
+  // Values() when every lane is live: plain loads and inserts (measured
+  // faster than a chain of merging masked loads in the N:M kernel).
+  template <class D>
+  JAXSPARSE_VNM_INLINE static __m512 ValuesWhole(const typename D::Storage* p, int64_t stride) {
+    if constexpr (kIsF32<D> && kRpv == 2) {
+      return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(p)),
+                                _mm256_loadu_ps(p + stride), 1);
+    } else if constexpr (kIsF32<D>) {
+      __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+      v = _mm512_insertf32x4(v, _mm_loadu_ps(p + stride), 1);
+      v = _mm512_insertf32x4(v, _mm_loadu_ps(p + 2 * stride), 2);
+      return _mm512_insertf32x4(v, _mm_loadu_ps(p + 3 * stride), 3);
+    } else if constexpr (kRpv == 2) {
+      return Widen<D>(_mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + stride)), 1));
+    } else {
+      return Values<D>(p, stride, 0xffff);
+    }
+  }
+
+  JAXSPARSE_VNM_INLINE static __m512i Indices(const uint8_t* p, int64_t stride, __mmask16 live) {
+    __m128i b = _mm_setzero_si128();
+#pragma GCC unroll 4
+    for (int q = 0; q < kRpv; ++q)
+      b = _mm_mask_loadu_epi8(b, live & SlotMask(q), p + q * stride - kSlot * q);
+    return _mm512_cvtepu8_epi32(b);
+  }
+
+  JAXSPARSE_VNM_INLINE static __m512i IndicesWhole(const uint8_t* p, int64_t stride) {
+    if constexpr (kRpv == 2) {
+      return _mm512_cvtepu8_epi32(
+          _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + stride))));
+    } else {
+      int32_t q4[4];
+      for (int q = 0; q < 4; ++q) std::memcpy(&q4[q], p + q * stride, 4);
+      return _mm512_cvtepu8_epi32(_mm_setr_epi32(q4[0], q4[1], q4[2], q4[3]));
+    }
+  }
+
+  template <class D>
+  JAXSPARSE_VNM_INLINE static __m512 Widen(__m256i h) {
     if constexpr (std::is_same_v<D, BF16>) {
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     } else {
       return _mm512_cvtph_ps(h);
     }
   }
-}
+};
 
-// RowValues() when every lane is live, by plain loads and inserts (measured
-// faster than a chain of merging masked loads in the N:M kernel).
-template <class D>
-__m512 RowValuesWhole(const typename D::Storage* p, int64_t stride, const RowChunks& rc) {
-  if constexpr (kIsF32<D>) {
-    if (rc.rpv == 2) {
-      return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(p)),
-                                _mm256_loadu_ps(p + stride), 1);
-    }
-    __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(p));
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(p + stride), 1);
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(p + 2 * stride), 2);
-    return _mm512_insertf32x4(v, _mm_loadu_ps(p + 3 * stride), 3);
-  } else {
-    return RowValues<D>(p, stride, rc, 0xffff);
+// Fetches two regions (a panel's values and indices) into L2 in `steps`
+// installments, one per Step(): sequential lines, which DRAM serves at its
+// full rate. An installment is a whole number of lines of each region, or
+// one line every few steps.
+class LinearFetch {
+ public:
+  LinearFetch() = default;
+  LinearFetch(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes, int64_t steps)
+      : a_(static_cast<const char*>(a)), b_(static_cast<const char*>(b)) {
+    const int64_t a_lines = CeilDiv(a_bytes, kCacheLine), b_lines = CeilDiv(b_bytes, kCacheLine);
+    a_end_ = a_lines * kCacheLine;
+    b_end_ = b_lines * kCacheLine;
+    // Bytes per step, rounded up to whole lines over the whole run.
+    a_step_ = CeilDiv(a_lines * kCacheLine, Max(1, steps));
+    b_step_ = CeilDiv(b_lines * kCacheLine, Max(1, steps));
   }
-}
-
-inline __m512i RowIndices(const uint8_t* p, int64_t stride, const RowChunks& rc,
-                          __mmask16 live) {
-  __m128i b = _mm_setzero_si128();
-  for (int q = 0; q < rc.rpv; ++q)
-    b = _mm_mask_loadu_epi8(b, live & rc.SlotMask(q), p + q * stride - rc.slot * q);
-  return _mm512_cvtepu8_epi32(b);
-}
-
-inline __m512i RowIndicesWhole(const uint8_t* p, int64_t stride, const RowChunks& rc) {
-  if (rc.rpv == 2) {
-    return _mm512_cvtepu8_epi32(
-        _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + stride))));
+  JAXSPARSE_VNM_INLINE void Step() {
+    a_want_ += a_step_;
+    b_want_ += b_step_;
+    for (; a_next_ < a_end_ && a_next_ < a_want_; a_next_ += kCacheLine)
+      _mm_prefetch(a_ + a_next_, _MM_HINT_T1);
+    for (; b_next_ < b_end_ && b_next_ < b_want_; b_next_ += kCacheLine)
+      _mm_prefetch(b_ + b_next_, _MM_HINT_T1);
   }
-  int32_t q4[4];
-  for (int q = 0; q < 4; ++q) std::memcpy(&q4[q], p + q * stride, 4);
-  return _mm512_cvtepu8_epi32(_mm_setr_epi32(q4[0], q4[1], q4[2], q4[3]));
-}
+
+ private:
+  const char* a_ = nullptr;
+  const char* b_ = nullptr;
+  int64_t a_end_ = 0, b_end_ = 0, a_step_ = 0, b_step_ = 0;
+  int64_t a_want_ = 0, b_want_ = 0, a_next_ = 0, b_next_ = 0;
+};
 
 template <class D>
 struct SpmmStream : Dims {
   using S = typename D::Storage;
+  // Row vector `first_vec` of a panel (rows rpv * first_vec ...) over chunks
+  // [c0, c1).
+  struct Span {
+    int64_t first_vec, c0, c1;
+  };
   struct Worker {
-    float* tables;  // [T][16 * block_chunks]
+    float* tables;  // [block_chunks][T][16]: a chunk's tables side by side
     __m512* acc;    // [row vectors of a panel][T]
   };
 
@@ -258,9 +465,10 @@ struct SpmmStream : Dims {
 
   const VnmProblem& p;
   const Runtime& rt;
-  RowChunks rc;
-  int64_t chunks, block_chunks, table_ld, x_ld, vecs_max;
-  __m512i lane_base;  // Lane -> 4 * (its group within the chunk).
+  int slot, rpv;  // RowChunk<n>'s.
+  int64_t chunks, block_chunks, table_ld, x_ld, vecs_max, panels_per_task;
+  __m512i lane_base;    // Lane -> 4 * (its group within the chunk).
+  __m512i lane_base16;  // Row mode: lane -> 4 * (its group within 16 entries).
   float* xf = nullptr;  // [T][x_ld] f32, zero padded past K.
   Worker* workers = nullptr;
   // Per batch.
@@ -268,23 +476,32 @@ struct SpmmStream : Dims {
   S* y = nullptr;
 
   SpmmStream(const VnmProblem& prob, const Runtime& runtime)
-      : Dims(prob), p(prob), rt(runtime), rc(prob.n) {
+      : Dims(prob), p(prob), rt(runtime), slot(4 * prob.n), rpv(4 / prob.n) {
     chunks = CeilDiv(G, 4);
-    block_chunks = Max(1, Min(chunks, kStreamTableFloats / (16 * Max(1, T))));
-    table_ld = 16 * block_chunks;
+    // Row mode keeps every chunk's tables (at most 1024 chunks x 2 tokens x
+    // 64 bytes: in L1 for K <= 4096, in L2 beyond).
+    block_chunks = T <= kRowModeMaxTokens
+                       ? chunks
+                       : Max(1, Min(chunks, kStreamTableFloats / (16 * Max(1, T))));
+    table_ld = 16 * T;  // Floats per chunk: the tables of its T tokens.
     // The gather reads 32-float windows that start below K.
     x_ld = RoundUp(K + 32, 16);
-    vecs_max = CeilDiv(Min(v, N), rc.rpv);
+    vecs_max = CeilDiv(Min(v, N), rpv);
+    // A task is a run of consecutive panels (so each can fetch the next one
+    // while it works), 8 tasks per worker to balance a busy machine.
+    panels_per_task = Max(1, P / (8 * rt.num_workers));
     alignas(64) int32_t base[16];
-    for (int l = 0; l < 16; ++l) base[l] = 4 * ((l % rc.slot) / n);
+    for (int l = 0; l < 16; ++l) base[l] = 4 * ((l % slot) / n);
     lane_base = _mm512_load_si512(base);
+    for (int l = 0; l < 16; ++l) base[l] = 4 * (l / n);
+    lane_base16 = _mm512_load_si512(base);
   }
 
   void Layout(Carver& c) {
     xf = c.Take<float>(T * x_ld);
     workers = c.Take<Worker>(rt.num_workers);
     for (int i = 0; i < rt.num_workers; ++i) {
-      const Worker wk{c.Take<float>(T * table_ld), c.Take<__m512>(vecs_max * T)};
+      const Worker wk{c.Take<float>(block_chunks * table_ld), c.Take<__m512>(vecs_max * T)};
       if (workers != nullptr) workers[i] = wk;
     }
   }
@@ -299,39 +516,171 @@ struct SpmmStream : Dims {
         RunParallel(rt, CeilDiv(T, ConvertJob<D>::kRowsPerTask), job);
       }
       y = static_cast<S*>(p.out) + b * T * N;
-      RunParallel(rt, P, *this);
+      RunParallel(rt, CeilDiv(P, panels_per_task), *this);
     }
     return true;
   }
 
-  void Run(int64_t panel, int worker) const {
-    const Worker& wk = workers[worker];
+  void Run(int64_t task, int worker) const {
+    const int64_t first = task * panels_per_task, end = Min(P, first + panels_per_task);
+    for (int64_t panel = first; panel < end; ++panel) {
+      Panel(panel, panel + 1 < end, panel > first, workers[worker]);
+    }
+  }
+
+  // The panel's products. With `fetch_next`, the next panel's values and
+  // indices (one contiguous run of rows each) are fetched into L2 meanwhile,
+  // spread over the panel's blocks, so that its blocks then hit L2; when
+  // `fetched`, this panel came that way and the blocks need not fetch ahead.
+  void Panel(int64_t panel, bool fetch_next, bool fetched, const Worker& wk) const {
+    if (T <= kRowModeMaxTokens) return RowMode(panel, wk);
     const int64_t r0 = panel * v, rows = PanelRows(panel);
-    const int64_t vecs = CeilDiv(rows, rc.rpv);
+    const int64_t vecs = CeilDiv(rows, rpv);
     std::memset(static_cast<void*>(wk.acc), 0, vecs * T * sizeof(__m512));
     const uint8_t* cols = w.columns + panel * G * kSelected;
+    // One installment per chunk step of the panel's blocks.
+    const int64_t steps = vecs * chunks * CeilDiv(T, kStreamMaxTokens);
+    LinearFetch fetch;
+    if (fetch_next) {
+      const int64_t next_rows = PanelRows(panel + 1);
+      fetch = LinearFetch(w.values + (r0 + v) * Kc, next_rows * Kc * sizeof(S),
+                          w.indices + (r0 + v) * Kc, next_rows * Kc, steps);
+    }
     for (int64_t c0 = 0; c0 < chunks; c0 += block_chunks) {
       const int64_t c1 = Min(chunks, c0 + block_chunks);
       Gather(cols, c0, c1, wk.tables);
-      for (int64_t t0 = 0; t0 < T; t0 += 8) {
-        Dispatch<8>(static_cast<int>(Min(8, T - t0)), [&](auto tb) {
+      // A block is one row vector (rpv rows) over chunks [c0, c1); the ones
+      // after it follow in memory order (rows, then the next chunks). Unless
+      // the panel is in L2 already, each block fetches the chunks of the
+      // block kStreamAheadBytes later.
+      const int64_t block_bytes = rpv * (c1 - c0) * slot * (sizeof(S) + 1);
+      const int64_t ahead = Max(1, CeilDiv(kStreamAheadBytes, block_bytes));
+      for (int64_t t0 = 0; t0 < T; t0 += kStreamMaxTokens) {
+        Dispatch<kStreamMaxTokens>(static_cast<int>(Min(kStreamMaxTokens, T - t0)), [&](auto tb) {
           constexpr int kTb = decltype(tb)::value;
-          // 16 accumulators (and kTb tables) in registers.
-          constexpr int kVecs = 16 / kTb < 8 ? 16 / kTb : 8;
-          int64_t j = 0;
-          for (; j + kVecs <= vecs; j += kVecs) Block<kVecs, kTb>(r0, rows, j, t0, c0, c1, wk);
-          for (; j < vecs; ++j) Block<1, kTb>(r0, rows, j, t0, c0, c1, wk);
+          Dispatch<2>(n, [&](auto kn) {
+            constexpr int kN = decltype(kn)::value;
+            for (int64_t j = 0; j < vecs; ++j) {
+              const int64_t jn = j + ahead;
+              const Span span{j, c0, c1};
+              Span next = jn < vecs ? Span{jn, c0, c1}
+                                    : Span{jn - vecs, c1, Min(c1 + block_chunks, chunks)};
+              if (fetched || next.first_vec >= vecs) next = Span{0, 0, 0};
+              Rows<kN, kTb>(r0, rows, span, next, t0, wk, fetch);
+            }
+          });
         });
       }
     }
     WriteY(r0, rows, vecs, wk.acc);
   }
 
-  // tables[t][16 (c - c0) + 4q + s] = x[t, input of slot s of group 4c + q],
+  // Row mode (1-2 tokens): a zmm holds 16 consecutive entries of ONE row,
+  // so each worker reads its panels' values and indices as two sequential
+  // streams (measured 35-42 GB/s on one core here, against 20-23 for the
+  // rows-side-by-side chunks above, whose several row streams the hardware
+  // prefetchers do not follow). The 16 entries span 16 / n groups, i.e. 2
+  // chunks (n = 2) or 4 (n = 1) of tables: one two-table vpermt2ps, or two
+  // and a blend.
+  void RowMode(int64_t panel, const Worker& wk) const {
+    const int64_t r0 = panel * v, rows = PanelRows(panel);
+    Gather(w.columns + panel * G * kSelected, 0, chunks, wk.tables);
+    Dispatch<kRowModeMaxTokens>(static_cast<int>(T), [&](auto tb) {
+      constexpr int kTb = decltype(tb)::value;
+      Dispatch<2>(n, [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
+        for (int64_t r = r0; r < r0 + rows; ++r) {
+          float sums[kTb];
+          if (!RowDot<kN, kTb, false>(r, wk.tables, sums)) RowDot<kN, kTb, true>(r, wk.tables, sums);
+          for (int t = 0; t < kTb; ++t) y[t * N + r] = D::FromF32(sums[t]);
+        }
+      });
+    });
+  }
+
+  // Output row r's sums for every token. As Block: whole pieces first run
+  // without checks, and a slot > 3 seen makes the row run again in safe mode.
+  template <int kN, int kTb, bool kSafe>
+  [[gnu::noinline]] bool RowDot(int64_t r, const float* tables, float* sums) const {
+    // Chunks (of 16 table floats) a 16-entry piece spans.
+    constexpr int kChunks = 4 / kN;
+    // Independent accumulator sets, so the FMA latency does not bound the
+    // few instructions of a piece.
+    constexpr int kU = 4;
+    const int64_t kc = Kc, tld = table_ld;
+    const S* const vs = w.values + r * kc;
+    const uint8_t* const ix = w.indices + r * kc;
+    const __m512i base = lane_base16, four = _mm512_set1_epi32(kSelected);
+    __m512 acc[kU][kTb];
+    for (int u = 0; u < kU; ++u)
+      for (int t = 0; t < kTb; ++t) acc[u][t] = _mm512_setzero_ps();
+    __m512i seen = _mm512_setzero_si512();
+    // x at the 16 lanes' inputs for token t: tables of chunks c .. c + kChunks - 1.
+    auto pick = [&](const float* tab, __m512i pos, int t) JAXSPARSE_VNM_INLINE {
+      const __m512 lo = _mm512_permutex2var_ps(_mm512_load_ps(tab + t * 16), pos,
+                                               _mm512_load_ps(tab + tld + t * 16));
+      if constexpr (kChunks == 2) {
+        return lo;
+      } else {
+        const __m512 hi = _mm512_permutex2var_ps(_mm512_load_ps(tab + 2 * tld + t * 16), pos,
+                                                 _mm512_load_ps(tab + 3 * tld + t * 16));
+        return _mm512_mask_mov_ps(lo, _mm512_test_epi32_mask(pos, _mm512_set1_epi32(32)), hi);
+      }
+    };
+    auto piece = [&](int64_t e0, __m512* a, __mmask16 live, auto checked) JAXSPARSE_VNM_INLINE {
+      constexpr bool kChecked = decltype(checked)::value;
+      // The streams, a fixed distance ahead (rows are consecutive in memory,
+      // so this runs on into the next rows): one prefetch per 64 bytes.
+      _mm_prefetch(reinterpret_cast<const char*>(vs + e0) + kRowAheadBytes, _MM_HINT_T0);
+      if (e0 % (4 * 16) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(ix + e0) + kRowAheadBytes / 4, _MM_HINT_T0);
+      const float* const tab = tables + e0 / kN / 4 * tld;
+      if constexpr (!kChecked) {
+        const __m512i i32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ix + e0)));
+        seen = _mm512_or_si512(seen, i32);
+        const __m512i pos = _mm512_add_epi32(base, i32);
+        const __m512 wv = LoadF32<D>(vs + e0, 0xffff);
+        for (int t = 0; t < kTb; ++t) a[t] = _mm512_fmadd_ps(wv, pick(tab, pos, t), a[t]);
+      } else {
+        const __m512i i32 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, ix + e0));
+        // A slot > 3 would pick another group's input: dropped (zero value,
+        // zeroed x), never 0 * inf. Inputs that do not exist are zeros in
+        // the tables.
+        const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, four);
+        const __m512i pos = _mm512_add_epi32(base, i32);
+        const __m512 wv = LoadF32<D>(vs + e0, keep);
+        for (int t = 0; t < kTb; ++t)
+          a[t] = _mm512_fmadd_ps(wv, _mm512_maskz_mov_ps(keep, pick(tab, pos, t)), a[t]);
+      }
+    };
+    const int64_t whole = kc / 16 * 16;
+    int64_t e0 = 0;
+    if (!kSafe) {
+      for (; e0 + kU * 16 <= whole; e0 += kU * 16) {
+#pragma GCC unroll 4
+        for (int u = 0; u < kU; ++u) piece(e0 + 16 * u, acc[u], 0xffff, std::false_type{});
+      }
+      for (; e0 < whole; e0 += 16) piece(e0, acc[0], 0xffff, std::false_type{});
+    }
+    for (; e0 < kc; e0 += 16) {
+      const __mmask16 live = static_cast<__mmask16>(
+          kc - e0 >= 16 ? 0xffff : (1u << (kc - e0)) - 1);
+      piece(e0, acc[0], live, std::true_type{});
+    }
+    if (!kSafe && _mm512_test_epi32_mask(seen, _mm512_set1_epi32(~3)) != 0) return false;
+    for (int t = 0; t < kTb; ++t) {
+      __m512 sum = acc[0][t];
+      for (int u = 1; u < kU; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
+      sums[t] = _mm512_reduce_add_ps(sum);
+    }
+    return true;
+  }
+
+  // tables[c - c0][t][4q + s] = x[t, input of slot s of group 4c + q],
   // or 0 where that input does not exist. Each group's inputs lie in
   // [g m, g m + m): a chunk's 4 groups span 4m floats, read as 32-float
   // windows, each placed by one two-table permute.
-  void Gather(const uint8_t* cols, int64_t c0, int64_t c1, float* tables) const {
+  [[gnu::noinline]] void Gather(const uint8_t* cols, int64_t c0, int64_t c1, float* tables) const {
     const int windows = static_cast<int>(CeilDiv(4 * m, 32));
     const __m512i lane_group = _mm512_srli_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
@@ -346,7 +695,7 @@ struct SpmmStream : Dims {
       __mmask16 in_window[8];
       for (int wi = 0; wi < windows; ++wi)
         in_window[wi] = _mm512_mask_cmpeq_epi32_mask(valid, _mm512_srli_epi32(rel, 5), _mm512_set1_epi32(wi));
-      float* out = tables + (c - c0) * 16;
+      float* out = tables + (c - c0) * table_ld;
       for (int64_t t = 0; t < T; ++t) {
         const float* xr = xf + t * x_ld + first;
         __m512 tab = _mm512_setzero_ps();
@@ -355,89 +704,174 @@ struct SpmmStream : Dims {
           const __m512 lo = _mm512_loadu_ps(xr + 32 * wi), hi = _mm512_loadu_ps(xr + 32 * wi + 16);
           tab = _mm512_mask_mov_ps(tab, in_window[wi], _mm512_permutex2var_ps(lo, rel, hi));
         }
-        _mm512_store_ps(out + t * table_ld, tab);
+        _mm512_store_ps(out + t * 16, tab);
       }
     }
   }
 
-  // Row vectors j .. j + kVecs - 1 x tokens t0 .. t0 + kTb - 1 over chunks
-  // [c0, c1), the sums kept in wk.acc between blocks of chunks.
-  template <int kVecs, int kTb>
-  void Block(int64_t r0, int64_t rows, int64_t j, int64_t t0, int64_t c0, int64_t c1,
-             const Worker& wk) const {
+  // One row vector x tokens t0 .. t0 + kTb - 1 over the span's chunks. Slots
+  // > 3 only come from garbage (under jit), so whole chunks first run without
+  // a check per chunk; the slots seen are OR-ed together, and if any was > 3
+  // the block runs again in safe mode, which drops such lanes.
+  template <int kN, int kTb>
+  void Rows(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
+            const Worker& wk, LinearFetch& fetch) const {
+    // Below 4 tokens, chunks alternate between accumulator sets so the FMA
+    // latency (4 cycles) does not bound a chunk's few instructions.
+    constexpr int kU = kTb >= 4 ? 1 : 4 / kTb;
+    const LinearFetch at_start = fetch;
+    if (!Block<kN, kTb, kU, false>(r0, rows, span, next, t0, wk, fetch)) {
+      fetch = at_start;
+      Block<kN, kTb, kU, true>(r0, rows, span, next, t0, wk, fetch);
+    }
+  }
+
+  // Adds the block's sums to wk.acc and returns true, or (fast mode only)
+  // returns false, leaving wk.acc as it was, when a slot > 3 was seen.
+  template <int kN, int kTb, int kU, bool kSafe>
+  [[gnu::noinline]] bool Block(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
+             const Worker& wk, LinearFetch& fetch) const {
+    using RC = RowChunk<kN>;
+    constexpr int kSlot = RC::kSlot, kRpv = RC::kRpv;
     // Locals, so the compiler keeps the accumulators in registers.
-    const RowChunks chunk = rc;
-    const int64_t kc = Kc, slot = chunk.slot, tld = table_ld, all = chunks;
-    const int64_t row0 = j * chunk.rpv;
-    const int64_t vec_rows = Min(int64_t{kVecs} * chunk.rpv, rows - row0);
-    const bool whole_rows = vec_rows == int64_t{kVecs} * chunk.rpv;
+    const int64_t kc = Kc, tld = table_ld, j = span.first_vec;
+    const int64_t c0 = span.c0, c1 = span.c1;
+    const int64_t row0 = j * kRpv, vec_rows = Min(kRpv, rows - row0);
     const S* const vs = w.values + (r0 + row0) * kc;
     const uint8_t* const ix = w.indices + (r0 + row0) * kc;
+    // What the block `ahead` reads: its rows, and its chunks as an offset
+    // from ours (entries below next_end).
+    const int64_t next_row0 = next.first_vec * kRpv;
+    const int64_t next_rows = next.c0 < next.c1 ? Min(kRpv, rows - next_row0) : 0;
+    const int64_t shift = (next.c0 - c0) * kSlot;
+    const S* const next_vs = w.values + (r0 + next_row0) * kc + shift;
+    const uint8_t* const next_ix = w.indices + (r0 + next_row0) * kc + shift;
+    const int64_t next_end = Min(kc, next.c1 * kSlot) - shift;
     const __m512i base = lane_base, four = _mm512_set1_epi32(kSelected);
-    __m512 acc[kVecs][kTb];
-    for (int vv = 0; vv < kVecs; ++vv)
-      for (int t = 0; t < kTb; ++t) acc[vv][t] = wk.acc[(j + vv) * T + t0 + t];
-    const float* const tab0 = wk.tables + t0 * tld;
-    // Whole chunks of whole rows: no masks on the loads.
-    const int64_t whole_end = whole_rows ? Min(c1, kc / slot) : c0;
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t e0 = c * slot;
-      __m512 tab[kTb];
-      for (int t = 0; t < kTb; ++t) tab[t] = _mm512_load_ps(tab0 + t * tld + (c - c0) * 16);
-      if (c + kStreamAheadChunks < all) {
-        for (int64_t r = 0; r < vec_rows; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(vs + r * kc + e0 + kStreamAheadChunks * slot),
-                       _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(ix + r * kc + e0 + kStreamAheadChunks * slot),
-                       _MM_HINT_T0);
-        }
+    __m512* const acc_mem = wk.acc + j * T + t0;
+    __m512 acc[kU][kTb];
+#pragma GCC unroll 16
+    for (int t = 0; t < kTb; ++t) acc[0][t] = acc_mem[t];
+#pragma GCC unroll 16
+    for (int u = 1; u < kU; ++u)
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t) acc[u][t] = _mm512_setzero_ps();
+    // The chunk's tables of tokens t0 ...: 64 bytes apart, so every token's
+    // address is the chunk's plus a constant.
+    const float* const tab0 = wk.tables + t0 * 16 - c0 * tld;
+    // Chunks whose every lane is live (whole chunks of whole rows): no masks.
+    const int64_t whole_end = vec_rows == kRpv ? Max(c0, Min(c1, kc / kSlot)) : c0;
+    __m512i seen = _mm512_setzero_si512();  // OR of the slots read unchecked.
+
+    auto prefetch = [&](int64_t e0) JAXSPARSE_VNM_INLINE {
+      fetch.Step();
+      // One prefetch per 64 bytes of each row (the same schedule for both
+      // rows and arrays: no test per row).
+      if (e0 >= next_end) return;
+      if ((e0 * sizeof(S)) % kCacheLine < kSlot * sizeof(S)) {
+#pragma GCC unroll 4
+        for (int r = 0; r < kRpv; ++r)
+          if (r < next_rows)
+            _mm_prefetch(reinterpret_cast<const char*>(next_vs + r * kc + e0), _MM_HINT_T0);
       }
-      for (int vv = 0; vv < kVecs; ++vv) {
-        const int64_t at = int64_t{vv} * chunk.rpv * kc + e0;
-        __m512i i32;
-        __mmask16 live = 0xffff;
-        if (c < whole_end) {
-          i32 = RowIndicesWhole(ix + at, kc, chunk);
-        } else {
-          const int64_t lanes = Min(slot, kc - e0);
-          const int64_t vr = Min(chunk.rpv, vec_rows - int64_t{vv} * chunk.rpv);
-          live = 0;
-          for (int q = 0; q < vr; ++q)
-            live |= static_cast<__mmask16>(((1u << lanes) - 1) << (slot * q));
-          i32 = RowIndices(ix + at, kc, chunk, live);
-        }
-        // A slot > 3 (garbage under jit) would pick another group's input:
-        // its lane is dropped, and zeroing permutes make it add 0, never 0 *
-        // inf. Inputs that do not exist are zeros in the tables.
-        const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, four);
-        const __m512i pos = _mm512_add_epi32(base, i32);
-        if (__builtin_expect(keep == 0xffff, 1) && c < whole_end) {
-          const __m512 wv = RowValuesWhole<D>(vs + at, kc, chunk);
-          for (int t = 0; t < kTb; ++t)
-            acc[vv][t] = _mm512_fmadd_ps(wv, _mm512_permutexvar_ps(pos, tab[t]), acc[vv][t]);
-        } else {
-          const __m512 wv = RowValues<D>(vs + at, kc, chunk, keep);
-          for (int t = 0; t < kTb; ++t)
-            acc[vv][t] = _mm512_fmadd_ps(wv, _mm512_maskz_permutexvar_ps(keep, pos, tab[t]),
-                                         acc[vv][t]);
-        }
+      if (e0 % kCacheLine < kSlot) {
+#pragma GCC unroll 4
+        for (int r = 0; r < kRpv; ++r)
+          if (r < next_rows)
+            _mm_prefetch(reinterpret_cast<const char*>(next_ix + r * kc + e0), _MM_HINT_T0);
+      }
+    };
+    // A whole chunk without checks, into accumulator set u.
+    auto fast = [&](int64_t c, __m512* a) JAXSPARSE_VNM_INLINE {
+      const int64_t e0 = c * kSlot;
+      prefetch(e0);
+      const __m512i i32 = RC::IndicesWhole(ix + e0, kc);
+      seen = _mm512_or_si512(seen, i32);
+      const __m512i pos = _mm512_add_epi32(base, i32);
+      const __m512 wv = RC::template ValuesWhole<D>(vs + e0, kc);
+      // Tables are the permutes' memory operands (one load each, from L1).
+      const float* const tab = tab0 + c * tld;
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t)
+        a[t] = _mm512_fmadd_ps(wv, _mm512_permutexvar_ps(pos, _mm512_load_ps(tab + t * 16)),
+                               a[t]);
+    };
+    // Any chunk, lanes past the rows' ends or with a slot > 3 dropped.
+    auto safe = [&](int64_t c, __m512* a) JAXSPARSE_VNM_INLINE {
+      const int64_t e0 = c * kSlot;
+      prefetch(e0);
+      const int64_t lanes = Min(kSlot, kc - e0);
+      __mmask16 live = 0;
+      for (int q = 0; q < vec_rows; ++q)
+        live |= static_cast<__mmask16>(((1u << lanes) - 1) << (kSlot * q));
+      const __m512i i32 = RC::Indices(ix + e0, kc, live);
+      // A slot > 3 would pick another group's input: its lane is dropped, and
+      // zeroing permutes make it add 0, never 0 * inf. Inputs that do not
+      // exist are zeros in the tables.
+      const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, four);
+      const __m512i pos = _mm512_add_epi32(base, i32);
+      const __m512 wv = RC::template Values<D>(vs + e0, kc, keep);
+      const float* const tab = tab0 + c * tld;
+#pragma GCC unroll 16
+      for (int t = 0; t < kTb; ++t)
+        a[t] = _mm512_fmadd_ps(
+            wv, _mm512_maskz_permutexvar_ps(keep, pos, _mm512_load_ps(tab + t * 16)), a[t]);
+    };
+    int64_t c = c0;
+    if (!kSafe) {
+      for (; c + kU <= whole_end; c += kU) {
+#pragma GCC unroll 4
+        for (int u = 0; u < kU; ++u) fast(c + u, acc[u]);
       }
     }
-    for (int vv = 0; vv < kVecs; ++vv)
-      for (int t = 0; t < kTb; ++t) wk.acc[(j + vv) * T + t0 + t] = acc[vv][t];
+    for (; c < c1; ++c) safe(c, acc[0]);
+    if (!kSafe && _mm512_test_epi32_mask(seen, _mm512_set1_epi32(~3)) != 0) return false;
+#pragma GCC unroll 16
+    for (int t = 0; t < kTb; ++t) {
+      __m512 sum = acc[0][t];
+#pragma GCC unroll 4
+      for (int u = 1; u < kU; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
+      acc_mem[t] = sum;
+    }
+    return true;
   }
 
-  void WriteY(int64_t r0, int64_t rows, int64_t vecs, const __m512* acc) const {
-    for (int64_t j = 0; j < vecs; ++j) {
+  // The row sums. An accumulator (row vector j, token t) holds rpv rows'
+  // partial sums, kSlot lanes each; for one token, the accumulators of 16
+  // consecutive rows (16 / rpv vectors) are reduced together by a transposing
+  // reduction (~20 shuffles and adds for 16 sums, not ~10 per sum), and the
+  // 16 sums stored as one vector.
+  [[gnu::noinline]] void WriteY(int64_t r0, int64_t rows, int64_t vecs, const __m512* acc) const {
+    const int64_t per16 = 16 / rpv;  // Row vectors per 16 rows.
+    // sums[4q + i] holds row 4i + q: back to row order.
+    const __m512i order =
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t j0 = 0; j0 < vecs; j0 += per16) {
+      const int64_t left = rows - j0 * rpv;
+      const __mmask16 live = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
       for (int64_t t = 0; t < T; ++t) {
-        const __m512 a = acc[j * T + t];
-        for (int q = 0; q < rc.rpv; ++q) {
-          const int64_t row = j * rc.rpv + q;
-          if (row < rows) {
-            y[t * N + r0 + row] =
-                D::FromF32(_mm512_reduce_add_ps(_mm512_maskz_mov_ps(rc.SlotMask(q), a)));
+        auto at = [&](int64_t j) {
+          return j < vecs ? acc[j * T + t] : _mm512_setzero_ps();
+        };
+        // part[i], 128-bit lane q: the partial sums of row 4i + q.
+        __m512 part[4];
+        for (int i = 0; i < 4; ++i) {
+          if (rpv == 4) {
+            part[i] = at(j0 + i);
+          } else {
+            const __m512 x0 = at(j0 + 2 * i), x1 = at(j0 + 2 * i + 1);
+            part[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88),
+                                    _mm512_shuffle_f32x4(x0, x1, 0xdd));
           }
         }
+        // Lane 4q + i: the total of lane q of part[i].
+        const __m512 a01 = _mm512_add_ps(_mm512_unpacklo_ps(part[0], part[1]),
+                                         _mm512_unpackhi_ps(part[0], part[1]));
+        const __m512 a23 = _mm512_add_ps(_mm512_unpacklo_ps(part[2], part[3]),
+                                         _mm512_unpackhi_ps(part[2], part[3]));
+        const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(a01, a23, 0x44),
+                                          _mm512_shuffle_ps(a01, a23, 0xee));
+        StoreF32<D>(y + t * N + r0 + j0 * rpv, _mm512_permutexvar_ps(order, sums), live);
       }
     }
   }
@@ -447,7 +881,7 @@ struct SpmmStream : Dims {
 template <class D>
 bool SpmmAvx512(const VnmProblem& p, const Runtime& rt) {
   if (SpmmStream<D>::Applies(p)) return Run<SpmmStream<D>>(p, rt);
-  return Run<Spmm<Traits, D, Avx512Decoder>>(p, rt);
+  return Run<Spmm<Traits, D, Avx512Isa>>(p, rt);
 }
 
 inline bool SpmmAvx512Any(const VnmProblem& p, const Runtime& rt) {
@@ -465,5 +899,7 @@ inline bool SpmmAvx512Any(const VnmProblem& p, const Runtime& rt) {
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace jaxsparse
+
+#undef JAXSPARSE_VNM_INLINE
 
 #endif  // JAXSPARSE_CPU_VNM_VNM_AVX512_H_

@@ -71,6 +71,8 @@ constexpr int64_t kTaskTokens = 256;
 // Groups per spmm_t and sddmm task: disjoint ranges of inputs, so tasks never
 // write the same dx or dv element.
 constexpr int64_t kTaskGroups = 32;
+// Rows per task of the transposing packs.
+constexpr int64_t kTransposeRows = 64;
 
 // ------------------------------------------------------------------ dtypes
 
@@ -134,6 +136,52 @@ struct Weight {
   }
 };
 
+// Fetches a panel's values and indices of a range of groups (a segment of
+// each of `rows` rows) into L2 in `steps` installments, one per Step(): the
+// decode of the next block of groups then reads L2, not DRAM, and the
+// fetches overlap the micro-kernels of the current block.
+template <class D>
+class SegmentFetch {
+ public:
+  SegmentFetch() = default;
+  SegmentFetch(const Weight<D>& w, int64_t kc, int64_t r0, int64_t rows, int64_t e0,
+               int64_t e1, int64_t steps)
+      : values_(reinterpret_cast<const char*>(w.values + r0 * kc + e0)),
+        indices_(reinterpret_cast<const char*>(w.indices + r0 * kc + e0)),
+        rows_(rows),
+        value_stride_(kc * static_cast<int64_t>(sizeof(typename D::Storage))),
+        index_stride_(kc),
+        value_bytes_((e1 - e0) * static_cast<int64_t>(sizeof(typename D::Storage))),
+        index_bytes_(e1 - e0) {
+    const int64_t lines =
+        rows * (CeilDiv(value_bytes_, kCacheLine) + CeilDiv(index_bytes_, kCacheLine) + 2);
+    per_step_ = CeilDiv(lines, Max(1, steps));
+  }
+
+  void Step() {
+    for (int64_t i = 0; i < per_step_ && row_ < rows_; ++i) {
+      // Values, then indices, of each row; a segment's last line too (it
+      // need not start on a line boundary).
+      const bool values = offset_ < value_bytes_ + kCacheLine;
+      const int64_t bytes = values ? value_bytes_ : index_bytes_;
+      const int64_t off = values ? offset_ : offset_ - value_bytes_ - kCacheLine;
+      const char* base = values ? values_ + row_ * value_stride_ : indices_ + row_ * index_stride_;
+      __builtin_prefetch(base + Min(off, Max(0, bytes - 1)), 0, 2);
+      offset_ += kCacheLine;
+      if (offset_ >= value_bytes_ + kCacheLine + index_bytes_ + kCacheLine) {
+        offset_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+ private:
+  const char* values_ = nullptr;
+  const char* indices_ = nullptr;
+  int64_t rows_ = 0, value_stride_ = 0, index_stride_ = 0, value_bytes_ = 0, index_bytes_ = 0;
+  int64_t per_step_ = 0, row_ = 0, offset_ = 0;
+};
+
 // ------------------------------------------------------------------ panels
 
 // The selected inputs of groups [g0, g1) of one panel that exist, in group
@@ -160,12 +208,12 @@ inline int32_t EntryKk(const int32_t* slot_kk, int64_t g_rel, uint8_t slot) {
   return slot < kSelected ? slot_kk[g_rel * kSelected + slot] : -1;
 }
 
-// Decode(...): the panel's weights of groups [g0, g1) (rows r0 .. r0 + rows
-// - 1) as a dense tile[kk][r], `ld` floats per kk; columns rows .. ld - 1 are
-// zero. Entries that repeat a slot add up (the reference sums every entry).
-// This one, entry by entry, serves every ISA; an ISA may bring a faster one
-// (the ops take the decoder as a template parameter).
-struct ScalarDecoder {
+// The layout transforms of the kernels, entry by entry, for every ISA; an ISA
+// may bring faster ones (the ops take this policy as a template parameter).
+struct ScalarIsa {
+  // The panel's weights of groups [g0, g1) (rows r0 .. r0 + rows - 1) as a
+  // dense tile[kk][r], `ld` floats per kk; columns rows .. ld - 1 are zero.
+  // Entries that repeat a slot add up (the reference sums every entry).
   template <class D>
   static void Decode(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
                      int64_t rows, int64_t g0, int64_t g1,
@@ -184,6 +232,40 @@ struct ScalarDecoder {
         }
       }
     }
+  }
+
+  // The inverse of Decode for a Gram tile: out[r][c - g0 n] =
+  // gram[kk of entry c of row r][r], or 0 where the entry's input does not
+  // exist; `indices` is row 0's, rows kc apart.
+  static void Sample(const float* gram, int64_t ld, const int32_t* slot_kk,
+                     const uint8_t* indices, int64_t kc, int32_t n, int64_t g0,
+                     int64_t g1, int64_t rows, float* out, int64_t out_ld) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* idx = indices + r * kc;
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int e = 0; e < n; ++e) {
+          const int64_t c = g * n + e;
+          const int32_t kk = EntryKk(slot_kk, g - g0, idx[c]);
+          out[r * out_ld + c - g0 * n] = kk >= 0 ? gram[kk * ld + r] : 0.0f;
+        }
+      }
+    }
+  }
+
+  // dst[c][r] = f32(src[r][c]) for r < rows, c < cols.
+  template <class D>
+  static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
+                          int64_t cols, float* dst, int64_t dst_ld) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = D::ToF32(src[r * src_ld + c]);
+  }
+
+  // dst[c][r] = D(src[r][c]) for r < rows, c < cols.
+  template <class D>
+  static void TransposeOut(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                           typename D::Storage* dst, int64_t dst_ld) {
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = 0; r < rows; ++r) dst[c * dst_ld + r] = D::FromF32(src[r * src_ld + c]);
   }
 };
 
@@ -287,32 +369,37 @@ void SpmmTMicro(const float* const* tile_rows, int64_t rows, const float* dyt,
   }
 }
 
-// sddmm: acc[i][output lanes] += sum_t x[t, off_i] * dy[t][output lanes] over
-// `tokens` rows, for kRows selected inputs (offsets off_i into a row of x) and
-// kVecs vectors of the panel's outputs.
+// sddmm: acc[i][output lanes] += sum_t xt_i[t] * dy[t][output lanes] over
+// `tokens` tokens, for kRows selected inputs (rows xt_i of the transposed x)
+// and kVecs vectors of the panel's outputs (dy packed panel by panel, `dy_ld`
+// floats per token). Both operands advance sequentially with t.
 template <class Tr, int kRows, int kVecs>
-void SddmmMicro(const float* x, int64_t x_ld, const int32_t* off,
-                const float* dy, int64_t dy_ld, int64_t tokens, float* acc,
-                int64_t acc_ld) {
+void SddmmMicro(const float* const* xt_rows, const float* dy, int64_t dy_ld,
+                int64_t tokens, float* acc, int64_t acc_ld) {
   using V = typename Tr::V;
   constexpr int kW = Tr::kWidth;
   V a[kRows][kVecs];
-  int64_t o[kRows];
-  for (int i = 0; i < kRows; ++i) o[i] = off[i];
+  const float* xr[kRows];
+  for (int i = 0; i < kRows; ++i) xr[i] = xt_rows[i];
   for (int i = 0; i < kRows; ++i)
     for (int j = 0; j < kVecs; ++j) a[i][j] = Tr::Load(acc + i * acc_ld + j * kW);
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = x + t * x_ld;
     const float* d = dy + t * dy_ld;
     V y[kVecs];
     for (int j = 0; j < kVecs; ++j) y[j] = Tr::Load(d + j * kW);
     for (int i = 0; i < kRows; ++i) {
-      const V b = Tr::Broadcast(xt + o[i]);
+      const V b = Tr::Broadcast(xr[i] + t);
       for (int j = 0; j < kVecs; ++j) a[i][j] = Tr::Fma(b, y[j], a[i][j]);
     }
   }
   for (int i = 0; i < kRows; ++i)
     for (int j = 0; j < kVecs; ++j) Tr::Store(acc + i * acc_ld + j * kW, a[i][j]);
+}
+
+template <class Tr>
+int64_t MicroTiles(int64_t rows, int64_t lanes) {
+  constexpr int64_t kTileLanes = int64_t{VnmTile::kVecs} * Tr::kWidth;
+  return CeilDiv(rows, VnmTile::kRows) * CeilDiv(lanes, kTileLanes);
 }
 
 // Runs f(rows_c, vecs_c) over a block of `rows` broadcast rows and `lanes`
@@ -339,7 +426,7 @@ void ForMicroTiles(int64_t rows, int64_t lanes, F&& f) {
 // tokens over it, the partial sums of the task in a per-worker buffer.
 // Consecutive tasks share the token block, so its rows of x stay in L3 while
 // the panels pass over them.
-template <class Tr, class D, class Dec>
+template <class Tr, class D, class Isa>
 struct Spmm : Dims {
   using S = typename D::Storage;
   struct Worker {
@@ -404,9 +491,14 @@ struct Spmm : Dims {
       const int64_t g1 = Min(G, g0 + block_groups);
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
-      Dec::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      // The next block of groups comes into L2 while this one computes.
+      const int64_t g2 = Min(G, g1 + block_groups);
+      SegmentFetch<D> fetch(w, Kc, r0, rows, g1 * n, g2 * n,
+                            MicroTiles<Tr>(tokens, ld));
       ForMicroTiles<Tr>(tokens, ld, [&](int64_t t, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
+        fetch.Step();
         const float* x_rows[kRows];
         for (int i = 0; i < kRows; ++i) x_rows[i] = x.data + (t0 + t + i) * x.ld;
         SpmmMicro<Tr, kRows, kVecs>(x_rows, wk.sel, nk, wk.tile + c, ld,
@@ -430,7 +522,7 @@ struct Spmm : Dims {
 // is kept transposed (dxT[input][tokens]) until the end of the task.
 // A task is (token block, range of groups): its inputs are its own, so tasks
 // never write the same dx element; it walks every panel.
-template <class Tr, class D, class Dec>
+template <class Tr, class D, class Isa>
 struct SpmmT : Dims {
   using S = typename D::Storage;
   struct Worker {
@@ -488,24 +580,24 @@ struct SpmmT : Dims {
       dx = static_cast<S*>(p.out) + b * T * K;
       if (b == 0 || p.dy_stride != 0) {
         dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
-        RunParallel(rt, token_blocks * CeilDiv(N, kLanePad), TransposeJob{this});
+        RunParallel(rt, token_blocks * CeilDiv(N, kTransposeRows), TransposeJob{this});
       }
       RunParallel(rt, token_blocks * group_tasks, *this);
     }
     return true;
   }
 
-  // dyT of one token block and 16 rows of dy, zero past the last token.
+  // dyT of one token block and kTransposeRows rows of dy, zero past the last
+  // token.
   void TransposeDy(int64_t task) const {
-    const int64_t row_tasks = CeilDiv(N, kLanePad);
-    const int64_t blk = task / row_tasks, r0 = task % row_tasks * kLanePad;
+    const int64_t row_tasks = CeilDiv(N, kTransposeRows);
+    const int64_t blk = task / row_tasks, r0 = task % row_tasks * kTransposeRows;
+    const int64_t rows = Min(kTransposeRows, N - r0);
     const int64_t t0 = blk * block_tokens, tokens = Min(block_tokens, T - t0);
-    float* out = dyt + blk * N * block_tokens;
-    for (int64_t r = r0; r < Min(N, r0 + kLanePad); ++r) {
-      float* o = out + r * block_tokens;
-      for (int64_t t = 0; t < tokens; ++t) o[t] = D::ToF32(dy[(t0 + t) * N + r]);
-      for (int64_t t = tokens; t < block_tokens; ++t) o[t] = 0.0f;
-    }
+    float* out = dyt + blk * N * block_tokens + r0 * block_tokens;
+    Isa::template TransposeIn<D>(dy + t0 * N + r0, N, tokens, rows, out, block_tokens);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = tokens; t < block_tokens; ++t) out[r * block_tokens + t] = 0.0f;
   }
 
   void Run(int64_t task, int worker) const {
@@ -522,9 +614,16 @@ struct SpmmT : Dims {
       const uint8_t* cols = w.columns + panel * G * kSelected;
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
-      Dec::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      // The next panel's entries of these groups come into L2 meanwhile.
+      SegmentFetch<D> fetch;
+      if (panel + 1 < P) {
+        fetch = SegmentFetch<D>(w, Kc, r0 + v, PanelRows(panel + 1), g0 * n, g1 * n,
+                                MicroTiles<Tr>(nk, lanes));
+      }
       ForMicroTiles<Tr>(nk, lanes, [&](int64_t kk, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
+        fetch.Step();
         const float* tile_rows[kRows];
         float* dxt_rows[kRows];
         for (int i = 0; i < kRows; ++i) {
@@ -535,63 +634,83 @@ struct SpmmT : Dims {
                                      block_tokens, dxt_rows);
       });
     }
-    for (int64_t t = 0; t < tokens; ++t) {
-      S* out = dx + (t0 + t) * K + in0;
-      for (int64_t i = 0; i < inputs; ++i)
-        out[i] = D::FromF32(wk.dxt[i * block_tokens + t]);
-    }
+    Isa::template TransposeOut<D>(wk.dxt, block_tokens, inputs, tokens, dx + t0 * K + in0, K);
   }
 };
 
 // ------------------------------------------------------------------ sddmm
 
 // dv[r, c] = sum_t x[t, k(r, c)] dy[t, r]. Per panel and range of groups the
-// dense Gram tile gram[kk][r] = sum_t x[t, sel[kk]] dy[t, r] over all tokens
-// (outputs in the lanes, x read through sel by broadcast), then each output
-// samples its kept slots from it. A task is (panel, range of groups): the
-// entries it writes are its own.
-template <class Tr, class D, class Dec>
+// dense Gram tile gram[kk][r] = sum_t x[t, sel[kk]] dy[t, r] (outputs in the
+// lanes, x broadcast), then each output samples its kept slots from it. A task
+// is (panel, range of groups): the entries it writes are its own.
+//
+// The reduction runs over tokens, so both operands are first packed token-
+// contiguous, a chunk of tokens at a time: x transposed (xT[input][token]) and
+// dy panel by panel (dyP[panel][token][v]). Read in place, consecutive tokens
+// would be rows of K or N floats apart, 16 KB for 4096: every step a new page,
+// and all in one L1 set.
+template <class Tr, class D, class Isa>
 struct Sddmm : Dims {
   using S = typename D::Storage;
-  // Tokens per pass over a micro-tile: the pass's rows of dy and x stay in L2.
+  // Tokens per pass over a micro-tile: the pass's xT and dyP rows stay in L2.
   static constexpr int64_t kBlockTokens = 256;
+  // The packed operands of a chunk of tokens take at most this much scratch.
+  static constexpr int64_t kChunkBytes = int64_t{32} << 20;
   struct Worker {
     float* gram;
     int32_t* sel;
     int32_t* slot_kk;
+    float* sampled;  // [v][task_groups * n]
+  };
+
+  // xT of one chunk, kTransposeRows inputs per task.
+  struct TransposeX {
+    const Sddmm* op;
+    void Run(int64_t task, int) const { op->PackX(task); }
+  };
+  // dyP of one chunk, one panel per task.
+  struct PackDyJob {
+    const Sddmm* op;
+    void Run(int64_t task, int) const { op->PackDy(task); }
   };
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t task_groups, group_tasks, dy_ld;
-  bool dy_in_place;
-  float* x_buffer = nullptr;
-  float* dy_buffer = nullptr;
+  int64_t task_groups, group_tasks, chunk_tokens, chunks;
+  bool sums_in_f32;  // Half types over several chunks: f32 sums of dv.
+  float* xt = nullptr;    // [K][chunk_tokens]
+  float* dyp = nullptr;   // [P][chunk_tokens][vpad_max]
+  float* sums = nullptr;  // [N][Kc] f32, when sums_in_f32
   Worker* workers = nullptr;
-  // Per batch.
+  // Per batch and chunk.
   const uint8_t* indices = nullptr;
   const uint8_t* columns = nullptr;
-  DenseF32<D> x{}, dyf{};
+  const S* x = nullptr;
+  const S* dy = nullptr;
   S* dv = nullptr;
+  int64_t t0 = 0, tokens = 0;
 
   Sddmm(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
     group_tasks = CeilDiv(G, task_groups);
-    // Panels are read as whole vectors: dy is read in place only when every
-    // panel is full (then v, a multiple of 16, is the panel stride).
-    dy_in_place = kIsF32<D> && N % v == 0;
-    dy_ld = dy_in_place ? N : P * vpad_max;
+    const int64_t floats_per_token = K + P * vpad_max;
+    chunk_tokens = Max(kBlockTokens, RoundUp(kChunkBytes / 4 / Max(1, floats_per_token), kBlockTokens));
+    chunk_tokens = Min(chunk_tokens, RoundUp(Max(T, 1), Tr::kWidth));
+    chunks = CeilDiv(T, chunk_tokens);
+    sums_in_f32 = !kIsF32<D> && chunks > 1;
   }
 
   void Layout(Carver& c) {
-    if (!kIsF32<D>) x_buffer = c.Take<float>(T * K);
-    if (!dy_in_place) dy_buffer = c.Take<float>(T * dy_ld);
+    xt = c.Take<float>(K * chunk_tokens);
+    dyp = c.Take<float>(P * chunk_tokens * vpad_max);
+    if (sums_in_f32) sums = c.Take<float>(N * Kc);
     workers = c.Take<Worker>(rt.num_workers);
     const int64_t nk_max = task_groups * kSelected;
     for (int i = 0; i < rt.num_workers; ++i) {
       const Worker wk{c.Take<float>(nk_max * vpad_max), c.Take<int32_t>(nk_max),
-                      c.Take<int32_t>(nk_max)};
+                      c.Take<int32_t>(nk_max), c.Take<float>(vpad_max * task_groups * n)};
       if (workers != nullptr) workers[i] = wk;
     }
   }
@@ -604,40 +723,43 @@ struct Sddmm : Dims {
     }
     if (!TakeScratch(rt, *this)) return false;
     for (int64_t b = 0; b < p.batch; ++b) {
-      const int64_t ws = b * p.weight_stride;
-      indices = p.indices + ws;
+      indices = p.indices + b * p.weight_stride;
       columns = p.columns + b * p.columns_stride;
-      if (b == 0 || p.x_stride != 0) {
-        x = AsF32<D>(rt, static_cast<const S*>(p.x) + b * p.x_stride, T, K, K,
-                     x_buffer);
-      }
-      if (b == 0 || p.dy_stride != 0) PrepareDy(b);
+      x = static_cast<const S*>(p.x) + b * p.x_stride;
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
       dv = static_cast<S*>(p.out) + b * N * Kc;
-      RunParallel(rt, P * group_tasks, *this);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        t0 = ch * chunk_tokens;
+        tokens = Min(chunk_tokens, T - t0);
+        RunParallel(rt, CeilDiv(K, kTransposeRows), TransposeX{this});
+        RunParallel(rt, P, PackDyJob{this});
+        RunParallel(rt, P * group_tasks, *this);
+      }
     }
     return true;
   }
 
-  // dy as f32 with every panel padded to vpad_max columns (zeros).
-  void PrepareDy(int64_t b) {
-    const S* src = static_cast<const S*>(p.dy) + b * p.dy_stride;
-    if (dy_in_place) {
-      dyf = DenseF32<D>{reinterpret_cast<const float*>(src), N};
-      return;
+  // xT[k][t] for kTransposeRows inputs k, zero past the chunk's tokens (up
+  // to a whole vector).
+  void PackX(int64_t task) const {
+    const int64_t k0 = task * kTransposeRows, k1 = Min(K, k0 + kTransposeRows);
+    const int64_t padded = Min(chunk_tokens, RoundUp(tokens, Tr::kWidth));
+    Isa::template TransposeIn<D>(x + t0 * K + k0, K, tokens, k1 - k0, xt + k0 * chunk_tokens,
+                                 chunk_tokens);
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t t = tokens; t < padded; ++t) xt[k * chunk_tokens + t] = 0.0f;
+  }
+
+  // dyP[panel][t][j] = dy[t, panel * v + j], zero past the panel's outputs.
+  void PackDy(int64_t panel) const {
+    const int64_t r0 = panel * v, rows = PanelRows(panel), ld = PanelPad(panel);
+    float* out = dyp + panel * chunk_tokens * vpad_max;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const S* row = dy + (t0 + t) * N + r0;
+      float* o = out + t * ld;
+      for (int64_t j = 0; j < rows; ++j) o[j] = D::ToF32(row[j]);
+      for (int64_t j = rows; j < ld; ++j) o[j] = 0.0f;
     }
-    struct Job {
-      const S* src;
-      int64_t T, N, v, vpad, ld;
-      float* dst;
-      void Run(int64_t t, int) const {
-        float* d = dst + t * ld;
-        std::memset(d, 0, ld * sizeof(float));
-        for (int64_t r = 0; r < N; ++r)
-          d[r / v * vpad + r % v] = D::ToF32(src[t * N + r]);
-      }
-    };
-    RunParallel(rt, T, Job{src, T, N, v, vpad_max, dy_ld, dy_buffer});
-    dyf = DenseF32<D>{dy_buffer, dy_ld};
   }
 
   void Run(int64_t task, int worker) const {
@@ -645,28 +767,48 @@ struct Sddmm : Dims {
     const int64_t panel = task / group_tasks;
     const int64_t g0 = task % group_tasks * task_groups, g1 = Min(G, g0 + task_groups);
     const int64_t r0 = panel * v, rows = PanelRows(panel), ld = PanelPad(panel);
-    const int64_t dy_col = dy_in_place ? r0 : panel * vpad_max;
     const int64_t nk = Select(columns + panel * G * kSelected, g0, g1, m, K,
                               wk.sel, wk.slot_kk);
     std::memset(wk.gram, 0, nk * ld * sizeof(float));
-    for (int64_t t0 = 0; t0 < T; t0 += kBlockTokens) {
-      const int64_t tokens = Min(kBlockTokens, T - t0);
+    const float* dyp_panel = dyp + panel * chunk_tokens * vpad_max;
+    for (int64_t tb = 0; tb < tokens; tb += kBlockTokens) {
+      const int64_t block = Min(kBlockTokens, tokens - tb);
       ForMicroTiles<Tr>(nk, ld, [&](int64_t kk, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
-        SddmmMicro<Tr, kRows, kVecs>(x.data + t0 * x.ld, x.ld, wk.sel + kk,
-                                     dyf.data + t0 * dyf.ld + dy_col + c, dyf.ld,
-                                     tokens, wk.gram + kk * ld + c, ld);
+        const float* xt_rows[kRows];
+        for (int i = 0; i < kRows; ++i) xt_rows[i] = xt + wk.sel[kk + i] * chunk_tokens + tb;
+        SddmmMicro<Tr, kRows, kVecs>(xt_rows, dyp_panel + tb * ld + c, ld, block,
+                                     wk.gram + kk * ld + c, ld);
       });
     }
+    Sample(r0, rows, ld, g0, g1, wk);
+  }
+
+  // Each output's kept slots from the Gram tile, added to dv (or its f32
+  // sums) after the first chunk.
+  void Sample(int64_t r0, int64_t rows, int64_t ld, int64_t g0, int64_t g1,
+              const Worker& wk) const {
+    const int64_t count = (g1 - g0) * n;
+    Isa::Sample(wk.gram, ld, wk.slot_kk, indices + r0 * Kc, Kc, n, g0, g1,
+                rows, wk.sampled, count);
+    const bool first = t0 == 0, last = t0 + tokens == T;
     for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* idx = indices + (r0 + r) * Kc;
-      S* out = dv + (r0 + r) * Kc;
-      for (int64_t g = g0; g < g1; ++g) {
-        for (int e = 0; e < n; ++e) {
-          const int64_t c = g * n + e;
-          const int32_t kk = EntryKk(wk.slot_kk, g - g0, idx[c]);
-          out[c] = D::FromF32(kk >= 0 ? wk.gram[kk * ld + r] : 0.0f);
+      const float* in = wk.sampled + r * count;
+      S* out = dv + (r0 + r) * Kc + g0 * n;
+      if (sums_in_f32) {
+        float* f32 = sums + (r0 + r) * Kc + g0 * n;
+        for (int64_t c = 0; c < count; ++c) {
+          const float value = first ? in[c] : in[c] + f32[c];
+          if (last) {
+            out[c] = D::FromF32(value);
+          } else {
+            f32[c] = value;
+          }
         }
+      } else if (first) {
+        for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c]);
+      } else {  // f32 only: half types take the f32 sums over several chunks.
+        for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c] + D::ToF32(out[c]));
       }
     }
   }
@@ -694,19 +836,19 @@ bool RunForDtype(const VnmProblem& p, const Runtime& rt) {
   return true;
 }
 
-template <class Tr, class Dec>
+template <class Tr, class Isa>
 struct Ops {
   template <class D>
-  using SpmmOp = Spmm<Tr, D, Dec>;
+  using SpmmOp = Spmm<Tr, D, Isa>;
   template <class D>
-  using SpmmTOp = SpmmT<Tr, D, Dec>;
+  using SpmmTOp = SpmmT<Tr, D, Isa>;
   template <class D>
-  using SddmmOp = Sddmm<Tr, D, Dec>;
+  using SddmmOp = Sddmm<Tr, D, Isa>;
 };
 
-template <class Tr, class Dec = ScalarDecoder>
+template <class Tr, class Isa = ScalarIsa>
 constexpr VnmKernelTable MakeTable() {
-  using O = Ops<Tr, Dec>;
+  using O = Ops<Tr, Isa>;
   return VnmKernelTable{&RunForDtype<O::template SpmmOp>,
                         &RunForDtype<O::template SpmmTOp>,
                         &RunForDtype<O::template SddmmOp>};

@@ -25,7 +25,7 @@ namespace jaxsparse {
 namespace cpu {
 // The vector decoder everywhere, and the streaming forward at few tokens.
 const VnmKernelTable kVnmKernelsAvx512 = [] {
-  VnmKernelTable table = avx512::MakeTable<avx512::Traits, avx512::Avx512Decoder>();
+  VnmKernelTable table = avx512::MakeTable<avx512::Traits, avx512::Avx512Isa>();
   table.spmm = &avx512::SpmmAvx512Any;
   return table;
 }();

@@ -141,6 +141,20 @@ def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sddmm_over_several_token_chunks(isa, dtype):
+    # sddmm packs x and dy a chunk of tokens at a time (32 MB of scratch: ~1000 tokens at
+    # K = 8200) and sums the chunks' samples in f32; 1100 tokens take two chunks.
+    t, k, n_out, v, n, m = 1100, 8200, 20, 16, 2, 8
+    rng = np.random.default_rng(5)
+    _, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    x = jnp.asarray(rng.standard_normal((1, t, k)), dtype)
+    dy = jnp.asarray(rng.standard_normal((1, t, n_out)), dtype)
+    dv = call(SDDMM, (1, n_out, indices.shape[2]), dtype, x, dy, indices, columns, v=v, n=n, m=m)
+    gram = np.swapaxes(f64(x), 1, 2) @ f64(dy)
+    assert_close(dv, sampled(gram, indices, columns, k, v, n, m), dtype, scale_for(t))
+
+
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (2, 2)])
 def test_batches_broadcast(isa, bx, bw):
     check_all(7, 45, 33, 16, 2, 8, jnp.float32, bx=bx, bw=bw, seed=2)
