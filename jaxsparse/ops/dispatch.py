@@ -68,12 +68,10 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
 #: format without a table (or without a row for the ISA and dtype) always takes its kernel.
 FORMAT_TABLES: dict[str, dict] = {
     "NM": SPARSE_MAX_TOKENS,
-    # V:N:M's kernels compute over 4/m of the inputs with f32 FMAs: in f32 they beat XLA's dot at
-    # every harness shape. In bf16 XLA's dot runs at ~2x its f32 rate (AVX512-BF16), so 64:2:8
-    # (4/8 of the inputs) lost at 2048 tokens (0.57x) and held parity at 128 (0.97x), while
-    # 128:2:16 and 64:2:32 won (1.8x, 3.6x at 2048). Measured on a 2-core AMD Zen 5, jax 0.12
-    # (benchmarks/bench.py, 4096x4096).
-    "VNM": {("avx512", "bfloat16"): ((0.125, _ALWAYS), (1.0, 1023))},
+    # V:N:M's kernels compute over 4/m of the inputs, sharing each panel's gathered inputs across
+    # its outputs: they beat XLA's dot at every harness shape, f32 and bf16 (the tightest: bf16
+    # 64:2:8 at 2048 tokens, 1.22x; the dense path there was 0.92x), on a 2-core AMD Zen 5 with
+    # jax 0.12 (benchmarks/bench.py, 4096x4096). No table: always the kernel.
 }
 
 _state = threading.local()

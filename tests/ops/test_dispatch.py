@@ -197,9 +197,11 @@ def test_tokens_count_every_leading_dim():
 
 def test_rule_reads_the_table_of_the_spec_format():
     rule = functools.partial(jsp.choose_path, platform="cpu", isa="avx512")
-    assert rule(2048, jnp.bfloat16, jsp.VNM(64, 2, 8)) == "dense"  # 0.57x measured: dense path
-    assert rule(128, jnp.bfloat16, jsp.VNM(64, 2, 8)) == "sparse"
-    assert rule(2048, jnp.bfloat16, jsp.VNM(128, 2, 16)) == "sparse"
+    # V:N:M has no table (its kernels won at every measured shape): always the kernel, even
+    # where the N:M table at the same density picks the dense path.
+    assert rule(2048, jnp.bfloat16, 0.25) == rule(2048, jnp.bfloat16, jsp.NM(1, 4))
+    assert rule(4096, jnp.bfloat16, 0.5) == "dense"
+    assert rule(4096, jnp.bfloat16, jsp.VNM(16, 2, 4)) == "sparse"  # density 1/2, V:N:M's table
     assert rule(2048, jnp.float32, jsp.VNM(64, 2, 8)) == "sparse"
     # An N:M spec reads the N:M table by its density, as a number does.
     for t in (1, 1024, 4096):
