@@ -57,17 +57,24 @@ JAXSPARSE_VNM_INLINE inline __m512 LoadF32(const typename D::Storage* p, __mmask
   }
 }
 
-// 16 f32 lanes stored as dtype D (rounded once, to nearest even), lanes in
-// `keep` only.
+// 16 f32 lanes stored as dtype D (rounded once, to nearest even, as
+// dtype_convert.h), lanes in `keep` only.
 template <class D>
-void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
+JAXSPARSE_VNM_INLINE inline void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
   if constexpr (kIsF32<D>) {
     _mm512_mask_storeu_ps(p, keep, v);
+  } else if constexpr (std::is_same_v<D, F16>) {
+    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
-    alignas(64) float f[16];
-    _mm512_store_ps(f, v);
-    for (int l = 0; l < 16; ++l)
-      if ((keep >> l) & 1) p[l] = D::FromF32(f[l]);
+    // bf16: the upper half after adding 0x7fff + the kept half's lowest bit;
+    // NaN keeps its upper half with the quiet bit set.
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtepi32_epi16(r));
   }
 }
 
@@ -267,6 +274,23 @@ struct Avx512Isa {
         for (int r = 0; r < 16; ++r)
           if (r < live_rows) _mm512_mask_storeu_ps(out + (rb + r) * out_ld + e0, live, col[r]);
       }
+    }
+  }
+
+  template <class D>
+  static void ToF32Row(const typename D::Storage* src, float* dst, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+      const int64_t left = count - i;
+      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      _mm512_mask_storeu_ps(dst + i, keep, LoadF32<D>(src + i, keep));
+    }
+  }
+  template <class D>
+  static void FromF32Row(const float* src, typename D::Storage* dst, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+      const int64_t left = count - i;
+      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      StoreF32<D>(dst + i, _mm512_maskz_loadu_ps(keep, src + i), keep);
     }
   }
 
@@ -512,8 +536,8 @@ struct SpmmStream : Dims {
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
       if (b == 0 || p.x_stride != 0) {
-        const ConvertJob<D> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
-        RunParallel(rt, CeilDiv(T, ConvertJob<D>::kRowsPerTask), job);
+        const ConvertJob<D, Avx512Isa> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
+        RunParallel(rt, CeilDiv(T, ConvertJob<D, Avx512Isa>::kRowsPerTask), job);
       }
       y = static_cast<S*>(p.out) + b * T * N;
       RunParallel(rt, CeilDiv(P, panels_per_task), *this);

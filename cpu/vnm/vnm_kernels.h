@@ -312,6 +312,16 @@ struct ScalarIsa {
     }
   }
 
+  // dst[i] = f32(src[i]) / D(src[i]) for i < count.
+  template <class D>
+  static void ToF32Row(const typename D::Storage* src, float* dst, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = D::ToF32(src[i]);
+  }
+  template <class D>
+  static void FromF32Row(const float* src, typename D::Storage* dst, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = D::FromF32(src[i]);
+  }
+
   // dst[c][r] = f32(src[r][c]) for r < rows, c < cols.
   template <class D>
   static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
@@ -339,7 +349,7 @@ struct DenseF32 {
   int64_t ld = 0;
 };
 
-template <class D>
+template <class D, class Isa>
 struct ConvertJob {
   static constexpr int64_t kRowsPerTask = 16;
   const typename D::Storage* src;
@@ -350,7 +360,7 @@ struct ConvertJob {
     for (int64_t r = task * kRowsPerTask; r < r1; ++r) {
       const typename D::Storage* s = src + r * cols;
       float* d = dst + r * ld;
-      for (int64_t c = 0; c < cols; ++c) d[c] = D::ToF32(s[c]);
+      Isa::template ToF32Row<D>(s, d, cols);
       for (int64_t c = cols; c < ld; ++c) d[c] = 0.0f;
     }
   }
@@ -358,14 +368,14 @@ struct ConvertJob {
 
 // src as f32 rows of `ld` floats (zero padded), in `buffer` unless it can be
 // read in place (f32 with ld == cols).
-template <class D>
+template <class D, class Isa>
 DenseF32<D> AsF32(const Runtime& rt, const typename D::Storage* src,
                   int64_t rows, int64_t cols, int64_t ld, float* buffer) {
   if constexpr (kIsF32<D>) {
     if (ld == cols) return DenseF32<D>{src, cols};
   }
-  const ConvertJob<D> job{src, rows, cols, ld, buffer};
-  RunParallel(rt, CeilDiv(rows, ConvertJob<D>::kRowsPerTask), job);
+  const ConvertJob<D, Isa> job{src, rows, cols, ld, buffer};
+  RunParallel(rt, CeilDiv(rows, ConvertJob<D, Isa>::kRowsPerTask), job);
   return DenseF32<D>{buffer, ld};
 }
 
@@ -531,7 +541,7 @@ struct Spmm : Dims {
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
       if (b == 0 || p.x_stride != 0) {
-        x = AsF32<D>(rt, static_cast<const S*>(p.x) + b * p.x_stride, T, K, K,
+        x = AsF32<D, Isa>(rt, static_cast<const S*>(p.x) + b * p.x_stride, T, K, K,
                      x_buffer);
       }
       y = static_cast<S*>(p.out) + b * T * N;
@@ -568,7 +578,7 @@ struct Spmm : Dims {
     for (int64_t t = 0; t < tokens; ++t) {
       S* out = y + (t0 + t) * N + r0;
       const float* a = wk.acc + t * ld;
-      for (int64_t r = 0; r < rows; ++r) out[r] = D::FromF32(a[r]);
+      Isa::template FromF32Row<D>(a, out, rows);
     }
   }
 };
@@ -817,7 +827,7 @@ struct Sddmm : Dims {
     for (int64_t t = 0; t < tokens; ++t) {
       const S* row = dy + (t0 + t) * N + r0;
       float* o = out + t * ld;
-      for (int64_t j = 0; j < rows; ++j) o[j] = D::ToF32(row[j]);
+      Isa::template ToF32Row<D>(row, o, rows);
       for (int64_t j = rows; j < ld; ++j) o[j] = 0.0f;
     }
   }
@@ -866,7 +876,7 @@ struct Sddmm : Dims {
           }
         }
       } else if (first) {
-        for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c]);
+        Isa::template FromF32Row<D>(in, out, count);
       } else {  // f32 only: half types take the f32 sums over several chunks.
         for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c] + D::ToF32(out[c]));
       }
