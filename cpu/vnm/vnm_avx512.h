@@ -1,25 +1,35 @@
 // The AVX-512 parts of the V:N:M kernels (included by vnm_kernels_avx512.cc
-// after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512):
+// after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512). Measured
+// facts quoted here come from the project's 2-core Zen 5 (AVX-512, no AMX).
 //
-// 1. Avx512Isa: the panel tile decoded 16 rows x 16 entries at a time.
-//    The tile is [selected input][output], the transpose of the canonical
-//    [output][entry] arrays, so a block of 16 rows of values and of indices is
-//    transposed in registers (16 x 16 floats: 64 shuffles; 16 x 16 bytes: 64
-//    SSE unpacks), after which each (group, slot) column of the tile is one
-//    compare per kept entry of the group and a masked move / masked add: ~9
-//    instructions per 16 tile floats, against ~8 scalar ones per kept entry
-//    (~8 per 16 floats) for the scalar decoder. Every (group, slot) of the
-//    block is stored whole, so the tile needs no clearing.
+// 1. Avx512Isa, the layout transforms of the dense engine:
+//    - Decode: the panel tile is [selected input][output], the transpose of
+//      the canonical [output][entry] arrays, so 16 rows x 16 entries of values
+//      and of slots are transposed in registers (64 shuffles for the floats,
+//      64 SSE unpacks for the bytes); then each (group, slot) column of the
+//      tile is one compare per kept entry of the group and a masked move /
+//      masked add. ~1.5 ns per 16 tile floats against ~6 for the scalar
+//      decoder. Every (group, slot) of the block is stored whole: no clearing.
+//    - Sample: its inverse for sddmm's Gram tile; TransposeIn/Out: the
+//      16 x 16 transposing packs of spmm_t and sddmm; row conversions.
 //
-// 2. SpmmStream: the forward at a few tokens, where the call streams the
-//    weight from DRAM (dense-equivalent work per byte is tiny) and the dense
-//    engine's 2:4 zeros and decode would cost more than the stream. Per panel,
-//    x's selected inputs are gathered into small per-token tables (one 16-lane
-//    table = 4 groups x 4 slots), and each output row's kept values dot them
-//    directly: a row chunk is the 4n entries of 4 groups, 4 / n rows share a
-//    zmm, and each lane takes its input from the token's table by one
-//    vpermps (single uop, non-destructive). So only kept entries are
-//    multiplied, and the canonical arrays are read once, in order.
+// 2. SpmmStream, the forward at up to 16 tokens. The call then streams the
+//    weight from DRAM and the work per byte is small; the dense engine would
+//    multiply the 2:4 zeros and decode every tile for a few tokens. Here only
+//    kept entries are multiplied: per panel, x's selected inputs are gathered
+//    into per-token tables (16 floats = 4 groups x 4 slots), and each lane of
+//    a row's kept values takes its input from a table by a permute.
+//    - Chunk mode (3-16 tokens): a zmm holds the entries of 4 groups of 4 / n
+//      rows (a "chunk" of each), one vpermps per token; blocks of chunks keep
+//      the tables in L1.
+//    - Row mode (1-2 tokens): a zmm holds 16 consecutive entries of one row
+//      (one two-table vpermt2ps), so the values and indices are read as two
+//      sequential streams, which the hardware prefetchers follow.
+//    Reading a panel's rows side by side defeats those prefetchers (measured:
+//    16 rows x 32 bytes per step stream at 12.5 GB/s, 2 rows at 6.8, one
+//    sequential read at 29.6), hence the software prefetches: each task runs
+//    consecutive panels and fetches the next one into L2 while it works, and
+//    the first panel's blocks fetch the rows of a block ahead.
 #ifndef JAXSPARSE_CPU_VNM_VNM_AVX512_H_
 #define JAXSPARSE_CPU_VNM_VNM_AVX512_H_
 
@@ -347,11 +357,8 @@ constexpr int64_t kStreamMaxTokens = 16;
 // A block of chunks' tables (tokens x 16 floats per chunk) stays in L1 next
 // to the row chunks that stream through: 16 KB.
 constexpr int64_t kStreamTableFloats = 4096;
-// The hardware prefetchers do not follow rows read a chunk at a time, several
-// rows at once (measured: 16 rows x 32 bytes per step stream at 12.5 GB/s, 2
-// rows at 6.8, against 29.6 for one sequential read on this 2-core Zen 5).
-// So each block of rows fetches, chunk by chunk in step with its own, the
-// chunks of a block about this many bytes further on.
+// How far ahead (in the panel's bytes) a block of rows fetches the chunks of
+// a later block, chunk by chunk in step with its own.
 constexpr int64_t kStreamAheadBytes = 24 * 1024;
 // Up to this many tokens the forward runs in row mode (SpmmStream::RowMode).
 constexpr int kRowModeMaxTokens = 2;
@@ -525,7 +532,10 @@ struct SpmmStream : Dims {
     xf = c.Take<float>(T * x_ld);
     workers = c.Take<Worker>(rt.num_workers);
     for (int i = 0; i < rt.num_workers; ++i) {
-      const Worker wk{c.Take<float>(block_chunks * table_ld), c.Take<__m512>(vecs_max * T)};
+      // Row mode's last piece of a row reads the tables of up to 4 chunks
+      // from its first (lanes past the row are dropped): 4 chunks of slack.
+      const Worker wk{c.Take<float>((block_chunks + 4) * table_ld),
+                      c.Take<__m512>(vecs_max * T)};
       if (workers != nullptr) workers[i] = wk;
     }
   }
@@ -813,7 +823,9 @@ struct SpmmStream : Dims {
       seen = _mm512_or_si512(seen, i32);
       const __m512i pos = _mm512_add_epi32(base, i32);
       const __m512 wv = RC::template ValuesWhole<D>(vs + e0, kc);
-      // Tables are the permutes' memory operands (one load each, from L1).
+      // Tables are the permutes' memory operands (one load each, from L1):
+      // measured 10-30% faster (4 and 16 tokens) than blocks of 2-5 row
+      // vectors sharing each chunk's tables in registers.
       const float* const tab = tab0 + c * tld;
 #pragma GCC unroll 16
       for (int t = 0; t < kTb; ++t)

@@ -28,13 +28,23 @@
 // All arithmetic is f32; bf16/f16 operands are converted once per call (x,
 // dy) or while decoding (values), and results are rounded once at the end.
 //
-// VnmTile provides:
-//   kVecs    vectors of the lane dimension per micro-tile (outputs in spmm
-//            and sddmm, tokens in spmm_t)
-//   kRows    broadcast rows per micro-tile (tokens in spmm, selected inputs
-//            in spmm_t and sddmm); kRows * kVecs accumulators stay in
+// The three ops share that engine; what differs is which operand is in the
+// lanes and how the operands are laid out (each op's comment gives why):
+//   spmm    outputs in the lanes, tokens broadcast; x read in place.
+//   spmm_t  tokens in the lanes, tile entries broadcast; dy transposed and dx
+//           accumulated transposed per token block, so the scatter into
+//           dx[:, sel[kk]] is one vector add per (kk, token vector).
+//   sddmm   outputs in the lanes, x broadcast; the reduction runs over tokens,
+//           so x is transposed and dy packed panel by panel, a chunk of
+//           tokens at a time.
+//
+// VnmTile (per ISA) gives the register tile of the micro-kernels:
+//   kVecs    vectors of the lane dimension per micro-tile
+//   kRows    broadcast rows per micro-tile; kRows * kVecs accumulators stay in
 //            registers, and per reduction step the micro-kernel issues kVecs
 //            vector loads and kRows broadcasts for kRows * kVecs FMAs.
+// The layout transforms (decode, sample, transposing packs, row conversions)
+// come from an `Isa` policy: ScalarIsa here, faster ones per ISA.
 #ifndef JAXSPARSE_CPU_VNM_VNM_KERNELS_H_
 #define JAXSPARSE_CPU_VNM_VNM_KERNELS_H_
 
@@ -70,6 +80,9 @@ constexpr int64_t kTaskTokens = 256;
 constexpr int64_t kTaskGroups = 32;
 // Rows per task of the transposing packs.
 constexpr int64_t kTransposeRows = 64;
+// The packed or converted dense operand of a chunk of tokens takes at most
+// this much scratch (a call's scratch stays bounded whatever T is).
+constexpr int64_t kPackBytes = int64_t{32} << 20;
 constexpr int64_t kCacheLine = 64;
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -508,23 +521,24 @@ struct Spmm : Dims {
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t block_groups, task_tokens, token_blocks;
-  float* x_buffer = nullptr;
+  int64_t block_groups, task_tokens, chunk_tokens;
+  float* x_buffer = nullptr;  // bf16/f16: x of a chunk of tokens as f32
   Worker* workers = nullptr;
-  // Per batch.
+  // Per batch and chunk of tokens: x from the chunk's first token.
   Weight<D> w{};
   DenseF32<D> x{};
   S* y = nullptr;
+  int64_t chunk_t0 = 0, chunk_len = 0;
 
   Spmm(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     block_groups = Max(1, kTileFloats / (kSelected * vpad_max));
     task_tokens = RoundUp(kTaskTokens, VnmTile::kRows);
-    token_blocks = CeilDiv(T, task_tokens);
+    chunk_tokens = Max(1, kPackBytes / (4 * Max(1, K)) / task_tokens) * task_tokens;
   }
 
   void Layout(Carver& c) {
-    if (!kIsF32<D>) x_buffer = c.Take<float>(T * K);
+    if (!kIsF32<D>) x_buffer = c.Take<float>(Min(T, chunk_tokens) * K);
     workers = c.Take<Worker>(rt.num_workers);
     const int64_t nk_max = block_groups * kSelected;
     for (int i = 0; i < rt.num_workers; ++i) {
@@ -538,22 +552,27 @@ struct Spmm : Dims {
   bool Compute() {
     if (T == 0 || N == 0 || p.batch == 0) return true;
     if (!TakeScratch(rt, *this)) return false;
+    const bool one_chunk = T <= chunk_tokens;
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
-      if (b == 0 || p.x_stride != 0) {
-        x = AsF32<D, Isa>(rt, static_cast<const S*>(p.x) + b * p.x_stride, T, K, K,
-                     x_buffer);
-      }
       y = static_cast<S*>(p.out) + b * T * N;
-      RunParallel(rt, token_blocks * P, *this);
+      for (chunk_t0 = 0; chunk_t0 < T; chunk_t0 += chunk_tokens) {
+        chunk_len = Min(chunk_tokens, T - chunk_t0);
+        if (b == 0 || p.x_stride != 0 || !one_chunk) {
+          x = AsF32<D, Isa>(rt, static_cast<const S*>(p.x) + b * p.x_stride + chunk_t0 * K,
+                            chunk_len, K, K, x_buffer);
+        }
+        RunParallel(rt, CeilDiv(chunk_len, task_tokens) * P, *this);
+      }
     }
     return true;
   }
 
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
+    // t0 counts from the chunk's first token.
     const int64_t panel = task % P, t0 = task / P * task_tokens;
-    const int64_t tokens = Min(task_tokens, T - t0);
+    const int64_t tokens = Min(task_tokens, chunk_len - t0);
     const int64_t r0 = panel * v, rows = PanelRows(panel), ld = PanelPad(panel);
     std::memset(wk.acc, 0, tokens * ld * sizeof(float));
     const uint8_t* cols = w.columns + panel * G * kSelected;
@@ -576,7 +595,7 @@ struct Spmm : Dims {
       });
     }
     for (int64_t t = 0; t < tokens; ++t) {
-      S* out = y + (t0 + t) * N + r0;
+      S* out = y + (chunk_t0 + t0 + t) * N + r0;
       const float* a = wk.acc + t * ld;
       Isa::template FromF32Row<D>(a, out, rows);
     }
@@ -609,25 +628,27 @@ struct SpmmT : Dims {
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t task_groups, group_tasks, token_blocks, block_tokens;
-  float* dyt = nullptr;  // [token block][N][block_tokens]
+  int64_t task_groups, group_tasks, token_blocks, block_tokens, chunk_blocks;
+  float* dyt = nullptr;  // [token block of the chunk][N][block_tokens]
   Worker* workers = nullptr;
-  // Per batch.
+  // Per batch and chunk of token blocks.
   Weight<D> w{};
   const S* dy = nullptr;
   S* dx = nullptr;
+  int64_t first_block = 0;
 
   SpmmT(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     constexpr int64_t kTileTokens = int64_t{VnmTile::kVecs} * Tr::kWidth;
     block_tokens = Min(RoundUp(kTaskTokens, kTileTokens), RoundUp(T, Tr::kWidth));
     token_blocks = CeilDiv(T, block_tokens);
+    chunk_blocks = Min(token_blocks, Max(1, kPackBytes / (4 * Max(1, N) * block_tokens)));
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
     group_tasks = CeilDiv(G, task_groups);
   }
 
   void Layout(Carver& c) {
-    dyt = c.Take<float>(token_blocks * N * block_tokens);
+    dyt = c.Take<float>(chunk_blocks * N * block_tokens);
     workers = c.Take<Worker>(rt.num_workers);
     const int64_t nk_max = task_groups * kSelected;
     for (int i = 0; i < rt.num_workers; ++i) {
@@ -645,14 +666,18 @@ struct SpmmT : Dims {
       return true;
     }
     if (!TakeScratch(rt, *this)) return false;
+    const bool one_chunk = chunk_blocks == token_blocks;
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
       dx = static_cast<S*>(p.out) + b * T * K;
-      if (b == 0 || p.dy_stride != 0) {
-        dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
-        RunParallel(rt, token_blocks * CeilDiv(N, kTransposeRows), TransposeJob{this});
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
+      for (first_block = 0; first_block < token_blocks; first_block += chunk_blocks) {
+        const int64_t blocks = Min(chunk_blocks, token_blocks - first_block);
+        if (b == 0 || p.dy_stride != 0 || !one_chunk) {
+          RunParallel(rt, blocks * CeilDiv(N, kTransposeRows), TransposeJob{this});
+        }
+        RunParallel(rt, blocks * group_tasks, *this);
       }
-      RunParallel(rt, token_blocks * group_tasks, *this);
     }
     return true;
   }
@@ -663,7 +688,7 @@ struct SpmmT : Dims {
     const int64_t row_tasks = CeilDiv(N, kTransposeRows);
     const int64_t blk = task / row_tasks, r0 = task % row_tasks * kTransposeRows;
     const int64_t rows = Min(kTransposeRows, N - r0);
-    const int64_t t0 = blk * block_tokens, tokens = Min(block_tokens, T - t0);
+    const int64_t t0 = (first_block + blk) * block_tokens, tokens = Min(block_tokens, T - t0);
     float* out = dyt + blk * N * block_tokens + r0 * block_tokens;
     Isa::template TransposeIn<D>(dy + t0 * N + r0, N, tokens, rows, out, block_tokens);
     for (int64_t r = 0; r < rows; ++r)
@@ -672,10 +697,10 @@ struct SpmmT : Dims {
 
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
-    const int64_t blk = task / group_tasks;
+    const int64_t blk = task / group_tasks;  // Within the chunk.
     const int64_t g0 = task % group_tasks * task_groups, g1 = Min(G, g0 + task_groups);
     const int64_t in0 = g0 * m, inputs = Min(K, g1 * m) - in0;
-    const int64_t t0 = blk * block_tokens, tokens = Min(block_tokens, T - t0);
+    const int64_t t0 = (first_block + blk) * block_tokens, tokens = Min(block_tokens, T - t0);
     const int64_t lanes = RoundUp(tokens, Tr::kWidth);
     const float* dyt_blk = dyt + blk * N * block_tokens;
     std::memset(wk.dxt, 0, inputs * block_tokens * sizeof(float));
@@ -725,8 +750,6 @@ struct Sddmm : Dims {
   using S = typename D::Storage;
   // Tokens per pass over a micro-tile: the pass's xT and dyP rows stay in L2.
   static constexpr int64_t kBlockTokens = 256;
-  // The packed operands of a chunk of tokens take at most this much scratch.
-  static constexpr int64_t kChunkBytes = int64_t{32} << 20;
   struct Worker {
     float* gram;
     int32_t* sel;
@@ -766,7 +789,7 @@ struct Sddmm : Dims {
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
     group_tasks = CeilDiv(G, task_groups);
     const int64_t floats_per_token = K + P * vpad_max;
-    chunk_tokens = Max(kBlockTokens, RoundUp(kChunkBytes / 4 / Max(1, floats_per_token), kBlockTokens));
+    chunk_tokens = Max(kBlockTokens, RoundUp(kPackBytes / 4 / Max(1, floats_per_token), kBlockTokens));
     chunk_tokens = Min(chunk_tokens, RoundUp(Max(T, 1), Tr::kWidth));
     chunks = CeilDiv(T, chunk_tokens);
     sums_in_f32 = !kIsF32<D> && chunks > 1;
