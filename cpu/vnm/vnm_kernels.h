@@ -504,6 +504,12 @@ void ForMicroTiles(int64_t rows, int64_t lanes, F&& f) {
 
 // ------------------------------------------------------------------ spmm
 
+template <class Op>
+bool Run(const VnmProblem& p, const Runtime& rt) {
+  Op op(p, rt);
+  return op.Compute();
+}
+
 // y = x @ W. A task is (token block, panel); per block of groups it decodes
 // the panel's tile once (kTileFloats) and runs every micro-tile of its
 // tokens over it, the partial sums of the task in a per-worker buffer.
@@ -600,6 +606,99 @@ struct Spmm : Dims {
       Isa::template FromF32Row<D>(a, out, rows);
     }
   }
+};
+
+// y = x @ W at a few tokens, entry by entry (the portable and AVX2 forward
+// up to kRowDotMaxTokens; AVX-512 has its own, vnm_avx512.h). At these token
+// counts the dense engine would decode every tile for a handful of tokens
+// (the decode then costs ~10x the FMAs). Per panel, x's selected inputs are
+// gathered into per-token tables xs[t][4 g + s] (0 where the input does not
+// exist), then each output row dots its kept values with them: one load and
+// one multiply-add per entry and token.
+constexpr int64_t kRowDotMaxTokens = 4;
+
+template <class Tr, class D, class Isa>
+struct SpmmRowDot : Dims {
+  using S = typename D::Storage;
+
+  const VnmProblem& p;
+  const Runtime& rt;
+  int64_t table_ld;
+  float* tables = nullptr;  // Per worker: [T][4G]
+  Weight<D> w{};
+  const S* x = nullptr;
+  S* y = nullptr;
+
+  SpmmRowDot(const VnmProblem& prob, const Runtime& runtime)
+      : Dims(prob), p(prob), rt(runtime), table_ld(RoundUp(kSelected * G, kLanePad)) {}
+
+  void Layout(Carver& c) { tables = c.Take<float>(rt.num_workers * T * table_ld); }
+
+  bool Compute() {
+    if (T == 0 || N == 0 || p.batch == 0) return true;
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      w = Weight<D>::At(p, b);
+      x = static_cast<const S*>(p.x) + b * p.x_stride;
+      y = static_cast<S*>(p.out) + b * T * N;
+      RunParallel(rt, P, *this);
+    }
+    return true;
+  }
+
+  void Run(int64_t panel, int worker) const {
+    float* const xs = tables + worker * T * table_ld;
+    const uint8_t* cols = w.columns + panel * G * kSelected;
+    for (int64_t j = 0; j < kSelected * G; ++j) {
+      const int64_t col = cols[j], input = j / kSelected * m + col;
+      const bool exists = col < m && input < K;
+      for (int64_t t = 0; t < T; ++t)
+        xs[t * table_ld + j] = exists ? D::ToF32(x[t * K + input]) : 0.0f;
+    }
+    Dispatch<kRowDotMaxTokens>(static_cast<int>(T), [&](auto tb) {
+      constexpr int kT = decltype(tb)::value;
+      for (int64_t r = panel * v; r < panel * v + PanelRows(panel); ++r) {
+        const uint8_t* idx = w.indices + r * Kc;
+        const S* val = w.values + r * Kc;
+        // Groups in flight, each into its own sums (about 4 chains in all):
+        // one chain of dependent adds would take the add latency (~4
+        // cycles) per entry.
+        constexpr int kU = kT >= 4 ? 1 : 4 / kT;
+        float acc[kU][kT] = {};
+        auto group = [&](int64_t g, float* a) {
+          for (int e = 0; e < n; ++e) {
+            const int64_t c = g * n + e;
+            // A slot > 3 (garbage under jit) adds nothing.
+            if (idx[c] >= kSelected) continue;
+            const float value = D::ToF32(val[c]);
+            const float* in = xs + g * kSelected + idx[c];
+            for (int t = 0; t < kT; ++t) a[t] += value * in[t * table_ld];
+          }
+        };
+        int64_t g = 0;
+        for (; g + kU <= G; g += kU)
+          for (int u = 0; u < kU; ++u) group(g + u, acc[u]);
+        for (; g < G; ++g) group(g, acc[0]);
+        for (int t = 0; t < kT; ++t) {
+          float sum = acc[0][t];
+          for (int u = 1; u < kU; ++u) sum += acc[u][t];
+          y[t * N + r] = D::FromF32(sum);
+        }
+      }
+    });
+  }
+};
+
+// The forward: entry by entry at a few tokens, else the dense engine.
+template <class Tr, class D, class Isa>
+struct SpmmAny {
+  SpmmAny(const VnmProblem& prob, const Runtime& runtime) : p(prob), rt(runtime) {}
+  bool Compute() {
+    if (p.tokens <= kRowDotMaxTokens) return Run<SpmmRowDot<Tr, D, Isa>>(p, rt);
+    return Run<Spmm<Tr, D, Isa>>(p, rt);
+  }
+  const VnmProblem& p;
+  const Runtime& rt;
 };
 
 // ------------------------------------------------------------------ spmm_t
@@ -909,12 +1008,6 @@ struct Sddmm : Dims {
 
 // ------------------------------------------------------------------ table
 
-template <class Op>
-bool Run(const VnmProblem& p, const Runtime& rt) {
-  Op op(p, rt);
-  return op.Compute();
-}
-
 // Op<D> for the call's dtype.
 template <template <class> class Op>
 bool RunForDtype(const VnmProblem& p, const Runtime& rt) {
@@ -932,7 +1025,7 @@ bool RunForDtype(const VnmProblem& p, const Runtime& rt) {
 template <class Tr, class Isa>
 struct Ops {
   template <class D>
-  using SpmmOp = Spmm<Tr, D, Isa>;
+  using SpmmOp = SpmmAny<Tr, D, Isa>;
   template <class D>
   using SpmmTOp = SpmmT<Tr, D, Isa>;
   template <class D>
