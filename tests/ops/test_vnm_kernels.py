@@ -136,10 +136,10 @@ def test_every_isa_path(isa, t, k, n_out, v, n, m, dtype):
 
 @pytest.mark.parametrize("t,k,n_out,v,n,m", [(17, 300, 130, 64, 2, 8), (300, 130, 96, 32, 1, 4),
                                              (2, 520, 40, 16, 2, 16), (16, 600, 40, 16, 2, 8),
-                                             (13, 600, 70, 32, 1, 8)])
+                                             (13, 600, 70, 32, 1, 8), (600, 45, 33, 16, 2, 8)])
 def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
-    # Several token blocks (256), group blocks per task (K / m > 32 groups) and blocks of chunks
-    # in the small-token forward (> 64 groups at 16 tokens).
+    # Several token blocks (256-512 tokens), group blocks per task (K / m > 32 groups) and blocks
+    # of chunks in the small-token forward (> 64 groups at 16 tokens).
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
