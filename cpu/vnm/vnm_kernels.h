@@ -593,10 +593,17 @@ struct Spmm : Dims {
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
       Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
-      // The next block of groups comes into L2 while this one computes.
-      const int64_t g2 = Min(G, g1 + block_groups);
-      SegmentFetch<D> fetch(w, Kc, r0, rows, g1 * n, g2 * n,
-                            MicroTiles<Tr>(tokens, ld));
+      // The next block of groups comes into L2 while this one computes;
+      // after the last, the next panel's first (the next task's, on this
+      // worker or the other: then it is in L3).
+      SegmentFetch<D> fetch;
+      if (g1 < G) {
+        fetch = SegmentFetch<D>(w, Kc, r0, rows, g1 * n, Min(G, g1 + block_groups) * n,
+                                MicroTiles<Tr>(tokens, ld));
+      } else if (panel + 1 < P) {
+        fetch = SegmentFetch<D>(w, Kc, r0 + v, PanelRows(panel + 1), 0,
+                                Min(G, block_groups) * n, MicroTiles<Tr>(tokens, ld));
+      }
       ForMicroTiles<Tr>(tokens, ld, [&](int64_t t, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
         fetch.Step();
