@@ -112,7 +112,8 @@ def check_all(t, k, n_out, v, n, m, dtype, bx=1, bw=1, seed=0):
 
 
 # (T, K, N, v, n, m): partial last panels (N % v), N not a multiple of 64, ragged last groups
-# (K % m, also < 4), T around the 6-token micro-tiles and the small-token path.
+# (K % m, also < 4), T around the 6-token micro-tiles and the small-token paths (row mode at 1-2
+# tokens, chunk mode up to 16, 8 tokens per pass).
 SHAPES = [
     (1, 40, 19, 16, 2, 4),
     (3, 37, 50, 16, 1, 5),
@@ -124,6 +125,7 @@ SHAPES = [
     (8, 129, 33, 32, 1, 64),
     (1, 45, 33, 16, 1, 8),
     (2, 150, 40, 32, 1, 5),
+    (20, 50, 20, 64, 2, 8),  # One partial panel: v > N.
 ]
 
 
