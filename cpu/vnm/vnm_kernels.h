@@ -752,7 +752,7 @@ struct SpmmT : Dims {
   SpmmT(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     constexpr int64_t kTileTokens = int64_t{VnmTile::kVecs} * Tr::kWidth;
-    block_tokens = Min(RoundUp(kTaskTokens, kTileTokens), RoundUp(T, Tr::kWidth));
+    block_tokens = Min(RoundUp(kTaskTokens, kTileTokens), RoundUp(Max(T, 1), Tr::kWidth));
     token_blocks = CeilDiv(T, block_tokens);
     chunk_blocks = Min(token_blocks, Max(1, kPackBytes / (4 * Max(1, N) * block_tokens)));
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
