@@ -479,6 +479,15 @@ class LinearFetch {
   int64_t a_want_ = 0, b_want_ = 0, a_next_ = 0, b_next_ = 0;
 };
 
+// The fetches a panel's blocks make, one step per chunk step.
+struct PanelFetch {
+  LinearFetch self, next;
+  JAXSPARSE_VNM_INLINE void Step() {
+    self.Step();
+    next.Step();
+  }
+};
+
 template <class D>
 struct SpmmStream : Dims {
   using S = typename D::Storage;
@@ -572,13 +581,20 @@ struct SpmmStream : Dims {
     const int64_t vecs = CeilDiv(rows, rpv);
     std::memset(static_cast<void*>(wk.acc), 0, vecs * T * sizeof(__m512));
     const uint8_t* cols = w.columns + panel * G * kSelected;
-    // One installment per chunk step of the panel's blocks.
+    // One installment per chunk step of the panel's blocks: the next panel
+    // over the whole panel; a panel that did not come that way (a task's
+    // first) fetches itself over its first block of chunks, whose blocks read
+    // every row (and fetch the rows just ahead of them, below).
     const int64_t steps = vecs * chunks * CeilDiv(T, kStreamMaxTokens);
-    LinearFetch fetch;
+    PanelFetch fetch;
+    if (!fetched) {
+      fetch.self = LinearFetch(w.values + r0 * Kc, rows * Kc * sizeof(S), w.indices + r0 * Kc,
+                               rows * Kc, vecs * block_chunks);
+    }
     if (fetch_next) {
       const int64_t next_rows = PanelRows(panel + 1);
-      fetch = LinearFetch(w.values + (r0 + v) * Kc, next_rows * Kc * sizeof(S),
-                          w.indices + (r0 + v) * Kc, next_rows * Kc, steps);
+      fetch.next = LinearFetch(w.values + (r0 + v) * Kc, next_rows * Kc * sizeof(S),
+                               w.indices + (r0 + v) * Kc, next_rows * Kc, steps);
     }
     for (int64_t c0 = 0; c0 < chunks; c0 += block_chunks) {
       const int64_t c1 = Min(chunks, c0 + block_chunks);
@@ -749,11 +765,11 @@ struct SpmmStream : Dims {
   // the block runs again in safe mode, which drops such lanes.
   template <int kN, int kTb>
   void Rows(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
-            const Worker& wk, LinearFetch& fetch) const {
+            const Worker& wk, PanelFetch& fetch) const {
     // Below 4 tokens, chunks alternate between accumulator sets so the FMA
     // latency (4 cycles) does not bound a chunk's few instructions.
     constexpr int kU = kTb >= 4 ? 1 : 4 / kTb;
-    const LinearFetch at_start = fetch;
+    const PanelFetch at_start = fetch;
     if (!Block<kN, kTb, kU, false>(r0, rows, span, next, t0, wk, fetch)) {
       fetch = at_start;
       Block<kN, kTb, kU, true>(r0, rows, span, next, t0, wk, fetch);
@@ -764,7 +780,7 @@ struct SpmmStream : Dims {
   // returns false, leaving wk.acc as it was, when a slot > 3 was seen.
   template <int kN, int kTb, int kU, bool kSafe>
   [[gnu::noinline]] bool Block(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
-             const Worker& wk, LinearFetch& fetch) const {
+             const Worker& wk, PanelFetch& fetch) const {
     using RC = RowChunk<kN>;
     constexpr int kSlot = RC::kSlot, kRpv = RC::kRpv;
     // Locals, so the compiler keeps the accumulators in registers.
