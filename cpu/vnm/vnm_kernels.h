@@ -546,7 +546,9 @@ struct Spmm : Dims {
     // measured 3-5% faster than 256 at 2048 tokens (64:2:8, 128:2:16).
     task_tokens = RoundUp(Max(kTaskTokens, Min(2 * kTaskTokens, kAccFloats / vpad_max)),
                           VnmTile::kRows);
-    chunk_tokens = Max(1, kPackBytes / (4 * Max(1, K)) / task_tokens) * task_tokens;
+    // f32 x is read in place: one chunk, one pass of tasks.
+    chunk_tokens = kIsF32<D> ? Max(T, 1)
+                             : Max(1, kPackBytes / (4 * Max(1, K)) / task_tokens) * task_tokens;
   }
 
   void Layout(Carver& c) {
