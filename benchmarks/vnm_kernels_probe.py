@@ -6,8 +6,9 @@
 
 Calls the targets through jax.ffi.ffi_call directly (no jaxsparse ops layer), on random valid
 V:N:M arrays built in NumPy, x[T, K] @ W[K, N] (K = N = 4096 by default). Every row times the
-kernel and its dense baseline interleaved (kernel, dense, kernel, ...) and reports medians: the
-machines this runs on are shared and noisy, so only ratios measured side by side mean much.
+kernel and its dense baseline interleaved (kernel, dense, kernel, ...; --block b: b calls of each
+in turn) and reports medians: the machines this runs on are shared and noisy, so only ratios
+measured side by side mean much.
 Both sides use XLA's intra-op thread pool (all cores). The speedup is the ratio of the medians;
 the ratio of the minima (the quietest calls) is printed beside it.
 
@@ -58,8 +59,9 @@ def ffi(target, shape, dtype, v, n, m):
     return jax.jit(lambda a, b, c, d: call(a, b, c, d, **kw))
 
 
-def interleaved(fns, args_cycle, reps, min_seconds):
-    """Medians and minima (ms) of each fn, timed alternately; fn i gets args_cycle[i][j % len]."""
+def interleaved(fns, args_cycle, reps, min_seconds, block=1):
+    """Medians and minima (ms) of each fn, timed in alternating runs of `block` calls each (so a
+    drift of the machine's load hits both alike); fn i gets args_cycle[i][j % len]."""
     for f, cyc in zip(fns, args_cycle):  # Compile and warm up, outside the timing.
         for args in cyc:
             jax.block_until_ready(f(*args))
@@ -67,10 +69,11 @@ def interleaved(fns, args_cycle, reps, min_seconds):
     start, j = time.perf_counter(), 0
     while j < reps or (time.perf_counter() - start < min_seconds and j < 20 * reps):
         for i, (f, cyc) in enumerate(zip(fns, args_cycle)):
-            args = cyc[j % len(cyc)]
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[i].append(time.perf_counter() - t)
+            for b in range(block):
+                args = cyc[(j * block + b) % len(cyc)]
+                t = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[i].append(time.perf_counter() - t)
         j += 1
     return [1e3 * float(np.median(t)) for t in times], [1e3 * float(np.min(t)) for t in times]
 
@@ -79,7 +82,7 @@ def copies_for(bytes_each, total):
     return max(1, -(-total // max(1, bytes_each)))
 
 
-def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0):
+def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0, block=1):
     v, n, m = spec
     dtype = DTYPES[dtype_name]
     rng = np.random.default_rng(seed)
@@ -112,7 +115,7 @@ def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0):
         g = jax.jit(lambda a, b: jnp.dot(a[0].T, b[0]))
         dense_args = [(x, dy)]
     min_seconds = 1.5 if t >= 1024 else 0.5
-    (ts, td), (bs, bd) = interleaved([f, g], [sparse_args, dense_args], reps, min_seconds)
+    (ts, td), (bs, bd) = interleaved([f, g], [sparse_args, dense_args], reps, min_seconds, block)
     row = dict(op=op, dtype=dtype_name, spec=f"{v}:{n}:{m}", tokens=t, k=k, n_out=n_out,
                kernel_ms=ts, dense_ms=td, speedup=td / ts, kernel_min_ms=bs, dense_min_ms=bd,
                speedup_of_minima=bd / bs)
@@ -146,6 +149,9 @@ def main():
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n-out", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--block", type=int, default=1,
+                    help="calls of one function in a row before switching to the other (1: "
+                         "kernel, dense, kernel, ...; more: each op runs warm after itself)")
     ap.add_argument("--isa", default=None, help="force a CPU ISA (avx512, avx2, portable)")
     ap.add_argument("--quick", action="store_true", help="f32 spmm, 64:2:8 and 128:2:16 only")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -165,7 +171,8 @@ def main():
                 for t in (int(s) for s in a.tokens.split(",")):
                     if op != "spmm" and t <= 1:
                         continue  # Training shapes only.
-                    rows.append(bench_row(op, dtype_name, spec, t, a.k, a.n_out, a.reps))
+                    rows.append(bench_row(op, dtype_name, spec, t, a.k, a.n_out, a.reps,
+                                          block=a.block))
                     print_row(rows[-1])
     if a.json:
         with open(a.json, "w") as fh:

@@ -1,25 +1,35 @@
 // The AVX-512 parts of the V:N:M kernels (included by vnm_kernels_avx512.cc
-// after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512):
+// after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512). Measured
+// facts quoted here come from the project's 2-core Zen 5 (AVX-512, no AMX).
 //
-// 1. Avx512Isa: the panel tile decoded 16 rows x 16 entries at a time.
-//    The tile is [selected input][output], the transpose of the canonical
-//    [output][entry] arrays, so a block of 16 rows of values and of indices is
-//    transposed in registers (16 x 16 floats: 64 shuffles; 16 x 16 bytes: 64
-//    SSE unpacks), after which each (group, slot) column of the tile is one
-//    compare per kept entry of the group and a masked move / masked add: ~9
-//    instructions per 16 tile floats, against ~8 scalar ones per kept entry
-//    (~8 per 16 floats) for the scalar decoder. Every (group, slot) of the
-//    block is stored whole, so the tile needs no clearing.
+// 1. Avx512Isa, the layout transforms of the dense engine:
+//    - Decode: the panel tile is [selected input][output], the transpose of
+//      the canonical [output][entry] arrays, so 16 rows x 16 entries of values
+//      and of slots are transposed in registers (64 shuffles for the floats,
+//      64 SSE unpacks for the bytes); then each (group, slot) column of the
+//      tile is one compare per kept entry of the group and a masked move /
+//      masked add. ~1.5 ns per 16 tile floats against ~6 for the scalar
+//      decoder. Every (group, slot) of the block is stored whole: no clearing.
+//    - Sample: its inverse for sddmm's Gram tile; TransposeIn/Out: the
+//      16 x 16 transposing packs of spmm_t and sddmm; row conversions.
 //
-// 2. SpmmStream: the forward at a few tokens, where the call streams the
-//    weight from DRAM (dense-equivalent work per byte is tiny) and the dense
-//    engine's 2:4 zeros and decode would cost more than the stream. Per panel,
-//    x's selected inputs are gathered into small per-token tables (one 16-lane
-//    table = 4 groups x 4 slots), and each output row's kept values dot them
-//    directly: a row chunk is the 4n entries of 4 groups, 4 / n rows share a
-//    zmm, and each lane takes its input from the token's table by one
-//    vpermps (single uop, non-destructive). So only kept entries are
-//    multiplied, and the canonical arrays are read once, in order.
+// 2. SpmmStream, the forward at up to 16 tokens. The call then streams the
+//    weight from DRAM and the work per byte is small; the dense engine would
+//    multiply the 2:4 zeros and decode every tile for a few tokens. Here only
+//    kept entries are multiplied: per panel, x's selected inputs are gathered
+//    into per-token tables (16 floats = 4 groups x 4 slots), and each lane of
+//    a row's kept values takes its input from a table by a permute.
+//    - Chunk mode (3-16 tokens): a zmm holds the entries of 4 groups of 4 / n
+//      rows (a "chunk" of each), one vpermps per token; blocks of chunks keep
+//      the tables in L1.
+//    - Row mode (1-2 tokens): a zmm holds 16 consecutive entries of one row
+//      (one two-table vpermt2ps), so the values and indices are read as two
+//      sequential streams, which the hardware prefetchers follow.
+//    Reading a panel's rows side by side defeats those prefetchers (measured:
+//    16 rows x 32 bytes per step stream at 12.5 GB/s, 2 rows at 6.8, one
+//    sequential read at 29.6), hence the software prefetches: each task runs
+//    consecutive panels and fetches the next one into L2 while it works, and
+//    the first panel's blocks fetch the rows of a block ahead.
 #ifndef JAXSPARSE_CPU_VNM_VNM_AVX512_H_
 #define JAXSPARSE_CPU_VNM_VNM_AVX512_H_
 
@@ -57,17 +67,24 @@ JAXSPARSE_VNM_INLINE inline __m512 LoadF32(const typename D::Storage* p, __mmask
   }
 }
 
-// 16 f32 lanes stored as dtype D (rounded once, to nearest even), lanes in
-// `keep` only.
+// 16 f32 lanes stored as dtype D (rounded once, to nearest even, as
+// dtype_convert.h), lanes in `keep` only.
 template <class D>
-void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
+JAXSPARSE_VNM_INLINE inline void StoreF32(typename D::Storage* p, __m512 v, __mmask16 keep) {
   if constexpr (kIsF32<D>) {
     _mm512_mask_storeu_ps(p, keep, v);
+  } else if constexpr (std::is_same_v<D, F16>) {
+    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
-    alignas(64) float f[16];
-    _mm512_store_ps(f, v);
-    for (int l = 0; l < 16; ++l)
-      if ((keep >> l) & 1) p[l] = D::FromF32(f[l]);
+    // bf16: the upper half after adding 0x7fff + the kept half's lowest bit;
+    // NaN keeps its upper half with the quiet bit set.
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtepi32_epi16(r));
   }
 }
 
@@ -270,6 +287,23 @@ struct Avx512Isa {
     }
   }
 
+  template <class D>
+  static void ToF32Row(const typename D::Storage* src, float* dst, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+      const int64_t left = count - i;
+      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      _mm512_mask_storeu_ps(dst + i, keep, LoadF32<D>(src + i, keep));
+    }
+  }
+  template <class D>
+  static void FromF32Row(const float* src, typename D::Storage* dst, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+      const int64_t left = count - i;
+      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      StoreF32<D>(dst + i, _mm512_maskz_loadu_ps(keep, src + i), keep);
+    }
+  }
+
   // dst[c][r] = f32(src[r][c]) in 16 x 16 blocks through registers.
   template <class D>
   static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
@@ -323,11 +357,8 @@ constexpr int64_t kStreamMaxTokens = 16;
 // A block of chunks' tables (tokens x 16 floats per chunk) stays in L1 next
 // to the row chunks that stream through: 16 KB.
 constexpr int64_t kStreamTableFloats = 4096;
-// The hardware prefetchers do not follow rows read a chunk at a time, several
-// rows at once (measured: 16 rows x 32 bytes per step stream at 12.5 GB/s, 2
-// rows at 6.8, against 29.6 for one sequential read on this 2-core Zen 5).
-// So each block of rows fetches, chunk by chunk in step with its own, the
-// chunks of a block about this many bytes further on.
+// How far ahead (in the panel's bytes) a block of rows fetches the chunks of
+// a later block, chunk by chunk in step with its own.
 constexpr int64_t kStreamAheadBytes = 24 * 1024;
 // Up to this many tokens the forward runs in row mode (SpmmStream::RowMode).
 constexpr int kRowModeMaxTokens = 2;
@@ -448,6 +479,15 @@ class LinearFetch {
   int64_t a_want_ = 0, b_want_ = 0, a_next_ = 0, b_next_ = 0;
 };
 
+// The fetches a panel's blocks make, one step per chunk step.
+struct PanelFetch {
+  LinearFetch self, next;
+  JAXSPARSE_VNM_INLINE void Step() {
+    self.Step();
+    next.Step();
+  }
+};
+
 template <class D>
 struct SpmmStream : Dims {
   using S = typename D::Storage;
@@ -501,7 +541,10 @@ struct SpmmStream : Dims {
     xf = c.Take<float>(T * x_ld);
     workers = c.Take<Worker>(rt.num_workers);
     for (int i = 0; i < rt.num_workers; ++i) {
-      const Worker wk{c.Take<float>(block_chunks * table_ld), c.Take<__m512>(vecs_max * T)};
+      // Row mode's last piece of a row reads the tables of up to 4 chunks
+      // from its first (lanes past the row are dropped): 4 chunks of slack.
+      const Worker wk{c.Take<float>((block_chunks + 4) * table_ld),
+                      c.Take<__m512>(vecs_max * T)};
       if (workers != nullptr) workers[i] = wk;
     }
   }
@@ -512,8 +555,8 @@ struct SpmmStream : Dims {
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
       if (b == 0 || p.x_stride != 0) {
-        const ConvertJob<D> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
-        RunParallel(rt, CeilDiv(T, ConvertJob<D>::kRowsPerTask), job);
+        const ConvertJob<D, Avx512Isa> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
+        RunParallel(rt, CeilDiv(T, ConvertJob<D, Avx512Isa>::kRowsPerTask), job);
       }
       y = static_cast<S*>(p.out) + b * T * N;
       RunParallel(rt, CeilDiv(P, panels_per_task), *this);
@@ -538,13 +581,20 @@ struct SpmmStream : Dims {
     const int64_t vecs = CeilDiv(rows, rpv);
     std::memset(static_cast<void*>(wk.acc), 0, vecs * T * sizeof(__m512));
     const uint8_t* cols = w.columns + panel * G * kSelected;
-    // One installment per chunk step of the panel's blocks.
+    // One installment per chunk step of the panel's blocks: the next panel
+    // over the whole panel; a panel that did not come that way (a task's
+    // first) fetches itself over its first block of chunks, whose blocks read
+    // every row (and fetch the rows just ahead of them, below).
     const int64_t steps = vecs * chunks * CeilDiv(T, kStreamMaxTokens);
-    LinearFetch fetch;
+    PanelFetch fetch;
+    if (!fetched) {
+      fetch.self = LinearFetch(w.values + r0 * Kc, rows * Kc * sizeof(S), w.indices + r0 * Kc,
+                               rows * Kc, vecs * block_chunks);
+    }
     if (fetch_next) {
       const int64_t next_rows = PanelRows(panel + 1);
-      fetch = LinearFetch(w.values + (r0 + v) * Kc, next_rows * Kc * sizeof(S),
-                          w.indices + (r0 + v) * Kc, next_rows * Kc, steps);
+      fetch.next = LinearFetch(w.values + (r0 + v) * Kc, next_rows * Kc * sizeof(S),
+                               w.indices + (r0 + v) * Kc, next_rows * Kc, steps);
     }
     for (int64_t c0 = 0; c0 < chunks; c0 += block_chunks) {
       const int64_t c1 = Min(chunks, c0 + block_chunks);
@@ -715,11 +765,11 @@ struct SpmmStream : Dims {
   // the block runs again in safe mode, which drops such lanes.
   template <int kN, int kTb>
   void Rows(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
-            const Worker& wk, LinearFetch& fetch) const {
+            const Worker& wk, PanelFetch& fetch) const {
     // Below 4 tokens, chunks alternate between accumulator sets so the FMA
     // latency (4 cycles) does not bound a chunk's few instructions.
     constexpr int kU = kTb >= 4 ? 1 : 4 / kTb;
-    const LinearFetch at_start = fetch;
+    const PanelFetch at_start = fetch;
     if (!Block<kN, kTb, kU, false>(r0, rows, span, next, t0, wk, fetch)) {
       fetch = at_start;
       Block<kN, kTb, kU, true>(r0, rows, span, next, t0, wk, fetch);
@@ -730,7 +780,7 @@ struct SpmmStream : Dims {
   // returns false, leaving wk.acc as it was, when a slot > 3 was seen.
   template <int kN, int kTb, int kU, bool kSafe>
   [[gnu::noinline]] bool Block(int64_t r0, int64_t rows, const Span& span, const Span& next, int64_t t0,
-             const Worker& wk, LinearFetch& fetch) const {
+             const Worker& wk, PanelFetch& fetch) const {
     using RC = RowChunk<kN>;
     constexpr int kSlot = RC::kSlot, kRpv = RC::kRpv;
     // Locals, so the compiler keeps the accumulators in registers.
@@ -789,7 +839,9 @@ struct SpmmStream : Dims {
       seen = _mm512_or_si512(seen, i32);
       const __m512i pos = _mm512_add_epi32(base, i32);
       const __m512 wv = RC::template ValuesWhole<D>(vs + e0, kc);
-      // Tables are the permutes' memory operands (one load each, from L1).
+      // Tables are the permutes' memory operands (one load each, from L1):
+      // measured 10-30% faster (4 and 16 tokens) than blocks of 2-5 row
+      // vectors sharing each chunk's tables in registers.
       const float* const tab = tab0 + c * tld;
 #pragma GCC unroll 16
       for (int t = 0; t < kTb; ++t)

@@ -28,13 +28,23 @@
 // All arithmetic is f32; bf16/f16 operands are converted once per call (x,
 // dy) or while decoding (values), and results are rounded once at the end.
 //
-// VnmTile provides:
-//   kVecs    vectors of the lane dimension per micro-tile (outputs in spmm
-//            and sddmm, tokens in spmm_t)
-//   kRows    broadcast rows per micro-tile (tokens in spmm, selected inputs
-//            in spmm_t and sddmm); kRows * kVecs accumulators stay in
+// The three ops share that engine; what differs is which operand is in the
+// lanes and how the operands are laid out (each op's comment gives why):
+//   spmm    outputs in the lanes, tokens broadcast; x read in place.
+//   spmm_t  tokens in the lanes, tile entries broadcast; dy transposed and dx
+//           accumulated transposed per token block, so the scatter into
+//           dx[:, sel[kk]] is one vector add per (kk, token vector).
+//   sddmm   outputs in the lanes, x broadcast; the reduction runs over tokens,
+//           so x is transposed and dy packed panel by panel, a chunk of
+//           tokens at a time.
+//
+// VnmTile (per ISA) gives the register tile of the micro-kernels:
+//   kVecs    vectors of the lane dimension per micro-tile
+//   kRows    broadcast rows per micro-tile; kRows * kVecs accumulators stay in
 //            registers, and per reduction step the micro-kernel issues kVecs
 //            vector loads and kRows broadcasts for kRows * kVecs FMAs.
+// The layout transforms (decode, sample, transposing packs, row conversions)
+// come from an `Isa` policy: ScalarIsa here, faster ones per ISA.
 #ifndef JAXSPARSE_CPU_VNM_VNM_KERNELS_H_
 #define JAXSPARSE_CPU_VNM_VNM_KERNELS_H_
 
@@ -68,11 +78,16 @@ constexpr int64_t kTileFloats = 32 * 1024;
 // reuses them for all its tokens: 256 tokens make the decode a few percent of
 // the FMAs, and the tasks' x rows (256 x K) stay in the shared L3.
 constexpr int64_t kTaskTokens = 256;
+// spmm's partial sums of a task (tokens x panel width) in L2: 256 KB.
+constexpr int64_t kAccFloats = 64 * 1024;
 // Groups per spmm_t and sddmm task: disjoint ranges of inputs, so tasks never
 // write the same dx or dv element.
 constexpr int64_t kTaskGroups = 32;
 // Rows per task of the transposing packs.
 constexpr int64_t kTransposeRows = 64;
+// The packed or converted dense operand of a chunk of tokens takes at most
+// this much scratch (a call's scratch stays bounded whatever T is).
+constexpr int64_t kPackBytes = int64_t{32} << 20;
 
 // ------------------------------------------------------------------ dtypes
 
@@ -252,6 +267,16 @@ struct ScalarIsa {
     }
   }
 
+  // dst[i] = f32(src[i]) / D(src[i]) for i < count.
+  template <class D>
+  static void ToF32Row(const typename D::Storage* src, float* dst, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = D::ToF32(src[i]);
+  }
+  template <class D>
+  static void FromF32Row(const float* src, typename D::Storage* dst, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = D::FromF32(src[i]);
+  }
+
   // dst[c][r] = f32(src[r][c]) for r < rows, c < cols.
   template <class D>
   static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
@@ -279,7 +304,7 @@ struct DenseF32 {
   int64_t ld = 0;
 };
 
-template <class D>
+template <class D, class Isa>
 struct ConvertJob {
   static constexpr int64_t kRowsPerTask = 16;
   const typename D::Storage* src;
@@ -290,7 +315,7 @@ struct ConvertJob {
     for (int64_t r = task * kRowsPerTask; r < r1; ++r) {
       const typename D::Storage* s = src + r * cols;
       float* d = dst + r * ld;
-      for (int64_t c = 0; c < cols; ++c) d[c] = D::ToF32(s[c]);
+      Isa::template ToF32Row<D>(s, d, cols);
       for (int64_t c = cols; c < ld; ++c) d[c] = 0.0f;
     }
   }
@@ -298,14 +323,14 @@ struct ConvertJob {
 
 // src as f32 rows of `ld` floats (zero padded), in `buffer` unless it can be
 // read in place (f32 with ld == cols).
-template <class D>
+template <class D, class Isa>
 DenseF32<D> AsF32(const Runtime& rt, const typename D::Storage* src,
                   int64_t rows, int64_t cols, int64_t ld, float* buffer) {
   if constexpr (kIsF32<D>) {
     if (ld == cols) return DenseF32<D>{src, cols};
   }
-  const ConvertJob<D> job{src, rows, cols, ld, buffer};
-  RunParallel(rt, CeilDiv(rows, ConvertJob<D>::kRowsPerTask), job);
+  const ConvertJob<D, Isa> job{src, rows, cols, ld, buffer};
+  RunParallel(rt, CeilDiv(rows, ConvertJob<D, Isa>::kRowsPerTask), job);
   return DenseF32<D>{buffer, ld};
 }
 
@@ -421,6 +446,12 @@ void ForMicroTiles(int64_t rows, int64_t lanes, F&& f) {
 
 // ------------------------------------------------------------------ spmm
 
+template <class Op>
+bool Run(const VnmProblem& p, const Runtime& rt) {
+  Op op(p, rt);
+  return op.Compute();
+}
+
 // y = x @ W. A task is (token block, panel); per block of groups it decodes
 // the panel's tile once (kTileFloats) and runs every micro-tile of its
 // tokens over it, the partial sums of the task in a per-worker buffer.
@@ -438,23 +469,30 @@ struct Spmm : Dims {
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t block_groups, task_tokens, token_blocks;
-  float* x_buffer = nullptr;
+  int64_t block_groups, task_tokens, chunk_tokens;
+  float* x_buffer = nullptr;  // bf16/f16: x of a chunk of tokens as f32
   Worker* workers = nullptr;
-  // Per batch.
+  // Per batch and chunk of tokens: x from the chunk's first token.
   Weight<D> w{};
   DenseF32<D> x{};
   S* y = nullptr;
+  int64_t chunk_t0 = 0, chunk_len = 0;
 
   Spmm(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     block_groups = Max(1, kTileFloats / (kSelected * vpad_max));
-    task_tokens = RoundUp(kTaskTokens, VnmTile::kRows);
-    token_blocks = CeilDiv(T, task_tokens);
+    // More tokens per task decode each tile for more of them; the partial
+    // sums (tokens x panel width) stay within 256 KB of L2. 512 tokens
+    // measured 3-5% faster than 256 at 2048 tokens (64:2:8, 128:2:16).
+    task_tokens = RoundUp(Max(kTaskTokens, Min(2 * kTaskTokens, kAccFloats / vpad_max)),
+                          VnmTile::kRows);
+    // f32 x is read in place: one chunk, one pass of tasks.
+    chunk_tokens = kIsF32<D> ? Max(T, 1)
+                             : Max(1, kPackBytes / (4 * Max(1, K)) / task_tokens) * task_tokens;
   }
 
   void Layout(Carver& c) {
-    if (!kIsF32<D>) x_buffer = c.Take<float>(T * K);
+    if (!kIsF32<D>) x_buffer = c.Take<float>(Min(T, chunk_tokens) * K);
     workers = c.Take<Worker>(rt.num_workers);
     const int64_t nk_max = block_groups * kSelected;
     for (int i = 0; i < rt.num_workers; ++i) {
@@ -468,22 +506,27 @@ struct Spmm : Dims {
   bool Compute() {
     if (T == 0 || N == 0 || p.batch == 0) return true;
     if (!TakeScratch(rt, *this)) return false;
+    const bool one_chunk = T <= chunk_tokens;
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
-      if (b == 0 || p.x_stride != 0) {
-        x = AsF32<D>(rt, static_cast<const S*>(p.x) + b * p.x_stride, T, K, K,
-                     x_buffer);
-      }
       y = static_cast<S*>(p.out) + b * T * N;
-      RunParallel(rt, token_blocks * P, *this);
+      for (chunk_t0 = 0; chunk_t0 < T; chunk_t0 += chunk_tokens) {
+        chunk_len = Min(chunk_tokens, T - chunk_t0);
+        if (b == 0 || p.x_stride != 0 || !one_chunk) {
+          x = AsF32<D, Isa>(rt, static_cast<const S*>(p.x) + b * p.x_stride + chunk_t0 * K,
+                            chunk_len, K, K, x_buffer);
+        }
+        RunParallel(rt, CeilDiv(chunk_len, task_tokens) * P, *this);
+      }
     }
     return true;
   }
 
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
+    // t0 counts from the chunk's first token.
     const int64_t panel = task % P, t0 = task / P * task_tokens;
-    const int64_t tokens = Min(task_tokens, T - t0);
+    const int64_t tokens = Min(task_tokens, chunk_len - t0);
     const int64_t r0 = panel * v, rows = PanelRows(panel), ld = PanelPad(panel);
     std::memset(wk.acc, 0, tokens * ld * sizeof(float));
     const uint8_t* cols = w.columns + panel * G * kSelected;
@@ -492,10 +535,17 @@ struct Spmm : Dims {
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
       Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
-      // The next block of groups comes into L2 while this one computes.
-      const int64_t g2 = Min(G, g1 + block_groups);
-      SegmentFetch<D> fetch(w, Kc, r0, rows, g1 * n, g2 * n,
-                            MicroTiles<Tr>(tokens, ld));
+      // The next block of groups comes into L2 while this one computes;
+      // after the last, the next panel's first (the next task's, on this
+      // worker or the other: then it is in L3).
+      SegmentFetch<D> fetch;
+      if (g1 < G) {
+        fetch = SegmentFetch<D>(w, Kc, r0, rows, g1 * n, Min(G, g1 + block_groups) * n,
+                                MicroTiles<Tr>(tokens, ld));
+      } else if (panel + 1 < P) {
+        fetch = SegmentFetch<D>(w, Kc, r0 + v, PanelRows(panel + 1), 0,
+                                Min(G, block_groups) * n, MicroTiles<Tr>(tokens, ld));
+      }
       ForMicroTiles<Tr>(tokens, ld, [&](int64_t t, int64_t c, auto kr, auto kv) {
         constexpr int kRows = decltype(kr)::value, kVecs = decltype(kv)::value;
         fetch.Step();
@@ -506,11 +556,104 @@ struct Spmm : Dims {
       });
     }
     for (int64_t t = 0; t < tokens; ++t) {
-      S* out = y + (t0 + t) * N + r0;
+      S* out = y + (chunk_t0 + t0 + t) * N + r0;
       const float* a = wk.acc + t * ld;
-      for (int64_t r = 0; r < rows; ++r) out[r] = D::FromF32(a[r]);
+      Isa::template FromF32Row<D>(a, out, rows);
     }
   }
+};
+
+// y = x @ W at a few tokens, entry by entry (the portable and AVX2 forward
+// up to kRowDotMaxTokens; AVX-512 has its own, vnm_avx512.h). At these token
+// counts the dense engine would decode every tile for a handful of tokens
+// (the decode then costs ~10x the FMAs). Per panel, x's selected inputs are
+// gathered into per-token tables xs[t][4 g + s] (0 where the input does not
+// exist), then each output row dots its kept values with them: one load and
+// one multiply-add per entry and token.
+constexpr int64_t kRowDotMaxTokens = 4;
+
+template <class Tr, class D, class Isa>
+struct SpmmRowDot : Dims {
+  using S = typename D::Storage;
+
+  const VnmProblem& p;
+  const Runtime& rt;
+  int64_t table_ld;
+  float* tables = nullptr;  // Per worker: [T][4G]
+  Weight<D> w{};
+  const S* x = nullptr;
+  S* y = nullptr;
+
+  SpmmRowDot(const VnmProblem& prob, const Runtime& runtime)
+      : Dims(prob), p(prob), rt(runtime), table_ld(RoundUp(kSelected * G, kLanePad)) {}
+
+  void Layout(Carver& c) { tables = c.Take<float>(rt.num_workers * T * table_ld); }
+
+  bool Compute() {
+    if (T == 0 || N == 0 || p.batch == 0) return true;
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      w = Weight<D>::At(p, b);
+      x = static_cast<const S*>(p.x) + b * p.x_stride;
+      y = static_cast<S*>(p.out) + b * T * N;
+      RunParallel(rt, P, *this);
+    }
+    return true;
+  }
+
+  void Run(int64_t panel, int worker) const {
+    float* const xs = tables + worker * T * table_ld;
+    const uint8_t* cols = w.columns + panel * G * kSelected;
+    for (int64_t j = 0; j < kSelected * G; ++j) {
+      const int64_t col = cols[j], input = j / kSelected * m + col;
+      const bool exists = col < m && input < K;
+      for (int64_t t = 0; t < T; ++t)
+        xs[t * table_ld + j] = exists ? D::ToF32(x[t * K + input]) : 0.0f;
+    }
+    Dispatch<kRowDotMaxTokens>(static_cast<int>(T), [&](auto tb) {
+      constexpr int kT = decltype(tb)::value;
+      for (int64_t r = panel * v; r < panel * v + PanelRows(panel); ++r) {
+        const uint8_t* idx = w.indices + r * Kc;
+        const S* val = w.values + r * Kc;
+        // Groups in flight, each into its own sums (about 4 chains in all):
+        // one chain of dependent adds would take the add latency (~4
+        // cycles) per entry.
+        constexpr int kU = kT >= 4 ? 1 : 4 / kT;
+        float acc[kU][kT] = {};
+        auto group = [&](int64_t g, float* a) {
+          for (int e = 0; e < n; ++e) {
+            const int64_t c = g * n + e;
+            // A slot > 3 (garbage under jit) adds nothing.
+            if (idx[c] >= kSelected) continue;
+            const float value = D::ToF32(val[c]);
+            const float* in = xs + g * kSelected + idx[c];
+            for (int t = 0; t < kT; ++t) a[t] += value * in[t * table_ld];
+          }
+        };
+        int64_t g = 0;
+        for (; g + kU <= G; g += kU)
+          for (int u = 0; u < kU; ++u) group(g + u, acc[u]);
+        for (; g < G; ++g) group(g, acc[0]);
+        for (int t = 0; t < kT; ++t) {
+          float sum = acc[0][t];
+          for (int u = 1; u < kU; ++u) sum += acc[u][t];
+          y[t * N + r] = D::FromF32(sum);
+        }
+      }
+    });
+  }
+};
+
+// The forward: entry by entry at a few tokens, else the dense engine.
+template <class Tr, class D, class Isa>
+struct SpmmAny {
+  SpmmAny(const VnmProblem& prob, const Runtime& runtime) : p(prob), rt(runtime) {}
+  bool Compute() {
+    if (p.tokens <= kRowDotMaxTokens) return Run<SpmmRowDot<Tr, D, Isa>>(p, rt);
+    return Run<Spmm<Tr, D, Isa>>(p, rt);
+  }
+  const VnmProblem& p;
+  const Runtime& rt;
 };
 
 // ------------------------------------------------------------------ spmm_t
@@ -539,25 +682,27 @@ struct SpmmT : Dims {
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t task_groups, group_tasks, token_blocks, block_tokens;
-  float* dyt = nullptr;  // [token block][N][block_tokens]
+  int64_t task_groups, group_tasks, token_blocks, block_tokens, chunk_blocks;
+  float* dyt = nullptr;  // [token block of the chunk][N][block_tokens]
   Worker* workers = nullptr;
-  // Per batch.
+  // Per batch and chunk of token blocks.
   Weight<D> w{};
   const S* dy = nullptr;
   S* dx = nullptr;
+  int64_t first_block = 0;
 
   SpmmT(const VnmProblem& prob, const Runtime& runtime)
       : Dims(prob), p(prob), rt(runtime) {
     constexpr int64_t kTileTokens = int64_t{VnmTile::kVecs} * Tr::kWidth;
-    block_tokens = Min(RoundUp(kTaskTokens, kTileTokens), RoundUp(T, Tr::kWidth));
+    block_tokens = Min(RoundUp(kTaskTokens, kTileTokens), RoundUp(Max(T, 1), Tr::kWidth));
     token_blocks = CeilDiv(T, block_tokens);
+    chunk_blocks = Min(token_blocks, Max(1, kPackBytes / (4 * Max(1, N) * block_tokens)));
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
     group_tasks = CeilDiv(G, task_groups);
   }
 
   void Layout(Carver& c) {
-    dyt = c.Take<float>(token_blocks * N * block_tokens);
+    dyt = c.Take<float>(chunk_blocks * N * block_tokens);
     workers = c.Take<Worker>(rt.num_workers);
     const int64_t nk_max = task_groups * kSelected;
     for (int i = 0; i < rt.num_workers; ++i) {
@@ -575,14 +720,18 @@ struct SpmmT : Dims {
       return true;
     }
     if (!TakeScratch(rt, *this)) return false;
+    const bool one_chunk = chunk_blocks == token_blocks;
     for (int64_t b = 0; b < p.batch; ++b) {
       w = Weight<D>::At(p, b);
       dx = static_cast<S*>(p.out) + b * T * K;
-      if (b == 0 || p.dy_stride != 0) {
-        dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
-        RunParallel(rt, token_blocks * CeilDiv(N, kTransposeRows), TransposeJob{this});
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
+      for (first_block = 0; first_block < token_blocks; first_block += chunk_blocks) {
+        const int64_t blocks = Min(chunk_blocks, token_blocks - first_block);
+        if (b == 0 || p.dy_stride != 0 || !one_chunk) {
+          RunParallel(rt, blocks * CeilDiv(N, kTransposeRows), TransposeJob{this});
+        }
+        RunParallel(rt, blocks * group_tasks, *this);
       }
-      RunParallel(rt, token_blocks * group_tasks, *this);
     }
     return true;
   }
@@ -593,7 +742,7 @@ struct SpmmT : Dims {
     const int64_t row_tasks = CeilDiv(N, kTransposeRows);
     const int64_t blk = task / row_tasks, r0 = task % row_tasks * kTransposeRows;
     const int64_t rows = Min(kTransposeRows, N - r0);
-    const int64_t t0 = blk * block_tokens, tokens = Min(block_tokens, T - t0);
+    const int64_t t0 = (first_block + blk) * block_tokens, tokens = Min(block_tokens, T - t0);
     float* out = dyt + blk * N * block_tokens + r0 * block_tokens;
     Isa::template TransposeIn<D>(dy + t0 * N + r0, N, tokens, rows, out, block_tokens);
     for (int64_t r = 0; r < rows; ++r)
@@ -602,10 +751,10 @@ struct SpmmT : Dims {
 
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
-    const int64_t blk = task / group_tasks;
+    const int64_t blk = task / group_tasks;  // Within the chunk.
     const int64_t g0 = task % group_tasks * task_groups, g1 = Min(G, g0 + task_groups);
     const int64_t in0 = g0 * m, inputs = Min(K, g1 * m) - in0;
-    const int64_t t0 = blk * block_tokens, tokens = Min(block_tokens, T - t0);
+    const int64_t t0 = (first_block + blk) * block_tokens, tokens = Min(block_tokens, T - t0);
     const int64_t lanes = RoundUp(tokens, Tr::kWidth);
     const float* dyt_blk = dyt + blk * N * block_tokens;
     std::memset(wk.dxt, 0, inputs * block_tokens * sizeof(float));
@@ -655,8 +804,6 @@ struct Sddmm : Dims {
   using S = typename D::Storage;
   // Tokens per pass over a micro-tile: the pass's xT and dyP rows stay in L2.
   static constexpr int64_t kBlockTokens = 256;
-  // The packed operands of a chunk of tokens take at most this much scratch.
-  static constexpr int64_t kChunkBytes = int64_t{32} << 20;
   struct Worker {
     float* gram;
     int32_t* sel;
@@ -696,7 +843,7 @@ struct Sddmm : Dims {
     task_groups = Max(1, Min(kTaskGroups, kTileFloats / (kSelected * vpad_max)));
     group_tasks = CeilDiv(G, task_groups);
     const int64_t floats_per_token = K + P * vpad_max;
-    chunk_tokens = Max(kBlockTokens, RoundUp(kChunkBytes / 4 / Max(1, floats_per_token), kBlockTokens));
+    chunk_tokens = Max(kBlockTokens, RoundUp(kPackBytes / 4 / Max(1, floats_per_token), kBlockTokens));
     chunk_tokens = Min(chunk_tokens, RoundUp(Max(T, 1), Tr::kWidth));
     chunks = CeilDiv(T, chunk_tokens);
     sums_in_f32 = !kIsF32<D> && chunks > 1;
@@ -757,7 +904,7 @@ struct Sddmm : Dims {
     for (int64_t t = 0; t < tokens; ++t) {
       const S* row = dy + (t0 + t) * N + r0;
       float* o = out + t * ld;
-      for (int64_t j = 0; j < rows; ++j) o[j] = D::ToF32(row[j]);
+      Isa::template ToF32Row<D>(row, o, rows);
       for (int64_t j = rows; j < ld; ++j) o[j] = 0.0f;
     }
   }
@@ -806,7 +953,7 @@ struct Sddmm : Dims {
           }
         }
       } else if (first) {
-        for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c]);
+        Isa::template FromF32Row<D>(in, out, count);
       } else {  // f32 only: half types take the f32 sums over several chunks.
         for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c] + D::ToF32(out[c]));
       }
@@ -815,12 +962,6 @@ struct Sddmm : Dims {
 };
 
 // ------------------------------------------------------------------ table
-
-template <class Op>
-bool Run(const VnmProblem& p, const Runtime& rt) {
-  Op op(p, rt);
-  return op.Compute();
-}
 
 // Op<D> for the call's dtype.
 template <template <class> class Op>
@@ -839,7 +980,7 @@ bool RunForDtype(const VnmProblem& p, const Runtime& rt) {
 template <class Tr, class Isa>
 struct Ops {
   template <class D>
-  using SpmmOp = Spmm<Tr, D, Isa>;
+  using SpmmOp = SpmmAny<Tr, D, Isa>;
   template <class D>
   using SpmmTOp = SpmmT<Tr, D, Isa>;
   template <class D>

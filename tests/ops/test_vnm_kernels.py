@@ -112,7 +112,8 @@ def check_all(t, k, n_out, v, n, m, dtype, bx=1, bw=1, seed=0):
 
 
 # (T, K, N, v, n, m): partial last panels (N % v), N not a multiple of 64, ragged last groups
-# (K % m, also < 4), T around the 6-token micro-tiles and the small-token path.
+# (K % m, also < 4), T around the 6-token micro-tiles and the small-token paths (row mode at 1-2
+# tokens, chunk mode up to 16, 8 tokens per pass).
 SHAPES = [
     (1, 40, 19, 16, 2, 4),
     (3, 37, 50, 16, 1, 5),
@@ -122,6 +123,9 @@ SHAPES = [
     (5, 66, 200, 64, 2, 32),
     (12, 200, 48, 16, 2, 64),
     (8, 129, 33, 32, 1, 64),
+    (1, 45, 33, 16, 1, 8),
+    (2, 150, 40, 32, 1, 5),
+    (20, 50, 20, 64, 2, 8),  # One partial panel: v > N.
 ]
 
 
@@ -134,25 +138,38 @@ def test_every_isa_path(isa, t, k, n_out, v, n, m, dtype):
 
 @pytest.mark.parametrize("t,k,n_out,v,n,m", [(17, 300, 130, 64, 2, 8), (300, 130, 96, 32, 1, 4),
                                              (2, 520, 40, 16, 2, 16), (16, 600, 40, 16, 2, 8),
-                                             (13, 600, 70, 32, 1, 8)])
+                                             (13, 600, 70, 32, 1, 8), (600, 45, 33, 16, 2, 8)])
 def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
-    # Several token blocks (256), group blocks per task (K / m > 32 groups) and blocks of chunks
-    # in the small-token forward (> 64 groups at 16 tokens).
+    # Several token blocks (256-512 tokens), group blocks per task (K / m > 32 groups) and blocks
+    # of chunks in the small-token forward (> 64 groups at 16 tokens).
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_sddmm_over_several_token_chunks(isa, dtype):
-    # sddmm packs x and dy a chunk of tokens at a time (32 MB of scratch: ~1000 tokens at
-    # K = 8200) and sums the chunks' samples in f32; 1100 tokens take two chunks.
-    t, k, n_out, v, n, m = 1100, 8200, 20, 16, 2, 8
+def test_long_operands_go_in_several_chunks_of_tokens(isa, dtype):
+    # The converted or packed dense operand of a chunk of tokens takes at most 32 MB of scratch:
+    # x at K = 8200 (spmm, sddmm) and dy at N = 8200 (spmm_t) hold ~1000 tokens, so 1100 tokens
+    # take two chunks (sddmm sums the chunks' samples in f32).
+    t, big, small, v, n, m = 1100, 8200, 20, 16, 2, 8
     rng = np.random.default_rng(5)
-    _, indices, columns = random_vnm(rng, k, n_out, v, n, m)
-    x = jnp.asarray(rng.standard_normal((1, t, k)), dtype)
-    dy = jnp.asarray(rng.standard_normal((1, t, n_out)), dtype)
-    dv = call(SDDMM, (1, n_out, indices.shape[2]), dtype, x, dy, indices, columns, v=v, n=n, m=m)
+    kw = dict(v=v, n=n, m=m)
+    values, indices, columns = random_vnm(rng, big, small, v, n, m)  # W [8200, 20]
+    vals = jnp.asarray(values, dtype)
+    x = jnp.asarray(rng.standard_normal((1, t, big)), dtype)
+    dy = jnp.asarray(rng.standard_normal((1, t, small)), dtype)
+    w = densify(f64(vals), indices, columns, big, v, n, m)
+    y = call(SPMM, (1, t, small), dtype, x, vals, indices, columns, **kw)
+    assert_close(y, f64(x) @ w, dtype, scale_for(big), err_msg="spmm")
+    dv = call(SDDMM, (1, small, indices.shape[2]), dtype, x, dy, indices, columns, **kw)
     gram = np.swapaxes(f64(x), 1, 2) @ f64(dy)
-    assert_close(dv, sampled(gram, indices, columns, k, v, n, m), dtype, scale_for(t))
+    assert_close(dv, sampled(gram, indices, columns, big, v, n, m), dtype, scale_for(t),
+                 err_msg="sddmm")
+    values, indices, columns = random_vnm(rng, small, big, v, n, m)  # W [20, 8200]
+    vals = jnp.asarray(values, dtype)
+    dy = jnp.asarray(rng.standard_normal((1, t, big)), dtype)
+    dx = call(SPMM_T, (1, t, small), dtype, dy, vals, indices, columns, **kw)
+    w = densify(f64(vals), indices, columns, small, v, n, m)
+    assert_close(dx, f64(dy) @ np.swapaxes(w, 1, 2), dtype, scale_for(big), err_msg="spmm_t")
 
 
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (2, 2)])
