@@ -82,11 +82,11 @@ def copies_for(bytes_each, total):
     return max(1, -(-total // max(1, bytes_each)))
 
 
-def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0, block=1):
+def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0, block=1, hot=False):
     v, n, m = spec
     dtype = DTYPES[dtype_name]
     rng = np.random.default_rng(seed)
-    stream = t <= STREAM_TOKENS
+    stream = t <= STREAM_TOKENS and not hot
     dense_bytes = k * n_out * jnp.dtype(dtype).itemsize
     one = vnm_arrays(rng, k, n_out, v, n, m, dtype)
     sparse_bytes = nbytes(*one)
@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--block", type=int, default=1,
                     help="calls of one function in a row before switching to the other (1: "
                          "kernel, dense, kernel, ...; more: each op runs warm after itself)")
+    ap.add_argument("--hot", action="store_true",
+                    help="no weight copies at few tokens: the weights stay cache-resident, which "
+                         "measures the kernels' compute side (the bound besides the bytes)")
     ap.add_argument("--isa", default=None, help="force a CPU ISA (avx512, avx2, portable)")
     ap.add_argument("--quick", action="store_true", help="f32 spmm, 64:2:8 and 128:2:16 only")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -172,7 +175,7 @@ def main():
                     if op != "spmm" and t <= 1:
                         continue  # Training shapes only.
                     rows.append(bench_row(op, dtype_name, spec, t, a.k, a.n_out, a.reps,
-                                          block=a.block))
+                                          block=a.block, hot=a.hot))
                     print_row(rows[-1])
     if a.json:
         with open(a.json, "w") as fh:

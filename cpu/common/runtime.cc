@@ -9,6 +9,10 @@
 #include <mutex>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace jaxsparse {
@@ -123,6 +127,24 @@ void* CallScratch::Allocate(size_t bytes) {
 Runtime MakeRuntime(ffi::ThreadPool& pool, CallScratch* scratch) {
   return Runtime{&ParallelFor, &pool, NumWorkers(pool), &CallScratch::Get,
                  scratch};
+}
+
+void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Below a few huge pages the faults cost little, and the syscall would not.
+  constexpr size_t kHugeResultBytes = size_t{4} << 20;
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  if (data == nullptr || bytes < kHugeResultBytes) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
+  // Only whole huge pages inside the buffer: its neighbours keep theirs. A
+  // refusal (THP off, an old kernel) just leaves the 4 KB pages.
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 }  // namespace cpu

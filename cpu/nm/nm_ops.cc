@@ -55,7 +55,7 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   p.x_stride = o.a.BatchStride();
   p.values = o.b.data();
   p.values_stride = o.b.BatchStride();
-  return RunKernel(v, Kernels().spmm, p, pool);
+  return RunKernel(v, Kernels().spmm, p, pool, *y);
 }
 
 ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
@@ -71,7 +71,7 @@ ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
   p.dy_stride = o.a.BatchStride();
   p.values = o.b.data();
   p.values_stride = o.b.BatchStride();
-  return RunKernel(v, Kernels().spmm_t, p, pool);
+  return RunKernel(v, Kernels().spmm_t, p, pool, *dx);
 }
 
 ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -85,7 +85,7 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   p.x_stride = o.a.BatchStride();
   p.dy = o.b.data();
   p.dy_stride = o.b.BatchStride();
-  return RunKernel(v, Kernels().sddmm, p, pool);
+  return RunKernel(v, Kernels().sddmm, p, pool, *dv);
 }
 
 }  // namespace

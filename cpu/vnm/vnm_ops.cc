@@ -54,7 +54,7 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   p.x = o.a.data();
   p.x_stride = o.a.BatchStride();
   p.values = o.b.data();
-  return RunKernel(val, Kernels().spmm, p, pool);
+  return RunKernel(val, Kernels().spmm, p, pool, *y);
 }
 
 ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
@@ -69,7 +69,7 @@ ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
   p.dy = o.a.data();
   p.dy_stride = o.a.BatchStride();
   p.values = o.b.data();
-  return RunKernel(val, Kernels().spmm_t, p, pool);
+  return RunKernel(val, Kernels().spmm_t, p, pool, *dx);
 }
 
 ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -84,7 +84,7 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   p.x_stride = o.a.BatchStride();
   p.dy = o.b.data();
   p.dy_stride = o.b.BatchStride();
-  return RunKernel(val, Kernels().sddmm, p, pool);
+  return RunKernel(val, Kernels().sddmm, p, pool, *dv);
 }
 
 }  // namespace

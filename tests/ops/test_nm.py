@@ -68,6 +68,21 @@ def test_three_ops_match_reference_and_dense(t, k, out, n, m, dtype):
         assert_close(dv, sampled.values, dtype, scale_for(t))
 
 
+@pytest.mark.parametrize("t,k,out", [(1030, 24, 1040), (1030, 1040, 24), (3, 2080, 1040)])
+def test_results_of_4_mb_and_more(t, k, out):
+    # Each op's result in turn (y, dx, dv) is past the 4 MB from which the CPU handlers advise
+    # huge pages (cpu/common/runtime.h): the advice must leave every value as computed.
+    x, ws, dy = operands(keys(12, 1)[0], t, k, out, 2, 4, jnp.float32)
+    v, i = ws.values, ws.indices
+    assert_close(nm_spmm(x, v, i, n=2, m=4), nm_spmm_reference(x, v, i, n=2, m=4), jnp.float32,
+                 scale_for(k))
+    assert_close(nm_spmm_t(dy, v, i, n=2, m=4, in_features=k),
+                 nm_spmm_t_reference(dy, v, i, n=2, m=4, in_features=k), jnp.float32,
+                 scale_for(out))
+    assert_close(nm_sddmm(x, dy, i, n=2, m=4), nm_sddmm_reference(x, dy, i, n=2, m=4),
+                 jnp.float32, scale_for(t))
+
+
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (3, 3)])
 def test_kernel_batch_broadcasting(bx, bw):
     x, ws, dy = operands(keys(11, 1)[0], 7, 20, 9, 2, 4, jnp.float32, bx=bx, bw=bw)

@@ -172,6 +172,14 @@ def test_long_operands_go_in_several_chunks_of_tokens(isa, dtype):
     assert_close(dx, f64(dy) @ np.swapaxes(w, 1, 2), dtype, scale_for(big), err_msg="spmm_t")
 
 
+@pytest.mark.parametrize("t,k,n_out,m", [(1030, 40, 1040, 8), (1030, 1040, 40, 8),
+                                          (3, 4160, 1040, 4)])
+def test_results_of_4_mb_and_more(isa, t, k, n_out, m):
+    # Each op's result in turn (y, dx, dv) is past the 4 MB from which the handlers advise huge
+    # pages (cpu/common/runtime.h): the advice must leave every value as computed.
+    check_all(t, k, n_out, 16, 2, m, jnp.float32, seed=4)
+
+
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (2, 2)])
 def test_batches_broadcast(isa, bx, bw):
     check_all(7, 45, 33, 16, 2, 8, jnp.float32, bx=bx, bw=bw, seed=2)
