@@ -479,7 +479,14 @@ class LinearFetch {
   int64_t a_want_ = 0, b_want_ = 0, a_next_ = 0, b_next_ = 0;
 };
 
-// The fetches a panel's blocks make, one step per chunk step.
+// Chunk steps per installment of the panel fetches. A step reads and writes
+// the fetch state (in memory: the blocks take it by reference), ~20
+// instructions on a chain of stores and loads. Once per chunk (16 permutes),
+// perf put 51% of a block's samples outside its permute loop at 16 tokens
+// (128:2:16); once per 4 chunks, 40%.
+constexpr int64_t kFetchEvery = 4;
+
+// The fetches a panel's blocks make, one step per kFetchEvery chunk steps.
 struct PanelFetch {
   LinearFetch self, next;
   JAXSPARSE_VNM_INLINE void Step() {
@@ -510,6 +517,12 @@ struct SpmmStream : Dims {
   __m512i lane_base;    // Lane -> 4 * (its group within the chunk).
   __m512i lane_base16;  // Row mode: lane -> 4 * (its group within 16 entries).
   float* xf = nullptr;  // [T][x_ld] f32, zero padded past K.
+  // Wide groups spread a chunk over several 32-float windows; at enough
+  // tokens their tables come from x transposed (GatherTransposed):
+  // xt[k][t] = x[t, k] for t < 16 (0 beyond T), rows up to x_ld, all zero
+  // past K (the row of inputs that do not exist).
+  bool transposed_gather = false;
+  float* xt = nullptr;
   Worker* workers = nullptr;
   // Per batch.
   Weight<D> w{};
@@ -527,6 +540,10 @@ struct SpmmStream : Dims {
     // The gather reads 32-float windows that start below K.
     x_ld = RoundUp(K + 32, 16);
     vecs_max = CeilDiv(Min(v, N), rpv);
+    // Per chunk, Gather costs ~5 instructions per window and token, the
+    // transposed gather ~100 whatever T and m (measured equal at m = 8 and
+    // 16 tokens, one window).
+    transposed_gather = CeilDiv(4 * m, 32) * T >= 24;
     // A task is a run of consecutive panels (so each can fetch the next one
     // while it works), 8 tasks per worker to balance a busy machine.
     panels_per_task = Max(1, P / (8 * rt.num_workers));
@@ -539,6 +556,7 @@ struct SpmmStream : Dims {
 
   void Layout(Carver& c) {
     xf = c.Take<float>(T * x_ld);
+    if (transposed_gather) xt = c.Take<float>(x_ld * 16);
     workers = c.Take<Worker>(rt.num_workers);
     for (int i = 0; i < rt.num_workers; ++i) {
       // Row mode's last piece of a row reads the tables of up to 4 chunks
@@ -557,6 +575,7 @@ struct SpmmStream : Dims {
       if (b == 0 || p.x_stride != 0) {
         const ConvertJob<D, Avx512Isa> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
         RunParallel(rt, CeilDiv(T, ConvertJob<D, Avx512Isa>::kRowsPerTask), job);
+        if (transposed_gather) TransposeX();
       }
       y = static_cast<S*>(p.out) + b * T * N;
       RunParallel(rt, CeilDiv(P, panels_per_task), *this);
@@ -585,11 +604,11 @@ struct SpmmStream : Dims {
     // over the whole panel; a panel that did not come that way (a task's
     // first) fetches itself over its first block of chunks, whose blocks read
     // every row (and fetch the rows just ahead of them, below).
-    const int64_t steps = vecs * chunks * CeilDiv(T, kStreamMaxTokens);
+    const int64_t steps = CeilDiv(vecs * chunks * CeilDiv(T, kStreamMaxTokens), kFetchEvery);
     PanelFetch fetch;
     if (!fetched) {
       fetch.self = LinearFetch(w.values + r0 * Kc, rows * Kc * sizeof(S), w.indices + r0 * Kc,
-                               rows * Kc, vecs * block_chunks);
+                               rows * Kc, CeilDiv(vecs * block_chunks, kFetchEvery));
     }
     if (fetch_next) {
       const int64_t next_rows = PanelRows(panel + 1);
@@ -598,7 +617,7 @@ struct SpmmStream : Dims {
     }
     for (int64_t c0 = 0; c0 < chunks; c0 += block_chunks) {
       const int64_t c1 = Min(chunks, c0 + block_chunks);
-      Gather(cols, c0, c1, wk.tables);
+      GatherAny(cols, c0, c1, wk.tables);
       // A block is one row vector (rpv rows) over chunks [c0, c1); the ones
       // after it follow in memory order (rows, then the next chunks). Unless
       // the panel is in L2 already, each block fetches the chunks of the
@@ -634,7 +653,7 @@ struct SpmmStream : Dims {
   // and a blend.
   void RowMode(int64_t panel, const Worker& wk) const {
     const int64_t r0 = panel * v, rows = PanelRows(panel);
-    Gather(w.columns + panel * G * kSelected, 0, chunks, wk.tables);
+    GatherAny(w.columns + panel * G * kSelected, 0, chunks, wk.tables);
     Dispatch<kRowModeMaxTokens>(static_cast<int>(T), [&](auto tb) {
       constexpr int kTb = decltype(tb)::value;
       Dispatch<2>(n, [&](auto kn) {
@@ -726,6 +745,56 @@ struct SpmmStream : Dims {
     return true;
   }
 
+  void GatherAny(const uint8_t* cols, int64_t c0, int64_t c1, float* tables) const {
+    if (transposed_gather) return GatherTransposed(cols, c0, c1, tables);
+    Gather(cols, c0, c1, tables);
+  }
+
+  // xt from xf, 16 inputs at a time: one 16 x 16 transpose per 16 inputs,
+  // rows of tokens past T zero (the tables read only tokens below T).
+  [[gnu::noinline]] void TransposeX() const {
+    for (int64_t k0 = 0; k0 < x_ld; k0 += 16) {
+      __m512 r[16];
+      for (int t = 0; t < 16; ++t)
+        r[t] = t < T ? _mm512_load_ps(xf + t * x_ld + k0) : _mm512_setzero_ps();
+      Transpose16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(xt + (k0 + i) * 16, r[i]);
+    }
+  }
+
+  // The tables of Gather from xt, for wide groups at enough tokens: per chunk,
+  // the 16 rows xt[input of lane j] (16 tokens each, a zero row for inputs
+  // that do not exist), transposed in registers into the 16 tokens' tables.
+  // 16 loads and 64 shuffles per chunk whatever m is, where Gather takes one
+  // two-table permute and a blend per 32-float window per token: 4 windows
+  // at m = 32 (perf: Gather was 20% of the forward at 64:2:32, 16 tokens).
+  [[gnu::noinline]] void GatherTransposed(const uint8_t* cols, int64_t c0, int64_t c1,
+                                          float* tables) const {
+    const __m512i lane_group = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+    // Every input >= K reads the zero row at x_ld - 16 (x_ld >= K + 32).
+    const int32_t zero_row = static_cast<int32_t>(x_ld - 16);
+    alignas(64) int32_t input[16];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = 4 * c;
+      const int64_t groups = Min(4, G - g0);
+      const __mmask16 live = static_cast<__mmask16>((1u << (4 * groups)) - 1);
+      const __m512i col = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, cols + g0 * kSelected));
+      const __m512i k = _mm512_add_epi32(
+          _mm512_mullo_epi32(_mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(g0))),
+                             _mm512_set1_epi32(m)),
+          col);
+      __mmask16 valid = _mm512_mask_cmplt_epi32_mask(live, col, _mm512_set1_epi32(m));
+      valid = _mm512_mask_cmplt_epi32_mask(valid, k, _mm512_set1_epi32(static_cast<int32_t>(K)));
+      _mm512_store_si512(input, _mm512_mask_mov_epi32(_mm512_set1_epi32(zero_row), valid, k));
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(xt + int64_t{input[j]} * 16);
+      Transpose16x16(r);
+      float* out = tables + (c - c0) * table_ld;
+      for (int64_t t = 0; t < T; ++t) _mm512_store_ps(out + t * 16, r[t]);
+    }
+  }
+
   // tables[c - c0][t][4q + s] = x[t, input of slot s of group 4c + q],
   // or 0 where that input does not exist. Each group's inputs lie in
   // [g m, g m + m): a chunk's 4 groups span 4m floats, read as 32-float
@@ -814,7 +883,7 @@ struct SpmmStream : Dims {
     __m512i seen = _mm512_setzero_si512();  // OR of the slots read unchecked.
 
     auto prefetch = [&](int64_t e0) JAXSPARSE_VNM_INLINE {
-      fetch.Step();
+      if ((e0 / kSlot) % kFetchEvery == 0) fetch.Step();
       // One prefetch per 64 bytes of each row (the same schedule for both
       // rows and arrays: no test per row).
       if (e0 >= next_end) return;

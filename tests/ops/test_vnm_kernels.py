@@ -126,6 +126,7 @@ SHAPES = [
     (1, 45, 33, 16, 1, 8),
     (2, 150, 40, 32, 1, 5),
     (20, 50, 20, 64, 2, 8),  # One partial panel: v > N.
+    (14, 150, 70, 32, 2, 16),  # Tables from x transposed (2 windows x 14 tokens), ragged group.
 ]
 
 
@@ -204,17 +205,18 @@ def test_empty_dims(isa, t, k, n_out):
 # ---------------------------------------------------------------- garbage under jit
 
 
+@pytest.mark.parametrize("m", [8, 20])  # One 32-float window per chunk of groups, or several.
 @pytest.mark.parametrize("t", [1, 3, 16, 20])
-def test_garbage_positions_add_nothing_even_next_to_inf(isa, t):
+def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m):
     # Under jit the arrays are unknown at trace time, so garbage can reach the kernels: slots > 3,
     # positions >= m, repeated or decreasing ones. They must neither read nor write out of bounds,
     # and an entry whose input does not exist must contribute nothing (not 0 * inf = NaN).
-    k, n_out, v, n, m = 45, 40, 16, 2, 8
+    k, n_out, v, n = 45, 40, 16, 2
     rng = np.random.default_rng(3)
     values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
-    columns[0, 0, 0:4] = [9, 200, 3, 3]  # Out of group, far out, a repeat.
+    columns[0, 0, 0:4] = [m + 1, 200, 3, 3]  # Out of group, far out, a repeat.
     columns[0, 1, 8:12] = [7, 6, 5, 4]  # Decreasing, all existing.
-    columns[0, 2, -4:] = [0, 1, 2, 7]  # Ragged last group (K % m = 5): position 7 is input 47.
+    columns[0, 2, -4:] = [0, 1, 2, 7]  # Ragged last group (K % m = 5): position 7 is past K.
     indices[0, ::3, 1] = 4
     indices[0, 1::5, 2:4] = [255, 1]
     indices[0, 2::7, 4:6] = [2, 2]  # A repeated slot: both entries add.
