@@ -1,0 +1,144 @@
+/* The machine bounds the CPU speed notes quote (docs/cpu_speed_notes.md), measured in one process:
+ *
+ *   cc -O2 -mavx512f -pthread benchmarks/cpu_bounds.c -o /tmp/cpu_bounds && /tmp/cpu_bounds
+ *
+ * 1. f32 FMA peak: 12 independent zmm FMA chains per thread, on 1 and on 2 threads (GFLOP/s and
+ *    zmm FMAs per ns per core). The dense engine's ceiling; XLA's dot is quoted as a fraction of it.
+ * 2. The V:N:M streaming forward's inner step in L1: per chunk of 16 kept entries, one index load,
+ *    one values load, then per token one vpermps (table from memory) and one FMA, 16 tokens. Its
+ *    rate (permutes per ns, one core) bounds the forward at 3-16 tokens from the compute side.
+ * 3. First touch of a fresh 32 MB buffer (what a fresh XLA result costs a kernel that writes it):
+ *    4 KB pages, against the same with madvise(MADV_HUGEPAGE) on its whole 2 MB pages.
+ * Needs an AVX-512 CPU (checked); Linux for part 3.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------ 1. FMA peak */
+
+struct fma_arg {
+  long iters;
+  float sink;
+};
+
+static void* fma_chains(void* p) {
+  struct fma_arg* a = p;
+  __m512 acc[12];
+  const __m512 b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
+  for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+  for (long k = 0; k < a->iters; k++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_fmadd_ps(acc[i], b, c);
+  }
+  float s = 0;
+  for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(acc[i]);
+  a->sink = s;
+  return NULL;
+}
+
+static void fma_peak(void) {
+  const long iters = 100000000;
+  for (int threads = 1; threads <= 2; threads++) {
+    pthread_t th[2];
+    struct fma_arg args[2] = {{iters, 0}, {iters, 0}};
+    const double t0 = now();
+    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, fma_chains, &args[i]);
+    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
+    const double t = now() - t0;
+    printf("f32 FMA peak, %d thread(s): %6.1f GFLOP/s (%.2f zmm FMA/ns per core)\n", threads,
+           threads * iters * 12.0 * 32 / t / 1e9, iters * 12.0 / t / 1e9);
+  }
+}
+
+/* ------------------------------------------------------------------ 2. permute step */
+
+__attribute__((noinline)) static __m512 chunk_steps(const float* tables, const uint8_t* slots,
+                                                    const float* values, long chunks) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
+  for (long c = 0; c < chunks; c++) {
+    const __m512i pos =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(slots + 16 * (c & 63))));
+    const __m512 w = _mm512_loadu_ps(values + 16 * (c & 63));
+    const float* tab = tables + (c & 15) * 256; /* 16 chunks x 16 tokens x 16 floats: 16 KB */
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++)
+      acc[t] = _mm512_fmadd_ps(w, _mm512_permutexvar_ps(pos, _mm512_load_ps(tab + 16 * t)), acc[t]);
+  }
+  __m512 s = acc[0];
+  for (int t = 1; t < 16; t++) s = _mm512_add_ps(s, acc[t]);
+  return s;
+}
+
+static void permute_step(void) {
+  float* tables = aligned_alloc(64, 16 * 256 * sizeof(float));
+  float* values = aligned_alloc(64, 64 * 16 * sizeof(float));
+  uint8_t* slots = aligned_alloc(64, 64 * 16);
+  for (int i = 0; i < 16 * 256; i++) tables[i] = 1e-3f * (i % 7);
+  for (int i = 0; i < 64 * 16; i++) {
+    values[i] = 1e-3f;
+    slots[i] = (uint8_t)(rand() % 16);
+  }
+  const long chunks = 20000000;
+  const double t0 = now();
+  const __m512 s = chunk_steps(tables, slots, values, chunks);
+  const double t = now() - t0;
+  float out[16];
+  _mm512_storeu_ps(out, s);
+  printf("V:N:M stream step in L1, 1 thread: %.2f ns per chunk x 16 tokens = %.2f permute+FMA/ns"
+         " (checksum %g)\n", t / chunks * 1e9, 16.0 * chunks / t / 1e9, out[0]);
+  free(tables);
+  free(values);
+  free(slots);
+}
+
+/* ------------------------------------------------------------------ 3. first touch */
+
+static void first_touch(void) {
+  const size_t bytes = (size_t)32 << 20;
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  for (int advise = 0; advise < 2; advise++) {
+    double best = 1e9;
+    for (int r = 0; r < 9; r++) {
+      char* p = malloc(bytes + 64); /* glibc serves this by a fresh mmap, as XLA's results */
+      const double t0 = now();
+#ifdef MADV_HUGEPAGE
+      if (advise) {
+        const uintptr_t first = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+        const uintptr_t last = ((uintptr_t)p + bytes) & ~(huge - 1);
+        if (last > first) madvise((void*)first, last - first, MADV_HUGEPAGE);
+      }
+#endif
+      memset(p, 1, bytes);
+      const double t = now() - t0;
+      if (t < best) best = t;
+      free(p);
+    }
+    printf("first write of a fresh 32 MB buffer, %s: %.2f ms\n",
+           advise ? "MADV_HUGEPAGE" : "4 KB pages", best * 1e3);
+  }
+}
+
+int main(void) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f")) {
+    printf("this CPU has no AVX-512: nothing to measure\n");
+    return 0;
+  }
+  fma_peak();
+  permute_step();
+  first_touch();
+  return 0;
+}
