@@ -1,7 +1,12 @@
-"""The README's headline table from a bench.py JSON: `x @ ws` speedup over XLA's dense dot.
+"""The README's speed tables from a bench.py JSON: `x @ ws` speedup over XLA's dense dot.
 
 Usage:
-    python benchmarks/headline.py [bench_results/bench.json]
+    python benchmarks/headline.py [bench_results/bench.json]            # the N:M table
+    python benchmarks/headline.py docs/bench_vnm.json --specs 2:4,64:2:8,128:2:16,64:2:32
+                                                                        # any specs, any format
+Columns: the forward of each spec, then fwd+bwd of each spec but the first (with --specs) or 2:4
+and its ratio to BCOO (the N:M table). A forced row (`path="sparse"` where the rule picks the dense
+path, kernel name with "!") stands in for a missing one and is marked "(forced)".
 """
 
 from __future__ import annotations
@@ -13,31 +18,43 @@ from pathlib import Path
 PATTERNS = ("1:4", "2:4", "2:8", "4:8")
 
 
-def table(payload) -> str:
+def kernel_name(spec: str) -> str:
+    """bench.py's kernel name of a spec: "nm 2:4", "vnm 64:2:8"."""
+    return ("vnm " if spec.count(":") == 2 else "nm ") + spec
+
+
+def table(payload, specs=None) -> str:
     rows = [r for r in payload["results"] if not r["skipped"]]
     by = {(r["dtype"], r["in"], r["out"], r["tokens"], r["kernel"], r["mode"]): r for r in rows}
     cases = sorted({(r["dtype"], r["in"], r["out"], r["tokens"]) for r in rows},
                    key=lambda c: (c[0] != "f32", c[1], c[2], c[3]))
-    head = ["dtype", "in x out", "T", "dense ms"] + [f"{p} fwd" for p in PATTERNS]
-    head += ["2:4 fwd+bwd", "2:4 fwd vs BCOO"]
+    fwd = list(specs or PATTERNS)
+    both = fwd[1:] if specs else ["2:4"]
+    head = ["dtype", "in x out", "T", "dense ms"] + [f"{p} fwd" for p in fwd]
+    head += [f"{p} fwd+bwd" for p in both] + ([] if specs else ["2:4 fwd vs BCOO"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for dtype, k, n, t in cases:
         dense = by.get((dtype, k, n, t, "xla-dense", "fwd"))
         if dense is None:
             continue
         cells = [dtype, f"{k}x{n}", str(t), f"{dense['ms']:.2f}"]
-        for p in PATTERNS:
-            r = by.get((dtype, k, n, t, f"nm {p}", "fwd"))
-            cells.append(_speedup(r))
-        cells.append(_speedup(by.get((dtype, k, n, t, "nm 2:4", "fwd+bwd"))))
-        bcoo = by.get((dtype, k, n, t, "bcoo 2:4", "fwd"))
-        nm = by.get((dtype, k, n, t, "nm 2:4", "fwd"))
-        cells.append(f"{bcoo['ms'] / nm['ms']:.0f}x" if bcoo and nm else "-")
+        for mode, names in (("fwd", fwd), ("fwd+bwd", both)):
+            for p in names:
+                cells.append(_speedup(by, (dtype, k, n, t), kernel_name(p), mode))
+        if not specs:
+            bcoo = by.get((dtype, k, n, t, "bcoo 2:4", "fwd"))
+            nm = by.get((dtype, k, n, t, "nm 2:4", "fwd"))
+            cells.append(f"{bcoo['ms'] / nm['ms']:.0f}x" if bcoo and nm else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _speedup(r) -> str:
+def _speedup(by, case, kernel, mode) -> str:
+    r = by.get((*case, kernel, mode))
+    forced = by.get((*case, kernel + "!", mode))
+    if forced is not None:
+        return f"{forced['speedup']:.2f}x (forced; dense path {r['speedup']:.2f}x)" if r else \
+            f"{forced['speedup']:.2f}x (forced)"
     if r is None:
         return "-"
     mark = " (dense path)" if r.get("path") == "dense" else ""
@@ -45,11 +62,16 @@ def _speedup(r) -> str:
 
 
 def main(argv) -> None:
+    specs = None
+    if "--specs" in argv:
+        i = argv.index("--specs")
+        specs = argv[i + 1].split(",")
+        argv = argv[:i] + argv[i + 2:]
     path = Path(argv[1] if len(argv) > 1 else "bench_results/bench.json")
     payload = json.loads(path.read_text())
     print(f"{payload['machine']['cpu']} x{payload['machine']['cpus']}, ISA {payload['isa']}, "
           f"jax {payload['jax']}, commit {payload['commit']}, {payload['date']}\n")
-    print(table(payload))
+    print(table(payload, specs))
 
 
 if __name__ == "__main__":
