@@ -59,8 +59,9 @@ Runtime MakeRuntime(xla::ffi::ThreadPool& pool, CallScratch* scratch);
 // The advice changes no data, and a buffer already resident keeps its pages.
 void AdviseHugePages(void* data, size_t bytes);
 
-// Runs kernel(problem, runtime), which writes `result`, and turns its outcome into the handler's
-// result: a kernel returns false only when scratch memory ran out.
+// Runs kernel(problem, runtime), which writes `result`, and turns its outcome
+// into the handler's result: a kernel returns false only when scratch memory
+// ran out.
 template <class Problem>
 xla::ffi::Error RunKernel(const Validator& v,
                           bool (*kernel)(const Problem&, const Runtime&),
