@@ -519,8 +519,8 @@ struct SpmmStream : Dims {
   float* xf = nullptr;  // [T][x_ld] f32, zero padded past K.
   // Wide groups spread a chunk over several 32-float windows; at enough
   // tokens their tables come from x transposed (GatherTransposed):
-  // xt[k][t] = x[t, k] for t < 16 (0 beyond T), rows up to x_ld, all zero
-  // past K (the row of inputs that do not exist).
+  // xt[k][t] = xf[t][k] for t < T (lanes of later tokens are never read),
+  // rows up to x_ld, zero past K (the row of inputs that do not exist).
   bool transposed_gather = false;
   float* xt = nullptr;
   Worker* workers = nullptr;
@@ -575,7 +575,7 @@ struct SpmmStream : Dims {
       if (b == 0 || p.x_stride != 0) {
         const ConvertJob<D, Avx512Isa> job{static_cast<const S*>(p.x) + b * p.x_stride, T, K, x_ld, xf};
         RunParallel(rt, CeilDiv(T, ConvertJob<D, Avx512Isa>::kRowsPerTask), job);
-        if (transposed_gather) TransposeX();
+        if (transposed_gather) Avx512Isa::TransposeIn<F32>(xf, x_ld, T, x_ld, xt, 16);
       }
       y = static_cast<S*>(p.out) + b * T * N;
       RunParallel(rt, CeilDiv(P, panels_per_task), *this);
@@ -748,18 +748,6 @@ struct SpmmStream : Dims {
   void GatherAny(const uint8_t* cols, int64_t c0, int64_t c1, float* tables) const {
     if (transposed_gather) return GatherTransposed(cols, c0, c1, tables);
     Gather(cols, c0, c1, tables);
-  }
-
-  // xt from xf, 16 inputs at a time: one 16 x 16 transpose per 16 inputs,
-  // rows of tokens past T zero (the tables read only tokens below T).
-  [[gnu::noinline]] void TransposeX() const {
-    for (int64_t k0 = 0; k0 < x_ld; k0 += 16) {
-      __m512 r[16];
-      for (int t = 0; t < 16; ++t)
-        r[t] = t < T ? _mm512_load_ps(xf + t * x_ld + k0) : _mm512_setzero_ps();
-      Transpose16x16(r);
-      for (int i = 0; i < 16; ++i) _mm512_store_ps(xt + (k0 + i) * 16, r[i]);
-    }
   }
 
   // The tables of Gather from xt, for wide groups at enough tokens: per chunk,
