@@ -304,10 +304,10 @@ struct Avx512Isa {
     }
   }
 
-  // dst[c][r] = f32(src[r][c]) in 16 x 16 blocks through registers.
-  template <class D>
-  static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
-                          int64_t cols, float* dst, int64_t dst_ld) {
+  // dst[c][r] = Out(In(src[r][c])) in 16 x 16 blocks through registers.
+  template <class In, class Out>
+  static void Transpose(const typename In::Storage* src, int64_t src_ld, int64_t rows,
+                        int64_t cols, typename Out::Storage* dst, int64_t dst_ld) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       const int64_t nr = Min(16, rows - r0);
       const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
@@ -317,36 +317,27 @@ struct Avx512Isa {
         __m512 b[16];
 #pragma GCC unroll 16
         for (int r = 0; r < 16; ++r)
-          b[r] = r < nr ? LoadF32<D>(src + (r0 + r) * src_ld + c0, col_mask) : _mm512_setzero_ps();
+          b[r] = r < nr ? LoadF32<In>(src + (r0 + r) * src_ld + c0, col_mask) : _mm512_setzero_ps();
         Transpose16x16(b);
 #pragma GCC unroll 16
         for (int c = 0; c < 16; ++c)
-          if (c < nc) _mm512_mask_storeu_ps(dst + (c0 + c) * dst_ld + r0, row_mask, b[c]);
+          if (c < nc) StoreF32<Out>(dst + (c0 + c) * dst_ld + r0, b[c], row_mask);
       }
     }
   }
 
-  // dst[c][r] = D(src[r][c]) in 16 x 16 blocks through registers.
+  // dst[c][r] = f32(src[r][c]).
+  template <class D>
+  static void TransposeIn(const typename D::Storage* src, int64_t src_ld, int64_t rows,
+                          int64_t cols, float* dst, int64_t dst_ld) {
+    Transpose<D, F32>(src, src_ld, rows, cols, dst, dst_ld);
+  }
+
+  // dst[c][r] = D(src[r][c]).
   template <class D>
   static void TransposeOut(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
                            typename D::Storage* dst, int64_t dst_ld) {
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      const int64_t nr = Min(16, rows - r0);
-      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
-      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-        const int64_t nc = Min(16, cols - c0);
-        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
-        __m512 b[16];
-#pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r)
-          b[r] = r < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + r) * src_ld + c0)
-                        : _mm512_setzero_ps();
-        Transpose16x16(b);
-#pragma GCC unroll 16
-        for (int c = 0; c < 16; ++c)
-          if (c < nc) StoreF32<D>(dst + (c0 + c) * dst_ld + r0, b[c], row_mask);
-      }
-    }
+    Transpose<F32, D>(src, src_ld, rows, cols, dst, dst_ld);
   }
 };
 
