@@ -16,7 +16,12 @@ Baselines: spmm against jnp.dot(x, W); spmm_t against dy @ W.T; sddmm against x.
 gradient of W). At T <= 16 each call cycles through enough weight copies (dense and sparse) to
 exceed the L3, so every call streams its weight from DRAM; there the table also gives the ideal
 speedup the bytes allow (dense bytes / (values + indices + columns bytes)) and the fraction of it
-reached. Prints a table, and writes JSON (machine, jax version, commit) with --json.
+reached, and a read bound: XLA's own reduction over the same V:N:M arrays (every byte read once,
+nothing else computed), timed against the same dense dot in the same alternation. A short call
+reads below the rate of XLA's long dense dot (the first lines of a stream wait on DRAM latency,
+and right after another op the hardware prefetchers and the second core start cold), so where the
+read bound is below the byte ratio it is the one to compare with (FORMATS.md section 6 of the design notes).
+Prints a table, and writes JSON (machine, jax version, commit) with --json.
 """
 
 from __future__ import annotations
@@ -78,6 +83,13 @@ def interleaved(fns, args_cycle, reps, min_seconds, block=1):
     return [1e3 * float(np.median(t)) for t in times], [1e3 * float(np.min(t)) for t in times]
 
 
+def read_all(values, indices, columns):
+    """Reads every byte of the V:N:M arrays once: the read bound. Reductions over the rows, all
+    of one shape, which XLA fuses into one pass (29-30 GB/s on 20 MB here; an int32 sum of the
+    uint8 indices instead ran a slow conversion at ~3 GB/s)."""
+    return values.sum(1), indices.max(1), columns.max(1)
+
+
 def copies_for(bytes_each, total):
     return max(1, -(-total // max(1, bytes_each)))
 
@@ -122,11 +134,18 @@ def bench_row(op, dtype_name, spec, t, k, n_out, reps, seed=0, block=1, hot=Fals
     if stream and op == "spmm":
         row["ideal"] = dense_bytes / sparse_bytes
         row["of_ideal"] = row["speedup"] / row["ideal"]
+        (tr, td2), _ = interleaved([jax.jit(read_all), g], [weights, dense_args], reps,
+                                   min_seconds, block)
+        row.update(read_ms=tr, read_dense_ms=td2, read_speedup=td2 / tr)
+        row["of_read"] = row["speedup"] / row["read_speedup"]
     return row
 
 
 def print_row(r):
-    ideal = f"ideal {r['ideal']:5.2f}x: {100 * r['of_ideal']:5.1f}%" if "ideal" in r else ""
+    ideal = ""
+    if "ideal" in r:
+        ideal = (f"ideal {r['ideal']:5.2f}x: {100 * r['of_ideal']:5.1f}%  read bound "
+                 f"{r['read_speedup']:5.2f}x ({r['read_ms']:.3f} ms): {100 * r['of_read']:5.1f}%")
     print(f"{r['op']:7s} {r['dtype']:5s} {r['spec']:9s} T={r['tokens']:<5d} "
           f"kernel {r['kernel_ms']:9.3f} ms  dense {r['dense_ms']:9.3f} ms  "
           f"{r['speedup']:6.2f}x (minima {r['speedup_of_minima']:5.2f}x)  {ideal}", flush=True)
