@@ -115,16 +115,21 @@ class Rotating(list):
 
 # Weight copies cycled through at few tokens: together over twice a 32 MB last-level cache, so
 # every call streams its weight from DRAM as in a model with many layers (one copy of a
-# 40 MB 2:4 weight would stay mostly cached between calls, a 64 MB dense one would not).
+# 40 MB 2:4 weight would stay mostly cached between calls, a 64 MB dense one would not). Small
+# weights get as many copies as that takes: 4 copies of a 5 MB 64:2:32 weight (the earlier cap)
+# fit in the cache together, and its calls were timed on cache hits.
 ROTATE_TOKENS = 16
 ROTATE_BYTES = 96 * 2**20
+ROTATE_MAX_COPIES = 64
 
 
-def rotating(a, tokens):
-    """`a`, or a Rotating set of distinct copies of it when the weight stream dominates."""
+def rotating(a, tokens, weight_bytes=None):
+    """`a`, or a Rotating set of distinct copies of it when the weight stream dominates. The arrays
+    of one sparse weight pass its total `weight_bytes`, so that all get the same number of copies."""
     if tokens > ROTATE_TOKENS:
         return a
-    copies = int(min(4, max(2, -(-ROTATE_BYTES // max(1, a.nbytes)))))
+    weight_bytes = a.nbytes if weight_bytes is None else weight_bytes
+    copies = int(min(ROTATE_MAX_COPIES, max(2, -(-ROTATE_BYTES // max(1, weight_bytes)))))
     return Rotating([a] + [a + jnp.zeros((), a.dtype) * i for i in range(1, copies)])
 
 
@@ -269,7 +274,7 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
     for spec in args.specs:
         ws = jsp.fromdense(w, spec)
         density = spec.density
-        arrays_timed = [rotating(a, tokens) for a in ws.arrays().values()]
+        arrays_timed = [rotating(a, tokens, ws.nbytes) for a in ws.arrays().values()]
         chosen = jsp.choose_path(tokens, dtype, spec)
         # `x @ ws` as a user gets it; where the rule picks the dense path, the kernel forced too.
         runs = [("auto", kernel_name(spec))]
