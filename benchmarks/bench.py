@@ -10,7 +10,8 @@ For every dtype x shape (in, out) x tokens, in one process:
 
 each as the forward alone (`fwd`) and forward plus backward as in a training step (`fwd+bwd`:
 y, then the cotangents of x and of the weight values). Times are medians of `--repeats` calls after
-a warm-up (compile + one call) outside the timing, each call ended by `block_until_ready`.
+a warm-up (compile + one call) outside the timing, each call ended by `block_until_ready` (short
+calls get more repeats, up to a quarter of a second of them).
 
 The machine's ceilings are measured first: peak FLOP/s per dtype from a jnp.dot of a
 cache-friendly size, memory bandwidth from a large-array copy. Each kernel's effective FLOP/s is
@@ -101,12 +102,19 @@ def time_call(fn, *args, repeats: int) -> float:
     jax.block_until_ready(call(1))
     first = time.perf_counter() - first
     repeats = min(repeats, 3) if first > 1.0 else repeats  # Keep the full grid's slow cases short.
+    # Short calls get more repeats, up to ~SHORT_CALL_SECONDS in all: a median of 10 sub-ms calls
+    # on a shared machine swung single cells by up to 1.5x between runs.
+    repeats = max(repeats, min(MAX_REPEATS, int(SHORT_CALL_SECONDS / max(first, 1e-6))))
     times = []
     for i in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(call(i))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+SHORT_CALL_SECONDS = 0.25
+MAX_REPEATS = 200
 
 
 class Rotating(list):
