@@ -345,10 +345,14 @@ DenseF32<D> AsF32(const Runtime& rt, const typename D::Storage* src,
 // L3 (the hardware prefetchers do not follow six rows read at the gaps of
 // `sel`). So the micro-kernel also fetches the next token tile's lines
 // (next_rows, next_n of them) into L2, at every 4th kk: one prefetch per row
-// and line where a line holds 4 or more selected inputs (m <= 16); measured
-// 4-5% faster at 2048 tokens (11008x4096, 64:2:8 and 128:2:16) than none, and
-// than one per kk.
+// and line where a line holds 4 or more selected inputs (m <= 16). Measured at
+// 2048 tokens (11008x4096, kernel alone, alternating builds on a noisy host):
+// 2-5% faster than none, and faster than one per kk.
 constexpr int64_t kPrefetchEvery = 4;
+// Below this x block (floats of one task's tokens over a block of groups,
+// 1 MB: the L2 of a Zen 5 core) it stays in L2, and the micro-kernel fetches
+// nothing ahead (at 128 tokens on 4096x4096 the block is 512 KB).
+constexpr int64_t kXInL2Floats = int64_t{1} << 18;
 template <class Tr, int kRows, int kVecs>
 void SpmmMicro(const float* const* x_rows, const int32_t* sel, int64_t nk,
                const float* tile, int64_t ld, float* acc, int64_t acc_ld,
@@ -360,11 +364,8 @@ void SpmmMicro(const float* const* x_rows, const int32_t* sel, int64_t nk,
   for (int t = 0; t < kRows; ++t) xr[t] = x_rows[t];
   for (int t = 0; t < kRows; ++t)
     for (int j = 0; j < kVecs; ++j) a[t][j] = Tr::Load(acc + t * acc_ld + j * kW);
-  for (int64_t kk = 0; kk < nk; ++kk) {
+  auto step = [&](int64_t kk) {
     const int64_t off = sel[kk];
-    if (kk % kPrefetchEvery == 0) {
-      for (int t = 0; t < next_n; ++t) __builtin_prefetch(next_rows[t] + off, 0, 2);
-    }
     const float* wk = tile + kk * ld;
     V w[kVecs];
     for (int j = 0; j < kVecs; ++j) w[j] = Tr::Load(wk + j * kW);
@@ -372,7 +373,14 @@ void SpmmMicro(const float* const* x_rows, const int32_t* sel, int64_t nk,
       const V b = Tr::Broadcast(xr[t] + off);
       for (int j = 0; j < kVecs; ++j) a[t][j] = Tr::Fma(b, w[j], a[t][j]);
     }
+  };
+  int64_t kk = 0;
+  for (; kk + kPrefetchEvery <= nk; kk += kPrefetchEvery) {
+    for (int t = 0; t < next_n; ++t) __builtin_prefetch(next_rows[t] + sel[kk], 0, 2);
+#pragma GCC unroll 4
+    for (int q = 0; q < kPrefetchEvery; ++q) step(kk + q);
   }
+  for (; kk < nk; ++kk) step(kk);
   for (int t = 0; t < kRows; ++t)
     for (int j = 0; j < kVecs; ++j) Tr::Store(acc + t * acc_ld + j * kW, a[t][j]);
 }
@@ -547,6 +555,9 @@ struct Spmm : Dims {
       const int64_t g1 = Min(G, g0 + block_groups);
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
+      // The rows of x this block of groups reads: past L2, the micro-kernel
+      // fetches them a token tile ahead; within it, they need no fetching.
+      const bool fetch_x = tokens * (Min(K, g1 * m) - g0 * m) > kXInL2Floats;
       Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
       // The next block of groups comes into L2 while this one computes;
       // after the last, the next panel's first (the next task's, on this
@@ -568,7 +579,7 @@ struct Spmm : Dims {
         // computes (during the first column of micro-tiles; see SpmmMicro).
         const float* next_rows[VnmTile::kRows];
         int next_n = 0;
-        if (c == 0) {
+        if (c == 0 && fetch_x) {
           next_n = static_cast<int>(Min(VnmTile::kRows, tokens - t - kRows));
           for (int i = 0; i < next_n; ++i) next_rows[i] = x.data + (t0 + t + kRows + i) * x.ld;
         }
