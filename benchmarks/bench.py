@@ -132,8 +132,8 @@ ROTATE_MAX_COPIES = 64
 
 
 def rotating(a, tokens, weight_bytes=None):
-    """`a`, or a Rotating set of distinct copies of it when the weight stream dominates. The arrays
-    of one sparse weight pass its total `weight_bytes`, so that all get the same number of copies."""
+    """`a`, or a Rotating set of distinct copies of it when the weight stream dominates. The
+    arrays of one sparse weight pass its total `weight_bytes`: all get the same number of copies."""
     if tokens > ROTATE_TOKENS:
         return a
     weight_bytes = a.nbytes if weight_bytes is None else weight_bytes

@@ -17,10 +17,10 @@ gradient of W). At T <= 16 each call cycles through enough weight copies (dense 
 exceed the L3, so every call streams its weight from DRAM; there the table also gives the ideal
 speedup the bytes allow (dense bytes / (values + indices + columns bytes)) and the fraction of it
 reached, and a read bound: XLA's own reduction over the same V:N:M arrays (every byte read once,
-nothing else computed), timed against the same dense dot in the same alternation. A short call
-reads below the rate of XLA's long dense dot (the first lines of a stream wait on DRAM latency,
-and right after another op the hardware prefetchers and the second core start cold), so where the
-read bound is below the byte ratio it is the one to compare with (FORMATS.md section 6 of the design notes).
+nothing else computed), timed against the same dense dot in the same alternation. A short read
+runs below the rate of a long one (XLA's reduction here: 5 MB at 15-24 GB/s, 64 MB at 29-35), so
+where the read bound is below the byte ratio it is the one to compare with (FORMATS.md section 6
+of the design notes).
 Prints a table, and writes JSON (machine, jax version, commit) with --json.
 """
 

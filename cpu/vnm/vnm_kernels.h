@@ -340,14 +340,14 @@ DenseF32<D> AsF32(const Runtime& rt, const typename D::Storage* src,
 // for kRows token rows (x_rows) and kVecs vectors of outputs. Per kk: kVecs
 // loads of the tile, one load of sel[kk] shared by the kRows broadcasts that
 // read x through it (the gather folded into the broadcast).
-// A task's rows of x over a block of groups (its tokens x ~1000 inputs, 2 MB)
-// outgrow L2, and perf put the kernel's stalls on the broadcasts' loads from
-// L3 (the hardware prefetchers do not follow six rows read at the gaps of
-// `sel`). So the micro-kernel also fetches the next token tile's lines
-// (next_rows, next_n of them) into L2, at every 4th kk: one prefetch per row
-// and line where a line holds 4 or more selected inputs (m <= 16). Measured at
-// 2048 tokens (11008x4096, kernel alone, alternating builds on a noisy host):
-// 2-5% faster than none, and faster than one per kk.
+// A task's rows of x over a block of groups (its tokens x ~1000 inputs, 2 MB
+// at 512 tokens) outgrow L2, and perf put the kernel's stalls right after the
+// broadcasts' loads, which read the six rows at the gaps of `sel`
+// (11008x4096, 2048 tokens). So the micro-kernel also fetches the next token
+// tile's lines (next_rows, next_n of them) into L2, at every 4th kk: one
+// prefetch per row and line where a line holds 4 or more selected inputs
+// (m <= 16). Measured at 2048 tokens (11008x4096, kernel alone, alternating
+// builds on a noisy host): 2-5% faster than none, and faster than one per kk.
 constexpr int64_t kPrefetchEvery = 4;
 // Below this x block (floats of one task's tokens over a block of groups,
 // 1 MB: the L2 of a Zen 5 core) it stays in L2, and the micro-kernel fetches
@@ -578,13 +578,12 @@ struct Spmm : Dims {
         // The next token tile's rows of x come into L2 while this one
         // computes (during the first column of micro-tiles; see SpmmMicro).
         const float* next_rows[VnmTile::kRows];
-        int next_n = 0;
-        if (c == 0 && fetch_x) {
-          next_n = static_cast<int>(Min(VnmTile::kRows, tokens - t - kRows));
-          for (int i = 0; i < next_n; ++i) next_rows[i] = x.data + (t0 + t + kRows + i) * x.ld;
-        }
+        const int64_t left = tokens - t - kRows;
+        const int next_n =
+            c == 0 && fetch_x ? static_cast<int>(Max(0, Min(VnmTile::kRows, left))) : 0;
+        for (int i = 0; i < next_n; ++i) next_rows[i] = x.data + (t0 + t + kRows + i) * x.ld;
         SpmmMicro<Tr, kRows, kVecs>(x_rows, wk.sel, nk, wk.tile + c, ld,
-                                    wk.acc + t * ld + c, ld, next_rows, Max(0, next_n));
+                                    wk.acc + t * ld + c, ld, next_rows, next_n);
       });
     }
     for (int64_t t = 0; t < tokens; ++t) {
