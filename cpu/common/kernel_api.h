@@ -32,6 +32,11 @@ struct Runtime {
   // is not available. Valid until the kernel returns; one request per call.
   void* (*scratch)(void* owner, size_t bytes);
   void* scratch_owner;
+  // The data cache of one core (its L2) in bytes, read once from the OS
+  // (1 MB where it does not say). Blocking choices that depend on what stays
+  // in L2 read it here instead of assuming one machine's size: 1 MB on
+  // Zen 5, 2 MB on recent Xeons.
+  int64_t l2_bytes;
 };
 
 }  // namespace cpu

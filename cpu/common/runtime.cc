@@ -11,6 +11,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace ffi = xla::ffi;
@@ -104,6 +105,18 @@ AlignedPtr AllocateAligned(size_t bytes) {
   return AlignedPtr(static_cast<char*>(std::aligned_alloc(kAlign, rounded)));
 }
 
+// The L2 of one core, from glibc's reading of CPUID (sysconf), once.
+int64_t L2Bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? l2 : int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
 }  // namespace
 
 void* CallScratch::Allocate(size_t bytes) {
@@ -126,7 +139,7 @@ void* CallScratch::Allocate(size_t bytes) {
 
 Runtime MakeRuntime(ffi::ThreadPool& pool, CallScratch* scratch) {
   return Runtime{&ParallelFor, &pool, NumWorkers(pool), &CallScratch::Get,
-                 scratch};
+                 scratch, L2Bytes()};
 }
 
 void AdviseHugePages(void* data, size_t bytes) {

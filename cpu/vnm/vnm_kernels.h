@@ -347,12 +347,16 @@ DenseF32<D> AsF32(const Runtime& rt, const typename D::Storage* src,
 // tile's lines (next_rows, next_n of them) into L2, at every 4th kk: one
 // prefetch per row and line where a line holds 4 or more selected inputs
 // (m <= 16). Measured at 2048 tokens (11008x4096, kernel alone, alternating
-// builds on a noisy host): 2-5% faster than none, and faster than one per kk.
+// builds on a noisy host): 2-5% faster than none, and faster than one per kk,
+// on Zen 5 (1 MB of L2 per core).
+// The same fetches on a Xeon (Granite Rapids class, 2 MB of L2 per core),
+// where that x block (516 tokens x 1024 inputs, 2.1 MB) about fits its L2,
+// made 64:2:8 10% slower (4096x4096, 2048 tokens: 132 against 118 ms) and
+// 128:2:16 no faster. So the micro-kernel fetches only for an x block past
+// kFetchXPastL2 times the L2 of a core (Runtime::l2_bytes): a threshold
+// between the two machines measured, not derived.
 constexpr int64_t kPrefetchEvery = 4;
-// Below this x block (floats of one task's tokens over a block of groups,
-// 1 MB: the L2 of a Zen 5 core) it stays in L2, and the micro-kernel fetches
-// nothing ahead (at 128 tokens on 4096x4096 the block is 512 KB).
-constexpr int64_t kXInL2Floats = int64_t{1} << 18;
+constexpr int64_t kFetchXPastL2 = 2;
 template <class Tr, int kRows, int kVecs>
 void SpmmMicro(const float* const* x_rows, const int32_t* sel, int64_t nk,
                const float* tile, int64_t ld, float* acc, int64_t acc_ld,
@@ -555,9 +559,10 @@ struct Spmm : Dims {
       const int64_t g1 = Min(G, g0 + block_groups);
       const int64_t nk = Select(cols, g0, g1, m, K, wk.sel, wk.slot_kk);
       if (nk == 0) continue;
-      // The rows of x this block of groups reads: past L2, the micro-kernel
-      // fetches them a token tile ahead; within it, they need no fetching.
-      const bool fetch_x = tokens * (Min(K, g1 * m) - g0 * m) > kXInL2Floats;
+      // The rows of x this block of groups reads: past twice the L2, the
+      // micro-kernel fetches them a token tile ahead (see SpmmMicro).
+      const int64_t x_block_bytes = tokens * (Min(K, g1 * m) - g0 * m) * int64_t{sizeof(float)};
+      const bool fetch_x = x_block_bytes > kFetchXPastL2 * rt.l2_bytes;
       Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
       // The next block of groups comes into L2 while this one computes;
       // after the last, the next panel's first (the next task's, on this
