@@ -70,7 +70,12 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels run with now: "avx512", "avx2" or "portable"."""
+    """The instruction set the CPU kernels run with now: "amx", "avx512", "avx2" or "portable".
+
+    "amx" is AVX-512 plus AVX512-BF16 and the AMX tiles (Intel Sapphire Rapids and later): the
+    formats with AMX kernels (V:N:M's bf16 forward from 32 tokens) run them, the others their
+    AVX-512 kernels.
+    """
     _require_cpu()
     return _cpu.isa()
 

@@ -5,6 +5,10 @@
 
 #ifdef JAXSPARSE_X86
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace jaxsparse {
@@ -19,6 +23,9 @@ struct IsaInfo {
 // Best first.
 constexpr IsaInfo kIsas[] = {
 #ifdef JAXSPARSE_X86
+#ifdef JAXSPARSE_AMX_KERNELS
+    {Isa::kAmx, "amx"},
+#endif
     {Isa::kAvx512, "avx512"},
     {Isa::kAvx2, "avx2"},
 #endif
@@ -41,6 +48,22 @@ uint64_t ReadXcr0() {
   return (static_cast<uint64_t>(edx) << 32) | eax;
 }
 
+// Linux lends the AMX tile data (8 KB of state per thread) only to a process
+// that asks (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without
+// it the first tile instruction faults. Asked once per process.
+bool RequestTileData() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool granted = [] {
+    constexpr int kArchReqXcompPerm = 0x1023;
+    constexpr int kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
 bool X86Supports(Isa isa) {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
@@ -56,7 +79,16 @@ bool X86Supports(Isa isa) {
   if (isa == Isa::kAvx2) return avx2;
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) &&  // F, DQ
                       (b & (1u << 30)) && (b & (1u << 31));    // BW, VL
-  return avx2 && avx512 && (xcr0 & kZmmState) == kZmmState;
+  const bool zmm = avx2 && avx512 && (xcr0 & kZmmState) == kZmmState;
+  if (isa == Isa::kAvx512) return zmm;
+  // kAmx: AVX512-BF16 (CPUID 7.1 EAX bit 5), AMX-BF16/TILE/INT8 (7.0 EDX
+  // bits 22, 24, 25), the tile state enabled in XCR0 (bits 17, 18), and the
+  // process's permission to use the tile data, which Linux grants on request.
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));
+  if (!zmm || !amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = a & (1u << 5);
+  constexpr uint64_t kTileState = uint64_t{3} << 17;
+  return avx512_bf16 && (xcr0 & kTileState) == kTileState && RequestTileData();
 }
 #endif
 
@@ -85,6 +117,8 @@ std::atomic<Isa>& CurrentIsaSlot() {
 
 const char* IsaName(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return "amx";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -96,7 +130,7 @@ const char* IsaName(Isa isa) {
 }
 
 bool IsaFromName(const std::string& name, Isa* isa) {
-  for (Isa candidate : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+  for (Isa candidate : {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
     if (name == IsaName(candidate)) {
       *isa = candidate;
       return true;

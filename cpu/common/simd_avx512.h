@@ -19,9 +19,16 @@
 
 #include "cpu/common/dtype_convert.h"
 
+// An AMX translation unit (compiled with AVX-512 and more) sets
+// JAXSPARSE_AVX512_NAMESPACE to its own namespace, so that its copies of
+// these inline functions never stand in for the AVX-512 unit's.
+#ifndef JAXSPARSE_AVX512_NAMESPACE
+#define JAXSPARSE_AVX512_NAMESPACE avx512
+#endif
+
 namespace jaxsparse {
 namespace cpu {
-namespace avx512 {
+namespace JAXSPARSE_AVX512_NAMESPACE {
 
 struct Traits {
   static constexpr int kWidth = 16;
@@ -85,7 +92,7 @@ struct Traits {
   }
 };
 
-}  // namespace avx512
+}  // namespace JAXSPARSE_AVX512_NAMESPACE
 }  // namespace cpu
 }  // namespace jaxsparse
 

@@ -1,5 +1,6 @@
 // The AVX-512 parts of the V:N:M kernels (included by vnm_kernels_avx512.cc
-// after vnm_kernels.h, inside namespace jaxsparse::cpu::avx512). Measured
+// and vnm_kernels_amx.cc after vnm_kernels.h, inside namespace
+// jaxsparse::cpu::JAXSPARSE_VNM_ISA: avx512, or amx). Measured
 // facts quoted here come from the project's 2-core Zen 5 (AVX-512, no AMX).
 //
 // 1. Avx512Isa, the layout transforms of the dense engine:
@@ -47,7 +48,7 @@
 
 namespace jaxsparse {
 namespace cpu {
-namespace avx512 {
+namespace JAXSPARSE_VNM_ISA {
 
 // ------------------------------------------------------------------ loads
 
@@ -162,18 +163,31 @@ struct Avx512Isa {
                      int64_t rows, int64_t g0, int64_t g1,
                      const int32_t* slot_kk, int64_t /*nk*/, int64_t ld,
                      float* tile) {
-    if (n == 1) return DecodeN<D, 1>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
-    DecodeN<D, 2>(w, kc, r0, rows, g0, g1, slot_kk, ld, tile);
+    const F32TileSink sink{tile, ld};
+    if (n == 1) return DecodeN<D, 1>(w, kc, r0, rows, g0, g1, slot_kk, ld, sink);
+    DecodeN<D, 2>(w, kc, r0, rows, g0, g1, slot_kk, ld, sink);
   }
+
+  // Where Decode puts tile row kk's 16 outputs rb .. rb + 15: the f32 tile
+  // [kk][ld] of the FMA engine (AMX kernels bring their own sink).
+  struct F32TileSink {
+    float* tile;
+    int64_t ld;
+    JAXSPARSE_VNM_INLINE void operator()(int64_t kk, int64_t rb, __m512 col) const {
+      _mm512_storeu_ps(tile + kk * ld + rb, col);
+    }
+  };
 
   // Chunks fetched ahead within the 16 rows of a block: their 16 streams are
   // beyond what the hardware prefetchers follow.
   static constexpr int64_t kAheadChunks = 4;
 
-  template <class D, int kN>
+  // Every (kk, 16 outputs) of the block's selected inputs reaches the sink
+  // exactly once, for every 16 outputs below ld.
+  template <class D, int kN, class Sink>
   [[gnu::noinline]] static void DecodeN(const Weight<D>& w, int64_t kc, int64_t r0,
                                         int64_t rows, int64_t g0, int64_t g1,
-                                        const int32_t* slot_kk, int64_t ld, float* tile) {
+                                        const int32_t* slot_kk, int64_t ld, const Sink& sink) {
     using S = typename D::Storage;
     const int64_t first = g0 * kN, count = (g1 - g0) * kN;
     for (int64_t rb = 0; rb < ld; rb += 16) {
@@ -221,7 +235,7 @@ struct Avx512Isa {
               col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * kN + 1], slot), col,
                                        val[q * kN + 1]);
             }
-            _mm512_storeu_ps(tile + kk * ld + rb, col);
+            sink(kk, rb, col);
           }
         }
       }
@@ -996,7 +1010,7 @@ inline bool SpmmAvx512Any(const VnmProblem& p, const Runtime& rt) {
   return true;
 }
 
-}  // namespace avx512
+}  // namespace JAXSPARSE_VNM_ISA
 }  // namespace cpu
 }  // namespace jaxsparse
 

@@ -1,5 +1,5 @@
 // The interface between the V:N:M handlers (vnm_ops.cc) and the per-ISA
-// kernel translation units (vnm_kernels_{portable,avx2,avx512}.cc).
+// kernel translation units (vnm_kernels_{portable,avx2,avx512,amx}.cc).
 //
 // Plain data and declarations only: the ISA translation units, each compiled
 // with its own -m flags, include this header, so it must not define inline
@@ -55,6 +55,7 @@ struct VnmKernelTable {
 extern const VnmKernelTable kVnmKernelsPortable;
 extern const VnmKernelTable kVnmKernelsAvx2;
 extern const VnmKernelTable kVnmKernelsAvx512;
+extern const VnmKernelTable kVnmKernelsAmx;
 
 }  // namespace cpu
 }  // namespace jaxsparse

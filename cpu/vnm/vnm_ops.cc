@@ -18,7 +18,7 @@ namespace cpu {
 namespace {
 
 const VnmKernelTable& Kernels() {
-  return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kVnmKernels);
+  return JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(kVnmKernels);
 }
 
 // The fields every target shares; a = the first float operand.

@@ -53,6 +53,11 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     # weight (~30 ms for 4096x4096 on the measured VM, mostly page faults of the fresh buffer),
     # so it only pays off once the dot itself is long: from 1024 tokens.
     ("avx512", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
+    # On AMX machines XLA's bf16 dot runs on the tiles (~2x its AVX512-BF16 rate at 128+ tokens)
+    # while the N:M kernels still widen to f32: measured on a 2-core Intel Xeon with AMX (jax
+    # 0.12, 4096x4096, against the dense path), 2:4 was faster at 128 tokens (1.24x) and slower
+    # at 192 (0.82x); 1:4 faster at 192 (1.18x), even at 256. f32 and f16 take the AVX-512 rows.
+    ("amx", "bfloat16"): ((0.25, 255), (1.0, 128)),
     # AVX2 and portable rows are estimates, not measurements: XLA on the measured machine always
     # ran its AVX-512 dot. They keep the kernel where its byte and FMA savings are largest.
     ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 1023)),
@@ -71,7 +76,9 @@ FORMAT_TABLES: dict[str, dict] = {
     # V:N:M's kernels compute over 4/m of the inputs, sharing each panel's gathered inputs across
     # its outputs: they beat XLA's dot at every harness shape, f32 and bf16 (the tightest: bf16
     # 64:2:8 at 2048 tokens, 1.22x; the dense path there was 0.92x), on a 2-core AMD Zen 5 with
-    # jax 0.12 (benchmarks/bench.py, 4096x4096). No table: always the kernel.
+    # jax 0.12 (benchmarks/bench.py, 4096x4096). On a 2-core Intel Xeon with AMX, bf16 runs on
+    # the tiles from 32 tokens: 1.5-1.9x (64:2:8) and 2.5-3.1x (128:2:16) over XLA's AMX dot at
+    # 32-2048 tokens, 1.9-24x over the dense path. No table: always the kernel.
 }
 
 _state = threading.local()
@@ -146,7 +153,11 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
     if platform != "cpu" or not _ffi.has_cpu_kernels():
         return "sparse"
     isa = isa or _ffi.cpu_isa()
-    table = tables.get((isa, np.dtype(dtype).name), ((1.0, _ALWAYS),))
+    dtype_name = np.dtype(dtype).name
+    # Under "amx" a format without an AMX row runs its AVX-512 kernels: their row applies.
+    row = tables.get((isa, dtype_name)) or (tables.get(("avx512", dtype_name)) if isa == "amx"
+                                           else None)
+    table = row or ((1.0, _ALWAYS),)
     for bound, max_tokens in table:
         if density <= bound + 1e-9:
             return "sparse" if tokens <= max_tokens else "dense"

@@ -47,6 +47,21 @@ def test_rule_keeps_the_kernel_where_it_was_measured_faster():
     assert jsp.choose_path(2048, jnp.bfloat16, 0.5, platform="cpu", isa="avx512") == "dense"
 
 
+def test_amx_has_its_own_bf16_row_and_otherwise_the_avx512_rows():
+    # bf16 N:M on AMX machines: XLA's bf16 dot runs on the tiles, so the dense path wins earlier.
+    assert jsp.choose_path(128, jnp.bfloat16, 0.5, platform="cpu", isa="amx") == "sparse"
+    assert jsp.choose_path(129, jnp.bfloat16, 0.5, platform="cpu", isa="amx") == "dense"
+    assert jsp.choose_path(255, jnp.bfloat16, 0.25, platform="cpu", isa="amx") == "sparse"
+    assert jsp.choose_path(256, jnp.bfloat16, 0.25, platform="cpu", isa="amx") == "dense"
+    for dtype in ("float32", "float16"):
+        for tokens in (1, 128, 2048):
+            assert (jsp.choose_path(tokens, dtype, 0.5, platform="cpu", isa="amx")
+                    == jsp.choose_path(tokens, dtype, 0.5, platform="cpu", isa="avx512"))
+    # V:N:M has no table: its kernels (bf16 on the tiles) win at every measured shape.
+    assert jsp.choose_path(2048, jnp.bfloat16, jsp.VNM(64, 2, 8), platform="cpu",
+                           isa="amx") == "sparse"
+
+
 def test_rule_off_the_cpu_is_the_kernel():
     assert jsp.choose_path(4096, jnp.bfloat16, 0.5, platform="gpu") == "sparse"
 

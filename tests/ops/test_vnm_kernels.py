@@ -146,6 +146,34 @@ def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
+# bf16 from 32 tokens on AMX machines runs on the tiles (cpu/vnm/vnm_amx.h): 16-token tiles of A
+# (T % 16, T % 32), 16-output tiles of B (an odd count: v = 16, 48-wide partial panels), k steps of
+# 32 selected inputs (nk % 32, rows of x not 64-byte aligned: K % 32), one to four 64-word gather
+# windows per step (m = 5 .. 64), task blocks of 256 tokens and several blocks of groups (a quarter
+# of L2 of B tiles: K = 9000 at v = 128). Other ISAs run the same shapes on their own paths.
+AMX_SHAPES = [
+    (32, 64, 64, 64, 2, 8),
+    (33, 100, 48, 16, 2, 8),
+    (47, 257, 176, 64, 2, 16),
+    (64, 300, 150, 128, 1, 32),
+    (100, 130, 70, 32, 2, 5),
+    (80, 520, 40, 16, 1, 64),
+    (300, 96, 80, 64, 2, 8),
+    (40, 9000, 130, 128, 2, 8),
+]
+
+
+@pytest.mark.parametrize("t,k,n_out,v,n,m", AMX_SHAPES)
+def test_bf16_from_32_tokens_at_tile_edges(isa, t, k, n_out, v, n, m):
+    rng = np.random.default_rng(7)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    x = jnp.asarray(rng.standard_normal((1, t, k)), jnp.bfloat16)
+    vals = jnp.asarray(values, jnp.bfloat16)
+    w = densify(f64(vals), indices, columns, k, v, n, m)
+    y = call(SPMM, (1, t, n_out), jnp.bfloat16, x, vals, indices, columns, v=v, n=n, m=m)
+    assert_close(y, f64(x) @ w, jnp.bfloat16, scale_for(k))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_long_operands_go_in_several_chunks_of_tokens(isa, dtype):
     # The converted or packed dense operand of a chunk of tokens takes at most 32 MB of scratch:
@@ -206,8 +234,9 @@ def test_empty_dims(isa, t, k, n_out):
 
 
 @pytest.mark.parametrize("m", [8, 20])  # One 32-float window per chunk of groups, or several.
-@pytest.mark.parametrize("t", [1, 3, 16, 20])
-def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m):
+@pytest.mark.parametrize("t,dtype", [(1, jnp.float32), (3, jnp.float32), (16, jnp.float32),
+                                     (20, jnp.float32), (40, jnp.bfloat16)])
+def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m, dtype):
     # Under jit the arrays are unknown at trace time, so garbage can reach the kernels: slots > 3,
     # positions >= m, repeated or decreasing ones. They must neither read nor write out of bounds,
     # and an entry whose input does not exist must contribute nothing (not 0 * inf = NaN).
@@ -229,20 +258,21 @@ def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m):
     x[..., ~used] = np.inf  # Inputs no kept entry reads.
     x[..., -3:][..., ~used[-3:]] = -np.inf
     kw = dict(v=v, n=n, m=m)
-    w = densify(values, indices, columns, k, v, n, m)
-    xs = np.where(np.isfinite(x), x, 0.0)
-    y = jax.jit(lambda *a: call(SPMM, (1, t, n_out), jnp.float32, *a, **kw))(
+    x, dy, values = (np.asarray(jnp.asarray(a, dtype)) for a in (x, dy, values))
+    w = densify(f64(values), indices, columns, k, v, n, m)
+    xs = np.where(np.isfinite(f64(x)), f64(x), 0.0)
+    y = jax.jit(lambda *a: call(SPMM, (1, t, n_out), dtype, *a, **kw))(
         x, values, indices, columns)
-    assert np.all(np.isfinite(y))
-    assert_close(y, xs @ w, jnp.float32, scale_for(k))
-    dx = jax.jit(lambda *a: call(SPMM_T, (1, t, k), jnp.float32, *a, **kw))(
+    assert np.all(np.isfinite(f64(y)))
+    assert_close(y, xs @ w, dtype, scale_for(k))
+    dx = jax.jit(lambda *a: call(SPMM_T, (1, t, k), dtype, *a, **kw))(
         dy, values, indices, columns)
-    assert_close(dx, dy @ np.swapaxes(w, 1, 2), jnp.float32, scale_for(n_out))
-    dv = jax.jit(lambda *a: call(SDDMM, (1, n_out, indices.shape[2]), jnp.float32, *a, **kw))(
+    assert_close(dx, f64(dy) @ np.swapaxes(w, 1, 2), dtype, scale_for(n_out))
+    dv = jax.jit(lambda *a: call(SDDMM, (1, n_out, indices.shape[2]), dtype, *a, **kw))(
         x, dy, indices, columns)
-    assert np.all(np.isfinite(dv))
-    want = sampled(np.swapaxes(xs, 1, 2) @ dy, indices, columns, k, v, n, m)
-    assert_close(dv, want, jnp.float32, scale_for(t))
+    assert np.all(np.isfinite(f64(dv)))
+    want = sampled(np.swapaxes(xs, 1, 2) @ f64(dy), indices, columns, k, v, n, m)
+    assert_close(dv, want, dtype, scale_for(t))
 
 
 # ---------------------------------------------------------------- the validator

@@ -1,0 +1,257 @@
+// The CPU engine's AMX micro-kernels: bf16 products on the tile unit
+// (tdpbf16ps), for every format that can hand the engine a gather list (the
+// inputs a panel reads) and a decoded dense panel (FORMATS.md section 4).
+//
+// A format's AMX kernel, per output panel and token tile:
+//   1. PlanGather(sel): the panel's gather list as 64-word windows of a row of
+//      x, once per panel and block of inputs;
+//   2. GatherRow: per token, x[t, sel[kk]] into the A layout (one two-source
+//      word permute per window, no scalar loads);
+//   3. BTileSink: where the format's decoder writes the panel's weights,
+//      straight into the VNNI layout of the B tiles;
+//   4. TileBlock: C (f32) += A . B over the k steps, 2 x 2 tiles at a time.
+//
+// Layouts (words are bf16):
+//   A  [token tile i][k step s][16 rows][32 words]: the 16 x 32 tile of
+//      tokens 16 i .. 16 i + 15 and selected inputs 32 s .. 32 s + 31 is 1 KB
+//      contiguous (64-byte rows), so a tile load touches 16 lines that do not
+//      collide in L1 (a row stride of 4 KB would map them to one set).
+//   B  [output tile j][k step s][16 pair rows][16 outputs x 2]: row r holds
+//      inputs 32 s + 2 r and 32 s + 2 r + 1 of each of 16 outputs side by
+//      side, the pairing tdpbf16ps multiplies against A's consecutive pairs.
+//   C  f32 rows of `ld` floats (the format's accumulator).
+// Tiles: 0-3 are C (token tile a, output tile b at 2 a + b), 4-5 A, 6-7 B:
+// 2 x 2 blocking keeps four dot products in flight per four tile loads.
+//
+// Only the AMX translation units include this header (compiled with
+// -mamx-tile -mamx-bf16 -mavx512bf16 and AVX-512): every function here may
+// use those instructions.
+#ifndef JAXSPARSE_CPU_ENGINE_AMX_BF16_H_
+#define JAXSPARSE_CPU_ENGINE_AMX_BF16_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace jaxsparse {
+namespace cpu {
+namespace amx_bf16 {
+
+constexpr int64_t kTileRows = 16;   // Rows of every tile.
+constexpr int64_t kStepWords = 32;  // bf16 inputs per k step (a 64-byte row).
+constexpr int64_t kTileWords = kTileRows * kStepWords;  // 1 KB.
+
+// The palette-1 configuration of the eight tiles: 16 rows of 64 bytes each.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Loads the tile configuration on the calling thread (tile state is per
+// thread, and XLA's own AMX kernels on the same pool thread configure it their
+// way between our calls). Each task calls this first and Release() last.
+inline void ConfigureTiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = kTileRows;
+  }
+  // gcc 12 at -O2 dropped the stores above before ldtilecfg (a segfault in
+  // the prototype, FORMATS.md section 4b): handing the address to an asm
+  // with a memory clobber forces them.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// Returns the tiles to their initial state, so a context switch of this
+// thread no longer saves their 8 KB.
+inline void ReleaseTiles() { _tile_release(); }
+
+// ------------------------------------------------------------------ gather
+
+// One 64-word window of a row of x: lanes `lanes` of a k step take words
+// idx[lane] of x[offset .. offset + 64). The loads are masked (lo, hi) to
+// the words that lie within the row, so the last row of x is never read past.
+struct alignas(64) GatherWindow {
+  __m512i idx;
+  int64_t offset;
+  __mmask32 lanes, lo, hi;
+};
+
+// Windows per k step a gather list can need: 32 selected inputs of at most
+// 8 groups of m span at most 8 m words, from a base up to 31 words lower.
+inline int64_t MaxWindowsPerStep(int64_t m) { return (8 * m + 31 + 63) / 64 + 1; }
+
+// Plans the gather of sel[0 .. nk) (offsets in a row of k words) as windows,
+// step by step: step s's windows are windows[first[s] .. first[s + 1]).
+// Returns the number of steps. The lanes of a step past nk stay zero.
+inline int64_t PlanGather(const int32_t* sel, int64_t nk, int64_t k, GatherWindow* windows,
+                          int32_t* first) {
+  const int64_t steps = (nk + kStepWords - 1) / kStepWords;
+  int32_t count = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    first[s] = count;
+    const int64_t k0 = s * kStepWords;
+    const int64_t lanes = nk - k0 < kStepWords ? nk - k0 : kStepWords;
+    int64_t lo = sel[k0], hi = sel[k0];
+    for (int64_t l = 1; l < lanes; ++l) {
+      lo = sel[k0 + l] < lo ? sel[k0 + l] : lo;
+      hi = sel[k0 + l] > hi ? sel[k0 + l] : hi;
+    }
+    // Windows start on 64-byte boundaries of the row (lo rounded down to 32
+    // words): an unaligned 64-byte load splits across two cache lines, and
+    // with rows of x aligned (K a multiple of 32) the loads then never do.
+    // With m = 8 a step's 8 groups are exactly one aligned window.
+    const int64_t base = lo / 32 * 32;
+    for (int64_t w = 0; w <= (hi - base) / 64; ++w) {
+      const int64_t offset = base + 64 * w;
+      alignas(64) uint16_t idx[kStepWords] = {};
+      uint32_t mask = 0;
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t rel = sel[k0 + l] - offset;
+        if (rel < 0 || rel >= 64) continue;
+        idx[l] = static_cast<uint16_t>(rel);
+        mask |= 1u << l;
+      }
+      if (mask == 0) continue;
+      auto within = [&](int64_t start) -> uint32_t {
+        const int64_t words = k - start;
+        if (words >= 32) return 0xffffffffu;
+        return words <= 0 ? 0u : (1u << words) - 1;
+      };
+      GatherWindow& g = windows[count++];
+      g.idx = _mm512_load_si512(idx);
+      g.offset = offset;
+      g.lanes = mask;
+      g.lo = within(offset);
+      g.hi = within(offset + 32);
+    }
+  }
+  first[steps] = count;
+  return steps;
+}
+
+// Row `row` (0..15) of every A tile of one token: x_row[sel[kk]] for every
+// step, as planned. `a_tile` is the token tile's first A tile.
+inline void GatherRow(const uint16_t* x_row, const GatherWindow* windows, const int32_t* first,
+                      int64_t steps, uint16_t* a_tile, int64_t row) {
+  uint16_t* out = a_tile + row * kStepWords;
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i r = _mm512_setzero_si512();
+    for (int32_t i = first[s]; i < first[s + 1]; ++i) {
+      const GatherWindow& g = windows[i];
+      const __m512i lo = _mm512_maskz_loadu_epi16(g.lo, x_row + g.offset);
+      const __m512i hi = _mm512_maskz_loadu_epi16(g.hi, x_row + g.offset + 32);
+      r = _mm512_mask_mov_epi16(r, g.lanes, _mm512_permutex2var_epi16(lo, g.idx, hi));
+    }
+    _mm512_store_si512(out + s * kTileWords, r);
+  }
+}
+
+// Row `row` of every A tile, zero (a token past the end of the tile).
+inline void ZeroRow(int64_t steps, uint16_t* a_tile, int64_t row) {
+  for (int64_t s = 0; s < steps; ++s)
+    _mm512_store_si512(a_tile + s * kTileWords + row * kStepWords, _mm512_setzero_si512());
+}
+
+// ------------------------------------------------------------------ B tiles
+
+// Where a format's decoder puts input kk's weights for 16 outputs
+// rb .. rb + 15 (f32, rounded here to bf16, round to nearest even: exact for
+// values that came from bf16): B[rb / 16][kk / 32], pair row (kk % 32) / 2,
+// words 2 c + kk % 2. The decoder writes every (kk, 16 outputs) of its tile
+// once, straight into the tiles: no f32 tile and no second pass.
+struct BTileSink {
+  uint16_t* b;
+  int64_t steps;  // k steps per output tile
+  inline void operator()(int64_t kk, int64_t rb, __m512 col) const {
+    // Word w of the row takes output w / 2; the store keeps kk's parity.
+    const __m512i spread = _mm512_set_epi16(
+        15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8,
+        7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m256i words = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(col));
+    uint16_t* row = b + rb / 16 * steps * kTileWords + kk / kStepWords * kTileWords +
+                    kk % kStepWords / 2 * kStepWords;
+    const __mmask32 parity = (kk & 1) ? 0xaaaaaaaau : 0x55555555u;
+    _mm512_mask_storeu_epi16(row, parity,
+                             _mm512_permutexvar_epi16(spread, _mm512_castsi256_si512(words)));
+  }
+};
+
+// Zeroes the B rows of inputs nk .. steps * 32 (the last step's tail, which
+// no decoder writes) in each of `out_tiles` output tiles.
+inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {
+  const int64_t steps = (nk + kStepWords - 1) / kStepWords;
+  if (nk == steps * kStepWords) return;
+  for (int64_t j = 0; j < out_tiles; ++j)
+    std::memset(b + (j * steps + steps - 1) * kTileWords, 0, kTileWords * sizeof(uint16_t));
+}
+
+// ------------------------------------------------------------------ micro-kernel
+
+// c (f32, c_ld floats per row) += A . B over `steps` k steps, for kTa token
+// tiles (the next at a + a_next words) and kTb output tiles (b + b_next).
+template <int kTa, int kTb>
+inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int64_t b_next,
+                      int64_t steps, float* c, int64_t c_ld) {
+  const int64_t c_stride = c_ld * int64_t{sizeof(float)};
+  float* const c1 = c + kTileRows * c_ld;
+  _tile_loadd(0, c, c_stride);
+  if constexpr (kTb == 2) _tile_loadd(1, c + 16, c_stride);
+  if constexpr (kTa == 2) _tile_loadd(2, c1, c_stride);
+  if constexpr (kTa == 2 && kTb == 2) _tile_loadd(3, c1 + 16, c_stride);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t at = s * kTileWords;
+    _tile_loadd(4, a + at, 64);
+    _tile_loadd(6, b + at, 64);
+    if constexpr (kTb == 2) _tile_loadd(7, b + b_next + at, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kTb == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTa == 2) {
+      _tile_loadd(5, a + a_next + at, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kTb == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (kTb == 2) _tile_stored(1, c + 16, c_stride);
+  if constexpr (kTa == 2) _tile_stored(2, c1, c_stride);
+  if constexpr (kTa == 2 && kTb == 2) _tile_stored(3, c1 + 16, c_stride);
+}
+
+// c += A . B for `token_tiles` tiles of A (16 rows each, steps * 1 KB apart)
+// and `out_tiles` tiles of B, 2 x 2 at a time, narrower at the edges.
+inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
+                        int64_t out_tiles, int64_t steps, float* c, int64_t c_ld) {
+  const int64_t next = steps * kTileWords;
+  for (int64_t i = 0; i < token_tiles; i += 2) {
+    const bool two_a = i + 1 < token_tiles;
+    for (int64_t j = 0; j < out_tiles; j += 2) {
+      const bool two_b = j + 1 < out_tiles;
+      const uint16_t* ai = a + i * next;
+      const uint16_t* bj = b + j * next;
+      float* cij = c + i * kTileRows * c_ld + j * 16;
+      if (two_a && two_b) {
+        TileBlock<2, 2>(ai, next, bj, next, steps, cij, c_ld);
+      } else if (two_a) {
+        TileBlock<2, 1>(ai, next, bj, next, steps, cij, c_ld);
+      } else if (two_b) {
+        TileBlock<1, 2>(ai, next, bj, next, steps, cij, c_ld);
+      } else {
+        TileBlock<1, 1>(ai, next, bj, next, steps, cij, c_ld);
+      }
+    }
+  }
+}
+
+}  // namespace amx_bf16
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_ENGINE_AMX_BF16_H_

@@ -1,0 +1,33 @@
+// The V:N:M kernels for AMX machines (compiled with AVX-512, AVX512-BF16 and
+// the AMX flags): the AVX-512 kernels, recompiled into namespace amx, with the
+// bf16 forward on the tile unit from kAmxMinTokens on (vnm_amx.h).
+#define JAXSPARSE_AVX512_NAMESPACE amx
+#include "cpu/common/simd_avx512.h"
+#include "cpu/vnm/vnm_kernels_api.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace amx {
+// As for AVX-512 (vnm_kernels_avx512.cc): the f32 FMA engine's 6 x 4 tile.
+struct VnmTile {
+  static constexpr int kVecs = 4;
+  static constexpr int kRows = 6;
+};
+}  // namespace amx
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#define JAXSPARSE_VNM_ISA amx
+#include "cpu/vnm/vnm_kernels.h"
+#include "cpu/vnm/vnm_avx512.h"
+#include "cpu/vnm/vnm_amx.h"
+
+namespace jaxsparse {
+namespace cpu {
+const VnmKernelTable kVnmKernelsAmx = [] {
+  VnmKernelTable table = amx::MakeTable<amx::Traits, amx::Avx512Isa>();
+  table.spmm = &amx::SpmmAmxAny;
+  return table;
+}();
+}  // namespace cpu
+}  // namespace jaxsparse
