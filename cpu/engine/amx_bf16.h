@@ -154,6 +154,43 @@ inline void GatherRow(const uint16_t* x_row, const GatherWindow* windows, const 
   }
 }
 
+// Whether plans b and a have the same windows (offsets) at every step, so one
+// load of x serves both (GatherRowShared). Windows start on 64-byte
+// boundaries of the step's span, so panels that read the same groups
+// usually agree.
+inline bool SameWindows(const GatherWindow* a, const int32_t* first_a, const GatherWindow* b,
+                        const int32_t* first_b, int64_t steps) {
+  for (int64_t s = 0; s <= steps; ++s)
+    if (first_a[s] != first_b[s]) return false;
+  for (int32_t i = 0; i < first_a[steps]; ++i)
+    if (a[i].offset != b[i].offset) return false;
+  return true;
+}
+
+// GatherRow for kPanels panels whose plans have the same windows: each
+// window of x is loaded once and permuted once per panel. Panel q's plan is
+// windows[q] (first[] is shared), its A tile a_tiles[q].
+template <int kPanels>
+inline void GatherRowShared(const uint16_t* x_row, const GatherWindow* const* windows,
+                            const int32_t* first, int64_t steps, uint16_t* const* a_tiles,
+                            int64_t row) {
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i r[kPanels];
+    for (int q = 0; q < kPanels; ++q) r[q] = _mm512_setzero_si512();
+    for (int32_t i = first[s]; i < first[s + 1]; ++i) {
+      const GatherWindow& g = windows[0][i];
+      const __m512i lo = _mm512_maskz_loadu_epi16(g.lo, x_row + g.offset);
+      const __m512i hi = _mm512_maskz_loadu_epi16(g.hi, x_row + g.offset + 32);
+      for (int q = 0; q < kPanels; ++q) {
+        const GatherWindow& gq = windows[q][i];
+        r[q] = _mm512_mask_mov_epi16(r[q], gq.lanes, _mm512_permutex2var_epi16(lo, gq.idx, hi));
+      }
+    }
+    for (int q = 0; q < kPanels; ++q)
+      _mm512_store_si512(a_tiles[q] + s * kTileWords + row * kStepWords, r[q]);
+  }
+}
+
 // Row `row` of every A tile, zero (a token past the end of the tile).
 inline void ZeroRow(int64_t steps, uint16_t* a_tile, int64_t row) {
   for (int64_t s = 0; s < steps; ++s)
@@ -182,6 +219,18 @@ struct BTileSink {
     _mm512_mask_storeu_epi16(row, parity,
                              _mm512_permutexvar_epi16(spread, _mm512_castsi256_si512(words)));
   }
+  // Inputs kk and kk + 1 (kk even): one whole pair row, two conversions in
+  // one instruction and no masked stores.
+  inline void Pair(int64_t kk, int64_t rb, __m512 first, __m512 second) const {
+    // Word 2c takes the first input's output c, word 2c + 1 the second's.
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i words = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+    uint16_t* row = b + rb / 16 * steps * kTileWords + kk / kStepWords * kTileWords +
+                    kk % kStepWords / 2 * kStepWords;
+    _mm512_storeu_si512(row, _mm512_permutexvar_epi16(interleave, words));
+  }
 };
 
 // Zeroes the B rows of inputs nk .. steps * 32 (the last step's tail, which
@@ -195,17 +244,25 @@ inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {
 
 // ------------------------------------------------------------------ micro-kernel
 
-// c (f32, c_ld floats per row) += A . B over `steps` k steps, for kTa token
-// tiles (the next at a + a_next words) and kTb output tiles (b + b_next).
-template <int kTa, int kTb>
+// c (f32, c_ld floats per row) = A . B (kLoad: c + A . B) over `steps` k
+// steps, for kTa token tiles (the next at a + a_next words) and kTb output
+// tiles (b + b_next).
+template <int kTa, int kTb, bool kLoad>
 inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int64_t b_next,
                       int64_t steps, float* c, int64_t c_ld) {
   const int64_t c_stride = c_ld * int64_t{sizeof(float)};
   float* const c1 = c + kTileRows * c_ld;
-  _tile_loadd(0, c, c_stride);
-  if constexpr (kTb == 2) _tile_loadd(1, c + 16, c_stride);
-  if constexpr (kTa == 2) _tile_loadd(2, c1, c_stride);
-  if constexpr (kTa == 2 && kTb == 2) _tile_loadd(3, c1 + 16, c_stride);
+  if constexpr (kLoad) {
+    _tile_loadd(0, c, c_stride);
+    if constexpr (kTb == 2) _tile_loadd(1, c + 16, c_stride);
+    if constexpr (kTa == 2) _tile_loadd(2, c1, c_stride);
+    if constexpr (kTa == 2 && kTb == 2) _tile_loadd(3, c1 + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t at = s * kTileWords;
     _tile_loadd(4, a + at, 64);
@@ -225,10 +282,10 @@ inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int6
   if constexpr (kTa == 2 && kTb == 2) _tile_stored(3, c1 + 16, c_stride);
 }
 
-// c += A . B for `token_tiles` tiles of A (16 rows each, steps * 1 KB apart)
-// and `out_tiles` tiles of B, 2 x 2 at a time, narrower at the edges.
-inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
-                        int64_t out_tiles, int64_t steps, float* c, int64_t c_ld) {
+// TileProduct with the choice at compile time.
+template <bool kLoad>
+inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
+                            int64_t out_tiles, int64_t steps, float* c, int64_t c_ld) {
   const int64_t next = steps * kTileWords;
   for (int64_t i = 0; i < token_tiles; i += 2) {
     const bool two_a = i + 1 < token_tiles;
@@ -238,16 +295,26 @@ inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* 
       const uint16_t* bj = b + j * next;
       float* cij = c + i * kTileRows * c_ld + j * 16;
       if (two_a && two_b) {
-        TileBlock<2, 2>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<2, 2, kLoad>(ai, next, bj, next, steps, cij, c_ld);
       } else if (two_a) {
-        TileBlock<2, 1>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<2, 1, kLoad>(ai, next, bj, next, steps, cij, c_ld);
       } else if (two_b) {
-        TileBlock<1, 2>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<1, 2, kLoad>(ai, next, bj, next, steps, cij, c_ld);
       } else {
-        TileBlock<1, 1>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<1, 1, kLoad>(ai, next, bj, next, steps, cij, c_ld);
       }
     }
   }
+}
+
+// c (+)= A . B for `token_tiles` tiles of A (16 rows each, steps * 1 KB
+// apart) and `out_tiles` tiles of B, 2 x 2 at a time, narrower at the edges;
+// `accumulate` adds to c, else c is overwritten.
+inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
+                        int64_t out_tiles, int64_t steps, float* c, int64_t c_ld,
+                        bool accumulate) {
+  if (accumulate) return TileProductInto<true>(a, token_tiles, b, out_tiles, steps, c, c_ld);
+  TileProductInto<false>(a, token_tiles, b, out_tiles, steps, c, c_ld);
 }
 
 }  // namespace amx_bf16

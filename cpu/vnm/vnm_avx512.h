@@ -176,6 +176,11 @@ struct Avx512Isa {
     JAXSPARSE_VNM_INLINE void operator()(int64_t kk, int64_t rb, __m512 col) const {
       _mm512_storeu_ps(tile + kk * ld + rb, col);
     }
+    // Rows kk and kk + 1 (kk even).
+    JAXSPARSE_VNM_INLINE void Pair(int64_t kk, int64_t rb, __m512 first, __m512 second) const {
+      _mm512_storeu_ps(tile + kk * ld + rb, first);
+      _mm512_storeu_ps(tile + (kk + 1) * ld + rb, second);
+    }
   };
 
   // Chunks fetched ahead within the 16 rows of a block: their 16 streams are
@@ -183,7 +188,8 @@ struct Avx512Isa {
   static constexpr int64_t kAheadChunks = 4;
 
   // Every (kk, 16 outputs) of the block's selected inputs reaches the sink
-  // exactly once, for every 16 outputs below ld.
+  // exactly once, for every 16 outputs below ld: sink(kk, rb, column), or
+  // sink.Pair(kk, rb, column, next column) for rows kk, kk + 1 (kk even).
   template <class D, int kN, class Sink>
   [[gnu::noinline]] static void DecodeN(const Weight<D>& w, int64_t kc, int64_t r0,
                                         int64_t rows, int64_t g0, int64_t g1,
@@ -225,17 +231,27 @@ struct Avx512Isa {
 #pragma GCC unroll 16
         for (int q = 0; q < 16 / kN; ++q) {
           if (q * kN >= ne) break;
-#pragma GCC unroll 4
-          for (int s = 0; s < kSelected; ++s) {
-            const int32_t kk = kks[q * kSelected + s];
-            if (kk < 0) continue;
+          auto column = [&](int s) JAXSPARSE_VNM_INLINE {
             const __m128i slot = _mm_set1_epi8(static_cast<char>(s));
             __m512 col = _mm512_maskz_mov_ps(_mm_cmpeq_epi8_mask(idx[q * kN], slot), val[q * kN]);
             if constexpr (kN == 2) {
               col = _mm512_mask_add_ps(col, _mm_cmpeq_epi8_mask(idx[q * kN + 1], slot), col,
                                        val[q * kN + 1]);
             }
-            sink(kk, rb, col);
+            return col;
+          };
+          // Slots s, s + 1 at tile rows kk, kk + 1 (kk even: the usual case,
+          // with no dropped input before them) go to the sink as one pair:
+          // the AMX sink then writes one whole VNNI row.
+#pragma GCC unroll 2
+          for (int s = 0; s < kSelected; s += 2) {
+            const int32_t kk = kks[q * kSelected + s], kk1 = kks[q * kSelected + s + 1];
+            if (kk >= 0 && kk1 == kk + 1 && kk % 2 == 0) {
+              sink.Pair(kk, rb, column(s), column(s + 1));
+              continue;
+            }
+            if (kk >= 0) sink(kk, rb, column(s));
+            if (kk1 >= 0) sink(kk1, rb, column(s + 1));
           }
         }
       }
