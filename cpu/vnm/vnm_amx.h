@@ -35,9 +35,13 @@ constexpr int64_t kAmxMinTokens = 32;
 constexpr int64_t kAmxGatherTokens = 2 * tiles::kTileRows;
 // Panels per task at most: their gathers share each load of x.
 constexpr int kAmxMaxPanels = 4;
-// Tokens per task when the inputs come in several blocks (the task's f32
-// sums then persist across blocks: tokens x panels x width, 256 KB at most).
-constexpr int64_t kAmxBlockedTokens = 256;
+// Tokens and panels per task when the inputs come in several blocks (the
+// task's f32 sums then persist across blocks: tokens x panels x width, up to
+// 512 KB). At 11008 inputs and 2048 tokens (64:2:8, 128:2:16): 256 tokens
+// 102 and 51 ms, 512 tokens 88 and 47, as many as a quarter of L2 holds (1024
+// and 512) 99 and 47.
+constexpr int64_t kAmxBlockedTokens = 512;
+constexpr int64_t kAmxBlockedPanels = 2;
 
 struct SpmmAmx : Dims {
   using D = BF16;
@@ -72,17 +76,24 @@ struct SpmmAmx : Dims {
   // nk) words. Up to half of L2 goes to them, so they stay there next to
   // the rows of x being read; with all inputs in one block, the panels of a
   // task share each load of x (up to kAmxMaxPanels), and every task's tokens
-  // meet one decode of their panels' weights. Past half of L2 the inputs come
-  // in blocks, one panel per task, and the sums persist in L2 across blocks
-  // (kAmxBlockedTokens tokens per task).
+  // meet one decode of their panels' weights. Past three quarters of L2 the
+  // inputs come in blocks, two panels per task (sharing x's loads as
+  // above), and the sums persist in L2 across blocks (kAmxBlockedTokens
+  // tokens per task). Measured with three
+  // quarters of L2 for 4 panels (64:2:8, 4096 inputs): 10-20% slower than
+  // half of L2 for 2.
   SpmmAmx(const VnmProblem& prob, const Runtime& runtime) : Dims(prob), p(prob), rt(runtime) {
     const int64_t budget_words = rt.l2_bytes / 2 / int64_t{sizeof(uint16_t)};
     const int64_t words_per_group = kSelected * (vpad_max + kAmxGatherTokens);
     const int64_t panel_words = RoundUp(G, 8) * words_per_group;
-    blocked = panel_words > budget_words;
+    // Two panels that share x's loads in blocks beat one over all inputs:
+    // at 11008 inputs and 2048 tokens, 64:2:8 ran 123-127 ms with one panel
+    // per task (x read once per panel, from L3) against 102 with two in
+    // blocks (256 tokens per task).
+    blocked = panel_words * Min(P, kAmxBlockedPanels) > budget_words;
     if (blocked) {
-      block_groups = Max(8, budget_words / words_per_group / 8 * 8);
-      panels = 1;
+      panels = Min(P, kAmxBlockedPanels);
+      block_groups = Max(8, budget_words / (panels * words_per_group) / 8 * 8);
     } else {
       block_groups = G;
       panels = Max(1, Min(kAmxMaxPanels, Min(P, budget_words / panel_words)));

@@ -149,8 +149,9 @@ def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
 # bf16 from 32 tokens on AMX machines runs on the tiles (cpu/vnm/vnm_amx.h): 16-token tiles of A
 # (T % 16, T % 32), 16-output tiles of B (an odd count: v = 16, 48-wide partial panels), k steps of
 # 32 selected inputs (nk % 32, rows of x not 64-byte aligned: K % 32), one to four 64-word gather
-# windows per step (m = 5 .. 64), task blocks of 256 tokens and several blocks of groups (a quarter
-# of L2 of B tiles: K = 9000 at v = 128). Other ISAs run the same shapes on their own paths.
+# windows per step (m = 5 .. 64), tasks of 1-4 panels and of part of the tokens, and inputs in
+# several blocks (past half of L2 for two panels' tiles: K = 9000 at v = 128, K = 17000 at v = 16).
+# Other ISAs run the same shapes on their own paths.
 AMX_SHAPES = [
     (32, 64, 64, 64, 2, 8),
     (33, 100, 48, 16, 2, 8),
@@ -160,6 +161,8 @@ AMX_SHAPES = [
     (80, 520, 40, 16, 1, 64),
     (300, 96, 80, 64, 2, 8),
     (40, 9000, 130, 128, 2, 8),
+    (40, 9000, 100, 128, 1, 8),  # In blocks, one panel.
+    (70, 17000, 70, 16, 2, 8),  # In blocks, two panels per task, then one.
 ]
 
 
@@ -172,6 +175,27 @@ def test_bf16_from_32_tokens_at_tile_edges(isa, t, k, n_out, v, n, m):
     w = densify(f64(vals), indices, columns, k, v, n, m)
     y = call(SPMM, (1, t, n_out), jnp.bfloat16, x, vals, indices, columns, v=v, n=n, m=m)
     assert_close(y, f64(x) @ w, jnp.bfloat16, scale_for(k))
+
+
+def test_tile_kernels_leave_xla_s_own_tile_dots_intact(isa):
+    # On AMX machines XLA's bf16 dot runs on the tiles too, on the same pool threads. Our kernels
+    # load their tile configuration per task and release the tiles after it; XLA's dots in between
+    # must still give their own results, bit for bit, and ours theirs.
+    rng = np.random.default_rng(11)
+    t, k, n_out, v, n, m = 96, 512, 256, 64, 2, 8
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    x = jnp.asarray(rng.standard_normal((1, t, k)), jnp.bfloat16)
+    vals = jnp.asarray(values, jnp.bfloat16)
+    spmm = jax.jit(lambda *a: call(SPMM, (1, t, n_out), jnp.bfloat16, *a, v=v, n=n, m=m))
+    dot = jax.jit(lambda a, b: a @ b)
+    a = jnp.asarray(rng.standard_normal((37, 1000)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((1000, 600)), jnp.bfloat16)
+    want_dot, want_y = np.asarray(dot(a, b)), np.asarray(spmm(x, vals, indices, columns))
+    for _ in range(20):
+        y = spmm(x, vals, indices, columns)
+        z = dot(a, b)
+        np.testing.assert_array_equal(np.asarray(z), want_dot)
+        np.testing.assert_array_equal(np.asarray(y), want_y)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
