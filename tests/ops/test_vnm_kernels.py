@@ -234,8 +234,9 @@ def test_results_of_4_mb_and_more(isa, t, k, n_out, m):
 
 
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (2, 2)])
-def test_batches_broadcast(isa, bx, bw):
-    check_all(7, 45, 33, 16, 2, 8, jnp.float32, bx=bx, bw=bw, seed=2)
+@pytest.mark.parametrize("t,dtype", [(7, jnp.float32), (40, jnp.bfloat16)])  # bf16 40: the tiles.
+def test_batches_broadcast(isa, bx, bw, t, dtype):
+    check_all(t, 45, 33, 16, 2, 8, dtype, bx=bx, bw=bw, seed=2)
 
 
 @pytest.mark.parametrize("t,k,n_out", [(0, 16, 32), (4, 0, 32), (4, 16, 0), (0, 0, 0)])
