@@ -170,8 +170,13 @@ struct SpmmAmx : Dims {
         TaskPanel& t = tp[q];
         const uint8_t* cols = w.columns + t.panel * G * kSelected;
         t.nk = Select(cols, g0, g1, m, K, ps.sel, ps.slot_kk);
-        t.steps = t.nk == 0 ? 0 : tiles::PlanGather(ps.sel, t.nk, K, ps.windows, ps.first);
-        if (t.nk == 0) continue;
+        if (t.nk == 0) {
+          // Its plan is stale: the others gather without it.
+          t.steps = 0;
+          shared = false;
+          continue;
+        }
+        t.steps = tiles::PlanGather(ps.sel, t.nk, K, ps.windows, ps.first);
         tiles::ZeroBTail(ps.b, t.nk, t.ld / 16);
         const tiles::BTileSink sink{ps.b, t.steps};
         if (n == 1) {
@@ -185,8 +190,7 @@ struct SpmmAmx : Dims {
       }
       for (int64_t t = 0; t < tokens; t += kAmxGatherTokens) {
         const int64_t tile_tokens = RoundUp(Min(kAmxGatherTokens, tokens - t), tiles::kTileRows);
-        Gather(wk, tp, np, shared && tp[0].nk > 0, t0 + t, Min(tile_tokens, tokens - t),
-               tile_tokens);
+        Gather(wk, tp, np, shared, t0 + t, Min(tile_tokens, tokens - t), tile_tokens);
         float* const c = wk.c + (blocked ? t : 0) * c_ld;
         for (int q = 0; q < np; ++q) {
           // A panel without selected inputs in this block adds nothing; in

@@ -300,6 +300,22 @@ def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m, dtype):
     assert_close(dv, want, dtype, scale_for(t))
 
 
+@pytest.mark.parametrize("t,dtype", [(20, jnp.float32), (40, jnp.bfloat16)])
+def test_a_panel_without_any_existing_input_gives_zeros(isa, t, dtype):
+    # Every position of panel 1 is garbage (>= m): it selects nothing, beside panels that do (the
+    # AMX path then gathers panel by panel), and its outputs are 0.
+    k, n_out, v, n, m = 64, 64, 16, 2, 8
+    rng = np.random.default_rng(13)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    columns[0, 1, :] = 200
+    x = jnp.asarray(rng.standard_normal((1, t, k)), dtype)
+    vals = jnp.asarray(values, dtype)
+    w = densify(f64(vals), indices, columns, k, v, n, m)
+    y = call(SPMM, (1, t, n_out), dtype, x, vals, indices, columns, v=v, n=n, m=m)
+    assert not np.any(f64(y)[..., v:2 * v])
+    assert_close(y, f64(x) @ w, dtype, scale_for(k))
+
+
 # ---------------------------------------------------------------- the validator
 
 
