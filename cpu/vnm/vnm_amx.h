@@ -132,17 +132,7 @@ struct SpmmAmx : Dims {
     }
   }
 
-  bool Compute() {
-    if (T == 0 || N == 0 || p.batch == 0) return true;
-    if (!TakeScratch(rt, *this)) return false;
-    for (int64_t b = 0; b < p.batch; ++b) {
-      w = Weight<D>::At(p, b);
-      x = static_cast<const S*>(p.x) + b * p.x_stride;
-      y = static_cast<S*>(p.out) + b * T * N;
-      RunParallel(rt, CeilDiv(T, task_tokens) * panel_tasks, *this);
-    }
-    return true;
-  }
+  bool Compute() { return RunForwardInPlace(*this, CeilDiv(T, task_tokens) * panel_tasks); }
 
   // Panel q of the task, from its first panel.
   struct TaskPanel {

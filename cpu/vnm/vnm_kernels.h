@@ -599,6 +599,23 @@ struct Spmm : Dims {
   }
 };
 
+// The driver of a forward that reads x in place: per batch entry, op's w, x
+// and y, then `tasks` tasks of op.Run on XLA's pool (after its scratch).
+template <class Op>
+bool RunForwardInPlace(Op& op, int64_t tasks) {
+  const VnmProblem& p = op.p;
+  if (op.T == 0 || op.N == 0 || p.batch == 0) return true;
+  if (!TakeScratch(op.rt, op)) return false;
+  using S = typename Op::S;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    op.w = decltype(op.w)::At(p, b);
+    op.x = static_cast<const S*>(p.x) + b * p.x_stride;
+    op.y = static_cast<S*>(p.out) + b * op.T * op.N;
+    RunParallel(op.rt, tasks, op);
+  }
+  return true;
+}
+
 // y = x @ W at a few tokens, entry by entry (the portable and AVX2 forward
 // up to kRowDotMaxTokens; AVX-512 has its own, vnm_avx512.h). At these token
 // counts the dense engine would decode every tile for a handful of tokens
@@ -625,17 +642,7 @@ struct SpmmRowDot : Dims {
 
   void Layout(Carver& c) { tables = c.Take<float>(rt.num_workers * T * table_ld); }
 
-  bool Compute() {
-    if (T == 0 || N == 0 || p.batch == 0) return true;
-    if (!TakeScratch(rt, *this)) return false;
-    for (int64_t b = 0; b < p.batch; ++b) {
-      w = Weight<D>::At(p, b);
-      x = static_cast<const S*>(p.x) + b * p.x_stride;
-      y = static_cast<S*>(p.out) + b * T * N;
-      RunParallel(rt, P, *this);
-    }
-    return true;
-  }
+  bool Compute() { return RunForwardInPlace(*this, P); }
 
   void Run(int64_t panel, int worker) const {
     float* const xs = tables + worker * T * table_ld;
