@@ -49,6 +49,12 @@ FULL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 FULL_SPECS = ("1:4", "2:4", "2:8", "4:8", "64:2:8", "128:2:16", "64:2:32")
 QUICK_TOKENS = (1, 128)
 QUICK_SHAPES = ((4096, 4096),)
+# `--grid model`: the layers of small real models (MiniLM's 384 and 1536, BERT-base's 768 and
+# 3072), where "never slower" must hold too.
+MODEL_SIDES = (384, 768, 1536, 3072)
+MODEL_SHAPES = tuple((k, n) for k in MODEL_SIDES for n in MODEL_SIDES)
+MODEL_TOKENS = (1, 32, 512, 4096)
+NEVER_SLOWER = 0.95  # `x @ ws` at less than this fraction of XLA's dot is listed.
 BCOO_MEMORY_LIMIT = 4 * 2**30
 BCOO_PATTERN = "2:4"
 MODES = ("fwd", "fwd+bwd")
@@ -59,6 +65,9 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small grid, one small BCOO case")
+    p.add_argument("--grid", choices=("harness", "model"), default="harness",
+                   help="harness: 4096/11008 shapes at 1-2048 tokens; model: in, out in "
+                        "{384, 768, 1536, 3072} at 1-4096 tokens")
     p.add_argument("--out-dir", default="bench_results/", type=Path)
     p.add_argument("--dtypes", default="f32,bf16", help="comma list of f32,bf16")
     p.add_argument("--specs", "--patterns", dest="specs", default=",".join(FULL_SPECS),
@@ -74,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.specs = [jsp.as_spec(s.strip(), name="--specs") for s in args.specs.split(",")
                   if s.strip()]
     default_tokens = QUICK_TOKENS if args.quick else FULL_TOKENS
-    args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
     default_shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.grid == "model":
+        default_tokens, default_shapes = MODEL_TOKENS, MODEL_SHAPES
+    args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
     shapes = args.shapes
     args.shapes = [parse_shape(s) for s in shapes.split(",")] if shapes else default_shapes
     args.repeats = args.repeats or (7 if args.quick else 10)
@@ -284,9 +295,9 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
         density = spec.density
         arrays_timed = [rotating(a, tokens, ws.nbytes) for a in ws.arrays().values()]
         chosen = jsp.choose_path(tokens, dtype, spec)
-        # `x @ ws` as a user gets it; where the rule picks the dense path, the kernel forced too.
+        # `x @ ws` as a user gets it; where the rule picks another path, the kernel forced too.
         runs = [("auto", kernel_name(spec))]
-        if chosen == "dense":
+        if chosen != "sparse":
             runs.append(("sparse", kernel_name(spec) + "!"))
         for path, name in runs:
             for mode, fn in zip(MODES, sparse_fns(ws, path)):
@@ -386,11 +397,22 @@ def format_table(rows, ceilings, meta) -> str:
              "dGF/s = dense-equivalent GFLOP/s, eGF/s = effective (stored entries only); "
              "speedup over xla-dense, same dtype/shape/mode; ideal = 1/density; "
              "%roof = eGF/s / min(peak, intensity*bandwidth); path = what `x @ ws` ran "
-             "(jsp.choose_path); 'nm n:m!' = the sparse kernel forced where the rule picks dense; "
+             "(jsp.choose_path); 'nm n:m!' = the sparse kernel forced where the rule picks the "
+             "engine or dense; "
              "ideal = 1/density (the bytes allow less: see GB/s and %roof)",
              HEADER, "-" * len(HEADER)]
     lines += [format_row(r) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *slower_than_dense(rows)])
+
+
+def slower_than_dense(rows) -> list[str]:
+    """The cells where `x @ ws`, as the rule chose, ran below NEVER_SLOWER of XLA's dot."""
+    slow = [r for r in rows if not r["skipped"] and r["path"] and not r["kernel"].endswith("!")
+            and r["speedup"] < NEVER_SLOWER]
+    if not slow:
+        return [f"Every `x @ ws` ran at {NEVER_SLOWER}x of XLA's dense dot or more."]
+    return [f"Below {NEVER_SLOWER}x of XLA's dense dot ({len(slow)} cells, `x @ ws` as chosen):"
+            ] + ["  " + format_row(r) for r in slow]
 
 
 def plot(rows, path: Path) -> None:

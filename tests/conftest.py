@@ -1,7 +1,13 @@
+import os
+
 import jax
 import pytest
 
 import jaxsparse as jsp
+
+# The tests check the built-in path table: a crossovers file tuned on this machine
+# (`python -m jaxsparse.tune`) must not change what they see. tests/test_tune.py sets its own.
+os.environ["JAXSPARSE_CROSSOVERS"] = "builtin"
 
 
 def pytest_report_header(config):
@@ -13,3 +19,12 @@ def pytest_report_header(config):
 def _require_kernels():
     # A test run without the extension would silently test the fallback only.
     assert jsp.has_cpu_kernels(), "the CPU extension is not built: pip install -e . first"
+
+
+@pytest.fixture(params=jsp.supported_cpu_isas() if jsp.has_cpu_kernels() else [])
+def isa(request):
+    """Runs the test once per instruction set the machine supports (forced), portable included."""
+    before = jsp.cpu_isa()
+    jsp.set_cpu_isa(request.param)
+    yield request.param
+    jsp.set_cpu_isa(before)

@@ -22,14 +22,6 @@ SHAPES = [(1, 7, 3, 2, 4), (16, 33, 9, 2, 4), (17, 64, 16, 1, 4), (64, 100, 18, 
           (129, 40, 11, 3, 7), (33, 48, 35, 15, 16)]
 
 
-@pytest.fixture(params=jsp.supported_cpu_isas() if jsp.has_cpu_kernels() else [])
-def isa(request):
-    before = jsp.cpu_isa()
-    jsp.set_cpu_isa(request.param)
-    yield request.param
-    jsp.set_cpu_isa(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,k,out,n,m", SHAPES)
 def test_every_isa_path(isa, t, k, out, n, m, dtype):

@@ -50,7 +50,9 @@ class SparseFormat:
     - `__init__(*arrays, **static)`: the validating constructor.
     - `fromdense(w, **spec)`, `frommask(w, mask, **spec)`, `todense()`, `mask()`,
       `dense_rows()`, `array_shapes(spec, in_features, out_features)` and
-      `_kernel(x3, *arrays3)` (the sparse product on rank-3 operands).
+      `_kernel(x3, *arrays3)` (the sparse product on rank-3 operands);
+    - optionally `_engine_kernel()`: the product on the shared CPU engine, with `_kernel`'s
+      signature, or None where the spec has none (then the "engine" path multiplies densely).
 
     and gets pytree registration, `replace`, `astype`, the logical shape, `density`, `nbytes`,
     `spec`, `x @ w` and a `repr` from here.
@@ -216,11 +218,18 @@ class SparseFormat:
 
     # ------------------------------------------------------------------ products
     def _matmul(self, x, path: str):
-        """`x @ self` on the chosen path ("sparse" or "dense"); x is validated and has
+        """`x @ self` on the chosen path ("sparse", "engine" or "dense"); x is validated and has
         `self`'s dtype (jaxsparse/ops/matmul.py)."""
         if path == "dense":
             return self._dense_product(x)
+        if path == "engine":
+            kernel = self._engine_kernel()
+            return self._dense_product(x) if kernel is None else self._sparse_product(x, kernel)
         return self._sparse_product(x)
+
+    def _engine_kernel(self):
+        """The product on the shared CPU engine (`_kernel`'s signature), or None: no engine."""
+        return None
 
     def _dense_product(self, x):
         """Decompress, then XLA's dot. The dot contracts the `[out, in]` rows as they come out of
@@ -231,20 +240,22 @@ class SparseFormat:
             return jnp.einsum("...k,nk->...n", x, rows)
         return jnp.matmul(x, jnp.swapaxes(rows, -1, -2))
 
-    def _sparse_product(self, x):
-        """The format's kernel over any leading dims of x and of a stack of weights."""
+    def _sparse_product(self, x, kernel=None):
+        """`kernel` (default the format's `_kernel`) over any leading dims of x and of a stack of
+        weights."""
+        kernel = kernel or self._kernel
         arrays = tuple(self.arrays().values())
         if not self.batch_shape:
             lead = x.shape[:-1]
             x3 = x.reshape(1, math.prod(lead), self.in_features)
-            y = self._kernel(x3, *(a[None] for a in arrays))
+            y = kernel(x3, *(a[None] for a in arrays))
             return y.reshape(*lead, self.out_features)
         if x.ndim == 1:
-            return self._sparse_product(x[None])[..., 0, :]
+            return self._sparse_product(x[None], kernel)[..., 0, :]
         batch = jnp.broadcast_shapes(x.shape[:-2], self.batch_shape)
         core = len(self.batch_shape)
         x3 = _flatten_batch(x, batch, 2)
-        y = self._kernel(x3, *(_flatten_batch(a, batch, a.ndim - core) for a in arrays))
+        y = kernel(x3, *(_flatten_batch(a, batch, a.ndim - core) for a in arrays))
         return y.reshape(*batch, *y.shape[1:])
 
     def __rmatmul__(self, x):

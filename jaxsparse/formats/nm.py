@@ -42,7 +42,7 @@ from jaxsparse.formats._base import (
     rows_to_dense,
 )
 from jaxsparse.formats._spec import register_spec
-from jaxsparse.ops.nm import nm_spmm
+from jaxsparse.ops.nm import has_engine, nm_spmm, nm_spmm_engine
 
 _MAX_M = 16
 
@@ -71,6 +71,12 @@ class NM(NamedTuple):
     @property
     def format(self) -> type:
         return NMSparse
+
+    @property
+    def has_engine(self) -> bool:
+        """Whether products can run on the shared CPU engine (m = 4, n in {1, 2}; see
+        `jaxsparse.ops.nm_spmm_engine`); other patterns take the dense path there."""
+        return has_engine(self.n, self.m)
 
     def validate(self, where: str = "jaxsparse.NM") -> "NM":
         n = V.check_int("m", self.m, low=2, high=_MAX_M, where=where)
@@ -239,6 +245,11 @@ class NMSparse(SparseFormat):
 
     def _kernel(self, x, values, indices):
         return nm_spmm(x, values, indices, n=self.n, m=self.m)
+
+    def _engine_kernel(self):
+        if not has_engine(self.n, self.m):
+            return None
+        return lambda x, values, indices: nm_spmm_engine(x, values, indices, n=self.n, m=self.m)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -58,9 +58,8 @@ from jaxsparse.formats._base import (
 )
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats._vnm_select import select_columns
-from jaxsparse.ops.vnm import vnm_spmm
+from jaxsparse.ops.vnm import SELECTED, vnm_spmm  # SELECTED: the 4 inputs a panel keeps per group.
 
-SELECTED = 4  # Inputs a panel keeps per group: the 4 of a 2:4 (or 1:4) chunk.
 _MAX_V = 256  # Panels up to 256 outputs (uint8 slots, CTA tiles up to 256 rows).
 _MAX_M = 64  # Groups up to 64 inputs (uint8 positions; selection cost grows as C(m, 4)).
 _V_MULTIPLE = 16  # Panels are whole m16 tiles of mma.sp.
@@ -94,6 +93,11 @@ class VNM(NamedTuple):
     @property
     def format(self) -> type:
         return VNMSparse
+
+    @property
+    def has_engine(self) -> bool:
+        """True: V:N:M's kernels are the shared CPU engine."""
+        return True
 
     def validate(self, where: str = "jaxsparse.VNM") -> "VNM":
         v = V.check_int("v", self.v, low=_V_MULTIPLE, high=_MAX_V, where=where)
@@ -271,6 +275,9 @@ class VNMSparse(SparseFormat):
 
     def _kernel(self, x, values, indices, columns):
         return vnm_spmm(x, values, indices, columns, v=self.v, n=self.n, m=self.m)
+
+    def _engine_kernel(self):
+        return self._kernel  # The V:N:M kernels are the engine.
 
 
 # ---------------------------------------------------------------------- selection

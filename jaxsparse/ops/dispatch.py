@@ -1,42 +1,62 @@
-"""Which path `x @ ws` takes: the sparse kernel, or the dense path (decompress, then XLA's dot).
+"""Which path `x @ ws` takes: the sparse kernel, the shared engine, or the dense path.
 
-A sparse kernel reads fewer bytes and does fewer FMAs, but XLA's dense dot runs its FMAs closer to
-the machine's peak (and, for bf16, on AVX512-BF16/AMX dot instructions our f32-accumulating CPU
-kernels do not use). Where the measured crossovers say the dense path wins, jaxsparse multiplies
-densely instead (it does not yet win everywhere: docs/cpu_speed_notes.md lists the shapes where
-neither path reaches the dense dot). The choice is made at trace time from static
-facts only: the platform, the CPU kernels' instruction set, the dtype, the density n/m and the
-number of tokens (the product of x's leading dims).
+- "sparse": the format's own kernel (for N:M, the per-output-position kernels: they read fewer
+  bytes and do fewer FMAs, and win at few tokens).
+- "engine": the shared CPU engine (FORMATS.md section 4): per panel of outputs, decode the weights
+  into a cache-resident dense tile, then the dense micro-kernels (f32 FMA, AMX tiles for bf16)
+  over the panel's inputs, with no full-size decompressed weight. V:N:M's kernel is the engine;
+  an N:M weight with m = 4 runs on it as a V:N:M weight that selects every input
+  (`jaxsparse.ops.nm_spmm_engine`). A format with no engine for its spec multiplies densely.
+- "dense": decompress, then XLA's dot.
+
+XLA's dense dot runs its FMAs close to the machine's peak (and, for bf16, on AVX512-BF16 or AMX dot
+instructions), so where the sparse kernel's savings run out the engine or the dense path takes
+over. The choice is made at trace time from static facts only: the platform, the CPU kernels'
+instruction set, the dtype, the format and density, and the number of tokens (the product of x's
+leading dims).
 
 The rule, `choose_path`:
 
 - Off the CPU, or without the CPU extension: "sparse" (the CUDA kernels, or the reference with its
   fallback warning).
 - On the CPU, per (instruction set, dtype), a table of crossovers (`SPARSE_MAX_TOKENS`): for
-  density bands, the most tokens at which the sparse kernel beat the dense path
-  (benchmarks/bench.py, docs/cpu_speed_notes.md). Beyond it, "dense".
+  density bands, the most tokens at which the sparse kernel beat the other paths
+  (benchmarks/bench.py, docs/cpu_speed_notes.md). Beyond it, "engine" where `ENGINE_ROWS` holds
+  the (instruction set, dtype) and the format has an engine for its spec, else "dense".
 
-A user forces either path per call (`jsp.matmul(x, ws, path="dense")`) or for a region of code,
-including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Both paths compute the same
-product; they round differently (the kernel accumulates in f32 in its own order; the dense path
-rounds as XLA's dot does).
+The built-in table was measured on two machines (a Zen 5 without AMX, a Xeon with AMX). On
+another, `python -m jaxsparse.tune` measures the N:M crossovers and writes them to the user's
+cache (`crossovers_file()`: `$XDG_CACHE_HOME/jaxsparse/crossovers.json`, or the file that
+`JAXSPARSE_CROSSOVERS` names), keyed by the CPU model and instruction set; its rows then replace
+the built-in N:M rows of that machine. `JAXSPARSE_CROSSOVERS=builtin` ignores the cache.
+
+A user forces a path per call (`jsp.matmul(x, ws, path="engine")`) or for a region of code,
+including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Every path computes the
+same product; they round differently (the kernels accumulate in f32 in their own order; the dense
+path rounds as XLA's dot does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
+import os
+import platform
 import threading
+import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxsparse import _ffi
 
-__all__ = ["FORMAT_TABLES", "PATHS", "SPARSE_MAX_TOKENS", "choose_path", "matmul_path",
-           "current_path"]
+__all__ = ["ENGINE_ROWS", "FORMAT_TABLES", "PATHS", "SPARSE_MAX_TOKENS", "choose_path",
+           "matmul_path", "current_path", "crossovers_file", "machine_key", "tuned_entry"]
 
-PATHS = ("auto", "sparse", "dense")
+PATHS = ("auto", "sparse", "engine", "dense")
 
 _ALWAYS = math.inf
 
@@ -53,11 +73,16 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     # weight (~30 ms for 4096x4096 on the measured VM, mostly page faults of the fresh buffer),
     # so it only pays off once the dot itself is long: from 1024 tokens.
     ("avx512", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
-    # On AMX machines XLA's bf16 dot runs on the tiles (~2x its AVX512-BF16 rate at 128+ tokens)
-    # while the N:M kernels still widen to f32: measured on a 2-core Intel Xeon with AMX (jax
-    # 0.12, 4096x4096, against the dense path), 2:4 was faster at 128 tokens (1.24x) and slower
-    # at 192 (0.82x); 1:4 faster at 192 (1.18x), even at 256. f32 and f16 take the AVX-512 rows.
-    ("amx", "bfloat16"): ((0.25, 255), (1.0, 128)),
+    # On AMX machines XLA's bf16 dot runs on the tiles while the N:M kernels widen to f32; the
+    # engine runs bf16 on the tiles too from 32 tokens. Measured on a 2-core Intel Xeon with AMX
+    # (jax 0.12; benchmarks/nm_engine_probe.py): at 4096x4096 and 32 tokens the engine ran 2:4 in
+    # 2.8 ms, the N:M kernel 4.8 and XLA's dot 4.1; at 16 and 24 tokens the kernel won (1.35x
+    # and 1.04x of XLA's dot, the engine 0.90x and 0.82x). Likewise for 1:4.
+    ("amx", "bfloat16"): ((1.0, 31),),
+    # f32 on AMX machines: the N:M kernel up to 511 tokens; past it the engine (FMA) at 2:4 (at
+    # 3072x768 and 4096 tokens 1.06x of XLA's dot against the kernel's 0.88x); 1:4 keeps the kernel
+    # (at 4096x4096 and 2048 tokens 1.70x against the engine's 1.08x). f16 takes the AVX-512 row.
+    ("amx", "float32"): ((0.25, _ALWAYS), (1.0, 511)),
     # AVX2 and portable rows are estimates, not measurements: XLA on the measured machine always
     # ran its AVX-512 dot. They keep the kernel where its byte and FMA savings are largest.
     ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 1023)),
@@ -68,6 +93,11 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("portable", "float16"): ((1.0, 255),),
     ("portable", "bfloat16"): ((1.0, 255),),
 }
+
+#: Where, past the sparse kernel's crossover, the engine beats the dense path (measured as above);
+#: elsewhere the dense path takes over. The avx512 rows were measured on Zen 5 before the engine
+#: ran N:M: they keep the dense path until measured again.
+ENGINE_ROWS: frozenset[tuple[str, str]] = frozenset({("amx", "bfloat16"), ("amx", "float32")})
 
 #: Per format (the spec type's name), its crossover table; N:M's is `SPARSE_MAX_TOKENS`. A
 #: format without a table (or without a row for the ISA and dtype) always takes its kernel.
@@ -83,6 +113,79 @@ FORMAT_TABLES: dict[str, dict] = {
 
 _state = threading.local()
 
+#: Environment variable: the tuned crossovers file, or "builtin" for the built-in table only.
+CROSSOVERS_ENV = "JAXSPARSE_CROSSOVERS"
+CROSSOVERS_VERSION = 1
+
+
+def crossovers_file() -> Path | None:
+    """Where `python -m jaxsparse.tune` writes, and `choose_path` reads, tuned crossovers (None:
+    `JAXSPARSE_CROSSOVERS=builtin`)."""
+    named = os.environ.get(CROSSOVERS_ENV)
+    if named == "builtin":
+        return None
+    if named:
+        return Path(named).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "jaxsparse" / "crossovers.json"
+
+
+def machine_key(isa: str) -> str:
+    """The key of this machine's entry in the crossovers file: CPU model and instruction set (a
+    home directory shared by several machines keeps one entry per kind)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} | {isa}"
+
+
+def tuned_entry(isa: str) -> dict | None:
+    """This machine's tuned N:M crossovers for `isa`, or None: `{"rows": {dtype: ((density
+    bound, max sparse tokens), ...)}, "engine": {dtype, ...}}`."""
+    path = crossovers_file()
+    if path is None:
+        return None
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _read_crossovers(str(path), stamp).get(machine_key(isa))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_crossovers(path: str, _stamp: int) -> dict:
+    """The entries of a crossovers file, checked; a malformed file warns and counts as empty
+    (a product must not fail because of a cache)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != CROSSOVERS_VERSION:
+            raise ValueError(f"version {data.get('version')!r}, expected {CROSSOVERS_VERSION}")
+        return {key: _check_entry(entry) for key, entry in data["machines"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"jaxsparse: ignoring the tuned crossovers in {path} ({err}); the built-in "
+                      f"table applies. Rerun `python -m jaxsparse.tune` to rewrite it.",
+                      stacklevel=3)
+        return {}
+
+
+def _check_entry(entry: dict) -> dict:
+    rows = {}
+    for dtype, table in entry["rows"].items():
+        parsed = tuple((float(bound), _ALWAYS if most is None else float(most))
+                       for bound, most in table)
+        bounds = [b for b, _ in parsed]
+        if not parsed or bounds != sorted(bounds) or bounds[-1] < 1.0 or any(
+                m < 0 for _, m in parsed):
+            raise ValueError(f"row {dtype!r} is not ascending density bounds up to 1 with "
+                             f"token counts >= 0: {table!r}")
+        rows[str(dtype)] = parsed
+    return {"rows": rows, "engine": frozenset(str(d) for d in entry["engine"])}
+
 
 def current_path() -> str:
     """The path `x @ ws` takes in this thread: "auto" unless inside `matmul_path(...)`."""
@@ -94,8 +197,9 @@ def matmul_path(path: str):
     """Force every jaxsparse product traced inside the block onto one path.
 
     Args:
-        path: "sparse" (always the sparse kernel), "dense" (always decompress, then XLA's dot) or
-            "auto" (`choose_path`).
+        path: "sparse" (always the sparse kernel), "engine" (always the shared engine, or the dense
+            path for a format without one), "dense" (always decompress, then XLA's dot) or "auto"
+            (`choose_path`).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -136,15 +240,19 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
         isa: the CPU kernels' instruction set; default `jsp.cpu_isa()`.
 
     Returns:
-        "sparse" or "dense".
+        "sparse", "engine" or "dense". For a spec without an engine (`spec.has_engine` false, e.g.
+        `NM(2, 8)`), "engine" becomes "dense"; for a plain number it stays "engine" (the format
+        multiplies densely if it has no engine).
     """
     where = "jaxsparse.choose_path"
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
         raise ValueError(f"{where}: tokens must be an int >= 0; got {tokens!r}")
-    tables = SPARSE_MAX_TOKENS
+    tables, engine = SPARSE_MAX_TOKENS, True
     if isinstance(density, tuple) and hasattr(density, "density"):  # A spec value.
         tables = FORMAT_TABLES.get(type(density).__name__, {})
+        engine = bool(getattr(density, "has_engine", False))
         density = density.density
+    tuned = tables is SPARSE_MAX_TOKENS
     if not isinstance(density, (int, float, np.floating)) or not 0 < density <= 1:
         raise ValueError(
             f"{where}: density must be a number in (0, 1]; got {density!r} (or pass a spec)"
@@ -154,11 +262,19 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
         return "sparse"
     isa = isa or _ffi.cpu_isa()
     dtype_name = np.dtype(dtype).name
+    entry = tuned_entry(isa) if tuned else None
+    if entry is not None and dtype_name in entry["rows"]:
+        return _pick(entry["rows"][dtype_name], tokens, density,
+                     engine and dtype_name in entry["engine"])
     # Under "amx" a format without an AMX row runs its AVX-512 kernels: their row applies.
     row = tables.get((isa, dtype_name)) or (tables.get(("avx512", dtype_name)) if isa == "amx"
                                            else None)
-    table = row or ((1.0, _ALWAYS),)
-    for bound, max_tokens in table:
-        if density <= bound + 1e-9:
-            return "sparse" if tokens <= max_tokens else "dense"
-    return "sparse" if tokens <= table[-1][1] else "dense"
+    return _pick(row or ((1.0, _ALWAYS),), tokens, density,
+                 engine and (isa, dtype_name) in ENGINE_ROWS)
+
+
+def _pick(table, tokens, density, engine: bool) -> str:
+    max_tokens = next((most for bound, most in table if density <= bound + 1e-9), table[-1][1])
+    if tokens <= max_tokens:
+        return "sparse"
+    return "engine" if engine else "dense"

@@ -26,8 +26,10 @@ def matmul(x, w, *, path: str | None = None):
             dims broadcast as in `jnp.matmul`.
         w: a jaxsparse format, e.g. `NMSparse` or `VNMSparse`.
         path: "auto" (the default, or what an enclosing `jsp.matmul_path(...)` sets) picks at
-            trace time between the sparse kernel and the dense path (decompress `w`, then XLA's
-            dot) by `jsp.choose_path`; "sparse" or "dense" forces one (jaxsparse/ops/dispatch.py).
+            trace time between the sparse kernel, the shared engine (decode panels into dense
+            tiles, dense micro-kernels) and the dense path (decompress `w`, then XLA's dot) by
+            `jsp.choose_path`; "sparse", "engine" or "dense" forces one
+            (jaxsparse/ops/dispatch.py).
 
     Returns:
         `[..., out]` in the promoted dtype of x and w (bf16 with f16 promotes to f32); the product

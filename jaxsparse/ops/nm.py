@@ -35,9 +35,11 @@ from jax.interpreters import ad, mlir
 from jaxsparse.ops import _primitive as P
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
+from jaxsparse.ops.vnm import SELECTED, vnm_spmm
 
 __all__ = ["nm_spmm", "nm_spmm_t", "nm_sddmm", "nm_spmm_reference", "nm_spmm_t_reference",
-           "nm_sddmm_reference", "JaxsparseFallbackWarning"]
+           "nm_sddmm_reference", "nm_spmm_engine", "has_engine", "ENGINE_PANEL",
+           "JaxsparseFallbackWarning"]
 
 
 # ====================================================================== shared helpers
@@ -285,6 +287,51 @@ def _sddmm_transpose(ct, x, dy, indices, *, n, m):
 def _sddmm_batch(args, dims, *, n, m):
     # Per-example outputs: the mapped axis always joins the kernel batch (never the tokens).
     return P.batch_into_kernel_batch(functools.partial(nm_sddmm, n=n, m=m), args, dims)
+
+
+# ====================================================================== the engine route
+#: Outputs per panel when an N:M product runs on the V:N:M engine. Measured on a 2-core Xeon with
+#: AMX (jax 0.12, bf16, 2:4): 128 beat 64 by 1.2-1.5x and 32 by 1.5-2x at 32-2048 tokens (more
+#: outputs share each load of x); 256 was no faster (benchmarks/nm_engine_probe.py).
+ENGINE_PANEL = 128
+
+
+def has_engine(n: int, m: int) -> bool:
+    """Whether `n:m` can run on the shared CPU engine: m = 4 (every group is one panel selection
+    of all 4 inputs) and n in {1, 2} (the V:N:M kernels' n)."""
+    return m == SELECTED and n in (1, 2)
+
+
+def nm_spmm_engine(x, values, indices, *, n: int, m: int):
+    """`y = x @ W` for an N:M sparse `W` with m = 4, on the shared engine (FORMATS.md section 4).
+
+    An n:4 weight is a V:N:M weight `VNM(ENGINE_PANEL, n, 4)` whose panels select all 4 inputs of
+    every group: its `values` and `indices` are already that format's (one row per output, slot =
+    position). So the product runs the V:N:M kernels: per panel of `ENGINE_PANEL` outputs, decode
+    the weights into a cache-resident dense tile and multiply with the dense micro-kernels (f32
+    FMA, or the AMX tiles for bf16), with no full-size decompressed weight. Its derivatives are
+    the V:N:M primitives' (the engine's backward kernels). Like the dense path, and unlike
+    `nm_spmm`, it multiplies the pattern's zeros: an inf or nan in x reaches every output of its
+    group (as nan), not only the outputs that keep that input.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        values: `[Bw, N, Kc]` same dtype, `Kc = ceil(K/4) * n`.
+        indices: `[Bw, N, Kc]` uint8, positions 0..3.
+        n, m: the pattern; `has_engine(n, m)` must hold.
+
+    Returns:
+        `[B, T, N]` in x's dtype, `B = max(Bx, Bw)`; f32 accumulation.
+    """
+    if not has_engine(n, m):
+        raise ValueError(f"jaxsparse.nm_spmm_engine: the engine takes n:m with m = {SELECTED} and "
+                         f"n in (1, 2); got {n}:{m} (use nm_spmm)")
+    batch, out_features, kept = values.shape
+    panels, groups = -(-out_features // ENGINE_PANEL), kept // n
+    every_input = jnp.arange(SELECTED, dtype=jnp.uint8)
+    columns = jnp.broadcast_to(every_input, (batch, panels, groups, SELECTED))
+    columns = columns.reshape(batch, panels, groups * SELECTED)
+    return vnm_spmm(x, values, indices, columns, v=ENGINE_PANEL, n=n, m=m)
 
 
 # ====================================================================== registration

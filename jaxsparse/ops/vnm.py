@@ -39,7 +39,7 @@ from jaxsparse.ops import _primitive as P
 __all__ = ["vnm_spmm", "vnm_spmm_t", "vnm_sddmm", "vnm_spmm_reference", "vnm_spmm_t_reference",
            "vnm_sddmm_reference"]
 
-_SELECTED = 4  # Inputs a panel keeps per group; 2:4 (or 1:4) applies inside them.
+SELECTED = 4  # Inputs a panel keeps per group; 2:4 (or 1:4) applies inside them.
 
 
 # ====================================================================== shared helpers
@@ -56,10 +56,10 @@ def kept_positions(indices, columns, v, n, m):
     b, out, kept = indices.shape
     groups = kept // n
     slot = indices.astype(jnp.int32).reshape(b, out, groups, n)
-    panel_cols = columns.astype(jnp.int32).reshape(b, columns.shape[1], groups, _SELECTED)
+    panel_cols = columns.astype(jnp.int32).reshape(b, columns.shape[1], groups, SELECTED)
     row_cols = jnp.repeat(panel_cols, v, axis=1)[:, :out]  # [B, N, G, 4]
-    col = jnp.take_along_axis(row_cols, jnp.clip(slot, 0, _SELECTED - 1), axis=-1)
-    valid = (slot < _SELECTED) & (col < m)
+    col = jnp.take_along_axis(row_cols, jnp.clip(slot, 0, SELECTED - 1), axis=-1)
+    valid = (slot < SELECTED) & (col < m)
     base = (jnp.arange(groups, dtype=jnp.int32) * m)[:, None]
     positions = jnp.where(valid, base + col, 0)
     return positions.reshape(b, out, kept), valid.reshape(b, out, kept)
@@ -95,10 +95,10 @@ def _check_operands(where, dense, values, indices, columns, v, n, m, k):
             f"{tuple(indices.shape)}"
         )
     panels = -(-indices.shape[1] // v)
-    if columns.shape[1:] != (panels, groups * _SELECTED):
+    if columns.shape[1:] != (panels, groups * SELECTED):
         raise ValueError(
             f"{where}: columns must be [B, ceil(N/v), ceil(K/m)*4] = [B, {panels}, "
-            f"{groups * _SELECTED}]; got {tuple(columns.shape)}"
+            f"{groups * SELECTED}]; got {tuple(columns.shape)}"
         )
     if indices.dtype != jnp.uint8 or columns.dtype != jnp.uint8:
         raise TypeError(

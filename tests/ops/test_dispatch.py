@@ -1,4 +1,5 @@
-"""The trace-time choice between the sparse kernel and the dense path, and both paths' results."""
+"""The trace-time choice between the sparse kernel, the engine and the dense path, and every path's
+results."""
 
 import functools
 import math
@@ -13,27 +14,42 @@ import jaxsparse as jsp
 from jaxsparse.ops import dispatch
 from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
 
-PATHS = ("sparse", "dense")
+PATHS = ("sparse", "engine", "dense")
 
 
 def _uses_kernel(fn, *args) -> bool:
-    """Whether the jaxpr of fn(*args) holds the sparse forward primitive."""
+    """Whether the jaxpr of fn(*args) holds the N:M forward primitive."""
     return "jaxsparse_nm_spmm" in str(jax.make_jaxpr(fn)(*args))
+
+
+def _uses_engine(fn, *args) -> bool:
+    """Whether the jaxpr of fn(*args) holds the engine's (V:N:M's) forward primitive."""
+    return "jaxsparse_vnm_spmm" in str(jax.make_jaxpr(fn)(*args))
+
+
+def _path_of(fn, *args) -> str:
+    if _uses_kernel(fn, *args):
+        return "sparse"
+    return "engine" if _uses_engine(fn, *args) else "dense"
 
 
 # ------------------------------------------------------------------ the rule
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_rule_follows_its_table(isa, dtype):
-    table = dispatch.SPARSE_MAX_TOKENS[(isa, dtype)]
+    table = (dispatch.SPARSE_MAX_TOKENS.get((isa, dtype))
+             or dispatch.SPARSE_MAX_TOKENS[("avx512", dtype)])
+    beyond = "engine" if (isa, dtype) in dispatch.ENGINE_ROWS else "dense"
     for (n, m) in [(1, 4), (2, 8), (2, 4), (4, 8), (3, 4)]:
         limit = next(t for bound, t in table if n / m <= bound + 1e-9)
-        for tokens in (1, 16, 17, 64, 65, 128, 255, 256, 1023, 1024, 2048):
-            want = "sparse" if tokens <= limit else "dense"
+        engine = beyond if jsp.NM(n, m).has_engine else "dense"
+        for tokens in (1, 16, 17, 31, 32, 64, 65, 128, 255, 256, 511, 512, 1023, 1024, 2048):
             got = jsp.choose_path(tokens, dtype, n / m, platform="cpu", isa=isa)
-            assert got == want, (isa, dtype, n, m, tokens)
+            assert got == ("sparse" if tokens <= limit else beyond), (isa, dtype, n, m, tokens)
+            got = jsp.choose_path(tokens, dtype, jsp.NM(n, m), platform="cpu", isa=isa)
+            assert got == ("sparse" if tokens <= limit else engine), (isa, dtype, n, m, tokens)
 
 
 def test_rule_keeps_the_kernel_where_it_was_measured_faster():
@@ -47,16 +63,23 @@ def test_rule_keeps_the_kernel_where_it_was_measured_faster():
     assert jsp.choose_path(2048, jnp.bfloat16, 0.5, platform="cpu", isa="avx512") == "dense"
 
 
-def test_amx_has_its_own_bf16_row_and_otherwise_the_avx512_rows():
-    # bf16 N:M on AMX machines: XLA's bf16 dot runs on the tiles, so the dense path wins earlier.
-    assert jsp.choose_path(128, jnp.bfloat16, 0.5, platform="cpu", isa="amx") == "sparse"
-    assert jsp.choose_path(129, jnp.bfloat16, 0.5, platform="cpu", isa="amx") == "dense"
-    assert jsp.choose_path(255, jnp.bfloat16, 0.25, platform="cpu", isa="amx") == "sparse"
-    assert jsp.choose_path(256, jnp.bfloat16, 0.25, platform="cpu", isa="amx") == "dense"
-    for dtype in ("float32", "float16"):
-        for tokens in (1, 128, 2048):
-            assert (jsp.choose_path(tokens, dtype, 0.5, platform="cpu", isa="amx")
-                    == jsp.choose_path(tokens, dtype, 0.5, platform="cpu", isa="avx512"))
+def test_amx_runs_n_m_on_the_engine_past_its_crossovers():
+    rule = functools.partial(jsp.choose_path, platform="cpu", isa="amx")
+    # bf16: XLA's dot runs on the tiles; from 32 tokens so does the engine.
+    for spec in (jsp.NM(2, 4), jsp.NM(1, 4)):
+        assert rule(31, jnp.bfloat16, spec) == "sparse"
+        assert rule(32, jnp.bfloat16, spec) == "engine"
+        assert rule(2048, jnp.bfloat16, spec) == "engine"
+    # A pattern the engine cannot take goes dense there.
+    assert rule(32, jnp.bfloat16, jsp.NM(2, 8)) == "dense"
+    # f32: 2:4 on the engine past 511 tokens; 1:4 always the kernel.
+    assert rule(511, jnp.float32, jsp.NM(2, 4)) == "sparse"
+    assert rule(512, jnp.float32, jsp.NM(2, 4)) == "engine"
+    assert rule(4096, jnp.float32, jsp.NM(1, 4)) == "sparse"
+    # f16 reads the AVX-512 row.
+    for tokens in (1, 128, 2048):
+        assert (rule(tokens, jnp.float16, 0.5)
+                == jsp.choose_path(tokens, jnp.float16, 0.5, platform="cpu", isa="avx512"))
     # V:N:M has no table: its kernels (bf16 on the tiles) win at every measured shape.
     assert jsp.choose_path(2048, jnp.bfloat16, jsp.VNM(64, 2, 8), platform="cpu",
                            isa="amx") == "sparse"
@@ -90,8 +113,11 @@ def test_every_table_row_is_well_formed():
 def test_forcing_per_call_and_per_region():
     ws = random_nm(keys(70, 1)[0], 16, 8, 2, 4)
     x = jnp.ones((4, 16))
-    assert _uses_kernel(lambda x: jsp.matmul(x, ws, path="sparse"), x)
-    assert not _uses_kernel(lambda x: jsp.matmul(x, ws, path="dense"), x)
+    assert _path_of(lambda x: jsp.matmul(x, ws, path="sparse"), x) == "sparse"
+    assert _path_of(lambda x: jsp.matmul(x, ws, path="engine"), x) == "engine"
+    assert _path_of(lambda x: jsp.matmul(x, ws, path="dense"), x) == "dense"
+    with jsp.matmul_path("engine"):
+        assert _path_of(lambda x: x @ ws, x) == "engine"
     with jsp.matmul_path("dense"):
         assert not _uses_kernel(lambda x: x @ ws, x)
         with jsp.matmul_path("sparse"):
@@ -129,14 +155,22 @@ def test_bad_path_names_the_argument(bad):
             pass
 
 
-def test_auto_takes_the_dense_path_where_the_rule_says():
+def test_engine_path_of_a_pattern_without_an_engine_is_the_dense_path():
+    ws = random_nm(keys(69, 1)[0], 16, 8, 2, 8)
+    assert not ws.spec.has_engine
+    assert _path_of(lambda x: jsp.matmul(x, ws, path="engine"), jnp.ones((4, 16))) == "dense"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_auto_takes_the_path_the_rule_says(dtype):
     if not jsp.has_cpu_kernels() or jax.default_backend() != "cpu":
         pytest.skip("the rule's CPU table needs the CPU kernels")
-    ws = random_nm(keys(72, 1)[0], 64, 32, 2, 4, jnp.bfloat16)
-    for tokens in (1, 16, 2048):
-        x = jnp.ones((tokens, 64), jnp.bfloat16)
-        want = jsp.choose_path(tokens, jnp.bfloat16, ws.density)
-        assert _uses_kernel(lambda x: x @ ws, x) == (want == "sparse"), tokens
+    for spec in (jsp.NM(2, 4), jsp.NM(2, 8)):
+        ws = jsp.fromdense(random_array(keys(72, 1)[0], (64, 32), dtype), spec)
+        for tokens in (1, 16, 32, 600, 2048):
+            x = jnp.ones((tokens, 64), dtype)
+            want = jsp.choose_path(tokens, dtype, ws.spec)
+            assert _path_of(lambda x: x @ ws, x) == want, (spec, tokens)
 
 
 # ------------------------------------------------------------------ both paths compute the product

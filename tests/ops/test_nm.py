@@ -17,6 +17,7 @@ from jaxsparse.ops import (
     nm_spmm_t,
     nm_spmm_t_reference,
 )
+from jaxsparse.ops.nm import ENGINE_PANEL, has_engine, nm_spmm_engine
 from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
 
 # (tokens, in, out, n, m): token counts of 1 and odd sizes, `in` not a multiple of m, tile edges.
@@ -323,3 +324,71 @@ def test_primitive_shape_checks():
         nm_spmm(jnp.concatenate([x] * 3), jnp.concatenate([v] * 2), jnp.concatenate([i] * 2), n=2, m=4)
     with pytest.raises(ValueError, match="must be rank 3"):
         nm_spmm(x[0], v, i, n=2, m=4)
+
+
+# ---------------------------------------------------------------------- the engine route
+# (tokens, in, out): 1 and 17 tokens (the FMA engine), 40 and 96 (bf16 on the AMX tiles from 32),
+# `in` ragged against the group and the 32-input k step, `out` across partial panels of 128.
+ENGINE_SHAPES = [(1, 16, 8), (17, 33, 20), (40, 70, ENGINE_PANEL + 2),
+                 (96, 300, 2 * ENGINE_PANEL + 17)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("t,k,out", ENGINE_SHAPES)
+def test_engine_matches_the_reference_on_every_isa(isa, t, k, out, n, dtype):
+    x, ws, _ = operands(keys(80, 1)[0], t, k, out, n, 4, dtype)
+    v, i = ws.values, ws.indices
+    y = jax.jit(functools.partial(nm_spmm_engine, n=n, m=4))(x, v, i)
+    assert y.shape == (1, t, out) and y.dtype == dtype
+    assert_close(y, nm_spmm_reference(x, v, i, n=n, m=4), dtype, scale_for(k))
+
+
+@pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (3, 3)])
+def test_engine_batches_broadcast(bx, bw):
+    x, ws, _ = operands(keys(81, 1)[0], 40, 24, 10, 2, 4, jnp.bfloat16, bx=bx, bw=bw)
+    y = nm_spmm_engine(x, ws.values, ws.indices, n=2, m=4)
+    assert y.shape == (max(bx, bw), 40, 10)
+    assert_close(y, nm_spmm_reference(x, ws.values, ws.indices, n=2, m=4), jnp.bfloat16, 2)
+
+
+def test_engine_drops_positions_past_the_group_as_the_kernel_does():
+    x, ws, _ = operands(keys(82, 1)[0], 40, 16, 8, 2, 4, jnp.float32)
+    indices = ws.indices.at[0, 3, 1].set(4).at[0, 5, 0].set(255)
+    got = nm_spmm_engine(x, ws.values, indices, n=2, m=4)
+    assert_close(got, nm_spmm(x, ws.values, indices, n=2, m=4), jnp.float32, scale_for(16))
+
+
+def test_engine_multiplies_the_pattern_zeros_as_the_dense_path_does():
+    # The engine's tile is dense over each group: an inf in x reaches every output of its
+    # group as inf * 0 = nan, as in the dense path; the sparse kernel skips unkept inputs.
+    x, ws, _ = operands(keys(86, 1)[0], 40, 16, 8, 2, 4, jnp.float32)
+    x = x.at[0, :, 4].set(jnp.inf)
+    engine = nm_spmm_engine(x, ws.values, ws.indices, n=2, m=4)
+    dense = jnp.einsum("btk,bkn->btn", x, ws.todense())
+    np.testing.assert_array_equal(np.isfinite(engine), np.isfinite(dense))
+
+
+def test_engine_gradients_match_the_kernel_path():
+    ws = random_nm(keys(83, 1)[0], 36, 20, 2, 4)
+    x = random_array(keys(84, 1)[0], (40, 36))
+
+    def loss(path):
+        return lambda x, v: jnp.sum(jnp.sin(jsp.matmul(x, ws.replace(values=v), path=path)))
+
+    got = jax.jit(jax.grad(loss("engine"), argnums=(0, 1)))(x, ws.values)
+    want = jax.grad(loss("sparse"), argnums=(0, 1))(x, ws.values)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert_close(g, w, jnp.float32, scale_for(40))
+    check_grads(loss("engine"), (x[:3], ws.values), order=1, modes=("rev",), atol=2e-2,
+                rtol=2e-2, eps=1e-3)
+
+
+def test_engine_takes_only_m_4_with_n_1_or_2():
+    assert has_engine(2, 4) and has_engine(1, 4)
+    assert not (has_engine(3, 4) or has_engine(2, 8) or has_engine(1, 2))
+    x, ws, _ = operands(keys(85, 1)[0], 2, 16, 4, 2, 8, jnp.float32)
+    match = r"nm_spmm_engine: the engine takes n:m with m = 4 .*got 2:8"
+    with pytest.raises(ValueError, match=match):
+        nm_spmm_engine(x, ws.values, ws.indices, n=2, m=8)

@@ -18,14 +18,6 @@ from tests._check import DTYPES, assert_close, scale_for
 SPMM, SPMM_T, SDDMM = "jaxsparse_vnm_spmm", "jaxsparse_vnm_spmm_t", "jaxsparse_vnm_sddmm"
 
 
-@pytest.fixture(params=jsp.supported_cpu_isas() if jsp.has_cpu_kernels() else [])
-def isa(request):
-    before = jsp.cpu_isa()
-    jsp.set_cpu_isa(request.param)
-    yield request.param
-    jsp.set_cpu_isa(before)
-
-
 # ---------------------------------------------------------------- arrays and reference
 
 
