@@ -43,6 +43,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import jaxsparse as jsp
+from jaxsparse.ops import dispatch
 
 FULL_TOKENS = (1, 16, 128, 2048)
 FULL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", default=None, help="comma list (1,16,128,2048; quick 1,128)")
     p.add_argument("--shapes", default=None, help="comma list of INxOUT (quick: 4096x4096)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10; quick 7)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the BCOO and numpy rows (the default of --grid model)")
     args = p.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in args.dtypes:
@@ -90,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     shapes = args.shapes
     args.shapes = [parse_shape(s) for s in shapes.split(",")] if shapes else default_shapes
     args.repeats = args.repeats or (7 if args.quick else 10)
+    args.no_extras = args.no_extras or args.grid == "model"
     return args
 
 
@@ -289,7 +293,8 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
         t = time_call(fn, x, w_timed, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
         dense_t[mode] = t
         rows.append(row(base, "xla-dense", mode, t, 1.0, dense_bytes(tokens, k, n, isz, mode)))
-    rows += numpy_rows(base, x, w, g, dense_t, args)
+    if not args.no_extras:
+        rows += numpy_rows(base, x, w, g, dense_t, args)
     for spec in args.specs:
         ws = jsp.fromdense(w, spec)
         density = spec.density
@@ -306,7 +311,8 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
                 nbytes = sparse_bytes(tokens, k, n, isz, ws.nbytes, mode)
                 r = row(base, name, mode, t, density, nbytes, dense_t)
                 rows.append({**r, "path": chosen if path == "auto" else path})
-    rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
+    if not args.no_extras:
+        rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
     return rows
 
 
@@ -462,15 +468,7 @@ def metadata(args) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"node": platform.node(), "system": platform.platform(), "cpu": cpu,
+    return {"node": platform.node(), "system": platform.platform(), "cpu": dispatch.cpu_model(),
             "cpus": os.cpu_count()}
 
 

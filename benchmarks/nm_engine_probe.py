@@ -21,7 +21,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 import jaxsparse as jsp
 from bench import (DTYPES, Rotating, dense_fns, machine_info, make_operands, parse_shape,

@@ -97,6 +97,11 @@ struct SpmmAmx : Dims {
     } else {
       block_groups = G;
       panels = Max(1, Min(kAmxMaxPanels, Min(P, budget_words / panel_words)));
+      // Fewer panels per task where that alone leaves a worker idle: with few panels (a
+      // 384-output layer is 3 of 128) and few tokens, 4 panels per task made one task for two
+      // cores (768x384 bf16 2:4 at 32 tokens, docs/cpu_speed_notes.md).
+      const int64_t token_tiles = CeilDiv(Max(T, 1), kAmxGatherTokens);
+      while (panels > 1 && CeilDiv(P, panels) * token_tiles < 2 * rt.num_workers) --panels;
     }
     panel_tasks = CeilDiv(P, panels);
     // Enough tasks for every worker (about 4 each), as few as that allows:

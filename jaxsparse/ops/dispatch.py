@@ -54,7 +54,8 @@ import numpy as np
 from jaxsparse import _ffi
 
 __all__ = ["ENGINE_ROWS", "FORMAT_TABLES", "PATHS", "SPARSE_MAX_TOKENS", "choose_path",
-           "matmul_path", "current_path", "crossovers_file", "machine_key", "tuned_entry"]
+           "matmul_path", "current_path", "cpu_model", "crossovers_file", "machine_key",
+           "tuned_entry"]
 
 PATHS = ("auto", "sparse", "engine", "dense")
 
@@ -130,18 +131,21 @@ def crossovers_file() -> Path | None:
     return Path(cache) / "jaxsparse" / "crossovers.json"
 
 
-def machine_key(isa: str) -> str:
-    """The key of this machine's entry in the crossovers file: CPU model and instruction set (a
-    home directory shared by several machines keeps one entry per kind)."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor or machine name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} | {isa}"
+    return platform.processor() or platform.machine()
+
+
+def machine_key(isa: str) -> str:
+    """The key of this machine's entry in the crossovers file: CPU model and instruction set (a
+    home directory shared by several machines keeps one entry per kind)."""
+    return f"{cpu_model()} | {isa}"
 
 
 def tuned_entry(isa: str) -> dict | None:
