@@ -233,6 +233,61 @@ struct BTileSink {
   }
 };
 
+// Where a decoder puts input kk's weights for 16 outputs when the product
+// runs the other way (dx = dy . W^T): the outputs are the reduction and the
+// inputs the columns. Output o of the weight is row o of the k dimension;
+// input kk is column sel[kk] - in0 (the task's own inputs, dense). For 16
+// consecutive outputs (a multiple of 16) the pairs (o, o + 1) are 8
+// consecutive pair rows, each taking one dword (the pair's two words) at the
+// input's column: one bf16 conversion and one 8-dword scatter.
+// Layout: [input tile (16 inputs)][k step (32 outputs)][16 pair rows][32 words].
+// With `add`, the weights add to what the column holds (a panel whose gather
+// list names one input twice, which only garbage columns do).
+struct TransposedBTileSink {
+  uint16_t* b;
+  int64_t steps;  // k steps over the outputs (ceil(N / 32))
+  int64_t r0;     // the panel's first output
+  const int32_t* sel;
+  int64_t in0;
+  bool add;
+  inline void operator()(int64_t kk, int64_t rb, __m512 col) const {
+    const int64_t c = sel[kk] - in0, o = r0 + rb;
+    uint16_t* row = b + c / 16 * steps * kTileWords + o / kStepWords * kTileWords +
+                    o % kStepWords / 2 * kStepWords + c % 16 * 2;
+    const __m256i rows = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);  // In dwords.
+    if (add) {
+      // The 16 words held, widened to f32 in output order (bf16 is f32's top half).
+      const __m256i held = _mm256_i32gather_epi32(reinterpret_cast<const int*>(row), rows, 4);
+      col = _mm512_add_ps(col, _mm512_castsi512_ps(
+                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(held), 16)));
+    }
+    const __m256i dwords = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(col));
+    _mm256_i32scatter_epi32(row, rows, dwords, 4);
+  }
+  inline void Pair(int64_t kk, int64_t rb, __m512 first, __m512 second) const {
+    (*this)(kk, rb, first);
+    (*this)(kk + 1, rb, second);
+  }
+};
+
+// Rows t .. t + live - 1 of a row-major bf16 matrix (ld words per row, k
+// words used) as A tiles [token tile][k step][16][32]: `rows` rows (a
+// multiple of 16), zero past `live` and past k.
+inline void PackA(const uint16_t* src, int64_t ld, int64_t k, int64_t live, int64_t rows,
+                  uint16_t* a) {
+  const int64_t steps = (k + kStepWords - 1) / kStepWords;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* tile_row = a + r / kTileRows * steps * kTileWords + r % kTileRows * kStepWords;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t left = k - s * kStepWords;
+      const __mmask32 keep =
+          r >= live ? 0u : (left >= 32 ? 0xffffffffu : (1u << left) - 1u);
+      _mm512_store_si512(tile_row + s * kTileWords,
+                         _mm512_maskz_loadu_epi16(keep, src + r * ld + s * kStepWords));
+    }
+  }
+}
+
 // Zeroes the B rows of inputs nk .. steps * 32 (the last step's tail, which
 // no decoder writes) in each of `out_tiles` output tiles.
 inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {

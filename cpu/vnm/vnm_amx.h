@@ -250,6 +250,133 @@ struct SpmmAmx : Dims {
   }
 };
 
+// Whether a gather list holds an input twice (garbage columns that repeat a
+// position). Select lists a group's inputs next to each other, and inputs of
+// different groups differ, so only the 3 entries before each can match.
+inline bool NamesAnInputTwice(const int32_t* sel, int64_t nk) {
+  for (int64_t i = 1; i < nk; ++i)
+    for (int64_t j = Max(0, i - (kSelected - 1)); j < i; ++j)
+      if (sel[i] == sel[j]) return true;
+  return false;
+}
+
+// dx = dy @ W^T on the tiles (bf16). A task is (block of tokens, range of
+// groups): its inputs are its own, so no two tasks write one dx element, and
+// the product over its inputs is dense: dx[t, in0 + c] = sum_o dy[t, o]
+// W^T[o, c], with W^T the task's columns of the weight, every panel decoded
+// into one B operand (TransposedBTileSink; zero where no panel selects an
+// input, or an output keeps none). Per 32 tokens, dy's rows are packed into
+// A tiles and multiplied with all of B in one pass over the outputs: the sums
+// are whole, so they go straight to dx, with no scatter (one add per panel
+// and input, as the FMA kernel does it, would cost ~5x the tile products).
+// The unselected inputs of m > 4 are multiplied as zeros: 1 - 4/m of the
+// work is spent on them (none for the N:M engine's m = 4).
+struct SpmmTAmx : Dims {
+  using D = BF16;
+  using S = D::Storage;
+  struct Worker {
+    uint16_t* b;  // [input tiles][out steps][1 KB]
+    uint16_t* a;  // [2 token tiles][out steps][1 KB]
+    float* c;     // [32 tokens][cols]
+    int32_t* sel;
+    int32_t* slot_kk;
+  };
+
+  const VnmProblem& p;
+  const Runtime& rt;
+  int64_t out_steps, task_groups, cols, group_tasks, task_tokens, token_tasks;
+  Worker* workers = nullptr;
+  Weight<D> w{};
+  const S* dy = nullptr;
+  S* dx = nullptr;
+
+  // B (out_steps x 32 outputs x cols inputs) takes up to half of L2, beside
+  // the packed rows of dy; then enough tasks for about 4 per worker.
+  SpmmTAmx(const VnmProblem& prob, const Runtime& runtime) : Dims(prob), p(prob), rt(runtime) {
+    out_steps = CeilDiv(Max(N, 1), tiles::kStepWords);
+    const int64_t budget_words = rt.l2_bytes / 2 / int64_t{sizeof(uint16_t)};
+    const int64_t max_cols = Max(32, budget_words / (out_steps * tiles::kStepWords) / 32 * 32);
+    task_groups = Max(1, Min(G, max_cols / m));
+    group_tasks = CeilDiv(G, task_groups);
+    cols = RoundUp(task_groups * m, 32);
+    const int64_t chunks = Max(1, CeilDiv(4 * rt.num_workers, group_tasks));
+    task_tokens = RoundUp(CeilDiv(Max(T, 1), chunks), kAmxGatherTokens);
+    token_tasks = CeilDiv(T, task_tokens);
+  }
+
+  static bool Applies(const VnmProblem& p) {
+    return p.dtype == Dtype::kBF16 && p.tokens >= kAmxMinTokens;
+  }
+
+  void Layout(Carver& c) {
+    workers = c.Take<Worker>(rt.num_workers);
+    for (int i = 0; i < rt.num_workers; ++i) {
+      const Worker wk{c.Take<uint16_t>(cols / 16 * out_steps * tiles::kTileWords),
+                      c.Take<uint16_t>(2 * out_steps * tiles::kTileWords),
+                      c.Take<float>(kAmxGatherTokens * cols),
+                      c.Take<int32_t>(task_groups * kSelected),
+                      c.Take<int32_t>(task_groups * kSelected)};
+      if (workers != nullptr) workers[i] = wk;
+    }
+  }
+
+  bool Compute() {
+    if (T == 0 || K == 0 || p.batch == 0) return true;
+    if (N == 0) {
+      std::memset(p.out, 0, p.batch * T * K * sizeof(S));
+      return true;
+    }
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      w = Weight<D>::At(p, b);
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
+      dx = static_cast<S*>(p.out) + b * T * K;
+      RunParallel(rt, token_tasks * group_tasks, *this);
+    }
+    return true;
+  }
+
+  void Run(int64_t task, int worker) const {
+    const Worker& wk = workers[worker];
+    const int64_t g0 = task % group_tasks * task_groups, g1 = Min(G, g0 + task_groups);
+    const int64_t in0 = g0 * m, inputs = Min(K, g1 * m) - in0;
+    const int64_t t0 = task / group_tasks * task_tokens, tokens = Min(task_tokens, T - t0);
+    const int64_t in_tiles = RoundUp(inputs, 16) / 16;
+    std::memset(wk.b, 0, in_tiles * out_steps * tiles::kTileWords * sizeof(uint16_t));
+    for (int64_t panel = 0; panel < P; ++panel) {
+      const uint8_t* panel_cols = w.columns + panel * G * kSelected;
+      const int64_t nk = Select(panel_cols, g0, g1, m, K, wk.sel, wk.slot_kk);
+      if (nk == 0) continue;
+      const int64_t r0 = panel * v;
+      const tiles::TransposedBTileSink sink{wk.b, out_steps, r0, wk.sel, in0,
+                                            NamesAnInputTwice(wk.sel, nk)};
+      if (n == 1) {
+        Avx512Isa::DecodeN<D, 1>(w, Kc, r0, PanelRows(panel), g0, g1, wk.slot_kk,
+                                 PanelPad(panel), sink);
+      } else {
+        Avx512Isa::DecodeN<D, 2>(w, Kc, r0, PanelRows(panel), g0, g1, wk.slot_kk,
+                                 PanelPad(panel), sink);
+      }
+    }
+    tiles::ConfigureTiles();
+    for (int64_t t = 0; t < tokens; t += kAmxGatherTokens) {
+      const int64_t live = Min(kAmxGatherTokens, tokens - t);
+      const int64_t rows = RoundUp(live, tiles::kTileRows);
+      tiles::PackA(dy + (t0 + t) * N, N, N, live, rows, wk.a);
+      tiles::TileProduct(wk.a, rows / tiles::kTileRows, wk.b, in_tiles, out_steps, wk.c, cols,
+                         /*accumulate=*/false);
+      for (int64_t r = 0; r < live; ++r)
+        Avx512Isa::FromF32Row<D>(wk.c + r * cols, dx + (t0 + t + r) * K + in0, inputs);
+    }
+    tiles::ReleaseTiles();
+  }
+};
+
+inline bool SpmmTAmxAny(const VnmProblem& p, const Runtime& rt) {
+  if (SpmmTAmx::Applies(p)) return Run<SpmmTAmx>(p, rt);
+  return RunForDtype<Ops<Traits, Avx512Isa>::template SpmmTOp>(p, rt);
+}
+
 // The forward on an AMX machine: the tiles for bf16 from kAmxMinTokens on,
 // else the AVX-512 kernels.
 inline bool SpmmAmxAny(const VnmProblem& p, const Runtime& rt) {
