@@ -288,6 +288,58 @@ inline void PackA(const uint16_t* src, int64_t ld, int64_t k, int64_t live, int6
   }
 }
 
+// Products that reduce over tokens (the weight gradient, x^T dy) take both
+// operands token-major. A: 16 columns of x (inputs i0 .. i0 + 15) per tile,
+// 32 tokens per k step: tile[i][tt] = x[t0 + 32 s + tt, i0 + i], zero past
+// `live` tokens and past `cols` columns. Layout [column tile][token step][16]
+// [32]; `steps` token steps, `tiles` column tiles from column c0.
+inline void PackColumnsAsA(const uint16_t* x, int64_t ld, int64_t cols, int64_t c0,
+                           int64_t tiles, int64_t live, int64_t steps, uint16_t* a) {
+  for (int64_t j = 0; j < tiles; ++j) {
+    for (int64_t s = 0; s < steps; ++s) {
+      uint16_t* tile = a + (j * steps + s) * kTileWords;
+      for (int64_t tt = 0; tt < kStepWords; ++tt) {
+        const int64_t t = s * kStepWords + tt, c = c0 + j * 16;
+        const int64_t left = t < live ? cols - c : 0;
+        const __mmask16 keep =
+            static_cast<__mmask16>(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1);
+        // One token's 16 columns go down column tt of the tile.
+        alignas(32) uint16_t words[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(words),
+                           _mm256_maskz_loadu_epi16(keep, x + t * ld + c));
+        for (int i = 0; i < 16; ++i) tile[i * kStepWords + tt] = words[i];
+      }
+    }
+  }
+}
+
+// B for the same products: 16 columns of dy per tile, token pairs per VNNI
+// row: row r of step s holds tokens 32 s + 2 r and 32 s + 2 r + 1 of each
+// column side by side. Zero past `live` tokens and `cols` columns. Layout
+// [column tile][token step][16][32].
+inline void PackColumnsAsB(const uint16_t* dy, int64_t ld, int64_t cols, int64_t tiles,
+                           int64_t live, int64_t steps, uint16_t* b) {
+  // Word 2c takes the first token's column c, word 2c + 1 the second's.
+  const __m512i interleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t j = 0; j < tiles; ++j) {
+    const int64_t left = cols - j * 16;
+    const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+    for (int64_t s = 0; s < steps; ++s) {
+      uint16_t* tile = b + (j * steps + s) * kTileWords;
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const int64_t t = s * kStepWords + 2 * r;
+        const __m256i first = _mm256_maskz_loadu_epi16(t < live ? keep : 0, dy + t * ld + j * 16);
+        const __m256i second =
+            _mm256_maskz_loadu_epi16(t + 1 < live ? keep : 0, dy + (t + 1) * ld + j * 16);
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+        _mm512_store_si512(tile + r * kStepWords, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+  }
+}
+
 // Zeroes the B rows of inputs nk .. steps * 32 (the last step's tail, which
 // no decoder writes) in each of `out_tiles` output tiles.
 inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {

@@ -377,6 +377,156 @@ inline bool SpmmTAmxAny(const VnmProblem& p, const Runtime& rt) {
   return RunForDtype<Ops<Traits, Avx512Isa>::template SpmmTOp>(p, rt);
 }
 
+// dv = (x^T dy) at the kept entries, on the tiles (bf16). A task is (panel,
+// range of groups), as in the FMA kernel (its entries are its own). The Gram
+// block over all inputs of its groups, gram[input - in0][r] = sum_t x[t,
+// input] dy[t, r0 + r], is one tile product (dense over the inputs, as in
+// SpmmTAmx: the unselected ones of m > 4 are multiplied too), then each
+// output samples its kept entries from it (the gather list maps each slot
+// to its input's row). Both operands are packed once per chunk of tokens
+// for every task: x's columns as A tiles (tokens are the reduction), dy's as
+// VNNI B tiles of token pairs. Range starts are multiples of 16 inputs, so a
+// task's A tiles are whole packed tiles.
+struct SddmmAmx : Dims {
+  using D = BF16;
+  using S = D::Storage;
+  static constexpr int64_t kPackTilesPerTask = 4;
+  struct Worker {
+    float* gram;  // [cols][vpad_max]
+    int32_t* sel;
+    int32_t* slot_kk;
+    float* sampled;  // [vpad_max][task_groups * n]
+  };
+  struct PackXJob {
+    const SddmmAmx* op;
+    void Run(int64_t task, int) const { op->PackX(task); }
+  };
+  struct PackDyJob {
+    const SddmmAmx* op;
+    void Run(int64_t task, int) const { op->PackDy(task); }
+  };
+
+  const VnmProblem& p;
+  const Runtime& rt;
+  int64_t task_groups, group_tasks, cols, x_tiles, dy_tiles, chunk_tokens, chunks, steps;
+  bool sums_in_f32;
+  uint16_t* xa = nullptr;  // [x_tiles][steps][1 KB]
+  uint16_t* dyb = nullptr;  // [dy_tiles][steps][1 KB]
+  float* sums = nullptr;    // [N][Kc], over several chunks
+  Worker* workers = nullptr;
+  // Per batch and chunk.
+  const uint8_t* indices = nullptr;
+  const uint8_t* columns = nullptr;
+  const S* x = nullptr;
+  const S* dy = nullptr;
+  S* dv = nullptr;
+  int64_t t0 = 0, tokens = 0;
+
+  SddmmAmx(const VnmProblem& prob, const Runtime& runtime) : Dims(prob), p(prob), rt(runtime) {
+    // About 128 inputs per task, a multiple of 16.
+    int64_t per16 = 16;
+    for (int64_t g = 1; g <= 16; ++g) {
+      if (g * m % 16 == 0) {
+        per16 = g;
+        break;
+      }
+    }
+    task_groups = RoundUp(Max(1, 128 / m), per16);
+    group_tasks = CeilDiv(G, task_groups);
+    cols = RoundUp(task_groups * m, 32);
+    x_tiles = CeilDiv(Max(K, 1), 16);
+    dy_tiles = CeilDiv(Max(N, 1), 16);
+    const int64_t words_per_token = (x_tiles + dy_tiles) * 16;
+    chunk_tokens = Max(kAmxGatherTokens, kPackBytes / 2 / words_per_token / kAmxGatherTokens *
+                                             kAmxGatherTokens);
+    chunk_tokens = Min(chunk_tokens, RoundUp(Max(T, 1), kAmxGatherTokens));
+    chunks = CeilDiv(T, chunk_tokens);
+    steps = chunk_tokens / tiles::kStepWords;
+    sums_in_f32 = chunks > 1;
+  }
+
+  static bool Applies(const VnmProblem& p) {
+    return p.dtype == Dtype::kBF16 && p.tokens >= kAmxMinTokens;
+  }
+
+  void Layout(Carver& c) {
+    xa = c.Take<uint16_t>(x_tiles * steps * tiles::kTileWords);
+    dyb = c.Take<uint16_t>(dy_tiles * steps * tiles::kTileWords);
+    if (sums_in_f32) sums = c.Take<float>(N * Kc);
+    workers = c.Take<Worker>(rt.num_workers);
+    for (int i = 0; i < rt.num_workers; ++i) {
+      const Worker wk{c.Take<float>(cols * vpad_max), c.Take<int32_t>(task_groups * kSelected),
+                      c.Take<int32_t>(task_groups * kSelected),
+                      c.Take<float>(vpad_max * task_groups * n)};
+      if (workers != nullptr) workers[i] = wk;
+    }
+  }
+
+  bool Compute() {
+    if (N == 0 || Kc == 0 || p.batch == 0) return true;
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      indices = p.indices + b * p.weight_stride;
+      columns = p.columns + b * p.columns_stride;
+      x = static_cast<const S*>(p.x) + b * p.x_stride;
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
+      dv = static_cast<S*>(p.out) + b * N * Kc;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        t0 = ch * chunk_tokens;
+        tokens = Min(chunk_tokens, T - t0);
+        RunParallel(rt, CeilDiv(x_tiles, kPackTilesPerTask), PackXJob{this});
+        RunParallel(rt, CeilDiv(dy_tiles, kPackTilesPerTask), PackDyJob{this});
+        RunParallel(rt, P * group_tasks, *this);
+      }
+    }
+    return true;
+  }
+
+  void PackX(int64_t task) const {
+    const int64_t j0 = task * kPackTilesPerTask, tiles_here = Min(kPackTilesPerTask, x_tiles - j0);
+    tiles::PackColumnsAsA(x + t0 * K, K, K, j0 * 16, tiles_here, tokens, steps,
+                          xa + j0 * steps * tiles::kTileWords);
+  }
+
+  void PackDy(int64_t task) const {
+    const int64_t j0 = task * kPackTilesPerTask, tiles_here = Min(kPackTilesPerTask, dy_tiles - j0);
+    tiles::PackColumnsAsB(dy + t0 * N + j0 * 16, N, N - j0 * 16, tiles_here, tokens, steps,
+                          dyb + j0 * steps * tiles::kTileWords);
+  }
+
+  void Run(int64_t task, int worker) const {
+    const Worker& wk = workers[worker];
+    const int64_t panel = task / group_tasks;
+    const int64_t g0 = task % group_tasks * task_groups, g1 = Min(G, g0 + task_groups);
+    const int64_t r0 = panel * v, rows = PanelRows(panel), ld = PanelPad(panel);
+    const int64_t in0 = g0 * m, inputs = Min(K, g1 * m) - in0;
+    const int64_t nk = Select(columns + panel * G * kSelected, g0, g1, m, K, wk.sel, wk.slot_kk);
+    // Each slot's row of the Gram block: its input's.
+    for (int64_t i = 0; i < (g1 - g0) * kSelected; ++i)
+      if (wk.slot_kk[i] >= 0) wk.slot_kk[i] = wk.sel[wk.slot_kk[i]] - static_cast<int32_t>(in0);
+    if (nk > 0) {
+      tiles::ConfigureTiles();
+      tiles::TileProduct(xa + in0 / 16 * steps * tiles::kTileWords, CeilDiv(inputs, 16),
+                         dyb + r0 / 16 * steps * tiles::kTileWords, ld / 16, steps, wk.gram, ld,
+                         /*accumulate=*/false);
+      tiles::ReleaseTiles();
+    }
+    const int64_t count = (g1 - g0) * n;
+    Avx512Isa::Sample(wk.gram, ld, wk.slot_kk, indices + r0 * Kc, Kc, n, g0, g1, rows,
+                      wk.sampled, count);
+    const bool first = t0 == 0, last = t0 + tokens == T;
+    for (int64_t r = 0; r < rows; ++r)
+      StoreSampledRow<D, Avx512Isa>(wk.sampled + r * count, count, dv + (r0 + r) * Kc + g0 * n,
+                                    sums_in_f32 ? sums + (r0 + r) * Kc + g0 * n : nullptr,
+                                    first, last);
+  }
+};
+
+inline bool SddmmAmxAny(const VnmProblem& p, const Runtime& rt) {
+  if (SddmmAmx::Applies(p)) return Run<SddmmAmx>(p, rt);
+  return RunForDtype<Ops<Traits, Avx512Isa>::template SddmmOp>(p, rt);
+}
+
 // The forward on an AMX machine: the tiles for bf16 from kAmxMinTokens on,
 // else the AVX-512 kernels.
 inline bool SpmmAmxAny(const VnmProblem& p, const Runtime& rt) {

@@ -832,6 +832,28 @@ struct SpmmT : Dims {
 
 // ------------------------------------------------------------------ sddmm
 
+// One row of sampled Gram entries (f32, `count`) into dv, for one chunk of
+// tokens: stored on the first chunk, added after it. With `f32_sums` (half
+// types over several chunks) the sums stay in f32 until the last chunk.
+template <class D, class Isa>
+void StoreSampledRow(const float* in, int64_t count, typename D::Storage* out, float* f32_sums,
+                     bool first, bool last) {
+  if (f32_sums != nullptr) {
+    for (int64_t c = 0; c < count; ++c) {
+      const float value = first ? in[c] : in[c] + f32_sums[c];
+      if (last) {
+        out[c] = D::FromF32(value);
+      } else {
+        f32_sums[c] = value;
+      }
+    }
+  } else if (first) {
+    Isa::template FromF32Row<D>(in, out, count);
+  } else {  // f32 only: half types take the f32 sums over several chunks.
+    for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c] + D::ToF32(out[c]));
+  }
+}
+
 // dv[r, c] = sum_t x[t, k(r, c)] dy[t, r]. Per panel and range of groups the
 // dense Gram tile gram[kk][r] = sum_t x[t, sel[kk]] dy[t, r] (outputs in the
 // lanes, x broadcast), then each output samples its kept slots from it. A task
@@ -982,25 +1004,10 @@ struct Sddmm : Dims {
     Isa::Sample(wk.gram, ld, wk.slot_kk, indices + r0 * Kc, Kc, n, g0, g1,
                 rows, wk.sampled, count);
     const bool first = t0 == 0, last = t0 + tokens == T;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* in = wk.sampled + r * count;
-      S* out = dv + (r0 + r) * Kc + g0 * n;
-      if (sums_in_f32) {
-        float* f32 = sums + (r0 + r) * Kc + g0 * n;
-        for (int64_t c = 0; c < count; ++c) {
-          const float value = first ? in[c] : in[c] + f32[c];
-          if (last) {
-            out[c] = D::FromF32(value);
-          } else {
-            f32[c] = value;
-          }
-        }
-      } else if (first) {
-        Isa::template FromF32Row<D>(in, out, count);
-      } else {  // f32 only: half types take the f32 sums over several chunks.
-        for (int64_t c = 0; c < count; ++c) out[c] = D::FromF32(in[c] + D::ToF32(out[c]));
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      StoreSampledRow<D, Isa>(wk.sampled + r * count, count, dv + (r0 + r) * Kc + g0 * n,
+                              sums_in_f32 ? sums + (r0 + r) * Kc + g0 * n : nullptr, first,
+                              last);
   }
 };
 

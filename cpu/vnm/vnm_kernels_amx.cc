@@ -1,6 +1,7 @@
 // The V:N:M kernels for AMX machines (compiled with AVX-512, AVX512-BF16 and
 // the AMX flags): the AVX-512 kernels, recompiled into namespace amx, with the
-// bf16 forward and dx on the tile unit from kAmxMinTokens on (vnm_amx.h).
+// bf16 products (forward, dx, dv) on the tile unit from kAmxMinTokens on
+// (vnm_amx.h).
 #define JAXSPARSE_AVX512_NAMESPACE amx
 #include "cpu/common/simd_avx512.h"
 #include "cpu/vnm/vnm_kernels_api.h"
@@ -28,6 +29,7 @@ const VnmKernelTable kVnmKernelsAmx = [] {
   VnmKernelTable table = amx::MakeTable<amx::Traits, amx::Avx512Isa>();
   table.spmm = &amx::SpmmAmxAny;
   table.spmm_t = &amx::SpmmTAmxAny;
+  table.sddmm = &amx::SddmmAmxAny;
   return table;
 }();
 }  // namespace cpu

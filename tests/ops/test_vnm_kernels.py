@@ -155,11 +155,14 @@ AMX_SHAPES = [
     (40, 9000, 130, 128, 2, 8),
     (40, 9000, 100, 128, 1, 8),  # In blocks, one panel.
     (70, 17000, 70, 16, 2, 8),  # In blocks, two panels per task, then one.
-    # dx on the tiles: outputs are the reduction (N % 32, N past half of L2 for 32 inputs: fewer
-    # inputs per task), inputs per task not a multiple of 16, m = 4 (the N:M engine).
+    # dx and dv on the tiles: outputs are the reduction of dx (N % 32, N past half of L2 for 32
+    # inputs: fewer inputs per task), inputs per task not a multiple of 16, m = 4 (the N:M
+    # engine); tokens the reduction of dv (T % 32, several chunks of tokens: K + N = 9070 words
+    # per token take 32 MB at 1850).
     (48, 70, 9000, 128, 2, 8),
     (36, 1030, 4100, 128, 2, 4),
     (45, 21, 33, 16, 1, 4),
+    (1900, 70, 9000, 128, 2, 8),
 ]
 
 
@@ -175,6 +178,10 @@ def test_bf16_from_32_tokens_at_tile_edges(isa, t, k, n_out, v, n, m):
     assert_close(y, f64(x) @ w, jnp.bfloat16, scale_for(k))
     dx = call(SPMM_T, (1, t, k), jnp.bfloat16, dy, vals, indices, columns, v=v, n=n, m=m)
     assert_close(dx, f64(dy) @ np.swapaxes(w, 1, 2), jnp.bfloat16, scale_for(n_out))
+    dv = call(SDDMM, (1, n_out, indices.shape[2]), jnp.bfloat16, x, dy, indices, columns,
+              v=v, n=n, m=m)
+    gram = np.swapaxes(f64(x), 1, 2) @ f64(dy)
+    assert_close(dv, sampled(gram, indices, columns, k, v, n, m), jnp.bfloat16, scale_for(t))
 
 
 def test_tile_kernels_leave_xla_s_own_tile_dots_intact(isa):
