@@ -5,8 +5,9 @@ Usage:
     python benchmarks/headline.py docs/bench_vnm.json --specs 2:4,64:2:8,128:2:16,64:2:32
                                                                         # any specs, any format
 Columns: the forward of each spec, then fwd+bwd of each spec but the first (with --specs) or 2:4
-and its ratio to BCOO (the N:M table). A forced row (`path="sparse"` where the rule picks the dense
-path, kernel name with "!") stands in for a missing one and is marked "(forced)".
+and its ratio to BCOO (the N:M table). Where the rule picks the engine or the dense path, the cell
+gives what `x @ ws` ran and, beside it, the kernel forced (kernel name with "!"); a forced row
+alone is marked "(forced)".
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def _speedup(by, case, kernel, mode) -> str:
     r = by.get((*case, kernel, mode))
     forced = by.get((*case, kernel + "!", mode))
     if forced is not None:
-        return f"{forced['speedup']:.2f}x (forced; dense path {r['speedup']:.2f}x)" if r else \
-            f"{forced['speedup']:.2f}x (forced)"
+        if r is None:
+            return f"{forced['speedup']:.2f}x (forced)"
+        return f"{r['speedup']:.2f}x ({r.get('path')} path; kernel {forced['speedup']:.2f}x)"
     if r is None:
         return "-"
-    mark = " (dense path)" if r.get("path") == "dense" else ""
+    mark = f" ({r['path']} path)" if r.get("path") in ("dense", "engine") else ""
     return f"{r['speedup']:.2f}x{mark}"
 
 

@@ -1,5 +1,7 @@
-// The V:N:M forward on AMX (bf16): the engine of vnm_kernels.h with the
-// tile unit as its micro-kernel (cpu/engine/amx_bf16.h). Included by
+// The V:N:M products on AMX (bf16, from kAmxMinTokens): the engine of
+// vnm_kernels.h with the tile unit as its micro-kernel (cpu/engine/amx_bf16.h):
+// the forward (SpmmAmx), dx (SpmmTAmx) and the values' gradient (SddmmAmx).
+// The N:M engine path (m = 4) runs on them too. Included by
 // vnm_kernels_amx.cc after vnm_kernels.h and vnm_avx512.h, inside the amx
 // namespace they open.
 //
