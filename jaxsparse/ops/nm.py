@@ -310,9 +310,9 @@ def nm_spmm_engine(x, values, indices, *, n: int, m: int):
     position). So the product runs the V:N:M kernels: per panel of `ENGINE_PANEL` outputs, decode
     the weights into a cache-resident dense tile and multiply with the dense micro-kernels (f32
     FMA, or the AMX tiles for bf16), with no full-size decompressed weight. Its derivatives are
-    the V:N:M primitives' (the engine's backward kernels). Like the dense path, and unlike
-    `nm_spmm`, it multiplies the pattern's zeros: an inf or nan in x reaches every output of its
-    group (as nan), not only the outputs that keep that input.
+    the V:N:M primitives' (the engine's backward kernels). On the CPU, like the dense path and
+    unlike `nm_spmm`, it multiplies the pattern's zeros: an inf or nan in x reaches every output of
+    its group (as nan), not only the outputs that keep that input (the CUDA kernels skip them).
 
     Args:
         x: `[Bx, T, K]` float32/bfloat16/float16.
