@@ -220,15 +220,19 @@ def sparse_fns(ws: jsp.SparseFormat, path: str):
     def product(x, values, *frozen):
         return jsp.matmul(x, with_arrays(ws, (values, *frozen)), path=path)
 
-    fwd = jax.jit(product)
+    return jax.jit(product), training_step(product)
 
+
+def training_step(product):
+    """The jitted step of `product(x, values, *frozen)`: y and the cotangents of x and the values
+    for the cotangent g (the last argument)."""
     @jax.jit
     def step(x, values, *rest):
         *frozen, g = rest
         y, vjp = jax.vjp(lambda x, v: product(x, v, *frozen), x, values)
         return (y, *vjp(g))
 
-    return fwd, step
+    return step
 
 
 def bcoo_fns(wb: jsparse.BCOO):

@@ -19,7 +19,8 @@ in turn, medians of `--repeats` rounds, in one process) and finds:
 The result is written to `jaxsparse.ops.dispatch.crossovers_file()` (the user's cache directory,
 or the file `JAXSPARSE_CROSSOVERS` names) under this machine's key (CPU model and instruction
 set), next to the entries of other machines. From then on `choose_path` reads it instead of the
-built-in rows. Delete the file, or set `JAXSPARSE_CROSSOVERS=builtin`, to go back.
+built-in rows for the patterns it measures, 1:4 and 2:4 (`N4_MAX_TOKENS`); other N:M patterns keep
+the built-in rows. Delete the file, or set `JAXSPARSE_CROSSOVERS=builtin`, to go back.
 """
 
 from __future__ import annotations

@@ -57,9 +57,13 @@ def test_the_rule_reads_this_machine_s_entry(cache):
     rule = lambda t, spec, dtype=jnp.bfloat16: jsp.choose_path(t, dtype, spec, platform="cpu")
     assert rule(7, jsp.NM(2, 4)) == "sparse"
     assert rule(8, jsp.NM(2, 4)) == "engine"
-    assert rule(8, jsp.NM(2, 8)) == "sparse"  # density 1/4: always sparse in this entry
-    assert rule(8, jsp.NM(4, 8)) == "dense"  # no engine for 4:8
-    assert rule(10**6, jsp.NM(1, 4)) == "sparse"
+    assert rule(10**6, jsp.NM(1, 4)) == "sparse"  # density 1/4: always sparse in this entry
+    # The entry stands for the patterns the tuner measures (1:4 and 2:4); others keep the
+    # built-in N:M rows.
+    builtin = (dispatch.SPARSE_MAX_TOKENS.get((isa, "bfloat16"))
+               or dispatch.SPARSE_MAX_TOKENS[("avx512", "bfloat16")])
+    for spec, tokens in ((jsp.NM(2, 8), 10**6), (jsp.NM(4, 8), 8), (jsp.NM(4, 8), 4096)):
+        assert rule(tokens, spec) == dispatch._pick(builtin, tokens, spec.density, False)
     # A dtype the entry does not hold keeps the built-in row; V:N:M keeps its own table.
     with_builtin = jsp.choose_path(4096, jnp.float32, 0.5, platform="cpu")
     assert with_builtin == dispatch._pick(

@@ -84,7 +84,8 @@ bool X86Supports(Isa isa) {
   // kAmx: AVX512-BF16 (CPUID 7.1 EAX bit 5), AMX-BF16/TILE/INT8 (7.0 EDX
   // bits 22, 24, 25), the tile state enabled in XCR0 (bits 17, 18), and the
   // process's permission to use the tile data, which Linux grants on request.
-  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25)) &&
+                   (c & (1u << 6));  // and AVX512-VBMI2 (7.0 ECX bit 6), as on every AMX CPU
   if (!zmm || !amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   const bool avx512_bf16 = a & (1u << 5);
   constexpr uint64_t kTileState = uint64_t{3} << 17;

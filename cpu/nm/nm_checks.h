@@ -5,6 +5,7 @@
 //   nm_spmm    x [Bx, T, K], values [Bw, N, Kc], indices [Bw, N, Kc] -> y  [B, T, N]
 //   nm_spmm_t  dy [By, T, N], values, indices                        -> dx [B, T, K]
 //   nm_sddmm   x [Bx, T, K], dy [By, T, N], indices                  -> dv [B, N, Kc]
+//   nm_spmm_packed  nm_spmm's operands + indices_2bit [Bw, N, ceil(Kc/4)] -> y
 //
 // with Kc = ceil(K / m) * n, float operands of one dtype and uint8 indices.
 #ifndef JAXSPARSE_CPU_NM_NM_CHECKS_H_
@@ -84,6 +85,25 @@ inline xla::ffi::Error CheckSpmm(const Validator& v, int32_t n, int32_t m,
                                   "y.shape[2]", o->result.cols));
   JAXSPARSE_RETURN_IF_ERROR(CheckKept(v, o->b, o->a.cols, n, m));
   return CheckKept(v, o->indices, o->a.cols, n, m);
+}
+
+// The 2-bit positions beside a 2:4 or 1:4 weight (nm_spmm_packed): uint8
+// [Bw, N, ceil(Kc/4)], the batch of values, m = 4.
+inline xla::ffi::Error CheckIndices2bit(const Validator& v, int32_t m,
+                                        const xla::ffi::AnyBuffer& packed,
+                                        const Operands& o, Operand3* out) {
+  JAXSPARSE_RETURN_IF_ERROR(v.Shape3("indices_2bit", packed, out));
+  if (m != 4) {
+    return v.Fail("indices_2bit is held for m = 4 only; got m = " +
+                  std::to_string(m));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(v.Dtype(*out, xla::ffi::DataType::U8));
+  JAXSPARSE_RETURN_IF_ERROR(v.Dim("indices_2bit.shape[0]", out->batch,
+                                  "values.shape[0]", o.b.batch));
+  JAXSPARSE_RETURN_IF_ERROR(v.Dim("indices_2bit.shape[1] (N)", out->rows,
+                                  "values.shape[1]", o.b.rows));
+  return v.Dim("indices_2bit.shape[2]", out->cols, "ceil(Kc/4)",
+               (o.b.cols + 3) / 4);
 }
 
 // dx = dy @ W^T: a = dy, b = values; K comes from dx.

@@ -39,6 +39,11 @@ struct NmProblem {
   int64_t values_stride;
   const uint8_t* indices;  // [N, Kc] per batch
   int64_t indices_stride;
+  // Optional (null when absent; only m = 4): the same positions at 2 bits
+  // each, [N, ceil(Kc/4)] bytes per batch, entry c in bits 2*(c%4) of byte
+  // c/4. The few-token forward streams these instead of `indices`.
+  const uint8_t* indices_2bit;
+  int64_t indices_2bit_stride;
   void* out;  // [B, T, N], [B, T, K] or [B, N, Kc], dense
 };
 
@@ -57,6 +62,7 @@ struct NmKernelTable {
 extern const NmKernelTable kNmKernelsPortable;
 extern const NmKernelTable kNmKernelsAvx2;
 extern const NmKernelTable kNmKernelsAvx512;
+extern const NmKernelTable kNmKernelsAmx;
 
 }  // namespace cpu
 }  // namespace jaxsparse

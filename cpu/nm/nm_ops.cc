@@ -18,7 +18,7 @@ namespace cpu {
 namespace {
 
 const NmKernelTable& Kernels() {
-  return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kNmKernels);
+  return JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(kNmKernels);
 }
 
 // The CPU kernels read values and indices with one batch stride.
@@ -55,6 +55,28 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   p.x_stride = o.a.BatchStride();
   p.values = o.b.data();
   p.values_stride = o.b.BatchStride();
+  return RunKernel(v, Kernels().spmm, p, pool, *y);
+}
+
+// nm_spmm with the positions also at 2 bits: the few-token forward streams
+// those (a quarter of the bytes of `indices`); every other case reads indices.
+ffi::Error SpmmPackedImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                          ffi::AnyBuffer values, ffi::AnyBuffer indices,
+                          ffi::AnyBuffer indices_2bit, int32_t n, int32_t m,
+                          ffi::Result<ffi::AnyBuffer> y) {
+  const Validator v("jaxsparse_nm_spmm_packed");
+  nm_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(nm_check::CheckSpmm(v, n, m, x, values, indices, *y, &o));
+  JAXSPARSE_RETURN_IF_ERROR(SameWeightBatch(v, o));
+  Operand3 packed;
+  JAXSPARSE_RETURN_IF_ERROR(nm_check::CheckIndices2bit(v, m, indices_2bit, o, &packed));
+  NmProblem p = Problem(o, o.a.rows, o.a.cols, o.result.cols, n, m);
+  p.x = o.a.data();
+  p.x_stride = o.a.BatchStride();
+  p.values = o.b.data();
+  p.values_stride = o.b.BatchStride();
+  p.indices_2bit = static_cast<const uint8_t*>(packed.data());
+  p.indices_2bit_stride = packed.BatchStride();
   return RunKernel(v, Kernels().spmm, p, pool, *y);
 }
 
@@ -100,6 +122,11 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSpmm, "jaxsparse_nm_spmm",
                      jaxsparse::cpu::SpmmImpl, JAXSPARSE_NM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSpmmPacked, "jaxsparse_nm_spmm_packed",
+                     jaxsparse::cpu::SpmmPackedImpl,
+                     .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>().Attr<int32_t>("n").Attr<int32_t>("m")
+                         .Ret<ffi::AnyBuffer>());
 JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSpmmT, "jaxsparse_nm_spmm_t",
                      jaxsparse::cpu::SpmmTImpl, JAXSPARSE_NM_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuNmSddmm, "jaxsparse_nm_sddmm",

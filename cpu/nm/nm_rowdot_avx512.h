@@ -1,5 +1,6 @@
 // The small-token N:M forward for AVX-512 (included by nm_kernels_avx512.cc
-// after nm_kernels.h, inside namespace jaxsparse::cpu::avx512).
+// and nm_kernels_amx.cc after nm_kernels.h, inside their JAXSPARSE_NM_ISA
+// namespace).
 //
 // At a few tokens the product is a matrix-vector product bound by the weight
 // stream (values + indices), and the token-vectorised kernel of nm_kernels.h
@@ -31,7 +32,7 @@
 
 namespace jaxsparse {
 namespace cpu {
-namespace avx512 {
+namespace JAXSPARSE_NM_ISA {
 
 // Up to this many tokens the row-vectorised kernel beats the token-vectorised
 // one (measured for 2:4, 1:4 and 4:8 at 16-64 tokens; docs/cpu_speed_notes.md).
@@ -124,6 +125,26 @@ struct RowVec {
     }
   }
 
+  // The 2-bit positions of the row chunks (`bytes` <= kSlot/4 bytes of each
+  // of the first `rows` rows, entry e of a row at bits 2*(e%4) of byte e/4):
+  // the rows' bits are concatenated in one 32-bit word, row q at bit
+  // 2*kSlot*q, which is exactly where lane kSlot*q starts when lane l takes
+  // bits 2l. So one broadcast and one variable shift decode the whole
+  // vector (a quarter of the bytes of the uint8 positions, for 3 uops).
+  static __m512i Positions2(const uint8_t* p, int64_t stride, int64_t rows,
+                            int bytes) {
+    uint32_t word = 0;
+    for (int q = 0; q < kRows && q < rows; ++q) {
+      uint32_t part = 0;
+      std::memcpy(&part, p + q * stride, bytes);
+      word |= part << (2 * kSlot * q);
+    }
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16,
+                                             18, 20, 22, 24, 26, 28, 30);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts),
+                            _mm512_set1_epi32(3));
+  }
+
   // The live lanes of a vector whose first `rows` rows exist, each with the
   // chunk lanes `row_live`.
   static __mmask16 Live(__mmask16 row_live, int64_t rows) {
@@ -148,7 +169,10 @@ struct RowVec {
   }
 };
 
-template <class D>
+// kPacked: positions come from the 2-bit array (NmProblem::indices_2bit; m =
+// 4 with whole-slot chunks of 4 or 8 lanes, so a chunk's positions are whole
+// bytes), else from the uint8 indices.
+template <class D, bool kPacked = false>
 struct RowDot : Dims {
   using S = typename D::Storage;
 
@@ -162,10 +186,15 @@ struct RowDot : Dims {
   // Per batch.
   const S* values = nullptr;
   const uint8_t* idx = nullptr;
+  const uint8_t* idx2 = nullptr;  // kPacked: [N, Kc2] bytes.
+  int64_t Kc2 = 0;
   S* y = nullptr;
 
   static bool Applies(const NmProblem& p) {
-    return p.tokens <= kRowDotMaxTokens && p.n <= kRowDotMaxN;
+    if (p.tokens > kRowDotMaxTokens || p.n > kRowDotMaxN) return false;
+    if (!kPacked) return true;
+    const RowDotChunk c(p.n, p.m);
+    return p.indices_2bit != nullptr && p.m == 4 && c.lanes == c.slot;
   }
 
   RowDot(const NmProblem& prob, const NmRuntime& runtime)
@@ -174,6 +203,7 @@ struct RowDot : Dims {
         rt(runtime),
         chunk(prob.n, prob.m) {
     chunks = CeilDiv(G, chunk.groups);
+    Kc2 = CeilDiv(Kc, 4);
     // The last chunk's table reaches 16 floats past its start.
     x_stride = RoundUp(chunks * chunk.span + 16, 16);
     alignas(64) int32_t b[16] = {};
@@ -197,6 +227,7 @@ struct RowDot : Dims {
       const S* x = static_cast<const S*>(p.x) + b * p.x_stride;
       values = static_cast<const S*>(p.values) + b * p.values_stride;
       idx = p.indices + b * p.indices_stride;
+      if (kPacked) idx2 = p.indices_2bit + b * p.indices_2bit_stride;
       y = static_cast<S*>(p.out) + b * T * N;
       if (b == 0 || p.x_stride != 0) PackX(x);
       RunParallel(rt, row_tasks, *this);
@@ -254,6 +285,8 @@ struct RowDot : Dims {
     const int64_t lanes = chunk.lanes, num_chunks = chunks;
     const float* const x0 = xs + t0 * stride;
     const uint8_t* const ix = idx + j * kc;
+    const int64_t kc2 = Kc2;
+    const uint8_t* const ix2 = kPacked ? idx2 + j * kc2 : nullptr;
     const S* const vs = values + j * kc;
     const __m512i limit = _mm512_set1_epi32(m), lane_base = base;
     const __mmask16 one = static_cast<__mmask16>((1u << lanes) - 1);
@@ -284,19 +317,42 @@ struct RowDot : Dims {
 #pragma GCC unroll 16
           for (int q = 0; q < kRows; ++q) {
             _mm_prefetch(reinterpret_cast<const char*>(vs + ahead + q * kc), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(ix + ahead + q * kc), _MM_HINT_T0);
+            if (!kPacked) {
+              _mm_prefetch(reinterpret_cast<const char*>(ix + ahead + q * kc), _MM_HINT_T0);
+            }
+          }
+          // 2-bit positions: a line holds 256 entries (32 or 64 chunks) of
+          // a row; fetch two lines ahead, once per line.
+          if (kPacked && (c & 31) == 0) {
+#pragma GCC unroll 16
+            for (int q = 0; q < kRows; ++q) {
+              const int64_t row = int64_t{v} * kRows + q;
+              _mm_prefetch(reinterpret_cast<const char*>(ix2 + row * kc2 + e0 / 4 + 128),
+                           _MM_HINT_T0);
+            }
           }
         }
         const __mmask16 live = RV::Live(row_live, rows - int64_t{v} * kRows);
-        const __m512i i32 =
-            kPlain ? RV::IndicesWhole(ix + at, kc) : RV::Indices(ix + at, kc, live);
+        __m512i i32;
+        if constexpr (kPacked) {
+          // Whole bytes per row chunk (lanes is 4 or 8); the row's last
+          // chunk may have fewer bytes left.
+          const int64_t first = e0 / 4;
+          const int bytes = kPlain ? RV::kSlot / 4
+                                   : static_cast<int>(Min(RV::kSlot / 4, kc2 - first));
+          i32 = RV::Positions2(ix2 + int64_t{v} * kRows * kc2 + first, kc2,
+                               rows - int64_t{v} * kRows, bytes);
+        } else {
+          i32 = kPlain ? RV::IndicesWhole(ix + at, kc) : RV::Indices(ix + at, kc, live);
+        }
         // An index >= m (garbage that reached the kernel under jit) would
         // name another group's input: its lane is dropped instead, and a
         // zeroing permute makes it add 0, not 0 * (an inf in x). Lanes past
         // a row's end, unused slot lanes and missing rows are zero in w and
         // pick from inside the table (finite unless x holds an inf there);
-        // they are dropped the same way.
-        const __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, i32, limit);
+        // they are dropped the same way. (2-bit positions are < 4 = m.)
+        const __mmask16 keep =
+            kPacked ? live : _mm512_mask_cmplt_epu32_mask(live, i32, limit);
         const __m512i pos = _mm512_add_epi32(lane_base, i32);
         if (kPlain && __builtin_expect(keep == 0xffff, 1)) {
           const __m512 w = RV::template ValuesWhole<D>(vs + at, kc);
@@ -344,6 +400,10 @@ struct RowDot : Dims {
 // token-vectorised one.
 template <class D>
 bool SpmmAvx512(const NmProblem& p, const NmRuntime& rt) {
+  if (RowDot<D, true>::Applies(p)) {
+    RowDot<D, true> op(p, rt);
+    return op.Compute();
+  }
   if (RowDot<D>::Applies(p)) {
     RowDot<D> op(p, rt);
     return op.Compute();
@@ -364,7 +424,7 @@ inline bool SpmmAvx512Any(const NmProblem& p, const NmRuntime& rt) {
   return true;
 }
 
-}  // namespace avx512
+}  // namespace JAXSPARSE_NM_ISA
 }  // namespace cpu
 }  // namespace jaxsparse
 

@@ -12,6 +12,12 @@ Canonical storage (device-neutral; checkpoints hold exactly this; kernels may pa
 - `indices [..., out, ceil(in/m) * n]`, uint8: the position (0..m-1) of each kept value inside its
   group, strictly increasing inside a group.
 
+Held beside them, derived (packed once by `jaxsparse.ops.pack_indices_2bit`, never per call):
+
+- `indices_2bit [..., out, ceil(kept/4)]`, uint8, for m = 4 (2:4, 1:4, 3:4): the same positions at
+  2 bits, four per byte. The CPU's few-token forward streams these instead of `indices` (the
+  weight stream is its bound). Empty (`[..., out, 0]`) for m != 4.
+
 When `in` is not a multiple of `m`, the input dimension is zero-padded to the next multiple of `m`:
 the last group has fewer real inputs, and a slot that cannot hold a real input (a group of 2 inputs
 at 2:4 keeps both, nothing is left to prune) points into the padding with value 0. Products treat the
@@ -42,7 +48,15 @@ from jaxsparse.formats._base import (
     rows_to_dense,
 )
 from jaxsparse.formats._spec import register_spec
-from jaxsparse.ops.nm import has_engine, nm_spmm, nm_spmm_engine
+from jaxsparse.ops.dispatch import backward_on_engine
+from jaxsparse.ops.nm import (
+    PACKED_MAX_TOKENS,
+    has_engine,
+    nm_spmm,
+    nm_spmm_engine,
+    nm_spmm_packed,
+    pack_indices_2bit,
+)
 
 _MAX_M = 16
 
@@ -77,6 +91,12 @@ class NM(NamedTuple):
         """Whether products can run on the shared CPU engine (m = 4, n in {1, 2}; see
         `jaxsparse.ops.nm_spmm_engine`); other patterns take the dense path there."""
         return has_engine(self.n, self.m)
+
+    @property
+    def crossover_table(self) -> str:
+        """The row of `jaxsparse.ops.dispatch.FORMAT_TABLES` for this pattern: "NM4" for 2:4 and
+        1:4 (positions also held at 2 bits, their own kernels), else "NM"."""
+        return "NM4" if has_engine(self.n, self.m) else "NM"
 
     def validate(self, where: str = "jaxsparse.NM") -> "NM":
         n = V.check_int("m", self.m, low=2, high=_MAX_M, where=where)
@@ -114,18 +134,21 @@ class NMSparse(SparseFormat):
         values: `[..., out, ceil(in/m)*n]`, float32/bfloat16/float16; the kept values (trainable).
         indices: `[..., out, ceil(in/m)*n]`, uint8; each value's position inside its group of m
             (frozen).
+        indices_2bit: `[..., out, ceil(kept/4)]` uint8 for m = 4 (else `[..., out, 0]`): `indices`
+            at 2 bits (frozen, derived: the constructor packs it when not given).
         n, m: the pattern (static).
         in_features: the logical `in` (static); `out` and leading batch dims come from `values`.
 
-    A registered pytree: `values` and `indices` are its children, `(n, m, in_features)` its static
+    A registered pytree: `values`, `indices` and `indices_2bit` are its children,
+    `(n, m, in_features)` its static
     aux data, so it passes through `jit`, `vmap` (a stack of sparse weights is a leading batch dim
     of both arrays), `grad` (w.r.t. `values`) and checkpointing unchanged.
     """
 
-    ARRAYS = (("values", TRAINABLE), ("indices", FROZEN))
+    ARRAYS = (("values", TRAINABLE), ("indices", FROZEN), ("indices_2bit", FROZEN))
     SPEC = NM
 
-    def __init__(self, values, indices, *, n: int, m: int, in_features: int):
+    def __init__(self, values, indices, indices_2bit=None, *, n: int, m: int, in_features: int):
         where = "jaxsparse.NMSparse"
         n, m = NM(n, m).validate(where)
         in_features = V.check_int("in_features", in_features, low=0, high=2**62, where=where)
@@ -150,13 +173,15 @@ class NMSparse(SparseFormat):
             check_sorted_positions(np.asarray(indices), per_group=n, limit=m, name="indices",
                                    where=where)
         self.values, self.indices = values, indices.astype(jnp.uint8)
+        self.indices_2bit = _checked_2bit(indices_2bit, self.indices, m, where)
         self.n, self.m, self.in_features = n, m, in_features
 
     @classmethod
     def array_shapes(cls, spec: NM, in_features: int, out_features: int) -> dict:
         """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
         shape = (out_features, num_groups(in_features, spec.m) * spec.n)
-        return {"values": (shape, None), "indices": (shape, jnp.uint8)}
+        return {"values": (shape, None), "indices": (shape, jnp.uint8),
+                "indices_2bit": (_shape_2bit(shape, spec.m), jnp.uint8)}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -208,10 +233,19 @@ class NMSparse(SparseFormat):
         pos = jnp.sort(pos, axis=-1)
         values = jnp.take_along_axis(groups, pos, axis=-1)
         kept_shape = (*groups.shape[:-2], groups.shape[-2] * n)
+        indices = pos.astype(jnp.uint8).reshape(kept_shape)
         return cls.tree_unflatten(
             (n, m, in_features),
-            (values.reshape(kept_shape), pos.astype(jnp.uint8).reshape(kept_shape)),
+            (values.reshape(kept_shape), indices, _packed_2bit(indices, m)),
         )
+
+    def replace(self, **changes):
+        """`SparseFormat.replace`; new `indices` bring their 2-bit form along unless given."""
+        if "indices" in changes and "indices_2bit" not in changes:
+            indices = jnp.asarray(changes["indices"])
+            if jnp.issubdtype(indices.dtype, jnp.integer):  # Else the constructor says why.
+                changes["indices_2bit"] = _packed_2bit(indices, self.m)
+        return super().replace(**changes)
 
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
@@ -243,16 +277,59 @@ class NMSparse(SparseFormat):
     def _grouped(self, a):
         return a.reshape(*a.shape[:-1], a.shape[-1] // self.n, self.n)
 
-    def _kernel(self, x, values, indices):
+    def _kernel(self, x, values, indices, indices_2bit):
+        # Few tokens stream the weight: 2-bit positions where held (m = 4) and the CPU's
+        # row-vectorised kernel reads them (whole bytes per chunk: n in {1, 2}).
+        if self.m == 4 and self.n <= 2 and x.shape[1] <= PACKED_MAX_TOKENS:
+            engine_backward = backward_on_engine(x.shape[1], x.dtype, self.spec)
+            return nm_spmm_packed(x, values, indices, indices_2bit, n=self.n, m=self.m,
+                                  engine_backward=engine_backward)
         return nm_spmm(x, values, indices, n=self.n, m=self.m)
 
     def _engine_kernel(self):
         if not has_engine(self.n, self.m):
             return None
-        return lambda x, values, indices: nm_spmm_engine(x, values, indices, n=self.n, m=self.m)
+
+        def engine(x, values, indices, indices_2bit):
+            del indices_2bit  # The engine decodes panels from `indices`.
+            return nm_spmm_engine(x, values, indices, n=self.n, m=self.m)
+
+        return engine
 
 
 # ---------------------------------------------------------------------- helpers
+def _shape_2bit(kept_shape, m):
+    """The shape of `indices_2bit` for `indices` of shape `kept_shape`."""
+    return (*kept_shape[:-1], -(-kept_shape[-1] // 4) if m == 4 else 0)
+
+
+def _packed_2bit(indices, m):
+    """`indices` at 2 bits for m = 4, else the empty `[..., out, 0]` placeholder."""
+    if m == 4:
+        return pack_indices_2bit(indices)
+    return jnp.zeros(_shape_2bit(indices.shape, m), jnp.uint8)
+
+
+def _checked_2bit(indices_2bit, indices, m, where):
+    """The 2-bit positions: packed from `indices` when None, else checked to be exactly that
+    (when concrete), so the two can never disagree."""
+    if indices_2bit is None:
+        return _packed_2bit(indices, m)
+    indices_2bit = V.as_array("indices_2bit", indices_2bit, where=where)
+    want = _shape_2bit(indices.shape, m)
+    if indices_2bit.dtype != jnp.uint8 or tuple(indices_2bit.shape) != want:
+        raise ValueError(
+            f"{where}: indices_2bit must be uint8 of shape {want} (indices at 2 bits"
+            f"{'' if m == 4 else '; empty for m != 4'}); got {indices_2bit.dtype.name} "
+            f"{tuple(indices_2bit.shape)}"
+        )
+    if V.is_concrete(indices_2bit) and V.is_concrete(indices) and m == 4:
+        if not np.array_equal(np.asarray(indices_2bit), np.asarray(pack_indices_2bit(indices))):
+            raise ValueError(f"{where}: indices_2bit does not hold indices at 2 bits; pass "
+                             "indices_2bit=None to have it packed")
+    return indices_2bit
+
+
 def _to_groups(w, m):
     """`[..., in, out]` -> (`[..., out, G, m]` zero-padded along in, bool `real` `[G, m]`)."""
     in_features = w.shape[-2]

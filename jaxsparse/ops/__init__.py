@@ -9,9 +9,13 @@ from jaxsparse.ops.nm import (
     nm_sddmm_reference,
     nm_spmm,
     nm_spmm_engine,
+    nm_spmm_packed,
+    nm_spmm_packed_reference,
     nm_spmm_reference,
     nm_spmm_t,
     nm_spmm_t_reference,
+    pack_indices_2bit,
+    unpack_indices_2bit,
 )
 from jaxsparse.ops.vnm import (
     vnm_sddmm,
@@ -31,9 +35,12 @@ __all__ = [
     "nm_sddmm_reference",
     "nm_spmm",
     "nm_spmm_engine",
+    "nm_spmm_packed",
+    "nm_spmm_packed_reference",
     "nm_spmm_reference",
     "nm_spmm_t",
     "nm_spmm_t_reference",
+    "pack_indices_2bit",
     "pack_mma_sp_24",
     "vnm_sddmm",
     "vnm_sddmm_reference",
@@ -41,4 +48,5 @@ __all__ = [
     "vnm_spmm_reference",
     "vnm_spmm_t",
     "vnm_spmm_t_reference",
+    "unpack_indices_2bit",
 ]

@@ -19,7 +19,8 @@ The rule, `choose_path`:
 
 - Off the CPU, or without the CPU extension: "sparse" (the CUDA kernels, or the reference with its
   fallback warning).
-- On the CPU, per (instruction set, dtype), a table of crossovers (`SPARSE_MAX_TOKENS`): for
+- On the CPU, per (instruction set, dtype), a table of crossovers (`SPARSE_MAX_TOKENS`; 2:4 and
+  1:4, whose positions the kernels can read at 2 bits, have their own, `N4_MAX_TOKENS`): for
   density bands, the most tokens at which the sparse kernel beat the other paths
   (benchmarks/bench.py, docs/cpu_speed_notes.md). Beyond it, "engine" where `ENGINE_ROWS` holds
   the (instruction set, dtype) and the format has an engine for its spec, else "dense".
@@ -28,7 +29,7 @@ The built-in table was measured on two machines (a Zen 5 without AMX, a Xeon wit
 another, `python -m jaxsparse.tune` measures the N:M crossovers and writes them to the user's
 cache (`crossovers_file()`: `$XDG_CACHE_HOME/jaxsparse/crossovers.json`, or the file that
 `JAXSPARSE_CROSSOVERS` names), keyed by the CPU model and instruction set; its rows then replace
-the built-in N:M rows of that machine. `JAXSPARSE_CROSSOVERS=builtin` ignores the cache.
+the built-in rows of 2:4 and 1:4 (the patterns it measures) on that machine. `JAXSPARSE_CROSSOVERS=builtin` ignores the cache.
 
 A user forces a path per call (`jsp.matmul(x, ws, path="engine")`) or for a region of code,
 including `@` and the Flax layers (`with jsp.matmul_path("sparse"): ...`). Every path computes the
@@ -53,7 +54,8 @@ import numpy as np
 
 from jaxsparse import _ffi
 
-__all__ = ["ENGINE_ROWS", "FORMAT_TABLES", "PATHS", "SPARSE_MAX_TOKENS", "choose_path",
+__all__ = ["ENGINE_BACKWARD_FROM", "ENGINE_ROWS", "FORMAT_TABLES", "N4_MAX_TOKENS", "PATHS",
+           "SPARSE_MAX_TOKENS", "backward_on_engine", "choose_path",
            "matmul_path", "current_path", "cpu_model", "crossovers_file", "machine_key",
            "tuned_entry"]
 
@@ -95,15 +97,40 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("portable", "bfloat16"): ((1.0, 255),),
 }
 
+#: The N:M table of 2:4 and 1:4 (`NM.crossover_table == "NM4"`): their positions are also held
+#: at 2 bits, and on AMX their bf16 forward runs on the tiles from 12 to 256 tokens
+#: (`jaxsparse.ops.nm_spmm_packed`, cpu/nm/nm_amx.h). Measured on a 2-core Intel Xeon with AMX
+#: (jax 0.12, benchmarks/nm_engine_probe.py): 2:4 at 32-128 tokens 1.65-3.15x of
+#: XLA's AMX dot where the engine ran 0.88-1.76x; at 256 tokens 1.33-1.79x (engine 1.15-1.47x);
+#: at 512 the engine won on 2 of 3 harness shapes. Otherwise N:M's rows.
+N4_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
+    **SPARSE_MAX_TOKENS,
+    ("amx", "bfloat16"): ((1.0, 255),),
+}
+
 #: Where, past the sparse kernel's crossover, the engine beats the dense path (measured as above);
 #: elsewhere the dense path takes over. The avx512 rows were measured on Zen 5 before the engine
 #: ran N:M: they keep the dense path until measured again.
 ENGINE_ROWS: frozenset[tuple[str, str]] = frozenset({("amx", "bfloat16"), ("amx", "float32")})
 
+#: From how many tokens the derivatives of 2:4 and 1:4 products on the sparse kernel (dx and the
+#: values' gradient) run on the engine's kernels rather than N:M's (`nm_spmm_packed`'s
+#: `engine_backward`). Measured on a 2-core Intel Xeon with AMX (jax 0.12, a training step's
+#: product, `benchmarks/nm_engine_probe.py --modes fwd+bwd`, 4096x4096 and 11008x4096): bf16 at
+#: 128 tokens 4.08x / 4.14x of XLA's step with the engine's backward (on the tiles) against 1.68x /
+#: 1.53x with N:M's, at 32 tokens 4.95x / 4.29x against 4.81x / 4.07x, at 16 tokens N:M's won
+#: (5.73x / 4.86x against 4.26x / 4.03x); f32 at 128 tokens 1.30x / 1.18x against 1.07x / 0.88x,
+#: at 32 N:M's won. Elsewhere (unmeasured) N:M's kernels.
+ENGINE_BACKWARD_FROM: dict[tuple[str, str], int] = {
+    ("amx", "bfloat16"): 32,
+    ("amx", "float32"): 128,
+}
+
 #: Per format (the spec type's name), its crossover table; N:M's is `SPARSE_MAX_TOKENS`. A
 #: format without a table (or without a row for the ISA and dtype) always takes its kernel.
 FORMAT_TABLES: dict[str, dict] = {
     "NM": SPARSE_MAX_TOKENS,
+    "NM4": N4_MAX_TOKENS,
     # V:N:M's kernels compute over 4/m of the inputs, sharing each panel's gathered inputs across
     # its outputs: they beat XLA's dot at every harness shape, f32 and bf16 (the tightest: bf16
     # 64:2:8 at 2048 tokens, 1.22x; the dense path there was 0.92x), on a 2-core AMD Zen 5 with
@@ -251,12 +278,13 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
     where = "jaxsparse.choose_path"
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
         raise ValueError(f"{where}: tokens must be an int >= 0; got {tokens!r}")
-    tables, engine = SPARSE_MAX_TOKENS, True
+    tables, engine, tuned = SPARSE_MAX_TOKENS, True, True
     if isinstance(density, tuple) and hasattr(density, "density"):  # A spec value.
-        tables = FORMAT_TABLES.get(type(density).__name__, {})
+        tables = FORMAT_TABLES.get(getattr(density, "crossover_table", type(density).__name__), {})
         engine = bool(getattr(density, "has_engine", False))
+        # The tuner measures 1:4 and 2:4: its rows stand for those patterns only.
+        tuned = tables is N4_MAX_TOKENS
         density = density.density
-    tuned = tables is SPARSE_MAX_TOKENS
     if not isinstance(density, (int, float, np.floating)) or not 0 < density <= 1:
         raise ValueError(
             f"{where}: density must be a number in (0, 1]; got {density!r} (or pass a spec)"
@@ -275,6 +303,19 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
                                            else None)
     return _pick(row or ((1.0, _ALWAYS),), tokens, density,
                  engine and (isa, dtype_name) in ENGINE_ROWS)
+
+
+def backward_on_engine(tokens: int, dtype, spec, *, platform: str | None = None,
+                       isa: str | None = None) -> bool:
+    """Whether the derivatives of `x @ ws` on the sparse kernel should run on the engine's
+    kernels (`ENGINE_BACKWARD_FROM`): on the CPU, for a spec with an engine, from the measured
+    token count of the (instruction set, dtype)."""
+    if not getattr(spec, "has_engine", False):
+        return False
+    if (platform or jax.default_backend()) != "cpu" or not _ffi.has_cpu_kernels():
+        return False
+    start = ENGINE_BACKWARD_FROM.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name))
+    return start is not None and tokens >= start
 
 
 def _pick(table, tokens, density, engine: bool) -> str:

@@ -32,14 +32,16 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
 
+from jaxsparse import _ffi
 from jaxsparse.ops import _primitive as P
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
-from jaxsparse.ops.vnm import SELECTED, vnm_spmm
+from jaxsparse.ops.vnm import SELECTED, vnm_spmm, vnm_spmm_p
 
 __all__ = ["nm_spmm", "nm_spmm_t", "nm_sddmm", "nm_spmm_reference", "nm_spmm_t_reference",
            "nm_sddmm_reference", "nm_spmm_engine", "has_engine", "ENGINE_PANEL",
-           "JaxsparseFallbackWarning"]
+           "nm_spmm_packed", "nm_spmm_packed_reference", "pack_indices_2bit",
+           "unpack_indices_2bit", "PACKED_MAX_TOKENS", "JaxsparseFallbackWarning"]
 
 
 # ====================================================================== shared helpers
@@ -289,6 +291,125 @@ def _sddmm_batch(args, dims, *, n, m):
     return P.batch_into_kernel_batch(functools.partial(nm_sddmm, n=n, m=m), args, dims)
 
 
+# ====================================================================== 2-bit positions
+#: Up to this many tokens 2:4 and 1:4 products go through `nm_spmm_packed`, whose CPU kernels read
+#: the positions at 2 bits: the row-vectorised kernel up to 32 tokens (cpu/nm/nm_rowdot_avx512.h;
+#: a matrix-vector product bound by the weight stream: per kept f32 value 4.25 bytes instead of 5,
+#: bf16 2.25 instead of 3), and on AMX, bf16 from 12 to 256 tokens on the tiles (cpu/nm/nm_amx.h).
+#: Elsewhere it is `nm_spmm`.
+PACKED_MAX_TOKENS = 256
+
+
+def pack_indices_2bit(indices):
+    """The positions of an n:4 weight at 2 bits each, four per byte: a pure, jittable packing.
+
+    Entry `c` of a row goes to bits `2 * (c % 4)` of byte `c // 4` (little-endian, so any
+    aligned load of a row reads its entries in order); the unused bits of a row's last byte are
+    0. Positions must be < 4 (what every 2:4 / 1:4 `indices` holds).
+
+    Args:
+        indices: `[..., Kc]` uint8 (or any integer dtype), values in 0..3.
+
+    Returns:
+        `[..., ceil(Kc/4)]` uint8.
+    """
+    indices = jnp.asarray(indices)
+    kept = indices.shape[-1]
+    pad = -kept % 4
+    quads = jnp.pad(indices.astype(jnp.uint8) & 3, [(0, 0)] * (indices.ndim - 1) + [(0, pad)])
+    quads = quads.reshape(*indices.shape[:-1], (kept + pad) // 4, 4)
+    shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8)
+    return jnp.sum(quads << shifts, axis=-1, dtype=jnp.uint8)  # Disjoint bits: sum = or.
+
+
+def unpack_indices_2bit(packed, kept: int):
+    """`pack_indices_2bit`'s inverse: `[..., ceil(kept/4)]` uint8 -> `[..., kept]` uint8."""
+    packed = jnp.asarray(packed)
+    shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8)
+    quads = (packed[..., None] >> shifts) & 3
+    return quads.reshape(*packed.shape[:-1], packed.shape[-1] * 4)[..., :kept]
+
+
+nm_spmm_packed_p = Primitive("jaxsparse_nm_spmm_packed")
+
+
+def nm_spmm_packed(x, values, indices, indices_2bit, *, n: int, m: int,
+                   engine_backward: bool = False):
+    """`y = x @ W` for an n:4 sparse `W` whose positions are also held at 2 bits.
+
+    `nm_spmm` with one more operand: the CPU's few-token forward streams `indices_2bit` instead
+    of `indices` (a quarter of their bytes; the weight stream is the bound there), every other
+    case reads `indices`. Its derivatives read `indices`: `nm_spmm`'s, or with `engine_backward`
+    (n in {1, 2}) those of `nm_spmm_engine` (the shared engine's dx and dv, on the AMX tiles for
+    bf16; `jaxsparse.ops.dispatch.backward_on_engine` says where they win). On CUDA it is
+    `nm_spmm`.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        values, indices: `[Bw, N, Kc]`, as in `nm_spmm`; m must be 4.
+        indices_2bit: `[Bw, N, ceil(Kc/4)]` uint8, `pack_indices_2bit(indices)`.
+        engine_backward: static; differentiate through the engine's kernels.
+
+    Returns:
+        `[B, T, N]` in x's dtype; f32 accumulation.
+    """
+    if m != 4:
+        raise ValueError(f"jaxsparse.nm_spmm_packed: 2-bit positions are held for m = 4; got "
+                         f"{n}:{m} (use nm_spmm)")
+    if engine_backward and not has_engine(n, m):
+        raise ValueError(f"jaxsparse.nm_spmm_packed: engine_backward needs n in (1, 2); got "
+                         f"{n}:{m}")
+    values, indices, indices_2bit = P.same_batch(values, indices, indices_2bit)
+    return nm_spmm_packed_p.bind(x, values, indices, indices_2bit, n=n, m=m,
+                                 engine_backward=bool(engine_backward))
+
+
+def nm_spmm_packed_reference(x, values, indices, indices_2bit, *, n, m, engine_backward=False):
+    # The positions come from the 2-bit array, so kernels are checked against what they read.
+    del indices, engine_backward
+    return nm_spmm_reference(x, values, unpack_indices_2bit(indices_2bit, values.shape[-1]),
+                             n=n, m=m)
+
+
+def _spmm_packed_abstract_eval(x, values, indices, indices_2bit, *, n, m, engine_backward):
+    out = _spmm_abstract_eval(x, values, indices, n=n, m=m)
+    want = (values.shape[0], values.shape[1], -(-values.shape[2] // 4))
+    if indices_2bit.dtype != jnp.uint8 or tuple(indices_2bit.shape) != want:
+        raise ValueError(f"nm_spmm_packed: indices_2bit must be uint8 {want}; got "
+                         f"{indices_2bit.dtype} {tuple(indices_2bit.shape)}")
+    return out
+
+
+def _spmm_packed_jvp(primals, tangents, *, n, m, engine_backward):
+    fn = functools.partial(nm_spmm_packed, n=n, m=m, engine_backward=engine_backward)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+def _spmm_packed_transpose(ct, x, values, indices, indices_2bit, *, n, m, engine_backward):
+    if not engine_backward:
+        return (*_spmm_transpose(ct, x, values, indices, n=n, m=m), None)
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    columns = _engine_columns(values.aval if ad.is_undefined_primal(values) else values, n)
+    ct_x, ct_values, *_ = vnm_spmm_p_transpose(ct, x, values, indices, columns,
+                                               v=ENGINE_PANEL, n=n, m=m)
+    return ct_x, ct_values, None, None
+
+
+def _spmm_packed_batch(args, dims, *, n, m, engine_backward):
+    fn = functools.partial(nm_spmm_packed, n=n, m=m, engine_backward=engine_backward)
+    return P.batch_weight_product(fn, args, dims)
+
+
+def _spmm_packed_cuda_lowering():
+    """On CUDA (and the emulator) the product is `nm_spmm`'s: mma.sp has its own metadata."""
+
+    def unpacked(x, values, indices, indices_2bit, *, n, m, engine_backward):
+        return nm_spmm(x, values, indices, n=n, m=m)
+
+    return mlir.lower_fun(unpacked, multiple_results=False)
+
+
 # ====================================================================== the engine route
 #: Outputs per panel when an N:M product runs on the V:N:M engine. Measured on a 2-core Xeon with
 #: AMX (jax 0.12, bf16, 2:4): 128 beat 64 by 1.2-1.5x and 32 by 1.5-2x at 32-2048 tokens (more
@@ -326,22 +447,41 @@ def nm_spmm_engine(x, values, indices, *, n: int, m: int):
     if not has_engine(n, m):
         raise ValueError(f"jaxsparse.nm_spmm_engine: the engine takes n:m with m = {SELECTED} and "
                          f"n in (1, 2); got {n}:{m} (use nm_spmm)")
+    return vnm_spmm(x, values, indices, _engine_columns(values, n), v=ENGINE_PANEL, n=n, m=m)
+
+
+def _engine_columns(values, n):
+    """The V:N:M column selections of an n:4 weight of `values`' shape `[Bw, N, Kc]`: every panel
+    of `ENGINE_PANEL` outputs selects all 4 inputs of every group."""
     batch, out_features, kept = values.shape
     panels, groups = -(-out_features // ENGINE_PANEL), kept // n
     every_input = jnp.arange(SELECTED, dtype=jnp.uint8)
     columns = jnp.broadcast_to(every_input, (batch, panels, groups, SELECTED))
-    columns = columns.reshape(batch, panels, groups * SELECTED)
-    return vnm_spmm(x, values, indices, columns, v=ENGINE_PANEL, n=n, m=m)
+    return columns.reshape(batch, panels, groups * SELECTED)
+
+
+def vnm_spmm_p_transpose(ct, *args, **params):
+    """The V:N:M forward's transpose rule: the engine's dx and dv."""
+    return ad.primitive_transposes[vnm_spmm_p](ct, *args, **params)
 
 
 # ====================================================================== registration
-_ATTRS = ("n", "m")
+_ATTRS = ("n", "m")  # engine_backward only chooses the derivatives: not a kernel attribute.
 
 
 def _register():
     P.register(nm_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
                transpose=_spmm_transpose, batch=_spmm_batch, reference=nm_spmm_reference,
                target="jaxsparse_nm_spmm", attrs=_ATTRS, cuda_lowering=_spmm_cuda_lowering)
+    P.register(nm_spmm_packed_p, abstract_eval=_spmm_packed_abstract_eval,
+               jvp=_spmm_packed_jvp, transpose=_spmm_packed_transpose, batch=_spmm_packed_batch,
+               reference=nm_spmm_packed_reference, target="jaxsparse_nm_spmm_packed",
+               attrs=_ATTRS)
+    # No CUDA (or emulated) target of its own: there it is nm_spmm, never the reference.
+    lowered = _spmm_packed_cuda_lowering()
+    mlir.register_lowering(nm_spmm_packed_p, lowered, platform="cuda")
+    if _ffi.emulating_cuda():
+        mlir.register_lowering(nm_spmm_packed_p, lowered, platform="cpu")
     P.register(nm_spmm_t_p, abstract_eval=_spmm_t_abstract_eval, jvp=_spmm_t_jvp,
                transpose=_spmm_t_transpose, batch=_spmm_t_batch, reference=nm_spmm_t_reference,
                target="jaxsparse_nm_spmm_t", attrs=_ATTRS)

@@ -119,7 +119,7 @@ def test_properties_and_repr():
 def test_pytree_flatten_and_static_pattern():
     ws = jsp.NMSparse.fromdense(random_array(keys(3, 1)[0], (12, 4)), n=1, m=4)
     leaves, treedef = jax.tree.flatten(ws)
-    assert [leaf.shape for leaf in leaves] == [(4, 3), (4, 3)]
+    assert [leaf.shape for leaf in leaves] == [(4, 3), (4, 3), (4, 1)]  # indices_2bit: 3 in 1 byte
     back = jax.tree.unflatten(treedef, leaves)
     assert back.pattern == ws.pattern and back.in_features == 12
     doubled = jax.tree.map(lambda a: a, ws)
@@ -206,6 +206,43 @@ def test_constructor_validates_positions():
         jsp.NMSparse(jnp.ones(4), good[0], n=2, m=4, in_features=8)
     with pytest.raises(ValueError, match=r"indices must be positions"):
         ws.replace(indices=np.full((2, 4), 9, np.uint8))
+
+
+def test_positions_are_also_held_at_2_bits_for_m_4():
+    w = random_array(keys(7, 1)[0], (2, 22, 5))  # A stack; 22 inputs: a ragged last group.
+    for n in (1, 2, 3):
+        ws = jsp.NMSparse.fromdense(w, n=n, m=4)
+        assert ws.indices_2bit.shape == (2, 5, -(-ws.indices.shape[-1] // 4))
+        np.testing.assert_array_equal(ws.indices_2bit, jsp.ops.pack_indices_2bit(ws.indices))
+        mask = jsp.NMSparse.frommask(w, ws.mask(), n=n, m=4)
+        np.testing.assert_array_equal(mask.indices_2bit, ws.indices_2bit)
+    # Other group sizes hold an empty placeholder (no kernel reads 2-bit positions there).
+    assert jsp.NMSparse.fromdense(w, n=2, m=8).indices_2bit.shape == (2, 5, 0)
+    # Jittable: packed inside the program that builds the weight.
+    traced = jax.jit(lambda w: jsp.NMSparse.fromdense(w, n=2, m=4))(w)
+    np.testing.assert_array_equal(traced.indices_2bit, jsp.NMSparse.fromdense(w, n=2, m=4)
+                                  .indices_2bit)
+
+
+def test_constructor_packs_and_checks_the_2bit_positions():
+    values = jnp.ones((2, 4))
+    good = np.array([[0, 3, 1, 2]] * 2, np.uint8)
+    ws = jsp.NMSparse(values, good, n=2, m=4, in_features=8)
+    np.testing.assert_array_equal(ws.indices_2bit, np.full((2, 1), 0 | 3 << 2 | 1 << 4 | 2 << 6))
+    same = jsp.NMSparse(values, good, ws.indices_2bit, n=2, m=4, in_features=8)
+    np.testing.assert_array_equal(same.indices_2bit, ws.indices_2bit)
+    with pytest.raises(ValueError, match="indices_2bit does not hold indices at 2 bits"):
+        jsp.NMSparse(values, good, ws.indices_2bit ^ 4, n=2, m=4, in_features=8)
+    with pytest.raises(ValueError, match=r"indices_2bit must be uint8 of shape \(2, 1\).*\(2, 2\)"):
+        jsp.NMSparse(values, good, np.zeros((2, 2), np.uint8), n=2, m=4, in_features=8)
+    with pytest.raises(ValueError, match=r"indices_2bit must be uint8 of shape \(2, 0\)"):
+        jsp.NMSparse(values, np.array([[0, 3, 1, 2]] * 2, np.uint8), ws.indices_2bit, n=2, m=8,
+                     in_features=16)
+    # New positions bring their 2-bit form along; a stale one cannot be passed with them.
+    moved = ws.replace(indices=np.array([[1, 2, 0, 3]] * 2, np.uint8))
+    np.testing.assert_array_equal(moved.indices_2bit, np.full((2, 1), 1 | 2 << 2 | 0 | 3 << 6))
+    with pytest.raises(ValueError, match="indices_2bit does not hold indices at 2 bits"):
+        ws.replace(indices=np.array([[1, 2, 0, 3]] * 2, np.uint8), indices_2bit=ws.indices_2bit)
 
 
 def test_nm_pattern_value():

@@ -57,8 +57,10 @@ def test_variables_collections_shapes_and_dtypes():
     assert box.pattern == jsp.NM(2, 4) and box.in_features == 10
     assert variables["params"]["values"].shape == box.value.shape == (6, 6)
     assert variables["params"]["values"].dtype == jnp.float32 and box.value.dtype == jnp.uint8
-    # The box's metadata is static: one leaf, the uint8 array.
-    assert [x.dtype for x in jax.tree.leaves(variables["sparsity"])] == [jnp.uint8]
+    # The boxes' metadata is static: one leaf each, the uint8 arrays (positions, and the same at
+    # 2 bits: 6 kept per row in 2 bytes).
+    assert [x.dtype for x in jax.tree.leaves(variables["sparsity"])] == [jnp.uint8] * 2
+    assert variables["sparsity"]["indices_2bit"].value.shape == (6, 2)
     no_bias = SparseDense(3, sparsity="1:4", use_bias=False).init(
         jax.random.key(0), jnp.ones((1, 8))
     )
@@ -197,7 +199,7 @@ def test_bad_arguments_and_state():
         match=r"made for pattern 1:2 with in_features=8; this layer is "
         r"2:4 with in_features=8",
     ):
-        layer.apply({**variables, "sparsity": {"indices": other}}, x)
+        layer.apply({**variables, "sparsity": {**variables["sparsity"], "indices": other}}, x)
     wrong_dtype = nn.meta.unbox(variables)
     wrong_dtype["sparsity"]["indices"] = wrong_dtype["sparsity"]["indices"].astype(jnp.int32)
     with pytest.raises(TypeError, match="indices must have dtype uint8; got int32"):

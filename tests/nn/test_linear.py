@@ -51,7 +51,8 @@ def test_state_types_shapes_and_dtypes():
     assert layer.sparsity == jsp.NM(2, 4) and layer.in_features == 10
     params = nnx.state(layer, nnx.Param)
     assert paths(params) == [("bias",), ("values",)]
-    assert paths(nnx.state(layer, SparsityIndices)) == [("indices",)]
+    assert paths(nnx.state(layer, SparsityIndices)) == [("indices",), ("indices_2bit",)]
+    assert layer.indices_2bit.shape == (6, 2) and layer.indices_2bit[...].dtype == jnp.uint8
     assert layer.weight.shape == (10, 6) and layer.weight.pattern == jsp.NM(2, 4)
     no_bias = SparseLinear(8, 3, sparsity="1:4", use_bias=False, rngs=nnx.Rngs(0))
     assert no_bias.bias is None and no_bias.values.shape == (3, 2)

@@ -39,17 +39,44 @@ def _path_of(fn, *args) -> str:
 @pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_rule_follows_its_table(isa, dtype):
-    table = (dispatch.SPARSE_MAX_TOKENS.get((isa, dtype))
-             or dispatch.SPARSE_MAX_TOKENS[("avx512", dtype)])
+    def limit_in(tables, density):
+        table = tables.get((isa, dtype)) or tables[("avx512", dtype)]
+        return next(t for bound, t in table if density <= bound + 1e-9)
+
     beyond = "engine" if (isa, dtype) in dispatch.ENGINE_ROWS else "dense"
     for (n, m) in [(1, 4), (2, 8), (2, 4), (4, 8), (3, 4)]:
-        limit = next(t for bound, t in table if n / m <= bound + 1e-9)
-        engine = beyond if jsp.NM(n, m).has_engine else "dense"
+        spec = jsp.NM(n, m)
+        engine = beyond if spec.has_engine else "dense"
+        # 2:4 and 1:4 have their own table (2-bit positions, the AMX few-token kernel).
+        own = dispatch.N4_MAX_TOKENS if spec.crossover_table == "NM4" else dispatch.SPARSE_MAX_TOKENS
         for tokens in (1, 16, 17, 31, 32, 64, 65, 128, 255, 256, 511, 512, 1023, 1024, 2048):
             got = jsp.choose_path(tokens, dtype, n / m, platform="cpu", isa=isa)
+            limit = limit_in(dispatch.SPARSE_MAX_TOKENS, n / m)
             assert got == ("sparse" if tokens <= limit else beyond), (isa, dtype, n, m, tokens)
-            got = jsp.choose_path(tokens, dtype, jsp.NM(n, m), platform="cpu", isa=isa)
+            got = jsp.choose_path(tokens, dtype, spec, platform="cpu", isa=isa)
+            limit = limit_in(own, n / m)
             assert got == ("sparse" if tokens <= limit else engine), (isa, dtype, n, m, tokens)
+
+
+def test_backward_on_the_engine_where_measured():
+    rule = functools.partial(dispatch.backward_on_engine, platform="cpu", isa="amx")
+    assert not rule(31, jnp.bfloat16, jsp.NM(2, 4)) and rule(32, jnp.bfloat16, jsp.NM(2, 4))
+    assert not rule(127, jnp.float32, jsp.NM(1, 4)) and rule(128, jnp.float32, jsp.NM(1, 4))
+    assert not rule(4096, jnp.float16, jsp.NM(2, 4))  # No row: N:M's kernels.
+    assert not rule(4096, jnp.bfloat16, jsp.NM(2, 8))  # No engine for the spec.
+    assert not dispatch.backward_on_engine(4096, jnp.bfloat16, jsp.NM(2, 4), platform="cpu",
+                                           isa="avx512")
+    assert not dispatch.backward_on_engine(4096, jnp.bfloat16, jsp.NM(2, 4), platform="cuda")
+
+
+def test_two_to_four_and_one_to_four_read_their_own_table():
+    assert jsp.NM(2, 4).crossover_table == jsp.NM(1, 4).crossover_table == "NM4"
+    for spec in (jsp.NM(3, 4), jsp.NM(2, 8), jsp.NM(4, 8)):
+        assert spec.crossover_table == "NM"
+    # The only difference today: bf16 on AMX, where the packed kernel runs on the tiles.
+    differ = {key for key in dispatch.N4_MAX_TOKENS
+              if dispatch.N4_MAX_TOKENS[key] != dispatch.SPARSE_MAX_TOKENS.get(key)}
+    assert differ == {("amx", "bfloat16")}
 
 
 def test_rule_keeps_the_kernel_where_it_was_measured_faster():
@@ -65,12 +92,14 @@ def test_rule_keeps_the_kernel_where_it_was_measured_faster():
 
 def test_amx_runs_n_m_on_the_engine_past_its_crossovers():
     rule = functools.partial(jsp.choose_path, platform="cpu", isa="amx")
-    # bf16: XLA's dot runs on the tiles; from 32 tokens so does the engine.
+    # bf16: XLA's dot runs on the tiles; 2:4 and 1:4 run their packed kernel (on the tiles from
+    # 12 tokens) up to 255 tokens, then the engine.
     for spec in (jsp.NM(2, 4), jsp.NM(1, 4)):
-        assert rule(31, jnp.bfloat16, spec) == "sparse"
-        assert rule(32, jnp.bfloat16, spec) == "engine"
+        assert rule(255, jnp.bfloat16, spec) == "sparse"
+        assert rule(256, jnp.bfloat16, spec) == "engine"
         assert rule(2048, jnp.bfloat16, spec) == "engine"
-    # A pattern the engine cannot take goes dense there.
+    # A pattern the engine cannot take goes dense there, past the N:M kernel's 31 tokens.
+    assert rule(31, jnp.bfloat16, jsp.NM(2, 8)) == "sparse"
     assert rule(32, jnp.bfloat16, jsp.NM(2, 8)) == "dense"
     # f32: 2:4 on the engine past 511 tokens; 1:4 always the kernel.
     assert rule(511, jnp.float32, jsp.NM(2, 4)) == "sparse"

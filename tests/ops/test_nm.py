@@ -14,9 +14,13 @@ from jaxsparse.ops import (
     nm_sddmm,
     nm_sddmm_reference,
     nm_spmm,
+    nm_spmm_packed,
+    nm_spmm_packed_reference,
     nm_spmm_reference,
     nm_spmm_t,
     nm_spmm_t_reference,
+    pack_indices_2bit,
+    unpack_indices_2bit,
 )
 from jaxsparse.ops.nm import ENGINE_PANEL, has_engine, nm_spmm_engine
 from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
@@ -396,3 +400,135 @@ def test_engine_takes_only_m_4_with_n_1_or_2():
     match = r"nm_spmm_engine: the engine takes n:m with m = 4 .*got 2:8"
     with pytest.raises(ValueError, match=match):
         nm_spmm_engine(x, ws.values, ws.indices, n=2, m=8)
+
+
+# ---------------------------------------------------------------------- 2-bit positions
+def test_pack_indices_2bit_layout_and_round_trip():
+    got = pack_indices_2bit(jnp.array([[1, 2, 3, 0, 2]], jnp.uint8))
+    # Entry c at bits 2 (c % 4) of byte c // 4; the last byte's unused bits are 0.
+    np.testing.assert_array_equal(got, np.array([[1 | 2 << 2 | 3 << 4 | 0 << 6, 2]], np.uint8))
+    for kept in (0, 1, 3, 4, 5, 8, 37):
+        idx = jax.random.randint(keys(90 + kept, 1)[0], (3, 2, kept), 0, 4).astype(jnp.uint8)
+        packed = jax.jit(pack_indices_2bit)(idx)
+        assert packed.shape == (3, 2, -(-kept // 4)) and packed.dtype == jnp.uint8
+        np.testing.assert_array_equal(unpack_indices_2bit(packed, kept), idx)
+
+
+# (tokens, in, out): the row-vectorised kernel at 1-32 tokens (chunks of 8 or 4 entries, rows in
+# pairs or fours, a ragged last chunk and row block); on AMX the tile kernel at 12-256 tokens
+# (32-output tasks, 32-input k steps, 16-token tiles, a ragged last group and step); past 256
+# tokens the token-vectorised kernel.
+PACKED_SHAPES = [(1, 16, 8), (2, 6, 3), (4, 70, 33), (11, 4, 1), (12, 100, 37), (16, 2052, 33),
+                 (17, 300, 65), (33, 1030, 70), (128, 64, 31), (256, 96, 40), (257, 40, 18)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("t,k,out", PACKED_SHAPES)
+def test_packed_forward_matches_the_reference_on_every_isa(isa, t, k, out, n, dtype):
+    x, ws, _ = operands(keys(87, 1)[0], t, k, out, n, 4, dtype, bx=2)
+    arrays = (ws.values, ws.indices, ws.indices_2bit)
+    y = jax.jit(functools.partial(nm_spmm_packed, n=n, m=4))(x, *arrays)
+    assert y.shape == (2, t, out) and y.dtype == dtype
+    # The reference reads the 2-bit positions: what the kernels read.
+    assert_close(y, nm_spmm_packed_reference(x, *arrays, n=n, m=4), dtype, scale_for(k))
+    assert_close(y, nm_spmm(x, ws.values, ws.indices, n=n, m=4), dtype, scale_for(k))
+
+
+@pytest.mark.parametrize("t,dtype", [(3, jnp.float32), (16, jnp.bfloat16)])
+def test_packed_forward_reads_the_2bit_positions(isa, t, dtype):
+    # Positions that disagree with `indices` show which array a kernel read (never done by the
+    # format, whose constructor keeps the two equal): the row-vectorised kernel (AVX-512) and the
+    # tiles (AMX, bf16) read the 2-bit ones, the other kernels `indices`.
+    x, ws, _ = operands(keys(88, 1)[0], t, 64, 40, 2, 4, dtype)
+    shifted = (ws.indices.reshape(1, 40, 16, 2) + 1) % 4  # Still two distinct positions.
+    other = jnp.sort(shifted, axis=-1).reshape(ws.indices.shape)
+    y = nm_spmm_packed(x, ws.values, ws.indices, pack_indices_2bit(other), n=2, m=4)
+    reads_2bit = isa in ("avx512", "amx") and not _ffi.emulating_cuda()
+    read = other if reads_2bit else ws.indices
+    assert_close(y, nm_spmm_reference(x, ws.values, read, n=2, m=4), dtype, scale_for(64))
+    unread = ws.indices if reads_2bit else other
+    assert not np.allclose(np.asarray(y, np.float32),
+                           np.asarray(nm_spmm_reference(x, ws.values, unread, n=2, m=4),
+                                      np.float32), atol=1)
+
+
+@pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (3, 3)])
+def test_packed_forward_batches_broadcast(bx, bw):
+    x, ws, _ = operands(keys(89, 1)[0], 12, 40, 20, 2, 4, jnp.bfloat16, bx=bx, bw=bw)
+    arrays = (ws.values, ws.indices, ws.indices_2bit)
+    y = nm_spmm_packed(x, *arrays, n=2, m=4)
+    assert y.shape == (max(bx, bw), 12, 20)
+    assert_close(y, nm_spmm_reference(x, ws.values, ws.indices, n=2, m=4), jnp.bfloat16,
+                 scale_for(40))
+
+
+def test_few_tokens_of_two_to_four_take_the_packed_forward():
+    ws = random_nm(keys(91, 1)[0], 32, 8, 2, 4)
+
+    def primitives(t, w):
+        return str(jax.make_jaxpr(lambda x: jsp.matmul(x, w, path="sparse"))(jnp.ones((t, 32))))
+
+    assert "jaxsparse_nm_spmm_packed" in primitives(1, ws)
+    assert "jaxsparse_nm_spmm_packed" in primitives(256, ws)
+    assert "jaxsparse_nm_spmm_packed" not in primitives(257, ws)
+    for n, m in ((3, 4), (2, 8)):  # No 2-bit form read: the plain kernel.
+        assert "jaxsparse_nm_spmm_packed" not in primitives(4, random_nm(keys(92, 1)[0], 32, 8,
+                                                                         n, m))
+
+
+def test_packed_forward_gradients_and_vmap_match_the_kernel():
+    ws = random_nm(keys(93, 1)[0], 36, 20, 2, 4)
+    x = random_array(keys(94, 1)[0], (3, 5, 36))
+
+    def loss(x, v):
+        return jnp.sum(jnp.sin(x @ ws.replace(values=v)))
+
+    def loss_plain(x, v):
+        w = ws.replace(values=v)
+        return jnp.sum(jnp.sin(nm_spmm(x, w.values[None], w.indices[None], n=2, m=4)))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, ws.values)
+    want = jax.grad(loss_plain, argnums=(0, 1))(x, ws.values)
+    for g, w in zip(got, want):
+        assert_close(g, w, jnp.float32, scale_for(36))
+    check_grads(loss, (x[:1, :2], ws.values), order=2, modes=("fwd", "rev"), atol=2e-2,
+                rtol=2e-2, eps=1e-3)
+    arrays = (ws.values[None], ws.indices[None], ws.indices_2bit[None])
+    mapped = jax.vmap(lambda x: nm_spmm_packed(x[None], *arrays, n=2, m=4)[0])(x)
+    assert_close(mapped, x @ ws.todense(), jnp.float32, scale_for(36))
+
+
+def test_packed_forward_bad_input():
+    x, ws, _ = operands(keys(95, 1)[0], 2, 16, 4, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match=r"nm_spmm_packed: 2-bit positions are held for m = 4"):
+        nm_spmm_packed(x, ws.values, ws.indices, ws.indices_2bit, n=2, m=8)
+    x, ws, _ = operands(keys(96, 1)[0], 2, 16, 4, 2, 4, jnp.float32)
+    with pytest.raises(ValueError, match=r"indices_2bit must be uint8 \(1, 4, 2\)"):
+        nm_spmm_packed(x, ws.values, ws.indices, ws.indices_2bit[..., :1], n=2, m=4)
+    with pytest.raises(ValueError, match=r"indices_2bit must be uint8"):
+        nm_spmm_packed(x, ws.values, ws.indices, ws.indices_2bit.astype(jnp.int32), n=2, m=4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("t", [3, 40, 130])
+def test_packed_forward_differentiates_through_either_backward(isa, t, dtype):
+    ws = random_nm(keys(97, 1)[0], 72, 136, 2, 4, dtype)  # Two panels of the engine, one partial.
+    x = random_array(keys(98, 1)[0], (2, t, 72), dtype)
+    arrays = (ws.indices[None], ws.indices_2bit[None])
+
+    def loss(engine_backward):
+        def f(x, v):
+            y = nm_spmm_packed(x, v[None], *arrays, n=2, m=4, engine_backward=engine_backward)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+        return f
+
+    grads = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(x, ws.values)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(True), argnums=(0, 1)))(x, ws.values))
+    assert "jaxsparse_vnm_spmm_t" in jaxpr and "jaxsparse_vnm_sddmm" in jaxpr
+    want = jax.grad(loss(False), argnums=(0, 1))(x, ws.values)
+    for g, w in zip(grads, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert_close(g, w, dtype, scale_for(2 * t))
+    with pytest.raises(ValueError, match="engine_backward needs n in"):
+        nm_spmm_packed(x, ws.values[None], *arrays, n=3, m=4, engine_backward=True)
