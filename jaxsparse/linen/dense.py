@@ -64,7 +64,8 @@ class SparseDense(nn.Module):
 
     Variables: `params/values` `[features, ceil(in/m)*n]` in `param_dtype`, `params/bias`
     `[features]` (when `use_bias`), and the format's frozen arrays in `sparsity/` (N:M:
-    `sparsity/indices`, uint8 `[features, ceil(in/m)*n]`; V:N:M also `sparsity/columns`), each a
+    `sparsity/indices`, uint8 `[features, ceil(in/m)*n]`, and `sparsity/indices_2bit`, the same at
+    2 bits; V:N:M `sparsity/indices` and `sparsity/columns`), each a
     `SparsityIndices` box: pass the whole variable dict to `apply`.
 
     Example:
@@ -73,7 +74,7 @@ class SparseDense(nn.Module):
         >>> layer = jsp.linen.SparseDense(4, sparsity="2:4")
         >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8)))
         >>> jax.tree.map(jnp.shape, nn.meta.unbox(variables))
-        {'params': {'bias': (4,), 'values': (4, 4)}, 'sparsity': {'indices': (4, 4)}}
+        {'params': {'bias': (4,), 'values': (4, 4)}, 'sparsity': {'indices': (4, 4), 'indices_2bit': (4, 1)}}
         >>> layer.apply(variables, jnp.ones((16, 8))).shape
         (16, 4)
 
