@@ -174,7 +174,7 @@ def main():
     ap.add_argument("--hot", action="store_true",
                     help="no weight copies at few tokens: the weights stay cache-resident, which "
                          "measures the kernels' compute side (the bound besides the bytes)")
-    ap.add_argument("--isa", default=None, help="force a CPU ISA (amx, avx512, avx2, portable)")
+    ap.add_argument("--isa", default=None, help="force a CPU ISA (amx, avx512bf16, avx512, avx2, portable)")
     ap.add_argument("--quick", action="store_true", help="f32 spmm, 64:2:8 and 128:2:16 only")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args()

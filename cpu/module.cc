@@ -43,7 +43,7 @@ void SetIsa(const std::string& name) {
   Isa isa;
   if (!IsaFromName(name, &isa)) {
     throw nb::value_error(
-        ("unknown ISA '" + name + "'; expected one of amx, avx512, avx2, portable")
+        ("unknown ISA '" + name + "'; expected one of amx, avx512bf16, avx512, avx2, portable")
             .c_str());
   }
   if (!SetCurrentIsa(isa)) {

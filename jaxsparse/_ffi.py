@@ -70,11 +70,14 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels run with now: "amx", "avx512", "avx2" or "portable".
+    """The instruction set the CPU kernels run with now: "amx", "avx512bf16", "avx512", "avx2" or
+    "portable".
 
-    "amx" is AVX-512 plus AVX512-BF16 and the AMX tiles (Intel Sapphire Rapids and later): the
-    formats with AMX kernels (V:N:M's bf16 forward from 32 tokens) run them, the others their
-    AVX-512 kernels.
+    "avx512bf16" is AVX-512 plus AVX512-BF16 and VBMI2 (AMD Zen 4 and 5; Intel from Sapphire
+    Rapids): the engine's bf16 tile kernels (V:N:M's bf16 products from 32 tokens, the 2:4 and
+    1:4 bf16 forward from 12 to 256 tokens) run with `vdpbf16ps` as their multiply. "amx" adds the
+    AMX tiles (Intel Sapphire Rapids and later): the same kernels multiply on the tile unit.
+    Everything else runs its AVX-512 kernels under both.
     """
     _require_cpu()
     return _cpu.isa()

@@ -25,6 +25,7 @@ constexpr IsaInfo kIsas[] = {
 #ifdef JAXSPARSE_X86
 #ifdef JAXSPARSE_AMX_KERNELS
     {Isa::kAmx, "amx"},
+    {Isa::kAvx512Bf16, "avx512bf16"},
 #endif
     {Isa::kAvx512, "avx512"},
     {Isa::kAvx2, "avx2"},
@@ -81,15 +82,17 @@ bool X86Supports(Isa isa) {
                       (b & (1u << 30)) && (b & (1u << 31));    // BW, VL
   const bool zmm = avx2 && avx512 && (xcr0 & kZmmState) == kZmmState;
   if (isa == Isa::kAvx512) return zmm;
-  // kAmx: AVX512-BF16 (CPUID 7.1 EAX bit 5), AMX-BF16/TILE/INT8 (7.0 EDX
-  // bits 22, 24, 25), the tile state enabled in XCR0 (bits 17, 18), and the
-  // process's permission to use the tile data, which Linux grants on request.
-  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25)) &&
-                   (c & (1u << 6));  // and AVX512-VBMI2 (7.0 ECX bit 6), as on every AMX CPU
-  if (!zmm || !amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  // kAvx512Bf16: AVX512-BF16 (CPUID 7.1 EAX bit 5) and AVX512-VBMI2 (7.0 ECX
+  // bit 6). kAmx adds AMX-BF16/TILE/INT8 (7.0 EDX bits 22, 24, 25), the tile
+  // state enabled in XCR0 (bits 17, 18), and the process's permission to use
+  // the tile data, which Linux grants on request.
+  const bool vbmi2 = c & (1u << 6);
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));
+  if (!zmm || !vbmi2 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   const bool avx512_bf16 = a & (1u << 5);
+  if (isa == Isa::kAvx512Bf16) return avx512_bf16;
   constexpr uint64_t kTileState = uint64_t{3} << 17;
-  return avx512_bf16 && (xcr0 & kTileState) == kTileState && RequestTileData();
+  return avx512_bf16 && amx && (xcr0 & kTileState) == kTileState && RequestTileData();
 }
 #endif
 
@@ -120,6 +123,8 @@ const char* IsaName(Isa isa) {
   switch (isa) {
     case Isa::kAmx:
       return "amx";
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -131,7 +136,7 @@ const char* IsaName(Isa isa) {
 }
 
 bool IsaFromName(const std::string& name, Isa* isa) {
-  for (Isa candidate : {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+  for (Isa candidate : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
     if (name == IsaName(candidate)) {
       *isa = candidate;
       return true;

@@ -9,11 +9,13 @@
 namespace jaxsparse {
 namespace cpu {
 
-// Ordered from the least to the most capable. kAmx is AVX-512 plus
-// AVX512-BF16 and the AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8), with the
-// OS's permission to use the tile data: the formats with AMX kernels run them
-// there, the others their AVX-512 kernels.
-enum class Isa { kPortable, kAvx2, kAvx512, kAmx };
+// Ordered from the least to the most capable. kAvx512Bf16 is AVX-512 plus
+// AVX512-BF16 and VBMI2 (AMD Zen 4 and 5, Intel from Sapphire Rapids): the
+// engine's tile kernels run there with vdpbf16ps as their multiply. kAmx adds
+// the AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8), with the OS's permission to
+// use the tile data: the same kernels multiply on the tile unit. Formats
+// without such kernels run their AVX-512 ones under both.
+enum class Isa { kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
 const char* IsaName(Isa isa);
 // Returns false for an unknown name.
@@ -28,15 +30,19 @@ Isa CurrentIsa();
 bool SetCurrentIsa(Isa isa);
 
 // A format's kernel table for the ISA in use. Each format defines one table
-// per ISA (kFooPortable, and kFooAvx2 / kFooAvx512 / kFooAmx on x86 builds);
-// pass them here, null for the ones this build or format lacks. A format
-// without AMX kernels runs its AVX-512 ones under kAmx.
+// per ISA (kFooPortable, and kFooAvx2 / kFooAvx512 / kFooAvx512Bf16 / kFooAmx
+// on x86 builds); pass them here, null for the ones this build or format
+// lacks. A format without AMX or AVX512-BF16 kernels runs its AVX-512 ones
+// under those ISAs.
 template <class Table>
 const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
-                                const Table* avx512, const Table* amx = nullptr) {
+                                const Table* avx512, const Table* avx512_bf16 = nullptr,
+                                const Table* amx = nullptr) {
   const Isa isa = CurrentIsa();
   if (isa == Isa::kAmx && amx != nullptr) return *amx;
-  if ((isa == Isa::kAmx || isa == Isa::kAvx512) && avx512 != nullptr) return *avx512;
+  if (isa == Isa::kAvx512Bf16 && avx512_bf16 != nullptr) return *avx512_bf16;
+  if ((isa == Isa::kAmx || isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512) && avx512 != nullptr)
+    return *avx512;
   if (isa == Isa::kAvx2 && avx2 != nullptr) return *avx2;
   return portable;
 }
@@ -49,12 +55,13 @@ const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
 #ifdef JAXSPARSE_X86
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix) \
   ::jaxsparse::cpu::TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512)
-// The same for a format that also has AMX kernels (prefix##Amx, built when
-// the compiler knows the AMX flags: JAXSPARSE_AMX_KERNELS).
+// The same for a format that also has AVX512-BF16 and AMX kernels
+// (prefix##Avx512Bf16, prefix##Amx, built when the compiler knows the AMX
+// flags: JAXSPARSE_AMX_KERNELS).
 #ifdef JAXSPARSE_AMX_KERNELS
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(prefix)                              \
   ::jaxsparse::cpu::TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512, \
-                                       &prefix##Amx)
+                                       &prefix##Avx512Bf16, &prefix##Amx)
 #else
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(prefix) JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix)
 #endif

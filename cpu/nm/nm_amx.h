@@ -1,7 +1,8 @@
 // The few-token N:M forward on AMX: bf16 2:4 and 1:4 weights whose positions
 // are also held at 2 bits (NmProblem::indices_2bit), kNmAmxMinTokens to
 // kNmAmxMaxTokens tokens. Included by nm_kernels_amx.cc after nm_kernels.h and
-// nm_rowdot_avx512.h, inside the amx namespace they open.
+// nm_rowdot_avx512.h, inside the amx namespace they open (and, without AMX,
+// by nm_kernels_avx512bf16.cc: the tiles then multiply on vdpbf16ps).
 //
 // At these token counts the row-vectorised kernel (nm_rowdot_avx512.h) is
 // bound by its permutes (one per 16 multiply-adds, all on one port), and the
@@ -21,13 +22,13 @@
 #ifndef JAXSPARSE_CPU_NM_NM_AMX_H_
 #define JAXSPARSE_CPU_NM_NM_AMX_H_
 
-#include "cpu/engine/amx_bf16.h"
+#include "cpu/engine/bf16_tiles.h"
 
 namespace jaxsparse {
 namespace cpu {
-namespace amx {
+namespace JAXSPARSE_NM_ISA {
 
-namespace tiles = ::jaxsparse::cpu::amx_bf16;
+namespace tiles = bf16_tiles;
 
 // The token counts it takes. Measured on a 2-core Xeon with AMX (bf16 2:4,
 // weights streamed from memory at <= 16 tokens; jax 0.12): below 12 tokens
@@ -288,7 +289,7 @@ inline bool SpmmAmxAny(const NmProblem& p, const Runtime& rt) {
   return SpmmAvx512Any(p, rt);
 }
 
-}  // namespace amx
+}  // namespace JAXSPARSE_NM_ISA
 }  // namespace cpu
 }  // namespace jaxsparse
 

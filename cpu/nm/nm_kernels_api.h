@@ -62,6 +62,7 @@ struct NmKernelTable {
 extern const NmKernelTable kNmKernelsPortable;
 extern const NmKernelTable kNmKernelsAvx2;
 extern const NmKernelTable kNmKernelsAvx512;
+extern const NmKernelTable kNmKernelsAvx512Bf16;
 extern const NmKernelTable kNmKernelsAmx;
 
 }  // namespace cpu

@@ -1,9 +1,11 @@
 // The V:N:M products on AMX (bf16, from kAmxMinTokens): the engine of
-// vnm_kernels.h with the tile unit as its micro-kernel (cpu/engine/amx_bf16.h):
-// the forward (SpmmAmx), dx (SpmmTAmx) and the values' gradient (SddmmAmx).
-// The N:M engine path (m = 4) runs on them too. Included by
-// vnm_kernels_amx.cc after vnm_kernels.h and vnm_avx512.h, inside the amx
-// namespace they open.
+// vnm_kernels.h with the tile unit as its micro-kernel
+// (cpu/engine/bf16_tiles.h): the forward (SpmmAmx), dx (SpmmTAmx) and the
+// values' gradient (SddmmAmx). The N:M engine path (m = 4) runs on them too.
+// Included by vnm_kernels_amx.cc after vnm_kernels.h and vnm_avx512.h, inside
+// the amx namespace they open; vnm_kernels_avx512bf16.cc compiles the same
+// kernels without AMX, so their tiles multiply on vdpbf16ps. Measured facts
+// below are from the AMX unit.
 //
 // Per task (a few panels, a range of tokens) and block of groups (usually
 // all of them):
@@ -22,13 +24,13 @@
 #ifndef JAXSPARSE_CPU_VNM_VNM_AMX_H_
 #define JAXSPARSE_CPU_VNM_VNM_AMX_H_
 
-#include "cpu/engine/amx_bf16.h"
+#include "cpu/engine/bf16_tiles.h"
 
 namespace jaxsparse {
 namespace cpu {
-namespace amx {
+namespace JAXSPARSE_VNM_ISA {
 
-namespace tiles = ::jaxsparse::cpu::amx_bf16;
+namespace tiles = bf16_tiles;
 
 // From this many tokens the forward runs on the tiles; below, the AVX-512
 // kernels (streaming, or f32 FMAs), which need no packing of A and B.
@@ -536,7 +538,7 @@ inline bool SpmmAmxAny(const VnmProblem& p, const Runtime& rt) {
   return SpmmAvx512Any(p, rt);
 }
 
-}  // namespace amx
+}  // namespace JAXSPARSE_VNM_ISA
 }  // namespace cpu
 }  // namespace jaxsparse
 

@@ -55,6 +55,7 @@ struct VnmKernelTable {
 extern const VnmKernelTable kVnmKernelsPortable;
 extern const VnmKernelTable kVnmKernelsAvx2;
 extern const VnmKernelTable kVnmKernelsAvx512;
+extern const VnmKernelTable kVnmKernelsAvx512Bf16;
 extern const VnmKernelTable kVnmKernelsAmx;
 
 }  // namespace cpu

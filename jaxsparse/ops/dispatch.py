@@ -298,9 +298,10 @@ def choose_path(tokens: int, dtype, density, *, platform: str | None = None,
     if entry is not None and dtype_name in entry["rows"]:
         return _pick(entry["rows"][dtype_name], tokens, density,
                      engine and dtype_name in entry["engine"])
-    # Under "amx" a format without an AMX row runs its AVX-512 kernels: their row applies.
-    row = tables.get((isa, dtype_name)) or (tables.get(("avx512", dtype_name)) if isa == "amx"
-                                           else None)
+    # Under "amx" and "avx512bf16" a format without its own row there runs its AVX-512 kernels
+    # (or, for the engine's tile kernels on "avx512bf16", is unmeasured there): AVX-512's row.
+    row = tables.get((isa, dtype_name)) or (tables.get(("avx512", dtype_name))
+                                           if isa in ("amx", "avx512bf16") else None)
     return _pick(row or ((1.0, _ALWAYS),), tokens, density,
                  engine and (isa, dtype_name) in ENGINE_ROWS)
 

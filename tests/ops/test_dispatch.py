@@ -36,7 +36,7 @@ def _path_of(fn, *args) -> str:
 # ------------------------------------------------------------------ the rule
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_rule_follows_its_table(isa, dtype):
     def limit_in(tables, density):

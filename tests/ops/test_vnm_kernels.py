@@ -138,8 +138,9 @@ def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
-# bf16 from 32 tokens on AMX machines runs on the tiles (cpu/vnm/vnm_amx.h): 16-token tiles of A
-# (T % 16, T % 32), 16-output tiles of B (an odd count: v = 16, 48-wide partial panels), k steps of
+# bf16 from 32 tokens under amx and avx512bf16 runs on the tiles (cpu/vnm/vnm_amx.h; the tile unit
+# or vdpbf16ps): 16-token tiles of A (T % 16, T % 32; vdpbf16ps takes them in halves of 8), 16-output
+# tiles of B (an odd count: v = 16, 48-wide partial panels), k steps of
 # 32 selected inputs (nk % 32, rows of x not 64-byte aligned: K % 32), one to four 64-word gather
 # windows per step (m = 5 .. 64), tasks of 1-4 panels and of part of the tokens, and inputs in
 # several blocks (past half of L2 for two panels' tiles: K = 9000 at v = 128, K = 17000 at v = 16).

@@ -1,8 +1,15 @@
-// The CPU engine's AMX micro-kernels: bf16 products on the tile unit
-// (tdpbf16ps), for every format that can hand the engine a gather list (the
-// inputs a panel reads) and a decoded dense panel (FORMATS.md section 4).
+// The CPU engine's bf16 tile products, for every format that can hand the
+// engine a gather list (the inputs a panel reads) and a decoded dense panel
+// (FORMATS.md section 4). Two units multiply the same tiles:
+//   - AMX (tdpbf16ps), in translation units compiled with the AMX flags;
+//   - AVX512-BF16 (vdpbf16ps), elsewhere: a machine without AMX (AMD Zen 4
+//     and 5) runs every AMX kernel of the engine on the vector unit, with
+//     the layouts, gathers, decoders and task structure unchanged. There
+//     vdpbf16ps does 32 multiply-adds per instruction at the f32 FMA's
+//     instruction rate (Zen 5), twice f32's work per cycle; on Intel it
+//     issues at half that rate, so it only matches f32 there (AMX wins).
 //
-// A format's AMX kernel, per output panel and token tile:
+// A format's tile kernel, per output panel and token tile:
 //   1. PlanGather(sel): the panel's gather list as 64-word windows of a row of
 //      x, once per panel and block of inputs;
 //   2. GatherRow: per token, x[t, sel[kk]] into the A layout (one two-source
@@ -18,60 +25,44 @@
 //      collide in L1 (a row stride of 4 KB would map them to one set).
 //   B  [output tile j][k step s][16 pair rows][16 outputs x 2]: row r holds
 //      inputs 32 s + 2 r and 32 s + 2 r + 1 of each of 16 outputs side by
-//      side, the pairing tdpbf16ps multiplies against A's consecutive pairs.
+//      side, the pairing tdpbf16ps (and vdpbf16ps) multiplies against A's
+//      consecutive pairs.
 //   C  f32 rows of `ld` floats (the format's accumulator).
-// Tiles: 0-3 are C (token tile a, output tile b at 2 a + b), 4-5 A, 6-7 B:
-// 2 x 2 blocking keeps four dot products in flight per four tile loads.
+// AMX tiles: 0-3 are C (token tile a, output tile b at 2 a + b), 4-5 A, 6-7
+// B: 2 x 2 blocking keeps four dot products in flight per four tile loads.
 //
-// Only the AMX translation units include this header (compiled with
-// -mamx-tile -mamx-bf16 -mavx512bf16 and AVX-512): every function here may
-// use those instructions.
-#ifndef JAXSPARSE_CPU_ENGINE_AMX_BF16_H_
-#define JAXSPARSE_CPU_ENGINE_AMX_BF16_H_
+// Included by the translation units of the AMX ISA (-mamx-tile -mamx-bf16
+// and AVX-512 with AVX512-BF16 and VBMI2) and of the avx512bf16 ISA (the same
+// without AMX), after JAXSPARSE_KERNEL_ISA names their namespace: each gets
+// its own copy (kernel_util.h says why), and every function here may use
+// the instructions of its flags.
+#ifndef JAXSPARSE_CPU_ENGINE_BF16_TILES_H_
+#define JAXSPARSE_CPU_ENGINE_BF16_TILES_H_
 
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
 
+#ifndef JAXSPARSE_KERNEL_ISA
+#error "define JAXSPARSE_KERNEL_ISA (the namespace of this instantiation) first"
+#endif
+#if !defined(__AVX512BF16__) || !defined(__AVX512VBMI2__)
+#error "bf16_tiles.h needs AVX512-BF16 and VBMI2 (the amx or avx512bf16 flags)"
+#endif
+// The tile unit where the flags allow it, else vdpbf16ps.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define JAXSPARSE_TILES_ON_AMX 1
+#endif
+
 namespace jaxsparse {
 namespace cpu {
-namespace amx_bf16 {
+namespace JAXSPARSE_KERNEL_ISA {
+namespace bf16_tiles {
 
 constexpr int64_t kTileRows = 16;   // Rows of every tile.
 constexpr int64_t kStepWords = 32;  // bf16 inputs per k step (a 64-byte row).
 constexpr int64_t kTileWords = kTileRows * kStepWords;  // 1 KB.
-
-// The palette-1 configuration of the eight tiles: 16 rows of 64 bytes each.
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Loads the tile configuration on the calling thread (tile state is per
-// thread, and XLA's own AMX kernels on the same pool thread configure it their
-// way between our calls). Each task calls this first and Release() last.
-inline void ConfigureTiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = kTileRows;
-  }
-  // gcc 12 at -O2 dropped the stores above before ldtilecfg (a segfault in
-  // the prototype, FORMATS.md section 4b): handing the address to an asm
-  // with a memory clobber forces them.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-// Returns the tiles to their initial state, so a context switch of this
-// thread no longer saves their 8 KB.
-inline void ReleaseTiles() { _tile_release(); }
 
 // ------------------------------------------------------------------ gather
 
@@ -351,6 +342,39 @@ inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {
 
 // ------------------------------------------------------------------ micro-kernel
 
+#ifdef JAXSPARSE_TILES_ON_AMX
+
+// The palette-1 configuration of the eight tiles: 16 rows of 64 bytes each.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Loads the tile configuration on the calling thread (tile state is per
+// thread, and XLA's own AMX kernels on the same pool thread configure it their
+// way between our calls). Each task calls this first and Release() last.
+inline void ConfigureTiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = kTileRows;
+  }
+  // gcc 12 at -O2 dropped the stores above before ldtilecfg (a segfault in
+  // the prototype, FORMATS.md section 4b): handing the address to an asm
+  // with a memory clobber forces them.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// Returns the tiles to their initial state, so a context switch of this
+// thread no longer saves their 8 KB.
+inline void ReleaseTiles() { _tile_release(); }
+
 // c (f32, c_ld floats per row) = A . B (kLoad: c + A . B) over `steps` k
 // steps, for kTa token tiles (the next at a + a_next words) and kTb output
 // tiles (b + b_next).
@@ -389,6 +413,60 @@ inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int6
   if constexpr (kTa == 2 && kTb == 2) _tile_stored(3, c1 + 16, c_stride);
 }
 
+#else  // The AVX512-BF16 unit.
+
+// Tasks of the AVX512-BF16 unit have no tile state to set up or give back.
+inline void ConfigureTiles() {}
+inline void ReleaseTiles() {}
+
+// Half a C tile (8 tokens) by kTb output tiles on vdpbf16ps: per pair row r
+// of a k step, kTb loads of B's row and 8 broadcasts of A's pair (token,
+// inputs 2 r and 2 r + 1) feed 8 kTb dot products into 8 kTb accumulators.
+// At kTb = 2 that is 10 loads per 16 vdpbf16ps (Zen 5 issues two of each
+// per cycle) and 16 independent sums, enough to cover the instruction's
+// latency (~6 cycles) at two per cycle. `a` is the half's first row of its
+// tile's first step; `c` its first row of sums.
+template <int kTb, bool kLoad>
+inline void HalfTileBlock(const uint16_t* a, const uint16_t* b, int64_t b_next, int64_t steps,
+                          float* c, int64_t c_ld) {
+  constexpr int kTokens = kTileRows / 2;
+  __m512 acc[kTokens][kTb];
+  for (int t = 0; t < kTokens; ++t)
+    for (int j = 0; j < kTb; ++j)
+      acc[t][j] = kLoad ? _mm512_loadu_ps(c + t * c_ld + 16 * j) : _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* as = a + s * kTileWords;
+    const uint16_t* bs = b + s * kTileWords;
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileRows; ++r) {
+      __m512bh w[kTb];
+      for (int j = 0; j < kTb; ++j)
+        w[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + j * b_next + r * kStepWords));
+      for (int t = 0; t < kTokens; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, as + t * kStepWords + 2 * r, sizeof pair);
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int j = 0; j < kTb; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], x, w[j]);
+      }
+    }
+  }
+  for (int t = 0; t < kTokens; ++t)
+    for (int j = 0; j < kTb; ++j) _mm512_storeu_ps(c + t * c_ld + 16 * j, acc[t][j]);
+}
+
+// TileBlock's contract (below) on the vector unit, half a token tile at a time.
+template <int kTa, int kTb, bool kLoad>
+inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int64_t b_next,
+                      int64_t steps, float* c, int64_t c_ld) {
+  constexpr int64_t kHalf = kTileRows / 2;
+  for (int i = 0; i < kTa; ++i)
+    for (int64_t h = 0; h < kTileRows; h += kHalf)
+      HalfTileBlock<kTb, kLoad>(a + i * a_next + h * kStepWords, b, b_next, steps,
+                                c + (i * kTileRows + h) * c_ld, c_ld);
+}
+
+#endif  // JAXSPARSE_TILES_ON_AMX
+
 // TileProduct with the choice at compile time.
 template <bool kLoad>
 inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
@@ -424,8 +502,9 @@ inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* 
   TileProductInto<false>(a, token_tiles, b, out_tiles, steps, c, c_ld);
 }
 
-}  // namespace amx_bf16
+}  // namespace bf16_tiles
+}  // namespace JAXSPARSE_KERNEL_ISA
 }  // namespace cpu
 }  // namespace jaxsparse
 
-#endif  // JAXSPARSE_CPU_ENGINE_AMX_BF16_H_
+#endif  // JAXSPARSE_CPU_ENGINE_BF16_TILES_H_
