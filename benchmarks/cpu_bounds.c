@@ -9,6 +9,9 @@
  *    rate (permutes per ns, one core) bounds the forward at 3-16 tokens from the compute side.
  * 3. First touch of a fresh 32 MB buffer (what a fresh XLA result costs a kernel that writes it):
  *    4 KB pages, against the same with madvise(MADV_HUGEPAGE) on its whole 2 MB pages.
+ * 4. bf16 dot peak: 12 independent zmm vdpbf16ps chains per thread (each does 32 bf16 products
+ *    into 16 f32 lanes), on 1 and 2 threads, where the CPU has AVX512-BF16 (checked at run time).
+ *    The bound of the engine's bf16 tiles on CPUs without AMX (cpu/engine/bf16_tiles.h).
  * Needs an AVX-512 CPU (checked); Linux for part 3.
  */
 #include <immintrin.h>
@@ -59,6 +62,46 @@ static void fma_peak(void) {
     const double t = now() - t0;
     printf("f32 FMA peak, %d thread(s): %6.1f GFLOP/s (%.2f zmm FMA/ns per core)\n", threads,
            threads * iters * 12.0 * 32 / t / 1e9, iters * 12.0 / t / 1e9);
+  }
+}
+
+/* ------------------------------------------------------------------ 4. bf16 dot peak */
+
+/* Built for AVX512-BF16 by attribute, so that the file still compiles with -mavx512f alone and
+ * runs this part only where the CPU has it. */
+__attribute__((target("avx512f,avx512bf16"))) static void* bf16_dot_chains(void* p) {
+  struct fma_arg* a = p;
+  __m512 acc[12];
+  const __m512i b = _mm512_set1_epi16(0x3f80); /* bf16 1.0 */
+  const __m512i c = _mm512_set1_epi16(0x3380); /* bf16 ~6e-8 */
+  for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+  for (long k = 0; k < a->iters; k++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)b, (__m512bh)c);
+  }
+  float s = 0;
+  for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(acc[i]);
+  a->sink = s;
+  return NULL;
+}
+
+static void bf16_dot_peak(void) {
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    printf("bf16 dot peak: this CPU has no AVX512-BF16\n");
+    return;
+  }
+  const long iters = 100000000;
+  for (int threads = 1; threads <= 2; threads++) {
+    pthread_t th[2];
+    struct fma_arg args[2] = {{iters, 0}, {iters, 0}};
+    const double t0 = now();
+    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, bf16_dot_chains, &args[i]);
+    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
+    const double t = now() - t0;
+    /* one vdpbf16ps: 16 lanes x 2 products, 2 flops each */
+    printf("bf16 dot peak (vdpbf16ps), %d thread(s): %6.1f GFLOP/s (%.2f zmm vdpbf16ps/ns per core)\n",
+           threads, threads * iters * 12.0 * 64 / t / 1e9, iters * 12.0 / t / 1e9);
   }
 }
 
@@ -138,6 +181,7 @@ int main(void) {
     return 0;
   }
   fma_peak();
+  bf16_dot_peak();
   permute_step();
   first_touch();
   return 0;

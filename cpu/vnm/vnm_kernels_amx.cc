@@ -5,18 +5,7 @@
 #define JAXSPARSE_AVX512_NAMESPACE amx
 #include "cpu/common/simd_avx512.h"
 #include "cpu/vnm/vnm_kernels_api.h"
-
-namespace jaxsparse {
-namespace cpu {
-namespace amx {
-// As for AVX-512 (vnm_kernels_avx512.cc): the f32 FMA engine's 6 x 4 tile.
-struct VnmTile {
-  static constexpr int kVecs = 4;
-  static constexpr int kRows = 6;
-};
-}  // namespace amx
-}  // namespace cpu
-}  // namespace jaxsparse
+#include "cpu/vnm/vnm_tile_avx512.h"
 
 #define JAXSPARSE_VNM_ISA amx
 #include "cpu/vnm/vnm_kernels.h"

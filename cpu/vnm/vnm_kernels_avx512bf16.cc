@@ -5,18 +5,7 @@
 #define JAXSPARSE_AVX512_NAMESPACE avx512bf16
 #include "cpu/common/simd_avx512.h"
 #include "cpu/vnm/vnm_kernels_api.h"
-
-namespace jaxsparse {
-namespace cpu {
-namespace avx512bf16 {
-// As for AVX-512 (vnm_kernels_avx512.cc): the f32 FMA engine's 6 x 4 tile.
-struct VnmTile {
-  static constexpr int kVecs = 4;
-  static constexpr int kRows = 6;
-};
-}  // namespace avx512bf16
-}  // namespace cpu
-}  // namespace jaxsparse
+#include "cpu/vnm/vnm_tile_avx512.h"
 
 #define JAXSPARSE_VNM_ISA avx512bf16
 #include "cpu/vnm/vnm_kernels.h"

@@ -103,15 +103,23 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
 #: (jax 0.12, benchmarks/nm_engine_probe.py): 2:4 at 32-128 tokens 1.65-3.15x of
 #: XLA's AMX dot where the engine ran 0.88-1.76x; at 256 tokens 1.33-1.79x (engine 1.15-1.47x);
 #: at 512 the engine won on 2 of 3 harness shapes. Otherwise N:M's rows.
+#: Without AMX but with AVX512-BF16 (`avx512bf16`) the same tiles run on `vdpbf16ps`. Measured
+#: on a 2-core AMD Zen 4 (jax 0.12, `JAXSPARSE_CPU_ISA=avx512bf16 benchmarks/nm_engine_probe.py`,
+#: 4096x4096 and 11008x4096): 2:4 at 128 / 256 tokens 1.30-1.32x / 1.12-1.14x of XLA's bf16 dot
+#: (engine 1.10-1.11x / 0.90-1.02x), at 512 the kernel 0.70-0.72x and the engine 0.97x, at 2048
+#: the engine 1.00-1.06x (dense path 0.90-1.00x); 1:4 keeps the kernel (at 512 and 1024 tokens
+#: 1.12-1.25x against the engine's 0.89-1.03x).
 N4_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     **SPARSE_MAX_TOKENS,
     ("amx", "bfloat16"): ((1.0, 255),),
+    ("avx512bf16", "bfloat16"): ((0.25, _ALWAYS), (1.0, 255)),
 }
 
 #: Where, past the sparse kernel's crossover, the engine beats the dense path (measured as above);
 #: elsewhere the dense path takes over. The avx512 rows were measured on Zen 5 before the engine
-#: ran N:M: they keep the dense path until measured again.
-ENGINE_ROWS: frozenset[tuple[str, str]] = frozenset({("amx", "bfloat16"), ("amx", "float32")})
+#: ran N:M: they keep the dense path until measured again. avx512bf16 bf16: see N4_MAX_TOKENS.
+ENGINE_ROWS: frozenset[tuple[str, str]] = frozenset(
+    {("amx", "bfloat16"), ("amx", "float32"), ("avx512bf16", "bfloat16")})
 
 #: From how many tokens the derivatives of 2:4 and 1:4 products on the sparse kernel (dx and the
 #: values' gradient) run on the engine's kernels rather than N:M's (`nm_spmm_packed`'s
@@ -120,9 +128,13 @@ ENGINE_ROWS: frozenset[tuple[str, str]] = frozenset({("amx", "bfloat16"), ("amx"
 #: 128 tokens 4.08x / 4.14x of XLA's step with the engine's backward (on the tiles) against 1.68x /
 #: 1.53x with N:M's, at 32 tokens 4.95x / 4.29x against 4.81x / 4.07x, at 16 tokens N:M's won
 #: (5.73x / 4.86x against 4.26x / 4.03x); f32 at 128 tokens 1.30x / 1.18x against 1.07x / 0.88x,
-#: at 32 N:M's won. Elsewhere (unmeasured) N:M's kernels.
+#: at 32 N:M's won. On a 2-core AMD Zen 4 with `avx512bf16` (the tiles on `vdpbf16ps`), bf16 2:4
+#: at 128 tokens 2.36x / 2.43x with the engine's backward against 1.54x / 1.56x with N:M's, at 256
+#: 1.98x / 1.85x against 1.37x / 1.19x, at 16 and 32 within 1-10% either way. Elsewhere
+#: (unmeasured) N:M's kernels.
 ENGINE_BACKWARD_FROM: dict[tuple[str, str], int] = {
     ("amx", "bfloat16"): 32,
+    ("avx512bf16", "bfloat16"): 32,
     ("amx", "float32"): 128,
 }
 

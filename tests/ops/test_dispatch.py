@@ -73,10 +73,25 @@ def test_two_to_four_and_one_to_four_read_their_own_table():
     assert jsp.NM(2, 4).crossover_table == jsp.NM(1, 4).crossover_table == "NM4"
     for spec in (jsp.NM(3, 4), jsp.NM(2, 8), jsp.NM(4, 8)):
         assert spec.crossover_table == "NM"
-    # The only difference today: bf16 on AMX, where the packed kernel runs on the tiles.
+    # The only differences today: bf16 where the packed kernel runs on the tiles (AMX, or
+    # vdpbf16ps on avx512bf16).
     differ = {key for key in dispatch.N4_MAX_TOKENS
               if dispatch.N4_MAX_TOKENS[key] != dispatch.SPARSE_MAX_TOKENS.get(key)}
-    assert differ == {("amx", "bfloat16")}
+    assert differ == {("amx", "bfloat16"), ("avx512bf16", "bfloat16")}
+
+
+def test_avx512bf16_runs_two_to_four_bf16_on_the_engine_past_256_tokens():
+    rule = functools.partial(jsp.choose_path, platform="cpu", isa="avx512bf16")
+    # The packed kernel's tiles (vdpbf16ps) up to 255 tokens, then the engine (Zen 4: at 512
+    # tokens 0.97x of XLA's bf16 dot against the kernel's 0.70x); 1:4 keeps its kernel.
+    assert rule(255, jnp.bfloat16, jsp.NM(2, 4)) == "sparse"
+    assert rule(256, jnp.bfloat16, jsp.NM(2, 4)) == "engine"
+    assert rule(4096, jnp.bfloat16, jsp.NM(1, 4)) == "sparse"
+    # f32 reads the AVX-512 row (the same kernels).
+    assert rule(4096, jnp.float32, jsp.NM(2, 4)) == "sparse"
+    backward = functools.partial(dispatch.backward_on_engine, platform="cpu", isa="avx512bf16")
+    assert not backward(31, jnp.bfloat16, jsp.NM(2, 4)) and backward(32, jnp.bfloat16, jsp.NM(2, 4))
+    assert not backward(4096, jnp.float32, jsp.NM(2, 4))
 
 
 def test_rule_keeps_the_kernel_where_it_was_measured_faster():
