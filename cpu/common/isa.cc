@@ -82,13 +82,15 @@ bool X86Supports(Isa isa) {
                       (b & (1u << 30)) && (b & (1u << 31));    // BW, VL
   const bool zmm = avx2 && avx512 && (xcr0 & kZmmState) == kZmmState;
   if (isa == Isa::kAvx512) return zmm;
-  // kAvx512Bf16: AVX512-BF16 (CPUID 7.1 EAX bit 5) and AVX512-VBMI2 (7.0 ECX
-  // bit 6). kAmx adds AMX-BF16/TILE/INT8 (7.0 EDX bits 22, 24, 25), the tile
-  // state enabled in XCR0 (bits 17, 18), and the process's permission to use
-  // the tile data, which Linux grants on request.
-  const bool vbmi2 = c & (1u << 6);
+  // kAvx512Bf16: AVX512-BF16 (CPUID 7.1 EAX bit 5), AVX512-VBMI2 (7.0 ECX
+  // bit 6) and AVX512-VNNI (7.0 ECX bit 11: its units are compiled with
+  // -mavx512vnni, for the engine's int8 tiles on vpdpbusd). kAmx adds
+  // AMX-BF16/TILE/INT8 (7.0 EDX bits 22, 24, 25), the tile state enabled in
+  // XCR0 (bits 17, 18), and the process's permission to use the tile data,
+  // which Linux grants on request.
+  const bool vbmi2 = c & (1u << 6), vnni = c & (1u << 11);
   const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));
-  if (!zmm || !vbmi2 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  if (!zmm || !vbmi2 || !vnni || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   const bool avx512_bf16 = a & (1u << 5);
   if (isa == Isa::kAvx512Bf16) return avx512_bf16;
   constexpr uint64_t kTileState = uint64_t{3} << 17;

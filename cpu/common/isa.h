@@ -10,8 +10,9 @@ namespace jaxsparse {
 namespace cpu {
 
 // Ordered from the least to the most capable. kAvx512Bf16 is AVX-512 plus
-// AVX512-BF16 and VBMI2 (AMD Zen 4 and 5, Intel from Sapphire Rapids): the
-// engine's tile kernels run there with vdpbf16ps as their multiply. kAmx adds
+// AVX512-BF16, VBMI2 and VNNI (AMD Zen 4 and 5, Intel from Sapphire Rapids):
+// the engine's tile kernels run there with vdpbf16ps (bf16) and vpdpbusd
+// (int8) as their multiplies. kAmx adds
 // the AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8), with the OS's permission to
 // use the tile data: the same kernels multiply on the tile unit. Formats
 // without such kernels run their AVX-512 ones under both.

@@ -1,6 +1,7 @@
 """Sparse products as JAX primitives, one module per op family."""
 
 from jaxsparse.ops.dispatch import choose_path, matmul_path
+from jaxsparse.ops.engine import int8_matmul, int8_matmul_reference
 from jaxsparse.ops.matmul import matmul
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
@@ -29,6 +30,8 @@ from jaxsparse.ops.vnm import (
 __all__ = [
     "JaxsparseFallbackWarning",
     "choose_path",
+    "int8_matmul",
+    "int8_matmul_reference",
     "matmul",
     "matmul_path",
     "nm_sddmm",
