@@ -73,10 +73,11 @@ def cpu_isa() -> str:
     """The instruction set the CPU kernels run with now: "amx", "avx512bf16", "avx512", "avx2" or
     "portable".
 
-    "avx512bf16" is AVX-512 plus AVX512-BF16 and VBMI2 (AMD Zen 4 and 5; Intel from Sapphire
-    Rapids): the engine's bf16 tile kernels (V:N:M's bf16 products from 32 tokens, the 2:4 and
-    1:4 bf16 forward from 12 to 256 tokens) run with `vdpbf16ps` as their multiply. "amx" adds the
-    AMX tiles (Intel Sapphire Rapids and later): the same kernels multiply on the tile unit.
+    "avx512bf16" is AVX-512 plus AVX512-BF16, VBMI2 and VNNI (AMD Zen 4 and 5; Intel from
+    Sapphire Rapids): the engine's bf16 tile kernels (V:N:M's bf16 products from 32 tokens, the
+    2:4 and 1:4 bf16 forward from 12 to 256 tokens) run with `vdpbf16ps` as their multiply, its
+    int8 tiles (`jaxsparse.ops.int8_matmul`) with `vpdpbusd`. "amx" adds the AMX tiles (Intel
+    Sapphire Rapids and later): the same kernels multiply on the tile unit.
     Everything else runs its AVX-512 kernels under both.
     """
     _require_cpu()
