@@ -19,8 +19,8 @@ demo: $(VENV)/.installed
 # The second run puts the op tests onto the CUDA kernels, executed by the SIMT emulator (the
 # tests that call the CPU targets by name are not changed by it, so they run once).
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --doctest-modules jaxsparse tests
-	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests/ops tests/test_ffi.py \
+	$(VENV)/bin/python -m pytest -q -n 2 --doctest-modules jaxsparse tests
+	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 tests/ops tests/test_ffi.py \
 		--ignore=tests/ops/test_vnm_kernels.py
 
 clean:

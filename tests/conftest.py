@@ -10,16 +10,6 @@ import jaxsparse as jsp
 os.environ["JAXSPARSE_CROSSOVERS"] = "builtin"
 
 
-def pytest_collection_modifyitems(config, items):
-    # Under `pytest -n 2 --dist loadgroup` (make test) every parametrisation of one test function
-    # runs on one worker: they share their shapes' JIT compilations (a per-process cache; the
-    # kernels' instruction set is chosen at run time, so one compilation serves every `isa`),
-    # which two workers would each pay for. Whole functions still spread over the workers.
-    for item in items:
-        name = getattr(item, "originalname", item.name)  # Doctests have no parametrisations.
-        item.add_marker(pytest.mark.xdist_group(f"{item.path}::{name}"))
-
-
 def pytest_report_header(config):
     isa = jsp.cpu_isa() if jsp.has_cpu_kernels() else "no CPU kernels built"
     return f"jax {jax.__version__}, jaxsparse CPU ISA {isa}, CUDA module: {jsp.has_cuda_kernels()}"

@@ -54,6 +54,9 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define JAXSPARSE_TILES_ON_AMX 1
 #endif
+#ifdef JAXSPARSE_TILES_ON_AMX
+#include "cpu/engine/amx_config.h"
+#endif
 
 namespace jaxsparse {
 namespace cpu {
@@ -344,36 +347,9 @@ inline void ZeroBTail(uint16_t* b, int64_t nk, int64_t out_tiles) {
 
 #ifdef JAXSPARSE_TILES_ON_AMX
 
-// The palette-1 configuration of the eight tiles: 16 rows of 64 bytes each.
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Loads the tile configuration on the calling thread (tile state is per
-// thread, and XLA's own AMX kernels on the same pool thread configure it their
-// way between our calls). Each task calls this first and Release() last.
-inline void ConfigureTiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = kTileRows;
-  }
-  // gcc 12 at -O2 dropped the stores above before ldtilecfg (a segfault in
-  // the prototype, FORMATS.md section 4b): handing the address to an asm
-  // with a memory clobber forces them.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-// Returns the tiles to their initial state, so a context switch of this
-// thread no longer saves their 8 KB.
-inline void ReleaseTiles() { _tile_release(); }
+// The tile configuration (cpu/engine/amx_config.h), shared with the other tile products.
+using amx_config::ConfigureTiles;
+using amx_config::ReleaseTiles;
 
 // c (f32, c_ld floats per row) = A . B (kLoad: c + A . B) over `steps` k
 // steps, for kTa token tiles (the next at a + a_next words) and kTb output

@@ -55,6 +55,9 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #endif
+#ifdef JAXSPARSE_INT8_TILES_ON_AMX
+#include "cpu/engine/amx_config.h"
+#endif
 
 namespace jaxsparse {
 namespace cpu {
@@ -111,36 +114,9 @@ inline void PackB(const int8_t* b, int64_t ld, int64_t k, int64_t n, int64_t out
 
 #if defined(JAXSPARSE_INT8_TILES_ON_AMX)
 
-// The palette-1 configuration of the eight tiles, 16 rows of 64 bytes each
-// (the same as bf16_tiles.h's: tdpbssd reads the same tile shapes).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Loads the tile configuration on the calling thread (tile state is per
-// thread, and other kernels on the same pool thread configure it their way
-// between our calls). Each task calls this first and ReleaseTiles() last.
-inline void ConfigureTiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = kTileRows;
-  }
-  // As in bf16_tiles.h: gcc 12 at -O2 dropped the stores above before
-  // ldtilecfg; an asm with a memory clobber forces them.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-// Returns the tiles to their initial state, so a context switch of this
-// thread no longer saves their 8 KB.
-inline void ReleaseTiles() { _tile_release(); }
+// The tile configuration (cpu/engine/amx_config.h), shared with the other tile products.
+using amx_config::ConfigureTiles;
+using amx_config::ReleaseTiles;
 
 // c (int32, c_ld per row) (+)= A . B over `steps` k steps for kTa token tiles
 // (the next at a + a_next bytes) and kTb output tiles (b + b_next): tiles 0-3
