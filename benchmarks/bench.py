@@ -11,7 +11,9 @@ For every dtype x shape (in, out) x tokens, in one process:
 each as the forward alone (`fwd`) and forward plus backward as in a training step (`fwd+bwd`:
 y, then the cotangents of x and of the weight values). Times are medians of `--repeats` calls after
 a warm-up (compile + one call) outside the timing, each call ended by `block_until_ready` (short
-calls get more repeats, up to a quarter of a second of them).
+calls get more repeats, up to a quarter of a second of them). A jaxsparse call shorter than a tenth
+of a second is timed in alternation with XLA's dot of the same mode, and its speedup is against
+that second timing (`PAIR_BELOW_SECONDS`), so a drift of a shared machine's load hits both alike.
 
 The machine's ceilings are measured first: peak FLOP/s per dtype from a jnp.dot of a
 cache-friendly size, memory bandwidth from a large-array copy. Each kernel's effective FLOP/s is
@@ -109,23 +111,33 @@ def time_call(fn, *args, repeats: int) -> float:
     An argument may be a `Rotating` list of equal arrays: call i then takes copy i % len, so a
     weight read from memory is not left in the last-level cache by the previous call.
     """
-    def call(i):
+    return time_calls([(fn, args)], repeats=repeats)[0]
+
+
+def time_calls(calls, repeats: int) -> list[float]:
+    """Median seconds of each `(fn, args)` of `calls`, called in alternation (one call of each
+    in turn), so a change of the machine's load during the timing hits them alike; arguments
+    as in `time_call`."""
+    def call(fn, args, i):
         return fn(*(a[i % len(a)] if isinstance(a, Rotating) else a for a in args))
 
-    jax.block_until_ready(call(0))
-    first = time.perf_counter()
-    jax.block_until_ready(call(1))
-    first = time.perf_counter() - first
+    first = 0.0
+    for fn, args in calls:
+        jax.block_until_ready(call(fn, args, 0))
+        start = time.perf_counter()
+        jax.block_until_ready(call(fn, args, 1))
+        first += time.perf_counter() - start
     repeats = min(repeats, 3) if first > 1.0 else repeats  # Keep the full grid's slow cases short.
     # Short calls get more repeats, up to ~SHORT_CALL_SECONDS in all: a median of 10 sub-ms calls
     # on a shared machine swung single cells by up to 1.5x between runs.
     repeats = max(repeats, min(MAX_REPEATS, int(SHORT_CALL_SECONDS / max(first, 1e-6))))
-    times = []
+    times = [[] for _ in calls]
     for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call(i))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (fn, args), spent in zip(calls, times):
+            start = time.perf_counter()
+            jax.block_until_ready(call(fn, args, i))
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 SHORT_CALL_SECONDS = 0.25
@@ -291,10 +303,11 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
     isz = jnp.dtype(dtype).itemsize
     x, w, g = make_operands(tokens, k, n, dtype)
     base = {"dtype": dtype_name, "tokens": tokens, "in": k, "out": n}
-    rows, dense_t = [], {}
+    rows, dense_t, dense_calls = [], {}, {}
     w_timed = rotating(w, tokens)
     for mode, fn in zip(MODES, dense_fns()):
-        t = time_call(fn, x, w_timed, *((g,) if mode != "fwd" else ()), repeats=args.repeats)
+        dense_calls[mode] = (fn, (x, w_timed, *((g,) if mode != "fwd" else ())))
+        t = time_calls([dense_calls[mode]], repeats=args.repeats)[0]
         dense_t[mode] = t
         rows.append(row(base, "xla-dense", mode, t, 1.0, dense_bytes(tokens, k, n, isz, mode)))
     if not args.no_extras:
@@ -311,13 +324,30 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
         for path, name in runs:
             for mode, fn in zip(MODES, sparse_fns(ws, path)):
                 extra = (g,) if mode != "fwd" else ()
-                t = time_call(fn, x, *arrays_timed, *extra, repeats=args.repeats)
+                t, against = timed_against_dense(fn, (x, *arrays_timed, *extra),
+                                                 dense_calls[mode], dense_t[mode], args.repeats)
                 nbytes = sparse_bytes(tokens, k, n, isz, ws.nbytes, mode)
-                r = row(base, name, mode, t, density, nbytes, dense_t)
-                rows.append({**r, "path": chosen if path == "auto" else path})
+                r = row(base, name, mode, t, density, nbytes, {mode: against})
+                rows.append({**r, "path": chosen if path == "auto" else path,
+                             "dense_ms_against": against * 1e3})
     if not args.no_extras:
         rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
     return rows
+
+
+# XLA's dot is timed again in alternation with each jaxsparse call shorter than this, and that
+# call's speedup is against it: on a shared 2-vCPU VM, cells of 0.1-2 ms timed one function after
+# the other disagreed with alternating probes by more than the 0.95x margin being judged
+# (docs/cpu_speed_notes.md, seventh round). Longer calls keep the dense time of the xla-dense row.
+PAIR_BELOW_SECONDS = 0.1
+
+
+def timed_against_dense(fn, args, dense_call, dense_seconds, repeats) -> tuple[float, float]:
+    """(seconds of fn(*args), seconds of XLA's dot to compare them with)."""
+    if dense_seconds >= PAIR_BELOW_SECONDS:
+        return time_calls([(fn, args)], repeats=repeats)[0], dense_seconds
+    t, against = time_calls([(fn, args), dense_call], repeats=repeats)
+    return t, against
 
 
 def numpy_rows(base, x, w, g, dense_t, args) -> list[dict]:

@@ -201,6 +201,12 @@ inline void ZeroRow(int64_t steps, uint16_t* a_tile, int64_t row) {
 struct BTileSink {
   uint16_t* b;
   int64_t steps;  // k steps per output tile
+  // A decoder may also write a whole k step of 16 outputs at once: the
+  // 1 KB tile of step kk / 32 (kk a multiple of 32) and outputs rb .. rb + 15.
+  static constexpr bool kTakesTileSteps = true;
+  inline uint16_t* TileStep(int64_t kk, int64_t rb) const {
+    return b + rb / 16 * steps * kTileWords + kk / kStepWords * kTileWords;
+  }
   inline void operator()(int64_t kk, int64_t rb, __m512 col) const {
     // Word w of the row takes output w / 2; the store keeps kk's parity.
     const __m512i spread = _mm512_set_epi16(

@@ -38,6 +38,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // The inner loops are built from small helpers and lambdas; the compiler's
 // inlining budget runs out in these large templates, and an out-of-line
@@ -157,6 +158,15 @@ JAXSPARSE_VNM_INLINE inline void Transpose16x16Bytes(__m128i* b) {
 
 // ------------------------------------------------------------------ decode
 
+// Whether a decoder's sink takes whole k steps of bf16 B tiles (TileStep(kk,
+// rb): the 1 KB tile of k step kk / 32 and outputs rb .. rb + 15), as the
+// engine's BTileSink does.
+template <class Sink, class = void>
+struct TakesTileSteps : std::false_type {};
+template <class Sink>
+struct TakesTileSteps<Sink, std::void_t<decltype(Sink::kTakesTileSteps)>>
+    : std::bool_constant<Sink::kTakesTileSteps> {};
+
 struct Avx512Isa {
   template <class D>
   static void Decode(const Weight<D>& w, int64_t kc, int32_t n, int64_t r0,
@@ -187,6 +197,69 @@ struct Avx512Isa {
   // beyond what the hardware prefetchers follow.
   static constexpr int64_t kAheadChunks = 4;
 
+#ifdef __AVX512VBMI2__
+  // Whether the 32 slots of a chunk of 8 groups are tile rows kk0 .. kk0 + 31
+  // with kk0 a multiple of 32 (one whole k step of a B tile): every group of
+  // the block selects 4 existing inputs, the usual case.
+  JAXSPARSE_VNM_INLINE static bool FillsOneTileStep(const int32_t* kks) {
+    const __m512i first = _mm512_set1_epi32(kks[0]);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 lo = _mm512_cmpeq_epi32_mask(_mm512_loadu_si512(kks), _mm512_add_epi32(first, iota));
+    const __mmask16 hi = _mm512_cmpeq_epi32_mask(
+        _mm512_loadu_si512(kks + 16),
+        _mm512_add_epi32(first, _mm512_add_epi32(iota, _mm512_set1_epi32(16))));
+    return kks[0] % 32 == 0 && lo == 0xffff && hi == 0xffff;
+  }
+
+  // The bf16 2:4-in-panel chunk (16 outputs x 8 groups, n = 2) whose slots
+  // fill one k step: straight into its 1 KB B tile, with no trip through
+  // f32. Each output's 16 values become its 8 dense slot quads by one
+  // vpexpandw (the mask from its positions); a dword of a quad is a pair of
+  // slots, so one 16 x 16 dword transpose turns the 16 outputs' quads into
+  // the tile's 16 VNNI pair rows. About a third of the general path's
+  // instructions (no f32 and byte transposes, no per-slot compares and
+  // conversions). Rows past `live_rows` are zero. Returns false, having
+  // written nothing, when a row's positions are not strictly increasing
+  // slots 0..3 (garbage under jit): the general path gives those their
+  // meaning (a slot > 3 adds nothing, a repeated one adds both).
+  JAXSPARSE_VNM_INLINE static bool DecodeTileStepBF16(const uint16_t* vs, const uint8_t* ix,
+                                                      int64_t kc, int64_t live_rows,
+                                                      uint16_t* tile) {
+    // Byte j of the 32 (group j / 4, slot j % 4) takes the group's first
+    // and second position (in-lane shuffles of the positions broadcast to
+    // both lanes).
+    const __m256i pick_first = _mm256_setr_epi8(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6,
+                                                8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12, 14, 14, 14, 14);
+    const __m256i pick_second = _mm256_add_epi8(pick_first, _mm256_set1_epi8(1));
+    const __m256i slots = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                           0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __m256i last_slot = _mm256_set1_epi8(3);
+    __mmask32 valid = 0xffffffffu;
+    __m512 quads[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      if (r >= live_rows) {
+        quads[r] = _mm512_setzero_ps();
+        continue;
+      }
+      const __m256i pos = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(ix + r * kc)));
+      const __m256i first = _mm256_shuffle_epi8(pos, pick_first);
+      const __m256i second = _mm256_shuffle_epi8(pos, pick_second);
+      valid &= _mm256_cmpgt_epu8_mask(second, first) & _mm256_cmple_epu8_mask(second, last_slot);
+      const __mmask32 kept =
+          _mm256_cmpeq_epi8_mask(first, slots) | _mm256_cmpeq_epi8_mask(second, slots);
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vs + r * kc));
+      quads[r] = _mm512_castsi512_ps(_mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(words)));
+    }
+    if (valid != 0xffffffffu) return false;
+    Transpose16x16(quads);
+#pragma GCC unroll 16
+    for (int d = 0; d < 16; ++d) _mm512_storeu_ps(tile + d * 32, quads[d]);
+    return true;
+  }
+#endif  // __AVX512VBMI2__
+
   // Every (kk, 16 outputs) of the block's selected inputs reaches the sink
   // exactly once, for every 16 outputs below ld: sink(kk, rb, column), or
   // sink.Pair(kk, rb, column, next column) for rows kk, kk + 1 (kk even).
@@ -211,6 +284,14 @@ struct Avx512Isa {
               _mm_prefetch(reinterpret_cast<const char*>(ix + r * kc + ahead), _MM_HINT_T0);
           }
         }
+#ifdef __AVX512VBMI2__
+        if constexpr (kN == 2 && std::is_same_v<D, BF16> && TakesTileSteps<Sink>::value) {
+          const int32_t* const kks = slot_kk + e0 / kN * kSelected;
+          if (ne == 16 && FillsOneTileStep(kks) &&
+              DecodeTileStepBF16(vs + e0, ix + e0, kc, live_rows, sink.TileStep(kks[0], rb)))
+            continue;
+        }
+#endif
         __m512 val[16];
         __m128i idx[16];
 #pragma GCC unroll 16

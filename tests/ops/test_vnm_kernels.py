@@ -308,6 +308,27 @@ def test_garbage_positions_add_nothing_even_next_to_inf(isa, t, m, dtype):
     assert_close(dv, want, dtype, scale_for(t))
 
 
+@pytest.mark.parametrize("t", [32, 40])
+def test_bf16_tile_decoder_takes_whole_steps_and_leaves_garbage_to_the_general_path(isa, t):
+    # The tiles' decoder writes a chunk of 16 outputs x 8 groups (n = 2) straight into one k step
+    # of a B tile when the chunk's positions are strictly increasing slots 0..3 (cpu/vnm/
+    # vnm_avx512.h, DecodeTileStepBF16); a chunk holding garbage (a slot > 3, a repeat, a
+    # decrease) takes the general decoder. Here whole chunks of both kinds, a partial last output
+    # tile (40 outputs) and a ragged last group (K % m = 3, fewer than 4 real inputs).
+    k, n_out, v, n, m = 8 * 33 + 3, 40, 16, 2, 8
+    rng = np.random.default_rng(21)
+    values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
+    indices[0, 3, 18:20] = [3, 1]  # Decreasing.
+    indices[0, 17, 40:42] = [2, 2]  # Repeated: both entries add.
+    indices[0, 39, 2:4] = [1, 7]  # Past slot 3: adds nothing.
+    x = jnp.asarray(rng.standard_normal((1, t, k)), jnp.bfloat16)
+    vals = jnp.asarray(values, jnp.bfloat16)
+    w = densify(f64(vals), indices, columns, k, v, n, m)
+    y = jax.jit(lambda *a: call(SPMM, (1, t, n_out), jnp.bfloat16, *a, v=v, n=n, m=m))(
+        x, vals, indices, columns)
+    assert_close(y, f64(x) @ w, jnp.bfloat16, scale_for(k))
+
+
 @pytest.mark.parametrize("t,dtype", [(20, jnp.float32), (40, jnp.bfloat16)])
 def test_a_panel_without_any_existing_input_gives_zeros(isa, t, dtype):
     # Every position of panel 1 is garbage (>= m): it selects nothing, beside panels that do (the
