@@ -38,6 +38,47 @@ def test_every_isa_path(isa, t, k, out, n, m, dtype):
                  scale_for(t))
 
 
+# The few-token backward (the values' gradient on the row kernel of cpu/nm/nm_rowback_avx512.h at
+# 1-2 tokens, the token-vectorised kernels past it): whole 16-entry chunks and ragged tails, several
+# n:m, every dtype and ISA.
+ROW_BACKWARD_SHAPES = [(1, 136, 40, 2, 4), (2, 100, 33, 1, 4), (3, 250, 17, 3, 7),
+                       (4, 520, 24, 2, 8), (4, 35, 130, 15, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,out,n,m", ROW_BACKWARD_SHAPES)
+def test_few_token_backward_on_every_isa(isa, t, k, out, n, m, dtype):
+    kx, kw, ky = keys(56, 3)
+    x = random_array(kx, (2, t, k), dtype)
+    ws = random_nm(kw, k, out, n, m, dtype, batch=(1,))
+    dy = random_array(ky, (2, t, out), dtype)
+    v, i = ws.values, ws.indices
+    assert_close(nm_spmm_t(dy, v, i, n=n, m=m, in_features=k),
+                 nm_spmm_t_reference(dy, v, i, n=n, m=m, in_features=k), dtype, scale_for(out))
+    assert_close(nm_sddmm(x, dy, i, n=n, m=m), nm_sddmm_reference(x, dy, i, n=n, m=m), dtype,
+                 scale_for(t))
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_few_token_backward_with_unvalidated_positions(isa, t):
+    # Garbage under jit: a position >= m (the entry is dropped, its gradient 0) and a group whose
+    # distinct positions decrease (each entry still adds at its own input).
+    k, out, n, m = 160, 21, 2, 4
+    ws = random_nm(keys(57, 1)[0], k, out, n, m)
+    idx = ws.indices.at[::2, 4].set(6).at[1::3, 8:10].set(jnp.array([3, 0], jnp.uint8))
+    x = random_array(keys(58, 1)[0], (1, t, k), jnp.float32)
+    dy = random_array(keys(59, 1)[0], (1, t, out), jnp.float32)
+    v, idx = ws.values[None], idx[None]
+    dx = jax.jit(lambda a, b, c: nm_spmm_t(a, b, c, n=n, m=m, in_features=k))(dy, v, idx)
+    assert_close(dx, nm_spmm_t_reference(dy, v, idx, n=n, m=m, in_features=k), jnp.float32,
+                 scale_for(out))
+    dv = jax.jit(lambda a, b, c: nm_sddmm(a, b, c, n=n, m=m))(x, dy, idx)
+    # A dropped entry's gradient is 0 (the kernels' rule; the reference would read the input its
+    # position names).
+    want = jnp.where(idx < m, nm_sddmm_reference(x, dy, idx, n=n, m=m), 0.0)
+    assert_close(dv, want, jnp.float32, scale_for(t))
+
+
 def test_unvalidated_positions_never_read_out_of_bounds():
     # Under jit the positions are unknown at trace time, so garbage can reach the kernel: it must
     # neither crash nor read outside x; such entries contribute nothing.

@@ -92,6 +92,20 @@ struct Traits {
   }
 };
 
+// 16 f32 lanes rounded once to bf16 and stored to the lanes in `keep`: the
+// vector form of dtype_convert.h's F32ToBf16 (to nearest even: the upper half
+// after adding 0x7fff + the kept half's lowest bit; a NaN keeps its upper half
+// with the quiet bit set).
+inline void StoreBf16(uint16_t* p, __m512 v, __mmask16 keep) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(p, keep, _mm512_cvtepi32_epi16(r));
+}
+
 }  // namespace JAXSPARSE_AVX512_NAMESPACE
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -9,6 +9,7 @@
 #define JAXSPARSE_NM_ISA amx
 #include "cpu/nm/nm_kernels.h"
 #include "cpu/nm/nm_rowdot_avx512.h"
+#include "cpu/nm/nm_rowback_avx512.h"
 #include "cpu/nm/nm_amx.h"
 
 namespace jaxsparse {
@@ -16,6 +17,7 @@ namespace cpu {
 const NmKernelTable kNmKernelsAmx = [] {
   NmKernelTable table = amx::MakeTable<amx::Traits>();
   table.spmm = &amx::SpmmAmxAny;
+  table.sddmm = &amx::SddmmRowsAny;
   return table;
 }();
 }  // namespace cpu

@@ -9,6 +9,7 @@
 #define JAXSPARSE_NM_ISA avx512bf16
 #include "cpu/nm/nm_kernels.h"
 #include "cpu/nm/nm_rowdot_avx512.h"
+#include "cpu/nm/nm_rowback_avx512.h"
 #include "cpu/nm/nm_amx.h"
 
 namespace jaxsparse {
@@ -16,6 +17,7 @@ namespace cpu {
 const NmKernelTable kNmKernelsAvx512Bf16 = [] {
   NmKernelTable table = avx512bf16::MakeTable<avx512bf16::Traits>();
   table.spmm = &avx512bf16::SpmmAmxAny;
+  table.sddmm = &avx512bf16::SddmmRowsAny;
   return table;
 }();
 }  // namespace cpu

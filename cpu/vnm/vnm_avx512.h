@@ -78,15 +78,7 @@ JAXSPARSE_VNM_INLINE inline void StoreF32(typename D::Storage* p, __m512 v, __mm
   } else if constexpr (std::is_same_v<D, F16>) {
     _mm256_mask_storeu_epi16(p, keep, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
-    // bf16: the upper half after adding 0x7fff + the kept half's lowest bit;
-    // NaN keeps its upper half with the quiet bit set.
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtepi32_epi16(r));
+    StoreBf16(p, v, keep);  // cpu/common/simd_avx512.h
   }
 }
 
