@@ -40,36 +40,79 @@ constexpr int64_t kRowBackMaxTokens = 2;
 // Tasks per worker (ranges of output rows).
 constexpr int64_t kRowBackTasksPerWorker = 4;
 
-// The widened operands and each entry's group base.
+// dv = (x^T dy) at the kept entries. A task is a range of output rows.
 template <class Tr, class D>
-struct RowBackOperands : Dims {
+struct SddmmRows : Dims {
   using S = typename D::Storage;
   const NmProblem& p;
   const NmRuntime& rt;
+  int64_t rows_per_task = 1, tasks = 0;
   int32_t* base = nullptr;  // [Kc]: (c / n) * m, the entry's group's first input.
-  float* wide = nullptr;    // Half types: x or dy widened, [T][width].
+  float* wide = nullptr;    // Half types: x widened, [T][K].
+  // Per batch.
+  const float* xs = nullptr;  // x's T rows, f32.
+  const S* dy = nullptr;
+  const uint8_t* idx = nullptr;
+  S* dv = nullptr;
 
-  RowBackOperands(const NmProblem& prob, const NmRuntime& runtime)
-      : Dims(prob), p(prob), rt(runtime) {}
+  SddmmRows(const NmProblem& prob, const NmRuntime& runtime)
+      : Dims(prob), p(prob), rt(runtime) {
+    rows_per_task = Max(1, CeilDiv(N, kRowBackTasksPerWorker * rt.num_workers));
+    tasks = CeilDiv(N, rows_per_task);
+  }
 
-  void TakeCommon(Carver& c, int64_t wide_width) {
+  void Layout(Carver& c) {
     base = c.Take<int32_t>(Kc);
-    if constexpr (!kIsF32<D>) wide = c.Take<float>(T * wide_width);
+    if constexpr (!kIsF32<D>) wide = c.Take<float>(T * K);
   }
 
-  void FillBase() const {
+  bool Compute() {
+    if (N == 0 || Kc == 0 || p.batch == 0) return true;
+    if (T == 0) {
+      std::memset(p.out, 0, p.batch * N * Kc * sizeof(S));
+      return true;
+    }
+    if (!TakeScratch(rt, *this)) return false;
     for (int64_t e = 0; e < Kc; ++e) base[e] = static_cast<int32_t>(e / n * m);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      xs = WidenedX(static_cast<const S*>(p.x) + b * p.x_stride);
+      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
+      idx = p.indices + b * p.indices_stride;
+      dv = static_cast<S*>(p.out) + b * N * Kc;
+      RunParallel(rt, tasks, *this);
+    }
+    return true;
   }
 
-  // src's T rows of `width` as f32: src itself for f32, else widened into
-  // `wide` (a gather reads f32 lanes; T x width is small at these counts).
-  const float* Widened(const S* src, int64_t width) const {
+  void Run(int64_t task, int) const {
+    const int64_t j0 = task * rows_per_task, j1 = Min(N, j0 + rows_per_task);
+    for (int64_t j = j0; j < j1; ++j) {
+      float d[kRowBackMaxTokens];
+      for (int64_t t = 0; t < T; ++t) d[t] = D::ToF32(dy[t * N + j]);
+      for (int64_t c = 0; c < Kc; c += 16) {
+        const __mmask16 live = Live(Kc - c);
+        __m512i k;
+        __mmask16 valid;
+        Inputs(idx + j * Kc, c, live, &k, &valid);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < T; ++t) {
+          const __m512 xk = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, k, xs + t * K, 4);
+          sum = _mm512_fmadd_ps(_mm512_set1_ps(d[t]), xk, sum);
+        }
+        Store(dv + j * Kc + c, sum, live);
+      }
+    }
+  }
+
+  // x's T rows as f32: x itself for f32, else widened into `wide` (a gather
+  // reads f32 lanes; T x K is small at these counts).
+  const float* WidenedX(const S* x) const {
     if constexpr (kIsF32<D>) {
-      return src;
+      return x;
     } else {
-      for (int64_t i = 0; i < T * width; i += 16) {
-        const __mmask16 live = Live(T * width - i);
-        _mm512_mask_storeu_ps(wide + i, live, Values(src + i, live));
+      for (int64_t i = 0; i < T * K; i += 16) {
+        const __mmask16 live = Live(T * K - i);
+        _mm512_mask_storeu_ps(wide + i, live, HalfToF32(x + i, live));
       }
       return wide;
     }
@@ -78,24 +121,20 @@ struct RowBackOperands : Dims {
   // Entries c .. c + 15 of a row (`live` of them): their inputs, and the
   // lanes whose input exists.
   __attribute__((always_inline)) void Inputs(const uint8_t* row_idx, int64_t c, __mmask16 live,
-                                  __m512i* k, __mmask16* valid) const {
+                                             __m512i* k, __mmask16* valid) const {
     const __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, row_idx + c));
     *k = _mm512_add_epi32(_mm512_maskz_loadu_epi32(live, base + c), pos);
     *valid = live & _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32(m)) &
              _mm512_cmplt_epi32_mask(*k, _mm512_set1_epi32(static_cast<int32_t>(K)));
   }
 
-  // 16 stored values from p, as f32 (lanes outside `live` zero, not read).
-  __attribute__((always_inline)) static __m512 Values(const S* v, __mmask16 live) {
-    if constexpr (kIsF32<D>) {
-      return _mm512_maskz_loadu_ps(live, v);
+  // 16 bf16 or f16 values as f32 (lanes outside `live` zero, not read).
+  __attribute__((always_inline)) static __m512 HalfToF32(const S* v, __mmask16 live) {
+    const __m256i h = _mm256_maskz_loadu_epi16(live, v);
+    if constexpr (std::is_same_v<D, BF16<Tr>>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     } else {
-      const __m256i h = _mm256_maskz_loadu_epi16(live, v);
-      if constexpr (std::is_same_v<D, BF16<Tr>>) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      } else {
-        return _mm512_cvtph_ps(h);
-      }
+      return _mm512_cvtph_ps(h);
     }
   }
 
@@ -114,64 +153,6 @@ struct RowBackOperands : Dims {
 
   static __mmask16 Live(int64_t left) {
     return left >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << left) - 1);
-  }
-};
-
-// dv = (x^T dy) at the kept entries. A task is a range of output rows.
-template <class Tr, class D>
-struct SddmmRows : RowBackOperands<Tr, D> {
-  using Base = RowBackOperands<Tr, D>;
-  using S = typename D::Storage;
-  using Base::base, Base::p, Base::rt, Base::T, Base::K, Base::N, Base::Kc;
-  int64_t rows_per_task = 1, tasks = 0;
-  const float* xs = nullptr;  // x's T rows, f32.
-  const S* dy = nullptr;
-  const uint8_t* idx = nullptr;
-  S* dv = nullptr;
-
-  SddmmRows(const NmProblem& prob, const NmRuntime& runtime) : Base(prob, runtime) {
-    rows_per_task = Max(1, CeilDiv(N, kRowBackTasksPerWorker * rt.num_workers));
-    tasks = CeilDiv(N, rows_per_task);
-  }
-
-  void Layout(Carver& c) { this->TakeCommon(c, K); }
-
-  bool Compute() {
-    if (N == 0 || Kc == 0 || p.batch == 0) return true;
-    if (T == 0) {
-      std::memset(p.out, 0, p.batch * N * Kc * sizeof(S));
-      return true;
-    }
-    if (!TakeScratch(rt, *this)) return false;
-    this->FillBase();
-    for (int64_t b = 0; b < p.batch; ++b) {
-      xs = this->Widened(static_cast<const S*>(p.x) + b * p.x_stride, K);
-      dy = static_cast<const S*>(p.dy) + b * p.dy_stride;
-      idx = p.indices + b * p.indices_stride;
-      dv = static_cast<S*>(p.out) + b * N * Kc;
-      RunParallel(rt, tasks, *this);
-    }
-    return true;
-  }
-
-  void Run(int64_t task, int) const {
-    const int64_t j0 = task * rows_per_task, j1 = Min(N, j0 + rows_per_task);
-    for (int64_t j = j0; j < j1; ++j) {
-      float d[kRowBackMaxTokens];
-      for (int64_t t = 0; t < T; ++t) d[t] = D::ToF32(dy[t * N + j]);
-      for (int64_t c = 0; c < Kc; c += 16) {
-        const __mmask16 live = Base::Live(Kc - c);
-        __m512i k;
-        __mmask16 valid;
-        this->Inputs(idx + j * Kc, c, live, &k, &valid);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < T; ++t) {
-          const __m512 xk = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, k, xs + t * K, 4);
-          sum = _mm512_fmadd_ps(_mm512_set1_ps(d[t]), xk, sum);
-        }
-        Base::Store(dv + j * Kc + c, sum, live);
-      }
-    }
   }
 };
 
