@@ -330,9 +330,27 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
                 r = row(base, name, mode, t, density, nbytes, {mode: against})
                 rows.append({**r, "path": chosen if path == "auto" else path,
                              "dense_ms_against": against * 1e3})
+        rows += tiled_rows(base, ws, x, dense_calls["fwd"], dense_t["fwd"], args)
     if not args.no_extras:
         rows += bcoo_rows(base, x, w, g, dense_t, args, bcoo_done)
     return rows
+
+
+def tiled_rows(base, ws, x, dense_call, dense_seconds, args) -> list[dict]:
+    """The inference form's forward (`ws.with_tiles()`: B tiles packed once, bf16 V:N:M), kernel
+    "<spec> tiled"; none for other formats and dtypes."""
+    if not hasattr(ws, "with_tiles") or ws.dtype != jnp.bfloat16:
+        return []
+    wt = ws.with_tiles()
+    arrays_timed = [rotating(a, base["tokens"], wt.nbytes) for a in wt.arrays().values()]
+    fwd, _ = sparse_fns(wt, "auto")
+    t, against = timed_against_dense(fwd, (x, *arrays_timed), dense_call, dense_seconds,
+                                     args.repeats)
+    nbytes = sparse_bytes(base["tokens"], base["in"], base["out"], 2, wt.nbytes, "fwd")
+    r = row(base, kernel_name(ws.spec) + " tiled", "fwd", t, ws.spec.density, nbytes,
+            {"fwd": against})
+    path = jsp.choose_path(base["tokens"], ws.dtype, ws.spec)
+    return [{**r, "path": path, "dense_ms_against": against * 1e3}]
 
 
 # XLA's dot is timed again in alternation with each jaxsparse call shorter than this, and that
@@ -411,14 +429,14 @@ def add_roofline(rows, ceilings) -> None:
 
 
 # ====================================================================== reporting
-HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':13} {'path':6} {'mode':8} {'ms':>9} "
+HEADER = (f"{'dtype':5} {'shape':>11} {'T':>5} {'kernel':18} {'path':6} {'mode':8} {'ms':>9} "
           f"{'dGF/s':>7} {'eGF/s':>7} {'GB/s':>6} {'speedup':>7} {'ideal':>5} {'%ideal':>6} "
           f"{'%roof':>6} bound")
 
 
 def format_row(r) -> str:
     shape = f"{r['in']:>5}x{r['out']:<5}"
-    head = (f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:13} {r['path']:6} "
+    head = (f"{r['dtype']:5} {shape} {r['tokens']:>5} {r['kernel']:18} {r['path']:6} "
             f"{r['mode']:8}")
     if r["skipped"]:
         return f"{head} {'skipped: ' + r['skipped']:>9}"

@@ -7,7 +7,8 @@ Usage:
 Columns: the forward of each spec, then fwd+bwd of each spec but the first (with --specs) or 2:4
 and its ratio to BCOO (the N:M table). Where the rule picks the engine or the dense path, the cell
 gives what `x @ ws` ran and, beside it, the kernel forced (kernel name with "!"); a forced row
-alone is marked "(forced)".
+alone is marked "(forced)". A bf16 V:N:M forward also gives, in brackets, the inference form's
+(`ws.with_tiles()`, kernel "<spec> tiled").
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def table(payload, specs=None) -> str:
         cells = [dtype, f"{k}x{n}", str(t), f"{dense['ms']:.2f}"]
         for mode, names in (("fwd", fwd), ("fwd+bwd", both)):
             for p in names:
-                cells.append(_speedup(by, (dtype, k, n, t), kernel_name(p), mode))
+                cell = _speedup(by, (dtype, k, n, t), kernel_name(p), mode)
+                tiled = by.get((dtype, k, n, t, kernel_name(p) + " tiled", mode))
+                if tiled is not None:
+                    cell += f" (tiled {tiled['speedup']:.2f}x)"
+                cells.append(cell)
         if not specs:
             bcoo = by.get((dtype, k, n, t, "bcoo 2:4", "fwd"))
             nm = by.get((dtype, k, n, t, "nm 2:4", "fwd"))

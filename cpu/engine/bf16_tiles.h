@@ -452,36 +452,47 @@ inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int6
 // TileProduct with the choice at compile time.
 template <bool kLoad>
 inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
-                            int64_t out_tiles, int64_t steps, float* c, int64_t c_ld) {
-  const int64_t next = steps * kTileWords;
+                            int64_t b_next, int64_t out_tiles, int64_t steps, float* c,
+                            int64_t c_ld) {
+  const int64_t a_next = steps * kTileWords;
   for (int64_t i = 0; i < token_tiles; i += 2) {
     const bool two_a = i + 1 < token_tiles;
     for (int64_t j = 0; j < out_tiles; j += 2) {
       const bool two_b = j + 1 < out_tiles;
-      const uint16_t* ai = a + i * next;
-      const uint16_t* bj = b + j * next;
+      const uint16_t* ai = a + i * a_next;
+      const uint16_t* bj = b + j * b_next;
       float* cij = c + i * kTileRows * c_ld + j * 16;
       if (two_a && two_b) {
-        TileBlock<2, 2, kLoad>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<2, 2, kLoad>(ai, a_next, bj, b_next, steps, cij, c_ld);
       } else if (two_a) {
-        TileBlock<2, 1, kLoad>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<2, 1, kLoad>(ai, a_next, bj, b_next, steps, cij, c_ld);
       } else if (two_b) {
-        TileBlock<1, 2, kLoad>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<1, 2, kLoad>(ai, a_next, bj, b_next, steps, cij, c_ld);
       } else {
-        TileBlock<1, 1, kLoad>(ai, next, bj, next, steps, cij, c_ld);
+        TileBlock<1, 1, kLoad>(ai, a_next, bj, b_next, steps, cij, c_ld);
       }
     }
   }
 }
 
 // c (+)= A . B for `token_tiles` tiles of A (16 rows each, steps * 1 KB
-// apart) and `out_tiles` tiles of B, 2 x 2 at a time, narrower at the edges;
-// `accumulate` adds to c, else c is overwritten.
+// apart) and `out_tiles` tiles of B (b_next words apart: steps * 1 KB when B
+// was decoded for this product, more when it is a window of B tiles packed
+// once for all k steps); `accumulate` adds to c, else c is overwritten.
+inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
+                        int64_t b_next, int64_t out_tiles, int64_t steps, float* c,
+                        int64_t c_ld, bool accumulate) {
+  if (accumulate) {
+    return TileProductInto<true>(a, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
+  }
+  TileProductInto<false>(a, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
+}
+
+// TileProduct of a B decoded for this product (its tiles steps * 1 KB apart).
 inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
                         int64_t out_tiles, int64_t steps, float* c, int64_t c_ld,
                         bool accumulate) {
-  if (accumulate) return TileProductInto<true>(a, token_tiles, b, out_tiles, steps, c, c_ld);
-  TileProductInto<false>(a, token_tiles, b, out_tiles, steps, c, c_ld);
+  TileProduct(a, token_tiles, b, steps * kTileWords, out_tiles, steps, c, c_ld, accumulate);
 }
 
 }  // namespace bf16_tiles

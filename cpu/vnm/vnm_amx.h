@@ -47,6 +47,16 @@ constexpr int kAmxMaxPanels = 4;
 constexpr int64_t kAmxBlockedTokens = 512;
 constexpr int64_t kAmxBlockedPanels = 2;
 
+// Whether a gather list holds an input twice (garbage columns that repeat a
+// position). Select lists a group's inputs next to each other, and inputs of
+// different groups differ, so only the 3 entries before each can match.
+inline bool NamesAnInputTwice(const int32_t* sel, int64_t nk) {
+  for (int64_t i = 1; i < nk; ++i)
+    for (int64_t j = Max(0, i - (kSelected - 1)); j < i; ++j)
+      if (sel[i] == sel[j]) return true;
+  return false;
+}
+
 struct SpmmAmx : Dims {
   using D = BF16;
   using S = D::Storage;
@@ -143,10 +153,32 @@ struct SpmmAmx : Dims {
 
   bool Compute() { return RunForwardInPlace(*this, CeilDiv(T, task_tokens) * panel_tasks); }
 
-  // Panel q of the task, from its first panel.
+  // Panel q of the task, from its first panel; b and b_next: its B tiles of
+  // the block (decoded, or a window of the tiles packed once).
   struct TaskPanel {
     int64_t panel, r0, rows, ld, nk, steps;
+    const uint16_t* b;
+    int64_t b_next;
   };
+
+  // The tiles packed once (VnmProblem::tiles) hold, per panel, v / 16 output
+  // tiles of all ceil(4 G / 32) k steps, with every group's 4 slots at kk =
+  // 4 g + slot. The block's window of them is its B when its gather list is
+  // exactly that: every selected input exists (no ragged last group's
+  // padding, no column >= m) and none is named twice (garbage columns under
+  // jit), so the list's kk are 4 (g - g0) + slot; and the block starts on a
+  // k step (blocks are whole multiples of 8 groups). Otherwise the block is
+  // decoded from the values as without packed tiles.
+  const uint16_t* PackedWindow(int64_t panel, int64_t g0, int64_t g1, int64_t nk,
+                               const int32_t* sel) const {
+    if (w.tiles == nullptr || nk != kSelected * (g1 - g0) ||
+        kSelected * g0 % tiles::kStepWords != 0 || NamesAnInputTwice(sel, nk)) {
+      return nullptr;
+    }
+    return w.tiles + (panel * (v / 16) * PackedSteps() + kSelected * g0 / tiles::kStepWords) *
+                         tiles::kTileWords;
+  }
+  int64_t PackedSteps() const { return CeilDiv(kSelected * G, tiles::kStepWords); }
 
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
@@ -157,7 +189,7 @@ struct SpmmAmx : Dims {
     TaskPanel tp[kAmxMaxPanels];
     for (int q = 0; q < np; ++q) {
       const int64_t panel = first_panel + q;
-      tp[q] = TaskPanel{panel, panel * v, PanelRows(panel), PanelPad(panel), 0, 0};
+      tp[q] = TaskPanel{panel, panel * v, PanelRows(panel), PanelPad(panel), 0, 0, nullptr, 0};
     }
     if (blocked) std::memset(wk.c, 0, RoundUp(tokens, kAmxGatherTokens) * c_ld * sizeof(float));
     tiles::ConfigureTiles();
@@ -176,13 +208,9 @@ struct SpmmAmx : Dims {
           continue;
         }
         t.steps = tiles::PlanGather(ps.sel, t.nk, K, ps.windows, ps.first);
-        tiles::ZeroBTail(ps.b, t.nk, t.ld / 16);
-        const tiles::BTileSink sink{ps.b, t.steps};
-        if (n == 1) {
-          Avx512Isa::DecodeN<D, 1>(w, Kc, t.r0, t.rows, g0, g1, ps.slot_kk, t.ld, sink);
-        } else {
-          Avx512Isa::DecodeN<D, 2>(w, Kc, t.r0, t.rows, g0, g1, ps.slot_kk, t.ld, sink);
-        }
+        t.b = PackedWindow(t.panel, g0, g1, t.nk, ps.sel);
+        t.b_next = t.b != nullptr ? PackedSteps() * tiles::kTileWords : t.steps * tiles::kTileWords;
+        if (t.b == nullptr) Decode(t, g0, g1, ps);
         shared = shared && t.steps == tp[0].steps &&
                  tiles::SameWindows(wk.panel[0].windows, wk.panel[0].first, ps.windows,
                                     ps.first, t.steps);
@@ -200,14 +228,27 @@ struct SpmmAmx : Dims {
               std::memset(c + r * c_ld + q * vpad_max, 0, tp[q].ld * sizeof(float));
             continue;
           }
-          tiles::TileProduct(wk.panel[q].a, tile_tokens / tiles::kTileRows, wk.panel[q].b,
-                             tp[q].ld / 16, tp[q].steps, c + q * vpad_max, c_ld, blocked);
+          tiles::TileProduct(wk.panel[q].a, tile_tokens / tiles::kTileRows, tp[q].b,
+                             tp[q].b_next, tp[q].ld / 16, tp[q].steps, c + q * vpad_max, c_ld,
+                             blocked);
         }
         if (!blocked) WriteY(c, c_ld, tp, np, t0 + t, Min(tile_tokens, tokens - t));
       }
     }
     tiles::ReleaseTiles();
     if (blocked) WriteY(wk.c, c_ld, tp, np, t0, tokens);
+  }
+
+  // The block's B tiles of panel t, decoded from the values into its scratch.
+  void Decode(TaskPanel& t, int64_t g0, int64_t g1, const PanelScratch& ps) const {
+    tiles::ZeroBTail(ps.b, t.nk, t.ld / 16);
+    const tiles::BTileSink sink{ps.b, t.steps};
+    if (n == 1) {
+      Avx512Isa::DecodeN<D, 1>(w, Kc, t.r0, t.rows, g0, g1, ps.slot_kk, t.ld, sink);
+    } else {
+      Avx512Isa::DecodeN<D, 2>(w, Kc, t.r0, t.rows, g0, g1, ps.slot_kk, t.ld, sink);
+    }
+    t.b = ps.b;
   }
 
   // The A tiles of every panel for tokens t .. t + live - 1 (rows up to
@@ -253,16 +294,6 @@ struct SpmmAmx : Dims {
                                  tp[q].rows);
   }
 };
-
-// Whether a gather list holds an input twice (garbage columns that repeat a
-// position). Select lists a group's inputs next to each other, and inputs of
-// different groups differ, so only the 3 entries before each can match.
-inline bool NamesAnInputTwice(const int32_t* sel, int64_t nk) {
-  for (int64_t i = 1; i < nk; ++i)
-    for (int64_t j = Max(0, i - (kSelected - 1)); j < i; ++j)
-      if (sel[i] == sel[j]) return true;
-  return false;
-}
 
 // dx = dy @ W^T on the tiles (bf16). A task is (block of tokens, range of
 // groups): its inputs are its own, so no two tasks write one dx element, and

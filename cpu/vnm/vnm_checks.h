@@ -122,6 +122,30 @@ inline xla::ffi::Error CheckSpmm(const Validator& val, int32_t v, int32_t n,
   return CheckColumns(val, o->columns, n_out, k, v, m);
 }
 
+// The forward's B tiles packed once (vnm_spmm_tiled, CPU only):
+// tiles [Bw, P, v/16 * ceil(4 G / 32) * 512] of the values' dtype, sharing
+// their batch.
+inline int64_t TileWordsPerPanel(int64_t k, int32_t v, int32_t m) {
+  constexpr int64_t kStepWords = 32, kTileWords = 16 * kStepWords;
+  return v / 16 * ((Groups(k, m) * kSelected + kStepWords - 1) / kStepWords) * kTileWords;
+}
+
+inline xla::ffi::Error CheckTiles(const Validator& val, int32_t v, int32_t m,
+                                  const xla::ffi::AnyBuffer& tiles, const Operands& o,
+                                  Operand3* t) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("tiles", tiles, t));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o.b, t}));
+  JAXSPARSE_RETURN_IF_ERROR(
+      val.Dim("tiles.shape[0]", t->batch, "values.shape[0]", o.b.batch));
+  const int64_t k = o.a.cols, n_out = o.result.cols;
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("tiles.shape[1] (P = ceil(N/v))", t->rows,
+                                    "ceil(" + std::to_string(n_out) + "/" +
+                                        std::to_string(v) + ")",
+                                    Panels(n_out, v)));
+  return val.Dim("tiles.shape[2]", t->cols, "v/16 * ceil(ceil(K/m)*4/32) * 512",
+                 TileWordsPerPanel(k, v, m));
+}
+
 // dx = dy @ W^T: a = dy, b = values; K comes from dx.
 inline xla::ffi::Error CheckSpmmT(const Validator& val, int32_t v, int32_t n,
                                   int32_t m, const xla::ffi::AnyBuffer& dy,

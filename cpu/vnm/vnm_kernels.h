@@ -143,11 +143,14 @@ struct Weight {
   const typename D::Storage* values;  // [N, Kc]
   const uint8_t* indices;             // [N, Kc]
   const uint8_t* columns;             // [P, G * 4]
+  const typename D::Storage* tiles;   // VnmProblem::tiles, or null
   static Weight At(const VnmProblem& p, int64_t b) {
-    return Weight{static_cast<const typename D::Storage*>(p.values) +
-                      b * p.weight_stride,
+    using S = typename D::Storage;
+    return Weight{static_cast<const S*>(p.values) + b * p.weight_stride,
                   p.indices + b * p.weight_stride,
-                  p.columns + b * p.columns_stride};
+                  p.columns + b * p.columns_stride,
+                  p.tiles == nullptr ? nullptr
+                                     : static_cast<const S*>(p.tiles) + b * p.tiles_stride};
   }
 };
 

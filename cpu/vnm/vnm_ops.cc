@@ -57,6 +57,26 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return RunKernel(val, Kernels().spmm, p, pool, *y);
 }
 
+// y = x @ W with the forward's B tiles packed once (bf16 from the tile
+// kernels' token count on; every other kernel reads the values as vnm_spmm).
+ffi::Error SpmmTiledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                         ffi::AnyBuffer indices, ffi::AnyBuffer columns, ffi::AnyBuffer tiles,
+                         int32_t v, int32_t n, int32_t m, ffi::Result<ffi::AnyBuffer> y) {
+  const Validator val("jaxsparse_vnm_spmm_tiled");
+  vnm_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(
+      vnm_check::CheckSpmm(val, v, n, m, x, values, indices, columns, *y, &o));
+  Operand3 t;
+  JAXSPARSE_RETURN_IF_ERROR(vnm_check::CheckTiles(val, v, m, tiles, o, &t));
+  VnmProblem p = Problem(o, o.a.rows, o.a.cols, o.result.cols, v, n, m);
+  p.x = o.a.data();
+  p.x_stride = o.a.BatchStride();
+  p.values = o.b.data();
+  p.tiles = t.data();
+  p.tiles_stride = t.BatchStride();
+  return RunKernel(val, Kernels().spmm, p, pool, *y);
+}
+
 ffi::Error SpmmTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
                      ffi::AnyBuffer values, ffi::AnyBuffer indices,
                      ffi::AnyBuffer columns, int32_t v, int32_t n, int32_t m,
@@ -99,6 +119,11 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSpmm, "jaxsparse_vnm_spmm",
                      jaxsparse::cpu::SpmmImpl, JAXSPARSE_VNM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSpmmTiled, "jaxsparse_vnm_spmm_tiled",
+                     jaxsparse::cpu::SpmmTiledImpl,
+                     .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<int32_t>("v")
+                         .Attr<int32_t>("n").Attr<int32_t>("m").Ret<ffi::AnyBuffer>());
 JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSpmmT, "jaxsparse_vnm_spmm_t",
                      jaxsparse::cpu::SpmmTImpl, JAXSPARSE_VNM_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuVnmSddmm, "jaxsparse_vnm_sddmm",

@@ -7,7 +7,7 @@ registry of specs (`NM`, `VNM`, ...) with `as_spec`, `fromdense` and `frommask`.
 from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
 from jaxsparse.formats._spec import as_spec, frommask, fromdense, registered_specs
 from jaxsparse.formats.nm import NM, NMSparse
-from jaxsparse.formats.vnm import VNM, VNMSparse
+from jaxsparse.formats.vnm import VNM, VNMSparse, VNMSparseTiled
 
 __all__ = [
     "FROZEN",
@@ -17,6 +17,7 @@ __all__ = [
     "TRAINABLE",
     "VNM",
     "VNMSparse",
+    "VNMSparseTiled",
     "as_spec",
     "fromdense",
     "frommask",

@@ -18,7 +18,12 @@ with `G = ceil(in/m)` groups and `P = ceil(out/v)` panels:
   strictly increasing.
 
 So kept entry `c` of output `r` is input `(c // n) * m + columns[r // v, 4 * (c // n) + indices[r, c]]`.
-`values` is the only trainable array; `indices` and `columns` are frozen structure. Per output
+`values` is the only trainable array; `indices` and `columns` are frozen structure.
+
+An inference form, `VNMSparseTiled` (`ws.with_tiles()`), also holds `tiles [..., P, words]`
+(bfloat16): the forward's B tiles of the CPU's tile kernels, packed once from `values` and
+`indices` (`jaxsparse.ops.vnm_pack_tiles`), so the bf16 forward from 32 tokens no longer decodes
+the values on every call. Per output
 and group this stores `n` values and `n` bytes, and per panel `4` bytes: for 64:2:8 in float32,
 10.06 bytes per 32 dense ones (3.18x fewer).
 
@@ -58,7 +63,15 @@ from jaxsparse.formats._base import (
 )
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats._vnm_select import select_columns
-from jaxsparse.ops.vnm import SELECTED, vnm_spmm  # SELECTED: the 4 inputs a panel keeps per group.
+# SELECTED: the 4 inputs a panel keeps per group.
+from jaxsparse.ops.vnm import (
+    SELECTED,
+    TILE_DTYPE,
+    tile_words_per_panel,
+    vnm_pack_tiles,
+    vnm_spmm,
+    vnm_spmm_tiled,
+)
 
 _MAX_V = 256  # Panels up to 256 outputs (uint8 slots, CTA tiles up to 256 rows).
 _MAX_M = 64  # Groups up to 64 inputs (uint8 positions; selection cost grows as C(m, 4)).
@@ -273,11 +286,142 @@ class VNMSparse(SparseFormat):
         slots = self._grouped(self.indices).astype(jnp.int32)
         return jnp.take_along_axis(row_cols.astype(jnp.int32), slots, axis=-1)
 
+    # ------------------------------------------------------------------ the inference form
+    def with_tiles(self) -> "VNMSparseTiled":
+        """This weight with the forward's B tiles also held, packed once from the values.
+
+        For inference in bfloat16: the CPU's tile forward (AMX or AVX512-BF16, from 32 tokens)
+        then multiplies the packed tiles instead of decoding the values on every call (about a
+        seventh of its time at 128 tokens). The tiles take twice the values' bytes. Pure and
+        jittable. See `VNMSparseTiled` for what the form allows.
+
+        Raises:
+            TypeError: the values are not bfloat16 (the tile kernels' dtype).
+        """
+        return VNMSparseTiled.from_sparse(self)
+
     def _kernel(self, x, values, indices, columns):
         return vnm_spmm(x, values, indices, columns, v=self.v, n=self.n, m=self.m)
 
     def _engine_kernel(self):
         return self._kernel  # The V:N:M kernels are the engine.
+
+
+class VNMSparseTiled(VNMSparse):
+    """A bfloat16 V:N:M weight that also holds its forward's B tiles, packed once (inference).
+
+    `ws.with_tiles()` makes one. Products, `todense()` and the rest are `VNMSparse`'s; `x @ w`
+    runs `jaxsparse.ops.vnm_spmm_tiled`, whose CPU tile forward (bf16, from 32 tokens, AMX or
+    AVX512-BF16) multiplies `tiles` instead of decoding the values on every call.
+
+    The tiles are derived from `values` and `indices`, so they must never disagree:
+    `replace(values=...)` packs them again, and differentiating `x @ w` with respect to the
+    values or tiles raises (an optimiser's update of the values leaf alone would leave the tiles
+    stale); the gradient with respect to x works, so frozen tiled weights can sit under trained
+    adapters. `without_tiles()` gives the trainable `VNMSparse` back, as does `astype` to any
+    dtype other than bfloat16. Layers hold `VNMSparse`; this form is for functions that take
+    weights as arguments.
+
+    Attributes:
+        values, indices, columns: as in `VNMSparse`; values bfloat16.
+        tiles: `[..., ceil(out/v), words]` bfloat16 (`jaxsparse.ops.vnm_pack_tiles`; frozen).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsparse as jsp
+        >>> w = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
+        >>> wt = jsp.VNMSparse.fromdense(w, v=16, n=2, m=8).with_tiles()
+        >>> wt.tiles.shape, (jnp.ones((40, 64), jnp.bfloat16) @ wt).shape
+        ((2, 512), (40, 32))
+    """
+
+    ARRAYS = VNMSparse.ARRAYS + (("tiles", FROZEN),)
+
+    def __init__(self, values, indices, columns, tiles=None, *, v: int, n: int, m: int,
+                 in_features: int):
+        super().__init__(values, indices, columns, v=v, n=n, m=m, in_features=in_features)
+        self.tiles = _checked_tiles(tiles, self.values, self.indices, v, n,
+                                    "jaxsparse.VNMSparseTiled")
+
+    @classmethod
+    def from_sparse(cls, ws: VNMSparse) -> "VNMSparseTiled":
+        """`ws` with its tiles packed (pure, jittable); values must be bfloat16."""
+        _check_tile_dtype(ws.values.dtype, "jaxsparse.VNMSparse.with_tiles")
+        tiles = vnm_pack_tiles(ws.values, ws.indices, v=ws.v, n=ws.n)
+        return cls._unflatten(ws._aux, (ws.values, ws.indices, ws.columns, tiles))
+
+    @classmethod
+    def fromdense(cls, w, *, v: int, n: int, m: int) -> "VNMSparseTiled":
+        """`VNMSparse.fromdense(w, ...).with_tiles()`; w must be bfloat16."""
+        return VNMSparse.fromdense(w, v=v, n=n, m=m).with_tiles()
+
+    @classmethod
+    def frommask(cls, w, mask, *, v: int, n: int, m: int) -> "VNMSparseTiled":
+        """`VNMSparse.frommask(w, mask, ...).with_tiles()`; w must be bfloat16."""
+        return VNMSparse.frommask(w, mask, v=v, n=n, m=m).with_tiles()
+
+    @classmethod
+    def array_shapes(cls, spec: VNM, in_features: int, out_features: int) -> dict:
+        shapes = super().array_shapes(spec, in_features, out_features)
+        kept = shapes["values"][0][-1]
+        words = tile_words_per_panel(spec.v, kept, spec.n)
+        shapes["tiles"] = ((num_groups(out_features, spec.v), words), TILE_DTYPE)
+        return shapes
+
+    def with_tiles(self) -> "VNMSparseTiled":
+        return self
+
+    def without_tiles(self) -> VNMSparse:
+        """The trainable `VNMSparse` (the same arrays, no tiles)."""
+        return VNMSparse._unflatten(self._aux, (self.values, self.indices, self.columns))
+
+    def replace(self, **changes):
+        """As `VNMSparse.replace`; new values are packed into new tiles."""
+        if "tiles" in changes:
+            raise TypeError("jaxsparse.VNMSparseTiled.replace: tiles are derived from the "
+                            "values; replace values (the tiles follow)")
+        out = self.without_tiles().replace(**changes)
+        return out.with_tiles() if jnp.dtype(out.dtype) == jnp.dtype(TILE_DTYPE) else out
+
+    def astype(self, dtype):
+        """bfloat16: this weight; any other dtype: `without_tiles().astype(dtype)`."""
+        if jnp.dtype(dtype) == jnp.dtype(TILE_DTYPE):
+            return self
+        return self.without_tiles().astype(dtype)
+
+    def _kernel(self, x, values, indices, columns, tiles):
+        return vnm_spmm_tiled(x, values, indices, columns, tiles, v=self.v, n=self.n, m=self.m)
+
+
+# ---------------------------------------------------------------------- packed tiles
+def _check_tile_dtype(dtype, where):
+    if jnp.dtype(dtype) != jnp.dtype(TILE_DTYPE):
+        raise TypeError(
+            f"{where}: tiles are packed for bfloat16 values (the CPU tile kernels' dtype); got "
+            f"{jnp.dtype(dtype).name} (cast first: ws.astype(jnp.bfloat16).with_tiles())"
+        )
+
+
+def _checked_tiles(tiles, values, indices, v, n, where):
+    """The tiles: packed from the values when None, else checked to be exactly their packing
+    (when concrete), so the two can never disagree."""
+    _check_tile_dtype(values.dtype, where)
+    if tiles is None:
+        return vnm_pack_tiles(values, indices, v=v, n=n)
+    tiles = V.as_array("tiles", tiles, where=where)
+    want = (*values.shape[:-2], num_groups(values.shape[-2], v),
+            tile_words_per_panel(v, values.shape[-1], n))
+    if tiles.dtype != TILE_DTYPE or tuple(tiles.shape) != want:
+        raise ValueError(
+            f"{where}: tiles must be bfloat16 of shape {want} (vnm_pack_tiles of the values); "
+            f"got {tiles.dtype.name} {tuple(tiles.shape)}"
+        )
+    if V.is_concrete(tiles) and V.is_concrete(values) and V.is_concrete(indices):
+        packed = vnm_pack_tiles(values, indices, v=v, n=n)
+        if not np.array_equal(np.asarray(tiles).view(np.uint16),
+                              np.asarray(packed).view(np.uint16)):
+            raise ValueError(f"{where}: tiles must be the values' packing (vnm_pack_tiles); pass "
+                             "tiles=None to have them packed")
+    return tiles
 
 
 # ---------------------------------------------------------------------- selection
@@ -332,11 +476,8 @@ def _keep_in_columns(blocks, score, columns, spec: VNM, in_f: int, out_f: int) -
         a = jnp.swapaxes(a, -3, -2).reshape(*lead, panels * v, groups * n)
         return a[..., :out_f, :]
 
-    children = (
-        rows(values),
-        rows(slots.astype(jnp.uint8)),
-        columns.astype(jnp.uint8).reshape(*lead, panels, groups * SELECTED),
-    )
+    columns = columns.astype(jnp.uint8).reshape(*lead, panels, groups * SELECTED)
+    children = (rows(values), rows(slots.astype(jnp.uint8)), columns)
     return VNMSparse.tree_unflatten((*spec, in_f), children)
 
 

@@ -19,12 +19,15 @@ from jaxsparse.ops.nm import (
     unpack_indices_2bit,
 )
 from jaxsparse.ops.vnm import (
+    vnm_pack_tiles,
     vnm_sddmm,
     vnm_sddmm_reference,
     vnm_spmm,
     vnm_spmm_reference,
     vnm_spmm_t,
     vnm_spmm_t_reference,
+    vnm_spmm_tiled,
+    vnm_spmm_tiled_reference,
 )
 
 __all__ = [
@@ -45,11 +48,14 @@ __all__ = [
     "nm_spmm_t_reference",
     "pack_indices_2bit",
     "pack_mma_sp_24",
+    "vnm_pack_tiles",
     "vnm_sddmm",
     "vnm_sddmm_reference",
     "vnm_spmm",
     "vnm_spmm_reference",
     "vnm_spmm_t",
     "vnm_spmm_t_reference",
+    "vnm_spmm_tiled",
+    "vnm_spmm_tiled_reference",
     "unpack_indices_2bit",
 ]

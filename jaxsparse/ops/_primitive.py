@@ -144,6 +144,17 @@ def register(prim, *, abstract_eval, jvp, transpose, batch, reference, target, a
     mlir.register_lowering(prim, cuda, platform="cuda")
 
 
+def register_cpu_variant(prim, *, on_cuda, **rules):
+    """`register` for a CPU-only variant of another primitive (an extra operand that only CPU
+    kernels read): on CUDA, and on the CPU under the emulator, it lowers as `on_cuda` (the same
+    params, the extra operands ignored), never as its reference."""
+    register(prim, **rules)
+    lowered = mlir.lower_fun(on_cuda, multiple_results=False)
+    mlir.register_lowering(prim, lowered, platform="cuda")
+    if _ffi.emulating_cuda():
+        mlir.register_lowering(prim, lowered, platform="cpu")
+
+
 # ====================================================================== autodiff
 def jvp_bilinear(fn, primals, tangents, out):
     """JVP of an op bilinear in its first two operands; the rest are index operands."""

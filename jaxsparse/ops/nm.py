@@ -32,7 +32,6 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
 
-from jaxsparse import _ffi
 from jaxsparse.ops import _primitive as P
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
@@ -401,13 +400,9 @@ def _spmm_packed_batch(args, dims, *, n, m, engine_backward):
     return P.batch_weight_product(fn, args, dims)
 
 
-def _spmm_packed_cuda_lowering():
+def _spmm_unpacked(x, values, indices, indices_2bit, *, n, m, engine_backward):
     """On CUDA (and the emulator) the product is `nm_spmm`'s: mma.sp has its own metadata."""
-
-    def unpacked(x, values, indices, indices_2bit, *, n, m, engine_backward):
-        return nm_spmm(x, values, indices, n=n, m=m)
-
-    return mlir.lower_fun(unpacked, multiple_results=False)
+    return nm_spmm(x, values, indices, n=n, m=m)
 
 
 # ====================================================================== the engine route
@@ -473,15 +468,11 @@ def _register():
     P.register(nm_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
                transpose=_spmm_transpose, batch=_spmm_batch, reference=nm_spmm_reference,
                target="jaxsparse_nm_spmm", attrs=_ATTRS, cuda_lowering=_spmm_cuda_lowering)
-    P.register(nm_spmm_packed_p, abstract_eval=_spmm_packed_abstract_eval,
-               jvp=_spmm_packed_jvp, transpose=_spmm_packed_transpose, batch=_spmm_packed_batch,
-               reference=nm_spmm_packed_reference, target="jaxsparse_nm_spmm_packed",
-               attrs=_ATTRS)
-    # No CUDA (or emulated) target of its own: there it is nm_spmm, never the reference.
-    lowered = _spmm_packed_cuda_lowering()
-    mlir.register_lowering(nm_spmm_packed_p, lowered, platform="cuda")
-    if _ffi.emulating_cuda():
-        mlir.register_lowering(nm_spmm_packed_p, lowered, platform="cpu")
+    P.register_cpu_variant(nm_spmm_packed_p, on_cuda=_spmm_unpacked,
+                           abstract_eval=_spmm_packed_abstract_eval, jvp=_spmm_packed_jvp,
+                           transpose=_spmm_packed_transpose, batch=_spmm_packed_batch,
+                           reference=nm_spmm_packed_reference,
+                           target="jaxsparse_nm_spmm_packed", attrs=_ATTRS)
     P.register(nm_spmm_t_p, abstract_eval=_spmm_t_abstract_eval, jvp=_spmm_t_jvp,
                transpose=_spmm_t_transpose, batch=_spmm_t_batch, reference=nm_spmm_t_reference,
                target="jaxsparse_nm_spmm_t", attrs=_ATTRS)

@@ -37,7 +37,8 @@ from jax.interpreters import ad
 from jaxsparse.ops import _primitive as P
 
 __all__ = ["vnm_spmm", "vnm_spmm_t", "vnm_sddmm", "vnm_spmm_reference", "vnm_spmm_t_reference",
-           "vnm_sddmm_reference"]
+           "vnm_sddmm_reference", "vnm_pack_tiles", "vnm_spmm_tiled", "vnm_spmm_tiled_reference",
+           "TILE_DTYPE"]
 
 SELECTED = 4  # Inputs a panel keeps per group; 2:4 (or 1:4) applies inside them.
 
@@ -290,6 +291,134 @@ def _sddmm_batch(args, dims, *, v, n, m):
     return P.batch_into_kernel_batch(functools.partial(vnm_sddmm, v=v, n=n, m=m), args, dims)
 
 
+# ====================================================================== tiles packed once
+#: The dtype of the forward's packed B tiles: the tile kernels' (AMX `tdpbf16ps`, `vdpbf16ps`).
+TILE_DTYPE = jnp.bfloat16
+_TILE_ROWS, _STEP_WORDS = 16, 32  # A B tile: 16 pair rows of 32 words (16 outputs x 2 inputs).
+
+
+def tile_words_per_panel(v: int, kept: int, n: int) -> int:
+    """Words of one panel's packed B tiles: `v/16` output tiles of `ceil(4G/32)` 1 KB steps."""
+    steps = -(-SELECTED * (kept // n) // _STEP_WORDS)
+    return v // _TILE_ROWS * steps * _TILE_ROWS * _STEP_WORDS
+
+
+def vnm_pack_tiles(values, indices, *, v: int, n: int):
+    """The forward's B tiles of a V:N:M weight, packed once: a pure, jittable packing.
+
+    The bf16 forward on the CPU's tile kernels (AMX, or `vdpbf16ps` on AVX512-BF16; from 32
+    tokens) otherwise decodes every panel's values into this layout on every call, about a
+    seventh of its time at 128 tokens (docs/cpu_speed_notes.md). Per panel of `v` outputs:
+    `v/16` output tiles, each `ceil(4G/32)` k steps of 16 pair rows x 32 words; pair row `r` of
+    step `s` holds, for each of its 16 outputs `o`, the weights of `kk = 32 s + 2 r` and
+    `kk + 1` at words `2 o` and `2 o + 1`, with `kk = 4 g + slot` (slot `slot` of group `g`'s 4
+    selected inputs; 0 where the output keeps no value). Twice the values' bytes: the 2:4 zeros
+    inside the panel's selected inputs are stored. Entries whose slot is >= 4 add nothing;
+    entries repeating a slot add up (f32, rounded once), as the decoder treats them.
+
+    Args:
+        values: `[..., N, G*n]` bfloat16 (any float dtype is cast to it).
+        indices: `[..., N, G*n]` uint8 slots.
+        v, n: the spec's panel height and values per group.
+
+    Returns:
+        `[..., ceil(N/v), tile_words_per_panel(v, G*n, n)]` bfloat16.
+    """
+    values, indices = jnp.asarray(values), jnp.asarray(indices)
+    *lead, out, kept = values.shape
+    groups, panels = kept // n, -(-out // v)
+    steps = -(-SELECTED * groups // _STEP_WORDS)
+    slot = indices.astype(jnp.int32).reshape(*lead, out, groups, n)
+    vals = values.astype(jnp.float32).reshape(*lead, out, groups, n)
+    hit = slot[..., None] == jnp.arange(SELECTED, dtype=jnp.int32)  # [..., N, G, n, 4]
+    dense = jnp.sum(jnp.where(hit, vals[..., None], 0.0), axis=-2)  # [..., N, G, 4]
+    dense = dense.astype(TILE_DTYPE).reshape(*lead, out, groups * SELECTED)
+    pad = [(0, 0)] * len(lead) + [(0, panels * v - out), (0, steps * _STEP_WORDS - groups * SELECTED)]
+    dense = jnp.pad(dense, pad)
+    # [..., P, v/16, o=16, S, r=16, e=2] -> [..., P, v/16, S, r, o, e]
+    tiles = dense.reshape(*lead, panels, v // _TILE_ROWS, _TILE_ROWS, steps, _TILE_ROWS, 2)
+    nd = len(lead)
+    order = [*range(nd), nd, nd + 1, nd + 3, nd + 4, nd + 2, nd + 5]
+    return tiles.transpose(order).reshape(*lead, panels, tile_words_per_panel(v, kept, n))
+
+
+vnm_spmm_tiled_p = Primitive("jaxsparse_vnm_spmm_tiled")
+
+
+def vnm_spmm_tiled(x, values, indices, columns, tiles, *, v: int, n: int, m: int):
+    """`y = x @ W` for a V:N:M `W` whose forward B tiles are also held, packed once.
+
+    `vnm_spmm` with one more operand, `tiles = vnm_pack_tiles(values, indices)`: the bf16
+    forward on the CPU's tile kernels (from 32 tokens) multiplies them instead of decoding the
+    values on every call; every other kernel reads `values`, so the two must agree
+    (`VNMSparse.with_tiles` packs them). An inference form: its derivative with respect to x
+    is `vnm_spmm`'s (frozen weights under adapters work), but differentiating it with respect
+    to `values` or `tiles` raises, since training the values would leave the tiles stale. On
+    CUDA it is `vnm_spmm`.
+
+    Args:
+        x: `[Bx, T, K]` bfloat16.
+        values, indices, columns: as in `vnm_spmm`; values bfloat16.
+        tiles: `[Bw, ceil(N/v), tile_words_per_panel(v, Kc, n)]` bfloat16.
+
+    Returns:
+        `[B, T, N]` bfloat16; f32 accumulation.
+    """
+    values, indices, columns, tiles = P.same_batch(values, indices, columns, tiles)
+    return vnm_spmm_tiled_p.bind(x, values, indices, columns, tiles, v=v, n=n, m=m)
+
+
+def vnm_spmm_tiled_reference(x, values, indices, columns, tiles, *, v, n, m):
+    del tiles  # The packing of the values (checked where the format builds them).
+    return vnm_spmm_reference(x, values, indices, columns, v=v, n=n, m=m)
+
+
+def _spmm_tiled_abstract_eval(x, values, indices, columns, tiles, *, v, n, m):
+    out = _spmm_abstract_eval(x, values, indices, columns, v=v, n=n, m=m)
+    want = (values.shape[0], columns.shape[1], tile_words_per_panel(v, values.shape[2], n))
+    if tiles.dtype != TILE_DTYPE or values.dtype != TILE_DTYPE or tuple(tiles.shape) != want:
+        raise ValueError(
+            f"vnm_spmm_tiled: tiles must be bfloat16 {want} and values bfloat16 "
+            f"(vnm_pack_tiles); got tiles {tiles.dtype} {tuple(tiles.shape)}, values "
+            f"{values.dtype}"
+        )
+    return out
+
+
+def _spmm_tiled_jvp(primals, tangents, *, v, n, m):
+    x, values, indices, columns, tiles = primals
+    tx, tvalues, _, _, ttiles = tangents
+    if type(tvalues) is not ad.Zero or type(ttiles) is not ad.Zero:
+        raise ValueError(
+            "jaxsparse: a V:N:M weight holding packed tiles (VNMSparse.with_tiles) is an "
+            "inference form and cannot be differentiated with respect to its values or tiles: "
+            "training would leave the tiles stale. Train the weight without tiles "
+            "(ws.without_tiles()) and pack them again after training, or keep its values out "
+            "of what is differentiated."
+        )
+    fn = functools.partial(vnm_spmm_tiled, v=v, n=n, m=m)
+    out = fn(*primals)
+    if type(tx) is ad.Zero:
+        return out, jnp.zeros_like(out)
+    return out, fn(tx, values, indices, columns, tiles)
+
+
+def _spmm_tiled_transpose(ct, x, values, indices, columns, tiles, *, v, n, m):
+    if type(ct) is ad.Zero or not ad.is_undefined_primal(x):
+        return None, None, None, None, None
+    dx = vnm_spmm_t(ct, values, indices, columns, v=v, n=n, m=m, in_features=x.aval.shape[-1])
+    return P.sum_to_batch(dx, x.aval.shape[0]), None, None, None, None
+
+
+def _spmm_tiled_batch(args, dims, *, v, n, m):
+    return P.batch_weight_product(functools.partial(vnm_spmm_tiled, v=v, n=n, m=m), args, dims)
+
+
+def _spmm_untiled(x, values, indices, columns, tiles, *, v, n, m):
+    """On CUDA (and the emulator) the product is `vnm_spmm`'s: Spatha's layout is its own."""
+    return vnm_spmm(x, values, indices, columns, v=v, n=n, m=m)
+
+
 # ====================================================================== registration
 _ATTRS = ("v", "n", "m")
 
@@ -298,6 +427,11 @@ def _register():
     P.register(vnm_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
                transpose=_spmm_transpose, batch=_spmm_batch, reference=vnm_spmm_reference,
                target="jaxsparse_vnm_spmm", attrs=_ATTRS)
+    P.register_cpu_variant(vnm_spmm_tiled_p, on_cuda=_spmm_untiled,
+                           abstract_eval=_spmm_tiled_abstract_eval, jvp=_spmm_tiled_jvp,
+                           transpose=_spmm_tiled_transpose, batch=_spmm_tiled_batch,
+                           reference=vnm_spmm_tiled_reference,
+                           target="jaxsparse_vnm_spmm_tiled", attrs=_ATTRS)
     P.register(vnm_spmm_t_p, abstract_eval=_spmm_t_abstract_eval, jvp=_spmm_t_jvp,
                transpose=_spmm_t_transpose, batch=_spmm_t_batch, reference=vnm_spmm_t_reference,
                target="jaxsparse_vnm_spmm_t", attrs=_ATTRS)

@@ -4,6 +4,8 @@ corrupt arrays, and the spec value."""
 
 import itertools
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,3 +141,83 @@ def test_spec_strings_and_values():
     assert prune.fits(jsp.VNM(64, 2, 8), (8, 3)) is None  # A single partial panel is fine.
     with pytest.raises(ValueError, match="'v:n:m' such as '64:2:8'"):
         jsp.as_spec("64-2-8")
+
+
+# ---------------------------------------------------------------------- the inference form
+def bf16_weight(seed, k=96, out=80, v=16, n=2, m=8):
+    return jsp.VNMSparse.fromdense(normal(seed, (k, out)).astype(jnp.bfloat16), v=v, n=n, m=m)
+
+
+def bits(a):
+    return np.asarray(a, np.float32)
+
+
+def test_with_tiles_multiplies_as_the_weight():
+    ws = bf16_weight(0)
+    wt = ws.with_tiles()
+    assert isinstance(wt, jsp.VNMSparseTiled) and wt.with_tiles() is wt
+    assert wt.spec == ws.spec and wt.shape == ws.shape
+    assert wt.arrays_with_role(jsp.formats.TRAINABLE) == ("values",)
+    assert wt.tiles.dtype == jnp.bfloat16 and wt.nbytes > ws.nbytes
+    np.testing.assert_array_equal(bits(wt.todense()), bits(ws.todense()))
+    for t in (1, 40, 300):
+        x = normal(t, (t, 96)).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(bits(jax.jit(lambda x, w: x @ w)(x, wt)), bits(x @ ws))
+    stacked = jsp.VNMSparse.fromdense(normal(1, (3, 96, 80)).astype(jnp.bfloat16), v=16, n=2,
+                                      m=8).with_tiles()
+    x = normal(2, (3, 40, 96)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(bits(x @ stacked), bits(x @ stacked.without_tiles()))
+
+
+def test_tiled_weight_through_jit_and_pytrees():
+    wt = bf16_weight(3).with_tiles()
+    leaves, tree = jax.tree.flatten(wt)
+    assert len(leaves) == 4
+    back = jax.tree.unflatten(tree, leaves)
+    assert isinstance(back, jsp.VNMSparseTiled)
+    made = jax.jit(lambda w: w.with_tiles())(bf16_weight(3))
+    np.testing.assert_array_equal(bits(made.tiles), bits(wt.tiles))
+    x = normal(4, (48, 96)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(bits(jax.jit(lambda x, w: x @ w)(x, wt)), bits(x @ wt))
+
+
+def test_tiles_follow_the_values_and_never_go_stale():
+    ws = bf16_weight(5)
+    wt = ws.with_tiles()
+    x = normal(6, (40, 96)).astype(jnp.bfloat16)
+    doubled = wt.replace(values=wt.values * 2)
+    assert isinstance(doubled, jsp.VNMSparseTiled)
+    np.testing.assert_array_equal(bits(x @ doubled), bits(x @ ws.replace(values=ws.values * 2)))
+    with pytest.raises(TypeError, match="tiles are derived"):
+        wt.replace(tiles=wt.tiles)
+    # A cast leaves the inference form; bfloat16 keeps it.
+    assert type(wt.astype(jnp.float32)) is jsp.VNMSparse
+    assert wt.astype(jnp.bfloat16) is wt
+    assert type(wt.without_tiles()) is jsp.VNMSparse
+    # Gradients: in x as the weight's; in the values (training) an error, not stale tiles.
+    gx = jax.grad(lambda x: jnp.sum((x @ wt).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(
+        bits(gx), bits(jax.grad(lambda x: jnp.sum((x @ ws).astype(jnp.float32)))(x)))
+    with pytest.raises(ValueError, match="inference form"):
+        jax.grad(lambda w: jnp.sum((x @ w).astype(jnp.float32)), allow_int=True)(wt)
+
+
+def test_tiles_are_checked():
+    ws = bf16_weight(7)
+    arrays, spec = ws.arrays(), dict(v=16, n=2, m=8, in_features=96)
+    good = ws.with_tiles().tiles
+    assert isinstance(jsp.VNMSparseTiled(**arrays, tiles=good, **spec), jsp.VNMSparseTiled)
+    made = jsp.VNMSparseTiled(**arrays, **spec)  # tiles=None: packed.
+    np.testing.assert_array_equal(bits(made.tiles), bits(good))
+    with pytest.raises(ValueError, match="tiles must be the values' packing"):
+        jsp.VNMSparseTiled(**arrays, tiles=(good.astype(jnp.float32) * 2).astype(jnp.bfloat16),
+                           **spec)
+    with pytest.raises(ValueError, match="tiles must be bfloat16 of shape"):
+        jsp.VNMSparseTiled(**arrays, tiles=good[..., :-1], **spec)
+    with pytest.raises(TypeError, match="packed for bfloat16 values"):
+        jsp.VNMSparse.fromdense(normal(8, (96, 80)), v=16, n=2, m=8).with_tiles()
+    fromdense = jsp.VNMSparseTiled.fromdense(normal(9, (96, 80)).astype(jnp.bfloat16), v=16,
+                                             n=2, m=8)
+    assert isinstance(fromdense, jsp.VNMSparseTiled)
+    shapes = jsp.VNMSparseTiled.array_shapes(jsp.VNM(16, 2, 8), 96, 80)
+    assert shapes["tiles"] == (fromdense.tiles.shape, jnp.bfloat16)

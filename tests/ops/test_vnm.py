@@ -13,12 +13,15 @@ from jax.test_util import check_grads
 
 import jaxsparse as jsp
 from jaxsparse.ops import (
+    vnm_pack_tiles,
     vnm_sddmm,
     vnm_sddmm_reference,
     vnm_spmm,
     vnm_spmm_reference,
     vnm_spmm_t,
     vnm_spmm_t_reference,
+    vnm_spmm_tiled,
+    vnm_spmm_tiled_reference,
 )
 from jaxsparse.ops.vnm import kept_positions
 from tests._check import DTYPES, assert_close, scale_for
@@ -169,3 +172,87 @@ def test_primitive_shape_checks():
     with pytest.raises(ValueError, match="batch dim must be 1 or 3"):
         vnm_spmm(jnp.concatenate([x] * 3), *(jnp.concatenate([a] * 2) for a in (v, i, c)),
                  **spec(ws))
+
+
+# ====================================================================== tiles packed once
+TILED_SHAPES = [(40, 64, 48, 16, 2, 8), (33, 70, 40, 16, 2, 8), (64, 96, 80, 64, 2, 16),
+                (32, 66, 130, 128, 1, 32), (1, 64, 32, 16, 2, 8)]
+
+
+def tiled(ws):
+    return (ws.values, ws.indices, ws.columns,
+            vnm_pack_tiles(ws.values, ws.indices, v=ws.v, n=ws.n))
+
+
+@pytest.mark.parametrize("t,k,out,v,n,m", TILED_SHAPES)
+def test_tiled_forward_is_the_forward_bit_for_bit(t, k, out, v, n, m):
+    # The packed tiles hold what the decoder would write, so the tile forward's sums are the
+    # same; below 32 tokens (and on CUDA) the tiles are not read at all.
+    x, ws, _ = operands(3, t, k, out, v, n, m, jnp.bfloat16)
+    a = tiled(ws)
+    y = jax.jit(functools.partial(vnm_spmm_tiled, **spec(ws)))(x, *a)
+    want = jax.jit(functools.partial(vnm_spmm, **spec(ws)))(x, *a[:3])
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    assert_close(y, vnm_spmm_tiled_reference(x, *a, **spec(ws)), jnp.bfloat16, scale_for(k))
+
+
+def test_pack_tiles_layout():
+    # Word (panel p, output tile j, step s, pair row r, output o, e) = W[kk = 32 s + 2 r + e]
+    # [output p v + 16 j + o], kk = 4 g + slot; zero past the outputs and past 4 G.
+    x, ws, _ = operands(4, 1, 70, 40, 32, 2, 8, jnp.bfloat16)
+    tiles = np.asarray(vnm_pack_tiles(ws.values, ws.indices, v=32, n=2), np.float32)
+    out, groups, steps = 40, 9, 2  # ceil(4 * 9 / 32) = 2 k steps.
+    assert tiles.shape == (1, 2, 32 // 16 * steps * 512)
+    slots = np.zeros((2 * 32, steps * 32), np.float32)  # [outputs padded, kk padded]
+    vals = np.asarray(ws.values, np.float32)[0].reshape(out, groups, 2)
+    idx = np.asarray(ws.indices)[0].reshape(out, groups, 2)
+    for r in range(out):
+        for g in range(groups):
+            for e in range(2):
+                slots[r, 4 * g + idx[r, g, e]] += vals[r, g, e]
+    want = slots.reshape(2, 2, 16, steps, 16, 2).transpose(0, 1, 3, 4, 2, 5).reshape(2, -1)
+    np.testing.assert_array_equal(tiles[0], want)
+    jitted = jax.jit(functools.partial(vnm_pack_tiles, v=32, n=2))(ws.values, ws.indices)
+    np.testing.assert_array_equal(np.asarray(jitted, np.float32), tiles)
+
+
+def test_tiled_forward_differentiates_in_x_only():
+    x, ws, dy = operands(5, 40, 64, 48, 16, 2, 8, jnp.bfloat16)
+    a = tiled(ws)
+    fn = functools.partial(vnm_spmm_tiled, **spec(ws))
+    plain = functools.partial(vnm_spmm, **spec(ws))
+    _, vjp = jax.vjp(lambda x: fn(x, *a), x)
+    _, vjp_plain = jax.vjp(lambda x: plain(x, *a[:3]), x)
+    np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float32),
+                                  np.asarray(vjp_plain(dy)[0], np.float32))
+    _, tangent = jax.jvp(lambda x: fn(x, *a), (x,), (x,))
+    assert_close(tangent, plain(x, *a[:3]), jnp.bfloat16, scale_for(64))
+    with pytest.raises(ValueError, match="inference form"):
+        jax.grad(lambda v: jnp.sum(fn(x, v, *a[1:]).astype(jnp.float32)))(a[0])
+    with pytest.raises(ValueError, match="inference form"):
+        jax.grad(lambda t: jnp.sum(fn(x, *a[:3], t).astype(jnp.float32)))(a[3])
+
+
+def test_tiled_forward_under_vmap_and_batches():
+    x, ws, _ = operands(6, 34, 64, 48, 16, 2, 8, jnp.bfloat16, bw=2)
+    a = tiled(ws)
+    fn = functools.partial(vnm_spmm_tiled, **spec(ws))
+    xs = jnp.stack([x[0], x[0] * 2])  # [2, 34, 64]: mapped, over a shared weight.
+    mapped = jax.vmap(lambda x: fn(x[None], *(b[:1] for b in a))[0])(xs)
+    loop = jnp.stack([fn(x[None], *(b[:1] for b in a))[0] for x in xs])
+    np.testing.assert_array_equal(np.asarray(mapped, np.float32), np.asarray(loop, np.float32))
+    y = fn(x, *a)  # x broadcasts over the weight's batch of 2.
+    assert y.shape == (2, 34, 48)
+    assert_close(y, vnm_spmm_reference(x, *a[:3], **spec(ws)), jnp.bfloat16, scale_for(64))
+
+
+def test_tiled_forward_shape_checks():
+    x, ws, _ = operands(7, 32, 64, 48, 16, 2, 8, jnp.bfloat16)
+    a = tiled(ws)
+    fn = functools.partial(vnm_spmm_tiled, **spec(ws))
+    with pytest.raises(ValueError, match="tiles must be bfloat16"):
+        fn(x, *a[:3], a[3][..., :-1])
+    with pytest.raises(ValueError, match="tiles must be bfloat16"):
+        fn(x, *a[:3], a[3].astype(jnp.float32))
+    with pytest.raises(ValueError, match="values bfloat16"):
+        fn(x.astype(jnp.float32), a[0].astype(jnp.float32), *a[1:])
