@@ -47,16 +47,6 @@ constexpr int kAmxMaxPanels = 4;
 constexpr int64_t kAmxBlockedTokens = 512;
 constexpr int64_t kAmxBlockedPanels = 2;
 
-// Whether a gather list holds an input twice (garbage columns that repeat a
-// position). Select lists a group's inputs next to each other, and inputs of
-// different groups differ, so only the 3 entries before each can match.
-inline bool NamesAnInputTwice(const int32_t* sel, int64_t nk) {
-  for (int64_t i = 1; i < nk; ++i)
-    for (int64_t j = Max(0, i - (kSelected - 1)); j < i; ++j)
-      if (sel[i] == sel[j]) return true;
-  return false;
-}
-
 struct SpmmAmx : Dims {
   using D = BF16;
   using S = D::Storage;

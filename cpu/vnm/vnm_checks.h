@@ -122,12 +122,15 @@ inline xla::ffi::Error CheckSpmm(const Validator& val, int32_t v, int32_t n,
   return CheckColumns(val, o->columns, n_out, k, v, m);
 }
 
-// The forward's B tiles packed once (vnm_spmm_tiled, CPU only):
-// tiles [Bw, P, v/16 * ceil(4 G / 32) * 512] of the values' dtype, sharing
-// their batch.
-inline int64_t TileWordsPerPanel(int64_t k, int32_t v, int32_t m) {
+// The forward's tiles packed once (vnm_spmm_tiled, CPU only): tiles
+// [Bw, P, words] of the values' dtype, sharing their batch; bf16: the tile
+// kernels' B tiles, v/16 * ceil(4 G / 32) * 512 words per panel; f32: the
+// FMA engine's rows, 4 G * v floats per panel.
+inline int64_t TileWordsPerPanel(int64_t k, int32_t v, int32_t m, xla::ffi::DataType dtype) {
   constexpr int64_t kStepWords = 32, kTileWords = 16 * kStepWords;
-  return v / 16 * ((Groups(k, m) * kSelected + kStepWords - 1) / kStepWords) * kTileWords;
+  const int64_t slots = Groups(k, m) * kSelected;
+  if (dtype == xla::ffi::DataType::F32) return slots * v;
+  return v / 16 * ((slots + kStepWords - 1) / kStepWords) * kTileWords;
 }
 
 inline xla::ffi::Error CheckTiles(const Validator& val, int32_t v, int32_t m,
@@ -135,6 +138,9 @@ inline xla::ffi::Error CheckTiles(const Validator& val, int32_t v, int32_t m,
                                   Operand3* t) {
   JAXSPARSE_RETURN_IF_ERROR(val.Shape3("tiles", tiles, t));
   JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o.b, t}));
+  if (t->dtype() == xla::ffi::DataType::F16) {
+    return val.Fail("tiles are packed for float32 or bfloat16 values, got float16");
+  }
   JAXSPARSE_RETURN_IF_ERROR(
       val.Dim("tiles.shape[0]", t->batch, "values.shape[0]", o.b.batch));
   const int64_t k = o.a.cols, n_out = o.result.cols;
@@ -142,8 +148,10 @@ inline xla::ffi::Error CheckTiles(const Validator& val, int32_t v, int32_t m,
                                     "ceil(" + std::to_string(n_out) + "/" +
                                         std::to_string(v) + ")",
                                     Panels(n_out, v)));
-  return val.Dim("tiles.shape[2]", t->cols, "v/16 * ceil(ceil(K/m)*4/32) * 512",
-                 TileWordsPerPanel(k, v, m));
+  const bool f32 = t->dtype() == xla::ffi::DataType::F32;
+  return val.Dim("tiles.shape[2]", t->cols,
+                 f32 ? "ceil(K/m)*4 * v" : "v/16 * ceil(ceil(K/m)*4/32) * 512",
+                 TileWordsPerPanel(k, v, m, t->dtype()));
 }
 
 // dx = dy @ W^T: a = dy, b = values; K comes from dx.

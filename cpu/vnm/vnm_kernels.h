@@ -221,6 +221,16 @@ inline int64_t Select(const uint8_t* panel_columns, int64_t g0, int64_t g1,
   return nk;
 }
 
+// Whether a gather list holds an input twice (garbage columns that repeat a
+// position). Select lists a group's inputs next to each other, and inputs of
+// different groups differ, so only the 3 entries before each can match.
+inline bool NamesAnInputTwice(const int32_t* sel, int64_t nk) {
+  for (int64_t i = 1; i < nk; ++i)
+    for (int64_t j = Max(0, i - (kSelected - 1)); j < i; ++j)
+      if (sel[i] == sel[j]) return true;
+  return false;
+}
+
 // The kk of entry c (group g) of a row: -1 for a slot > 3 or a dropped input.
 inline int32_t EntryKk(const int32_t* slot_kk, int64_t g_rel, uint8_t slot) {
   return slot < kSelected ? slot_kk[g_rel * kSelected + slot] : -1;
@@ -550,6 +560,22 @@ struct Spmm : Dims {
     return true;
   }
 
+  // The f32 tiles packed once (VnmProblem::tiles) hold, per panel, the rows
+  // kk = 4 g + slot of all G groups, v floats each. A block's rows are its
+  // tile when its gather list is exactly that: every selected input exists
+  // and none is named twice (else the block is decoded as without them).
+  const float* PackedBlock(int64_t panel, int64_t g0, int64_t g1, int64_t nk,
+                           const int32_t* sel) const {
+    if constexpr (!kIsF32<D>) {
+      return nullptr;  // bf16 tiles are the tile kernels' (vnm_amx.h).
+    } else {
+      if (w.tiles == nullptr || nk != kSelected * (g1 - g0) || NamesAnInputTwice(sel, nk)) {
+        return nullptr;
+      }
+      return w.tiles + (panel * G + g0) * kSelected * v;
+    }
+  }
+
   void Run(int64_t task, int worker) const {
     const Worker& wk = workers[worker];
     // t0 counts from the chunk's first token.
@@ -566,15 +592,20 @@ struct Spmm : Dims {
       // micro-kernel fetches them a token tile ahead (see SpmmMicro).
       const int64_t x_block_bytes = tokens * (Min(K, g1 * m) - g0 * m) * int64_t{sizeof(float)};
       const bool fetch_x = x_block_bytes > kFetchXPastL2 * rt.l2_bytes;
-      Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+      const float* tile = PackedBlock(panel, g0, g1, nk, wk.sel);
+      const int64_t tile_ld = tile != nullptr ? v : ld;
+      if (tile == nullptr) {
+        Isa::template Decode<D>(w, Kc, n, r0, rows, g0, g1, wk.slot_kk, nk, ld, wk.tile);
+        tile = wk.tile;
+      }
       // The next block of groups comes into L2 while this one computes;
       // after the last, the next panel's first (the next task's, on this
-      // worker or the other: then it is in L3).
+      // worker or the other: then it is in L3). Packed tiles need no values.
       SegmentFetch<D> fetch;
-      if (g1 < G) {
+      if (w.tiles == nullptr && g1 < G) {
         fetch = SegmentFetch<D>(w, Kc, r0, rows, g1 * n, Min(G, g1 + block_groups) * n,
                                 MicroTiles<Tr>(tokens, ld));
-      } else if (panel + 1 < P) {
+      } else if (w.tiles == nullptr && panel + 1 < P) {
         fetch = SegmentFetch<D>(w, Kc, r0 + v, PanelRows(panel + 1), 0,
                                 Min(G, block_groups) * n, MicroTiles<Tr>(tokens, ld));
       }
@@ -590,7 +621,7 @@ struct Spmm : Dims {
         const int next_n =
             c == 0 && fetch_x ? static_cast<int>(Max(0, Min(VnmTile::kRows, left))) : 0;
         for (int i = 0; i < next_n; ++i) next_rows[i] = x.data + (t0 + t + kRows + i) * x.ld;
-        SpmmMicro<Tr, kRows, kVecs>(x_rows, wk.sel, nk, wk.tile + c, ld,
+        SpmmMicro<Tr, kRows, kVecs>(x_rows, wk.sel, nk, tile + c, tile_ld,
                                     wk.acc + t * ld + c, ld, next_rows, next_n);
       });
     }

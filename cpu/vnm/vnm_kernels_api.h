@@ -37,9 +37,10 @@ struct VnmProblem {
   const uint8_t* columns;  // [P, G * 4] per batch, positions 0..m-1
   int64_t weight_stride;   // values' and indices' batch stride
   int64_t columns_stride;
-  // The forward's optional B tiles, packed once (jaxsparse.ops.vnm.pack_tiles):
-  // [P, v/16 output tiles, ceil(4 G / 32) k steps, 1 KB], bf16; null when
-  // absent. Only the bf16 tile forward (vnm_amx.h) reads them.
+  // The forward's optional tiles, packed once (jaxsparse.ops.vnm_pack_tiles),
+  // null when absent; per panel, bf16: [v/16 output tiles][ceil(4 G / 32) k
+  // steps][1 KB], read by the tile forward (vnm_amx.h); f32: [4 G][v], read
+  // by the FMA engine's forward (Spmm in vnm_kernels.h).
   const void* tiles;
   int64_t tiles_stride;  // batch stride, elements
   void* out;  // [B, T, N], [B, T, K] or [B, N, G * n], dense

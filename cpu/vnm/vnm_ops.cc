@@ -57,8 +57,8 @@ ffi::Error SpmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return RunKernel(val, Kernels().spmm, p, pool, *y);
 }
 
-// y = x @ W with the forward's B tiles packed once (bf16 from the tile
-// kernels' token count on; every other kernel reads the values as vnm_spmm).
+// y = x @ W with the forward's tiles packed once (read by the bf16 tile
+// forward and the f32 FMA engine; every other kernel reads the values).
 ffi::Error SpmmTiledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
                          ffi::AnyBuffer indices, ffi::AnyBuffer columns, ffi::AnyBuffer tiles,
                          int32_t v, int32_t n, int32_t m, ffi::Result<ffi::AnyBuffer> y) {

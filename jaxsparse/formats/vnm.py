@@ -18,14 +18,14 @@ with `G = ceil(in/m)` groups and `P = ceil(out/v)` panels:
   strictly increasing.
 
 So kept entry `c` of output `r` is input `(c // n) * m + columns[r // v, 4 * (c // n) + indices[r, c]]`.
-`values` is the only trainable array; `indices` and `columns` are frozen structure.
-
-An inference form, `VNMSparseTiled` (`ws.with_tiles()`), also holds `tiles [..., P, words]`
-(bfloat16): the forward's B tiles of the CPU's tile kernels, packed once from `values` and
-`indices` (`jaxsparse.ops.vnm_pack_tiles`), so the bf16 forward from 32 tokens no longer decodes
-the values on every call. Per output
+`values` is the only trainable array; `indices` and `columns` are frozen structure. Per output
 and group this stores `n` values and `n` bytes, and per panel `4` bytes: for 64:2:8 in float32,
 10.06 bytes per 32 dense ones (3.18x fewer).
+
+An inference form, `VNMSparseTiled` (`ws.with_tiles()`, bfloat16 or float32), also holds
+`tiles [..., P, words]`: the weight packed once from `values` and `indices` into the layout the
+CPU forward multiplies (`jaxsparse.ops.vnm_pack_tiles`), so from 32 tokens it no longer decodes
+the values on every call.
 
 Padding is handled as N:M handles it: `in` is zero-padded to a multiple of `m` (a ragged last
 group has fewer real inputs; when fewer than 4 are real, selected columns point into the padding
@@ -66,7 +66,7 @@ from jaxsparse.formats._vnm_select import select_columns
 # SELECTED: the 4 inputs a panel keeps per group.
 from jaxsparse.ops.vnm import (
     SELECTED,
-    TILE_DTYPE,
+    has_tiles,
     tile_words_per_panel,
     vnm_pack_tiles,
     vnm_spmm,
@@ -288,15 +288,16 @@ class VNMSparse(SparseFormat):
 
     # ------------------------------------------------------------------ the inference form
     def with_tiles(self) -> "VNMSparseTiled":
-        """This weight with the forward's B tiles also held, packed once from the values.
+        """This weight with the forward's tiles also held, packed once from the values.
 
-        For inference in bfloat16: the CPU's tile forward (AMX or AVX512-BF16, from 32 tokens)
-        then multiplies the packed tiles instead of decoding the values on every call (about a
-        seventh of its time at 128 tokens). The tiles take twice the values' bytes. Pure and
-        jittable. See `VNMSparseTiled` for what the form allows.
+        For inference in bfloat16 or float32: the CPU forward from 32 tokens (bf16 on the tile
+        kernels, AMX or AVX512-BF16; f32 on the FMA engine) then multiplies the packed tiles
+        instead of decoding the values on every call (about a seventh of the bf16 forward's time
+        at 128 tokens). The tiles take twice the values' bytes. Pure and jittable. See
+        `VNMSparseTiled` for what the form allows.
 
         Raises:
-            TypeError: the values are not bfloat16 (the tile kernels' dtype).
+            TypeError: the values are float16 (no packed-tile forward).
         """
         return VNMSparseTiled.from_sparse(self)
 
@@ -308,23 +309,25 @@ class VNMSparse(SparseFormat):
 
 
 class VNMSparseTiled(VNMSparse):
-    """A bfloat16 V:N:M weight that also holds its forward's B tiles, packed once (inference).
+    """A V:N:M weight that also holds its forward's tiles, packed once (inference; bf16, f32).
 
     `ws.with_tiles()` makes one. Products, `todense()` and the rest are `VNMSparse`'s; `x @ w`
-    runs `jaxsparse.ops.vnm_spmm_tiled`, whose CPU tile forward (bf16, from 32 tokens, AMX or
-    AVX512-BF16) multiplies `tiles` instead of decoding the values on every call.
+    runs `jaxsparse.ops.vnm_spmm_tiled`, whose CPU forward from 32 tokens (bf16 on the tile
+    kernels, f32 on the FMA engine) multiplies `tiles` instead of decoding the values on every
+    call.
 
     The tiles are derived from `values` and `indices`, so they must never disagree:
     `replace(values=...)` packs them again, and differentiating `x @ w` with respect to the
     values or tiles raises (an optimiser's update of the values leaf alone would leave the tiles
     stale); the gradient with respect to x works, so frozen tiled weights can sit under trained
-    adapters. `without_tiles()` gives the trainable `VNMSparse` back, as does `astype` to any
-    dtype other than bfloat16. Layers hold `VNMSparse`; this form is for functions that take
-    weights as arguments.
+    adapters. `without_tiles()` gives the trainable `VNMSparse` back, as does `astype` to
+    another dtype. Layers hold `VNMSparse`; this form is for functions that take weights as
+    arguments.
 
     Attributes:
-        values, indices, columns: as in `VNMSparse`; values bfloat16.
-        tiles: `[..., ceil(out/v), words]` bfloat16 (`jaxsparse.ops.vnm_pack_tiles`; frozen).
+        values, indices, columns: as in `VNMSparse`; values bfloat16 or float32.
+        tiles: `[..., ceil(out/v), words]` of the values' dtype (`jaxsparse.ops.vnm_pack_tiles`;
+            frozen).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -344,27 +347,29 @@ class VNMSparseTiled(VNMSparse):
 
     @classmethod
     def from_sparse(cls, ws: VNMSparse) -> "VNMSparseTiled":
-        """`ws` with its tiles packed (pure, jittable); values must be bfloat16."""
+        """`ws` with its tiles packed (pure, jittable); values bfloat16 or float32."""
         _check_tile_dtype(ws.values.dtype, "jaxsparse.VNMSparse.with_tiles")
         tiles = vnm_pack_tiles(ws.values, ws.indices, v=ws.v, n=ws.n)
         return cls._unflatten(ws._aux, (ws.values, ws.indices, ws.columns, tiles))
 
     @classmethod
     def fromdense(cls, w, *, v: int, n: int, m: int) -> "VNMSparseTiled":
-        """`VNMSparse.fromdense(w, ...).with_tiles()`; w must be bfloat16."""
+        """`VNMSparse.fromdense(w, ...).with_tiles()`; w bfloat16 or float32."""
         return VNMSparse.fromdense(w, v=v, n=n, m=m).with_tiles()
 
     @classmethod
     def frommask(cls, w, mask, *, v: int, n: int, m: int) -> "VNMSparseTiled":
-        """`VNMSparse.frommask(w, mask, ...).with_tiles()`; w must be bfloat16."""
+        """`VNMSparse.frommask(w, mask, ...).with_tiles()`; w bfloat16 or float32."""
         return VNMSparse.frommask(w, mask, v=v, n=n, m=m).with_tiles()
 
     @classmethod
-    def array_shapes(cls, spec: VNM, in_features: int, out_features: int) -> dict:
+    def array_shapes(cls, spec: VNM, in_features: int, out_features: int,
+                     dtype=jnp.bfloat16) -> dict:
+        """As `VNMSparse.array_shapes`, plus the tiles of values of `dtype`."""
         shapes = super().array_shapes(spec, in_features, out_features)
         kept = shapes["values"][0][-1]
-        words = tile_words_per_panel(spec.v, kept, spec.n)
-        shapes["tiles"] = ((num_groups(out_features, spec.v), words), TILE_DTYPE)
+        words = tile_words_per_panel(spec.v, kept, spec.n, dtype)
+        shapes["tiles"] = ((num_groups(out_features, spec.v), words), None)
         return shapes
 
     def with_tiles(self) -> "VNMSparseTiled":
@@ -380,11 +385,12 @@ class VNMSparseTiled(VNMSparse):
             raise TypeError("jaxsparse.VNMSparseTiled.replace: tiles are derived from the "
                             "values; replace values (the tiles follow)")
         out = self.without_tiles().replace(**changes)
-        return out.with_tiles() if jnp.dtype(out.dtype) == jnp.dtype(TILE_DTYPE) else out
+        return out.with_tiles() if has_tiles(out.dtype) else out
 
     def astype(self, dtype):
-        """bfloat16: this weight; any other dtype: `without_tiles().astype(dtype)`."""
-        if jnp.dtype(dtype) == jnp.dtype(TILE_DTYPE):
+        """This weight for its own dtype; for another, `without_tiles().astype(dtype)` (the
+        tiles would need packing again: `.with_tiles()` does it)."""
+        if jnp.dtype(dtype) == jnp.dtype(self.dtype):
             return self
         return self.without_tiles().astype(dtype)
 
@@ -394,10 +400,11 @@ class VNMSparseTiled(VNMSparse):
 
 # ---------------------------------------------------------------------- packed tiles
 def _check_tile_dtype(dtype, where):
-    if jnp.dtype(dtype) != jnp.dtype(TILE_DTYPE):
+    if not has_tiles(dtype):
         raise TypeError(
-            f"{where}: tiles are packed for bfloat16 values (the CPU tile kernels' dtype); got "
-            f"{jnp.dtype(dtype).name} (cast first: ws.astype(jnp.bfloat16).with_tiles())"
+            f"{where}: tiles are packed for bfloat16 or float32 values (the dtypes with a "
+            f"packed-tile forward); got {jnp.dtype(dtype).name} (cast first: "
+            "ws.astype(jnp.bfloat16).with_tiles())"
         )
 
 
@@ -409,16 +416,16 @@ def _checked_tiles(tiles, values, indices, v, n, where):
         return vnm_pack_tiles(values, indices, v=v, n=n)
     tiles = V.as_array("tiles", tiles, where=where)
     want = (*values.shape[:-2], num_groups(values.shape[-2], v),
-            tile_words_per_panel(v, values.shape[-1], n))
-    if tiles.dtype != TILE_DTYPE or tuple(tiles.shape) != want:
+            tile_words_per_panel(v, values.shape[-1], n, values.dtype))
+    if tiles.dtype != values.dtype or tuple(tiles.shape) != want:
         raise ValueError(
-            f"{where}: tiles must be bfloat16 of shape {want} (vnm_pack_tiles of the values); "
-            f"got {tiles.dtype.name} {tuple(tiles.shape)}"
+            f"{where}: tiles must be {values.dtype.name} of shape {want} (vnm_pack_tiles of the "
+            f"values); got {tiles.dtype.name} {tuple(tiles.shape)}"
         )
     if V.is_concrete(tiles) and V.is_concrete(values) and V.is_concrete(indices):
         packed = vnm_pack_tiles(values, indices, v=v, n=n)
-        if not np.array_equal(np.asarray(tiles).view(np.uint16),
-                              np.asarray(packed).view(np.uint16)):
+        if not np.array_equal(np.asarray(tiles, np.float32), np.asarray(packed, np.float32),
+                              equal_nan=True):
             raise ValueError(f"{where}: tiles must be the values' packing (vnm_pack_tiles); pass "
                              "tiles=None to have them packed")
     return tiles

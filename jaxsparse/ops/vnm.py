@@ -38,7 +38,7 @@ from jaxsparse.ops import _primitive as P
 
 __all__ = ["vnm_spmm", "vnm_spmm_t", "vnm_sddmm", "vnm_spmm_reference", "vnm_spmm_t_reference",
            "vnm_sddmm_reference", "vnm_pack_tiles", "vnm_spmm_tiled", "vnm_spmm_tiled_reference",
-           "TILE_DTYPE"]
+           "TILE_DTYPES", "has_tiles", "tile_words_per_panel"]
 
 SELECTED = 4  # Inputs a panel keeps per group; 2:4 (or 1:4) applies inside them.
 
@@ -292,77 +292,97 @@ def _sddmm_batch(args, dims, *, v, n, m):
 
 
 # ====================================================================== tiles packed once
-#: The dtype of the forward's packed B tiles: the tile kernels' (AMX `tdpbf16ps`, `vdpbf16ps`).
-TILE_DTYPE = jnp.bfloat16
+#: The dtypes whose forward has packed tiles: bf16 (the tile kernels: AMX `tdpbf16ps`, or
+#: `vdpbf16ps`) and f32 (the FMA engine).
+TILE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 _TILE_ROWS, _STEP_WORDS = 16, 32  # A B tile: 16 pair rows of 32 words (16 outputs x 2 inputs).
 
 
-def tile_words_per_panel(v: int, kept: int, n: int) -> int:
-    """Words of one panel's packed B tiles: `v/16` output tiles of `ceil(4G/32)` 1 KB steps."""
-    steps = -(-SELECTED * (kept // n) // _STEP_WORDS)
-    return v // _TILE_ROWS * steps * _TILE_ROWS * _STEP_WORDS
+def has_tiles(dtype) -> bool:
+    """Whether weights of `dtype` have a packed-tile forward (`TILE_DTYPES`)."""
+    return jnp.dtype(dtype) in TILE_DTYPES
+
+
+def tile_words_per_panel(v: int, kept: int, n: int, dtype) -> int:
+    """Elements of one panel's packed tiles (`vnm_pack_tiles`)."""
+    slots = SELECTED * (kept // n)
+    if jnp.dtype(dtype) == jnp.float32:
+        return slots * v
+    return v // _TILE_ROWS * -(-slots // _STEP_WORDS) * _TILE_ROWS * _STEP_WORDS
 
 
 def vnm_pack_tiles(values, indices, *, v: int, n: int):
-    """The forward's B tiles of a V:N:M weight, packed once: a pure, jittable packing.
+    """The forward's tiles of a V:N:M weight, packed once: a pure, jittable packing.
 
-    The bf16 forward on the CPU's tile kernels (AMX, or `vdpbf16ps` on AVX512-BF16; from 32
-    tokens) otherwise decodes every panel's values into this layout on every call, about a
-    seventh of its time at 128 tokens (docs/cpu_speed_notes.md). Per panel of `v` outputs:
-    `v/16` output tiles, each `ceil(4G/32)` k steps of 16 pair rows x 32 words; pair row `r` of
-    step `s` holds, for each of its 16 outputs `o`, the weights of `kk = 32 s + 2 r` and
-    `kk + 1` at words `2 o` and `2 o + 1`, with `kk = 4 g + slot` (slot `slot` of group `g`'s 4
-    selected inputs; 0 where the output keeps no value). Twice the values' bytes: the 2:4 zeros
-    inside the panel's selected inputs are stored. Entries whose slot is >= 4 add nothing;
-    entries repeating a slot add up (f32, rounded once), as the decoder treats them.
+    The CPU forward from 32 tokens otherwise decodes every panel's values into this layout on
+    every call (about a seventh of the bf16 tile forward's time at 128 tokens,
+    docs/cpu_speed_notes.md). Per panel of `v` outputs, with `kk = 4 g + slot` (slot `slot` of
+    group `g`'s 4 selected inputs) and 0 where an output keeps no value:
+
+    - bfloat16, the tile kernels' B (AMX `tdpbf16ps`, `vdpbf16ps`): `v/16` output tiles, each
+      `ceil(4G/32)` k steps of 16 pair rows x 32 words; pair row `r` of step `s` holds, for its
+      16 outputs `o`, the weights of `kk = 32 s + 2 r` and `kk + 1` at words `2 o`, `2 o + 1`;
+    - float32, the FMA engine's rows: `[4G][v]`, row `kk` the weights of the panel's outputs.
+
+    Twice the values' elements: the 2:4 zeros inside the panel's selected inputs are stored.
+    Entries whose slot is >= 4 add nothing; entries repeating a slot add up (in f32, rounded
+    once), as the decoder treats them.
 
     Args:
-        values: `[..., N, G*n]` bfloat16 (any float dtype is cast to it).
+        values: `[..., N, G*n]` bfloat16 or float32.
         indices: `[..., N, G*n]` uint8 slots.
         v, n: the spec's panel height and values per group.
 
     Returns:
-        `[..., ceil(N/v), tile_words_per_panel(v, G*n, n)]` bfloat16.
+        `[..., ceil(N/v), tile_words_per_panel(v, G*n, n, dtype)]` in the values' dtype.
     """
     values, indices = jnp.asarray(values), jnp.asarray(indices)
+    if not has_tiles(values.dtype):
+        raise TypeError(f"jaxsparse.ops.vnm_pack_tiles: values must be bfloat16 or float32 (the "
+                        f"dtypes with a packed-tile forward); got {values.dtype}")
     *lead, out, kept = values.shape
-    groups, panels = kept // n, -(-out // v)
-    steps = -(-SELECTED * groups // _STEP_WORDS)
+    groups, panels, nd = kept // n, -(-out // v), len(lead)
     slot = indices.astype(jnp.int32).reshape(*lead, out, groups, n)
     vals = values.astype(jnp.float32).reshape(*lead, out, groups, n)
     hit = slot[..., None] == jnp.arange(SELECTED, dtype=jnp.int32)  # [..., N, G, n, 4]
     dense = jnp.sum(jnp.where(hit, vals[..., None], 0.0), axis=-2)  # [..., N, G, 4]
-    dense = dense.astype(TILE_DTYPE).reshape(*lead, out, groups * SELECTED)
-    pad = [(0, 0)] * len(lead) + [(0, panels * v - out), (0, steps * _STEP_WORDS - groups * SELECTED)]
-    dense = jnp.pad(dense, pad)
+    dense = dense.astype(values.dtype).reshape(*lead, out, groups * SELECTED)
+    words = tile_words_per_panel(v, kept, n, values.dtype)
+    if values.dtype == jnp.float32:  # [..., P, v, 4G] -> [..., P, 4G, v]
+        dense = jnp.pad(dense, [(0, 0)] * nd + [(0, panels * v - out), (0, 0)])
+        rows = dense.reshape(*lead, panels, v, groups * SELECTED)
+        return jnp.swapaxes(rows, -1, -2).reshape(*lead, panels, words)
+    steps = -(-SELECTED * groups // _STEP_WORDS)
+    dense = jnp.pad(dense, [(0, 0)] * nd + [(0, panels * v - out),
+                                            (0, steps * _STEP_WORDS - groups * SELECTED)])
     # [..., P, v/16, o=16, S, r=16, e=2] -> [..., P, v/16, S, r, o, e]
     tiles = dense.reshape(*lead, panels, v // _TILE_ROWS, _TILE_ROWS, steps, _TILE_ROWS, 2)
-    nd = len(lead)
     order = [*range(nd), nd, nd + 1, nd + 3, nd + 4, nd + 2, nd + 5]
-    return tiles.transpose(order).reshape(*lead, panels, tile_words_per_panel(v, kept, n))
+    return tiles.transpose(order).reshape(*lead, panels, words)
 
 
 vnm_spmm_tiled_p = Primitive("jaxsparse_vnm_spmm_tiled")
 
 
 def vnm_spmm_tiled(x, values, indices, columns, tiles, *, v: int, n: int, m: int):
-    """`y = x @ W` for a V:N:M `W` whose forward B tiles are also held, packed once.
+    """`y = x @ W` for a V:N:M `W` whose forward tiles are also held, packed once.
 
-    `vnm_spmm` with one more operand, `tiles = vnm_pack_tiles(values, indices)`: the bf16
-    forward on the CPU's tile kernels (from 32 tokens) multiplies them instead of decoding the
-    values on every call; every other kernel reads `values`, so the two must agree
+    `vnm_spmm` with one more operand, `tiles = vnm_pack_tiles(values, indices)`: the CPU
+    forward from 32 tokens (bf16 on the tile kernels, f32 on the FMA engine) multiplies them
+    instead of decoding the values on every call; every other kernel reads `values`, so the two
+    must agree
     (`VNMSparse.with_tiles` packs them). An inference form: its derivative with respect to x
     is `vnm_spmm`'s (frozen weights under adapters work), but differentiating it with respect
     to `values` or `tiles` raises, since training the values would leave the tiles stale. On
     CUDA it is `vnm_spmm`.
 
     Args:
-        x: `[Bx, T, K]` bfloat16.
-        values, indices, columns: as in `vnm_spmm`; values bfloat16.
-        tiles: `[Bw, ceil(N/v), tile_words_per_panel(v, Kc, n)]` bfloat16.
+        x: `[Bx, T, K]` bfloat16 or float32.
+        values, indices, columns: as in `vnm_spmm`; values of x's dtype.
+        tiles: `[Bw, ceil(N/v), tile_words_per_panel(v, Kc, n, dtype)]` of x's dtype.
 
     Returns:
-        `[B, T, N]` bfloat16; f32 accumulation.
+        `[B, T, N]` in x's dtype; f32 accumulation.
     """
     values, indices, columns, tiles = P.same_batch(values, indices, columns, tiles)
     return vnm_spmm_tiled_p.bind(x, values, indices, columns, tiles, v=v, n=n, m=m)
@@ -375,11 +395,12 @@ def vnm_spmm_tiled_reference(x, values, indices, columns, tiles, *, v, n, m):
 
 def _spmm_tiled_abstract_eval(x, values, indices, columns, tiles, *, v, n, m):
     out = _spmm_abstract_eval(x, values, indices, columns, v=v, n=n, m=m)
-    want = (values.shape[0], columns.shape[1], tile_words_per_panel(v, values.shape[2], n))
-    if tiles.dtype != TILE_DTYPE or values.dtype != TILE_DTYPE or tuple(tiles.shape) != want:
+    want = (values.shape[0], columns.shape[1],
+            tile_words_per_panel(v, values.shape[2], n, values.dtype))
+    if not has_tiles(values.dtype) or tiles.dtype != values.dtype or tuple(tiles.shape) != want:
         raise ValueError(
-            f"vnm_spmm_tiled: tiles must be bfloat16 {want} and values bfloat16 "
-            f"(vnm_pack_tiles); got tiles {tiles.dtype} {tuple(tiles.shape)}, values "
+            f"vnm_spmm_tiled: values must be bfloat16 or float32 and tiles {want} of their "
+            f"dtype (vnm_pack_tiles); got tiles {tiles.dtype} {tuple(tiles.shape)}, values "
             f"{values.dtype}"
         )
     return out

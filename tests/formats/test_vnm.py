@@ -193,6 +193,10 @@ def test_tiles_follow_the_values_and_never_go_stale():
     # A cast leaves the inference form; bfloat16 keeps it.
     assert type(wt.astype(jnp.float32)) is jsp.VNMSparse
     assert wt.astype(jnp.bfloat16) is wt
+    f32 = wt.astype(jnp.float32).with_tiles()
+    assert f32.tiles.dtype == jnp.float32 and type(f32.astype(jnp.bfloat16)) is jsp.VNMSparse
+    np.testing.assert_array_equal(bits(x.astype(jnp.float32) @ f32),
+                                  bits(x.astype(jnp.float32) @ ws.astype(jnp.float32)))
     assert type(wt.without_tiles()) is jsp.VNMSparse
     # Gradients: in x as the weight's; in the values (training) an error, not stale tiles.
     gx = jax.grad(lambda x: jnp.sum((x @ wt).astype(jnp.float32)))(x)
@@ -214,10 +218,14 @@ def test_tiles_are_checked():
                            **spec)
     with pytest.raises(ValueError, match="tiles must be bfloat16 of shape"):
         jsp.VNMSparseTiled(**arrays, tiles=good[..., :-1], **spec)
-    with pytest.raises(TypeError, match="packed for bfloat16 values"):
-        jsp.VNMSparse.fromdense(normal(8, (96, 80)), v=16, n=2, m=8).with_tiles()
+    with pytest.raises(TypeError, match="packed for bfloat16 or float32 values"):
+        jsp.VNMSparse.fromdense(normal(8, (96, 80)), v=16, n=2, m=8).astype(
+            jnp.float16).with_tiles()
     fromdense = jsp.VNMSparseTiled.fromdense(normal(9, (96, 80)).astype(jnp.bfloat16), v=16,
                                              n=2, m=8)
     assert isinstance(fromdense, jsp.VNMSparseTiled)
     shapes = jsp.VNMSparseTiled.array_shapes(jsp.VNM(16, 2, 8), 96, 80)
-    assert shapes["tiles"] == (fromdense.tiles.shape, jnp.bfloat16)
+    assert shapes["tiles"] == (fromdense.tiles.shape, None)
+    rows = jsp.VNMSparseTiled.fromdense(normal(9, (96, 80)), v=16, n=2, m=8)
+    shapes = jsp.VNMSparseTiled.array_shapes(jsp.VNM(16, 2, 8), 96, 80, jnp.float32)
+    assert rows.tiles.dtype == jnp.float32 and shapes["tiles"][0] == rows.tiles.shape

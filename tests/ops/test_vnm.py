@@ -184,16 +184,17 @@ def tiled(ws):
             vnm_pack_tiles(ws.values, ws.indices, v=ws.v, n=ws.n))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("t,k,out,v,n,m", TILED_SHAPES)
-def test_tiled_forward_is_the_forward_bit_for_bit(t, k, out, v, n, m):
-    # The packed tiles hold what the decoder would write, so the tile forward's sums are the
-    # same; below 32 tokens (and on CUDA) the tiles are not read at all.
-    x, ws, _ = operands(3, t, k, out, v, n, m, jnp.bfloat16)
+def test_tiled_forward_is_the_forward_bit_for_bit(t, k, out, v, n, m, dtype):
+    # The packed tiles hold what the decoder would write, so the forward's sums are the same;
+    # below 32 tokens (and on CUDA) the tiles are not read at all.
+    x, ws, _ = operands(3, t, k, out, v, n, m, dtype)
     a = tiled(ws)
     y = jax.jit(functools.partial(vnm_spmm_tiled, **spec(ws)))(x, *a)
     want = jax.jit(functools.partial(vnm_spmm, **spec(ws)))(x, *a[:3])
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
-    assert_close(y, vnm_spmm_tiled_reference(x, *a, **spec(ws)), jnp.bfloat16, scale_for(k))
+    assert_close(y, vnm_spmm_tiled_reference(x, *a, **spec(ws)), dtype, scale_for(k))
 
 
 def test_pack_tiles_layout():
@@ -214,6 +215,13 @@ def test_pack_tiles_layout():
     np.testing.assert_array_equal(tiles[0], want)
     jitted = jax.jit(functools.partial(vnm_pack_tiles, v=32, n=2))(ws.values, ws.indices)
     np.testing.assert_array_equal(np.asarray(jitted, np.float32), tiles)
+    # f32: the FMA engine's rows, [4G][v] per panel (no padding of 4G).
+    rows = np.asarray(vnm_pack_tiles(ws.values.astype(jnp.float32), ws.indices, v=32, n=2))
+    assert rows.shape == (1, 2, 4 * groups * 32)
+    want = slots[:, :4 * groups].reshape(2, 32, 4 * groups).transpose(0, 2, 1).reshape(2, -1)
+    np.testing.assert_array_equal(rows[0], want)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        vnm_pack_tiles(ws.values.astype(jnp.float16), ws.indices, v=32, n=2)
 
 
 def test_tiled_forward_differentiates_in_x_only():
@@ -250,9 +258,9 @@ def test_tiled_forward_shape_checks():
     x, ws, _ = operands(7, 32, 64, 48, 16, 2, 8, jnp.bfloat16)
     a = tiled(ws)
     fn = functools.partial(vnm_spmm_tiled, **spec(ws))
-    with pytest.raises(ValueError, match="tiles must be bfloat16"):
+    with pytest.raises(ValueError, match="tiles .* of their dtype"):
         fn(x, *a[:3], a[3][..., :-1])
-    with pytest.raises(ValueError, match="tiles must be bfloat16"):
+    with pytest.raises(ValueError, match="tiles .* of their dtype"):
         fn(x, *a[:3], a[3].astype(jnp.float32))
-    with pytest.raises(ValueError, match="values bfloat16"):
-        fn(x.astype(jnp.float32), a[0].astype(jnp.float32), *a[1:])
+    with pytest.raises(ValueError, match="values must be bfloat16 or float32"):
+        fn(x.astype(jnp.float16), a[0].astype(jnp.float16), *a[1:3], a[3].astype(jnp.float16))

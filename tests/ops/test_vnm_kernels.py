@@ -353,31 +353,35 @@ def pack(vals, indices, v, n):
     return jsp.ops.vnm_pack_tiles(vals, indices, v=v, n=n)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("t,k,n_out,v,n,m", AMX_SHAPES)
-def test_tiled_forward_at_tile_edges(isa, t, k, n_out, v, n, m):
+def test_tiled_forward_at_tile_edges(isa, t, k, n_out, v, n, m, dtype):
     # Packed tiles hold exactly what the decoder writes: the same sums bit for bit, on every
-    # ISA (only the tile forward reads them), one block or several (K = 9000, 17000), with a
-    # ragged last group (decoded: its selected inputs do not all exist).
+    # ISA (only the bf16 tile forward and the f32 engine read them), one block or several (K =
+    # 9000, 17000; the f32 engine's blocks of kTileFloats), with a ragged last group (decoded:
+    # its selected inputs do not all exist).
     rng = np.random.default_rng(17)
     values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
-    x = jnp.asarray(rng.standard_normal((1, t, k)), jnp.bfloat16)
-    vals = jnp.asarray(values, jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, t, k)), dtype)
+    vals = jnp.asarray(values, dtype)
     kw = dict(v=v, n=n, m=m)
-    y = call(TILED, (1, t, n_out), jnp.bfloat16, x, vals, indices, columns,
+    y = call(TILED, (1, t, n_out), dtype, x, vals, indices, columns,
              pack(vals, indices, v, n), **kw)
-    plain = call(SPMM, (1, t, n_out), jnp.bfloat16, x, vals, indices, columns, **kw)
+    plain = call(SPMM, (1, t, n_out), dtype, x, vals, indices, columns, **kw)
     np.testing.assert_array_equal(f64(y), f64(plain))
     w = densify(f64(vals), indices, columns, k, v, n, m)
-    assert_close(y, f64(x) @ w, jnp.bfloat16, scale_for(k))
+    assert_close(y, f64(x) @ w, dtype, scale_for(k))
 
 
-@pytest.mark.parametrize("t", [20, 40])
-def test_tiled_forward_reads_the_tiles_only_where_every_selected_input_exists(isa, t):
-    # Tiles that disagree with the values (doubled) show which the kernel read: the tile forward
-    # (amx, avx512bf16; bf16 from 32 tokens) reads the tiles of blocks whose 4 selected inputs
-    # all exist and differ; it decodes the values of a panel whose ragged last group (5 real
-    # inputs of 8) selects padding, of one whose columns repeat an input (garbage under jit), and
-    # every other kernel reads the values.
+@pytest.mark.parametrize("t,dtype", [(20, jnp.bfloat16), (40, jnp.bfloat16), (3, jnp.float32),
+                                     (40, jnp.float32)])
+def test_tiled_forward_reads_the_tiles_only_where_every_selected_input_exists(isa, t, dtype):
+    # Tiles that disagree with the values (doubled) show which the kernel read: the bf16 tile
+    # forward (amx, avx512bf16, from 32 tokens) and the f32 engine (every ISA, past the
+    # few-token kernels) read the tiles of blocks whose 4 selected inputs all exist and differ;
+    # they decode the values of a panel whose ragged last group (5 real inputs of 8) selects
+    # padding, of one whose columns repeat an input (garbage under jit), and every other kernel
+    # reads the values.
     k, n_out, v, n, m = 8 * 40 + 5, 64, 16, 2, 8
     rng = np.random.default_rng(23)
     values, indices, columns = random_vnm(rng, k, n_out, v, n, m)
@@ -385,17 +389,18 @@ def test_tiled_forward_reads_the_tiles_only_where_every_selected_input_exists(is
     columns[0, :, 4 * g_last:4 * g_last + 4] = [0, 1, 2, 4]  # All real.
     columns[0, 1, 4 * g_last:4 * g_last + 4] = [0, 1, 2, 5]  # Selects padding: decoded.
     columns[0, 2, 4:8] = [1, 1, 2, 3]  # Repeats input 9 (garbage): decoded.
-    x = jnp.asarray(rng.standard_normal((1, t, k)), jnp.bfloat16)
-    vals = jnp.asarray(values, jnp.bfloat16)
-    doubled = (pack(vals, indices, v, n).astype(jnp.float32) * 2).astype(jnp.bfloat16)
-    y = jax.jit(lambda *a: call(TILED, (1, t, n_out), jnp.bfloat16, *a, v=v, n=n, m=m))(
+    x = jnp.asarray(rng.standard_normal((1, t, k)), dtype)
+    vals = jnp.asarray(values, dtype)
+    doubled = (pack(vals, indices, v, n).astype(jnp.float32) * 2).astype(dtype)
+    y = jax.jit(lambda *a: call(TILED, (1, t, n_out), dtype, *a, v=v, n=n, m=m))(
         x, vals, indices, columns, doubled)
     w = densify(f64(vals), indices, columns, k, v, n, m)
     want = f64(x) @ w
-    if isa in ("amx", "avx512bf16") and t >= 32:
+    reads = t >= 32 and (isa in ("amx", "avx512bf16") or dtype == jnp.float32)
+    if reads:
         want[..., 0:v] *= 2
         want[..., 3 * v:] *= 2
-    assert_close(y, want, jnp.bfloat16, scale_for(k))
+    assert_close(y, want, dtype, scale_for(k))
 
 
 # ---------------------------------------------------------------- the validator
@@ -430,13 +435,16 @@ def test_the_validator_names_the_operand():
                       np.ones((3, 3, k), np.float32), np.ones((2, 3, n_out), np.float32),
                       indices, columns, **ok), "dy.shape[0]"),
         (lambda: call(TILED, (1, 3, n_out), jnp.float32, x, values, indices, columns,
-                      np.ones((1, 2, 1024), np.float32), **ok), "tiles.shape[2]"),
+                      np.ones((1, 2, 512), np.float32), **ok), "tiles.shape[2]"),
         (lambda: call(TILED, (1, 3, n_out), jnp.float32, x, values, indices, columns,
-                      np.ones((1, 2, 512), np.float16), **ok), "tiles dtype"),
+                      np.ones((1, 2, 256), np.float16), **ok), "tiles dtype"),
         (lambda: call(TILED, (1, 3, n_out), jnp.float32, x, values, indices, columns,
-                      np.ones((1, 3, 512), np.float32), **ok), "tiles.shape[1]"),
+                      np.ones((1, 3, 256), np.float32), **ok), "tiles.shape[1]"),
         (lambda: call(TILED, (1, 3, n_out), jnp.float32, x, values, indices, columns,
-                      np.ones((2, 2, 512), np.float32), **ok), "tiles.shape[0]"),
+                      np.ones((2, 2, 256), np.float32), **ok), "tiles.shape[0]"),
+        (lambda: call(TILED, (1, 3, n_out), jnp.float16, x.astype(np.float16),
+                      values.astype(np.float16), indices, columns,
+                      np.ones((1, 2, 256), np.float16), **ok), "float32 or bfloat16"),
     ]
     for run, name in cases:
         with pytest.raises(Exception, match=name.replace("[", r"\[").replace("]", r"\]")):
