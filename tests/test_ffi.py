@@ -41,8 +41,14 @@ def test_every_isa_path(isa, t, k, out, n, m, dtype):
 # The few-token backward (the values' gradient on the row kernel of cpu/nm/nm_rowback_avx512.h at
 # 1-2 tokens, the token-vectorised kernels past it): whole 16-entry chunks and ragged tails, several
 # n:m, every dtype and ISA.
+# dv on weight rows at 1-2 tokens, dx of n:4 at 1-4 (cpu/nm/nm_rowback_avx512.h): dx's tasks of
+# 16 / T vectors of 16 inputs (a full task and a 1-chunk task at K = 136, a last chunk of one
+# group at K = 100, a ragged last group at K = 135, 33 tasks at K = 4100, 5-vector tasks at 3
+# tokens), and past those counts the token-vectorised kernels.
 ROW_BACKWARD_SHAPES = [(1, 136, 40, 2, 4), (2, 100, 33, 1, 4), (3, 250, 17, 3, 7),
-                       (4, 520, 24, 2, 8), (4, 35, 130, 15, 16)]
+                       (3, 70, 30, 2, 4), (4, 520, 24, 2, 8), (4, 35, 130, 15, 16),
+                       (1, 135, 70, 2, 4), (2, 4100, 20, 2, 4), (1, 1030, 50, 1, 4),
+                       (4, 300, 20, 1, 4), (5, 200, 20, 2, 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,6 +17,7 @@ namespace cpu {
 const NmKernelTable kNmKernelsAmx = [] {
   NmKernelTable table = amx::MakeTable<amx::Traits>();
   table.spmm = &amx::SpmmAmxAny;
+  table.spmm_t = &amx::SpmmTRowsAny;
   table.sddmm = &amx::SddmmRowsAny;
   return table;
 }();

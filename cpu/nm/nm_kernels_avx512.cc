@@ -15,6 +15,7 @@ namespace cpu {
 const NmKernelTable kNmKernelsAvx512 = [] {
   NmKernelTable table = avx512::MakeTable<avx512::Traits>();
   table.spmm = &avx512::SpmmAvx512Any;
+  table.spmm_t = &avx512::SpmmTRowsAny;
   table.sddmm = &avx512::SddmmRowsAny;
   return table;
 }();

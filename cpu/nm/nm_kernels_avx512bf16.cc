@@ -17,6 +17,7 @@ namespace cpu {
 const NmKernelTable kNmKernelsAvx512Bf16 = [] {
   NmKernelTable table = avx512bf16::MakeTable<avx512bf16::Traits>();
   table.spmm = &avx512bf16::SpmmAmxAny;
+  table.spmm_t = &avx512bf16::SpmmTRowsAny;
   table.sddmm = &avx512bf16::SddmmRowsAny;
   return table;
 }();
