@@ -337,16 +337,17 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
 
 
 def tiled_rows(base, ws, x, dense_call, dense_seconds, args) -> list[dict]:
-    """The inference form's forward (`ws.with_tiles()`: B tiles packed once, bf16 V:N:M), kernel
-    "<spec> tiled"; none for other formats and dtypes."""
-    if not hasattr(ws, "with_tiles") or ws.dtype != jnp.bfloat16:
+    """The inference form's forward (`ws.with_tiles()`: V:N:M tiles packed once, bf16 and f32),
+    kernel "<spec> tiled"; none for other formats and dtypes."""
+    if not hasattr(ws, "with_tiles") or not jsp.ops.vnm.has_tiles(ws.dtype):
         return []
     wt = ws.with_tiles()
     arrays_timed = [rotating(a, base["tokens"], wt.nbytes) for a in wt.arrays().values()]
     fwd, _ = sparse_fns(wt, "auto")
     t, against = timed_against_dense(fwd, (x, *arrays_timed), dense_call, dense_seconds,
                                      args.repeats)
-    nbytes = sparse_bytes(base["tokens"], base["in"], base["out"], 2, wt.nbytes, "fwd")
+    isz = jnp.dtype(ws.dtype).itemsize
+    nbytes = sparse_bytes(base["tokens"], base["in"], base["out"], isz, wt.nbytes, "fwd")
     r = row(base, kernel_name(ws.spec) + " tiled", "fwd", t, ws.spec.density, nbytes,
             {"fwd": against})
     path = jsp.choose_path(base["tokens"], ws.dtype, ws.spec)

@@ -7,8 +7,8 @@ Usage:
 Columns: the forward of each spec, then fwd+bwd of each spec but the first (with --specs) or 2:4
 and its ratio to BCOO (the N:M table). Where the rule picks the engine or the dense path, the cell
 gives what `x @ ws` ran and, beside it, the kernel forced (kernel name with "!"); a forced row
-alone is marked "(forced)". A bf16 V:N:M forward also gives, in brackets, the inference form's
-(`ws.with_tiles()`, kernel "<spec> tiled").
+alone is marked "(forced)". A V:N:M forward also gives, in brackets, the inference form's
+(`ws.with_tiles()`, kernel "<spec> tiled") where the run measured it.
 """
 
 from __future__ import annotations
