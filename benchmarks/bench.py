@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="bench_results/", type=Path)
     p.add_argument("--dtypes", default="f32,bf16", help="comma list of f32,bf16")
     p.add_argument("--specs", "--patterns", dest="specs", default=",".join(FULL_SPECS),
-                   help="comma list of specs of any format: n:m (N:M), v:n:m (V:N:M)")
+                   help="comma list of specs of any format: n:m (N:M), v:n:m (V:N:M), "
+                        "int4[:gG|:channel][+2:4] (int4)")
     p.add_argument("--tokens", default=None, help="comma list (1,16,128,2048; quick 1,128)")
     p.add_argument("--shapes", default=None, help="comma list of INxOUT (quick: 4096x4096)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10; quick 7)")
@@ -228,19 +229,23 @@ def dense_fns():
 
 def sparse_fns(ws: jsp.SparseFormat, path: str):
     """`x @ ws` (path "auto": what a user gets) or one forced path; the step differentiates x and
-    the trainable values (the first array)."""
+    the trainable values (the first array), or x alone for a frozen weight (int4)."""
     def product(x, values, *frozen):
         return jsp.matmul(x, with_arrays(ws, (values, *frozen)), path=path)
 
-    return jax.jit(product), training_step(product)
+    trainable = bool(ws.arrays_with_role(jsp.formats.TRAINABLE))
+    return jax.jit(product), training_step(product, trainable)
 
 
-def training_step(product):
-    """The jitted step of `product(x, values, *frozen)`: y and the cotangents of x and the values
-    for the cotangent g (the last argument)."""
+def training_step(product, trainable: bool = True):
+    """The jitted step of `product(x, values, *frozen)`: y and the cotangents of x and (when
+    `trainable`) the values for the cotangent g (the last argument)."""
     @jax.jit
     def step(x, values, *rest):
         *frozen, g = rest
+        if not trainable:  # A frozen base (adapters train beside it): y and dx.
+            y, vjp = jax.vjp(lambda x: product(x, values, *frozen), x)
+            return (y, *vjp(g))
         y, vjp = jax.vjp(lambda x, v: product(x, v, *frozen), x, values)
         return (y, *vjp(g))
 

@@ -21,7 +21,9 @@ PATTERNS = ("1:4", "2:4", "2:8", "4:8")
 
 
 def kernel_name(spec: str) -> str:
-    """bench.py's kernel name of a spec: "nm 2:4", "vnm 64:2:8"."""
+    """bench.py's kernel name of a spec: "nm 2:4", "vnm 64:2:8", "int4 int4:g128+2:4"."""
+    if spec.lower().startswith("int4"):
+        return "int4 " + spec.lower()
     return ("vnm " if spec.count(":") == 2 else "nm ") + spec
 
 

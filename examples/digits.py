@@ -15,10 +15,15 @@ with a fixed train/test split and fixed seeds:
    forward pass, the `srste` decay in the optimizer), then converted to `SparseLinear` layers;
 5. the sweep 1:4, 2:8 and 4:8 by magnitude + fine-tune;
 6. V:N:M (VENOM: panels of v outputs share 4 of every m inputs, n of those 4 kept per output)
-   64:2:8 (75% sparse), 128:2:16 (87.5%) and 64:2:32 (93.75%) by magnitude + fine-tune.
+   64:2:8 (75% sparse), 128:2:16 (87.5%) and 64:2:32 (93.75%) by magnitude + fine-tune;
+7. int4 (MARLIN's numbers) and int4 + 2:4 (Sparse-MARLIN's): each kernel quantised by
+   round-to-nearest with a scale per 128 inputs (the first layer's 64 pixel inputs: one scale
+   per column), the codes and scales frozen; "one-shot" is the quantised model, "test acc" after
+   fine-tuning the biases only (what trains beside a frozen int4 base).
 
-It prints a table of sparsity, test accuracy, training-step time and inference time against dense
-(medians of interleaved runs after warm-up), and writes a PNG plot of accuracy against sparsity.
+It prints a table of sparsity, test accuracy, the weights' bytes, training-step time and inference
+time against dense (medians of interleaved runs after warm-up), and writes a PNG plot of accuracy
+against sparsity.
 All three Linear layers are pruned, the first (64 pixel inputs) and the classifier included; the
 permutation acts on the inputs of the second and third (the first layer's inputs are the pixels).
 Exits non-zero when something is clearly wrong: a dense accuracy below 0.9, a non-finite loss, a
@@ -59,6 +64,7 @@ LEARNING_RATE = 1e-3
 SWEEP = (jsp.NM(1, 4), jsp.NM(2, 4), jsp.NM(2, 8), jsp.NM(4, 8))
 VNM_SWEEP = (jsp.VNM(64, 2, 8), jsp.VNM(128, 2, 16), jsp.VNM(64, 2, 32))
 MIN_DENSE_ACCURACY = 0.9
+INT4_SPECS = (jsp.Int4(128), jsp.Int4(128, jsp.NM(2, 4)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +96,7 @@ class Trained:
 @dataclasses.dataclass
 class Row:
     method: str
-    pattern: jsp.NM | jsp.VNM | None
+    pattern: jsp.NM | jsp.VNM | jsp.Int4 | None
     model: nnx.Module
     trained: Trained
     accuracy: float
@@ -101,6 +107,10 @@ class Row:
     @property
     def sparsity(self) -> float:
         return weight_sparsity(self.model)
+
+    @property
+    def weight_kb(self) -> float:
+        return weight_bytes(self.model) / 1024
 
 
 class MLP(nnx.Module):
@@ -226,6 +236,18 @@ def srste_row(pattern: jsp.NM, data: Data, settings: Settings) -> Row:
     return checked_row(Row("SR-STE", pattern, sparse, trained, accuracy(sparse, data)))
 
 
+def int4_row(dense, spec: jsp.Int4, data: Data, settings: Settings) -> Row:
+    """Quantise every layer by round-to-nearest (layers whose inputs the group does not divide:
+    one scale per column), then fine-tune the biases: the codes and scales are frozen."""
+    quantised = jsp.nn.sparsify(dense, spec)
+    quantised = jsp.nn.sparsify(quantised, jsp.Int4(None, spec.sparsity))  # The 64-pixel layer.
+    trained = train(quantised, data, settings.finetune_steps, f"int4 {spec}")
+    return checked_row(
+        Row("int4 RTN", spec, trained.model, trained, accuracy(trained.model, data),
+            one_shot_accuracy=accuracy(quantised, data))
+    )
+
+
 def permute_hidden_channels(model: MLP, pattern: jsp.NM) -> tuple[MLP, list]:
     """A copy of `model` whose hidden channels are reordered to keep more magnitude under N:M.
 
@@ -274,6 +296,15 @@ def weight_sparsity(model) -> float:
     kernels = dense_kernels(model)
     zeros = sum(int(jnp.sum(k == 0)) for k in kernels)
     return zeros / sum(k.size for k in kernels)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the layers' weights as held: dense kernels, or a format's arrays."""
+    total = 0
+    for layer in model.layers:
+        held = layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.weight
+        total += held.nbytes
+    return total
 
 
 def checked_row(row: Row) -> Row:
@@ -326,17 +357,19 @@ def print_table(rows: list[Row], data: Data, settings: Settings) -> None:
           f"{len(data.y_test)} test images); all three Linear layers pruned, along inputs")
     print(f"step: one adam step on a batch of {BATCH}; infer: the forward pass on the test set;")
     print("median ms, and /dense = time / dense time (below 1: faster than dense)")
-    head = (f"{'method':<19} {'pattern':>8} {'sparsity':>8} {'one-shot':>8} {'test acc':>8}  "
-            f"{'step ms':>8} {'/dense':>6}  {'infer ms':>8} {'/dense':>6}")
+    head = (f"{'method':<19} {'pattern':>13} {'sparsity':>8} {'one-shot':>8} {'test acc':>8} "
+            f"{'weight KB':>9}  {'step ms':>8} {'/dense':>6}  {'infer ms':>8} {'/dense':>6}")
     print(head)
     print("-" * len(head))
     for row in rows:
         one_shot = "-" if row.one_shot_accuracy is None else f"{row.one_shot_accuracy:.2%}"
-        print(f"{row.method:<19} {str(row.pattern or '-'):>8} {row.sparsity:>8.2%} "
-              f"{one_shot:>8} {row.accuracy:>8.2%}  "
+        print(f"{row.method:<19} {str(row.pattern or '-'):>13} {row.sparsity:>8.2%} "
+              f"{one_shot:>8} {row.accuracy:>8.2%} {row.weight_kb:>9.0f}  "
               f"{row.step_ms:>8.2f} {row.step_ms / dense.step_ms:>5.2f}x  "
               f"{row.infer_ms:>8.2f} {row.infer_ms / dense.infer_ms:>5.2f}x")
-    print("one-shot: test accuracy right after magnitude pruning, before fine-tuning")
+    print("one-shot: test accuracy right after magnitude pruning (int4: quantisation), before "
+          "fine-tuning")
+    print("int4 rows: the first layer (64 inputs) has one scale per column; only biases train")
     print("SR-STE's step: its training step, dense kernels pruned in the forward pass")
 
 
@@ -345,6 +378,7 @@ PLOT_STYLE = {  # method -> (legend label, colour, marker, size: larger ones dra
     "permuted magnitude": ("permuted magnitude 2:4 + fine-tune", "tab:green", "*", 80),
     "SR-STE": ("SR-STE 2:4", "tab:red", "D", 40),
     "V:N:M magnitude": ("V:N:M magnitude + fine-tune", "tab:purple", "^", 70),
+    "int4 RTN": ("int4 g128 RTN (+2:4) + bias fine-tune", "tab:orange", "P", 70),
     "dense": ("dense", "black", "s", 50),
 }
 
@@ -362,7 +396,8 @@ def plot(rows: list[Row], path: str) -> None:
             ax.scatter([r.sparsity for r in one_shot], [r.one_shot_accuracy for r in one_shot],
                        facecolors="none", edgecolors=color, marker=marker, s=size,
                        label=f"{label.removesuffix(' + fine-tune')}, one-shot")
-    for method, color in (("magnitude", "tab:blue"), ("V:N:M magnitude", "tab:purple")):
+    for method, color in (("magnitude", "tab:blue"), ("V:N:M magnitude", "tab:purple"),
+                          ("int4 RTN", "tab:orange")):
         names = {}  # The sweep's patterns, one label per point (2:4 and 4:8 may coincide).
         for r in rows:
             if r.method == method:
@@ -376,7 +411,7 @@ def plot(rows: list[Row], path: str) -> None:
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
     ax.set_xlabel("sparsity of the weights")
     ax.set_ylabel("test accuracy")
-    ax.set_title("digits MLP: N:M and V:N:M pruning with jaxsparse")
+    ax.set_title("digits MLP: N:M, V:N:M and int4 with jaxsparse")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -414,6 +449,7 @@ def main():
         *(finetuned_row("magnitude", dense.model, p, data, settings)
           for p in SWEEP if p != two_four),
         *(finetuned_row("V:N:M magnitude", dense.model, p, data, settings) for p in VNM_SWEEP),
+        *(int4_row(dense.model, spec, data, settings) for spec in INT4_SPECS),
     ]
     time_rows(rows, data, settings)
     print_table(rows, data, settings)

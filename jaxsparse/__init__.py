@@ -6,12 +6,17 @@
     >>> y = jax.numpy.ones((8, 64)) @ ws        # [8, 32]
     >>> wv = jsp.fromdense(w, jsp.VNM(16, 2, 8))  # V:N:M, 75% sparse
     >>> y = jax.numpy.ones((8, 64)) @ wv
+    >>> wq = jsp.fromdense(w, jsp.Int4(32))        # int4, a scale per 32 inputs
+    >>> y = jax.numpy.ones((8, 64)) @ wq
 """
 
 from jaxsparse import _ffi
 from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
 from jaxsparse.formats import (
     NM,
+    Int4,
+    Int4NMWeight,
+    Int4Weight,
     VNM,
     NMSparse,
     SparseFormat,
@@ -28,6 +33,9 @@ from jaxsparse import linen, mixed_precision, nn  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int4",
+    "Int4NMWeight",
+    "Int4Weight",
     "NM",
     "NMSparse",
     "SparseFormat",

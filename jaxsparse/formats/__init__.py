@@ -1,16 +1,20 @@
 """Weight formats, one file each: registered pytrees in a canonical, device-neutral layout.
 
 `_base.SparseFormat` is the seam (array roles, pytree registration, `x @ w`); `_spec` is the one
-registry of specs (`NM`, `VNM`, ...) with `as_spec`, `fromdense` and `frommask`.
+registry of specs (`NM`, `VNM`, `Int4`, ...) with `as_spec`, `fromdense` and `frommask`.
 """
 
 from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
 from jaxsparse.formats._spec import as_spec, frommask, fromdense, registered_specs
 from jaxsparse.formats.nm import NM, NMSparse
+from jaxsparse.formats.int4 import Int4, Int4NMWeight, Int4Weight
 from jaxsparse.formats.vnm import VNM, VNMSparse, VNMSparseTiled
 
 __all__ = [
     "FROZEN",
+    "Int4",
+    "Int4NMWeight",
+    "Int4Weight",
     "NM",
     "NMSparse",
     "SparseFormat",

@@ -132,11 +132,14 @@ class SparseDense(nn.Module):
             sparsity=self.sparsity, in_features=in_features, out_features=self.features, where=where
         )
         trainable, frozen = _layout.trainable_names(fmt), _layout.frozen_names(fmt)
-        initializing = not self.has_variable("params", trainable[0])
+        # A format with no trainable array (int4: every array frozen) is initialised through
+        # its first frozen one.
+        first = ("params", trainable[0]) if trainable else (SPARSITY_COLLECTION, frozen[0])
+        initializing = not self.has_variable(*first)
         missing = [n for n in frozen if not self.has_variable(SPARSITY_COLLECTION, n)]
         if not initializing and missing:
             raise ValueError(
-                f"{where}: the variables hold params/{trainable[0]} but no "
+                f"{where}: the variables hold {first[0]}/{first[1]} but no "
                 f"{SPARSITY_COLLECTION}/{missing[0]}: pass the whole variable dict (the 'params' "
                 f"and the '{SPARSITY_COLLECTION}' collections) to apply"
             )
@@ -156,13 +159,18 @@ class SparseDense(nn.Module):
 
             return init
 
+        def take(name):
+            if not drawn:
+                draw(self.make_rng("params"))
+            return drawn.pop(name)
+
         shapes = fmt.array_shapes(pattern, in_features, self.features)
         arrays = {n: self.param(n, init_for(n), shapes[n][0], self.param_dtype) for n in trainable}
         for name in frozen:
             boxed = self.variable(
                 SPARSITY_COLLECTION,
                 name,
-                lambda name=name: SparsityIndices(drawn.pop(name), pattern, in_features),
+                lambda name=name: SparsityIndices(take(name), pattern, in_features),
                 unbox=False,
             ).value
             made_for = (
@@ -185,6 +193,7 @@ class SparseDense(nn.Module):
         )
         arrays.update(zip(trainable, values))
         weight = _layout.weight(pattern, in_features, arrays)
+        weight = _layout.in_compute_dtype(weight, self.dtype)
         y = _layout.sparse_product(where, inputs, weight)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

@@ -88,6 +88,15 @@ def weight(pattern, in_features: int, arrays: dict, *, validate: bool = False):
     return pattern.format.from_arrays(pattern, in_features, arrays, validate=validate)
 
 
+def in_compute_dtype(weight, dtype):
+    """The weight in the layer's compute `dtype` (None: as held). Layers promote their trainable
+    arrays with the inputs; this also casts what a format holds frozen in float (int4's scales),
+    so that `dtype=bf16` computes in bf16 for every format."""
+    if dtype is None or weight.dtype == jnp.dtype(dtype):
+        return weight
+    return weight.astype(dtype)
+
+
 def check_state(where: str, pattern, fmt, in_features: int, out_features: int, arrays) -> None:
     """Static (trace-time, free) checks of a layer's arrays against its pattern and sizes.
 

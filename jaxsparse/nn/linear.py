@@ -163,6 +163,7 @@ class SparseLinear(nnx.Module):
         )
         arrays.update(zip(names, trainable))
         weight = _layout.weight(self.sparsity, self.in_features, arrays)
+        weight = _layout.in_compute_dtype(weight, self.dtype)
         y = _layout.sparse_product(where, inputs, weight, self.preferred_element_type)
         assert self.use_bias == (bias is not None)
         if bias is not None:

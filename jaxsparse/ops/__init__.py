@@ -3,6 +3,18 @@
 from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.engine import int8_matmul, int8_matmul_reference
 from jaxsparse.ops.matmul import matmul
+from jaxsparse.ops.int4 import (
+    int4_dequantize,
+    int4_matmul,
+    int4_matmul_reference,
+    int4_matmul_t,
+    int4_matmul_t_reference,
+    int4_nm_dequantize,
+    int4_nm_matmul,
+    int4_nm_matmul_reference,
+    int4_nm_matmul_t,
+    int4_nm_matmul_t_reference,
+)
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
 from jaxsparse.ops.nm import (
@@ -33,6 +45,16 @@ from jaxsparse.ops.vnm import (
 __all__ = [
     "JaxsparseFallbackWarning",
     "choose_path",
+    "int4_dequantize",
+    "int4_matmul",
+    "int4_matmul_reference",
+    "int4_matmul_t",
+    "int4_matmul_t_reference",
+    "int4_nm_dequantize",
+    "int4_nm_matmul",
+    "int4_nm_matmul_reference",
+    "int4_nm_matmul_t",
+    "int4_nm_matmul_t_reference",
     "int8_matmul",
     "int8_matmul_reference",
     "matmul",

@@ -149,6 +149,23 @@ FORMAT_TABLES: dict[str, dict] = {
     # jax 0.12 (benchmarks/bench.py, 4096x4096). On a 2-core Intel Xeon with AMX, bf16 runs on
     # the tiles from 32 tokens: 1.5-1.9x (64:2:8) and 2.5-3.1x (128:2:16) over XLA's AMX dot at
     # 32-2048 tokens, 1.9-24x over the dense path. No table: always the kernel.
+    # int4 (`Int4.crossover_table`): its kernels stream the nibbles with outputs in vector
+    # lanes, decoding each byte once per 4 tokens; until the many-token product runs on the
+    # engine, the dense path (dequantise, XLA's dot) takes over where it is faster. Measured on
+    # a 2-core AMD Zen 4 (AVX512-BF16, no AMX), jax 0.12, 4096x4096 g128 (docs/cpu_speed_notes.md,
+    # int4 first round): f32 kernel 1.26x / 0.72x / 0.67x of XLA's dot at 16 / 128 / 2048
+    # tokens, dense path 0.21x / 0.54x / 0.95x; bf16 kernel 0.79x / 0.40x / 0.36x, dense path
+    # 0.21x / 0.49x / 0.92x; int4 + 2:4 alike (f32 0.93x / 0.94x at 128 / 2048 on the kernel).
+    # XLA's f16 dot has no fast CPU path: the kernel everywhere.
+    "INT4": {
+        ("avx512", "float32"): ((1.0, 511),),
+        ("avx512", "bfloat16"): ((1.0, 63),),
+        ("avx512", "float16"): ((1.0, _ALWAYS),),
+        ("avx2", "float32"): ((1.0, 511),),
+        ("avx2", "bfloat16"): ((1.0, 63),),
+        ("portable", "float32"): ((1.0, 63),),
+        ("portable", "bfloat16"): ((1.0, 63),),
+    },
 }
 
 _state = threading.local()

@@ -1,0 +1,110 @@
+// The operand checks of the int4 targets (docs/ffi_abi.md), on the common
+// Validator:
+//
+//   int4_matmul       x [Bx, T, K], qweight [Bw, K/2, N], scales [Bw, K/g, N]
+//                                                         -> y  [B, T, N]
+//   int4_matmul_t     dy [By, T, N], qweight, scales      -> dx [B, T, K]
+//   int4_nm_matmul    x, qweight [Bw, K/4, N], positions [Bw, K/8, N], scales
+//                                                         -> y  [B, T, N]
+//   int4_nm_matmul_t  dy, qweight, positions, scales      -> dx [B, T, K]
+//
+// g = the attribute group_size, dividing K (even; a multiple of 8 for 2:4).
+// qweight and positions are uint8, scales share the float dtype of the dense
+// operand and the result; the weight's arrays share one batch.
+#ifndef JAXSPARSE_CPU_INT4_INT4_CHECKS_H_
+#define JAXSPARSE_CPU_INT4_INT4_CHECKS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/common/ffi.h"
+#include "cpu/common/validate.h"
+
+namespace jaxsparse {
+namespace int4_check {
+
+struct Operands {
+  Operand3 dense, qweight, positions, scales, result;
+  bool sparse = false;
+};
+
+// `k` is the contraction width: x's for the products by W, the result's for
+// the products by W^T.
+inline xla::ffi::Error CheckWeight(const Validator& val, int32_t group,
+                                   int64_t k, int64_t n_out, Operands* o) {
+  const int32_t multiple = o->sparse ? 8 : 2;
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("group_size", group, multiple, INT32_MAX));
+  if (k % group != 0 || group % multiple != 0) {
+    return val.Fail("attribute group_size must divide K = " + std::to_string(k) +
+                    " and be a multiple of " + std::to_string(multiple) +
+                    ", got " + std::to_string(group));
+  }
+  const int64_t per_byte = o->sparse ? 4 : 2;
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("qweight.shape[1] (K/" + std::to_string(per_byte) + ")",
+                                    o->qweight.rows, "K/" + std::to_string(per_byte),
+                                    k / per_byte));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("qweight.shape[2] (N)", o->qweight.cols, "N", n_out));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("scales.shape[1] (K/group_size)", o->scales.rows,
+                                    "K/group_size", k / group));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("scales.shape[2] (N)", o->scales.cols, "N", n_out));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->qweight, xla::ffi::DataType::U8));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("scales.shape[0]", o->scales.batch,
+                                    "qweight.shape[0]", o->qweight.batch));
+  if (!o->sparse) return xla::ffi::Error::Success();
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("positions.shape[1] (K/8)", o->positions.rows,
+                                    "K/8", k / 8));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("positions.shape[2] (N)", o->positions.cols, "N",
+                                    n_out));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->positions, xla::ffi::DataType::U8));
+  return val.Dim("positions.shape[0]", o->positions.batch, "qweight.shape[0]",
+                 o->qweight.batch);
+}
+
+inline xla::ffi::Error ReadShapes(const Validator& val, const char* dense_name,
+                                  const xla::ffi::AnyBuffer& dense,
+                                  const xla::ffi::AnyBuffer& qweight,
+                                  const xla::ffi::AnyBuffer* positions,
+                                  const xla::ffi::AnyBuffer& scales,
+                                  const char* result_name,
+                                  const xla::ffi::AnyBuffer& result, Operands* o) {
+  o->sparse = positions != nullptr;
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3(dense_name, dense, &o->dense));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("qweight", qweight, &o->qweight));
+  if (o->sparse) {
+    JAXSPARSE_RETURN_IF_ERROR(val.Shape3("positions", *positions, &o->positions));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("scales", scales, &o->scales));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3(result_name, result, &o->result));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->dense, &o->scales, &o->result}));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim(std::string(result_name) + ".shape[1] (T)",
+                                    o->result.rows, std::string(dense_name) + ".shape[1]",
+                                    o->dense.rows));
+  return val.Batch({&o->dense, &o->qweight}, o->result);
+}
+
+// y = x @ W (positions null for the dense form).
+inline xla::ffi::Error CheckMatmul(const Validator& val, int32_t group,
+                                   const xla::ffi::AnyBuffer& x,
+                                   const xla::ffi::AnyBuffer& qweight,
+                                   const xla::ffi::AnyBuffer* positions,
+                                   const xla::ffi::AnyBuffer& scales,
+                                   const xla::ffi::AnyBuffer& y, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(ReadShapes(val, "x", x, qweight, positions, scales, "y", y, o));
+  return CheckWeight(val, group, o->dense.cols, o->result.cols, o);
+}
+
+// dx = dy @ W^T: K is the result's width.
+inline xla::ffi::Error CheckMatmulT(const Validator& val, int32_t group,
+                                    const xla::ffi::AnyBuffer& dy,
+                                    const xla::ffi::AnyBuffer& qweight,
+                                    const xla::ffi::AnyBuffer* positions,
+                                    const xla::ffi::AnyBuffer& scales,
+                                    const xla::ffi::AnyBuffer& dx, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(ReadShapes(val, "dy", dy, qweight, positions, scales, "dx", dx, o));
+  return CheckWeight(val, group, o->result.cols, o->dense.cols, o);
+}
+
+}  // namespace int4_check
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_INT4_INT4_CHECKS_H_

@@ -1,0 +1,338 @@
+// The int4 kernels (layouts in cpu/int4/int4_checks.h), compiled once per ISA
+// unit inside namespace JAXSPARSE_INT4_ISA. The AVX-512 units define
+// JAXSPARSE_INT4_AVX512 and get the vector blocks of int4_avx512.h; the others
+// run the scalar blocks below (the avx2 unit's compiler vectorises them).
+//
+// Every kernel works per batch entry in f32: the dense operand (x or dy) and
+// the scales are widened once into scratch (a few-token call's few KB; the
+// weight, the bytes that matter, is read in place), then tasks on XLA's pool
+// each own a block of outputs (products by W) or of inputs (products by W^T)
+// and a block of up to 4 tokens, and write their part of the result in its
+// dtype.
+//
+// Products by W decode each weight byte once per 4 tokens. In the dense form
+// the offset of the nibbles (u - 8) and the group scale are applied once per
+// group and output: y += s * (sum_i u_i x_i - 8 sum_i x_i), with the sums of x
+// over each group taken once per call.
+#ifndef JAXSPARSE_INT4_ISA
+#error "define JAXSPARSE_INT4_ISA (the unit's namespace) before including int4_kernels.h"
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/common/dtype_convert.h"
+#include "cpu/int4/int4_kernels_api.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_INT4_ISA {
+namespace int4 {
+
+constexpr int64_t kOutBlock = 64;    // outputs per task: one 64-byte line of a qweight row
+constexpr int kTokenBlock = 4;       // tokens per task: each decoded byte serves 4 tokens
+constexpr int64_t kRowBlock = 64;    // dx tasks: input rows (dense) or 2:4 groups per task
+
+// One batch entry's operands, widened.
+struct Ctx {
+  const Int4Problem* p;
+  const float* dense;     // x [T, K] or dy [T, N], f32
+  const float* scales;    // [G, N], f32
+  const float* xsum;      // [T, G]: x summed over each group (dense forward)
+  const uint8_t* qweight;
+  const uint8_t* positions;
+  void* out;              // this batch entry's result
+  int64_t out_blocks;     // forward: ceil(N / 64); dx: row blocks
+  float* work;            // dx: per worker, kTokenBlock * N floats
+};
+
+inline const void* Offset(const void* base, int64_t elements, Dtype dtype) {
+  const int64_t size = dtype == Dtype::kF32 ? 4 : 2;
+  return static_cast<const char*>(base) + elements * size;
+}
+
+// `count` values of `src` (in `dtype`) as f32 into `dst`.
+inline void Widen(const void* src, Dtype dtype, int64_t count, float* dst) {
+  if (dtype == Dtype::kF32) {
+    std::memcpy(dst, src, count * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < count; ++i) {
+    dst[i] = dtype == Dtype::kBF16 ? Bf16ToF32(h[i]) : F16ToF32(h[i]);
+  }
+}
+
+// `count` f32 values into `dst` at element `index`, rounded to `dtype`.
+inline void Store(void* dst, Dtype dtype, int64_t index, const float* src, int64_t count) {
+  if (dtype == Dtype::kF32) {
+    std::memcpy(static_cast<float*>(dst) + index, src, count * sizeof(float));
+    return;
+  }
+  uint16_t* h = static_cast<uint16_t*>(dst) + index;
+  for (int64_t i = 0; i < count; ++i) {
+    h[i] = dtype == Dtype::kBF16 ? F32ToBf16(src[i]) : F32ToF16(src[i]);
+  }
+}
+
+// The two positions (0..3) of 2:4 group j of output o.
+inline void GroupPositions(const uint8_t* positions, int64_t n_out, int64_t j, int64_t o,
+                           int* p0, int* p1) {
+  const int code = (positions[(j >> 1) * n_out + o] >> (4 * (j & 1))) & 15;
+  *p0 = code & 3;
+  *p1 = code >> 2;
+}
+
+// ---------------------------------------------------------------- scalar blocks
+// y[t0 + t][o0 + o] for t < nt, o < on, f32, into y (row stride kOutBlock).
+inline void ForwardDenseScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                               float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = c.dense + (t0 + t) * k;
+    for (int64_t o = 0; o < on; ++o) {
+      float sum = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0.0f;
+        for (int64_t i = g * p.group; i < (g + 1) * p.group; i += 2) {
+          const int byte = c.qweight[(i >> 1) * n + o0 + o];
+          acc += static_cast<float>(byte & 15) * x[i] + static_cast<float>(byte >> 4) * x[i + 1];
+        }
+        sum += c.scales[g * n + o0 + o] * (acc - 8.0f * c.xsum[(t0 + t) * groups + g]);
+      }
+      y[t * kOutBlock + o] = sum;
+    }
+  }
+}
+
+inline void ForwardSparseScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                                float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group, per_group = p.group / 4;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = c.dense + (t0 + t) * k;
+    for (int64_t o = 0; o < on; ++o) {
+      float sum = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0.0f;
+        for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+          const int byte = c.qweight[j * n + o0 + o];
+          int p0, p1;
+          GroupPositions(c.positions, n, j, o0 + o, &p0, &p1);
+          acc += static_cast<float>((byte & 15) - 8) * x[4 * j + p0] +
+                 static_cast<float>((byte >> 4) - 8) * x[4 * j + p1];
+        }
+        sum += c.scales[g * n + o0 + o] * acc;
+      }
+      y[t * kOutBlock + o] = sum;
+    }
+  }
+}
+
+// dx[t0 + t][rows of the block] for the dense form: input rows [i0, i0 + rows)
+// of one group; `dys` holds dy * the group's scales, [nt][N].
+inline void BackwardDenseScalar(const Ctx& c, int64_t i0, int64_t rows, int nt,
+                                const float* dys, float* dx) {
+  const int64_t n = c.p->n_out;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const uint8_t* q = c.qweight + (i >> 1) * n;
+    const int shift = 4 * (i & 1);
+    for (int t = 0; t < nt; ++t) {
+      float acc = 0.0f;
+      for (int64_t o = 0; o < n; ++o) {
+        acc += static_cast<float>(((q[o] >> shift) & 15) - 8) * dys[t * n + o];
+      }
+      dx[t * kRowBlock * 4 + r] = acc;
+    }
+  }
+}
+
+// The 2:4 form: groups [j0, j0 + count) of one scale group; dx rows 4 j + p.
+inline void BackwardSparseScalar(const Ctx& c, int64_t j0, int64_t count, int nt,
+                                 const float* dys, float* dx) {
+  const int64_t n = c.p->n_out;
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t j = j0 + r;
+    for (int t = 0; t < nt; ++t) {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t o = 0; o < n; ++o) {
+        const int byte = c.qweight[j * n + o];
+        int p0, p1;
+        GroupPositions(c.positions, n, j, o, &p0, &p1);
+        acc[p0] += static_cast<float>((byte & 15) - 8) * dys[t * n + o];
+        acc[p1] += static_cast<float>((byte >> 4) - 8) * dys[t * n + o];
+      }
+      for (int s = 0; s < 4; ++s) dx[t * kRowBlock * 4 + 4 * r + s] = acc[s];
+    }
+  }
+}
+
+}  // namespace int4
+}  // namespace JAXSPARSE_INT4_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#ifdef JAXSPARSE_INT4_AVX512
+#include "cpu/int4/int4_avx512.h"
+#endif
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_INT4_ISA {
+namespace int4 {
+
+#ifdef JAXSPARSE_INT4_AVX512
+#define JAXSPARSE_INT4_BLOCK(name) name##Avx512
+#else
+#define JAXSPARSE_INT4_BLOCK(name) name##Scalar
+#endif
+
+// ---------------------------------------------------------------- products by W
+template <bool kSparse>
+void ForwardTask(void* ctx, int64_t task, int /*worker*/) {
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const Int4Problem& p = *c.p;
+  const int64_t o0 = (task % c.out_blocks) * kOutBlock;
+  const int64_t t0 = (task / c.out_blocks) * kTokenBlock;
+  const int64_t on = std::min(kOutBlock, p.n_out - o0);
+  const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
+  alignas(64) float y[kTokenBlock * kOutBlock];
+  if (kSparse) {
+    JAXSPARSE_INT4_BLOCK(ForwardSparse)(c, o0, on, t0, nt, y);
+  } else {
+    JAXSPARSE_INT4_BLOCK(ForwardDense)(c, o0, on, t0, nt, y);
+  }
+  for (int t = 0; t < nt; ++t) {
+    Store(c.out, p.dtype, (t0 + t) * p.n_out + o0, y + t * kOutBlock, on);
+  }
+}
+
+// ---------------------------------------------------------------- products by W^T
+// A task owns up to kRowBlock rows (dense: input rows; 2:4: groups of 4 inputs)
+// inside one scale group, and a block of tokens.
+template <bool kSparse>
+void BackwardTask(void* ctx, int64_t task, int worker) {
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k;
+  const int64_t units = kSparse ? k / 4 : k;             // rows of the task's unit
+  const int64_t unit_per_group = kSparse ? p.group / 4 : p.group;
+  const int64_t blocks_per_group = (unit_per_group + kRowBlock - 1) / kRowBlock;
+  const int64_t block = task % c.out_blocks;
+  const int64_t t0 = (task / c.out_blocks) * kTokenBlock;
+  const int64_t g = block / blocks_per_group;
+  const int64_t u0 = g * unit_per_group + (block % blocks_per_group) * kRowBlock;
+  const int64_t count = std::min({kRowBlock, (g + 1) * unit_per_group - u0, units - u0});
+  const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
+  // dy times the group's scales, once per task (a 64th of its multiply-adds).
+  float* dys = c.work + static_cast<int64_t>(worker) * kTokenBlock * n;
+  for (int t = 0; t < nt; ++t) {
+    const float* dy = c.dense + (t0 + t) * n;
+    for (int64_t o = 0; o < n; ++o) dys[t * n + o] = dy[o] * c.scales[g * n + o];
+  }
+  alignas(64) float dx[kTokenBlock * kRowBlock * 4];
+  if (kSparse) {
+    JAXSPARSE_INT4_BLOCK(BackwardSparse)(c, u0, count, nt, dys, dx);
+  } else {
+    JAXSPARSE_INT4_BLOCK(BackwardDense)(c, u0, count, nt, dys, dx);
+  }
+  const int64_t i0 = kSparse ? 4 * u0 : u0, width = kSparse ? 4 * count : count;
+  for (int t = 0; t < nt; ++t) {
+    Store(c.out, p.dtype, (t0 + t) * k + i0, dx + t * kRowBlock * 4, width);
+  }
+}
+
+#undef JAXSPARSE_INT4_BLOCK
+
+// ---------------------------------------------------------------- drivers
+// Scratch: the widened dense operand, the scales, the group sums of x, and the
+// dx tasks' scaled dy per worker.
+struct Scratch {
+  float* dense;
+  float* scales;
+  float* xsum;
+  float* work;
+};
+
+inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_cols,
+                        Scratch* s) {
+  const int64_t groups = p.k / p.group;
+  const int64_t dense = p.tokens * dense_cols, scales = groups * p.n_out;
+  const int64_t xsum = p.tokens * groups;
+  const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * kTokenBlock * p.n_out;
+  const int64_t total = dense + scales + xsum + work + 64;
+  float* base = static_cast<float*>(rt.scratch(rt.scratch_owner, total * sizeof(float)));
+  if (base == nullptr) return false;
+  s->dense = base;
+  s->scales = s->dense + dense;
+  s->xsum = s->scales + scales;
+  s->work = s->xsum + xsum;
+  return true;
+}
+
+template <bool kSparse, bool kTransposed>
+bool Run(const Int4Problem& p, const Runtime& rt) {
+  const int64_t dense_cols = kTransposed ? p.n_out : p.k;
+  const int64_t out_cols = kTransposed ? p.k : p.n_out;
+  if (p.tokens == 0 || out_cols == 0) return true;
+  if (dense_cols == 0) {  // K = 0 or N = 0: the product is zero.
+    const int64_t size = p.dtype == Dtype::kF32 ? 4 : 2;
+    std::memset(p.out, 0, p.batch * p.tokens * out_cols * size);
+    return true;
+  }
+  Scratch s;
+  if (!TakeScratch(p, rt, dense_cols, &s)) return false;
+  const int64_t groups = p.k / p.group;
+  const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    Widen(Offset(p.dense, b * p.dense_stride, p.dtype), p.dtype, p.tokens * dense_cols,
+          s.dense);
+    Widen(Offset(p.scales, b * p.scales_stride, p.dtype), p.dtype, groups * p.n_out, s.scales);
+    Ctx c{};
+    c.p = &p;
+    c.dense = s.dense;
+    c.scales = s.scales;
+    c.xsum = s.xsum;
+    c.work = s.work;
+    c.qweight = p.qweight + b * p.weight_stride;
+    c.positions = kSparse ? p.positions + b * p.positions_stride : nullptr;
+    c.out = const_cast<void*>(Offset(p.out, b * p.tokens * out_cols, p.dtype));
+    if (!kTransposed && !kSparse) {
+      for (int64_t t = 0; t < p.tokens; ++t) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* x = s.dense + t * p.k + g * p.group;
+          float sum = 0.0f;
+          for (int64_t i = 0; i < p.group; ++i) sum += x[i];
+          s.xsum[t * groups + g] = sum;
+        }
+      }
+    }
+    if (kTransposed) {
+      const int64_t unit_per_group = kSparse ? p.group / 4 : p.group;
+      c.out_blocks = groups * ((unit_per_group + kRowBlock - 1) / kRowBlock);
+      rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &BackwardTask<kSparse>, &c);
+    } else {
+      c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
+      rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &ForwardTask<kSparse>, &c);
+    }
+  }
+  return true;
+}
+
+}  // namespace int4
+
+inline Int4KernelTable MakeInt4Table() {
+  Int4KernelTable table;
+  table.matmul = &int4::Run<false, false>;
+  table.matmul_t = &int4::Run<false, true>;
+  table.nm_matmul = &int4::Run<true, false>;
+  table.nm_matmul_t = &int4::Run<true, true>;
+  return table;
+}
+
+}  // namespace JAXSPARSE_INT4_ISA
+}  // namespace cpu
+}  // namespace jaxsparse

@@ -1,0 +1,48 @@
+// The int4 kernels' problem description and kernel tables (layouts in
+// cpu/int4/int4_checks.h). Plain data and declarations only (see
+// cpu/common/kernel_api.h for why).
+#ifndef JAXSPARSE_CPU_INT4_INT4_KERNELS_API_H_
+#define JAXSPARSE_CPU_INT4_INT4_KERNELS_API_H_
+
+#include <cstdint>
+
+#include "cpu/common/kernel_api.h"
+
+namespace jaxsparse {
+namespace cpu {
+
+struct Int4Problem {
+  Dtype dtype;
+  int64_t batch;   // B
+  int64_t tokens;  // T
+  int64_t k;       // K, input features
+  int64_t n_out;   // N, output features
+  int32_t group;   // inputs per scale; divides K
+  const void* dense;  // x [T, K] (products by W) or dy [T, N] (by W^T), per batch
+  int64_t dense_stride;           // elements; 0 when broadcast
+  const uint8_t* qweight;         // [K/2, N] (dense) or [K/4, N] (2:4) per batch
+  const uint8_t* positions;       // [K/8, N] per batch (2:4 only)
+  const void* scales;             // [K/group, N] per batch
+  int64_t weight_stride;          // qweight's batch stride in bytes; 0 when broadcast
+  int64_t positions_stride;
+  int64_t scales_stride;          // elements
+  void* out;  // [B, T, N] or [B, T, K]
+};
+
+using Int4KernelFn = bool (*)(const Int4Problem& problem, const Runtime& rt);
+
+struct Int4KernelTable {
+  Int4KernelFn matmul;       // y  = x @ W, int4
+  Int4KernelFn matmul_t;     // dx = dy @ W^T
+  Int4KernelFn nm_matmul;    // the same for int4 + 2:4
+  Int4KernelFn nm_matmul_t;
+};
+
+extern const Int4KernelTable kInt4KernelsPortable;
+extern const Int4KernelTable kInt4KernelsAvx2;
+extern const Int4KernelTable kInt4KernelsAvx512;
+
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_INT4_INT4_KERNELS_API_H_

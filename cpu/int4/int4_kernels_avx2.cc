@@ -1,0 +1,12 @@
+// The int4 kernels instantiated for avx2 (this file is compiled with that ISA's
+// -m flags): the scalar blocks, which the compiler vectorises.
+#include "cpu/int4/int4_kernels_api.h"
+
+#define JAXSPARSE_INT4_ISA avx2
+#include "cpu/int4/int4_kernels.h"
+
+namespace jaxsparse {
+namespace cpu {
+const Int4KernelTable kInt4KernelsAvx2 = avx2::MakeInt4Table();
+}  // namespace cpu
+}  // namespace jaxsparse

@@ -1,0 +1,114 @@
+// The CPU handlers of the int4 targets (layouts in cpu/int4/int4_checks.h):
+// checks through the shared validator, then one call of the current ISA's
+// kernel (int4_kernels.h) on XLA's thread pool.
+#include <cstdint>
+
+#include "cpu/common/ffi.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/runtime.h"
+#include "cpu/common/targets.h"
+#include "cpu/common/validate.h"
+#include "cpu/int4/int4_checks.h"
+#include "cpu/int4/int4_kernels_api.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxsparse {
+namespace cpu {
+namespace {
+
+const Int4KernelTable& Kernels() { return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kInt4Kernels); }
+
+Int4Problem Problem(const int4_check::Operands& o, int64_t k, int64_t n_out,
+                    int32_t group) {
+  Int4Problem p{};
+  p.dtype = KernelDtype(o.result.dtype());
+  p.batch = o.result.batch;
+  p.tokens = o.result.rows;
+  p.k = k;
+  p.n_out = n_out;
+  p.group = group;
+  p.dense = o.dense.data();
+  p.dense_stride = o.dense.BatchStride();
+  p.qweight = static_cast<const uint8_t*>(o.qweight.data());
+  p.weight_stride = o.qweight.BatchStride();
+  if (o.sparse) {
+    p.positions = static_cast<const uint8_t*>(o.positions.data());
+    p.positions_stride = o.positions.BatchStride();
+  }
+  p.scales = o.scales.data();
+  p.scales_stride = o.scales.BatchStride();
+  p.out = o.result.mutable_data();
+  return p;
+}
+
+ffi::Error Matmul(const char* target, Int4KernelFn kernel, ffi::ThreadPool& pool,
+                  const ffi::AnyBuffer& x, const ffi::AnyBuffer& qweight,
+                  const ffi::AnyBuffer* positions, const ffi::AnyBuffer& scales,
+                  int32_t group, ffi::Result<ffi::AnyBuffer>& y) {
+  const Validator val(target);
+  int4_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(
+      int4_check::CheckMatmul(val, group, x, qweight, positions, scales, *y, &o));
+  return RunKernel(val, kernel, Problem(o, o.dense.cols, o.result.cols, group), pool, *y);
+}
+
+ffi::Error MatmulT(const char* target, Int4KernelFn kernel, ffi::ThreadPool& pool,
+                   const ffi::AnyBuffer& dy, const ffi::AnyBuffer& qweight,
+                   const ffi::AnyBuffer* positions, const ffi::AnyBuffer& scales,
+                   int32_t group, ffi::Result<ffi::AnyBuffer>& dx) {
+  const Validator val(target);
+  int4_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(
+      int4_check::CheckMatmulT(val, group, dy, qweight, positions, scales, *dx, &o));
+  return RunKernel(val, kernel, Problem(o, o.result.cols, o.dense.cols, group), pool, *dx);
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qweight,
+                      ffi::AnyBuffer scales, int32_t group_size,
+                      ffi::Result<ffi::AnyBuffer> y) {
+  return Matmul("jaxsparse_int4_matmul", Kernels().matmul, pool, x, qweight, nullptr, scales,
+                group_size, y);
+}
+
+ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer qweight,
+                       ffi::AnyBuffer scales, int32_t group_size,
+                       ffi::Result<ffi::AnyBuffer> dx) {
+  return MatmulT("jaxsparse_int4_matmul_t", Kernels().matmul_t, pool, dy, qweight, nullptr,
+                 scales, group_size, dx);
+}
+
+ffi::Error NmMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qweight,
+                        ffi::AnyBuffer positions, ffi::AnyBuffer scales, int32_t group_size,
+                        ffi::Result<ffi::AnyBuffer> y) {
+  return Matmul("jaxsparse_int4_nm_matmul", Kernels().nm_matmul, pool, x, qweight, &positions,
+                scales, group_size, y);
+}
+
+ffi::Error NmMatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer qweight,
+                         ffi::AnyBuffer positions, ffi::AnyBuffer scales,
+                         int32_t group_size, ffi::Result<ffi::AnyBuffer> dx) {
+  return MatmulT("jaxsparse_int4_nm_matmul_t", Kernels().nm_matmul_t, pool, dy, qweight,
+                 &positions, scales, group_size, dx);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace jaxsparse
+
+// The dense form: a float operand, qweight, scales; the 2:4 form adds positions.
+#define JAXSPARSE_INT4_BINDING                                                     \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()               \
+      .Attr<int32_t>("group_size").Ret<ffi::AnyBuffer>()
+#define JAXSPARSE_INT4_NM_BINDING                                                   \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>() \
+      .Attr<int32_t>("group_size").Ret<ffi::AnyBuffer>()
+
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4Matmul, "jaxsparse_int4_matmul",
+                     jaxsparse::cpu::MatmulImpl, JAXSPARSE_INT4_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4MatmulT, "jaxsparse_int4_matmul_t",
+                     jaxsparse::cpu::MatmulTImpl, JAXSPARSE_INT4_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmul, "jaxsparse_int4_nm_matmul",
+                     jaxsparse::cpu::NmMatmulImpl, JAXSPARSE_INT4_NM_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmulT, "jaxsparse_int4_nm_matmul_t",
+                     jaxsparse::cpu::NmMatmulTImpl, JAXSPARSE_INT4_NM_BINDING);

@@ -1,0 +1,358 @@
+"""int4 weights with group scales (MARLIN's numbers), dense or 2:4 sparse, as JAX primitives.
+
+Two primitives per form, closed under differentiation in x (the weights are frozen):
+
+- `int4_matmul`      y  = x @ W        `int4_nm_matmul`      (the 2:4 form)
+- `int4_matmul_t`    dx = dy @ W^T     `int4_nm_matmul_t`
+
+The canonical layout (see `jaxsparse.formats.int4`), Flax's `[in, out]` orientation, with one
+leading kernel batch dim (1, broadcast, or the common batch B):
+
+    x          [Bx, T, K]      f32/bf16/f16
+    dy         [By, T, N]      same dtype
+    qweight    [Bw, K/2, N]    uint8: byte (j, o) holds input 2j (low nibble) and 2j+1 (high)
+               [Bw, K/4, N]    2:4: byte (j, o) holds group j's two kept values (low nibble: the
+                               one at the lower position)
+    positions  [Bw, K/8, N]    uint8, 2:4 only: byte (j, o) holds group 2j's positions p0 | p1 << 2
+                               in its low 4 bits, group 2j+1's in its high 4 bits
+    scales     [Bw, K/g, N]    x's dtype; g = group_size (g = K: one group per output column)
+
+A nibble u means the integer u - 8, so `W[i, o] = (u(i, o) - 8) * scales[i // g, o]`; in the 2:4
+form each kept value lands at input `4j + p` of its group (added, so positions that are not
+sorted and distinct keep a meaning, as the kernels read them). Accumulation is f32.
+
+The quantised weights and scales are frozen: a tangent in them raises (their layers hold them as
+sparsity state, never as parameters), and the cotangent of x is `int4_matmul_t`.
+
+Each section in the order of jax's `sparse/csr.py`: primitive, public wrapper, pure-jnp reference
+(the tests' oracle, and the fallback where no kernel exists), abstract eval, JVP, transpose,
+batching; registration last.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad
+
+from jaxsparse.ops import _primitive as P
+
+__all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
+           "int4_matmul_reference", "int4_matmul_t_reference", "int4_nm_matmul_reference",
+           "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
+           "NIBBLE_OFFSET"]
+
+NIBBLE_OFFSET = 8  # A stored nibble u means u - 8: the int4 range [-8, 7] as unsigned 0..15.
+
+
+# ====================================================================== dequantisation
+def _nibbles(qweight):
+    """uint8 `[..., R, N]` -> int32 `([..., R, N] low, [..., R, N] high)`, each u - 8."""
+    q = qweight.astype(jnp.int32)
+    return (q & 15) - NIBBLE_OFFSET, (q >> 4) - NIBBLE_OFFSET
+
+
+def _expand_scales(scales, group_size: int, k: int):
+    """`[..., K/g, N]` -> `[..., K, N]` in f32 (each group's scale on its g inputs)."""
+    return jnp.repeat(scales.astype(jnp.float32), group_size, axis=-2)[..., :k, :]
+
+
+def int4_dequantize(qweight, scales, *, group_size: int, dtype=None):
+    """The dense weight `[..., K, N]` of an int4 `qweight [..., K/2, N]` and `scales`.
+
+    Exact: `(u - 8) * scale` is one rounding of an exact f32 product to `dtype` (default the
+    scales' dtype). Pure and jittable.
+    """
+    lo, hi = _nibbles(qweight)
+    k = 2 * qweight.shape[-2]
+    ints = jnp.stack([lo, hi], axis=-2).reshape(*qweight.shape[:-2], k, qweight.shape[-1])
+    w = ints.astype(jnp.float32) * _expand_scales(scales, group_size, k)
+    return w.astype(dtype or scales.dtype)
+
+
+def int4_nm_dequantize(qweight, positions, scales, *, group_size: int, dtype=None):
+    """The dense weight `[..., K, N]` of the int4 + 2:4 form (`qweight [..., K/4, N]`,
+    `positions [..., K/8, N]`): each group's two values at inputs `4j + p0`, `4j + p1` (added
+    where they coincide), zeros elsewhere. Pure and jittable."""
+    lo, hi = _nibbles(qweight)  # [..., G, N], G = K/4 groups
+    p0, p1 = _group_positions(positions, qweight.shape[-2])
+    slot = jnp.arange(4, dtype=jnp.int32)[:, None]  # [4, 1]: position inside the group
+    ints = (jnp.where(p0[..., None, :] == slot, lo[..., None, :], 0)
+            + jnp.where(p1[..., None, :] == slot, hi[..., None, :], 0))  # [..., G, 4, N]
+    k = 4 * qweight.shape[-2]
+    ints = ints.reshape(*qweight.shape[:-2], k, qweight.shape[-1])
+    w = ints.astype(jnp.float32) * _expand_scales(scales, group_size, k)
+    return w.astype(dtype or scales.dtype)
+
+
+def _group_positions(positions, groups: int):
+    """uint8 `[..., K/8, N]` -> int32 `(p0, p1)`, each `[..., K/4, N]`: every group's two
+    positions (group 2j in the low 4 bits of byte j, group 2j+1 in the high 4)."""
+    p = positions.astype(jnp.int32)
+    codes = jnp.stack([p & 15, p >> 4], axis=-2)  # [..., K/8, 2, N]
+    codes = codes.reshape(*positions.shape[:-2], 2 * positions.shape[-2], positions.shape[-1])
+    codes = codes[..., :groups, :]
+    return codes & 3, (codes >> 2) & 3
+
+
+# ====================================================================== shared checks
+def _check_weight(where, qweight, positions, scales, group_size, k):
+    """The weight operands against K (the dense operand's contraction width)."""
+    sparse = positions is not None
+    per_byte = 4 if sparse else 2
+    named = {"qweight": qweight, "scales": scales}
+    if sparse:
+        named["positions"] = positions
+    P.check_rank3(where, **named)
+    n = qweight.shape[-1]
+    if qweight.shape[1] * per_byte != k:
+        raise ValueError(
+            f"{where}: qweight must be [B, K/{per_byte}, N] = [B, {k // per_byte}, N]; got "
+            f"{tuple(qweight.shape)}"
+        )
+    if group_size <= 0 or k % group_size or group_size % (8 if sparse else 2):
+        raise ValueError(
+            f"{where}: group_size must divide K = {k} and be a multiple of "
+            f"{8 if sparse else 2}; got {group_size}"
+        )
+    if scales.shape[1:] != (k // group_size, n):
+        raise ValueError(
+            f"{where}: scales must be [B, K/group_size, N] = [B, {k // group_size}, {n}]; got "
+            f"{tuple(scales.shape)}"
+        )
+    if sparse and positions.shape[1:] != (k // 8, n):
+        raise ValueError(
+            f"{where}: positions must be [B, K/8, N] = [B, {k // 8}, {n}]; got "
+            f"{tuple(positions.shape)}"
+        )
+    if qweight.dtype != jnp.uint8 or (sparse and positions.dtype != jnp.uint8):
+        raise TypeError(f"{where}: qweight and positions must be uint8, got {qweight.dtype}"
+                        f"{'' if not sparse else ' and ' + str(positions.dtype)}")
+
+
+def _check_dtypes(where, dense, scales):
+    if scales.dtype != dense.dtype:
+        raise TypeError(f"{where}: scales must have the dense operand's dtype {dense.dtype}; got "
+                        f"{scales.dtype}")
+
+
+def _refuse_weight_tangents(tangents):
+    """The weights are frozen: differentiating in them is a user error, said plainly."""
+    if any(type(t) is not ad.Zero for t in tangents):
+        raise ValueError(
+            "jaxsparse: int4 weights (qweight, positions and scales) are frozen and cannot be "
+            "differentiated: train adapters beside them (QLoRA), or dequantise with todense() to "
+            "fine-tune the dense weight and quantise it again"
+        )
+
+
+def _split(weight):
+    """`(qweight, scales)` or `(qweight, positions, scales)` -> (qweight, positions, scales)."""
+    return (weight[0], None, weight[1]) if len(weight) == 2 else tuple(weight)
+
+
+def _dequantize(weight, group_size, dtype):
+    qweight, positions, scales = _split(weight)
+    if positions is None:
+        return int4_dequantize(qweight, scales, group_size=group_size, dtype=dtype)
+    return int4_nm_dequantize(qweight, positions, scales, group_size=group_size, dtype=dtype)
+
+
+# ====================================================================== the forward products
+int4_matmul_p = Primitive("jaxsparse_int4_matmul")
+int4_nm_matmul_p = Primitive("jaxsparse_int4_nm_matmul")
+
+
+def int4_matmul(x, qweight, scales, *, group_size: int):
+    """`y = x @ W` for an int4 `W` with group scales.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        qweight: `[Bw, K/2, N]` uint8, two inputs' nibbles per byte.
+        scales: `[Bw, K/group_size, N]` in x's dtype.
+        group_size: the inputs per scale (K for one group per output column).
+
+    Returns:
+        `[B, T, N]` in x's dtype, `B = max(Bx, Bw)`; f32 accumulation.
+    """
+    qweight, scales = P.same_batch(qweight, scales)
+    return int4_matmul_p.bind(x, qweight, scales, group_size=group_size)
+
+
+def int4_nm_matmul(x, qweight, positions, scales, *, group_size: int):
+    """`y = x @ W` for an int4 + 2:4 `W`.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        qweight: `[Bw, K/4, N]` uint8, a 2:4 group's two kept nibbles per byte.
+        positions: `[Bw, K/8, N]` uint8, two groups' positions per byte.
+        scales: `[Bw, K/group_size, N]` in x's dtype (group_size a multiple of 8).
+
+    Returns:
+        `[B, T, N]` in x's dtype; f32 accumulation.
+    """
+    qweight, positions, scales = P.same_batch(qweight, positions, scales)
+    return int4_nm_matmul_p.bind(x, qweight, positions, scales, group_size=group_size)
+
+
+def int4_matmul_reference(x, qweight, scales, *, group_size):
+    return _product_reference(x, (qweight, scales), group_size)
+
+
+def int4_nm_matmul_reference(x, qweight, positions, scales, *, group_size):
+    return _product_reference(x, (qweight, positions, scales), group_size)
+
+
+def _product_reference(x, weight, group_size):
+    x, w = P.broadcast_batch(x, _dequantize(weight, group_size, jnp.float32))
+    return P.f32_einsum("btk,bkn->btn", x, w, x.dtype)
+
+
+def _product_abstract_eval(x, *weight, group_size):
+    where = "int4_nm_matmul" if len(weight) == 3 else "int4_matmul"
+    qweight, positions, scales = _split(weight)
+    _check_weight(where, qweight, positions, scales, group_size, x.shape[-1])
+    P.check_rank3(where, x=x)
+    _check_dtypes(where, x, scales)
+    batch = P.check_batches(where, ("x", x), ("qweight", qweight), ("scales", scales))
+    return x.update(shape=(batch, x.shape[1], qweight.shape[-1]), dtype=x.dtype)
+
+
+def _product_jvp(primals, tangents, *, group_size):
+    _refuse_weight_tangents(tangents[1:])
+    forward = _forward(len(primals) - 1)
+    out = forward(*primals, group_size=group_size)
+    if type(tangents[0]) is ad.Zero:
+        return out, jnp.zeros_like(out)
+    return out, forward(tangents[0], *primals[1:], group_size=group_size)
+
+
+def _product_transpose(ct, x, *weight, group_size):
+    none = (None,) * len(weight)
+    if type(ct) is ad.Zero or not ad.is_undefined_primal(x):
+        return (None, *none)
+    dx = _backward(len(weight))(ct, *weight, group_size=group_size,
+                                in_features=x.aval.shape[-1])
+    return (P.sum_to_batch(dx, x.aval.shape[0]), *none)
+
+
+def _product_batch(args, dims, *, group_size):
+    fn = functools.partial(_forward(len(args) - 1), group_size=group_size)
+    return P.batch_weight_product(fn, args, dims)
+
+
+# ====================================================================== the products by W^T
+int4_matmul_t_p = Primitive("jaxsparse_int4_matmul_t")
+int4_nm_matmul_t_p = Primitive("jaxsparse_int4_nm_matmul_t")
+
+
+def int4_matmul_t(dy, qweight, scales, *, group_size: int, in_features: int):
+    """`dx = dy @ W^T` for an int4 `W` (the cotangent of x in `x @ W`).
+
+    Args:
+        dy: `[By, T, N]` float32/bfloat16/float16.
+        qweight, scales: as in `int4_matmul`.
+        group_size: as in `int4_matmul`.
+        in_features: K, the width of the result (`2 * qweight.shape[1]`).
+
+    Returns:
+        `[B, T, K]` in dy's dtype.
+    """
+    qweight, scales = P.same_batch(qweight, scales)
+    return int4_matmul_t_p.bind(dy, qweight, scales, group_size=group_size,
+                                in_features=in_features)
+
+
+def int4_nm_matmul_t(dy, qweight, positions, scales, *, group_size: int, in_features: int):
+    """`dx = dy @ W^T` for an int4 + 2:4 `W`; operands as in `int4_nm_matmul`.
+
+    Returns:
+        `[B, T, K]` in dy's dtype, K = `in_features` = `4 * qweight.shape[1]`.
+    """
+    qweight, positions, scales = P.same_batch(qweight, positions, scales)
+    return int4_nm_matmul_t_p.bind(dy, qweight, positions, scales, group_size=group_size,
+                                   in_features=in_features)
+
+
+def int4_matmul_t_reference(dy, qweight, scales, *, group_size, in_features):
+    return _product_t_reference(dy, (qweight, scales), group_size)
+
+
+def int4_nm_matmul_t_reference(dy, qweight, positions, scales, *, group_size, in_features):
+    return _product_t_reference(dy, (qweight, positions, scales), group_size)
+
+
+def _product_t_reference(dy, weight, group_size):
+    dy, w = P.broadcast_batch(dy, _dequantize(weight, group_size, jnp.float32))
+    return P.f32_einsum("btn,bkn->btk", dy, w, dy.dtype)
+
+
+def _product_t_abstract_eval(dy, *weight, group_size, in_features):
+    where = "int4_nm_matmul_t" if len(weight) == 3 else "int4_matmul_t"
+    qweight, positions, scales = _split(weight)
+    _check_weight(where, qweight, positions, scales, group_size, in_features)
+    P.check_rank3(where, dy=dy)
+    _check_dtypes(where, dy, scales)
+    if dy.shape[-1] != qweight.shape[-1]:
+        raise ValueError(f"{where}: dy has {dy.shape[-1]} outputs, qweight "
+                         f"{qweight.shape[-1]}")
+    batch = P.check_batches(where, ("dy", dy), ("qweight", qweight), ("scales", scales))
+    return dy.update(shape=(batch, dy.shape[1], in_features), dtype=dy.dtype)
+
+
+def _product_t_jvp(primals, tangents, *, group_size, in_features):
+    _refuse_weight_tangents(tangents[1:])
+    backward = functools.partial(_backward(len(primals) - 1), group_size=group_size,
+                                 in_features=in_features)
+    out = backward(*primals)
+    if type(tangents[0]) is ad.Zero:
+        return out, jnp.zeros_like(out)
+    return out, backward(tangents[0], *primals[1:])
+
+
+def _product_t_transpose(ct, dy, *weight, group_size, in_features):
+    none = (None,) * len(weight)
+    if type(ct) is ad.Zero or not ad.is_undefined_primal(dy):
+        return (None, *none)
+    y = _forward(len(weight))(ct, *weight, group_size=group_size)
+    return (P.sum_to_batch(y, dy.aval.shape[0]), *none)
+
+
+def _product_t_batch(args, dims, *, group_size, in_features):
+    fn = functools.partial(_backward(len(args) - 1), group_size=group_size,
+                           in_features=in_features)
+    return P.batch_weight_product(fn, args, dims)
+
+
+# ====================================================================== registration
+def _forward(weight_operands: int):
+    return int4_nm_matmul if weight_operands == 3 else int4_matmul
+
+
+def _backward(weight_operands: int):
+    return int4_nm_matmul_t if weight_operands == 3 else int4_matmul_t
+
+
+_ATTRS = ("group_size",)
+
+
+def _register():
+    for prim, reference, target in (
+        (int4_matmul_p, int4_matmul_reference, "jaxsparse_int4_matmul"),
+        (int4_nm_matmul_p, int4_nm_matmul_reference, "jaxsparse_int4_nm_matmul"),
+    ):
+        P.register(prim, abstract_eval=_product_abstract_eval, jvp=_product_jvp,
+                   transpose=_product_transpose, batch=_product_batch, reference=reference,
+                   target=target, attrs=_ATTRS)
+    for prim, reference, target in (
+        (int4_matmul_t_p, int4_matmul_t_reference, "jaxsparse_int4_matmul_t"),
+        (int4_nm_matmul_t_p, int4_nm_matmul_t_reference, "jaxsparse_int4_nm_matmul_t"),
+    ):
+        P.register(prim, abstract_eval=_product_t_abstract_eval, jvp=_product_t_jvp,
+                   transpose=_product_t_transpose, batch=_product_t_batch, reference=reference,
+                   target=target, attrs=_ATTRS)
+
+
+_register()

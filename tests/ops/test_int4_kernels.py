@@ -1,0 +1,44 @@
+"""The int4 CPU kernels (cpu/int4/) on every instruction set the machine supports, against the
+pure references: ragged output vectors (N not a multiple of 16 or 64), token blocks of 1-4 and
+their tails, group sizes from 8 to one per column, a broadcast and a real weight batch, every
+nibble value, and 2:4 positions that are not sorted or distinct (unvalidated data)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from tests._check import DTYPES, assert_close, scale_for
+from tests.ops.test_int4 import ops_of, tokens, weight_of
+
+# (tokens, K, N, group): one vector of outputs and less, a task's 64 and a ragged tail, several
+# tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70.
+SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
+          (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["dense", "2:4"])
+@pytest.mark.parametrize("t,k,n,group", SHAPES)
+def test_every_isa_against_the_reference(isa, form, t, k, n, group, dtype):
+    fwd, bwd, fwd_ref, bwd_ref = ops_of(form)
+    weight = weight_of(form, k, n, group, batch=2, dtype=dtype, sorted_positions=False)
+    x, dy = tokens(1, t, k, dtype), tokens(2, t, n, dtype, seed=2)
+    # Weights ~0.05 x codes up to 8: products of magnitude ~0.2 sqrt(K).
+    assert_close(fwd(x, *weight, group_size=group), fwd_ref(x, *weight, group_size=group),
+                 dtype, 0.3 * scale_for(k), err_msg=f"{isa} forward")
+    assert_close(bwd(dy, *weight, group_size=group, in_features=k),
+                 bwd_ref(dy, *weight, group_size=group, in_features=k), dtype,
+                 0.3 * scale_for(n), err_msg=f"{isa} dx")
+
+
+def test_empty_dimensions(isa):
+    for form in ("dense", "2:4"):
+        fwd, bwd, _, _ = ops_of(form)
+        weight = weight_of(form, 64, 8, 32)
+        assert fwd(tokens(1, 0, 64), *weight, group_size=32).shape == (1, 0, 8)
+        assert bwd(tokens(1, 0, 8), *weight, group_size=32, in_features=64).shape == (1, 0, 64)
+        empty = weight_of(form, 64, 0, 32)
+        assert fwd(tokens(1, 3, 64), *empty, group_size=32).shape == (1, 3, 0)
+        dx = bwd(jnp.zeros((1, 3, 0)), *empty, group_size=32, in_features=64)
+        assert dx.shape == (1, 3, 64) and not jnp.any(dx)
