@@ -216,7 +216,9 @@ void BackwardSparseTokens(const Ctx& c, int64_t j0, int64_t count, const float* 
       }
     }
     for (int t = 0; t < kTokens; ++t)
-      for (int s = 0; s < 4; ++s) dx[t * kRowBlock * 4 + 4 * r + s] = _mm512_reduce_add_ps(acc[s][t]);
+      for (int s = 0; s < 4; ++s) {
+        dx[t * kRowBlock * 4 + 4 * r + s] = _mm512_reduce_add_ps(acc[s][t]);
+      }
   }
 }
 

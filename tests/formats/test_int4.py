@@ -192,7 +192,8 @@ def test_gradient_in_x_through_jit_and_vmap(spec):
     assert_close(tangent, jnp.ones_like(x) @ dense, jnp.float32, 12)
     # Second order in x (through int4_matmul_t's own rules).
     hvp = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)
-    want_hvp = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(x @ dense)))(x) ** 2))(x)
+    dense_loss = lambda x: jnp.sum(jnp.sin(x @ dense))  # noqa: E731
+    want_hvp = jax.grad(lambda x: jnp.sum(jax.grad(dense_loss)(x) ** 2))(x)
     # Magnitudes reach ~500 here: the tolerance follows them (f32 sums in another order).
     assert_close(hvp, want_hvp, jnp.float32, float(jnp.max(jnp.abs(want_hvp))))
 

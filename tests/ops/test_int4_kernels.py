@@ -12,9 +12,11 @@ from tests._check import DTYPES, assert_close, scale_for
 from tests.ops.test_int4 import ops_of, tokens, weight_of
 
 # (tokens, K, N, group): one vector of outputs and less, a task's 64 and a ragged tail, several
-# tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70.
+# tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70; groups of
+# 8 over K = 200, one group per column of K = 392.
 SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
-          (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32)]
+          (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32), (3, 200, 20, 8),
+          (1, 392, 33, 392)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
