@@ -87,6 +87,28 @@ void ForwardDenseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
     for (int t = 0; t < kTokens; ++t) _mm512_store_ps(y + t * kOutBlock + 16 * v, out[v][t]);
 }
 
+// 16 outputs' 2:4 group j: its two values (u - 8, as f32) and their positions
+// (0..3) in the group, lane by lane.
+struct SparseLanes {
+  __m512 v0, v1;
+  __m512i p0, p1;
+};
+
+inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 mask) {
+  const int64_t n = c.p->n_out;
+  const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512i d = LoadBytes(c.qweight + j * n + o, mask);
+  const __m512i codes = _mm512_srli_epi32(LoadBytes(c.positions + (j >> 1) * n + o, mask),
+                                          static_cast<unsigned>(4 * (j & 1)));
+  SparseLanes lanes;
+  lanes.v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
+  lanes.v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
+  lanes.p0 = _mm512_and_si512(codes, three);
+  lanes.p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
+  return lanes;
+}
+
 // Products by W, 2:4 form: per 2:4 group and vector, the two values (u - 8,
 // converted) and their positions; each lane's inputs come from a permute of
 // the group's 4 inputs (x[4j .. 4j + 3] in the low 128 bits).
@@ -95,8 +117,6 @@ void ForwardSparseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float
   const Int4Problem& p = *c.p;
   const int64_t n = p.n_out, k = p.k, groups = k / p.group, per_group = p.group / 4;
   const int vecs = static_cast<int>((on + 15) / 16);
-  const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
-  const __m512i eight = _mm512_set1_epi32(8);
   for (int v = 0; v < vecs; ++v) {
     const __mmask16 mask = LaneMask(on - 16 * v);
     const int64_t o = o0 + 16 * v;
@@ -110,17 +130,11 @@ void ForwardSparseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float
           PrefetchRow(c.qweight + (j + kPrefetchRows) * n + o);
           if ((j & 1) == 0) PrefetchRow(c.positions + ((j >> 1) + kPrefetchRows) * n + o);
         }
-        const __m512i d = LoadBytes(c.qweight + j * n + o, mask);
-        const __m512 v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
-        const __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
-        const __m512i codes = _mm512_srli_epi32(LoadBytes(c.positions + (j >> 1) * n + o, mask),
-                                                static_cast<unsigned>(4 * (j & 1)));
-        const __m512i p0 = _mm512_and_si512(codes, three);
-        const __m512i p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
+        const SparseLanes w = DecodeSparse(c, j, o, mask);
         for (int t = 0; t < kTokens; ++t) {
           const __m512 xg = _mm512_castps128_ps512(_mm_loadu_ps(c.dense + (t0 + t) * k + 4 * j));
-          acc[t] = _mm512_fmadd_ps(v0, _mm512_permutexvar_ps(p0, xg), acc[t]);
-          acc[t] = _mm512_fmadd_ps(v1, _mm512_permutexvar_ps(p1, xg), acc[t]);
+          acc[t] = _mm512_fmadd_ps(w.v0, _mm512_permutexvar_ps(w.p0, xg), acc[t]);
+          acc[t] = _mm512_fmadd_ps(w.v1, _mm512_permutexvar_ps(w.p1, xg), acc[t]);
         }
       }
       const __m512 s = _mm512_maskz_loadu_ps(mask, c.scales + g * n + o);
@@ -188,8 +202,6 @@ template <int kTokens>
 void BackwardSparseTokens(const Ctx& c, int64_t j0, int64_t count, const float* dys,
                           float* dx) {
   const int64_t n = c.p->n_out;
-  const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
-  const __m512i eight = _mm512_set1_epi32(8);
   for (int64_t r = 0; r < count; ++r) {
     const int64_t j = j0 + r;
     __m512 acc[4][kTokens];
@@ -197,18 +209,14 @@ void BackwardSparseTokens(const Ctx& c, int64_t j0, int64_t count, const float* 
       for (int t = 0; t < kTokens; ++t) acc[s][t] = _mm512_setzero_ps();
     for (int64_t o = 0; o < n; o += 16) {
       const __mmask16 mask = LaneMask(n - o);
-      const __m512i d = LoadBytes(c.qweight + j * n + o, mask);
-      const __m512 v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
-      const __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
-      const __m512i codes = _mm512_srli_epi32(LoadBytes(c.positions + (j >> 1) * n + o, mask),
-                                              static_cast<unsigned>(4 * (j & 1)));
-      const __m512i p0 = _mm512_and_si512(codes, three);
-      const __m512i p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
+      const SparseLanes lanes = DecodeSparse(c, j, o, mask);
       __m512 w[4];
       for (int s = 0; s < 4; ++s) {
         const __m512i slot = _mm512_set1_epi32(s);
-        w[s] = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(p0, slot), v0),
-                             _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(p1, slot), v1));
+        const __mmask16 first = _mm512_cmpeq_epi32_mask(lanes.p0, slot);
+        const __mmask16 second = _mm512_cmpeq_epi32_mask(lanes.p1, slot);
+        w[s] = _mm512_add_ps(_mm512_maskz_mov_ps(first, lanes.v0),
+                             _mm512_maskz_mov_ps(second, lanes.v1));
       }
       for (int t = 0; t < kTokens; ++t) {
         const __m512 g = _mm512_maskz_loadu_ps(mask, dys + t * n + o);
