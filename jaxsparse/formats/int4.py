@@ -53,6 +53,7 @@ from jaxsparse.ops.int4 import (
     int4_matmul,
     int4_nm_dequantize,
     int4_nm_matmul,
+    unpack_positions,
 )
 
 QMAX = 7  # Symmetric RTN maps max |w| to 7; codes span [-8, 7].
@@ -96,10 +97,6 @@ class Int4(NamedTuple):
     def crossover_table(self) -> str:
         # No measured rows yet: the int4 kernels take every token count.
         return "INT4"
-
-    @property
-    def bits(self) -> int:
-        return 4
 
     def validate(self, where: str = "jaxsparse.Int4") -> "Int4":
         group = self.group_size
@@ -237,11 +234,6 @@ class _Int4Base(SparseFormat):
         arrays["scales"] = self.scales.astype(dtype)
         return self._unflatten(self._aux, tuple(arrays.values()))
 
-    def replace(self, **changes):
-        """A copy with some arrays replaced, validated by the constructor (every array of an int4
-        weight is frozen: replacing one re-runs its checks)."""
-        return super().replace(**changes)
-
     def dense_rows(self) -> jax.Array:
         """`todense()` as `[..., out, in]` rows."""
         return jnp.swapaxes(self.todense(), -1, -2)
@@ -249,12 +241,6 @@ class _Int4Base(SparseFormat):
     def _dense_product(self, x):
         """Dequantise, then XLA's dot (the `[in, out]` layout needs no transpose)."""
         return jnp.matmul(x, self.todense())
-
-    @property
-    def nbytes_per_weight(self) -> float:
-        """Bytes held per logical weight (codes, positions and scales)."""
-        total = np.prod(self.shape)
-        return self.nbytes / total if total else 0.0
 
     @classmethod
     def _check_spec(cls, group_size, sparsity, in_features, where):
@@ -479,11 +465,9 @@ class Int4NMWeight(_Int4Base):
 
     def mask(self) -> jax.Array:
         """`[..., in, out]` bool: True at the two stored positions of every group."""
-        p = self.positions.astype(jnp.int32)
-        codes = jnp.stack([p & 15, p >> 4], axis=-2).reshape(*self.batch_shape, -1,
-                                                              self.out_features)
+        p0, p1 = unpack_positions(self.positions, self.qweight.shape[-2])
         slot = jnp.arange(4)[:, None]
-        hit = ((codes[..., None, :] & 3) == slot) | (((codes[..., None, :] >> 2) & 3) == slot)
+        hit = (p0[..., None, :] == slot) | (p1[..., None, :] == slot)  # [..., G, 4, N]
         return hit.reshape(self.shape)
 
     def _kernel(self, x, qweight, positions, scales):

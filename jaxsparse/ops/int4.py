@@ -42,7 +42,7 @@ from jaxsparse.ops import _primitive as P
 __all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
            "int4_matmul_reference", "int4_matmul_t_reference", "int4_nm_matmul_reference",
            "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
-           "NIBBLE_OFFSET"]
+           "NIBBLE_OFFSET", "unpack_positions"]
 
 NIBBLE_OFFSET = 8  # A stored nibble u means u - 8: the int4 range [-8, 7] as unsigned 0..15.
 
@@ -77,7 +77,7 @@ def int4_nm_dequantize(qweight, positions, scales, *, group_size: int, dtype=Non
     `positions [..., K/8, N]`): each group's two values at inputs `4j + p0`, `4j + p1` (added
     where they coincide), zeros elsewhere. Pure and jittable."""
     lo, hi = _nibbles(qweight)  # [..., G, N], G = K/4 groups
-    p0, p1 = _group_positions(positions, qweight.shape[-2])
+    p0, p1 = unpack_positions(positions, qweight.shape[-2])
     slot = jnp.arange(4, dtype=jnp.int32)[:, None]  # [4, 1]: position inside the group
     ints = (jnp.where(p0[..., None, :] == slot, lo[..., None, :], 0)
             + jnp.where(p1[..., None, :] == slot, hi[..., None, :], 0))  # [..., G, 4, N]
@@ -87,9 +87,9 @@ def int4_nm_dequantize(qweight, positions, scales, *, group_size: int, dtype=Non
     return w.astype(dtype or scales.dtype)
 
 
-def _group_positions(positions, groups: int):
-    """uint8 `[..., K/8, N]` -> int32 `(p0, p1)`, each `[..., K/4, N]`: every group's two
-    positions (group 2j in the low 4 bits of byte j, group 2j+1 in the high 4)."""
+def unpack_positions(positions, groups: int):
+    """uint8 `[..., K/8, N]` -> int32 `(p0, p1)`, each `[..., groups, N]` (`groups` = K/4): every
+    2:4 group's two positions (group 2j in the low 4 bits of byte j, group 2j+1 in the high 4)."""
     p = positions.astype(jnp.int32)
     codes = jnp.stack([p & 15, p >> 4], axis=-2)  # [..., K/8, 2, N]
     codes = codes.reshape(*positions.shape[:-2], 2 * positions.shape[-2], positions.shape[-1])
