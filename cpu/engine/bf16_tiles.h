@@ -451,10 +451,9 @@ inline void TileBlock(const uint16_t* a, int64_t a_next, const uint16_t* b, int6
 
 // TileProduct with the choice at compile time.
 template <bool kLoad>
-inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
-                            int64_t b_next, int64_t out_tiles, int64_t steps, float* c,
-                            int64_t c_ld) {
-  const int64_t a_next = steps * kTileWords;
+inline void TileProductInto(const uint16_t* a, int64_t a_next, int64_t token_tiles,
+                            const uint16_t* b, int64_t b_next, int64_t out_tiles, int64_t steps,
+                            float* c, int64_t c_ld) {
   for (int64_t i = 0; i < token_tiles; i += 2) {
     const bool two_a = i + 1 < token_tiles;
     for (int64_t j = 0; j < out_tiles; j += 2) {
@@ -475,6 +474,18 @@ inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16
   }
 }
 
+// TileProduct (below) over `steps` k steps of A tiles packed for more (a k
+// block of an A packed once for all of K): token tile i's tiles start a_next
+// words after token tile i - 1's.
+inline void TileProductStrided(const uint16_t* a, int64_t a_next, int64_t token_tiles,
+                               const uint16_t* b, int64_t b_next, int64_t out_tiles,
+                               int64_t steps, float* c, int64_t c_ld, bool accumulate) {
+  if (accumulate) {
+    return TileProductInto<true>(a, a_next, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
+  }
+  TileProductInto<false>(a, a_next, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
+}
+
 // c (+)= A . B for `token_tiles` tiles of A (16 rows each, steps * 1 KB
 // apart) and `out_tiles` tiles of B (b_next words apart: steps * 1 KB when B
 // was decoded for this product, more when it is a window of B tiles packed
@@ -482,10 +493,8 @@ inline void TileProductInto(const uint16_t* a, int64_t token_tiles, const uint16
 inline void TileProduct(const uint16_t* a, int64_t token_tiles, const uint16_t* b,
                         int64_t b_next, int64_t out_tiles, int64_t steps, float* c,
                         int64_t c_ld, bool accumulate) {
-  if (accumulate) {
-    return TileProductInto<true>(a, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
-  }
-  TileProductInto<false>(a, token_tiles, b, b_next, out_tiles, steps, c, c_ld);
+  TileProductStrided(a, steps * kTileWords, token_tiles, b, b_next, out_tiles, steps, c, c_ld,
+                     accumulate);
 }
 
 // TileProduct of a B decoded for this product (its tiles steps * 1 KB apart).

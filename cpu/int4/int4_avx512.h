@@ -109,6 +109,18 @@ inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 ma
   return lanes;
 }
 
+// A 2:4 group's 4 inputs' weights lane by lane from its two values v0, v1
+// (as decoded, or scaled): each input gets the value whose position it is,
+// else zero. Added, not chosen: unvalidated positions may name one input
+// twice, and the reference then sums both values there.
+inline void SpreadGroup(const SparseLanes& lanes, __m512 v0, __m512 v1, __m512* w) {
+  for (int q = 0; q < 4; ++q) {
+    const __m512i slot = _mm512_set1_epi32(q);
+    w[q] = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(lanes.p0, slot), v0),
+                         _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(lanes.p1, slot), v1));
+  }
+}
+
 // Products by W, 2:4 form: per 2:4 group and vector, the two values (u - 8,
 // converted) and their positions; each lane's inputs come from a permute of
 // the group's 4 inputs (x[4j .. 4j + 3] in the low 128 bits).
@@ -195,9 +207,8 @@ void BackwardDenseTokens(const Ctx& c, int64_t i0, int64_t rows, const float* dy
   }
 }
 
-// The 2:4 form: per group, each of the 4 inputs' weights along the outputs is
-// the value whose position is that input (zero where none is): two masked
-// moves per input, then an FMA per token, and a horizontal sum per input.
+// The 2:4 form: per group, each of the 4 inputs' weights along the outputs
+// (SpreadGroup), then an FMA per token, and a horizontal sum per input.
 template <int kTokens>
 void BackwardSparseTokens(const Ctx& c, int64_t j0, int64_t count, const float* dys,
                           float* dx) {
@@ -211,13 +222,7 @@ void BackwardSparseTokens(const Ctx& c, int64_t j0, int64_t count, const float* 
       const __mmask16 mask = LaneMask(n - o);
       const SparseLanes lanes = DecodeSparse(c, j, o, mask);
       __m512 w[4];
-      for (int s = 0; s < 4; ++s) {
-        const __m512i slot = _mm512_set1_epi32(s);
-        const __mmask16 first = _mm512_cmpeq_epi32_mask(lanes.p0, slot);
-        const __mmask16 second = _mm512_cmpeq_epi32_mask(lanes.p1, slot);
-        w[s] = _mm512_add_ps(_mm512_maskz_mov_ps(first, lanes.v0),
-                             _mm512_maskz_mov_ps(second, lanes.v1));
-      }
+      SpreadGroup(lanes, lanes.v0, lanes.v1, w);
       for (int t = 0; t < kTokens; ++t) {
         const __m512 g = _mm512_maskz_loadu_ps(mask, dys + t * n + o);
         for (int s = 0; s < 4; ++s) acc[s][t] = _mm512_fmadd_ps(w[s], g, acc[s][t]);

@@ -176,7 +176,21 @@ inline void BackwardSparseScalar(const Ctx& c, int64_t j0, int64_t count, int nt
 }  // namespace jaxsparse
 
 #ifdef JAXSPARSE_INT4_AVX512
+#include "cpu/common/simd_avx512.h"
 #include "cpu/int4/int4_avx512.h"
+#include "cpu/int4/int4_panel_avx512.h"
+#else
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_INT4_ISA {
+namespace int4 {
+// Without AVX-512 every product streams the weight (no panel path).
+constexpr int64_t kPanelWorkFloats = 0;
+inline bool UsePanels(const Int4Problem&) { return false; }
+}  // namespace int4
+}  // namespace JAXSPARSE_INT4_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
 #endif
 
 namespace jaxsparse {
@@ -248,8 +262,9 @@ void BackwardTask(void* ctx, int64_t task, int worker) {
 #undef JAXSPARSE_INT4_BLOCK
 
 // ---------------------------------------------------------------- drivers
-// Scratch: the widened dense operand, the scales, the group sums of x, and the
-// dx tasks' scaled dy per worker.
+// Scratch: the widened dense operand (bf16/f16 only: f32 is read in place),
+// the scales, the group sums of x, and per worker the dx tasks' scaled dy or
+// the panels' decoded block and accumulators.
 struct Scratch {
   float* dense;
   float* scales;
@@ -258,19 +273,36 @@ struct Scratch {
 };
 
 inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_cols,
-                        Scratch* s) {
+                        bool panels, Scratch* s) {
   const int64_t groups = p.k / p.group;
-  const int64_t dense = p.tokens * dense_cols, scales = groups * p.n_out;
-  const int64_t xsum = p.tokens * groups;
-  const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * kTokenBlock * p.n_out;
+  const int64_t dense = p.dtype == Dtype::kF32 ? 0 : p.tokens * dense_cols;
+  const int64_t scales = groups * p.n_out;
+  const int64_t xsum = panels ? 0 : p.tokens * groups;
+  const int64_t per_worker = panels ? kPanelWorkFloats : kTokenBlock * p.n_out;
+  const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
+  // 16 floats of slack after each part keep the next 64-byte aligned.
   const int64_t total = dense + scales + xsum + work + 64;
   float* base = static_cast<float*>(rt.scratch(rt.scratch_owner, total * sizeof(float)));
   if (base == nullptr) return false;
+  auto aligned = [](float* f) { return f + (-reinterpret_cast<intptr_t>(f) / 4 & 15); };
   s->dense = base;
-  s->scales = s->dense + dense;
-  s->xsum = s->scales + scales;
-  s->work = s->xsum + xsum;
+  s->scales = aligned(s->dense + dense);
+  s->xsum = aligned(s->scales + scales);
+  s->work = aligned(s->xsum + xsum);
   return true;
+}
+
+// The group sums of x that the streaming dense forward subtracts 8 times.
+inline void GroupSums(const Int4Problem& p, const float* x, float* xsum) {
+  const int64_t groups = p.k / p.group;
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + t * p.k + g * p.group;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < p.group; ++i) sum += xg[i];
+      xsum[t * groups + g] = sum;
+    }
+  }
 }
 
 template <bool kSparse, bool kTransposed>
@@ -283,38 +315,37 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
     std::memset(p.out, 0, p.batch * p.tokens * out_cols * size);
     return true;
   }
+  const bool panels = !kTransposed && UsePanels(p);
   Scratch s;
-  if (!TakeScratch(p, rt, dense_cols, &s)) return false;
+  if (!TakeScratch(p, rt, dense_cols, panels, &s)) return false;
   const int64_t groups = p.k / p.group;
-  const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
   for (int64_t b = 0; b < p.batch; ++b) {
-    Widen(Offset(p.dense, b * p.dense_stride, p.dtype), p.dtype, p.tokens * dense_cols,
-          s.dense);
+    const void* dense = Offset(p.dense, b * p.dense_stride, p.dtype);
+    if (p.dtype != Dtype::kF32) Widen(dense, p.dtype, p.tokens * dense_cols, s.dense);
     Widen(Offset(p.scales, b * p.scales_stride, p.dtype), p.dtype, groups * p.n_out, s.scales);
     Ctx c{};
     c.p = &p;
-    c.dense = s.dense;
+    c.dense = p.dtype == Dtype::kF32 ? static_cast<const float*>(dense) : s.dense;
     c.scales = s.scales;
     c.xsum = s.xsum;
     c.work = s.work;
     c.qweight = p.qweight + b * p.weight_stride;
     c.positions = kSparse ? p.positions + b * p.positions_stride : nullptr;
     c.out = const_cast<void*>(Offset(p.out, b * p.tokens * out_cols, p.dtype));
-    if (!kTransposed && !kSparse) {
-      for (int64_t t = 0; t < p.tokens; ++t) {
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* x = s.dense + t * p.k + g * p.group;
-          float sum = 0.0f;
-          for (int64_t i = 0; i < p.group; ++i) sum += x[i];
-          s.xsum[t * groups + g] = sum;
-        }
-      }
-    }
     if (kTransposed) {
       const int64_t unit_per_group = kSparse ? p.group / 4 : p.group;
+      const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
       c.out_blocks = groups * ((unit_per_group + kRowBlock - 1) / kRowBlock);
       rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &BackwardTask<kSparse>, &c);
+#ifdef JAXSPARSE_INT4_AVX512
+    } else if (panels) {
+      const int64_t token_blocks = (p.tokens + kPanelTokens - 1) / kPanelTokens;
+      c.out_blocks = (p.n_out + kPanelOut - 1) / kPanelOut;
+      rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &PanelTask<kSparse>, &c);
+#endif
     } else {
+      if (!kSparse) GroupSums(p, c.dense, s.xsum);
+      const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
       c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
       rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &ForwardTask<kSparse>, &c);
     }

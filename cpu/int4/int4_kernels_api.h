@@ -41,6 +41,10 @@ struct Int4KernelTable {
 extern const Int4KernelTable kInt4KernelsPortable;
 extern const Int4KernelTable kInt4KernelsAvx2;
 extern const Int4KernelTable kInt4KernelsAvx512;
+// The AVX-512 kernels plus bf16 products on the engine's tiles (int4_tiles.h):
+// vdpbf16ps, or AMX; built when the compiler knows the AMX flags.
+extern const Int4KernelTable kInt4KernelsAvx512Bf16;
+extern const Int4KernelTable kInt4KernelsAmx;
 
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -17,7 +17,7 @@ namespace jaxsparse {
 namespace cpu {
 namespace {
 
-const Int4KernelTable& Kernels() { return JAXSPARSE_TABLE_FOR_CURRENT_ISA(kInt4Kernels); }
+const Int4KernelTable& Kernels() { return JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(kInt4Kernels); }
 
 Int4Problem Problem(const int4_check::Operands& o, int64_t k, int64_t n_out,
                     int32_t group) {

@@ -149,18 +149,20 @@ FORMAT_TABLES: dict[str, dict] = {
     # jax 0.12 (benchmarks/bench.py, 4096x4096). On a 2-core Intel Xeon with AMX, bf16 runs on
     # the tiles from 32 tokens: 1.5-1.9x (64:2:8) and 2.5-3.1x (128:2:16) over XLA's AMX dot at
     # 32-2048 tokens, 1.9-24x over the dense path. No table: always the kernel.
-    # int4 (`Int4.crossover_table`): its kernels stream the nibbles with outputs in vector
-    # lanes, decoding each byte once per 4 tokens; until the many-token product runs on the
-    # engine, the dense path (dequantise, XLA's dot) takes over where it is faster. Measured on
-    # a 2-core AMD Zen 4 (AVX512-BF16, no AMX), jax 0.12, 4096x4096 g128 (docs/cpu_speed_notes.md,
-    # int4 first round): f32 kernel 1.26x / 0.72x / 0.67x of XLA's dot at 16 / 128 / 2048
-    # tokens, dense path 0.21x / 0.54x / 0.95x; bf16 kernel 0.79x / 0.40x / 0.36x, dense path
-    # 0.21x / 0.49x / 0.92x; int4 + 2:4 alike (f32 0.93x / 0.94x at 128 / 2048 on the kernel).
-    # XLA's f16 dot has no fast CPU path: the kernel everywhere.
+    # int4 (`Int4.crossover_table`): its AVX-512 kernels stream the nibbles at few tokens and,
+    # from 16 tokens, dequantise 64-output panels once per block of tokens into the f32 FMA
+    # engine's micro-kernel, or (bf16, on avx512bf16 and amx) into the engine's bf16 tiles.
+    # Measured on a 2-core AMD Zen 4 (AVX512-BF16, no AMX), jax 0.12, 4096x4096 g128
+    # (`benchmarks/int4_probe.py`, docs/cpu_speed_notes.md "int4, second round"): f32 1.47x /
+    # 1.07x / 1.07x of XLA's dot at 16 / 128 / 2048 tokens, bf16 1.17x / 1.01x / 1.07x, int4 + 2:4
+    # alike; the dense path (dequantise, XLA's dot) was 0.21-0.95x. So the kernel everywhere,
+    # except where the tiles are not built (plain AVX-512: bf16 on the f32 panels, 0.56x of an
+    # AVX512-BF16 dot at 128 tokens) and the scalar units (avx2, portable), which keep the rows
+    # measured before the panels: the dense path past them.
     "INT4": {
-        ("avx512", "float32"): ((1.0, 511),),
         ("avx512", "bfloat16"): ((1.0, 63),),
-        ("avx512", "float16"): ((1.0, _ALWAYS),),
+        ("avx512bf16", "bfloat16"): ((1.0, _ALWAYS),),
+        ("amx", "bfloat16"): ((1.0, _ALWAYS),),
         ("avx2", "float32"): ((1.0, 511),),
         ("avx2", "bfloat16"): ((1.0, 63),),
         ("portable", "float32"): ((1.0, 63),),

@@ -13,16 +13,22 @@ from tests.ops.test_int4 import ops_of, tokens, weight_of
 
 # (tokens, K, N, group): one vector of outputs and less, a task's 64 and a ragged tail, several
 # tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70; groups of
-# 8 over K = 200, one group per column of K = 392.
+# 8 over K = 200, one group per column of K = 392. From 16 tokens on, products by W take the
+# panel path (int4_panel_avx512.h): blocks of 128 inputs and a ragged one (K = 200, 136), a
+# panel's 64 outputs and a ragged one (N = 130), two token blocks of 384 and a ragged one (390).
 SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
           (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32), (3, 200, 20, 8),
-          (1, 392, 33, 392)]
+          (1, 392, 33, 392), (20, 200, 130, 8), (390, 136, 20, 8)]
 
 
 # bf16 and f16 operands are widened to f32 once per call by code every ISA shares: three shapes
 # (a ragged tail, the 4-token block, many tokens) check them, the rest run in f32.
+# bf16 at 16+ tokens takes the engine's tiles in the avx512bf16 and amx units (int4_tiles.h):
+# the last shape has three k blocks (16, 16, 1 steps), two token blocks and two panel groups,
+# each with a ragged tail.
 CASES = [(*shape, jnp.float32) for shape in SHAPES] + [
-    (*shape, dtype) for shape in (SHAPES[1], SHAPES[3], SHAPES[6]) for dtype in DTYPES[1:]]
+    (*shape, dtype) for shape in (SHAPES[1], SHAPES[3], SHAPES[9]) for dtype in DTYPES[1:]] + [
+    (260, 1056, 290, 32, jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("form", ["dense", "2:4"])
