@@ -18,13 +18,16 @@ demo: $(VENV)/.installed
 
 # The second run puts the op tests onto the CUDA kernels, executed by the SIMT emulator (the
 # tests that call the CPU targets by name, and the ops with no CUDA kernel yet - the engine's
-# int8 product, int4 - are not changed by it, so they run once).
+# int8 product, the canonical int4 ones - are not changed by it, so they run once; the MARLIN
+# primitives' tests take the emulated lowering there; tests run per CPU ISA take the
+# default ISA only there: tests/conftest.py).
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -n 2 --doctest-modules jaxsparse tests
 	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 tests/ops tests/test_ffi.py \
+		tests/cuda/test_emulated_int4.py \
 		--ignore=tests/ops/test_vnm_kernels.py --ignore=tests/ops/test_engine.py \
 		--ignore=tests/ops/test_int4.py --ignore=tests/ops/test_int4_ffi.py \
-		--ignore=tests/ops/test_int4_kernels.py
+		--ignore=tests/ops/test_int4_kernels.py --ignore=tests/ops/test_int4_a8.py
 
 clean:
 	rm -rf build .venv .venv312

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_roofline.py            # the markdown tables of docs/gpu_kernels.md
     python benchmarks/gpu_roofline.py --vnm      # the V:N:M tables
+    python benchmarks/gpu_roofline.py --marlin   # the int4 MARLIN tables (dense and 2:4)
 
 Per kernel and shape: the FLOPs (dense-equivalent 2*T*K*N) and the bytes each kernel must move at
 least once (its operands and result), and the roofline time max(math / peak, bytes / bandwidth) with
@@ -92,6 +93,54 @@ def vnm_table(gpu):
     return "\n".join(rows)
 
 
+MARLIN_SHAPES = [(4096, 4096), (4096, 11008)]
+MARLIN_GROUP = 128
+
+
+def marlin_token_tile(t):
+    """The MARLIN kernel's token tile (cuda/int4/int4_ops.cu): 16, 32, then 64 tokens."""
+    return 16 if t <= 16 else 32 if t <= 32 else 64
+
+
+def marlin_forward(t, k, n, group_size=MARLIN_GROUP):
+    """int4 x bf16/f16 on dense tensor cores (cuda/int4/int4_marlin.cuh): math for whole token
+    tiles; bytes: x (2TK), the packed codes (KN/2), the group scales (2 KN/g), y (2TN). The
+    dequantisation (about 2 CUDA-core instructions per weight and token tile, interleaved with the
+    MMAs) is not on the roofline: at 2048 tokens it is ~1/4 of the tensor-core time on A100."""
+    tile = marlin_token_tile(t)
+    executed = 2 * (-(-t // tile) * tile) * k * n
+    bytes_ = 2 * t * k + k * n / 2 + 2 * (k // group_size) * n + 2 * t * n
+    return 2 * t * k * n, executed, bytes_
+
+
+def marlin_nm_forward(t, k, n, group_size=MARLIN_GROUP):
+    """int4 + 2:4 on the sparse tensor cores (cuda/int4/int4_marlin_nm.cuh): math for whole 16- or
+    32-token tiles at the sparse rate; bytes: x, the kept codes (KN/4), the metadata (KN/8), the
+    group scales, y."""
+    tile = 16 if t <= 16 else 32
+    executed = 2 * (-(-t // tile) * tile) * k * n
+    bytes_ = 2 * t * k + k * n / 4 + k * n / 8 + 2 * (k // group_size) * n + 2 * t * n
+    return 2 * t * k * n, executed, bytes_
+
+
+def marlin_table(gpu):
+    g = GPUS[gpu]
+    rows = ["| T | K x N | dense fp16 (cuBLAS roofline) | int4 MARLIN (g128) | ratio | "
+            "int4 + 2:4 (mma.sp, g128) | ratio |", "|---|---|---|---|---|---|---|"]
+    for t in TOKENS:
+        for k, n in MARLIN_SHAPES:
+            _, ex, by = dense(t, k, n)
+            t_dense = max(ex / g["tc"], by / g["hbm"])
+            _, ex, by = marlin_forward(t, k, n)
+            t_marlin = roofline(gpu, ex, by, sparse_tc=False)
+            _, ex, by = marlin_nm_forward(t, k, n)
+            t_nm = roofline(gpu, ex, by, sparse_tc=True)
+            rows.append(f"| {t} | {k} x {n} | {t_dense * 1e6:.1f} us | {t_marlin * 1e6:.1f} us | "
+                        f"{t_dense / t_marlin:.2f}x | {t_nm * 1e6:.1f} us | "
+                        f"{t_dense / t_nm:.2f}x |")
+    return "\n".join(rows)
+
+
 def roofline(gpu, executed, bytes_, sparse_tc, tensor_cores=True):
     g = GPUS[gpu]
     peak = (g["tc_sparse"] if sparse_tc else g["tc"]) if tensor_cores else g["fma"]
@@ -118,8 +167,9 @@ def table(gpu):
 if __name__ == "__main__":
     import sys
 
-    vnm = "--vnm" in sys.argv[1:]
+    vnm, marlin = "--vnm" in sys.argv[1:], "--marlin" in sys.argv[1:]
     for gpu in GPUS:
-        print(f"### {gpu}{', V:N:M' if vnm else ''} (predicted)\n")
-        print(vnm_table(gpu) if vnm else table(gpu))
+        label = ", V:N:M" if vnm else ", int4 MARLIN" if marlin else ""
+        print(f"### {gpu}{label} (predicted)\n")
+        print(vnm_table(gpu) if vnm else marlin_table(gpu) if marlin else table(gpu))
         print()

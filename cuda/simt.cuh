@@ -279,6 +279,81 @@ JAXSPARSE_DEV void CpAsyncWait() {
 
 enum class MmaType { kBf16, kF16 };
 
+// ------------------------------------------------------------ per-thread bit and 16-bit arithmetic
+
+// lop3.b32: any 3-input bitwise function in one instruction; bit i of the
+// result is bit ((a_i << 2) | (b_i << 1) | c_i) of the truth table kImm.
+// (0xf0 & 0xcc) | 0xaa, for instance, is (a & b) | c: the mask-and-or of the
+// int4 dequantisation in one instruction instead of two.
+template <uint32_t kImm>
+JAXSPARSE_DEV uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c) {
+  static_assert(kImm <= 0xff, "lop3 takes an 8-bit truth table");
+#if defined(__CUDACC__)
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(kImm));
+  return d;
+#else
+  return emu::Lop3(a, b, c, kImm);
+#endif
+}
+
+// Two 16-bit floats per register (element 0 in bits 0-15), rounded to
+// nearest even, subnormals kept. f16 uses {sub,mul,fma}.rn.f16x2 (sm_53+).
+// bf16 sub and mul exist only from sm_90, so both are fma.rn.bf16x2 (sm_80):
+// a * 1 + (-b) and a * b + (-0), the same single rounding; the sign flip of b
+// is an XOR of the sign bits, exact for every value.
+constexpr uint32_t kBf16x2One = 0x3f803f80u;
+constexpr uint32_t kSignBits16x2 = 0x80008000u;
+
+template <MmaType kType>
+JAXSPARSE_DEV uint32_t Fma16x2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDACC__)
+  uint32_t d;
+  if constexpr (kType == MmaType::kBf16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+#else
+  return emu::Packed16(kType == MmaType::kBf16 ? emu::MmaType::kBf16 : emu::MmaType::kF16,
+                       emu::PackedOp::kFma, a, b, c);
+#endif
+}
+
+template <MmaType kType>
+JAXSPARSE_DEV uint32_t Sub16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDACC__)
+  if constexpr (kType == MmaType::kBf16) {
+    return Fma16x2<kType>(a, kBf16x2One, b ^ kSignBits16x2);
+  } else {
+    uint32_t d;
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+#else
+  return emu::Packed16(kType == MmaType::kBf16 ? emu::MmaType::kBf16 : emu::MmaType::kF16,
+                       emu::PackedOp::kSub, a, b, 0);
+#endif
+}
+
+template <MmaType kType>
+JAXSPARSE_DEV uint32_t Mul16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDACC__)
+  if constexpr (kType == MmaType::kBf16) {
+    return Fma16x2<kType>(a, b, kSignBits16x2);
+  } else {
+    uint32_t d;
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+#else
+  return emu::Packed16(kType == MmaType::kBf16 ? emu::MmaType::kBf16 : emu::MmaType::kF16,
+                       emu::PackedOp::kMul, a, b, 0);
+#endif
+}
+
+
 // The f32 accumulator layout of an m16n8 tile (PTX ISA): register i of lane
 // 4g + t holds row g + 8 * (i >> 1), column 2t + (i & 1). Calls
 // f(row, column, value) for a warp's kTiles n8 tiles side by side (column +

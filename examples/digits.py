@@ -64,7 +64,7 @@ LEARNING_RATE = 1e-3
 SWEEP = (jsp.NM(1, 4), jsp.NM(2, 4), jsp.NM(2, 8), jsp.NM(4, 8))
 VNM_SWEEP = (jsp.VNM(64, 2, 8), jsp.VNM(128, 2, 16), jsp.VNM(64, 2, 32))
 MIN_DENSE_ACCURACY = 0.9
-INT4_SPECS = (jsp.Int4(128), jsp.Int4(128, jsp.NM(2, 4)))
+INT4_SPECS = (jsp.Int4(128), jsp.Int4(128, jsp.NM(2, 4)), jsp.Int4(128, activations="int8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +240,7 @@ def int4_row(dense, spec: jsp.Int4, data: Data, settings: Settings) -> Row:
     """Quantise every layer by round-to-nearest (layers whose inputs the group does not divide:
     one scale per column), then fine-tune the biases: the codes and scales are frozen."""
     quantised = jsp.nn.sparsify(dense, spec)
-    quantised = jsp.nn.sparsify(quantised, jsp.Int4(None, spec.sparsity))  # The 64-pixel layer.
+    quantised = jsp.nn.sparsify(quantised, spec._replace(group_size=None))  # The 64-pixel layer.
     trained = train(quantised, data, settings.finetune_steps, f"int4 {spec}")
     return checked_row(
         Row("int4 RTN", spec, trained.model, trained, accuracy(trained.model, data),

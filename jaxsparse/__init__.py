@@ -15,6 +15,8 @@ from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_i
 from jaxsparse.formats import (
     NM,
     Int4,
+    Int4MarlinWeight,
+    Int4NMMarlinWeight,
     Int4NMWeight,
     Int4Weight,
     VNM,
@@ -34,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Int4",
+    "Int4MarlinWeight",
+    "Int4NMMarlinWeight",
     "Int4NMWeight",
     "Int4Weight",
     "NM",

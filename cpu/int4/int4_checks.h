@@ -104,6 +104,52 @@ inline xla::ffi::Error CheckMatmulT(const Validator& val, int32_t group,
   return CheckWeight(val, group, o->result.cols, o->dense.cols, o);
 }
 
+// y = dequant(xq) @ W on int8 activations (int4_a8_matmul):
+//   xq [Bx, T, K] int8, x_scales [Bx, T, K/g] f32, x_sums [Bx, T, K/g] int32,
+//   qweight [Bw, K/2, N], scales [Bw, K/g, N] -> y [B, T, N] in the scales'
+//   dtype; K and g multiples of 4 (whole quads of inputs per group).
+struct A8Operands {
+  Operand3 x_scales, x_sums;
+  Operands w;  // w.dense is xq
+};
+
+inline xla::ffi::Error CheckA8Matmul(const Validator& val, int32_t group,
+                                     const xla::ffi::AnyBuffer& xq,
+                                     const xla::ffi::AnyBuffer& x_scales,
+                                     const xla::ffi::AnyBuffer& x_sums,
+                                     const xla::ffi::AnyBuffer& qweight,
+                                     const xla::ffi::AnyBuffer& scales,
+                                     const xla::ffi::AnyBuffer& y, A8Operands* o) {
+  Operands& w = o->w;
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("xq", xq, &w.dense));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("x_scales", x_scales, &o->x_scales));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("x_sums", x_sums, &o->x_sums));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("qweight", qweight, &w.qweight));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("scales", scales, &w.scales));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("y", y, &w.result));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(w.dense, xla::ffi::DataType::S8));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->x_scales, xla::ffi::DataType::F32));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->x_sums, xla::ffi::DataType::S32));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&w.scales, &w.result}));
+  const int64_t k = w.dense.cols;
+  JAXSPARSE_RETURN_IF_ERROR(CheckWeight(val, group, k, w.result.cols, &w));
+  if (k % 4 != 0 || group % 4 != 0) {
+    return val.Fail("K = " + std::to_string(k) + " and attribute group_size = " +
+                    std::to_string(group) + " must be multiples of 4 (whole input quads)");
+  }
+  for (const Operand3* info : {&o->x_scales, &o->x_sums}) {
+    JAXSPARSE_RETURN_IF_ERROR(val.Dim(std::string(info->name) + ".shape[0]", info->batch,
+                                      "xq.shape[0]", w.dense.batch));
+    JAXSPARSE_RETURN_IF_ERROR(val.Dim(std::string(info->name) + ".shape[1] (T)", info->rows,
+                                      "xq.shape[1]", w.dense.rows));
+    JAXSPARSE_RETURN_IF_ERROR(val.Dim(std::string(info->name) + ".shape[2] (K/group_size)",
+                                      info->cols, "K/group_size", k / group));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("y.shape[1] (T)", w.result.rows, "xq.shape[1]",
+                                    w.dense.rows));
+  return val.Batch({&w.dense, &w.qweight}, w.result);
+}
+
 }  // namespace int4_check
 }  // namespace jaxsparse
 

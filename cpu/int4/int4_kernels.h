@@ -40,6 +40,9 @@ struct Ctx {
   const float* dense;     // x [T, K] or dy [T, N], f32
   const float* scales;    // [G, N], f32
   const float* xsum;      // [T, G]: x summed over each group (dense forward)
+  const void* dense_raw;  // int8 activations: xq [T, K] as stored
+  const float* x_scales;  // int8 activations: [T, G] per token and group
+  const int32_t* x_sums;  // int8 activations: [T, G] sums of the codes
   const uint8_t* qweight;
   const uint8_t* positions;
   void* out;              // this batch entry's result
@@ -166,6 +169,42 @@ inline void BackwardSparseScalar(const Ctx& c, int64_t j0, int64_t count, int nt
         acc[p1] += static_cast<float>((byte >> 4) - 8) * dys[t * n + o];
       }
       for (int s = 0; s < 4; ++s) dx[t * kRowBlock * 4 + 4 * r + s] = acc[s];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int8 activations
+// Where input i of a quad sits in xq: quads are stored (0, 2, 1, 3), the order
+// of the decoded weight dwords (int4_avx512.h's A8Dword); the swap is its own
+// inverse.
+inline int64_t A8Slot(int64_t i) {
+  const int64_t r = i & 3;
+  return (i & ~int64_t{3}) + (r == 1 ? 2 : r == 2 ? 1 : r);
+}
+
+// y[t0 + t][o0 + o] on int8 activations: per group the exact integer dot
+// sum u xq - 8 sum xq, then times the token's and the output's scales.
+inline void ForwardA8Scalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                            float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group;
+  const int8_t* xq = static_cast<const int8_t*>(c.dense_raw);
+  for (int t = 0; t < nt; ++t) {
+    const int8_t* x = xq + (t0 + t) * k;
+    const float* sx = c.x_scales + (t0 + t) * groups;
+    const int32_t* sums = c.x_sums + (t0 + t) * groups;
+    for (int64_t o = 0; o < on; ++o) {
+      float sum = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t dot = 0;
+        for (int64_t i = g * p.group; i < (g + 1) * p.group; i += 2) {
+          const int byte = c.qweight[(i >> 1) * n + o0 + o];
+          dot += (byte & 15) * x[A8Slot(i)] + (byte >> 4) * x[A8Slot(i + 1)];
+        }
+        dot -= 8 * sums[g];
+        sum += c.scales[g * n + o0 + o] * (sx[g] * static_cast<float>(dot));
+      }
+      y[t * kOutBlock + o] = sum;
     }
   }
 }
@@ -353,6 +392,60 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
   return true;
 }
 
+// ---------------------------------------------------------------- int8 activations
+// The int8-activation forward's block: VNNI's vpdpbusd where the unit has it,
+// else the scalar block (exact integer dots either way).
+inline void ForwardA8Block(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt, float* y) {
+#if defined(JAXSPARSE_INT4_AVX512) && defined(__AVX512VNNI__)
+  ForwardA8Avx512Vnni(c, o0, on, t0, nt, y);
+#else
+  ForwardA8Scalar(c, o0, on, t0, nt, y);
+#endif
+}
+
+inline void A8Task(void* ctx, int64_t task, int /*worker*/) {
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const Int4Problem& p = *c.p;
+  const int64_t o0 = (task % c.out_blocks) * kOutBlock;
+  const int64_t t0 = (task / c.out_blocks) * kTokenBlock;
+  const int64_t on = std::min(kOutBlock, p.n_out - o0);
+  const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
+  alignas(64) float y[kTokenBlock * kOutBlock];
+  ForwardA8Block(c, o0, on, t0, nt, y);
+  for (int t = 0; t < nt; ++t) {
+    Store(c.out, p.dtype, (t0 + t) * p.n_out + o0, y + t * kOutBlock, on);
+  }
+}
+
+// y = x @ W on int8 activations: tasks of 64 outputs by 4 tokens, as the
+// streaming forward; the weight's scales widened to f32 once per call.
+inline bool RunA8(const Int4Problem& p, const Runtime& rt) {
+  if (p.tokens == 0 || p.n_out == 0) return true;
+  if (p.k == 0) {
+    std::memset(p.out, 0, p.batch * p.tokens * p.n_out * (p.dtype == Dtype::kF32 ? 4 : 2));
+    return true;
+  }
+  const int64_t groups = p.k / p.group;
+  float* scales = static_cast<float*>(
+      rt.scratch(rt.scratch_owner, static_cast<size_t>(groups * p.n_out) * sizeof(float)));
+  if (scales == nullptr) return false;
+  const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    Widen(Offset(p.scales, b * p.scales_stride, p.dtype), p.dtype, groups * p.n_out, scales);
+    Ctx c{};
+    c.p = &p;
+    c.scales = scales;
+    c.dense_raw = static_cast<const int8_t*>(p.dense) + b * p.dense_stride;
+    c.x_scales = p.x_scales + b * p.x_group_stride;
+    c.x_sums = p.x_sums + b * p.x_group_stride;
+    c.qweight = p.qweight + b * p.weight_stride;
+    c.out = const_cast<void*>(Offset(p.out, b * p.tokens * p.n_out, p.dtype));
+    c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
+    rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &A8Task, &c);
+  }
+  return true;
+}
+
 }  // namespace int4
 
 inline Int4KernelTable MakeInt4Table() {
@@ -361,6 +454,7 @@ inline Int4KernelTable MakeInt4Table() {
   table.matmul_t = &int4::Run<false, true>;
   table.nm_matmul = &int4::Run<true, false>;
   table.nm_matmul_t = &int4::Run<true, true>;
+  table.a8_matmul = &int4::RunA8;
   return table;
 }
 

@@ -27,6 +27,13 @@ struct Int4Problem {
   int64_t positions_stride;
   int64_t scales_stride;          // elements
   void* out;  // [B, T, N] or [B, T, K]
+  // The int8-activation product (a8_matmul): `dense` is xq [B, T, K] int8,
+  // each quad of inputs stored in the order (0, 2, 1, 3) that the decoded
+  // weight dwords take (int4_checks.h); per token and group of K/group its
+  // scale (f32) and the sum of its codes (int32), [B, T, K/group] each.
+  const float* x_scales;
+  const int32_t* x_sums;
+  int64_t x_group_stride;  // elements of x_scales / x_sums per batch entry; 0 when broadcast
 };
 
 using Int4KernelFn = bool (*)(const Int4Problem& problem, const Runtime& rt);
@@ -36,6 +43,7 @@ struct Int4KernelTable {
   Int4KernelFn matmul_t;     // dx = dy @ W^T
   Int4KernelFn nm_matmul;    // the same for int4 + 2:4
   Int4KernelFn nm_matmul_t;
+  Int4KernelFn a8_matmul;    // y = x @ W on int8-quantised activations (dense int4)
 };
 
 extern const Int4KernelTable kInt4KernelsPortable;

@@ -92,6 +92,20 @@ ffi::Error NmMatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer
                  &positions, scales, group_size, dx);
 }
 
+ffi::Error A8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::AnyBuffer x_scales,
+                        ffi::AnyBuffer x_sums, ffi::AnyBuffer qweight, ffi::AnyBuffer scales,
+                        int32_t group_size, ffi::Result<ffi::AnyBuffer> y) {
+  const Validator val("jaxsparse_int4_a8_matmul");
+  int4_check::A8Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(int4_check::CheckA8Matmul(val, group_size, xq, x_scales, x_sums,
+                                                      qweight, scales, *y, &o));
+  Int4Problem p = Problem(o.w, o.w.dense.cols, o.w.result.cols, group_size);
+  p.x_scales = static_cast<const float*>(o.x_scales.data());
+  p.x_sums = static_cast<const int32_t*>(o.x_sums.data());
+  p.x_group_stride = o.x_scales.BatchStride();
+  return RunKernel(val, Kernels().a8_matmul, p, pool, *y);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace jaxsparse
@@ -112,3 +126,9 @@ JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmul, "jaxsparse_int4_nm_matmul",
                      jaxsparse::cpu::NmMatmulImpl, JAXSPARSE_INT4_NM_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmulT, "jaxsparse_int4_nm_matmul_t",
                      jaxsparse::cpu::NmMatmulTImpl, JAXSPARSE_INT4_NM_BINDING);
+// int8 activations: xq, x_scales, x_sums, qweight, scales.
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4A8Matmul, "jaxsparse_int4_a8_matmul",
+                     jaxsparse::cpu::A8MatmulImpl,
+                     .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                         .Attr<int32_t>("group_size").Ret<ffi::AnyBuffer>());

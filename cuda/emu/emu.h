@@ -101,6 +101,20 @@ void CpAsyncCommit();
 // cp.async.wait_group n: lands every committed group but the newest n.
 void CpAsyncWait(int n);
 
+// ---- per-thread instructions (no rendezvous: plain functions of registers)
+// lop3.b32 d, a, b, c, imm: bit i of d is bit ((a_i << 2) | (b_i << 1) | c_i)
+// of the truth table imm.
+uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t imm);
+
+// {sub, mul, fma}.rn.{f16x2, bf16x2} on registers holding two 16-bit floats
+// (element 0 in bits 0-15): each element computed exactly and rounded once
+// to the 16-bit type, to nearest even; subnormals kept (no .ftz), signed
+// zeros as IEEE 754, a NaN result is the canonical NaN 0x7fff.
+// kSub: a - b; kMul: a * b; kFma: a * b + c (c unused otherwise).
+enum class PackedOp { kSub, kMul, kFma };
+uint32_t Packed16(MmaType type, PackedOp op, uint32_t a, uint32_t b,
+                  uint32_t c);
+
 }  // namespace jaxsparse::emu
 
 #endif  // JAXSPARSE_CUDA_EMU_EMU_H_

@@ -5,9 +5,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/emu/emu.h"
@@ -87,6 +89,71 @@ std::vector<float> Mma(const std::vector<uint32_t>& a, const std::vector<uint32_
     throw std::invalid_argument("dtype: expected 'bfloat16' or 'float16', got '" + dtype + "'");
   }
   return d;
+}
+
+// ---- per-thread instructions: n inputs, one thread each (blocks of 128).
+
+constexpr unsigned kProbeBlock = 128;
+
+dim3 ProbeGrid(size_t n) {
+  return dim3(static_cast<unsigned>((n + kProbeBlock - 1) / kProbeBlock));
+}
+
+using ProbeKernel = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int, uint32_t*);
+
+template <size_t... kImm>
+constexpr std::array<ProbeKernel, 256> Lop3Kernels(std::index_sequence<kImm...>) {
+  return {&Lop3Probe<static_cast<uint32_t>(kImm)>...};
+}
+
+void CheckOperands(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
+                   const std::vector<uint32_t>& c) {
+  if (a.empty()) throw std::invalid_argument("a: expected at least one register");
+  CheckSize(b, a.size(), "b");
+  CheckSize(c, a.size(), "c");
+}
+
+// out[i] = lop3.b32(a[i], b[i], c[i], imm), imm in 0..255.
+std::vector<uint32_t> Lop3(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
+                           const std::vector<uint32_t>& c, int imm) {
+  CheckOperands(a, b, c);
+  if (imm < 0 || imm > 255) {
+    throw std::invalid_argument("imm: expected 0..255, got " + std::to_string(imm));
+  }
+  static constexpr std::array<ProbeKernel, 256> kKernels =
+      Lop3Kernels(std::make_index_sequence<256>());
+  std::vector<uint32_t> out(a.size());
+  simt::Launch("Lop3Probe", kKernels[static_cast<size_t>(imm)], ProbeGrid(a.size()),
+               dim3(kProbeBlock), 0, nullptr, a.data(), b.data(), c.data(),
+               static_cast<int>(a.size()), out.data());
+  return out;
+}
+
+template <MmaType kType>
+ProbeKernel Packed16Kernel(const std::string& op) {
+  if (op == "sub") return &Packed16Probe<kType, PackedOp::kSub>;
+  if (op == "mul") return &Packed16Probe<kType, PackedOp::kMul>;
+  if (op == "fma") return &Packed16Probe<kType, PackedOp::kFma>;
+  throw std::invalid_argument("op: expected 'sub', 'mul' or 'fma', got '" + op + "'");
+}
+
+// out[i] = {sub, mul, fma}.rn.{f16x2, bf16x2} of a[i], b[i] (and c[i]).
+std::vector<uint32_t> Packed16(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
+                               const std::vector<uint32_t>& c, const std::string& op,
+                               const std::string& dtype) {
+  CheckOperands(a, b, c);
+  ProbeKernel kernel;
+  if (dtype == "bfloat16") {
+    kernel = Packed16Kernel<MmaType::kBf16>(op);
+  } else if (dtype == "float16") {
+    kernel = Packed16Kernel<MmaType::kF16>(op);
+  } else {
+    throw std::invalid_argument("dtype: expected 'bfloat16' or 'float16', got '" + dtype + "'");
+  }
+  std::vector<uint32_t> out(a.size());
+  simt::Launch("Packed16Probe", kernel, ProbeGrid(a.size()), dim3(kProbeBlock), 0, nullptr,
+               a.data(), b.data(), c.data(), static_cast<int>(a.size()), out.data());
+  return out;
 }
 
 template <int kNum, bool kTrans>
@@ -251,6 +318,9 @@ NB_MODULE(_cuda_emu, m) {
         nb::arg("trans"));
   m.def("shfl", &st::Shfl, nb::arg("values"), nb::arg("args"), nb::arg("mask"),
         nb::arg("active"), nb::arg("width"), nb::arg("mode"));
+  m.def("lop3", &st::Lop3, nb::arg("a"), nb::arg("b"), nb::arg("c"), nb::arg("imm"));
+  m.def("packed16", &st::Packed16, nb::arg("a"), nb::arg("b"), nb::arg("c"), nb::arg("op"),
+        nb::arg("dtype"));
   m.def("votes", &st::Votes, nb::arg("predicates"), nb::arg("mask"));
   m.def("sparse_tile", &st::SparseTile, nb::arg("a_packed"), nb::arg("metadata"), nb::arg("b"),
         nb::arg("bug") = "none");

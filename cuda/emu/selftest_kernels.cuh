@@ -57,6 +57,33 @@ __global__ void LdmatrixProbe(const uint16_t* rows, int num_rows, const int* row
   for (int j = 0; j < kNum; ++j) out[kNum * l + j] = r[j];
 }
 
+// Per thread i < n: out[i] = lop3(a[i], b[i], c[i], kImm).
+template <uint32_t kImm>
+__global__ void Lop3Probe(const uint32_t* a, const uint32_t* b, const uint32_t* c, int n,
+                          uint32_t* out) {
+  const int i = static_cast<int>(threadIdx.x + blockIdx.x * blockDim.x);
+  if (i < n) out[i] = simt::Lop3<kImm>(a[i], b[i], c[i]);
+}
+
+// The packed 16-bit arithmetic of the dequantisation, one register pair per thread.
+enum class PackedOp { kSub, kMul, kFma };
+
+// Per thread i < n: out[i] = a[i] - b[i], a[i] * b[i] or a[i] * b[i] + c[i],
+// two 16-bit elements per register.
+template <MmaType kType, PackedOp kOp>
+__global__ void Packed16Probe(const uint32_t* a, const uint32_t* b, const uint32_t* c, int n,
+                              uint32_t* out) {
+  const int i = static_cast<int>(threadIdx.x + blockIdx.x * blockDim.x);
+  if (i >= n) return;
+  if constexpr (kOp == PackedOp::kSub) {
+    out[i] = simt::Sub16x2<kType>(a[i], b[i]);
+  } else if constexpr (kOp == PackedOp::kMul) {
+    out[i] = simt::Mul16x2<kType>(a[i], b[i]);
+  } else {
+    out[i] = simt::Fma16x2<kType>(a[i], b[i], c[i]);
+  }
+}
+
 // The bugs SparseTileGemm and BlockSum can be built with.
 enum class Bug {
   kNone,

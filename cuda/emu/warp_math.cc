@@ -3,6 +3,8 @@
 // holding two 16-bit elements keeps the lower-indexed one in bits 0-15.
 #include "cuda/emu/warp_math.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cuda/emu/emu.h"
@@ -225,6 +227,103 @@ void Compute(const Collective& op, const LaneInput* inputs, LaneResult* results)
     case CollectiveKind::kMmaSp:
       return MmaSp(op, inputs, results);
   }
+}
+
+// ------------------------------------------------------------ per-thread arithmetic
+
+uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t imm) {
+  uint32_t d = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t index = (((a >> i) & 1u) << 2) | (((b >> i) & 1u) << 1) | ((c >> i) & 1u);
+    d |= ((imm >> index) & 1u) << i;
+  }
+  return d;
+}
+
+namespace {
+
+// A 16-bit float format: `mantissa` stored fraction bits, `bias`.
+struct Format16 {
+  int mantissa, bias;
+};
+constexpr Format16 kHalfFormat{10, 15};
+constexpr Format16 kBf16Format{7, 127};
+constexpr uint16_t kCanonicalNan = 0x7fff;
+
+// Rounds s + tail (|tail| at most half an ulp of the double s: the exact value
+// the double s approximates) to the 16-bit format, to nearest even. The
+// format's rounding boundaries are doubles of few bits, so the exact value is
+// on s's side of each, except when s sits exactly on a tie: then tail's sign
+// decides (double rounding would otherwise round a non-tie as a tie).
+uint16_t RoundTo16(double s, double tail, Format16 f) {
+  if (std::isnan(s)) return kCanonicalNan;
+  const uint16_t sign = std::signbit(s) ? 0x8000u : 0u;
+  const uint32_t inf = ((1u << (15 - f.mantissa)) - 1u) << f.mantissa;
+  if (std::isinf(s)) return sign | static_cast<uint16_t>(inf);
+  if (s == 0.0) return sign;
+  const double mag = std::fabs(s);
+  const double toward_larger = std::signbit(s) ? -tail : tail;  // > 0: exact |value| above mag.
+  int exponent;
+  std::frexp(mag, &exponent);  // mag = m * 2^exponent, m in [0.5, 1).
+  const int min_quantum = 1 - f.bias - f.mantissa;  // The subnormals' spacing, as a power of 2.
+  const int quantum = std::max(exponent - 1 - f.mantissa, min_quantum);
+  const double scaled = std::ldexp(mag, -quantum);  // Exact: a change of exponent.
+  auto n = static_cast<uint64_t>(scaled);
+  const double rest = scaled - static_cast<double>(n);
+  const bool up = rest > 0.5 ||
+                  (rest == 0.5 && (toward_larger > 0 || (toward_larger == 0 && (n & 1u))));
+  if (up) ++n;
+  // n * 2^quantum: n < 2^(mantissa + 1), its top bit the implicit one; a carry
+  // to 2^(mantissa + 1) moves into the exponent field by the same addition.
+  const uint64_t biased = static_cast<uint64_t>(quantum - min_quantum + 1);
+  const uint64_t bits = (biased << f.mantissa) + n - (uint64_t{1} << f.mantissa);
+  if (bits >= inf) return sign | static_cast<uint16_t>(inf);
+  return sign | static_cast<uint16_t>(bits);
+}
+
+double Value16(MmaType type, uint16_t bits) {
+  return type == MmaType::kBf16 ? Bits(static_cast<uint32_t>(bits) << 16) : HalfToFloat(bits);
+}
+
+// a * b + c for one element: the product of two 16-bit floats is exact in
+// double, the sum's rounding error exact by Knuth's TwoSum.
+uint16_t Fma16(MmaType type, uint16_t a, uint16_t b, double c) {
+  const double product = Value16(type, a) * Value16(type, b);
+  const double s = product + c;
+  double tail = 0.0;
+  if (std::isfinite(s)) {
+    const double bp = s - c, bc = s - bp;
+    tail = (product - bp) + (c - bc);
+  }
+  return RoundTo16(s, tail, type == MmaType::kBf16 ? kBf16Format : kHalfFormat);
+}
+
+uint16_t Element16(uint32_t reg, int half) {
+  return static_cast<uint16_t>(half == 0 ? reg & 0xffffu : reg >> 16);
+}
+
+}  // namespace
+
+uint32_t Packed16(MmaType type, PackedOp op, uint32_t a, uint32_t b, uint32_t c) {
+  const uint16_t one = type == MmaType::kBf16 ? 0x3f80u : 0x3c00u;
+  uint32_t d = 0;
+  for (int h = 0; h < 2; ++h) {
+    const uint16_t ea = Element16(a, h), eb = Element16(b, h);
+    uint16_t r = 0;
+    switch (op) {
+      case PackedOp::kSub:  // a * 1 - b: a - b, one rounding.
+        r = Fma16(type, ea, one, -Value16(type, eb));
+        break;
+      case PackedOp::kMul:  // a * b + (-0): keeps the product's signed zero.
+        r = Fma16(type, ea, eb, -0.0);
+        break;
+      case PackedOp::kFma:
+        r = Fma16(type, ea, eb, Value16(type, Element16(c, h)));
+        break;
+    }
+    d |= static_cast<uint32_t>(r) << (16 * h);
+  }
+  return d;
 }
 
 }  // namespace jaxsparse::emu

@@ -49,10 +49,12 @@ from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats.nm import NM, NMSparse
 from jaxsparse.ops.int4 import (
     NIBBLE_OFFSET,
+    int4_a8_matmul,
     int4_dequantize,
     int4_matmul,
     int4_nm_dequantize,
     int4_nm_matmul,
+    quantize_activations,
     unpack_positions,
 )
 
@@ -66,20 +68,25 @@ class Int4(NamedTuple):
     """The int4 spec: `Int4(group_size=128, sparsity=None)`; `sparsity=NM(2, 4)` for int4 + 2:4.
 
     `group_size` is the number of consecutive inputs that share a scale (a positive multiple of
-    8, e.g. 32, 64, 128), or None (or -1) for one group per output column. Strings: `"int4"`
-    (g128), `"int4:g64"`, `"int4:channel"`, and `"+2:4"` after any of them.
+    8, e.g. 32, 64, 128), or None (or -1) for one group per output column. `activations="int8"`
+    (dense form only) opts into int8-quantised activations: x is quantised per token and group
+    on the fly and multiplied in int32 (`jaxsparse.ops.int4_a8_matmul`), faster on CPUs with
+    AVX512-VNNI at the cost of the activations' rounding (docs/cpu_speed_notes.md). Strings:
+    `"int4"` (g128), `"int4:g64"`, `"int4:channel"`, `"+2:4"` after any of them, or `":a8"`
+    after a dense one.
 
     Example:
         >>> Int4(), Int4(64, NM(2, 4)).density
-        (Int4(group_size=128, sparsity=None), 0.5)
-        >>> str(Int4(128, NM(2, 4)))
-        'int4:g128+2:4'
+        (Int4(group_size=128, sparsity=None, activations=None), 0.5)
+        >>> str(Int4(128, NM(2, 4))), str(Int4(128, activations="int8"))
+        ('int4:g128+2:4', 'int4:g128:a8')
     """
 
     group_size: int | None = 128
     sparsity: NM | None = None
+    activations: str | None = None
 
-    STRING_FORM = "'int4', 'int4:g64', 'int4:channel', 'int4:g128+2:4'"
+    STRING_FORM = "'int4', 'int4:g64', 'int4:channel', 'int4:g128+2:4', 'int4:g128:a8'"
 
     @property
     def density(self) -> float:
@@ -95,8 +102,9 @@ class Int4(NamedTuple):
 
     @property
     def crossover_table(self) -> str:
-        # No measured rows yet: the int4 kernels take every token count.
-        return "INT4"
+        # int8 activations have no table: their kernel at every token count (the dense path
+        # computes the same quantised product, in XLA).
+        return "INT4A8" if self.activations else "INT4"
 
     def validate(self, where: str = "jaxsparse.Int4") -> "Int4":
         group = self.group_size
@@ -116,7 +124,13 @@ class Int4(NamedTuple):
                 raise ValueError(f"{where}: sparsity must be None or jaxsparse.NM(2, 4) (int4 + "
                                  f"2:4, Sparse-MARLIN); got {self.sparsity!r}")
             sparsity = _SPARSE
-        return Int4(group, sparsity)
+        if self.activations not in (None, "int8"):
+            raise ValueError(f"{where}: activations must be None (as given) or 'int8' (quantised "
+                             f"per token and group); got {self.activations!r}")
+        if self.activations and sparsity is not None:
+            raise ValueError(f"{where}: activations='int8' is for the dense int4 form; got it "
+                             f"with sparsity={sparsity}")
+        return Int4(group, sparsity, self.activations)
 
     @classmethod
     def from_string(cls, text: str) -> "Int4 | None":
@@ -125,7 +139,8 @@ class Int4(NamedTuple):
             return None
         group = match.group(1)
         group = 128 if group is None else None if group == "channel" else int(group[1:])
-        return cls(group, _SPARSE if match.group(2) else None)
+        return cls(group, _SPARSE if match.group(2) else None,
+                   "int8" if match.group(3) else None)
 
     def group_for(self, in_features: int) -> int:
         """The inputs per scale for a weight with `in_features` inputs."""
@@ -134,7 +149,7 @@ class Int4(NamedTuple):
     def fits_shape(self, shape: tuple[int, ...]) -> str | None:
         """None when a kernel `[..., in, out]` can take this spec, else why not."""
         k = shape[-2]
-        multiple = 8 if self.sparsity is not None else 2
+        multiple = 8 if self.sparsity is not None else 4 if self.activations else 2
         if k == 0 or k % multiple:
             return f"in={k} must be a positive multiple of {multiple} for {self}"
         if k % self.group_for(k):
@@ -149,10 +164,11 @@ class Int4(NamedTuple):
 
     def __str__(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int4:{group}" + ("" if self.sparsity is None else f"+{self.sparsity}")
+        return (f"int4:{group}" + ("" if self.sparsity is None else f"+{self.sparsity}")
+                + (":a8" if self.activations else ""))
 
 
-_INT4_STRING = re.compile(r"^\s*int4(?::(g\d+|channel))?(\+2:4)?\s*$", re.IGNORECASE)
+_INT4_STRING = re.compile(r"^\s*int4(?::(g\d+|channel))?(\+2:4)?(:a8)?\s*$", re.IGNORECASE)
 
 
 # ====================================================================== quantisation
@@ -234,6 +250,16 @@ class _Int4Base(SparseFormat):
         arrays["scales"] = self.scales.astype(dtype)
         return self._unflatten(self._aux, tuple(arrays.values()))
 
+    device = "cpu"  # The canonical layout, which the CPU kernels read.
+
+    def packed_for(self, device: str):
+        """This weight in the layout of `device`: "cpu" is the canonical form itself, "cuda" the
+        MARLIN kernels' layout (`jaxsparse.formats.int4_marlin`), packed once (pure, jittable);
+        `packed_for("cpu")` unpacks it back bit for bit."""
+        from jaxsparse.formats.int4_marlin import packed_for  # It imports this module.
+
+        return packed_for(self, device)
+
     def dense_rows(self) -> jax.Array:
         """`todense()` as `[..., out, in]` rows."""
         return jnp.swapaxes(self.todense(), -1, -2)
@@ -243,8 +269,8 @@ class _Int4Base(SparseFormat):
         return jnp.matmul(x, self.todense())
 
     @classmethod
-    def _check_spec(cls, group_size, sparsity, in_features, where):
-        spec = Int4(group_size, sparsity).validate(where)
+    def _check_spec(cls, group_size, sparsity, in_features, where, activations=None):
+        spec = Int4(group_size, sparsity, activations).validate(where)
         if (spec.sparsity is None) != (cls is Int4Weight):
             raise ValueError(f"{where}: {cls.__name__} holds "
                              f"{'dense int4' if cls is Int4Weight else 'int4 + 2:4'}; got {spec}")
@@ -298,9 +324,10 @@ class Int4Weight(_Int4Base):
     ARRAYS = (("qweight", FROZEN), ("scales", FROZEN))
 
     def __init__(self, qweight, scales, *, group_size: int | None, sparsity=None,
-                 in_features: int):
+                 activations=None, in_features: int):
         where = "jaxsparse.Int4Weight"
-        spec, in_features = self._check_spec(group_size, sparsity, in_features, where)
+        spec, in_features = self._check_spec(group_size, sparsity, in_features, where,
+                                             activations)
         qweight = V.as_array("qweight", qweight, where=where)
         out = qweight.shape[-1] if qweight.ndim else 0
         qweight = self._check_uint8("qweight", qweight, (in_features // 2, out), where)
@@ -309,6 +336,7 @@ class Int4Weight(_Int4Base):
         self.scales = self._check_scales(scales, (groups, out), qweight.shape[:-2], where)
         self.qweight = qweight
         self.group_size, self.sparsity, self.in_features = spec.group_size, None, in_features
+        self.activations = spec.activations
 
     @classmethod
     def array_shapes(cls, spec: Int4, in_features: int, out_features: int) -> dict:
@@ -319,7 +347,8 @@ class Int4Weight(_Int4Base):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fromdense(cls, w, *, group_size: int | None = 128, sparsity=None) -> "Int4Weight":
+    def fromdense(cls, w, *, group_size: int | None = 128, sparsity=None,
+                  activations=None) -> "Int4Weight":
         """Quantise `w [..., in, out]` (f32/bf16/f16) by symmetric round-to-nearest.
 
         Raises:
@@ -328,26 +357,29 @@ class Int4Weight(_Int4Base):
         """
         where = "jaxsparse.Int4Weight.fromdense"
         w = check_dense("w", w, where)
-        spec, k = cls._check_spec(group_size, sparsity, w.shape[-2], where)
+        spec, k = cls._check_spec(group_size, sparsity, w.shape[-2], where, activations)
         _check_finite(w, where)
         codes, scales = quantize_rtn(w, spec.group_for(k))
-        return cls._unflatten((spec.group_size, None, k), (pack_nibbles(codes), scales))
+        return cls._unflatten((*spec, k), (pack_nibbles(codes), scales))
 
     @classmethod
-    def frommask(cls, w, mask, *, group_size: int | None = 128, sparsity=None) -> "Int4Weight":
+    def frommask(cls, w, mask, *, group_size: int | None = 128, sparsity=None,
+                 activations=None) -> "Int4Weight":
         """Quantise `where(mask, w, 0)`: masked-out entries are exact zeros (code 0)."""
         where = "jaxsparse.Int4Weight.frommask"
         w = check_dense("w", w, where)
         mask = check_mask(mask, w, where)
-        return cls.fromdense(jnp.where(mask, w, jnp.zeros((), w.dtype)), group_size=group_size)
+        return cls.fromdense(jnp.where(mask, w, jnp.zeros((), w.dtype)), group_size=group_size,
+                             activations=activations)
 
     @classmethod
-    def from_codes(cls, codes, scales, *, group_size: int | None = 128) -> "Int4Weight":
+    def from_codes(cls, codes, scales, *, group_size: int | None = 128,
+                   activations=None) -> "Int4Weight":
         """The format from integer codes `[..., in, out]` in [-8, 7] and scales
         `[..., in/group, out]` (what GPTQ produces); lossless."""
         where = "jaxsparse.Int4Weight.from_codes"
         codes = _check_codes(codes, where)
-        return cls(pack_nibbles(codes), scales, group_size=group_size,
+        return cls(pack_nibbles(codes), scales, group_size=group_size, activations=activations,
                    in_features=codes.shape[-2])
 
     # ------------------------------------------------------------------ views
@@ -366,7 +398,18 @@ class Int4Weight(_Int4Base):
         return jnp.ones(self.shape, jnp.bool_)
 
     def _kernel(self, x, qweight, scales):
+        if self.activations:
+            return int4_a8_matmul(x, qweight, scales, group_size=self.group)
         return int4_matmul(x, qweight, scales, group_size=self.group)
+
+    def _dense_product(self, x):
+        """Dequantise, then XLA's dot; with int8 activations, of the quantised activations (the
+        kernel's product, in XLA)."""
+        if self.activations:
+            codes, x_scales, _ = quantize_activations(x, self.group)
+            x = (codes.astype(jnp.float32) * jnp.repeat(x_scales, self.group, axis=-1))
+            return jnp.matmul(x, self.todense().astype(jnp.float32)).astype(self.dtype)
+        return super()._dense_product(x)
 
 
 class Int4NMWeight(_Int4Base):
@@ -384,9 +427,10 @@ class Int4NMWeight(_Int4Base):
     ARRAYS = (("qweight", FROZEN), ("positions", FROZEN), ("scales", FROZEN))
 
     def __init__(self, qweight, positions, scales, *, group_size: int | None,
-                 sparsity=_SPARSE, in_features: int):
+                 sparsity=_SPARSE, activations=None, in_features: int):
         where = "jaxsparse.Int4NMWeight"
-        spec, in_features = self._check_spec(group_size, sparsity, in_features, where)
+        spec, in_features = self._check_spec(group_size, sparsity, in_features, where,
+                                             activations)
         qweight = V.as_array("qweight", qweight, where=where)
         out = qweight.shape[-1] if qweight.ndim else 0
         qweight = self._check_uint8("qweight", qweight, (in_features // 4, out), where)
@@ -401,6 +445,7 @@ class Int4NMWeight(_Int4Base):
         self.scales = self._check_scales(scales, (groups, out), qweight.shape[:-2], where)
         self.qweight, self.positions = qweight, positions
         self.group_size, self.sparsity, self.in_features = spec.group_size, _SPARSE, in_features
+        self.activations = None
 
     @classmethod
     def array_shapes(cls, spec: Int4, in_features: int, out_features: int) -> dict:
@@ -411,22 +456,23 @@ class Int4NMWeight(_Int4Base):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fromdense(cls, w, *, group_size: int | None = 128, sparsity=_SPARSE) -> "Int4NMWeight":
+    def fromdense(cls, w, *, group_size: int | None = 128, sparsity=_SPARSE,
+                  activations=None) -> "Int4NMWeight":
         """Keep the 2 largest |w| of every 4 inputs, then quantise them by round-to-nearest
         (each group's scale over its kept values)."""
         where = "jaxsparse.Int4NMWeight.fromdense"
         w = check_dense("w", w, where)
-        spec, _ = cls._check_spec(group_size, sparsity, w.shape[-2], where)
+        spec, _ = cls._check_spec(group_size, sparsity, w.shape[-2], where, activations)
         _check_finite(w, where)
         return cls._from_nm(NMSparse.fromdense(w, n=2, m=4), spec)
 
     @classmethod
     def frommask(cls, w, mask, *, group_size: int | None = 128,
-                 sparsity=_SPARSE) -> "Int4NMWeight":
+                 sparsity=_SPARSE, activations=None) -> "Int4NMWeight":
         """Keep the entries where `mask` (which must respect 2:4) is True, then quantise."""
         where = "jaxsparse.Int4NMWeight.frommask"
         w = check_dense("w", w, where)
-        spec, _ = cls._check_spec(group_size, sparsity, w.shape[-2], where)
+        spec, _ = cls._check_spec(group_size, sparsity, w.shape[-2], where, activations)
         _check_finite(w, where)
         return cls._from_nm(NMSparse.frommask(w, mask, n=2, m=4), spec)
 
@@ -438,7 +484,7 @@ class Int4NMWeight(_Int4Base):
         codes, scales = quantize_rtn(kept, spec.group_for(k) // 2)
         pos = jnp.swapaxes(ws.indices, -1, -2)  # [..., K/2, N]
         p0, p1 = pos[..., 0::2, :], pos[..., 1::2, :]
-        return cls._unflatten((spec.group_size, _SPARSE, k),
+        return cls._unflatten((spec.group_size, _SPARSE, None, k),
                               (pack_nibbles(codes), pack_positions(p0, p1), scales))
 
     @classmethod

@@ -4,6 +4,8 @@ from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.engine import int8_matmul, int8_matmul_reference
 from jaxsparse.ops.matmul import matmul
 from jaxsparse.ops.int4 import (
+    int4_a8_matmul,
+    int4_a8_matmul_reference,
     int4_dequantize,
     int4_matmul,
     int4_matmul_reference,
@@ -14,6 +16,17 @@ from jaxsparse.ops.int4 import (
     int4_nm_matmul_reference,
     int4_nm_matmul_t,
     int4_nm_matmul_t_reference,
+    quantize_activations,
+)
+from jaxsparse.ops.int4_marlin import (
+    int4_marlin_matmul,
+    int4_marlin_matmul_reference,
+    int4_nm_marlin_matmul,
+    int4_nm_marlin_matmul_reference,
+    marlin_nm_pack,
+    marlin_nm_unpack,
+    marlin_pack,
+    marlin_unpack,
 )
 from jaxsparse.ops.mma_sp import pack_mma_sp_24
 from jaxsparse.ops._primitive import JaxsparseFallbackWarning
@@ -45,18 +58,28 @@ from jaxsparse.ops.vnm import (
 __all__ = [
     "JaxsparseFallbackWarning",
     "choose_path",
+    "int4_a8_matmul",
+    "int4_a8_matmul_reference",
     "int4_dequantize",
+    "int4_marlin_matmul",
+    "int4_marlin_matmul_reference",
     "int4_matmul",
     "int4_matmul_reference",
     "int4_matmul_t",
     "int4_matmul_t_reference",
     "int4_nm_dequantize",
+    "int4_nm_marlin_matmul",
+    "int4_nm_marlin_matmul_reference",
     "int4_nm_matmul",
     "int4_nm_matmul_reference",
     "int4_nm_matmul_t",
     "int4_nm_matmul_t_reference",
     "int8_matmul",
     "int8_matmul_reference",
+    "marlin_nm_pack",
+    "marlin_nm_unpack",
+    "marlin_pack",
+    "marlin_unpack",
     "matmul",
     "matmul_path",
     "nm_sddmm",
@@ -70,6 +93,7 @@ __all__ = [
     "nm_spmm_t_reference",
     "pack_indices_2bit",
     "pack_mma_sp_24",
+    "quantize_activations",
     "vnm_pack_tiles",
     "vnm_sddmm",
     "vnm_sddmm_reference",

@@ -144,6 +144,19 @@ def register(prim, *, abstract_eval, jvp, transpose, batch, reference, target, a
     mlir.register_lowering(prim, cuda, platform="cuda")
 
 
+def register_cuda_layout(prim, *, cpu_error, **rules):
+    """`register` for a primitive whose operands are in a CUDA-only device layout: on the CPU it
+    lowers to the emulated CUDA target under JAXSPARSE_EMULATE_CUDA=1, and otherwise raises
+    `ValueError(cpu_error)` at lowering (no CPU kernel reads the layout, and a silent reference
+    would hide a weight packed for the wrong device)."""
+    register(prim, **rules)
+    if not (_ffi.emulating_cuda() and _ffi.has_target(emulated_target(rules["target"]), "emu")):
+        def refuse(ctx, *args, **params):
+            raise ValueError(cpu_error)
+
+        mlir.register_lowering(prim, refuse, platform="cpu")
+
+
 def register_cpu_variant(prim, *, on_cuda, **rules):
     """`register` for a CPU-only variant of another primitive (an extra operand that only CPU
     kernels read): on CUDA, and on the CPU under the emulator, it lowers as `on_cuda` (the same

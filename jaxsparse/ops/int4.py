@@ -5,6 +5,10 @@ Two primitives per form, closed under differentiation in x (the weights are froz
 - `int4_matmul`      y  = x @ W        `int4_nm_matmul`      (the 2:4 form)
 - `int4_matmul_t`    dx = dy @ W^T     `int4_nm_matmul_t`
 
+and, opt-in for the dense form, `int4_a8_matmul`: y = x @ W with x quantised to int8 per token
+and group on the fly (`quantize_activations`), multiplied in int32 by the kernel
+(`jaxsparse_int4_a8_matmul`); its derivative in x is straight through the rounding.
+
 The canonical layout (see `jaxsparse.formats.int4`), Flax's `[in, out]` orientation, with one
 leading kernel batch dim (1, broadcast, or the common batch B):
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad
@@ -42,7 +47,8 @@ from jaxsparse.ops import _primitive as P
 __all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
            "int4_matmul_reference", "int4_matmul_t_reference", "int4_nm_matmul_reference",
            "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
-           "NIBBLE_OFFSET", "unpack_positions"]
+           "NIBBLE_OFFSET", "unpack_positions", "int4_a8_matmul", "int4_a8_matmul_reference",
+           "quantize_activations"]
 
 NIBBLE_OFFSET = 8  # A stored nibble u means u - 8: the int4 range [-8, 7] as unsigned 0..15.
 
@@ -326,6 +332,124 @@ def _product_t_batch(args, dims, *, group_size, in_features):
     return P.batch_weight_product(fn, args, dims)
 
 
+# ====================================================================== int8 activations
+int4_a8_matmul_p = Primitive("jaxsparse_int4_a8_matmul")
+
+A8_QMAX = 127  # Symmetric int8: max |x| of a token's group maps to 127.
+
+
+def quantize_activations(x, group_size: int):
+    """Symmetric int8 quantisation of `x [..., K]` per row and group of `group_size` inputs.
+
+    Returns:
+        `(codes [..., K] int8, scales [..., K/g] f32, sums [..., K/g] int32)`: per group
+        `scale = max |x| / 127` and `code = round(x / scale)`, so `x ~ code * scale`; `sums` is
+        the sum of each group's codes (what the kernel's `- 8 sum` of the nibble offset takes).
+        An all-zero group has scale 0 and codes 0.
+    """
+    k = x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], k // group_size, group_size)
+    scales = jnp.max(jnp.abs(grouped), axis=-1) / A8_QMAX
+    safe = jnp.where(scales > 0, scales, 1.0)[..., None]
+    codes = jnp.clip(jnp.round(grouped / safe), -A8_QMAX, A8_QMAX).astype(jnp.int8)
+    return codes.reshape(x.shape), scales, jnp.sum(codes.astype(jnp.int32), axis=-1)
+
+
+def _a8_order(codes):
+    """Each quad of inputs in the order (0, 2, 1, 3) of the kernel's weight dwords (its own
+    inverse)."""
+    quads = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 4, 4)
+    return quads[..., jnp.array([0, 2, 1, 3])].reshape(codes.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _int4_a8_product(x, qweight, scales, group_size):
+    codes, x_scales, sums = quantize_activations(x, group_size)
+    qweight, scales = P.same_batch(qweight, scales)
+    return int4_a8_matmul_p.bind(_a8_order(codes), x_scales, sums, qweight, scales,
+                                 group_size=group_size)
+
+
+@functools.partial(_int4_a8_product.defjvp, symbolic_zeros=True)
+def _int4_a8_product_jvp(group_size, primals, tangents):
+    x, qweight, scales = primals
+    if any(type(t) is not jax.custom_derivatives.SymbolicZero for t in tangents[1:]):
+        _refuse_weight_tangents((None,))
+    out = _int4_a8_product(x, qweight, scales, group_size)
+    if type(tangents[0]) is jax.custom_derivatives.SymbolicZero:
+        return out, jnp.zeros_like(out)
+    # Straight through the activations' rounding: the tangent is the product by W of the
+    # unquantised tangent (so the cotangent of x is int4_matmul_t, as without int8).
+    return out, int4_matmul(tangents[0].astype(x.dtype), qweight, scales, group_size=group_size)
+
+
+def int4_a8_matmul(x, qweight, scales, *, group_size: int):
+    """`y = x @ W` for an int4 `W`, with x quantised to int8 on the fly (opt-in, dense form).
+
+    x is quantised per token and group of `group_size` inputs (`quantize_activations`); the CPU
+    kernels then multiply the int8 codes by the int4 codes exactly in int32 (`vpdpbusd` where the
+    CPU has AVX512-VNNI: 64 multiply-adds per instruction) and apply both scales once per group.
+    The error is the activations' rounding: measured in docs/cpu_speed_notes.md (int4, third
+    round). Differentiable in x, straight through the rounding (the cotangent of x is that of
+    `int4_matmul`).
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        qweight, scales, group_size: as in `int4_matmul`; group_size and K multiples of 4.
+
+    Returns:
+        `[B, T, N]` in x's dtype.
+    """
+    if scales.dtype != x.dtype:
+        raise TypeError(f"int4_a8_matmul: scales must have x's dtype {x.dtype}; got "
+                        f"{scales.dtype}")
+    P.check_rank3("int4_a8_matmul", x=x, qweight=qweight, scales=scales)
+    if group_size <= 0 or group_size % 4 or x.shape[-1] % group_size:
+        raise ValueError(f"int4_a8_matmul: group_size must divide K = {x.shape[-1]} and be a "
+                         f"multiple of 4; got {group_size}")
+    return _int4_a8_product(x, qweight, scales, group_size)
+
+
+def int4_a8_matmul_reference(xq, x_scales, x_sums, qweight, scales, *, group_size):
+    """The primitive's pure-jnp product: the dequantised activations `code * scale` (xq in the
+    kernel's quad order) times the dequantised weight, f32 accumulation."""
+    del x_sums  # Implied by xq; the kernels take it to skip a pass over x.
+    codes = _a8_order(xq).astype(jnp.float32)
+    x = codes * jnp.repeat(x_scales, group_size, axis=-1)
+    x, w = P.broadcast_batch(x, int4_dequantize(qweight, scales, group_size=group_size,
+                                                dtype=jnp.float32))
+    return P.f32_einsum("btk,bkn->btn", x, w, scales.dtype)
+
+
+def _a8_abstract_eval(xq, x_scales, x_sums, qweight, scales, *, group_size):
+    where = "int4_a8_matmul"
+    _check_weight(where, qweight, None, scales, group_size, xq.shape[-1])
+    P.check_rank3(where, xq=xq, x_scales=x_scales, x_sums=x_sums)
+    groups = xq.shape[-1] // group_size
+    for name, a, dtype in (("xq", xq, jnp.int8), ("x_scales", x_scales, jnp.float32),
+                           ("x_sums", x_sums, jnp.int32)):
+        if a.dtype != dtype:
+            raise TypeError(f"{where}: {name} must be {jnp.dtype(dtype).name}; got {a.dtype}")
+    for name, a in (("x_scales", x_scales), ("x_sums", x_sums)):
+        if a.shape != (*xq.shape[:2], groups):
+            raise ValueError(f"{where}: {name} must be [B, T, K/group_size] = "
+                             f"{(*xq.shape[:2], groups)}; got {tuple(a.shape)}")
+    batch = P.check_batches(where, ("xq", xq), ("qweight", qweight), ("scales", scales))
+    return scales.update(shape=(batch, xq.shape[1], qweight.shape[-1]), dtype=scales.dtype)
+
+
+def _a8_refuse(*args, **params):
+    raise ValueError(
+        "jaxsparse: the int8-activation primitive's quantised operands have no derivative of "
+        "their own; differentiate jaxsparse.ops.int4_a8_matmul (straight through the rounding)"
+    )
+
+
+def _a8_batch(args, dims, *, group_size):
+    fn = functools.partial(int4_a8_matmul_p.bind, group_size=group_size)
+    return P.batch_into_kernel_batch(fn, args, dims)
+
+
 # ====================================================================== registration
 def _forward(weight_operands: int):
     return int4_nm_matmul if weight_operands == 3 else int4_matmul
@@ -353,6 +477,11 @@ def _register():
         P.register(prim, abstract_eval=_product_t_abstract_eval, jvp=_product_t_jvp,
                    transpose=_product_t_transpose, batch=_product_t_batch, reference=reference,
                    target=target, attrs=_ATTRS)
+
+
+    P.register(int4_a8_matmul_p, abstract_eval=_a8_abstract_eval, jvp=_a8_refuse,
+               transpose=_a8_refuse, batch=_a8_batch, reference=int4_a8_matmul_reference,
+               target="jaxsparse_int4_a8_matmul", attrs=_ATTRS)
 
 
 _register()

@@ -1,5 +1,6 @@
 """The CUDA module's build, checked where nvcc is present: both architectures compile without a ptxas
-warning, no kernel spills, and the 2:4 forward runs on the sparse tensor cores (HMMA.SP in its SASS)."""
+warning, no kernel spills, the 2:4 forward runs on the sparse tensor cores (HMMA.SP in its SASS) and
+the int4 MARLIN kernels on the dense ones (HMMA), their 2:4 form on the sparse ones."""
 
 import importlib.util
 import json
@@ -72,3 +73,33 @@ def test_vnm_forward_uses_sparse_tensor_cores(kernels):
         # Sized to keep 128 registers per thread (two 256-thread blocks or one 512-thread block
         # per SM): the launch bounds ask for it, and ptxas met it without spilling.
         assert k["registers"] <= 128, k
+
+
+def test_int4_marlin_kernels_use_tensor_cores(kernels):
+    marlin = [k for k in kernels if k["name"].split("<")[0] in ("MarlinKernel",
+                                                                "MarlinPerColumnKernel")]
+    names = {f"{kind}<{m}, {t}>" for kind in ("MarlinKernel", "MarlinPerColumnKernel")
+             for m in (1, 2, 4) for t in ("bf16", "f16")}
+    assert {k["name"] for k in marlin} == names
+    assert len(marlin) == 24  # 2 scale layouts x 3 token tiles x bf16, f16 x sm_80, sm_90
+    for k in marlin:
+        m_tiles = int(k["name"].split("<")[1].split(",")[0])
+        # One k16 step per warp and stage: 8 n8 tiles of dense mma per 16 tokens, one ldmatrix.x4
+        # of A per 16 tokens, cp.async staging of x, the packed words (and the group scales).
+        assert k["sass"]["HMMA"] == 8 * m_tiles, k
+        assert k["sass"]["LDSM"] == m_tiles and k["sass"]["LDGSTS"] > 0, k
+
+
+def test_int4_nm_marlin_kernels_use_sparse_tensor_cores(kernels):
+    nm = [k for k in kernels if k["name"].split("<")[0] in ("MarlinNmKernel",
+                                                            "MarlinNmPerColumnKernel")]
+    names = {f"{kind}<{tiles}, {t}>" for kind in ("MarlinNmKernel", "MarlinNmPerColumnKernel")
+             for tiles in (2, 4) for t in ("bf16", "f16")}
+    assert {k["name"] for k in nm} == names
+    assert len(nm) == 16  # 2 scale layouts x 16 / 32 tokens x bf16, f16 x sm_80, sm_90
+    for k in nm:
+        token_tiles = int(k["name"].split("<")[1].split(",")[0])
+        # One k32 step per warp and stage: per 8 tokens one ldmatrix.x4 of x and one mma.sp per
+        # m16 tile (4 tiles = 64 outputs).
+        assert k["sass"]["HMMA.SP"] == 4 * token_tiles, k
+        assert k["sass"]["LDSM"] == token_tiles and k["sass"]["LDGSTS"] > 0, k

@@ -121,3 +121,94 @@ def ldmatrix(rows, row_of_lane, num, trans) -> np.ndarray:
             mat = mat.T
         out[:, i] = pack2(mat[LANES // 4, 2 * (LANES % 4)], mat[LANES // 4, 2 * (LANES % 4) + 1])
     return out
+
+
+# ---------------------------------------------------------------------- per-thread instructions
+def lop3(a, b, c, imm) -> np.ndarray:
+    """lop3.b32 (PTX ISA): the result's bit i is bit `(a_i << 2) | (b_i << 1) | c_i` of the 8-bit
+    truth table `imm` (the ISA's example: the table of a is 0xF0, of b 0xCC, of c 0xAA)."""
+    a, b, c = (np.asarray(v, np.uint64) for v in (a, b, c))
+    out = np.zeros(a.shape, np.uint64)
+    for i in range(32):
+        index = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
+        out |= ((np.uint64(imm) >> index) & 1) << i
+    return out.astype(np.uint32)
+
+
+# (stored mantissa bits, exponent bias) of the two 16-bit formats.
+FORMATS16 = {"float16": (10, 15), "bfloat16": (7, 127)}
+
+
+def _value16_exact(bits, dtype):
+    """One 16-bit pattern -> a Fraction (finite) or a float (inf / nan)."""
+    from fractions import Fraction
+
+    with np.errstate(invalid="ignore"):  # NaN patterns cast with a warning.
+        v = float(values16(np.array([bits], np.uint16), dtype)[0])
+    return Fraction(v) if np.isfinite(v) else v
+
+
+def _encode16(value, negative, dtype) -> int:
+    """A representable magnitude (Fraction, or inf) and a sign -> the 16-bit pattern."""
+    if value == np.inf:
+        mag = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
+    else:
+        mag = bits16(float(value), dtype)  # Exact: the value is representable.
+    return int(mag) | (0x8000 if negative else 0)
+
+
+def round16(exact, dtype) -> int:
+    """Round a nonzero exact rational to the 16-bit format, to nearest even, IEEE 754: the
+    significand's quantum is 2^(e - mantissa) for |x| in [2^e, 2^(e+1)) and never below the
+    subnormals' 2^(1 - bias - mantissa); a result past the largest finite value is infinite."""
+    from fractions import Fraction
+
+    mantissa, bias = FORMATS16[dtype]
+    negative, mag = exact < 0, abs(exact)
+    e = mag.numerator.bit_length() - mag.denominator.bit_length()
+    if Fraction(2) ** e > mag:
+        e -= 1
+    quantum = Fraction(2) ** max(e - mantissa, 1 - bias - mantissa)
+    n, rest = divmod(mag, quantum)
+    if rest > quantum / 2 or (rest == quantum / 2 and n % 2 == 1):
+        n += 1
+    largest = (2 - Fraction(2) ** -mantissa) * Fraction(2) ** bias
+    result = n * quantum
+    return _encode16(np.inf if result > largest else result, negative, dtype)
+
+
+def _arith16(op, a, b, c, dtype) -> int:
+    """One element of {sub, mul, fma}.rn (no .ftz): exact, rounded once. Signed zeros per IEEE 754:
+    an exact product's sign is the xor of its factors'; an exact sum of zero is +0 unless both
+    addends are -0. Any NaN result is canonical 0x7FFF (only NaN-ness is compared)."""
+    va, vb, vc = (_value16_exact(x, dtype) for x in (a, b, c))
+    sign = lambda bits: bool(bits & 0x8000)  # noqa: E731
+    if op == "sub":  # a - b: the sum a + (-b).
+        terms = [(va, sign(a)), (-vb, not sign(b))]
+    elif op == "mul":
+        terms = [(va * vb if not (isinstance(va, float) or isinstance(vb, float))
+                  else float(va) * float(vb), sign(a) != sign(b))]
+    else:
+        prod = (va * vb if not (isinstance(va, float) or isinstance(vb, float))
+                else float(va) * float(vb))
+        terms = [(prod, sign(a) != sign(b)), (vc, sign(c))]
+    if any(isinstance(t, float) for t, _ in terms):  # inf or nan somewhere
+        total = sum(float(t) for t, _ in terms)
+        if np.isnan(total):
+            return 0x7FFF
+        return _encode16(np.inf, total < 0, dtype)
+    total = sum(t for t, _ in terms)
+    if total == 0:
+        return 0x8000 if all(s for _, s in terms) else 0
+    return round16(total, dtype)
+
+
+def packed16(op, a, b, c, dtype) -> np.ndarray:
+    """{sub, mul, fma}.rn.{f16x2, bf16x2} on registers of two elements (element 0 in bits 0-15),
+    each element independently."""
+    out = []
+    for ra, rb, rc in zip(*(np.asarray(v, np.uint32).tolist() for v in (a, b, c))):
+        lo = _arith16(op, ra & 0xFFFF, rb & 0xFFFF, rc & 0xFFFF, dtype)
+        hi = _arith16(op, ra >> 16, rb >> 16, rc >> 16, dtype)
+        out.append(lo | (hi << 16))
+    return np.array(out, np.uint32)

@@ -36,7 +36,8 @@ def test_spec_strings_and_values():
     assert jsp.as_spec("int4:g32+2:4") == jsp.Int4(32, jsp.NM(2, 4))
     assert jsp.as_spec(jsp.Int4(-1)) == jsp.Int4(None)
     assert jsp.as_spec(jsp.Int4(128, "2:4")) == jsp.Int4(128, jsp.NM(2, 4))
-    for spec in SPECS:
+    assert jsp.as_spec("int4:channel:a8") == jsp.Int4(None, activations="int8")
+    for spec in (*SPECS, jsp.Int4(64, activations="int8")):
         assert jsp.as_spec(str(spec)) == spec
     assert jsp.Int4().density == 1.0 and jsp.Int4(128, jsp.NM(2, 4)).density == 0.5
     assert jsp.Int4().format is jsp.Int4Weight
@@ -48,6 +49,8 @@ def test_spec_strings_and_values():
     (jsp.Int4(0), "group_size"),
     (jsp.Int4(128.0), "group_size must be an int"),
     (jsp.Int4(128, jsp.NM(2, 8)), "sparsity must be None or jaxsparse.NM"),
+    (jsp.Int4(128, activations="int4"), "activations must be None"),
+    (jsp.Int4(128, jsp.NM(2, 4), "int8"), "activations='int8' is for the dense int4 form"),
 ])
 def test_bad_specs_name_the_field(spec, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -59,6 +62,7 @@ def test_fits_shape_says_why():
     assert "group_size=128" in jsp.Int4(128).fits_shape((192, 8))
     assert "multiple of 8" in jsp.Int4(None, jsp.NM(2, 4)).fits_shape((12, 8))
     assert jsp.Int4(None).fits_shape((12, 8)) is None
+    assert "multiple of 4" in jsp.Int4(None, activations="int8").fits_shape((10, 8))
 
 
 # ====================================================================== quantisation
@@ -367,3 +371,23 @@ def test_every_path_computes_the_same_product(spec):
     assert jsp.choose_path(4096, jnp.bfloat16, spec, isa="avx512") == "dense"
     assert jsp.choose_path(4096, jnp.float32, spec, isa="avx2") == "dense"
     assert jsp.choose_path(1, jnp.bfloat16, spec, isa="avx2") == "sparse"
+
+
+def test_int8_activations_are_a_spec_value_on_every_path():
+    """`Int4(..., activations="int8")`: the same codes, x quantised per token and group on the fly;
+    every path computes that quantised product, the layers take the string form."""
+    w, x = weight(128, 24), tokens(9, 128)
+    wq = jsp.fromdense(w, jsp.Int4(32))
+    wa = jsp.fromdense(w, jsp.Int4(32, activations="int8"))
+    assert wa.activations == "int8" and str(wa.spec) == "int4:g32:a8"
+    np.testing.assert_array_equal(np.asarray(wa.qweight), np.asarray(wq.qweight))
+    exact = x @ wq
+    for path in ("sparse", "engine", "dense"):
+        got = jsp.matmul(x, wa, path=path)
+        assert_close(got, x @ wa, jnp.float32, 8, err_msg=path)
+        rel = jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)
+        assert 1e-4 < float(rel) < 2e-2, path  # The activations' rounding, nothing else.
+    layer = jsp.nn.SparseLinear(128, 24, sparsity="int4:g32:a8", rngs=nnx.Rngs(0))
+    assert layer(x).shape == (9, 24) and layer.weight.activations == "int8"
+    with pytest.raises(ValueError, match="int8 activations run on the CPU"):
+        wa.packed_for("cuda")

@@ -1,0 +1,94 @@
+"""The int8-activation int4 product (jaxsparse.ops.int4_a8_matmul, opt-in for the dense form):
+the kernels of every ISA against the pure reference (exact integer dots, so only f32 rounding
+apart), the activations' quantisation, and its rules (straight-through gradient, vmap, errors)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse.ops import int4_a8_matmul, int4_matmul, quantize_activations
+from jaxsparse.ops.int4 import _a8_order, int4_a8_matmul_p, int4_a8_matmul_reference
+from tests._check import DTYPES, assert_close, scale_for
+from tests.ops.test_int4 import dense_weight, tokens
+
+
+def reference(x, qweight, scales, group):
+    codes, x_scales, sums = quantize_activations(x, group)
+    return int4_a8_matmul_reference(_a8_order(codes), x_scales, sums, qweight, scales,
+                                    group_size=group)
+
+
+# (tokens, K, N, group): 1-5 tokens (the 4-token block and its tails), ragged outputs (N = 17,
+# 130), groups of 8 and one per column, a weight batch of 2 against x's 1.
+@pytest.mark.parametrize("t,k,n,group", [(1, 64, 16, 32), (5, 256, 130, 128), (3, 200, 17, 8),
+                                         (6, 392, 70, 392)])
+def test_every_isa_against_the_reference(isa, t, k, n, group):
+    weight = dense_weight(k, n, group, batch=2)
+    x = tokens(1, t, k)
+    # The kernels' integer dots are exact: the results differ by f32 rounding only.
+    assert_close(int4_a8_matmul(x, *weight, group_size=group), reference(x, *weight, group),
+                 jnp.float32, 0.1 * scale_for(k), err_msg=isa)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_half_precision_activations_and_scales(dtype):
+    weight = dense_weight(128, 40, 32, dtype=dtype)
+    x = tokens(1, 7, 128, dtype)
+    assert_close(int4_a8_matmul(x, *weight, group_size=32), reference(x, *weight, 32), dtype,
+                 0.3 * scale_for(128))
+
+
+def test_quantisation_of_the_activations():
+    x = jnp.asarray([[[0.5, -1.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]]])
+    codes, scales, sums = quantize_activations(x, 4)
+    np.testing.assert_array_equal(np.asarray(codes), [[[64, -127, 32, 0, 0, 0, 0, 0]]])
+    np.testing.assert_allclose(np.asarray(scales), [[[1 / 127, 0.0]]])  # An all-zero group: 0.
+    np.testing.assert_array_equal(np.asarray(sums), [[[-31, 0]]])
+    # The kernel's quad order (0, 2, 1, 3) is its own inverse.
+    quad = jnp.arange(8)
+    np.testing.assert_array_equal(np.asarray(_a8_order(quad)), [0, 2, 1, 3, 4, 6, 5, 7])
+    np.testing.assert_array_equal(np.asarray(_a8_order(_a8_order(quad))), np.arange(8))
+
+
+def test_error_is_the_activations_rounding():
+    weight = dense_weight(512, 64, 128)
+    x = tokens(1, 16, 512)
+    exact = int4_matmul(x, *weight, group_size=128)
+    rel = jnp.linalg.norm(int4_a8_matmul(x, *weight, group_size=128) - exact) / jnp.linalg.norm(
+        exact)
+    assert 1e-4 < float(rel) < 1e-2  # Rounding to 8 bits of a normal draw: ~0.5%.
+
+
+def test_straight_through_gradient_vmap_and_jit():
+    weight = dense_weight(64, 24, 32)
+    x = tokens(1, 3, 64)
+    loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x, *weight, group_size=32)))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.grad(loss(int4_a8_matmul))(x)),
+                               np.asarray(jax.grad(loss(int4_matmul))(x)), rtol=0.05, atol=0.05)
+    stack = tokens(5, 3, 64)[:, None]  # vmap over 5 calls of x [1, 3, 64]
+    batched = jax.vmap(lambda x: int4_a8_matmul(x, *weight, group_size=32))(stack)
+    looped = jnp.stack([int4_a8_matmul(x, *weight, group_size=32) for x in stack])
+    assert_close(batched, looped, jnp.float32, 1e-5)
+    assert_close(jax.jit(lambda x: int4_a8_matmul(x, *weight, group_size=32))(x),
+                 int4_a8_matmul(x, *weight, group_size=32), jnp.float32, 1e-6)
+
+
+def test_errors_are_named():
+    qweight, scales = dense_weight(64, 8, 32)
+    x = tokens(1, 2, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        int4_a8_matmul(x, qweight, jnp.ones((1, 32, 8)), group_size=2)
+    with pytest.raises(TypeError, match="scales"):
+        int4_a8_matmul(x, qweight, scales.astype(jnp.bfloat16), group_size=32)
+    with pytest.raises(ValueError, match="frozen"):
+        jax.grad(lambda s: jnp.sum(int4_a8_matmul(x, qweight, s, group_size=32)))(scales)
+    codes, x_scales, sums = quantize_activations(x, 32)
+    with pytest.raises(ValueError, match="no derivative"):
+        jax.jvp(lambda s: int4_a8_matmul_p.bind(codes, s, sums, qweight, scales, group_size=32),
+                (x_scales,), (x_scales,))
+    with pytest.raises(TypeError, match="xq must be int8"):
+        int4_a8_matmul_p.bind(codes.astype(jnp.int32), x_scales, sums, qweight, scales,
+                              group_size=32)
