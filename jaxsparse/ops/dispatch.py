@@ -153,8 +153,8 @@ FORMAT_TABLES: dict[str, dict] = {
     # from 16 tokens, dequantise 64-output panels once per block of tokens into the f32 FMA
     # engine's micro-kernel, or (bf16, on avx512bf16 and amx) into the engine's bf16 tiles.
     # Measured on a 2-core AMD Zen 4 (AVX512-BF16, no AMX), jax 0.12, 4096x4096 g128
-    # (`benchmarks/int4_probe.py`, docs/cpu_speed_notes.md "int4, second round"): f32 1.47x /
-    # 1.07x / 1.07x of XLA's dot at 16 / 128 / 2048 tokens, bf16 1.17x / 1.01x / 1.07x, int4 + 2:4
+    # (`benchmarks/int4_probe.py`, docs/cpu_speed_notes.md "int4, second round"): f32 1.21x /
+    # 1.08x / 1.11x of XLA's dot at 16 / 128 / 2048 tokens, bf16 1.09x / 1.04x / 1.16x, int4 + 2:4
     # alike; the dense path (dequantise, XLA's dot) was 0.21-0.95x. So the kernel everywhere,
     # except where the tiles are not built (plain AVX-512: bf16 on the f32 panels, 0.56x of an
     # AVX512-BF16 dot at 128 tokens) and the scalar units (avx2, portable), which keep the rows
