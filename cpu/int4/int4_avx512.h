@@ -96,12 +96,14 @@ struct SparseLanes {
   __m512i p0, p1;
 };
 
-inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 mask) {
-  const int64_t n = c.p->n_out;
+// From the arrays themselves (n outputs per row): what the tile decoder of
+// int4_tiles.h calls, which has no Ctx.
+inline SparseLanes DecodeSparse(const uint8_t* qweight, const uint8_t* positions, int64_t n,
+                                int64_t j, int64_t o, __mmask16 mask) {
   const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
   const __m512i eight = _mm512_set1_epi32(8);
-  const __m512i d = LoadBytes(c.qweight + j * n + o, mask);
-  const __m512i codes = _mm512_srli_epi32(LoadBytes(c.positions + (j >> 1) * n + o, mask),
+  const __m512i d = LoadBytes(qweight + j * n + o, mask);
+  const __m512i codes = _mm512_srli_epi32(LoadBytes(positions + (j >> 1) * n + o, mask),
                                           static_cast<unsigned>(4 * (j & 1)));
   SparseLanes lanes;
   lanes.v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
@@ -109,6 +111,10 @@ inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 ma
   lanes.p0 = _mm512_and_si512(codes, three);
   lanes.p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
   return lanes;
+}
+
+inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 mask) {
+  return DecodeSparse(c.qweight, c.positions, c.p->n_out, j, o, mask);
 }
 
 // A 2:4 group's 4 inputs' weights lane by lane from its two values v0, v1

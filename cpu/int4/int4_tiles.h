@@ -78,11 +78,7 @@ inline void SparsePairRows(const TileCtx& c, int64_t j, int64_t o, __mmask16 mas
     *first = *second = _mm512_setzero_si512();
     return;
   }
-  Ctx ctx{};
-  ctx.p = c.p;
-  ctx.qweight = c.qweight;
-  ctx.positions = c.positions;
-  const SparseLanes lanes = DecodeSparse(ctx, j, o, mask);
+  const SparseLanes lanes = DecodeSparse(c.qweight, c.positions, p.n_out, j, o, mask);
   const __m512 s = _mm512_maskz_loadu_ps(mask, c.scales + 4 * j / p.group * p.n_out + o);
   __m512 w[4];
   SpreadGroup(lanes, _mm512_mul_ps(lanes.v0, s), _mm512_mul_ps(lanes.v1, s), w);
