@@ -33,12 +33,24 @@ def assert_close(actual, expected, dtype, scale=1.0, err_msg=""):
 
 
 def random_array(key, shape, dtype=jnp.float32):
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    """Unit normals of `shape` in `dtype`, drawn by NumPy from the key's bits: jax.random would
+    compile its generator once per shape (a quarter of the per-ISA sweeps' time)."""
+    seed = np.asarray(jax.random.key_data(key), np.uint32).ravel()
+    values = np.random.default_rng(seed).standard_normal(shape, np.float32)
+    return jnp.asarray(values.astype(jnp.dtype(dtype)))
 
 
 def random_nm(key, in_features, out_features, n, m, dtype=jnp.float32, batch=()):
     w = random_array(key, (*batch, in_features, out_features), dtype)
     return jsp.NMSparse.fromdense(w, n=n, m=m)
+
+
+def sweep(shapes, f16_every=3):
+    """(shape..., dtype) cases of a per-ISA sweep: every shape in f32 and bf16, every
+    `f16_every`-th in f16 too. f16 runs the kernels' bf16 code with its own conversions (checked on
+    a third of the shapes), and each shape and dtype costs the sweep its compiles."""
+    return [(*shape, dtype) for index, shape in enumerate(shapes) for dtype in DTYPES
+            if dtype != jnp.float16 or index % f16_every == 0]
 
 
 def keys(seed, count):

@@ -23,7 +23,7 @@ from jaxsparse.ops import (
     unpack_indices_2bit,
 )
 from jaxsparse.ops.nm import ENGINE_PANEL, has_engine, nm_spmm_engine
-from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
+from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for, sweep
 
 # (tokens, in, out, n, m): token counts of 1 and odd sizes, `in` not a multiple of m, tile edges.
 SHAPES = [
@@ -422,9 +422,8 @@ PACKED_SHAPES = [(1, 16, 8), (2, 6, 3), (4, 70, 33), (11, 4, 1), (12, 100, 37), 
                  (17, 300, 65), (33, 1030, 70), (128, 64, 31), (256, 96, 40), (257, 40, 18)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("t,k,out", PACKED_SHAPES)
+@pytest.mark.parametrize("t,k,out,n,dtype",
+                         sweep([(*shape, n) for shape in PACKED_SHAPES for n in (1, 2)]))
 def test_packed_forward_matches_the_reference_on_every_isa(isa, t, k, out, n, dtype):
     x, ws, _ = operands(keys(87, 1)[0], t, k, out, n, 4, dtype, bx=2)
     arrays = (ws.values, ws.indices, ws.indices_2bit)

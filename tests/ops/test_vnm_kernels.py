@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxsparse as jsp
-from tests._check import DTYPES, assert_close, scale_for
+from tests._check import assert_close, scale_for, sweep
 
 SPMM, SPMM_T, SDDMM = "jaxsparse_vnm_spmm", "jaxsparse_vnm_spmm_t", "jaxsparse_vnm_sddmm"
 
@@ -122,8 +122,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,k,n_out,v,n,m", SHAPES)
+@pytest.mark.parametrize("t,k,n_out,v,n,m,dtype", sweep(SHAPES))
 def test_every_isa_path(isa, t, k, n_out, v, n, m, dtype):
     assert jsp.cpu_isa() == isa
     check_all(t, k, n_out, v, n, m, dtype)
