@@ -341,19 +341,30 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
     return rows
 
 
+def inference_form(ws):
+    """`(weight, suffix)`: the format's inference form packed once (V:N:M's `with_tiles()` in bf16
+    and f32, " tiled"; dense int4's `with_lines()`, " lines"), or None."""
+    if hasattr(ws, "with_tiles") and jsp.ops.vnm.has_tiles(ws.dtype):
+        return ws.with_tiles(), " tiled"
+    if isinstance(ws, jsp.Int4Weight) and not ws.activations:
+        return ws.with_lines(), " lines"
+    return None
+
+
 def tiled_rows(base, ws, x, dense_call, dense_seconds, args) -> list[dict]:
-    """The inference form's forward (`ws.with_tiles()`: V:N:M tiles packed once, bf16 and f32),
-    kernel "<spec> tiled"; none for other formats and dtypes."""
-    if not hasattr(ws, "with_tiles") or not jsp.ops.vnm.has_tiles(ws.dtype):
+    """The inference form's forward (`inference_form`), kernel "<spec> tiled" or "<spec> lines";
+    none for other formats and dtypes."""
+    form = inference_form(ws)
+    if form is None:
         return []
-    wt = ws.with_tiles()
+    wt, suffix = form
     arrays_timed = [rotating(a, base["tokens"], wt.nbytes) for a in wt.arrays().values()]
     fwd, _ = sparse_fns(wt, "auto")
     t, against = timed_against_dense(fwd, (x, *arrays_timed), dense_call, dense_seconds,
                                      args.repeats)
     isz = jnp.dtype(ws.dtype).itemsize
     nbytes = sparse_bytes(base["tokens"], base["in"], base["out"], isz, wt.nbytes, "fwd")
-    r = row(base, kernel_name(ws.spec) + " tiled", "fwd", t, ws.spec.density, nbytes,
+    r = row(base, kernel_name(ws.spec) + suffix, "fwd", t, ws.spec.density, nbytes,
             {"fwd": against})
     path = jsp.choose_path(base["tokens"], ws.dtype, ws.spec)
     return [{**r, "path": path, "dense_ms_against": against * 1e3}]

@@ -8,7 +8,8 @@ Columns: the forward of each spec, then fwd+bwd of each spec but the first (with
 and its ratio to BCOO (the N:M table). Where the rule picks the engine or the dense path, the cell
 gives what `x @ ws` ran and, beside it, the kernel forced (kernel name with "!"); a forced row
 alone is marked "(forced)". A V:N:M forward also gives, in brackets, the inference form's
-(`ws.with_tiles()`, kernel "<spec> tiled") where the run measured it.
+(`ws.with_tiles()`, kernel "<spec> tiled"; int4's `wq.with_lines()`, "<spec> lines") where the
+run measured it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def table(payload, specs=None) -> str:
         for mode, names in (("fwd", fwd), ("fwd+bwd", both)):
             for p in names:
                 cell = _speedup(by, (dtype, k, n, t), kernel_name(p), mode)
-                tiled = by.get((dtype, k, n, t, kernel_name(p) + " tiled", mode))
-                if tiled is not None:
-                    cell += f" (tiled {tiled['speedup']:.2f}x)"
+                for form in ("tiled", "lines"):
+                    packed = by.get((dtype, k, n, t, f"{kernel_name(p)} {form}", mode))
+                    if packed is not None:
+                        cell += f" ({form} {packed['speedup']:.2f}x)"
                 cells.append(cell)
         if not specs:
             bcoo = by.get((dtype, k, n, t, "bcoo 2:4", "fwd"))

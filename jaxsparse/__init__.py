@@ -15,6 +15,7 @@ from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_i
 from jaxsparse.formats import (
     NM,
     Int4,
+    Int4LinesWeight,
     Int4MarlinWeight,
     Int4NMMarlinWeight,
     Int4NMWeight,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Int4",
+    "Int4LinesWeight",
     "Int4MarlinWeight",
     "Int4NMMarlinWeight",
     "Int4NMWeight",

@@ -39,6 +39,17 @@ inline __m512i LoadBytes(const uint8_t* row, __mmask16 mask) {
   return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row));
 }
 
+// Outputs [o, o + 16) of byte row r (o a multiple of 16) as dwords, read from
+// the canonical qweight, or from the lines (int4_checks.h): there byte
+// (o % 64) / 16 of each dword of the row's line in the block of o.
+inline __m512i RowBytes(const Int4Problem& p, const uint8_t* qweight, int64_t r, int64_t o,
+                        __mmask16 mask) {
+  if (!p.lines) return LoadBytes(qweight + r * p.n_out + o, mask);
+  const __m512i line = _mm512_loadu_si512(qweight + ((o / 64) * (p.k / 2) + r) * 64);
+  return _mm512_maskz_and_epi32(mask, _mm512_srli_epi32(line, 8 * static_cast<int>(o % 64 / 16)),
+                                _mm512_set1_epi32(0xFF));
+}
+
 // Products by W, dense form: 4 vectors of 16 outputs and nt tokens of
 // accumulators (16 registers at 4 tokens); per pair of input rows, 4 loads of
 // 16 bytes (the task's 64-byte line) and 2 nt FMAs per vector. The unsigned
@@ -260,6 +271,72 @@ inline void BackwardSparseAvx512(const Ctx& c, int64_t j0, int64_t count, int nt
     case 2: return BackwardSparseTokens<2>(c, j0, count, dys, dx);
     case 3: return BackwardSparseTokens<3>(c, j0, count, dys, dx);
     default: return BackwardSparseTokens<4>(c, j0, count, dys, dx);
+  }
+}
+
+// ---------------------------------------------------------------- the lines layout
+// Products by W on the CPU lines (int4_checks.h): a task's 64 outputs are one
+// sequential stream of 64-byte lines, which the hardware prefetchers follow
+// (the canonical column walk crosses a 4 KB page per row, where they stop:
+// measured 0.84 ms against 0.52 streamed for the same decode at 4096 x 4096,
+// benchmarks/int4_walk_probe.cc). One 64-byte load per input pair; dword lane
+// l holds outputs 16 j + l in byte j, so a shift by 8 j (+ 4 for the odd
+// input) puts the nibble in the lane's low bits, and vpermps, which reads only
+// those 4 bits, looks up u - 8 as f32: 2 operations per 16 weights, where
+// vpmovzxbd / and / vcvtdq2ps take 3 (Zen 4 splits each 512-bit one in two).
+constexpr int64_t kLinesPrefetch = 16;  // lines ahead: 1 KB, past the streamer's ramp-up
+
+template <int kTokens>
+void ForwardLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group;
+  const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const uint8_t* lines = c.qweight + (o0 / kOutBlock) * (k / 2) * 64;
+  __mmask16 masks[4];
+  for (int j = 0; j < 4; ++j) masks[j] = 16 * j < on ? LaneMask(on - 16 * j) : 0;
+  __m512 out[4][kTokens];
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < kTokens; ++t) out[j][t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[4][kTokens];
+    for (int j = 0; j < 4; ++j)
+      for (int t = 0; t < kTokens; ++t) acc[j][t] = _mm512_setzero_ps();
+    for (int64_t i = g * p.group; i < (g + 1) * p.group; i += 2) {
+      const uint8_t* line = lines + (i >> 1) * 64;
+      // A prefetch never faults: the last rows' reach past the array is harmless.
+      PrefetchRow(line + kLinesPrefetch * 64);
+      const __m512i bytes = _mm512_loadu_si512(line);
+      __m512 x0[kTokens], x1[kTokens];
+      for (int t = 0; t < kTokens; ++t) {
+        x0[t] = _mm512_set1_ps(c.dense[(t0 + t) * k + i]);
+        x1[t] = _mm512_set1_ps(c.dense[(t0 + t) * k + i + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m512i even = j == 0 ? bytes : _mm512_srli_epi32(bytes, 8 * j);
+        const __m512 lo = _mm512_permutexvar_ps(even, values);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * j + 4), values);
+        for (int t = 0; t < kTokens; ++t) {
+          acc[j][t] = _mm512_fmadd_ps(lo, x0[t], acc[j][t]);
+          acc[j][t] = _mm512_fmadd_ps(hi, x1[t], acc[j][t]);
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_maskz_loadu_ps(masks[j], c.scales + g * n + o0 + 16 * j);
+      for (int t = 0; t < kTokens; ++t) out[j][t] = _mm512_fmadd_ps(s, acc[j][t], out[j][t]);
+    }
+  }
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < kTokens; ++t) _mm512_store_ps(y + t * kOutBlock + 16 * j, out[j][t]);
+}
+
+inline void ForwardLinesAvx512(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                               float* y) {
+  switch (nt) {
+    case 1: return ForwardLinesTokens<1>(c, o0, on, t0, y);
+    case 2: return ForwardLinesTokens<2>(c, o0, on, t0, y);
+    case 3: return ForwardLinesTokens<3>(c, o0, on, t0, y);
+    default: return ForwardLinesTokens<4>(c, o0, on, t0, y);
   }
 }
 

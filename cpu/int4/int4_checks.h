@@ -7,6 +7,14 @@
 //   int4_nm_matmul    x, qweight [Bw, K/4, N], positions [Bw, K/8, N], scales
 //                                                         -> y  [B, T, N]
 //   int4_nm_matmul_t  dy, qweight, positions, scales      -> dx [B, T, K]
+//   int4_matmul_lines x [Bx, T, K], lines [Bw, ceil(N/64) K/2, 64], scales
+//                                                         -> y  [B, T, N]
+//
+// The lines (the dense form's CPU layout, jaxsparse.ops.int4_pack_lines) hold
+// each block of 64 outputs' input rows one after the other, a 64-byte line per
+// row: lines[b K/2 + r][4 l + j] = qweight[r][64 b + 16 j + l] (0 past N), so
+// a task's weight is one sequential stream and each dword lane l of a line
+// holds outputs 16 j + l for j = 0..3.
 //
 // g = the attribute group_size, dividing K (even; a multiple of 8 for 2:4).
 // qweight and positions are uint8, scales share the float dtype of the dense
@@ -91,6 +99,30 @@ inline xla::ffi::Error CheckMatmul(const Validator& val, int32_t group,
                                    const xla::ffi::AnyBuffer& y, Operands* o) {
   JAXSPARSE_RETURN_IF_ERROR(ReadShapes(val, "x", x, qweight, positions, scales, "y", y, o));
   return CheckWeight(val, group, o->dense.cols, o->result.cols, o);
+}
+
+// y = x @ W on the lines layout: the canonical checks on a qweight whose rows
+// and columns are those of the lines' [K/2, N].
+inline xla::ffi::Error CheckMatmulLines(const Validator& val, int32_t group,
+                                        const xla::ffi::AnyBuffer& x,
+                                        const xla::ffi::AnyBuffer& lines,
+                                        const xla::ffi::AnyBuffer& scales,
+                                        const xla::ffi::AnyBuffer& y, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(ReadShapes(val, "x", x, lines, nullptr, scales, "y", y, o));
+  const int64_t k = o->dense.cols, n_out = o->result.cols;
+  const int64_t rows = (n_out + 63) / 64 * (k / 2);
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("lines.shape[1] (ceil(N/64) K/2)", o->qweight.rows,
+                                    "ceil(N/64) K/2", rows));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("lines.shape[2]", o->qweight.cols, "64", 64));
+  if (k % 2 != 0) {
+    return val.Fail("K = " + std::to_string(k) + " must be even (two inputs per byte)");
+  }
+  // The canonical checks on the rest, on a copy whose qweight has the lines'
+  // [K/2, N] (the lines keep their own dims for the batch stride).
+  Operands canonical = *o;
+  canonical.qweight.rows = k / 2;
+  canonical.qweight.cols = n_out;
+  return CheckWeight(val, group, k, n_out, &canonical);
 }
 
 // dx = dy @ W^T: K is the result's width.

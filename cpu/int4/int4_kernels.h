@@ -87,6 +87,14 @@ inline void GroupPositions(const uint8_t* positions, int64_t n_out, int64_t j, i
   *p1 = code >> 2;
 }
 
+// Byte (input pair r, output o) of the dense form's qweight, canonical or in
+// the lines layout (int4_checks.h).
+inline int DenseByte(const Ctx& c, int64_t r, int64_t o) {
+  const Int4Problem& p = *c.p;
+  if (!p.lines) return c.qweight[r * p.n_out + o];
+  return c.qweight[((o / 64) * (p.k / 2) + r) * 64 + 4 * (o % 16) + o % 64 / 16];
+}
+
 // ---------------------------------------------------------------- scalar blocks
 // y[t0 + t][o0 + o] for t < nt, o < on, f32, into y (row stride kOutBlock).
 inline void ForwardDenseScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
@@ -100,7 +108,7 @@ inline void ForwardDenseScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0,
       for (int64_t g = 0; g < groups; ++g) {
         float acc = 0.0f;
         for (int64_t i = g * p.group; i < (g + 1) * p.group; i += 2) {
-          const int byte = c.qweight[(i >> 1) * n + o0 + o];
+          const int byte = DenseByte(c, i >> 1, o0 + o);
           acc += static_cast<float>(byte & 15) * x[i] + static_cast<float>(byte >> 4) * x[i + 1];
         }
         sum += c.scales[g * n + o0 + o] * (acc - 8.0f * c.xsum[(t0 + t) * groups + g]);
@@ -171,6 +179,13 @@ inline void BackwardSparseScalar(const Ctx& c, int64_t j0, int64_t count, int nt
       for (int s = 0; s < 4; ++s) dx[t * kRowBlock * 4 + 4 * r + s] = acc[s];
     }
   }
+}
+
+// Without AVX-512 the lines run the canonical scalar block (DenseByte reads
+// either layout).
+inline void ForwardLinesScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                               float* y) {
+  ForwardDenseScalar(c, o0, on, t0, nt, y);
 }
 
 // ---------------------------------------------------------------- int8 activations
@@ -244,7 +259,8 @@ namespace int4 {
 #endif
 
 // ---------------------------------------------------------------- products by W
-template <bool kSparse>
+// kSparse: the 2:4 form; kLines: the dense form in the lines layout.
+template <bool kSparse, bool kLines = false>
 void ForwardTask(void* ctx, int64_t task, int /*worker*/) {
   const Ctx& c = *static_cast<const Ctx*>(ctx);
   const Int4Problem& p = *c.p;
@@ -253,7 +269,9 @@ void ForwardTask(void* ctx, int64_t task, int /*worker*/) {
   const int64_t on = std::min(kOutBlock, p.n_out - o0);
   const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
   alignas(64) float y[kTokenBlock * kOutBlock];
-  if (kSparse) {
+  if (kLines) {
+    JAXSPARSE_INT4_BLOCK(ForwardLines)(c, o0, on, t0, nt, y);
+  } else if (kSparse) {
     JAXSPARSE_INT4_BLOCK(ForwardSparse)(c, o0, on, t0, nt, y);
   } else {
     JAXSPARSE_INT4_BLOCK(ForwardDense)(c, o0, on, t0, nt, y);
@@ -301,8 +319,8 @@ void BackwardTask(void* ctx, int64_t task, int worker) {
 #undef JAXSPARSE_INT4_BLOCK
 
 // ---------------------------------------------------------------- drivers
-// Scratch: the widened dense operand (bf16/f16 only: f32 is read in place),
-// the scales, the group sums of x, and per worker the dx tasks' scaled dy or
+// Scratch: the widened dense operand and scales (bf16/f16 only: f32 is read
+// in place), the group sums of x, and per worker the dx tasks' scaled dy or
 // the panels' decoded block and accumulators.
 struct Scratch {
   float* dense;
@@ -315,7 +333,7 @@ inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_c
                         bool panels, Scratch* s) {
   const int64_t groups = p.k / p.group;
   const int64_t dense = p.dtype == Dtype::kF32 ? 0 : p.tokens * dense_cols;
-  const int64_t scales = groups * p.n_out;
+  const int64_t scales = p.dtype == Dtype::kF32 ? 0 : groups * p.n_out;  // f32: in place
   const int64_t xsum = panels ? 0 : p.tokens * groups;
   const int64_t per_worker = panels ? kPanelWorkFloats : kTokenBlock * p.n_out;
   const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
@@ -361,11 +379,12 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const void* dense = Offset(p.dense, b * p.dense_stride, p.dtype);
     if (p.dtype != Dtype::kF32) Widen(dense, p.dtype, p.tokens * dense_cols, s.dense);
-    Widen(Offset(p.scales, b * p.scales_stride, p.dtype), p.dtype, groups * p.n_out, s.scales);
+    const void* scales = Offset(p.scales, b * p.scales_stride, p.dtype);
+    if (p.dtype != Dtype::kF32) Widen(scales, p.dtype, groups * p.n_out, s.scales);
     Ctx c{};
     c.p = &p;
     c.dense = p.dtype == Dtype::kF32 ? static_cast<const float*>(dense) : s.dense;
-    c.scales = s.scales;
+    c.scales = p.dtype == Dtype::kF32 ? static_cast<const float*>(scales) : s.scales;
     c.xsum = s.xsum;
     c.work = s.work;
     c.qweight = p.qweight + b * p.weight_stride;
@@ -386,7 +405,8 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
       if (!kSparse) GroupSums(p, c.dense, s.xsum);
       const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
       c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
-      rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &ForwardTask<kSparse>, &c);
+      rt.parallel_for(rt.pool, c.out_blocks * token_blocks,
+                      p.lines ? &ForwardTask<false, true> : &ForwardTask<kSparse>, &c);
     }
   }
   return true;

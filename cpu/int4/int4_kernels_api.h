@@ -20,7 +20,8 @@ struct Int4Problem {
   int32_t group;   // inputs per scale; divides K
   const void* dense;  // x [T, K] (products by W) or dy [T, N] (by W^T), per batch
   int64_t dense_stride;           // elements; 0 when broadcast
-  const uint8_t* qweight;         // [K/2, N] (dense) or [K/4, N] (2:4) per batch
+  const uint8_t* qweight;         // [K/2, N] (dense) or [K/4, N] (2:4) per batch; with
+                                  // `lines`, [ceil(N/64) K/2, 64] (int4_checks.h)
   const uint8_t* positions;       // [K/8, N] per batch (2:4 only)
   const void* scales;             // [K/group, N] per batch
   int64_t weight_stride;          // qweight's batch stride in bytes; 0 when broadcast
@@ -34,6 +35,8 @@ struct Int4Problem {
   const float* x_scales;
   const int32_t* x_sums;
   int64_t x_group_stride;  // elements of x_scales / x_sums per batch entry; 0 when broadcast
+  // The dense form's qweight in the CPU lines layout (matmul only, int4_checks.h).
+  bool lines;
 };
 
 using Int4KernelFn = bool (*)(const Int4Problem& problem, const Runtime& rt);

@@ -38,7 +38,8 @@ inline void PanelMasks(int64_t on, __mmask16* masks) {
 
 // w[i][0 .. 64) = W[k0 + i, o0 .. o0 + 64) for i < kb, dense form: per byte
 // row (inputs k0 + i and k0 + i + 1, one group: groups are even) 4 loads of
-// 16 bytes, the nibbles split and converted in registers, times the scales.
+// 16 bytes (or 4 shifts of one line, RowBytes), the nibbles split and
+// converted in registers, times the scales.
 inline void DecodeDensePanel(const Ctx& c, int64_t k0, int64_t kb, int64_t o0, int64_t on,
                              float* w) {
   const Int4Problem& p = *c.p;
@@ -47,11 +48,10 @@ inline void DecodeDensePanel(const Ctx& c, int64_t k0, int64_t kb, int64_t o0, i
   PanelMasks(on, masks);
   const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   for (int64_t i = 0; i < kb; i += 2) {
-    const uint8_t* row = c.qweight + ((k0 + i) >> 1) * n + o0;
     const float* scales = c.scales + (k0 + i) / p.group * n + o0;
     for (int v = 0; v < 4; ++v) {
       const __m512 s = _mm512_maskz_loadu_ps(masks[v], scales + 16 * v);
-      const __m512i d = LoadBytes(row + 16 * v, masks[v]);
+      const __m512i d = RowBytes(p, c.qweight, (k0 + i) >> 1, o0 + 16 * v, masks[v]);
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
       _mm512_store_ps(w + i * kPanelOut + 16 * v, _mm512_mul_ps(lo, s));

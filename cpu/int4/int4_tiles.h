@@ -63,7 +63,7 @@ inline __m512i DensePairRow(const TileCtx& c, int64_t row, int64_t o, __mmask16 
   if (2 * row >= p.k || mask == 0) return _mm512_setzero_si512();
   const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   const __m512 s = _mm512_maskz_loadu_ps(mask, c.scales + 2 * row / p.group * p.n_out + o);
-  const __m512i d = LoadBytes(c.qweight + row * p.n_out + o, mask);
+  const __m512i d = RowBytes(p, c.qweight, row, o, mask);
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
   return PairsBf16(_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s));

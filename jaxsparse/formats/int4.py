@@ -260,6 +260,14 @@ class _Int4Base(SparseFormat):
 
         return packed_for(self, device)
 
+    def with_lines(self):
+        """This weight packed once into the CPU kernels' lines layout (`Int4LinesWeight`): the
+        inference form for CPUs, whose few-token products stream the weight sequentially (dense
+        int4 with float activations; pure, jittable)."""
+        from jaxsparse.formats.int4_lines import Int4LinesWeight  # It imports this module.
+
+        return Int4LinesWeight.from_canonical(self)
+
     def dense_rows(self) -> jax.Array:
         """`todense()` as `[..., out, in]` rows."""
         return jnp.swapaxes(self.todense(), -1, -2)

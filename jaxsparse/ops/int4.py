@@ -5,7 +5,9 @@ Two primitives per form, closed under differentiation in x (the weights are froz
 - `int4_matmul`      y  = x @ W        `int4_nm_matmul`      (the 2:4 form)
 - `int4_matmul_t`    dx = dy @ W^T     `int4_nm_matmul_t`
 
-and, opt-in for the dense form, `int4_a8_matmul`: y = x @ W with x quantised to int8 per token
+the dense form's forward on its CPU layout, `int4_matmul_lines` (the weight packed once by
+`int4_pack_lines`, for inference and few tokens), and, opt-in for the dense form,
+`int4_a8_matmul`: y = x @ W with x quantised to int8 per token
 and group on the fly (`quantize_activations`), multiplied in int32 by the kernel
 (`jaxsparse_int4_a8_matmul`); its derivative in x is straight through the rounding.
 
@@ -48,7 +50,8 @@ __all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
            "int4_matmul_reference", "int4_matmul_t_reference", "int4_nm_matmul_reference",
            "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
            "NIBBLE_OFFSET", "unpack_positions", "int4_a8_matmul", "int4_a8_matmul_reference",
-           "quantize_activations"]
+           "quantize_activations", "int4_pack_lines", "int4_unpack_lines", "int4_matmul_lines",
+           "int4_matmul_lines_reference"]
 
 NIBBLE_OFFSET = 8  # A stored nibble u means u - 8: the int4 range [-8, 7] as unsigned 0..15.
 
@@ -450,6 +453,109 @@ def _a8_batch(args, dims, *, group_size):
     return P.batch_into_kernel_batch(fn, args, dims)
 
 
+# ====================================================================== the CPU lines layout
+LINE_OUTPUTS = 64  # outputs per block: one 64-byte line per input pair
+
+
+def int4_pack_lines(qweight):
+    """The dense form's CPU layout: each block of 64 outputs' rows one after the other.
+
+    A task of the CPU kernel owns 64 outputs; in the canonical `[K/2, N]` its 64-byte line of each
+    row sits on another 4 KB page, where the hardware prefetchers stop. Here the block's lines are
+    one sequential stream, and within a line output `16 j + l` sits in byte `4 l + j`, so that a
+    shift puts it in dword lane `l` (the kernel's lookup reads a lane's low 4 bits).
+
+    Args:
+        qweight: `[..., K/2, N]` uint8 (canonical).
+
+    Returns:
+        `[..., ceil(N/64) K/2, 64]` uint8: `lines[b K/2 + r, 4 l + j] = qweight[r, 64 b + 16 j + l]`,
+        0 past N. Pure and jittable; `int4_unpack_lines` inverts it.
+    """
+    *lead, rows, n = qweight.shape
+    blocks = -(-n // LINE_OUTPUTS)
+    padded = jnp.pad(qweight, [(0, 0)] * (len(lead) + 1) + [(0, blocks * LINE_OUTPUTS - n)])
+    split = padded.reshape(*lead, rows, blocks, 4, 16)  # [.., r, b, j, l]
+    lines = jnp.moveaxis(split, -4, -3).swapaxes(-1, -2)  # [.., b, r, l, j]
+    return lines.reshape(*lead, blocks * rows, LINE_OUTPUTS)
+
+
+def int4_unpack_lines(lines, *, out_features: int):
+    """The canonical `[..., K/2, N]` of `int4_pack_lines`'s result (N = out_features)."""
+    *lead, total, width = lines.shape
+    blocks = -(-out_features // LINE_OUTPUTS)
+    if width != LINE_OUTPUTS or blocks == 0 or total % blocks:
+        raise ValueError(f"int4_unpack_lines: lines of shape {lines.shape} do not hold "
+                         f"{out_features} outputs (expected [..., ceil(N/64) K/2, 64])")
+    rows = total // blocks
+    split = lines.reshape(*lead, blocks, rows, 16, 4).swapaxes(-1, -2)  # [.., b, r, j, l]
+    canonical = jnp.moveaxis(split, -4, -3).reshape(*lead, rows, blocks * LINE_OUTPUTS)
+    return canonical[..., :out_features]
+
+
+int4_matmul_lines_p = Primitive("jaxsparse_int4_matmul_lines")
+
+
+def int4_matmul_lines(x, lines, scales, *, group_size: int):
+    """`y = x @ W` for a dense int4 `W` packed once by `int4_pack_lines` (CPU inference form).
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        lines: `[Bw, ceil(N/64) K/2, 64]` uint8, `int4_pack_lines(qweight)`.
+        scales: `[Bw, K/group_size, N]` in x's dtype.
+
+    Returns:
+        `[B, T, N]` in x's dtype; f32 accumulation. The kernel streams each task's lines at every
+    token count (it decodes a byte once per 4 tokens: made for few tokens). The cotangent of x
+    unpacks the lines to the canonical layout for `int4_matmul_t` (a cost of the backward only);
+    the weight is frozen.
+    """
+    lines, scales = P.same_batch(lines, scales)
+    return int4_matmul_lines_p.bind(x, lines, scales, group_size=group_size)
+
+
+def int4_matmul_lines_reference(x, lines, scales, *, group_size):
+    qweight = int4_unpack_lines(lines, out_features=scales.shape[-1])
+    return _product_reference(x, (qweight, scales), group_size)
+
+
+def _lines_abstract_eval(x, lines, scales, *, group_size):
+    where = "int4_matmul_lines"
+    P.check_rank3(where, x=x, lines=lines, scales=scales)
+    k, n = x.shape[-1], scales.shape[-1]
+    want = (-(-n // LINE_OUTPUTS) * (k // 2), LINE_OUTPUTS)
+    if lines.dtype != jnp.uint8 or tuple(lines.shape[1:]) != want or k % 2:
+        raise ValueError(f"{where}: lines must be uint8 [Bw, ceil(N/64) K/2, 64] = [Bw, {want[0]}, "
+                         f"64] for K = {k} (even), N = {n} (scales' last dim); got {lines.dtype} "
+                         f"{tuple(lines.shape)}")
+    canonical = jax.ShapeDtypeStruct((lines.shape[0], k // 2, n), jnp.uint8)
+    _check_weight(where, canonical, None, scales, group_size, k)
+    _check_dtypes(where, x, scales)
+    batch = P.check_batches(where, ("x", x), ("lines", lines), ("scales", scales))
+    return x.update(shape=(batch, x.shape[1], n), dtype=x.dtype)
+
+
+def _lines_jvp(primals, tangents, *, group_size):
+    _refuse_weight_tangents(tangents[1:])
+    out = int4_matmul_lines(*primals, group_size=group_size)
+    if type(tangents[0]) is ad.Zero:
+        return out, jnp.zeros_like(out)
+    return out, int4_matmul_lines(tangents[0], *primals[1:], group_size=group_size)
+
+
+def _lines_transpose(ct, x, lines, scales, *, group_size):
+    if type(ct) is ad.Zero or not ad.is_undefined_primal(x):
+        return None, None, None
+    qweight = int4_unpack_lines(lines, out_features=scales.shape[-1])
+    dx = int4_matmul_t(ct, qweight, scales, group_size=group_size, in_features=x.aval.shape[-1])
+    return P.sum_to_batch(dx, x.aval.shape[0]), None, None
+
+
+def _lines_batch(args, dims, *, group_size):
+    fn = functools.partial(int4_matmul_lines, group_size=group_size)
+    return P.batch_weight_product(fn, args, dims)
+
+
 # ====================================================================== registration
 def _forward(weight_operands: int):
     return int4_nm_matmul if weight_operands == 3 else int4_matmul
@@ -479,6 +585,10 @@ def _register():
                    target=target, attrs=_ATTRS)
 
 
+    P.register(int4_matmul_lines_p, abstract_eval=_lines_abstract_eval, jvp=_lines_jvp,
+               transpose=_lines_transpose, batch=_lines_batch,
+               reference=int4_matmul_lines_reference, target="jaxsparse_int4_matmul_lines",
+               attrs=_ATTRS)
     P.register(int4_a8_matmul_p, abstract_eval=_a8_abstract_eval, jvp=_a8_refuse,
                transpose=_a8_refuse, batch=_a8_batch, reference=int4_a8_matmul_reference,
                target="jaxsparse_int4_a8_matmul", attrs=_ATTRS)
