@@ -46,7 +46,8 @@ struct Ctx {
   const uint8_t* qweight;
   const uint8_t* positions;
   void* out;              // this batch entry's result
-  int64_t out_blocks;     // forward: ceil(N / 64); dx: row blocks
+  int64_t out_blocks;     // forward: ceil(N / out_width); dx: row blocks
+  int64_t out_width;      // forward: outputs per task (64; 128 for the lines at 1 token)
   float* work;            // dx: per worker, kTokenBlock * N floats
 };
 
@@ -264,10 +265,11 @@ template <bool kSparse, bool kLines = false>
 void ForwardTask(void* ctx, int64_t task, int /*worker*/) {
   const Ctx& c = *static_cast<const Ctx*>(ctx);
   const Int4Problem& p = *c.p;
-  const int64_t o0 = (task % c.out_blocks) * kOutBlock;
+  const int64_t o0 = (task % c.out_blocks) * c.out_width;
   const int64_t t0 = (task / c.out_blocks) * kTokenBlock;
-  const int64_t on = std::min(kOutBlock, p.n_out - o0);
+  const int64_t on = std::min(c.out_width, p.n_out - o0);
   const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
+  // Rows of kOutBlock floats per token; a 128-output task has 1 token.
   alignas(64) float y[kTokenBlock * kOutBlock];
   if (kLines) {
     JAXSPARSE_INT4_BLOCK(ForwardLines)(c, o0, on, t0, nt, y);
@@ -349,6 +351,13 @@ inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_c
   return true;
 }
 
+// The lines at 1 token: tasks of two blocks (ForwardLinesTokens), when that
+// still leaves every worker 4 of them.
+inline bool LinesPairTasks(const Int4Problem& p, const Runtime& rt) {
+  const int64_t pairs = (p.n_out + 2 * kOutBlock - 1) / (2 * kOutBlock);
+  return p.lines && p.tokens == 1 && pairs >= 4 * std::max(rt.num_workers, 1);
+}
+
 // The group sums of x that the streaming dense forward subtracts 8 times.
 inline void GroupSums(const Int4Problem& p, const float* x, float* xsum) {
   const int64_t groups = p.k / p.group;
@@ -404,7 +413,8 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
     } else {
       if (!kSparse) GroupSums(p, c.dense, s.xsum);
       const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
-      c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
+      c.out_width = LinesPairTasks(p, rt) ? 2 * kOutBlock : kOutBlock;
+      c.out_blocks = (p.n_out + c.out_width - 1) / c.out_width;
       rt.parallel_for(rt.pool, c.out_blocks * token_blocks,
                       p.lines ? &ForwardTask<false, true> : &ForwardTask<kSparse>, &c);
     }
