@@ -3,9 +3,9 @@
 // JAXSPARSE_INT4_AVX512 and get the vector blocks of int4_avx512.h; the others
 // run the scalar blocks below (the avx2 unit's compiler vectorises them).
 //
-// Every kernel works per batch entry in f32: the dense operand (x or dy) and
-// the scales are widened once into scratch (a few-token call's few KB; the
-// weight, the bytes that matter, is read in place), then tasks on XLA's pool
+// Every kernel works per batch entry in f32: bf16/f16 dense operands (x or dy)
+// and scales are widened once into scratch, f32 ones read in place (as is the
+// weight, the bytes that matter), then tasks on XLA's pool
 // each own a block of outputs (products by W) or of inputs (products by W^T)
 // and a block of up to 4 tokens, and write their part of the result in its
 // dtype.
