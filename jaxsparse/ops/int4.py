@@ -505,10 +505,10 @@ def int4_matmul_lines(x, lines, scales, *, group_size: int):
         scales: `[Bw, K/group_size, N]` in x's dtype.
 
     Returns:
-        `[B, T, N]` in x's dtype; f32 accumulation. The kernel streams each task's lines at every
-    token count (it decodes a byte once per 4 tokens: made for few tokens). The cotangent of x
-    unpacks the lines to the canonical layout for `int4_matmul_t` (a cost of the backward only);
-    the weight is frozen.
+        `[B, T, N]` in x's dtype; f32 accumulation. The CPU kernels read the lines at every token
+    count (streaming them at few tokens, the f32 panels and the bf16 tiles from 16). The cotangent
+    of x unpacks the lines to the canonical layout for `int4_matmul_t` (a cost of the backward
+    only); the weight is frozen.
     """
     lines, scales = P.same_batch(lines, scales)
     return int4_matmul_lines_p.bind(x, lines, scales, group_size=group_size)
