@@ -183,6 +183,15 @@ def jvp_bilinear(fn, primals, tangents, out):
     return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
+def jvp_linear(fn, primals, tangents):
+    """JVP of an op linear in its first operand, the rest held fixed (frozen weights: the caller
+    refuses their tangents first, with its own message)."""
+    out = fn(*primals)
+    if type(tangents[0]) is ad.Zero:
+        return out, jnp.zeros_like(out)
+    return out, fn(tangents[0], *primals[1:])
+
+
 # ====================================================================== batching
 def batch_weight_product(fn, args, dims):
     """Batching of a product by a weight: the dense operand, then the weight's arrays.

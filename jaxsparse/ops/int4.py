@@ -231,11 +231,8 @@ def _product_abstract_eval(x, *weight, group_size):
 
 def _product_jvp(primals, tangents, *, group_size):
     _refuse_weight_tangents(tangents[1:])
-    forward = _forward(len(primals) - 1)
-    out = forward(*primals, group_size=group_size)
-    if type(tangents[0]) is ad.Zero:
-        return out, jnp.zeros_like(out)
-    return out, forward(tangents[0], *primals[1:], group_size=group_size)
+    forward = functools.partial(_forward(len(primals) - 1), group_size=group_size)
+    return P.jvp_linear(forward, primals, tangents)
 
 
 def _product_transpose(ct, x, *weight, group_size):
@@ -315,10 +312,7 @@ def _product_t_jvp(primals, tangents, *, group_size, in_features):
     _refuse_weight_tangents(tangents[1:])
     backward = functools.partial(_backward(len(primals) - 1), group_size=group_size,
                                  in_features=in_features)
-    out = backward(*primals)
-    if type(tangents[0]) is ad.Zero:
-        return out, jnp.zeros_like(out)
-    return out, backward(tangents[0], *primals[1:])
+    return P.jvp_linear(backward, primals, tangents)
 
 
 def _product_t_transpose(ct, dy, *weight, group_size, in_features):
@@ -537,10 +531,8 @@ def _lines_abstract_eval(x, lines, scales, *, group_size):
 
 def _lines_jvp(primals, tangents, *, group_size):
     _refuse_weight_tangents(tangents[1:])
-    out = int4_matmul_lines(*primals, group_size=group_size)
-    if type(tangents[0]) is ad.Zero:
-        return out, jnp.zeros_like(out)
-    return out, int4_matmul_lines(tangents[0], *primals[1:], group_size=group_size)
+    forward = functools.partial(int4_matmul_lines, group_size=group_size)
+    return P.jvp_linear(forward, primals, tangents)
 
 
 def _lines_transpose(ct, x, lines, scales, *, group_size):

@@ -319,11 +319,8 @@ def _prim(weight_operands: int):
 
 def _jvp(primals, tangents, *, group_size):
     _refuse_weight_tangents(tangents[1:])
-    prim = _prim(len(primals) - 1)
-    out = prim.bind(*primals, group_size=group_size)
-    if type(tangents[0]) is ad.Zero:
-        return out, jnp.zeros_like(out)
-    return out, prim.bind(tangents[0], *primals[1:], group_size=group_size)
+    product = functools.partial(_prim(len(primals) - 1).bind, group_size=group_size)
+    return P.jvp_linear(product, primals, tangents)
 
 
 def _transpose(ct, x, *weight, group_size):

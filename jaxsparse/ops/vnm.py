@@ -407,8 +407,7 @@ def _spmm_tiled_abstract_eval(x, values, indices, columns, tiles, *, v, n, m):
 
 
 def _spmm_tiled_jvp(primals, tangents, *, v, n, m):
-    x, values, indices, columns, tiles = primals
-    tx, tvalues, _, _, ttiles = tangents
+    _, tvalues, _, _, ttiles = tangents
     if type(tvalues) is not ad.Zero or type(ttiles) is not ad.Zero:
         raise ValueError(
             "jaxsparse: a V:N:M weight holding packed tiles (VNMSparse.with_tiles) is an "
@@ -417,11 +416,7 @@ def _spmm_tiled_jvp(primals, tangents, *, v, n, m):
             "(ws.without_tiles()) and pack them again after training, or keep its values out "
             "of what is differentiated."
         )
-    fn = functools.partial(vnm_spmm_tiled, v=v, n=n, m=m)
-    out = fn(*primals)
-    if type(tx) is ad.Zero:
-        return out, jnp.zeros_like(out)
-    return out, fn(tx, values, indices, columns, tiles)
+    return P.jvp_linear(functools.partial(vnm_spmm_tiled, v=v, n=n, m=m), primals, tangents)
 
 
 def _spmm_tiled_transpose(ct, x, values, indices, columns, tiles, *, v, n, m):
