@@ -279,12 +279,24 @@ inline void BackwardSparseAvx512(const Ctx& c, int64_t j0, int64_t count, int nt
 // sequential stream of 64-byte lines, which the hardware prefetchers follow
 // (the canonical column walk crosses a 4 KB page per row, where they stop:
 // measured 0.84 ms against 0.52 streamed for the same decode at 4096 x 4096,
-// benchmarks/int4_walk_probe.cc). One 64-byte load per input pair; dword lane
-// l holds outputs 16 j + l in byte j, so a shift by 8 j (+ 4 for the odd
-// input) puts the nibble in the lane's low bits, and vpermps, which reads only
-// those 4 bits, looks up u - 8 as f32: 2 operations per 16 weights, where
-// vpmovzxbd / and / vcvtdq2ps take 3 (Zen 4 splits each 512-bit one in two).
-constexpr int64_t kLinesPrefetch = 16;  // lines ahead: 1 KB, past the streamer's ramp-up
+// benchmarks/int4_walk_probe.cc). Dword lane l of a line holds outputs
+// 16 j + l in byte j. vpermps reads only the low 4 bits of each index lane,
+// so it looks up u - 8 as f32 straight from a vector whose low byte is byte j:
+// the line loaded from j bytes further on (the load ports are idle, where a
+// shift by 8 j would take a vector pipe; Zen 4 splits each 512-bit operation
+// in two), and that load shifted by 4 for the odd input. 20 vector
+// operations per 128 weights, 23 with shifts only; no software prefetch, which
+// cost more issue slots than it saved on the sequential stream (a variant of
+// the probe: 0.41-0.44 ms streamed without, 0.44-0.49 with, 16-128 lines ahead).
+
+// Bytes [j, j + 64) of a line; the array's last line has no bytes after it,
+// so its top j bytes come from a masked load (which never faults) as zeros,
+// in lanes whose low byte alone is used.
+inline __m512i LineFrom(const uint8_t* line, int j, bool last) {
+  if (j == 0) return _mm512_loadu_si512(line);
+  if (last) return _mm512_maskz_loadu_epi8(~uint64_t{0} >> j, line + j);
+  return _mm512_loadu_si512(line + j);
+}
 
 // kBlocks 64-output blocks per task: at 1 token two (two streams and 8
 // independent accumulator chains per core: 10-15% faster than one in
@@ -298,6 +310,8 @@ void ForwardLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
   const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const uint8_t* lines[kBlocks];
   for (int b = 0; b < kBlocks; ++b) lines[b] = c.qweight + (o0 / kOutBlock + b) * (k / 2) * 64;
+  // The array's last line: that of the last block's last input pair.
+  const uint8_t* last_line = c.qweight + ((n + kOutBlock - 1) / kOutBlock * (k / 2) - 1) * 64;
   __mmask16 masks[kVecs];
   for (int v = 0; v < kVecs; ++v) masks[v] = 16 * v < on ? LaneMask(on - 16 * v) : 0;
   __m512 out[kVecs][kTokens];
@@ -315,13 +329,11 @@ void ForwardLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
       }
       for (int b = 0; b < kBlocks; ++b) {
         const uint8_t* line = lines[b] + (i >> 1) * 64;
-        // A prefetch never faults: the last rows' reach past the array is harmless.
-        PrefetchRow(line + kLinesPrefetch * 64);
-        const __m512i bytes = _mm512_loadu_si512(line);
+        const bool last = line == last_line;
         for (int j = 0; j < 4; ++j) {
-          const __m512i even = j == 0 ? bytes : _mm512_srli_epi32(bytes, 8 * j);
-          const __m512 lo = _mm512_permutexvar_ps(even, values);
-          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * j + 4), values);
+          const __m512i bytes = LineFrom(line, j, last);
+          const __m512 lo = _mm512_permutexvar_ps(bytes, values);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
           for (int t = 0; t < kTokens; ++t) {
             acc[4 * b + j][t] = _mm512_fmadd_ps(lo, x0[t], acc[4 * b + j][t]);
             acc[4 * b + j][t] = _mm512_fmadd_ps(hi, x1[t], acc[4 * b + j][t]);
