@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import jax
 
+from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN
-from jaxsparse.formats.int4 import Int4NMWeight, Int4Weight, _Int4Base
+from jaxsparse.formats.int4 import _SPARSE, Int4NMWeight, Int4Weight, _Int4Base
 from jaxsparse.ops.int4_marlin import (
+    check_marlin_arrays,
     int4_marlin_matmul,
     int4_nm_marlin_matmul,
     marlin_nm_pack,
@@ -86,6 +88,25 @@ class _MarlinBase(_Int4Base):
         del path
         return self._sparse_product(x)
 
+    @classmethod
+    def _check(cls, arrays: dict, group_size, sparsity, activations, in_features):
+        """`(spec, arrays as jax arrays)` once the packed `arrays` and the spec are valid (the
+        constructors), else an exception naming what is wrong."""
+        where = f"jaxsparse.{cls.__name__}"
+        canonical = Int4NMWeight if "packed_meta" in arrays else Int4Weight
+        spec, in_features = canonical._check_spec(group_size, sparsity, in_features, where,
+                                                  activations)
+        if spec.activations:
+            raise ValueError(f"{where}: int8 activations run on the CPU kernels only; got "
+                             f"activations={spec.activations!r}")
+        arrays = {name: V.as_array(name, a, where=where) for name, a in arrays.items()}
+        k, _ = check_marlin_arrays(where, arrays["packed_qweight"], arrays["packed_scales"],
+                                   spec.group_size, arrays.get("packed_meta"))
+        if k != in_features:
+            raise ValueError(f"{where}: packed_qweight holds in_features = {k}; got "
+                             f"in_features={in_features}")
+        return spec, arrays
+
 
 class Int4MarlinWeight(_MarlinBase):
     """A dense int4 weight in MARLIN's device layout (`Int4Weight.packed_for("cuda")`).
@@ -97,6 +118,15 @@ class Int4MarlinWeight(_MarlinBase):
     """
 
     ARRAYS = (("packed_qweight", FROZEN), ("packed_scales", FROZEN))
+
+    def __init__(self, packed_qweight, packed_scales, *, group_size: int | None, sparsity=None,
+                 activations=None, in_features: int):
+        spec, arrays = self._check({"packed_qweight": packed_qweight,
+                                    "packed_scales": packed_scales},
+                                   group_size, sparsity, activations, in_features)
+        self.packed_qweight, self.packed_scales = arrays["packed_qweight"], arrays["packed_scales"]
+        self.group_size, self.sparsity, self.in_features = spec.group_size, None, in_features
+        self.activations = None
 
     @classmethod
     def from_canonical(cls, wq: Int4Weight) -> "Int4MarlinWeight":
@@ -127,6 +157,16 @@ class Int4NMMarlinWeight(_MarlinBase):
     """
 
     ARRAYS = (("packed_qweight", FROZEN), ("packed_meta", FROZEN), ("packed_scales", FROZEN))
+
+    def __init__(self, packed_qweight, packed_meta, packed_scales, *, group_size: int | None,
+                 sparsity=_SPARSE, activations=None, in_features: int):
+        spec, arrays = self._check({"packed_qweight": packed_qweight, "packed_meta": packed_meta,
+                                    "packed_scales": packed_scales},
+                                   group_size, sparsity, activations, in_features)
+        self.packed_qweight, self.packed_meta = arrays["packed_qweight"], arrays["packed_meta"]
+        self.packed_scales = arrays["packed_scales"]
+        self.group_size, self.sparsity, self.in_features = spec.group_size, _SPARSE, in_features
+        self.activations = None
 
     @classmethod
     def from_canonical(cls, wq: Int4NMWeight) -> "Int4NMMarlinWeight":

@@ -505,6 +505,30 @@ def marlin_nm_unpack(packed_qweight, packed_meta, packed_scales, *, group_size):
     return qweight, positions, _permute_scales(packed_scales, np.argsort(_GROUPED_SCALE_PERM))
 
 
+def check_marlin_arrays(where: str, packed_qweight, packed_scales, group_size, packed_meta=None):
+    """`(in, out)` of arrays from `marlin_pack` (or, with `packed_meta`, `marlin_nm_pack`): shapes,
+    dtypes, the group size and (2:4, when concrete) two distinct positions per group; else an
+    exception naming the array. For validating constructors."""
+    packed_qweight = V.as_array("packed_qweight", packed_qweight, where=where)
+    packed_scales = V.as_array("packed_scales", packed_scales, where=where)
+    if packed_meta is None:
+        k, n = _check_packed_qweight(packed_qweight, where)
+        group_size = _check_group_size(group_size, k, where)
+    else:
+        packed_meta = V.as_array("packed_meta", packed_meta, where=where)
+        k, n = _check_packed_qweight(packed_qweight, where, 32, MARLIN_NM_TILE_K)
+        _check_packed_meta(packed_meta, k, n, where)
+        group_size = _check_group_size(group_size, k, where, MARLIN_NM_GROUP_MULTIPLE)
+        if V.is_concrete(packed_meta):
+            p0, p1 = _nm_positions_from_meta(packed_meta)
+            if bool((p0 == p1).any()):
+                raise ValueError(f"{where}: packed_meta must name two distinct positions per "
+                                 "group of 4 inputs (mma.sp stores exactly two); a group names "
+                                 "one position twice")
+    _check_scales(packed_scales, k, n, group_size, where, name="packed_scales")
+    return k, n
+
+
 # ====================================================================== the 2:4 product
 int4_nm_marlin_matmul_p = Primitive("jaxsparse_int4_nm_marlin_matmul")
 

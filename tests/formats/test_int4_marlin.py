@@ -78,6 +78,27 @@ def test_bad_devices_and_shapes_are_named():
         jsp.fromdense(weight(dtype=jnp.float32), jsp.Int4(32)).packed_for("cuda")
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_constructors_validate_the_packed_arrays(spec):
+    wp = jsp.fromdense(weight(), spec).packed_for("cuda")
+    cls = type(wp)
+    rebuilt = cls.from_arrays(wp.spec, wp.in_features, wp.arrays())
+    assert same_leaves(rebuilt, wp) and rebuilt.spec == wp.spec
+    assert same_leaves(wp.replace(packed_scales=wp.packed_scales * 1), wp)
+    assert same_leaves(jax.jit(lambda w: w.replace(packed_scales=w.packed_scales * 1))(wp), wp)
+    with pytest.raises(ValueError, match="packed_scales must be"):
+        wp.replace(packed_scales=wp.packed_scales[:, :32])
+    with pytest.raises(TypeError, match="packed_qweight must be int32"):
+        wp.replace(packed_qweight=wp.packed_qweight.astype(jnp.uint32))
+    with pytest.raises(ValueError, match="holds in_features = 128; got in_features=256"):
+        cls.from_arrays(wp.spec, 256, wp.arrays())
+    with pytest.raises(ValueError, match="int8"):  # CPU only; dense int4 only.
+        cls.from_arrays(spec._replace(activations="int8"), 128, wp.arrays())
+    if spec.sparsity:
+        with pytest.raises(ValueError, match="two distinct positions"):
+            wp.replace(packed_meta=jnp.zeros_like(wp.packed_meta))
+
+
 _EMULATED = textwrap.dedent("""
     import jax.numpy as jnp, numpy as np, jaxsparse as jsp
     rng = np.random.default_rng(0)
