@@ -160,7 +160,8 @@ double MedianMs(TaskFn task, int width, const std::vector<uint8_t*>& qs,
 void Report(const char* name, TaskFn task, int width, const std::vector<uint8_t*>& qs,
             const std::vector<float*>& ss) {
   std::printf("%-8s resident %.3f ms  streamed %.3f ms  after 64 MB %.3f ms\n", name,
-              MedianMs(task, width, qs, ss, 1, false), MedianMs(task, width, qs, ss, kCopies, false),
+              MedianMs(task, width, qs, ss, 1, false),
+              MedianMs(task, width, qs, ss, kCopies, false),
               MedianMs(task, width, qs, ss, kCopies, true));
 }
 
