@@ -234,14 +234,17 @@ inline void ForwardA8Scalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, in
 #include "cpu/common/simd_avx512.h"
 #include "cpu/int4/int4_avx512.h"
 #include "cpu/int4/int4_panel_avx512.h"
+#include "cpu/int4/int4_pairs.h"
 #else
 namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_INT4_ISA {
 namespace int4 {
-// Without AVX-512 every product streams the weight (no panel path).
+// Without AVX-512 every product streams the weight (no panel or pairs path).
 constexpr int64_t kPanelWorkFloats = 0;
 inline bool UsePanels(const Int4Problem&) { return false; }
+inline bool UsePairs(const Int4Problem&) { return false; }
+inline bool RunPairs(const Int4Problem&, const Runtime&) { return false; }
 }  // namespace int4
 }  // namespace JAXSPARSE_INT4_ISA
 }  // namespace cpu
@@ -376,6 +379,7 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
   const int64_t dense_cols = kTransposed ? p.n_out : p.k;
   const int64_t out_cols = kTransposed ? p.k : p.n_out;
   if (p.tokens == 0 || out_cols == 0) return true;
+  if (!kSparse && !kTransposed && UsePairs(p)) return RunPairs(p, rt);
   if (dense_cols == 0) {  // K = 0 or N = 0: the product is zero.
     const int64_t size = p.dtype == Dtype::kF32 ? 4 : 2;
     std::memset(p.out, 0, p.batch * p.tokens * out_cols * size);

@@ -18,7 +18,6 @@
 // Included by int4_kernels_{avx512bf16,amx}.cc after int4_kernels.h.
 #include "cpu/common/kernel_util.h"
 #include "cpu/engine/bf16_tiles.h"
-#include "cpu/int4/int4_pairs_bf16.h"
 
 namespace jaxsparse {
 namespace cpu {
@@ -214,12 +213,12 @@ bool RunTiles(const Int4Problem& p, const Runtime& rt) {
   return true;
 }
 
-// Products by W: bf16 on the lines at a few tokens on vdpbf16ps
-// (int4_pairs_bf16.h), else from kTileMinTokens on the tiles, the rest as in
-// the AVX-512 unit (streaming, or f32 panels).
+// Products by W: the dense form at a few tokens with a token per register
+// (int4_pairs.h: bf16 on vdpbf16ps), else bf16 from kTileMinTokens on the
+// tiles, the rest as in the AVX-512 unit (streaming, or f32 panels).
 template <bool kSparse>
 bool MatmulWithTiles(const Int4Problem& p, const Runtime& rt) {
-  if (!kSparse && UsePairsBf16(p)) return RunPairsBf16(p, rt);
+  if (!kSparse && UsePairs(p)) return RunPairs(p, rt);
   if (p.dtype == Dtype::kBF16 && p.tokens >= kTileMinTokens && p.k > 0) {
     return RunTiles<kSparse>(p, rt);
   }

@@ -25,9 +25,10 @@ SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
 # (a ragged tail, the 4-token block, many tokens) check them, the rest run in f32.
 # bf16 at 16+ tokens takes the engine's tiles in the avx512bf16 and amx units (int4_tiles.h):
 # the last shape has three k blocks (16, 16, 1 steps), two token blocks and two panel groups,
-# each with a ragged tail. The dense form in bf16 from 8 to 32 tokens runs vdpbf16ps on the
-# pairs there (int4_pairs_bf16.h; up to 15 in the amx unit): 20 tokens in two chunks, and the
-# range's ends, 8 and 32 (two chunks of 16), with ragged vectors.
+# each with a ragged tail. The dense form with a token per register (int4_pairs.h) takes f32
+# from 8 to 128 tokens (17, 20, 70 above) and bf16 from 8 to 32 (vdpbf16ps; up to 15 in the amx
+# unit): 20 tokens in two chunks, and the range's ends, 8 and 32 (two chunks of 16), with ragged
+# vectors; 390 f32 tokens take the panels.
 CASES = [(*shape, jnp.float32) for shape in SHAPES] + [
     (*shape, dtype) for shape in (SHAPES[1], SHAPES[3], SHAPES[9]) for dtype in DTYPES[1:]] + [
     (260, 1056, 290, 32, jnp.bfloat16), (8, 136, 70, 8, jnp.bfloat16),

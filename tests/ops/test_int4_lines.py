@@ -45,14 +45,15 @@ def test_pack_lines_places_each_byte_and_unpacks_bit_for_bit(rows, n):
 # 16 tokens the f32 panels and the bf16 tiles read the lines (RowBytes): a ragged k block
 # (K = 200) and panel (N = 130), and for the tiles two k blocks of 512 and a ragged panel group.
 # At 1 token with 4 pairs of blocks per worker or more, tasks of 128 outputs: a last pair of 66
-# (two blocks, the second ragged) and of 26 outputs (one block). bf16 from 4 to 63 tokens runs
-# vdpbf16ps on the lines (int4_pairs_bf16.h, the units with AVX512-BF16): one chunk of 4 tokens
-# and groups of 8, two chunks (9 + 8) with a last block of 2 outputs, three (14 + 14 + 12) with a
-# ragged vector; 64 tokens take the tiles again.
+# (two blocks, the second ragged) and of 26 outputs (one block). The dense form with a token per
+# register (int4_pairs.h) takes f32 from 8 to 128 tokens and bf16 from 4 to 63 (vdpbf16ps, the
+# units with AVX512-BF16): one chunk of 4 tokens and groups of 8, two chunks (9 + 8) with a last
+# block of 2 outputs, three (14 + 14 + 12) with a ragged vector; 64 bf16 tokens take the tiles
+# again, 130 f32 ones the panels.
 SHAPES = [(1, 64, 1, 32), (2, 128, 64, 64), (3, 256, 130, 128), (4, 64, 70, 8),
           (5, 392, 33, 392), (17, 200, 130, 8), (40, 1056, 290, 32), (1, 128, 1090, 64),
-          (1, 64, 1050, 32), (64, 256, 130, 64)]
-CASES = [(*s, jnp.float32) for s in SHAPES[:-1]] + [
+          (1, 64, 1050, 32), (64, 256, 130, 64), (130, 136, 70, 8)]
+CASES = [(*s, jnp.float32) for s in SHAPES[:-2] + SHAPES[-1:]] + [
     (*s, dt) for s in (SHAPES[2], SHAPES[5], SHAPES[6], SHAPES[7])
     for dt in (jnp.bfloat16, jnp.float16)] + [
     (*s, jnp.bfloat16) for s in (SHAPES[3], SHAPES[9])]
