@@ -1,7 +1,7 @@
 // Products by the dense int4 form at a few tokens with a token per register
 // (AVX-512 units; included by int4_kernels.h after int4_avx512.h), reading the
-// lines or the canonical qweight: f32 on FMAs, and bf16 on vdpbf16ps in the
-// units with AVX512-BF16.
+// lines or the canonical qweight: f32 (and f16, widened) on FMAs, and bf16 on
+// vdpbf16ps in the units with AVX512-BF16.
 //
 // A qweight byte holds one output's two inputs 2r, 2r + 1. In bf16 that is
 // exactly the pair a vdpbf16ps lane multiplies by a token's (x[2r], x[2r + 1]),
@@ -48,16 +48,17 @@ constexpr PairsRange kPairsBf16 = {4, 15, 8, 15};
 #else
 constexpr PairsRange kPairsBf16 = {4, 63, 8, 32};
 #endif
-constexpr PairsRange kPairsF32 = {8, 128, 8, 128};
+constexpr PairsRange kPairsF32 = {8, 128, 8, 128};  // f32 and f16
+#ifdef __AVX512BF16__
+constexpr bool kHasBf16Pairs = true;
+#else
+constexpr bool kHasBf16Pairs = false;  // bf16 keeps the streaming kernels and panels
+#endif
 
 inline bool UsePairs(const Int4Problem& p) {
-  if (p.k == 0 || p.n_out == 0) return false;
-#ifdef __AVX512BF16__
+  if (p.k == 0 || p.n_out == 0 || (p.dtype == Dtype::kBF16 && !kHasBf16Pairs)) return false;
   const bool bf16 = p.dtype == Dtype::kBF16;
-#else
-  const bool bf16 = false;
-#endif
-  if (!bf16 && p.dtype != Dtype::kF32) return false;
+  // f16 x is widened to f32 once per call (PackTokensJob) and runs the f32 passes.
   const PairsRange& r = bf16 ? kPairsBf16 : kPairsF32;
   if (p.lines) return p.tokens >= r.lines_min && p.tokens <= r.lines_max;
   return p.tokens >= r.canonical_min && p.tokens <= r.canonical_max;
@@ -163,7 +164,7 @@ void PairsPass(const PairsCtx& c, int64_t block, int j, int64_t t0, __mmask16 ma
 // at K = 4096) all fall in one L1 set and 16 of them overflow its 8 ways
 // (measured in bf16 at 16 tokens: 1.05x XLA read in place, 2.1x packed).
 // bf16: dword (2r, 2r + 1) of a token is bf16 x[t, 2r] low, x[t, 2r + 1]
-// high, the word order of the lanes' pairs: [K/2, T]. f32: [K, T].
+// high, the word order of the lanes' pairs: [K/2, T]. f32 and f16: f32 [K, T].
 struct PackTokensJob {
   const Int4Problem* p;
   const void* x;
@@ -178,6 +179,14 @@ struct PackTokensJob {
       float* out = static_cast<float*>(packed);
       for (int64_t i = 2 * r0; i < 2 * (r0 + rows); ++i) {
         for (int64_t t = 0; t < tokens; ++t) out[i * tokens + t] = xf[t * k + i];
+      }
+      return;
+    }
+    if (p->dtype == Dtype::kF16) {
+      const uint16_t* xh = static_cast<const uint16_t*>(x);
+      float* out = static_cast<float*>(packed);
+      for (int64_t i = 2 * r0; i < 2 * (r0 + rows); ++i) {
+        for (int64_t t = 0; t < tokens; ++t) out[i * tokens + t] = F16ToF32(xh[t * k + i]);
       }
       return;
     }
@@ -206,7 +215,7 @@ struct PairsJob {
       const __mmask16 mask = LaneMask(p.n_out - o);
       Dispatch<kPairsTokens>(nt, [&](auto tokens) {
         constexpr int kTokens = decltype(tokens)::value;
-        if (p.dtype == Dtype::kF32) {
+        if (p.dtype != Dtype::kBF16) {  // f32, or f16 widened
           if (p.lines) return PairsPass<kTokens, true, false>(*c, block, j, t0, mask, y);
           return PairsPass<kTokens, false, false>(*c, block, j, t0, mask, y);
         }
@@ -219,13 +228,14 @@ struct PairsJob {
   }
 };
 
-// y = x @ W where UsePairs(p): f32 scales read in place, bf16 ones widened.
+// y = x @ W where UsePairs(p): f32 scales read in place, bf16 and f16 ones
+// widened.
 inline bool RunPairs(const Int4Problem& p, const Runtime& rt) {
   const int64_t groups = p.k / p.group;
   const bool f32 = p.dtype == Dtype::kF32;
-  // The widened scales (bf16), then x packed, from a 64-byte boundary.
+  // The widened scales, then x packed, from a 64-byte boundary.
   const int64_t scale_floats = f32 ? 0 : RoundUp(groups * p.n_out, 16);
-  const size_t x_bytes = static_cast<size_t>(p.k * p.tokens) * (f32 ? 4 : 2);
+  const size_t x_bytes = static_cast<size_t>(p.k * p.tokens) * (p.dtype == Dtype::kBF16 ? 2 : 4);
   void* scratch = rt.scratch(rt.scratch_owner,
                              static_cast<size_t>(scale_floats) * sizeof(float) + x_bytes);
   if (scratch == nullptr) return false;
