@@ -298,6 +298,12 @@ inline __m512i LineFrom(const uint8_t* line, int j, bool last) {
   return _mm512_loadu_si512(line + j);
 }
 
+// The last line of a batch entry's lines `qweight`: the last block's last
+// input pair (the one LineFrom must not read past).
+inline const uint8_t* LastLine(const Int4Problem& p, const uint8_t* qweight) {
+  return qweight + ((p.n_out + kOutBlock - 1) / kOutBlock * (p.k / 2) - 1) * 64;
+}
+
 // kBlocks 64-output blocks per task: at 1 token two (two streams and 8
 // independent accumulator chains per core: 10-15% faster than one in
 // benchmarks/int4_walk_probe.cc's terms, resident and streamed); more tokens
@@ -310,8 +316,7 @@ void ForwardLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
   const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const uint8_t* lines[kBlocks];
   for (int b = 0; b < kBlocks; ++b) lines[b] = c.qweight + (o0 / kOutBlock + b) * (k / 2) * 64;
-  // The array's last line: that of the last block's last input pair.
-  const uint8_t* last_line = c.qweight + ((n + kOutBlock - 1) / kOutBlock * (k / 2) - 1) * 64;
+  const uint8_t* last_line = LastLine(p, c.qweight);
   __mmask16 masks[kVecs];
   for (int v = 0; v < kVecs; ++v) masks[v] = 16 * v < on ? LaneMask(on - 16 * v) : 0;
   __m512 out[kVecs][kTokens];

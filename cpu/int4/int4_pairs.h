@@ -254,7 +254,7 @@ inline bool RunPairs(const Int4Problem& p, const Runtime& rt) {
     const void* x = Offset(p.dense, e * p.dense_stride, p.dtype);
     RunParallel(rt, CeilDiv(p.k / 2, PackTokensJob::kRows), PackTokensJob{&p, x, x_packed});
     c.qweight = p.qweight + e * p.weight_stride;
-    c.last_line = p.lines ? c.qweight + (blocks * (p.k / 2) - 1) * 64 : nullptr;
+    c.last_line = p.lines ? LastLine(p, c.qweight) : nullptr;
     c.out = const_cast<void*>(Offset(p.out, e * p.tokens * p.n_out, p.dtype));
     RunParallel(rt, blocks * c.chunks, PairsJob{&c});
   }

@@ -196,11 +196,23 @@ def marlin_unpack(packed_qweight, packed_scales, *, group_size):
     where = "marlin_unpack"
     packed_qweight = V.as_array("packed_qweight", packed_qweight, where=where)
     packed_scales = V.as_array("packed_scales", packed_scales, where=where)
-    k, n = _check_packed_qweight(packed_qweight, where)
-    group_size = _check_group_size(group_size, k, where)
-    _check_scales(packed_scales, k, n, group_size, where, name="packed_scales")
+    _, _, group_size = _check_packed(where, packed_qweight, packed_scales, group_size)
     qweight = _join_codes(_codes_from_words(packed_qweight))
     return qweight, _permute_scales(packed_scales, np.argsort(_scale_perm(group_size)))
+
+
+def _check_packed(where, packed_qweight, packed_scales, group_size, packed_meta=None):
+    """`(in, out, group_size)` of the arrays of `marlin_pack` (with `packed_meta`,
+    `marlin_nm_pack`), given as arrays: shapes, dtypes and the group size."""
+    if packed_meta is None:
+        k, n = _check_packed_qweight(packed_qweight, where)
+        group_size = _check_group_size(group_size, k, where)
+    else:
+        k, n = _check_packed_qweight(packed_qweight, where, 32, MARLIN_NM_TILE_K)
+        _check_packed_meta(packed_meta, k, n, where)
+        group_size = _check_group_size(group_size, k, where, MARLIN_NM_GROUP_MULTIPLE)
+    _check_scales(packed_scales, k, n, group_size, where, name="packed_scales")
+    return k, n, group_size
 
 
 def _check_packed_qweight(packed_qweight, where, inputs_per_row=16, tile_k=MARLIN_TILE_K):
@@ -492,10 +504,7 @@ def marlin_nm_unpack(packed_qweight, packed_meta, packed_scales, *, group_size):
     packed_qweight = V.as_array("packed_qweight", packed_qweight, where=where)
     packed_meta = V.as_array("packed_meta", packed_meta, where=where)
     packed_scales = V.as_array("packed_scales", packed_scales, where=where)
-    k, n = _check_packed_qweight(packed_qweight, where, 32, MARLIN_NM_TILE_K)
-    _check_packed_meta(packed_meta, k, n, where)
-    group_size = _check_group_size(group_size, k, where, MARLIN_NM_GROUP_MULTIPLE)
-    _check_scales(packed_scales, k, n, group_size, where, name="packed_scales")
+    _, n, group_size = _check_packed(where, packed_qweight, packed_scales, group_size, packed_meta)
     v0, v1 = _nm_kept_from_words(packed_qweight)
     p0, p1 = _nm_positions_from_meta(packed_meta)
     qweight = (v0 | (v1 << 4)).astype(jnp.uint8)
@@ -511,21 +520,15 @@ def check_marlin_arrays(where: str, packed_qweight, packed_scales, group_size, p
     exception naming the array. For validating constructors."""
     packed_qweight = V.as_array("packed_qweight", packed_qweight, where=where)
     packed_scales = V.as_array("packed_scales", packed_scales, where=where)
-    if packed_meta is None:
-        k, n = _check_packed_qweight(packed_qweight, where)
-        group_size = _check_group_size(group_size, k, where)
-    else:
+    if packed_meta is not None:
         packed_meta = V.as_array("packed_meta", packed_meta, where=where)
-        k, n = _check_packed_qweight(packed_qweight, where, 32, MARLIN_NM_TILE_K)
-        _check_packed_meta(packed_meta, k, n, where)
-        group_size = _check_group_size(group_size, k, where, MARLIN_NM_GROUP_MULTIPLE)
-        if V.is_concrete(packed_meta):
-            p0, p1 = _nm_positions_from_meta(packed_meta)
-            if bool((p0 == p1).any()):
-                raise ValueError(f"{where}: packed_meta must name two distinct positions per "
-                                 "group of 4 inputs (mma.sp stores exactly two); a group names "
-                                 "one position twice")
-    _check_scales(packed_scales, k, n, group_size, where, name="packed_scales")
+    k, n, _ = _check_packed(where, packed_qweight, packed_scales, group_size, packed_meta)
+    if packed_meta is not None and V.is_concrete(packed_meta):
+        p0, p1 = _nm_positions_from_meta(packed_meta)
+        if bool((p0 == p1).any()):
+            raise ValueError(f"{where}: packed_meta must name two distinct positions per group "
+                             "of 4 inputs (mma.sp stores exactly two); a group names one "
+                             "position twice")
     return k, n
 
 
