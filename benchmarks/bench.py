@@ -343,10 +343,10 @@ def run_case(tokens, k, n, dtype_name, args, bcoo_done: list) -> list[dict]:
 
 def inference_form(ws):
     """`(weight, suffix)`: the format's inference form packed once (V:N:M's `with_tiles()` in bf16
-    and f32, " tiled"; dense int4's `with_lines()`, " lines"), or None."""
+    and f32, " tiled"; int4's and int4 + 2:4's `with_lines()`, " lines"), or None."""
     if hasattr(ws, "with_tiles") and jsp.ops.vnm.has_tiles(ws.dtype):
         return ws.with_tiles(), " tiled"
-    if isinstance(ws, jsp.Int4Weight) and not ws.activations:
+    if isinstance(ws, (jsp.Int4Weight, jsp.Int4NMWeight)) and not ws.activations:
         return ws.with_lines(), " lines"
     return None
 

@@ -2,12 +2,14 @@
 
     python benchmarks/int4_lines_states.py                      # 4096x4096, f32
     python benchmarks/int4_lines_states.py --shapes 4096x11008 --rounds 3
+    python benchmarks/int4_lines_states.py --sparse             # int4 + 2:4's lines
 
 bench.py times each short call in alternation with XLA's dense dot (so that a change of the
 machine's load hits both alike): every lines call then starts right after the dot has streamed
 its 64+ MB. This probe times the same jitted call, weights rotated over 12 copies (streamed from
-memory), in four states, round after round in one process:
+memory), in four states, round after round in one process, and one weight again and again:
 
+    resident      one weight (its 8.9 MB stay in the caches), back-to-back
     back-to-back  the previous call was a lines call
     after-dot     right after XLA's dot of a rotated dense weight (bench.py's state)
     after-sleep   after --sleep-ms asleep (10 by default), when the vCPUs may have halted
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the four states")
     parser.add_argument("--calls", type=int, default=60, help="timed calls per state and round")
     parser.add_argument("--sleep-ms", type=float, default=10.0, help="idle time of after-sleep")
+    parser.add_argument("--sparse", action="store_true", help="int4 + 2:4 (g128) in place of int4")
     return parser.parse_args(argv)
 
 
@@ -50,7 +53,9 @@ def seconds(fn, *args) -> float:
 
 def one_round(product, x, lines, dense, calls, sleep_s) -> dict[str, float]:
     """Median ms of each state over `calls` calls."""
-    times = {"back-to-back": [], "after-dot": [], "after-sleep": [], "dot": []}
+    times = {"resident": [], "back-to-back": [], "after-dot": [], "after-sleep": [], "dot": []}
+    for i in range(calls):
+        times["resident"].append(seconds(product, x, lines[0]))
     for i in range(calls):
         times["back-to-back"].append(seconds(product, x, lines[i % COPIES]))
     for i in range(calls):
@@ -67,7 +72,8 @@ def run_shape(k: int, n: int, args) -> None:
     lines, dense = [], []
     for _ in range(COPIES):
         w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
-        lines.append(jsp.fromdense(w, jsp.Int4(128)).with_lines())
+        spec = jsp.Int4(128, sparsity=jsp.NM(2, 4) if args.sparse else None)
+        lines.append(jsp.fromdense(w, spec).with_lines())
     for _ in range(DENSE_COPIES):
         dense.append(jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)))
     x = jnp.asarray(rng.standard_normal((1, k), dtype=np.float32))
@@ -76,8 +82,9 @@ def run_shape(k: int, n: int, args) -> None:
     for r in range(args.rounds):
         ms = one_round(product, x, lines, dense, args.calls, args.sleep_ms * 1e-3)
         cells = "  ".join(f"{state} {ms[state]:.3f} ms ({ms['dot'] / ms[state]:.2f}x)"
-                          for state in ("back-to-back", "after-dot", "after-sleep"))
-        print(f"{k}x{n} f32 1 token, round {r}: dot {ms['dot']:.3f} ms  {cells}", flush=True)
+                          for state in ("resident", "back-to-back", "after-dot", "after-sleep"))
+        form = "int4 + 2:4" if args.sparse else "int4"
+        print(f"{k}x{n} {form} f32 1 token, round {r}: dot {ms['dot']:.3f} ms  {cells}", flush=True)
 
 
 def wake_cost(args) -> None:

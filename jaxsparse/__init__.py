@@ -16,6 +16,7 @@ from jaxsparse.formats import (
     NM,
     Int4,
     Int4LinesWeight,
+    Int4NMLinesWeight,
     Int4MarlinWeight,
     Int4NMMarlinWeight,
     Int4NMWeight,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Int4",
     "Int4LinesWeight",
+    "Int4NMLinesWeight",
     "Int4MarlinWeight",
     "Int4NMMarlinWeight",
     "Int4NMWeight",

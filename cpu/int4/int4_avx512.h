@@ -107,25 +107,41 @@ struct SparseLanes {
   __m512i p0, p1;
 };
 
-// From the arrays themselves (n outputs per row): what the tile decoder of
-// int4_tiles.h calls, which has no Ctx.
-inline SparseLanes DecodeSparse(const uint8_t* qweight, const uint8_t* positions, int64_t n,
-                                int64_t j, int64_t o, __mmask16 mask) {
+// From the arrays themselves: what the tile decoder of int4_tiles.h calls,
+// which has no Ctx. The canonical rows are 16-byte loads; the lines
+// (int4_checks.h) hold group j's byte in byte j % 4 of each dword of the
+// chunk's value line and index line (4 j + p0 | (4 j + p1) << 4: the
+// positions are an index's low 2 bits).
+inline SparseLanes DecodeSparse(const Int4Problem& p, const uint8_t* qweight,
+                                const uint8_t* positions, int64_t j, int64_t o, __mmask16 mask) {
   const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
   const __m512i eight = _mm512_set1_epi32(8);
-  const __m512i d = LoadBytes(qweight + j * n + o, mask);
-  const __m512i codes = _mm512_srli_epi32(LoadBytes(positions + (j >> 1) * n + o, mask),
-                                          static_cast<unsigned>(4 * (j & 1)));
+  __m512i d, p0, p1;
+  if (p.lines) {
+    const uint8_t* values = qweight + NmLinesChunk(p, j, o) + o % 64 / 16 * 64;
+    const unsigned shift = static_cast<unsigned>(8 * (j % 4));
+    d = _mm512_maskz_and_epi32(mask, _mm512_srli_epi32(_mm512_loadu_si512(values), shift),
+                               _mm512_set1_epi32(0xFF));
+    const __m512i index = _mm512_srli_epi32(_mm512_loadu_si512(values + 4 * 64), shift);
+    p0 = _mm512_and_si512(index, three);
+    p1 = _mm512_and_si512(_mm512_srli_epi32(index, 4), three);
+  } else {
+    d = LoadBytes(qweight + j * p.n_out + o, mask);
+    const __m512i codes = _mm512_srli_epi32(LoadBytes(positions + (j >> 1) * p.n_out + o, mask),
+                                            static_cast<unsigned>(4 * (j & 1)));
+    p0 = _mm512_and_si512(codes, three);
+    p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
+  }
   SparseLanes lanes;
   lanes.v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, low), eight));
   lanes.v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight));
-  lanes.p0 = _mm512_and_si512(codes, three);
-  lanes.p1 = _mm512_and_si512(_mm512_srli_epi32(codes, 2), three);
+  lanes.p0 = p0;
+  lanes.p1 = p1;
   return lanes;
 }
 
 inline SparseLanes DecodeSparse(const Ctx& c, int64_t j, int64_t o, __mmask16 mask) {
-  return DecodeSparse(c.qweight, c.positions, c.p->n_out, j, o, mask);
+  return DecodeSparse(*c.p, c.qweight, c.positions, j, o, mask);
 }
 
 // A 2:4 group's 4 inputs' weights lane by lane from its two values v0, v1
@@ -368,6 +384,112 @@ inline void ForwardLinesAvx512(const Ctx& c, int64_t o0, int64_t on, int64_t t0,
     case 3: return ForwardLinesTokens<3, 1>(c, o0, on, t0, y);
     default: return ForwardLinesTokens<4, 1>(c, o0, on, t0, y);
   }
+}
+
+// Products by W on the 2:4 lines (int4_checks.h), outputs in lanes as in the
+// dense lines: per chunk of 16 inputs each token's x[16 c .. 16 c + 16) sits
+// in one vector, and a kept value's index nibble (4 j + p, its input in the
+// chunk) looks its input up there with one vpermps; its code looks up u - 8
+// as the dense lines do. Per 16 outputs and group: 2 offset loads (values,
+// indices), 2 shifts, 2 + 2 nt lookups and 2 nt FMAs for 32 kept values, where
+// the canonical form's decode takes about twice the vector operations and
+// walks a column of 4 KB pages (benchmarks/int4_nm_lines_probe.cc: 0.27-0.29
+// ms resident at 4096 x 4096 against the dense lines' 0.33).
+
+// Group j of a chunk's vector v (its value line and index line), for every
+// token: acc[t] += w0 x[4 j + p0] + w1 x[4 j + p1].
+template <int kTokens>
+inline void NmLinesGroup(const uint8_t* chunk, int v, int j, const uint8_t* last_line,
+                         const __m512* xs, __m512* acc) {
+  const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const uint8_t* index_line = chunk + (4 + v) * 64;
+  const __m512i vb = LineFrom(chunk + v * 64, j, false);
+  const __m512i ib = LineFrom(index_line, j, index_line == last_line);
+  const __m512 w0 = _mm512_permutexvar_ps(vb, values);
+  const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(vb, 4), values);
+  const __m512i i1 = _mm512_srli_epi32(ib, 4);
+  for (int t = 0; t < kTokens; ++t) {
+    acc[t] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(ib, xs[t]), acc[t]);
+    acc[t] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(i1, xs[t]), acc[t]);
+  }
+}
+
+// kWholeChunks: every scale group is whole chunks (group % 16 == 0, so K too),
+// and each line is read through (its 4 groups) before the next, as the dense
+// lines are; else the chunk's lines are walked once per group j, and a scale
+// group (a multiple of 8 inputs) may end after any j.
+template <int kTokens, int kBlocks, bool kWholeChunks>
+void ForwardNmLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, chunks = (k + 15) / 16, per_group = p.group / 4;
+  constexpr int kVecs = 4 * kBlocks;  // vector v: block v / 4, outputs 16 (v % 4) + lane
+  const uint8_t* blocks[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) blocks[b] = c.qweight + (o0 / kOutBlock + b) * chunks * 8 * 64;
+  // The array's last line: the last block's last chunk's last index line.
+  const uint8_t* last_line =
+      c.qweight + ((n + kOutBlock - 1) / kOutBlock * chunks * 8 - 1) * 64;
+  __mmask16 masks[kVecs];
+  for (int v = 0; v < kVecs; ++v) masks[v] = 16 * v < on ? LaneMask(on - 16 * v) : 0;
+  __m512 out[kVecs][kTokens], acc[kVecs][kTokens];
+  for (int v = 0; v < kVecs; ++v)
+    for (int t = 0; t < kTokens; ++t) out[v][t] = acc[v][t] = _mm512_setzero_ps();
+  int64_t g = 0;
+  auto end_group = [&] {  // the scale group's sums into the outputs
+    for (int v = 0; v < kVecs; ++v) {
+      const __m512 s = _mm512_maskz_loadu_ps(masks[v], c.scales + g * n + o0 + 16 * v);
+      for (int t = 0; t < kTokens; ++t) {
+        out[v][t] = _mm512_fmadd_ps(s, acc[v][t], out[v][t]);
+        acc[v][t] = _mm512_setzero_ps();
+      }
+    }
+    ++g;
+  };
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    // The ragged last chunk's inputs past K load as zeros (its padded groups'
+    // indices name them, their values are code 0).
+    const __mmask16 live = LaneMask(k - 16 * ch);
+    __m512 xs[kTokens];
+    for (int t = 0; t < kTokens; ++t) {
+      xs[t] = _mm512_maskz_loadu_ps(live, c.dense + (t0 + t) * k + 16 * ch);
+    }
+    if (kWholeChunks) {
+      for (int b = 0; b < kBlocks; ++b)
+        for (int v = 0; v < 4; ++v)
+          for (int j = 0; j < 4; ++j)
+            NmLinesGroup<kTokens>(blocks[b] + ch * 8 * 64, v, j, last_line, xs, acc[4 * b + v]);
+      if ((ch + 1) * 4 % per_group == 0) end_group();
+      continue;
+    }
+    const int quads = static_cast<int>(std::min<int64_t>(4, k / 4 - 4 * ch));
+    for (int j = 0; j < quads; ++j) {
+      for (int b = 0; b < kBlocks; ++b)
+        for (int v = 0; v < 4; ++v)
+          NmLinesGroup<kTokens>(blocks[b] + ch * 8 * 64, v, j, last_line, xs, acc[4 * b + v]);
+      if ((4 * ch + j + 1) % per_group == 0) end_group();
+    }
+  }
+  // Row t of y at t * kOutBlock: kBlocks > 1 only at 1 token.
+  for (int v = 0; v < kVecs; ++v)
+    for (int t = 0; t < kTokens; ++t) _mm512_store_ps(y + t * kOutBlock + 16 * v, out[v][t]);
+}
+
+template <bool kWholeChunks>
+inline void ForwardNmLinesOf(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                             float* y) {
+  switch (nt) {
+    case 1:
+      if (on > kOutBlock) return ForwardNmLinesTokens<1, 2, kWholeChunks>(c, o0, on, t0, y);
+      return ForwardNmLinesTokens<1, 1, kWholeChunks>(c, o0, on, t0, y);
+    case 2: return ForwardNmLinesTokens<2, 1, kWholeChunks>(c, o0, on, t0, y);
+    case 3: return ForwardNmLinesTokens<3, 1, kWholeChunks>(c, o0, on, t0, y);
+    default: return ForwardNmLinesTokens<4, 1, kWholeChunks>(c, o0, on, t0, y);
+  }
+}
+
+inline void ForwardNmLinesAvx512(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                                 float* y) {
+  if (c.p->group % 16 == 0) return ForwardNmLinesOf<true>(c, o0, on, t0, nt, y);
+  ForwardNmLinesOf<false>(c, o0, on, t0, nt, y);
 }
 
 #ifdef __AVX512VNNI__

@@ -9,12 +9,25 @@
 //   int4_nm_matmul_t  dy, qweight, positions, scales      -> dx [B, T, K]
 //   int4_matmul_lines x [Bx, T, K], lines [Bw, ceil(N/64) K/2, 64], scales
 //                                                         -> y  [B, T, N]
+//   int4_nm_matmul_lines x, lines [Bw, ceil(N/64) ceil(K/16) 8, 64], scales
+//                                                         -> y  [B, T, N]
 //
 // The lines (the dense form's CPU layout, jaxsparse.ops.int4_pack_lines) hold
 // each block of 64 outputs' input rows one after the other, a 64-byte line per
 // row: lines[b K/2 + r][4 l + j] = qweight[r][64 b + 16 j + l] (0 past N), so
 // a task's weight is one sequential stream and each dword lane l of a line
 // holds outputs 16 j + l for j = 0..3.
+//
+// The 2:4 form's lines (jaxsparse.ops.int4_nm_pack_lines) hold each block of
+// 64 outputs' chunks of 16 inputs (4 2:4 groups) one after the other, 8 lines
+// per chunk: lines 0..3 the values, 4..7 the indices of outputs 16 v + l
+// (line v or 4 + v, dword lane l), group 4 c + j of chunk c in byte j:
+//   values  lines[8 (b C + c) + v][4 l + j]     = qweight[4 c + j][64 b + 16 v + l]
+//   indices lines[8 (b C + c) + 4 + v][4 l + j] = (4 j + p0) | (4 j + p1) << 4
+// with C = ceil(K/16) and (p0, p1) the group's positions; past K/4 groups or
+// past N the values are 0x88 (code 0) and the indices 4 j | (4 j + 1) << 4.
+// An index nibble is the kept value's input within the chunk, which a
+// vpermps looks up in a vector of the chunk's 16 inputs.
 //
 // g = the attribute group_size, dividing K (even; a multiple of 8 for 2:4).
 // qweight and positions are uint8, scales share the float dtype of the dense
@@ -101,27 +114,36 @@ inline xla::ffi::Error CheckMatmul(const Validator& val, int32_t group,
   return CheckWeight(val, group, o->dense.cols, o->result.cols, o);
 }
 
-// y = x @ W on the lines layout: the canonical checks on a qweight whose rows
-// and columns are those of the lines' [K/2, N].
-inline xla::ffi::Error CheckMatmulLines(const Validator& val, int32_t group,
+// y = x @ W on the lines layouts (2:4 when `sparse`): the canonical checks on
+// copies of the lines' operand with the canonical dims ([K/2, N], or [K/4, N]
+// and positions [K/8, N]).
+inline xla::ffi::Error CheckMatmulLines(const Validator& val, int32_t group, bool sparse,
                                         const xla::ffi::AnyBuffer& x,
                                         const xla::ffi::AnyBuffer& lines,
                                         const xla::ffi::AnyBuffer& scales,
                                         const xla::ffi::AnyBuffer& y, Operands* o) {
   JAXSPARSE_RETURN_IF_ERROR(ReadShapes(val, "x", x, lines, nullptr, scales, "y", y, o));
-  const int64_t k = o->dense.cols, n_out = o->result.cols;
-  const int64_t rows = (n_out + 63) / 64 * (k / 2);
-  JAXSPARSE_RETURN_IF_ERROR(val.Dim("lines.shape[1] (ceil(N/64) K/2)", o->qweight.rows,
-                                    "ceil(N/64) K/2", rows));
+  const int64_t k = o->dense.cols, n_out = o->result.cols, blocks = (n_out + 63) / 64;
+  const int64_t rows = sparse ? blocks * ((k + 15) / 16) * 8 : blocks * (k / 2);
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim(sparse ? "lines.shape[1] (ceil(N/64) ceil(K/16) 8)"
+                                           : "lines.shape[1] (ceil(N/64) K/2)",
+                                    o->qweight.rows,
+                                    sparse ? "ceil(N/64) ceil(K/16) 8" : "ceil(N/64) K/2", rows));
   JAXSPARSE_RETURN_IF_ERROR(val.Dim("lines.shape[2]", o->qweight.cols, "64", 64));
-  if (k % 2 != 0) {
-    return val.Fail("K = " + std::to_string(k) + " must be even (two inputs per byte)");
+  const int64_t multiple = sparse ? 4 : 2;
+  if (k % multiple != 0) {
+    return val.Fail("K = " + std::to_string(k) + " must be a multiple of " +
+                    std::to_string(multiple) +
+                    (sparse ? " (2:4 groups)" : " (two inputs per byte)"));
   }
-  // The canonical checks on the rest, on a copy whose qweight has the lines'
-  // [K/2, N] (the lines keep their own dims for the batch stride).
   Operands canonical = *o;
-  canonical.qweight.rows = k / 2;
+  canonical.sparse = sparse;
+  canonical.qweight.rows = k / (sparse ? 4 : 2);
   canonical.qweight.cols = n_out;
+  if (sparse) {
+    canonical.positions = canonical.qweight;
+    canonical.positions.rows = k / 8;
+  }
   return CheckWeight(val, group, k, n_out, &canonical);
 }
 

@@ -47,6 +47,7 @@ struct Ctx {
   const uint8_t* positions;
   void* out;              // this batch entry's result
   int64_t out_blocks;     // forward: ceil(N / out_width); dx: row blocks
+  int64_t token_blocks;   // forward tasks in block-major order: the token blocks; else 0
   int64_t out_width;      // forward: outputs per task (64; 128 for the lines at 1 token)
   float* work;            // dx: per worker, kTokenBlock * N floats
 };
@@ -86,6 +87,30 @@ inline void GroupPositions(const uint8_t* positions, int64_t n_out, int64_t j, i
   const int code = (positions[(j >> 1) * n_out + o] >> (4 * (j & 1))) & 15;
   *p0 = code & 3;
   *p1 = code >> 2;
+}
+
+// The 2:4 lines (int4_checks.h): the first of the 8 lines of chunk j / 4 in
+// the block of output o, and the byte of (j, o) in lines 0..3 (values) or
+// 4..7 (indices).
+inline int64_t NmLinesChunk(const Int4Problem& p, int64_t j, int64_t o) {
+  return ((o / 64) * ((p.k + 15) / 16) + j / 4) * 8 * 64;
+}
+
+// 2:4 group j of output o: its value byte (v0 | v1 << 4) and positions, from
+// the canonical arrays or the lines.
+inline void SparseGroup(const Ctx& c, int64_t j, int64_t o, int* byte, int* p0, int* p1) {
+  const Int4Problem& p = *c.p;
+  if (!p.lines) {
+    *byte = c.qweight[j * p.n_out + o];
+    GroupPositions(c.positions, p.n_out, j, o, p0, p1);
+    return;
+  }
+  const uint8_t* value =
+      c.qweight + NmLinesChunk(p, j, o) + o % 64 / 16 * 64 + 4 * (o % 16) + j % 4;
+  const int index = value[4 * 64];
+  *byte = *value;
+  *p0 = index & 3;
+  *p1 = (index >> 4) & 3;
 }
 
 // Byte (input pair r, output o) of the dense form's qweight, canonical or in
@@ -130,9 +155,8 @@ inline void ForwardSparseScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0
       for (int64_t g = 0; g < groups; ++g) {
         float acc = 0.0f;
         for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
-          const int byte = c.qweight[j * n + o0 + o];
-          int p0, p1;
-          GroupPositions(c.positions, n, j, o0 + o, &p0, &p1);
+          int byte, p0, p1;
+          SparseGroup(c, j, o0 + o, &byte, &p0, &p1);
           acc += static_cast<float>((byte & 15) - 8) * x[4 * j + p0] +
                  static_cast<float>((byte >> 4) - 8) * x[4 * j + p1];
         }
@@ -182,11 +206,16 @@ inline void BackwardSparseScalar(const Ctx& c, int64_t j0, int64_t count, int nt
   }
 }
 
-// Without AVX-512 the lines run the canonical scalar block (DenseByte reads
-// either layout).
+// Without AVX-512 the lines run the canonical scalar blocks (DenseByte and
+// SparseGroup read either layout).
 inline void ForwardLinesScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
                                float* y) {
   ForwardDenseScalar(c, o0, on, t0, nt, y);
+}
+
+inline void ForwardNmLinesScalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt,
+                                 float* y) {
+  ForwardSparseScalar(c, o0, on, t0, nt, y);
 }
 
 // ---------------------------------------------------------------- int8 activations
@@ -263,18 +292,21 @@ namespace int4 {
 #endif
 
 // ---------------------------------------------------------------- products by W
-// kSparse: the 2:4 form; kLines: the dense form in the lines layout.
+// kSparse: the 2:4 form; kLines: either form in its lines layout.
 template <bool kSparse, bool kLines = false>
 void ForwardTask(void* ctx, int64_t task, int /*worker*/) {
   const Ctx& c = *static_cast<const Ctx*>(ctx);
   const Int4Problem& p = *c.p;
-  const int64_t o0 = (task % c.out_blocks) * c.out_width;
-  const int64_t t0 = (task / c.out_blocks) * kTokenBlock;
+  const int64_t block = c.token_blocks ? task / c.token_blocks : task % c.out_blocks;
+  const int64_t o0 = block * c.out_width;
+  const int64_t t0 = (c.token_blocks ? task % c.token_blocks : task / c.out_blocks) * kTokenBlock;
   const int64_t on = std::min(c.out_width, p.n_out - o0);
   const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
   // Rows of kOutBlock floats per token; a 128-output task has 1 token.
   alignas(64) float y[kTokenBlock * kOutBlock];
-  if (kLines) {
+  if (kLines && kSparse) {
+    JAXSPARSE_INT4_BLOCK(ForwardNmLines)(c, o0, on, t0, nt, y);
+  } else if (kLines) {
     JAXSPARSE_INT4_BLOCK(ForwardLines)(c, o0, on, t0, nt, y);
   } else if (kSparse) {
     JAXSPARSE_INT4_BLOCK(ForwardSparse)(c, o0, on, t0, nt, y);
@@ -385,7 +417,11 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
     std::memset(p.out, 0, p.batch * p.tokens * out_cols * size);
     return true;
   }
-  const bool panels = !kTransposed && UsePanels(p);
+  // The 2:4 lines take their lookup kernel at every token count: it multiplies
+  // the kept values only, where the panels multiply the zeros too (4096 x
+  // 4096 f32 on Zen 4: 1.27-1.29x XLA at 128 tokens against 1.08x, 1.16x at
+  // 2048 against 1.07x; docs/cpu_speed_notes.md, int4 ninth round).
+  const bool panels = !kTransposed && UsePanels(p) && !(kSparse && p.lines);
   Scratch s;
   if (!TakeScratch(p, rt, dense_cols, panels, &s)) return false;
   const int64_t groups = p.k / p.group;
@@ -419,8 +455,12 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
       const int64_t token_blocks = (p.tokens + kTokenBlock - 1) / kTokenBlock;
       c.out_width = LinesPairTasks(p, rt) ? 2 * kOutBlock : kOutBlock;
       c.out_blocks = (p.n_out + c.out_width - 1) / c.out_width;
+      // The 2:4 lines at many tokens: a block's tasks one after the other, so
+      // that its lines stay in L2 for all its tokens (4096 x 11008 f32 at 2048
+      // tokens: 1.22-1.31x XLA against 1.14-1.16x in token-major order).
+      c.token_blocks = kSparse && p.lines ? token_blocks : 0;
       rt.parallel_for(rt.pool, c.out_blocks * token_blocks,
-                      p.lines ? &ForwardTask<false, true> : &ForwardTask<kSparse>, &c);
+                      p.lines ? &ForwardTask<kSparse, true> : &ForwardTask<kSparse>, &c);
     }
   }
   return true;

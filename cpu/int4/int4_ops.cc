@@ -92,16 +92,30 @@ ffi::Error NmMatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer
                  &positions, scales, group_size, dx);
 }
 
+ffi::Error Lines(const char* target, bool sparse, Int4KernelFn kernel, ffi::ThreadPool& pool,
+                 const ffi::AnyBuffer& x, const ffi::AnyBuffer& lines,
+                 const ffi::AnyBuffer& scales, int32_t group, ffi::Result<ffi::AnyBuffer>& y) {
+  const Validator val(target);
+  int4_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(
+      int4_check::CheckMatmulLines(val, group, sparse, x, lines, scales, *y, &o));
+  Int4Problem p = Problem(o, o.dense.cols, o.result.cols, group);
+  p.lines = true;
+  return RunKernel(val, kernel, p, pool, *y);
+}
+
 ffi::Error MatmulLinesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer lines,
                            ffi::AnyBuffer scales, int32_t group_size,
                            ffi::Result<ffi::AnyBuffer> y) {
-  const Validator val("jaxsparse_int4_matmul_lines");
-  int4_check::Operands o;
-  JAXSPARSE_RETURN_IF_ERROR(
-      int4_check::CheckMatmulLines(val, group_size, x, lines, scales, *y, &o));
-  Int4Problem p = Problem(o, o.dense.cols, o.result.cols, group_size);
-  p.lines = true;
-  return RunKernel(val, Kernels().matmul, p, pool, *y);
+  return Lines("jaxsparse_int4_matmul_lines", false, Kernels().matmul, pool, x, lines, scales,
+               group_size, y);
+}
+
+ffi::Error NmMatmulLinesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer lines,
+                             ffi::AnyBuffer scales, int32_t group_size,
+                             ffi::Result<ffi::AnyBuffer> y) {
+  return Lines("jaxsparse_int4_nm_matmul_lines", true, Kernels().nm_matmul, pool, x, lines,
+               scales, group_size, y);
 }
 
 ffi::Error A8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::AnyBuffer x_scales,
@@ -136,6 +150,8 @@ JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4MatmulT, "jaxsparse_int4_matmul_t",
                      jaxsparse::cpu::MatmulTImpl, JAXSPARSE_INT4_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4MatmulLines, "jaxsparse_int4_matmul_lines",
                      jaxsparse::cpu::MatmulLinesImpl, JAXSPARSE_INT4_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmulLines, "jaxsparse_int4_nm_matmul_lines",
+                     jaxsparse::cpu::NmMatmulLinesImpl, JAXSPARSE_INT4_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmul, "jaxsparse_int4_nm_matmul",
                      jaxsparse::cpu::NmMatmulImpl, JAXSPARSE_INT4_NM_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4NmMatmulT, "jaxsparse_int4_nm_matmul_t",

@@ -23,7 +23,8 @@ constexpr int kMicroRows = 6;          // 6 x 4 zmm accumulators (the engine's V
 // From this many tokens on, products by W take the panels (below, the
 // streaming kernels, which read each weight byte once per 4 tokens and never
 // write a decoded copy); where int4_pairs.h takes a product (the dense form in
-// f32 up to 128 tokens), it runs first.
+// f32 up to 128 tokens), it runs first, and the 2:4 lines never take them
+// (int4_kernels.h's Run).
 constexpr int64_t kPanelMinTokens = 16;
 
 // Floats of per-worker scratch: the decoded block and the accumulators.

@@ -8,7 +8,7 @@ from jaxsparse.formats._base import FROZEN, TRAINABLE, SparseFormat
 from jaxsparse.formats._spec import as_spec, frommask, fromdense, registered_specs
 from jaxsparse.formats.nm import NM, NMSparse
 from jaxsparse.formats.int4 import Int4, Int4NMWeight, Int4Weight
-from jaxsparse.formats.int4_lines import Int4LinesWeight
+from jaxsparse.formats.int4_lines import Int4LinesWeight, Int4NMLinesWeight
 from jaxsparse.formats.int4_marlin import Int4MarlinWeight, Int4NMMarlinWeight
 from jaxsparse.formats.vnm import VNM, VNMSparse, VNMSparseTiled
 
@@ -16,6 +16,7 @@ __all__ = [
     "FROZEN",
     "Int4",
     "Int4LinesWeight",
+    "Int4NMLinesWeight",
     "Int4MarlinWeight",
     "Int4NMMarlinWeight",
     "Int4NMWeight",

@@ -524,6 +524,14 @@ class Int4NMWeight(_Int4Base):
         hit = (p0[..., None, :] == slot) | (p1[..., None, :] == slot)  # [..., G, 4, N]
         return hit.reshape(self.shape)
 
+    def with_lines(self):
+        """This weight packed once into the CPU kernels' 2:4 lines layout (`Int4NMLinesWeight`):
+        the inference form for CPUs, whose few-token products look each kept value's input up in
+        a vector of x (pure, jittable)."""
+        from jaxsparse.formats.int4_lines import Int4NMLinesWeight  # It imports this module.
+
+        return Int4NMLinesWeight.from_canonical(self)
+
     def _kernel(self, x, qweight, positions, scales):
         return int4_nm_matmul(x, qweight, positions, scales, group_size=self.group)
 

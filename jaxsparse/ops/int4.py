@@ -5,8 +5,8 @@ Two primitives per form, closed under differentiation in x (the weights are froz
 - `int4_matmul`      y  = x @ W        `int4_nm_matmul`      (the 2:4 form)
 - `int4_matmul_t`    dx = dy @ W^T     `int4_nm_matmul_t`
 
-the dense form's forward on its CPU layout, `int4_matmul_lines` (the weight packed once by
-`int4_pack_lines`, for inference and few tokens), and, opt-in for the dense form,
+the forwards on the CPU layouts, `int4_matmul_lines` and `int4_nm_matmul_lines` (the weight packed
+once by `int4_pack_lines` / `int4_nm_pack_lines`, for inference), and, opt-in for the dense form,
 `int4_a8_matmul`: y = x @ W with x quantised to int8 per token
 and group on the fly (`quantize_activations`), multiplied in int32 by the kernel
 (`jaxsparse_int4_a8_matmul`); its derivative in x is straight through the rounding.
@@ -51,7 +51,8 @@ __all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
            "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
            "NIBBLE_OFFSET", "unpack_positions", "int4_a8_matmul", "int4_a8_matmul_reference",
            "quantize_activations", "int4_pack_lines", "int4_unpack_lines", "int4_matmul_lines",
-           "int4_matmul_lines_reference"]
+           "int4_matmul_lines_reference", "int4_nm_pack_lines", "int4_nm_unpack_lines",
+           "int4_nm_matmul_lines", "int4_nm_matmul_lines_reference"]
 
 NIBBLE_OFFSET = 8  # A stored nibble u means u - 8: the int4 range [-8, 7] as unsigned 0..15.
 
@@ -509,43 +510,153 @@ def int4_matmul_lines(x, lines, scales, *, group_size: int):
 
 
 def int4_matmul_lines_reference(x, lines, scales, *, group_size):
-    qweight = int4_unpack_lines(lines, out_features=scales.shape[-1])
-    return _product_reference(x, (qweight, scales), group_size)
+    return _product_reference(x, _canonical_of_lines(lines, scales, x.shape[-1], False),
+                              group_size)
 
 
-def _lines_abstract_eval(x, lines, scales, *, group_size):
-    where = "int4_matmul_lines"
+def _canonical_of_lines(lines, scales, k, sparse):
+    """The canonical weight operands `(qweight, scales)` or `(qweight, positions, scales)` of
+    either form's lines (K = k)."""
+    n = scales.shape[-1]
+    if sparse:
+        return (*int4_nm_unpack_lines(lines, in_features=k, out_features=n), scales)
+    return int4_unpack_lines(lines, out_features=n), scales
+
+
+def _lines_abstract_eval(x, lines, scales, *, group_size, sparse):
+    where = "int4_nm_matmul_lines" if sparse else "int4_matmul_lines"
     P.check_rank3(where, x=x, lines=lines, scales=scales)
-    k, n = x.shape[-1], scales.shape[-1]
-    want = (-(-n // LINE_OUTPUTS) * (k // 2), LINE_OUTPUTS)
-    if lines.dtype != jnp.uint8 or tuple(lines.shape[1:]) != want or k % 2:
-        raise ValueError(f"{where}: lines must be uint8 [Bw, ceil(N/64) K/2, 64] = [Bw, {want[0]}, "
-                         f"64] for K = {k} (even), N = {n} (scales' last dim); got {lines.dtype} "
-                         f"{tuple(lines.shape)}")
-    canonical = jax.ShapeDtypeStruct((lines.shape[0], k // 2, n), jnp.uint8)
-    _check_weight(where, canonical, None, scales, group_size, k)
+    k, n, b = x.shape[-1], scales.shape[-1], lines.shape[0]
+    blocks = -(-n // LINE_OUTPUTS)
+    if sparse:
+        rows, text, multiple = blocks * -(-k // NM_CHUNK) * 8, "ceil(N/64) ceil(K/16) 8", 8
+        canonical = (jax.ShapeDtypeStruct((b, k // 4, n), jnp.uint8),
+                     jax.ShapeDtypeStruct((b, k // 8, n), jnp.uint8))
+    else:
+        rows, text, multiple = blocks * (k // 2), "ceil(N/64) K/2", 2
+        canonical = (jax.ShapeDtypeStruct((b, k // 2, n), jnp.uint8), None)
+    if lines.dtype != jnp.uint8 or tuple(lines.shape[1:]) != (rows, LINE_OUTPUTS) or k % multiple:
+        raise ValueError(f"{where}: lines must be uint8 [Bw, {text}, 64] = [Bw, {rows}, 64] for "
+                         f"K = {k} ({'a multiple of 8' if sparse else 'even'}), N = {n} (scales' "
+                         f"last dim); got {lines.dtype} {tuple(lines.shape)}")
+    _check_weight(where, *canonical, scales, group_size, k)
     _check_dtypes(where, x, scales)
     batch = P.check_batches(where, ("x", x), ("lines", lines), ("scales", scales))
     return x.update(shape=(batch, x.shape[1], n), dtype=x.dtype)
 
 
-def _lines_jvp(primals, tangents, *, group_size):
+def _lines_product(sparse, group_size):
+    return functools.partial(int4_nm_matmul_lines if sparse else int4_matmul_lines,
+                             group_size=group_size)
+
+
+def _lines_jvp(primals, tangents, *, group_size, sparse):
     _refuse_weight_tangents(tangents[1:])
-    forward = functools.partial(int4_matmul_lines, group_size=group_size)
-    return P.jvp_linear(forward, primals, tangents)
+    return P.jvp_linear(_lines_product(sparse, group_size), primals, tangents)
 
 
-def _lines_transpose(ct, x, lines, scales, *, group_size):
+def _lines_transpose(ct, x, lines, scales, *, group_size, sparse):
     if type(ct) is ad.Zero or not ad.is_undefined_primal(x):
         return None, None, None
-    qweight = int4_unpack_lines(lines, out_features=scales.shape[-1])
-    dx = int4_matmul_t(ct, qweight, scales, group_size=group_size, in_features=x.aval.shape[-1])
+    k = x.aval.shape[-1]
+    weight = _canonical_of_lines(lines, scales, k, sparse)
+    dx = _backward(len(weight))(ct, *weight, group_size=group_size, in_features=k)
     return P.sum_to_batch(dx, x.aval.shape[0]), None, None
 
 
-def _lines_batch(args, dims, *, group_size):
-    fn = functools.partial(int4_matmul_lines, group_size=group_size)
-    return P.batch_weight_product(fn, args, dims)
+def _lines_batch(args, dims, *, group_size, sparse):
+    return P.batch_weight_product(_lines_product(sparse, group_size), args, dims)
+
+
+# ---------------------------------------------------------------------- the 2:4 form's lines
+NM_CHUNK = 16  # inputs per chunk of the 2:4 lines: 4 groups, one vector of x to look up in
+_NM_PAD_VALUE = 0x88  # both nibbles code 0 (u = 8): padding multiplies as zero
+
+
+def int4_nm_pack_lines(qweight, positions):
+    """The 2:4 form's CPU layout: per block of 64 outputs, per chunk of 16 inputs, 8 lines.
+
+    Lines 0..3 hold the chunk's 4 groups' value bytes of outputs `16 v + l` (line v, byte
+    `4 l + j` for group `4 c + j`), lines 4..7 the same places' indices `(4 j + p0) | (4 j + p1) <<
+    4`: each kept value's input within the chunk, which the kernel looks up with one `vpermps` in a
+    vector of the chunk's 16 inputs. A block's chunks are one sequential stream (the canonical rows
+    sit a 4 KB page apart), and the 4-bit indices cost fewer vector operations than the canonical
+    2-bit positions (benchmarks/int4_nm_lines_probe.cc). 0.5 byte per weight, as the dense lines.
+
+    Args:
+        qweight: `[..., K/4, N]` uint8, positions: `[..., K/8, N]` uint8 (canonical 2:4 form).
+
+    Returns:
+        `[..., ceil(N/64) ceil(K/16) 8, 64]` uint8; past K or N the values are 0x88 (code 0) and
+        the indices `4 j | (4 j + 1) << 4`. Pure and jittable; `int4_nm_unpack_lines` inverts it.
+    """
+    *lead, groups, n = qweight.shape
+    p0, p1 = unpack_positions(positions, groups)
+    chunks, blocks = -(-groups // 4), -(-n // LINE_OUTPUTS)
+    slot = 4 * (jnp.arange(groups, dtype=jnp.int32) % 4)[:, None]  # 4 j for group j's byte
+    index = ((slot + p0) | ((slot + p1) << 4)).astype(jnp.uint8)
+    pad = [(0, 0)] * len(lead) + [(0, 4 * chunks - groups), (0, blocks * LINE_OUTPUTS - n)]
+    values = jnp.pad(qweight, pad, constant_values=_NM_PAD_VALUE)
+    pad_slot = 4 * (jnp.arange(4 * chunks, dtype=jnp.int32) % 4)[:, None]
+    index = jnp.where(_inside(groups, n, chunks, blocks),
+                      jnp.pad(index, pad), (pad_slot | ((pad_slot + 1) << 4)).astype(jnp.uint8))
+    both = jnp.stack([values, index], axis=-3)  # [.., 2, C*4, B*64]
+    split = both.reshape(*lead, 2, chunks, 4, blocks, 4, 16)  # [.., kind, c, j, b, v, l]
+    lines = jnp.moveaxis(split, (-3, -5, -6, -2, -1, -4), (-6, -5, -4, -3, -2, -1))
+    return lines.reshape(*lead, blocks * chunks * 8, LINE_OUTPUTS)
+
+
+def _inside(groups, n, chunks, blocks):
+    """`[C*4, B*64]` bool: the places of the padded grid that hold a group of the weight."""
+    rows = jnp.arange(4 * chunks)[:, None] < groups
+    return rows & (jnp.arange(blocks * LINE_OUTPUTS)[None, :] < n)
+
+
+def int4_nm_unpack_lines(lines, *, in_features: int, out_features: int):
+    """`(qweight [..., K/4, N], positions [..., K/8, N])` of `int4_nm_pack_lines`'s result (K =
+    in_features, a multiple of 8; N = out_features): the positions are each index's low 2 bits."""
+    *lead, total, width = lines.shape
+    groups, blocks = in_features // 4, -(-out_features // LINE_OUTPUTS)
+    chunks = -(-groups // 4)
+    if (width != LINE_OUTPUTS or in_features % 8 or blocks == 0
+            or total != blocks * chunks * 8):
+        raise ValueError(f"int4_nm_unpack_lines: lines of shape {tuple(lines.shape)} do not hold "
+                         f"{in_features} inputs (a multiple of 8) and {out_features} outputs "
+                         f"(expected [..., ceil(N/64) ceil(K/16) 8, 64])")
+    split = lines.reshape(*lead, blocks, chunks, 2, 4, 16, 4)  # [.., b, c, kind, v, l, j]
+    grid = jnp.moveaxis(split, (-4, -5, -1, -6, -3, -2), (-6, -5, -4, -3, -2, -1))
+    grid = grid.reshape(*lead, 2, 4 * chunks, blocks * LINE_OUTPUTS)[..., :groups, :out_features]
+    qweight, index = grid[..., 0, :, :], grid[..., 1, :, :].astype(jnp.int32)
+    codes = (index & 3) | ((index >> 4) & 3) << 2  # [.., G, N]: p0 | p1 << 2
+    pairs = codes.reshape(*lead, groups // 2, 2, out_features)
+    positions = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).astype(jnp.uint8)
+    return qweight, positions
+
+
+int4_nm_matmul_lines_p = Primitive("jaxsparse_int4_nm_matmul_lines")
+
+
+def int4_nm_matmul_lines(x, lines, scales, *, group_size: int):
+    """`y = x @ W` for an int4 + 2:4 `W` packed once by `int4_nm_pack_lines` (CPU inference form).
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        lines: `[Bw, ceil(N/64) ceil(K/16) 8, 64]` uint8, `int4_nm_pack_lines(qweight, positions)`.
+        scales: `[Bw, K/group_size, N]` in x's dtype.
+
+    Returns:
+        `[B, T, N]` in x's dtype; f32 accumulation. The CPU kernels read the lines at every token
+    count (a lookup of each kept value's input at few tokens; the f32 panels and the bf16 tiles,
+    which decode the lines with their zeros, from 16). The cotangent of x unpacks the lines to the
+    canonical arrays for `int4_nm_matmul_t`; the weight is frozen.
+    """
+    lines, scales = P.same_batch(lines, scales)
+    return int4_nm_matmul_lines_p.bind(x, lines, scales, group_size=group_size)
+
+
+def int4_nm_matmul_lines_reference(x, lines, scales, *, group_size):
+    return _product_reference(x, _canonical_of_lines(lines, scales, x.shape[-1], True),
+                              group_size)
 
 
 # ====================================================================== registration
@@ -577,10 +688,15 @@ def _register():
                    target=target, attrs=_ATTRS)
 
 
-    P.register(int4_matmul_lines_p, abstract_eval=_lines_abstract_eval, jvp=_lines_jvp,
-               transpose=_lines_transpose, batch=_lines_batch,
-               reference=int4_matmul_lines_reference, target="jaxsparse_int4_matmul_lines",
-               attrs=_ATTRS)
+    for prim, reference, target, sparse in (
+        (int4_matmul_lines_p, int4_matmul_lines_reference, "jaxsparse_int4_matmul_lines", False),
+        (int4_nm_matmul_lines_p, int4_nm_matmul_lines_reference,
+         "jaxsparse_int4_nm_matmul_lines", True),
+    ):
+        rules = {name: functools.partial(rule, sparse=sparse) for name, rule in (
+            ("abstract_eval", _lines_abstract_eval), ("jvp", _lines_jvp),
+            ("transpose", _lines_transpose), ("batch", _lines_batch))}
+        P.register(prim, **rules, reference=reference, target=target, attrs=_ATTRS)
     P.register(int4_a8_matmul_p, abstract_eval=_a8_abstract_eval, jvp=_a8_refuse,
                transpose=_a8_refuse, batch=_a8_batch, reference=int4_a8_matmul_reference,
                target="jaxsparse_int4_a8_matmul", attrs=_ATTRS)
