@@ -231,10 +231,23 @@ bool MatmulWithTiles(const Int4Problem& p, const Runtime& rt) {
   return Run<kSparse, false>(p, rt);
 }
 
+}  // namespace int4
+}  // namespace JAXSPARSE_INT4_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#include "cpu/int4/int4_a8_tiles.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_INT4_ISA {
+namespace int4 {
+
 inline Int4KernelTable MakeInt4TableWithTiles() {
   Int4KernelTable table = MakeInt4Table();
   table.matmul = &MatmulWithTiles<false>;
   table.nm_matmul = &MatmulWithTiles<true>;
+  table.a8_matmul = &A8MatmulWithTiles;
   return table;
 }
 

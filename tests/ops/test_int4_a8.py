@@ -22,9 +22,15 @@ def reference(x, qweight, scales, group):
 
 
 # (tokens, K, N, group): 1-5 tokens (the 4-token block and its tails), ragged outputs (N = 17,
-# 130), groups of 8 and one per column, a weight batch of 2 against x's 1.
+# 130), groups of 8 and one per column, a weight batch of 2 against x's 1. From 16 tokens the
+# units with VNNI take the engine's int8 tiles where the groups are whole k steps of 64 (or one
+# per column): one token tile and a ragged panel; a pair of token tiles and a single one, one
+# group over K = 200 (padded to 256); two token blocks (256 + 44) of groups of 64; groups of 32,
+# which stream.
 @pytest.mark.parametrize("t,k,n,group", [(1, 64, 16, 32), (5, 256, 130, 128), (3, 200, 17, 8),
-                                         (6, 392, 70, 392)])
+                                         (6, 392, 70, 392), (16, 256, 130, 128),
+                                         (40, 200, 70, 200), (300, 512, 40, 64),
+                                         (33, 128, 17, 32)])
 def test_every_isa_against_the_reference(isa, t, k, n, group):
     weight = dense_weight(k, n, group, batch=2)
     x = tokens(1, t, k)
@@ -34,11 +40,12 @@ def test_every_isa_against_the_reference(isa, t, k, n, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_half_precision_activations_and_scales(dtype):
-    weight = dense_weight(128, 40, 32, dtype=dtype)
-    x = tokens(1, 7, 128, dtype)
-    assert_close(int4_a8_matmul(x, *weight, group_size=32), reference(x, *weight, 32), dtype,
-                 0.3 * scale_for(128))
+@pytest.mark.parametrize("t,group", [(7, 32), (40, 64)])  # streamed; the int8 tiles
+def test_half_precision_activations_and_scales(dtype, t, group):
+    weight = dense_weight(128, 40, group, dtype=dtype)
+    x = tokens(1, t, 128, dtype)
+    assert_close(int4_a8_matmul(x, *weight, group_size=group), reference(x, *weight, group),
+                 dtype, 0.3 * scale_for(128))
 
 
 def test_quantisation_of_the_activations():
