@@ -423,11 +423,16 @@ void ForwardNmLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, floa
   const Int4Problem& p = *c.p;
   const int64_t n = p.n_out, k = p.k, chunks = (k + 15) / 16, per_group = p.group / 4;
   constexpr int kVecs = 4 * kBlocks;  // vector v: block v / 4, outputs 16 (v % 4) + lane
+  // The block's lines in the weight, or the task's own copy (NmRepackTask,
+  // one block, with slack after it: no line is the last).
   const uint8_t* blocks[kBlocks];
-  for (int b = 0; b < kBlocks; ++b) blocks[b] = c.qweight + (o0 / kOutBlock + b) * chunks * 8 * 64;
+  for (int b = 0; b < kBlocks; ++b) {
+    blocks[b] = c.block_lines ? c.block_lines
+                              : c.qweight + (o0 / kOutBlock + b) * chunks * 8 * 64;
+  }
   // The array's last line: the last block's last chunk's last index line.
   const uint8_t* last_line =
-      c.qweight + ((n + kOutBlock - 1) / kOutBlock * chunks * 8 - 1) * 64;
+      c.block_lines ? nullptr : c.qweight + ((n + kOutBlock - 1) / kOutBlock * chunks * 8 - 1) * 64;
   __mmask16 masks[kVecs];
   for (int v = 0; v < kVecs; ++v) masks[v] = 16 * v < on ? LaneMask(on - 16 * v) : 0;
   __m512 out[kVecs][kTokens], acc[kVecs][kTokens];
@@ -490,6 +495,56 @@ inline void ForwardNmLinesAvx512(const Ctx& c, int64_t o0, int64_t on, int64_t t
                                  float* y) {
   if (c.p->group % 16 == 0) return ForwardNmLinesOf<true>(c, o0, on, t0, nt, y);
   ForwardNmLinesOf<false>(c, o0, on, t0, nt, y);
+}
+
+// The canonical 2:4 form at many f32 / f16 tokens: each task packs its block
+// of 64 outputs into the lines layout (int4_checks.h) in its own scratch,
+// then runs the lookup kernel over every token on that copy, from L2. The
+// pack is a small fraction of the products from kNmRepackMinTokens (about
+// 12 vector operations per 16 groups of 16 outputs, once per call), and the
+// lookup multiplies the kept values only, where the panels multiply the zeros
+// too (docs/cpu_speed_notes.md, int4 eleventh round). bf16 keeps its tiles.
+constexpr int64_t kNmRepackMinTokens = 16;
+
+inline bool UseNmRepack(const Int4Problem& p) {
+  return !p.lines && p.dtype != Dtype::kBF16 && p.tokens >= kNmRepackMinTokens;
+}
+
+// Bytes of one block's lines and the slack the offset loads read past them.
+inline int64_t NmBlockBytes(const Int4Problem& p) { return (p.k + 15) / 16 * 8 * 64 + 64; }
+
+// Block o0 (64 outputs) of the canonical qweight / positions as lines.
+inline void PackNmLinesBlock(const Int4Problem& p, const uint8_t* qweight,
+                             const uint8_t* positions, int64_t o0, uint8_t* lines) {
+  const int64_t n = p.n_out, groups = p.k / 4, chunks = (p.k + 15) / 16;
+  const __m512i three = _mm512_set1_epi32(3), pad_value = _mm512_set1_epi32(0x88);
+  for (int v = 0; v < 4; ++v) {
+    const int64_t o = o0 + 16 * v;
+    const __mmask16 mask = o < n ? LaneMask(n - o) : 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      __m512i values = _mm512_setzero_si512(), index = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        const int64_t g = 4 * ch + j;
+        const __m512i slot = _mm512_set1_epi32(4 * j);
+        const __m512i pad_index = _mm512_set1_epi32(4 * j | (4 * j + 1) << 4);
+        __m512i value = pad_value, idx = pad_index;
+        if (g < groups && mask != 0) {
+          const __m512i codes = _mm512_srli_epi32(
+              LoadBytes(positions + (g >> 1) * n + o, mask), static_cast<unsigned>(4 * (g & 1)));
+          const __m512i p0 = _mm512_add_epi32(_mm512_and_si512(codes, three), slot);
+          const __m512i p1 =
+              _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(codes, 2), three), slot);
+          value = _mm512_mask_mov_epi32(pad_value, mask, LoadBytes(qweight + g * n + o, mask));
+          idx = _mm512_mask_mov_epi32(pad_index, mask,
+                                      _mm512_or_si512(p0, _mm512_slli_epi32(p1, 4)));
+        }
+        values = _mm512_or_si512(values, _mm512_slli_epi32(value, 8 * j));
+        index = _mm512_or_si512(index, _mm512_slli_epi32(idx, 8 * j));
+      }
+      _mm512_storeu_si512(lines + (ch * 8 + v) * 64, values);
+      _mm512_storeu_si512(lines + (ch * 8 + 4 + v) * 64, index);
+    }
+  }
 }
 
 #ifdef __AVX512VNNI__

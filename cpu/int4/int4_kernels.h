@@ -50,6 +50,8 @@ struct Ctx {
   int64_t token_blocks;   // forward tasks in block-major order: the token blocks; else 0
   int64_t out_width;      // forward: outputs per task (64; 128 for the lines at 1 token)
   float* work;            // dx: per worker, kTokenBlock * N floats
+  const uint8_t* block_lines;  // a task's own copy of its block's 2:4 lines (NmRepackTask)
+  int64_t lines_floats;        // NmRepackTask: per-worker floats of that copy
 };
 
 inline const void* Offset(const void* base, int64_t elements, Dtype dtype) {
@@ -272,6 +274,7 @@ namespace int4 {
 // Without AVX-512 every product streams the weight (no panel or pairs path).
 constexpr int64_t kPanelWorkFloats = 0;
 inline bool UsePanels(const Int4Problem&) { return false; }
+inline bool UseNmRepack(const Int4Problem&) { return false; }
 inline bool UsePairs(const Int4Problem&) { return false; }
 inline bool RunPairs(const Int4Problem&, const Runtime&) { return false; }
 }  // namespace int4
@@ -355,6 +358,29 @@ void BackwardTask(void* ctx, int64_t task, int worker) {
 
 #undef JAXSPARSE_INT4_BLOCK
 
+#ifdef JAXSPARSE_INT4_AVX512
+// The canonical 2:4 form at many f32 / f16 tokens (UseNmRepack): a task packs
+// its block of 64 outputs into lines in its scratch (lines_floats per
+// worker), then multiplies every token by them, 4 at a time.
+inline void NmRepackTask(void* ctx, int64_t task, int worker) {
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const Int4Problem& p = *c.p;
+  const int64_t o0 = task * kOutBlock, on = std::min(kOutBlock, p.n_out - o0);
+  uint8_t* lines = reinterpret_cast<uint8_t*>(c.work + worker * c.lines_floats);
+  PackNmLinesBlock(p, c.qweight, c.positions, o0, lines);
+  Ctx local = c;
+  local.block_lines = lines;
+  alignas(64) float y[kTokenBlock * kOutBlock];
+  for (int64_t t0 = 0; t0 < p.tokens; t0 += kTokenBlock) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTokenBlock, p.tokens - t0));
+    ForwardNmLinesAvx512(local, o0, on, t0, nt, y);
+    for (int t = 0; t < nt; ++t) {
+      Store(c.out, p.dtype, (t0 + t) * p.n_out + o0, y + t * kOutBlock, on);
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- drivers
 // Scratch: the widened dense operand and scales (bf16/f16 only: f32 is read
 // in place), the group sums of x, and per worker the dx tasks' scaled dy or
@@ -367,12 +393,13 @@ struct Scratch {
 };
 
 inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_cols,
-                        bool panels, Scratch* s) {
+                        bool panels, int64_t per_worker_floats, Scratch* s) {
   const int64_t groups = p.k / p.group;
   const int64_t dense = p.dtype == Dtype::kF32 ? 0 : p.tokens * dense_cols;
   const int64_t scales = p.dtype == Dtype::kF32 ? 0 : groups * p.n_out;  // f32: in place
   const int64_t xsum = panels ? 0 : p.tokens * groups;
-  const int64_t per_worker = panels ? kPanelWorkFloats : kTokenBlock * p.n_out;
+  const int64_t per_worker =
+      per_worker_floats ? per_worker_floats : panels ? kPanelWorkFloats : kTokenBlock * p.n_out;
   const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
   // 16 floats of slack after each part keep the next 64-byte aligned.
   const int64_t total = dense + scales + xsum + work + 64;
@@ -421,9 +448,15 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
   // the kept values only, where the panels multiply the zeros too (4096 x
   // 4096 f32 on Zen 4: 1.27-1.29x XLA at 128 tokens against 1.08x, 1.16x at
   // 2048 against 1.07x; docs/cpu_speed_notes.md, int4 ninth round).
-  const bool panels = !kTransposed && UsePanels(p) && !(kSparse && p.lines);
+  const bool repack = kSparse && !kTransposed && UseNmRepack(p);
+  const bool panels = !kTransposed && UsePanels(p) && !(kSparse && p.lines) && !repack;
+#ifdef JAXSPARSE_INT4_AVX512
+  const int64_t repack_floats = repack ? NmBlockBytes(p) / 4 + 16 : 0;
+#else
+  const int64_t repack_floats = 0;
+#endif
   Scratch s;
-  if (!TakeScratch(p, rt, dense_cols, panels, &s)) return false;
+  if (!TakeScratch(p, rt, dense_cols, panels, repack_floats, &s)) return false;
   const int64_t groups = p.k / p.group;
   for (int64_t b = 0; b < p.batch; ++b) {
     const void* dense = Offset(p.dense, b * p.dense_stride, p.dtype);
@@ -445,6 +478,10 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
       c.out_blocks = groups * ((unit_per_group + kRowBlock - 1) / kRowBlock);
       rt.parallel_for(rt.pool, c.out_blocks * token_blocks, &BackwardTask<kSparse>, &c);
 #ifdef JAXSPARSE_INT4_AVX512
+    } else if (repack) {
+      c.out_blocks = (p.n_out + kOutBlock - 1) / kOutBlock;
+      c.lines_floats = repack_floats;
+      rt.parallel_for(rt.pool, c.out_blocks, &NmRepackTask, &c);
     } else if (panels) {
       const int64_t token_blocks = (p.tokens + kPanelTokens - 1) / kPanelTokens;
       c.out_blocks = (p.n_out + kPanelOut - 1) / kPanelOut;

@@ -7,7 +7,8 @@
 // kernels (each decoded byte serves 4 tokens there), is then spread over up to
 // kPanelTokens tokens: at 128 tokens and more it is a few percent of the FMAs.
 // The 2:4 form is decoded into the dense panel with its zeros, which the
-// micro-kernel multiplies: dense speed, not sparse speed, but never slower.
+// micro-kernel multiplies: dense speed, not sparse speed; only bf16 in the
+// avx512 unit comes here (f32 / f16 repack into lines per task, UseNmRepack).
 // Included by int4_kernels.h (after Ctx) in the AVX-512 units.
 #include <immintrin.h>
 

@@ -15,7 +15,10 @@ from tests.ops.test_int4 import ops_of, tokens, weight_of
 # tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70; groups of
 # 8 over K = 200, one group per column of K = 392. From 16 tokens on, products by W take the
 # panel path (int4_panel_avx512.h): blocks of 128 inputs and a ragged one (K = 200, 136), a
-# panel's 64 outputs and a ragged one (N = 130), two token blocks of 384 and a ragged one (390).
+# panel's 64 outputs and a ragged one (N = 130), two token blocks of 384 and a ragged one (390);
+# the 2:4 form in f32 / f16 packs each block of 64 outputs into lines in the task and looks its
+# inputs up there (NmRepackTask): ragged chunks (K = 200, 136), groups of 8 inside a chunk,
+# ragged blocks (N = 130, 33, 20) and unsorted positions.
 SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
           (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32), (3, 200, 20, 8),
           (1, 392, 33, 392), (20, 200, 130, 8), (390, 136, 20, 8)]
