@@ -208,7 +208,8 @@ def make_operands(tokens, k, n, dtype, seed=0):
 def with_arrays(ws: jsp.SparseFormat, arrays) -> jsp.SparseFormat:
     """`ws` with its arrays replaced (timed copies), unvalidated like inside a jitted step."""
     names = ws.array_names()
-    return ws.from_arrays(ws.spec, ws.in_features, dict(zip(names, arrays)), validate=False)
+    return ws.from_arrays(ws.spec, ws.in_features, dict(zip(names, arrays)), validate=False,
+                          out_features=ws.out_features)
 
 
 def kernel_name(spec) -> str:

@@ -1,4 +1,5 @@
-"""Train an MLP on scikit-learn's digits, prune it to N:M and V:N:M sparsity, compare with dense.
+"""Train an MLP and a CNN on scikit-learn's digits, prune them (N:M, V:N:M, int4; 1xN blocks for
+the CNN), compare with dense.
 
     python examples/digits.py [--quick] [--out digits_sparsity.png] [--hidden 1024]
 
@@ -19,7 +20,14 @@ with a fixed train/test split and fixed seeds:
 7. int4 (MARLIN's numbers) and int4 + 2:4 (Sparse-MARLIN's): each kernel quantised by
    round-to-nearest with a scale per 128 inputs (the first layer's 64 pixel inputs: one scale
    per column), the codes and scales frozen; "one-shot" is the quantised model, "test acc" after
-   fine-tuning the biases only (what trains beside a frozen int4 base).
+   fine-tuning the biases only (what trains beside a frozen int4 base);
+8. a small CNN (three 3x3 convolutions and a linear classifier) trained dense, its last two
+   convolutions and its classifier pruned to 1xN blocks (`jaxsparse.Blocks(8, 0.25)`: blocks of
+   one input by 8 consecutive output channels, 75% of them pruned, by block norm) and fine-tuned
+   with the blocks fixed (`jaxsparse.nn.sparsify` turns each `nnx.Conv` into a
+   `jaxsparse.nn.SparseConv`), once as trained and once after filter rearrangement
+   (`jaxsparse.prune.rearrange_filters`: output channels reordered so that filters large on the
+   same inputs share blocks, the next layer's inputs to match; the network's function unchanged).
 
 It prints a table of sparsity, test accuracy, the weights' bytes, training-step time and inference
 time against dense (medians of interleaved runs after warm-up), and writes a PNG plot of accuracy
@@ -27,7 +35,8 @@ against sparsity.
 All three Linear layers are pruned, the first (64 pixel inputs) and the classifier included; the
 permutation acts on the inputs of the second and third (the first layer's inputs are the pixels).
 Exits non-zero when something is clearly wrong: a dense accuracy below 0.9, a non-finite loss, a
-permutation that changes the network's function, or sparse weights that break their pattern.
+permutation that changes the network's function, or sparse weights that break their pattern
+(the same for the CNN: dense accuracy, losses, rearrangement).
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ SWEEP = (jsp.NM(1, 4), jsp.NM(2, 4), jsp.NM(2, 8), jsp.NM(4, 8))
 VNM_SWEEP = (jsp.VNM(64, 2, 8), jsp.VNM(128, 2, 16), jsp.VNM(64, 2, 32))
 MIN_DENSE_ACCURACY = 0.9
 INT4_SPECS = (jsp.Int4(128), jsp.Int4(128, jsp.NM(2, 4)), jsp.Int4(128, activations="int8"))
+CNN_SPEC = jsp.Blocks(8, 0.25)
+# The layers pruned to 1xN: the first convolution (9 pixel inputs per filter, 144 weights) stays
+# dense, as in Lin et al.'s CNNs.
+CNN_PRUNED = ("conv2", "conv3", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,8 @@ class Settings:
     finetune_steps: int
     timing_rounds: int
     timing_repeats: int
+    cnn_steps: int
+    cnn_finetune_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +142,25 @@ class MLP(nnx.Module):
         for layer in self.layers[:-1]:
             x = nnx.relu(layer(x))
         return self.layers[-1](x)
+
+
+class CNN(nnx.Module):
+    """8x8x1 -> conv 3x3, 16 -> conv 3x3 stride 2, 32 -> conv 3x3, 64 -> linear 1024 -> 10.
+
+    It takes the MLP's flat standardised pixels `[batch, 64]` and reshapes them to images.
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, rngs=rngs)
+        self.conv3 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4 * 4 * 64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(*x.shape[:-1], 8, 8, 1)
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = nnx.relu(conv(x))
+        return self.head(x.reshape(*x.shape[:-3], -1))
 
 
 # ---------------------------------------------------------------------- data
@@ -281,6 +315,87 @@ def permuted_row(dense: MLP, pattern: jsp.NM, data: Data, settings: Settings) ->
     return finetuned_row("permuted magnitude", permuted, pattern, data, settings)
 
 
+# ---------------------------------------------------------------------- the CNN, 1xN
+@dataclasses.dataclass
+class CnnRow:
+    method: str
+    kept: float | None = None  # of the pruned layers' squared norm, by the 1xN mask
+    one_shot_accuracy: float | None = None
+    accuracy: float = float("nan")
+
+
+def kept_fraction(model: CNN) -> float:
+    """The squared norm that 1xN magnitude pruning keeps of the pruned layers' kernels."""
+    kernels = [getattr(model, name).kernel[...] for name in CNN_PRUNED]
+    kept = sum(prune.kept_block_norm(k, CNN_SPEC) for k in kernels)
+    return kept / sum(float(jnp.sum(jnp.square(k))) for k in kernels)
+
+
+def cnn_pruned_row(method: str, dense: CNN, data: Data, settings: Settings) -> CnnRow:
+    """Prune the CNN's CNN_PRUNED layers to 1xN by block norm (`SparseConv`, `SparseLinear`) and
+    fine-tune: only the kept blocks' values train, so the blocks stay fixed."""
+    sparse = jsp.nn.sparsify(dense, CNN_SPEC, filter=f"^({'|'.join(CNN_PRUNED)})$")
+    kinds = {name: type(getattr(sparse, name)).__name__ for name in ("conv1", *CNN_PRUNED)}
+    expected = {"conv1": "Conv", "conv2": "SparseConv", "conv3": "SparseConv",
+                "head": "SparseLinear"}
+    require(kinds == expected, f"{method}: unexpected layers after sparsify: {kinds}")
+    trained = train(sparse, data, settings.cnn_finetune_steps, f"CNN {method}")
+    tuned = jsp.nn.densify(trained.model)
+    for name in CNN_PRUNED:  # Fine-tuning moved the kept blocks' values, never the blocks.
+        kernel = getattr(tuned, name).kernel[...]
+        flat = kernel.reshape(-1, kernel.shape[-1])
+        kept = jnp.where(prune.magnitude_mask(flat, CNN_SPEC), flat, 0)
+        require(bool(jnp.array_equal(kept, flat)),
+                f"CNN {method}: {name}'s weights break the {CNN_SPEC} pattern")
+    return CnnRow(method, kept_fraction(dense), accuracy(sparse, data),
+                  accuracy(trained.model, data))
+
+
+def cnn_rows(data: Data, settings: Settings) -> list[CnnRow]:
+    """Dense, 1xN pruned + fine-tuned, and the same after filter rearrangement."""
+    trained = train(CNN(rngs=nnx.Rngs(SEED)), data, settings.cnn_steps, "CNN dense")
+    dense = trained.model
+    rows = [CnnRow("dense", accuracy=accuracy(dense, data))]
+    require(rows[0].accuracy >= MIN_DENSE_ACCURACY,
+            f"the dense CNN's test accuracy {rows[0].accuracy:.3f} is below {MIN_DENSE_ACCURACY}")
+    rows.append(cnn_pruned_row("1xN", dense, data, settings))
+    rearranged = nnx.clone(dense)
+    start = time.perf_counter()
+    # Only the layers to be pruned: their output channels are what 1xN blocks group (the
+    # classifier's outputs are the logits, which the report lists as left alone).
+    report = prune.rearrange_filters(rearranged, {name: CNN_SPEC for name in CNN_PRUNED},
+                                     data.x_test[:16])
+    seconds = time.perf_counter() - start
+    before = logits(*nnx.split(dense, nnx.Param, ...), data.x_test)
+    after = logits(*nnx.split(rearranged, nnx.Param, ...), data.x_test)
+    error = float(jnp.max(jnp.abs(after - before)) / jnp.max(jnp.abs(before)))
+    require(error < 1e-5, f"filter rearrangement changed the CNN's outputs (max rel. {error:.1e})")
+    require(len(report.rearranged) >= 2,
+            f"filter rearrangement left conv2 or conv3 alone:\n{report}")
+    print(f"\nCNN filter rearrangement ({seconds:.1f} s): outputs unchanged (max rel. difference "
+          f"{error:.1e})")
+    print(report)
+    rows.append(cnn_pruned_row("1xN rearranged", rearranged, data, settings))
+    return rows
+
+
+def print_cnn_table(rows: list[CnnRow], data: Data) -> None:
+    print()
+    print(f"CNN conv 3x3 1->16, 3x3/2 16->32, 3x3 32->64, linear 1024->10 on digits "
+          f"({len(data.y_train)} train / {len(data.y_test)} test images); "
+          f"{', '.join(CNN_PRUNED)} pruned to {CNN_SPEC} (1xN blocks along the output channels)")
+    head = f"{'method':<16} {'pattern':>9} {'kept norm':>9} {'one-shot':>8} {'test acc':>8}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        pruned = row.kept is not None
+        print(f"{row.method:<16} {str(CNN_SPEC) if pruned else '-':>9} "
+              f"{f'{row.kept:.2%}' if pruned else '-':>9} "
+              f"{f'{row.one_shot_accuracy:.2%}' if pruned else '-':>8} {row.accuracy:>8.2%}")
+    print("kept norm: the squared norm of the pruned kernels the blocks keep; one-shot: test "
+          "accuracy after pruning, before fine-tuning the kept blocks")
+
+
 # ---------------------------------------------------------------------- checks
 def require(condition: bool, message: str) -> None:
     if not condition:
@@ -432,10 +547,10 @@ def main():
     args = parse_args()
     settings = (
         Settings(args.hidden, dense_steps=200, finetune_steps=50, timing_rounds=2,
-                 timing_repeats=5)
+                 timing_repeats=5, cnn_steps=200, cnn_finetune_steps=50)
         if args.quick
         else Settings(args.hidden, dense_steps=800, finetune_steps=300, timing_rounds=3,
-                      timing_repeats=15)
+                      timing_repeats=15, cnn_steps=400, cnn_finetune_steps=150)
     )
     start = time.perf_counter()
     data = load_data()
@@ -455,6 +570,7 @@ def main():
     print_table(rows, data, settings)
     plot(rows, args.out)
     print(f"plot: {os.path.abspath(args.out)}")
+    print_cnn_table(cnn_rows(data, settings), data)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

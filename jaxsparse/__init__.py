@@ -6,6 +6,8 @@
     >>> y = jax.numpy.ones((8, 64)) @ ws        # [8, 32]
     >>> wv = jsp.fromdense(w, jsp.VNM(16, 2, 8))  # V:N:M, 75% sparse
     >>> y = jax.numpy.ones((8, 64)) @ wv
+    >>> wb = jsp.fromdense(w, jsp.Blocks(16, density=0.25))  # 1x16 blocks, 75% sparse
+    >>> y = jax.numpy.ones((8, 64)) @ wb
     >>> wq = jsp.fromdense(w, jsp.Int4(32))        # int4, a scale per 32 inputs
     >>> y = jax.numpy.ones((8, 64)) @ wq
 """
@@ -14,6 +16,8 @@ from jaxsparse import _ffi
 from jaxsparse._ffi import cpu_isa, has_cpu_kernels, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
 from jaxsparse.formats import (
     NM,
+    Blocks,
+    BlocksSparse,
     Int4,
     Int4LinesWeight,
     Int4NMLinesWeight,
@@ -37,6 +41,8 @@ from jaxsparse import linen, mixed_precision, nn  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "Blocks",
+    "BlocksSparse",
     "Int4",
     "Int4LinesWeight",
     "Int4NMLinesWeight",

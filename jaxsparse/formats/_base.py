@@ -60,6 +60,9 @@ class SparseFormat:
 
     ARRAYS: ClassVar[tuple[tuple[str, str], ...]] = ()
     SPEC: ClassVar[type] = tuple
+    #: Whether `out_features` is a static field too (after `in_features`): for a format whose
+    #: arrays do not carry it (1xN blocks: `values [..., nnz, n]`, the last block row padded).
+    STATIC_OUT: ClassVar[bool] = False
 
     __array_ufunc__ = None  # NumPy defers `np_array @ w` to __rmatmul__.
 
@@ -83,7 +86,7 @@ class SparseFormat:
 
     @classmethod
     def static_names(cls) -> tuple[str, ...]:
-        return (*cls.SPEC._fields, "in_features")
+        return (*cls.SPEC._fields, "in_features") + (("out_features",) if cls.STATIC_OUT else ())
 
     # ------------------------------------------------------------------ pytree
     def _flatten(self):
@@ -117,15 +120,21 @@ class SparseFormat:
         return tuple(getattr(self, n) for n in self.static_names())
 
     @classmethod
-    def from_arrays(cls, spec, in_features: int, arrays: dict, *, validate: bool = True):
-        """A format from its spec, `in_features` and `{array name: array}` (what layers hold).
+    def from_arrays(cls, spec, in_features: int, arrays: dict, *, validate: bool = True,
+                    out_features: int | None = None):
+        """A format from its spec, `in_features` and `{array name: array}` (what layers hold);
+        `out_features` is used by formats whose arrays do not carry it (`STATIC_OUT`).
 
         With `validate=False` nothing is checked (for arrays a layer already checked, or
         tracers); otherwise the validating constructor runs.
         """
+        static = {"in_features": in_features}
+        if cls.STATIC_OUT:
+            static["out_features"] = out_features
         if validate:
-            return cls(**arrays, **spec._asdict(), in_features=in_features)
-        return cls._unflatten((*spec, in_features), tuple(arrays[n] for n in cls.array_names()))
+            return cls(**arrays, **spec._asdict(), **static)
+        return cls._unflatten((*spec, *static.values()),
+                              tuple(arrays[n] for n in cls.array_names()))
 
     def arrays(self) -> dict[str, Any]:
         """`{name: array}` of every array child, in pytree order."""
@@ -161,7 +170,8 @@ class SparseFormat:
         if set(changes) <= set(self.arrays_with_role(TRAINABLE)):
             # Frozen arrays were validated already: skip the host round trip.
             return self._unflatten(self._aux, tuple(arrays[n] for n in self.array_names()))
-        return self.from_arrays(self.spec, self.in_features, arrays)
+        return self.from_arrays(self.spec, self.in_features, arrays,
+                                out_features=self.out_features)
 
     def astype(self, dtype):
         """The same structure with the trainable values cast to `dtype` (f32, bf16 or f16)."""

@@ -40,6 +40,7 @@ class SparsityIndices(struct.PyTreeNode, meta.AxisMetadata):
     value: Any
     pattern: Any = struct.field(pytree_node=False)
     in_features: int = struct.field(pytree_node=False)
+    out_features: int | None = struct.field(pytree_node=False, default=None)
 
     def unbox(self) -> Any:
         return self.value
@@ -170,7 +171,8 @@ class SparseDense(nn.Module):
             boxed = self.variable(
                 SPARSITY_COLLECTION,
                 name,
-                lambda name=name: SparsityIndices(take(name), pattern, in_features),
+                lambda name=name: SparsityIndices(take(name), pattern, in_features,
+                                                  self.features),
                 unbox=False,
             ).value
             made_for = (
@@ -192,7 +194,7 @@ class SparseDense(nn.Module):
             inputs, *(arrays[n] for n in trainable), bias, dtype=self.dtype
         )
         arrays.update(zip(trainable, values))
-        weight = _layout.weight(pattern, in_features, arrays)
+        weight = _layout.weight(pattern, in_features, arrays, out_features=self.features)
         weight = _layout.in_compute_dtype(weight, self.dtype)
         y = _layout.sparse_product(where, inputs, weight)
         if bias is not None:

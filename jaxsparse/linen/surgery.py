@@ -1,21 +1,32 @@
-"""Variable-tree surgery for linen models: `sparsify` (Dense -> SparseDense trees) and `densify`.
+"""Variable-tree surgery for linen models: `sparsify` (Dense -> SparseDense and, when asked,
+Conv -> SparseConv trees) and `densify`.
 
 A linen model's structure lives in its code, so these functions turn *variables*: a model that uses
 `nn.Dense(name="fc")` has `params/fc/kernel`; the same model written with
 `SparseDense(name="fc", sparsity=...)` has the format's trainable arrays in `params/fc/`
 (`values`) and its frozen arrays in `sparsity/fc/` (N:M: `indices`; V:N:M: `indices`, `columns`).
+`nn.Conv(name="conv")` and `jaxsparse.linen.SparseConv(name="conv", ...)` likewise, the Conv's
+kernel `[*kernel_size, in, out]` held flattened to `[prod(kernel_size) * in, out]`.
+
+Variables alone cannot tell a Conv's kernel `[kh, kw, in, out]` from a DenseGeneral's of the
+same rank (attention's `[features, heads, head_dim]`), so `sparsify` converts kernels of rank 3
+and more only where its `convs=` says they are convolutions; `densify` needs no help (the boxes
+of a SparseConv carry its `kernel_size`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from jaxsparse.linen.conv import ConvSparsityIndices
 from jaxsparse.linen.dense import SPARSITY_COLLECTION, SparsityIndices
 from jaxsparse.nn import _layout
+from jaxsparse.nn.conv import conv_fits, conv_mask_from_method, flatten_kernel
 from jaxsparse.prune import fits
 
 
@@ -24,24 +35,37 @@ def sparsify(
     sparsity: Any,
     method: Any = "magnitude",
     filter: Any = None,
+    *,
+    convs: Any = None,
 ) -> Mapping[str, Any]:
     """The variables of the SparseDense version of a model, from those of its Dense version.
 
     Every Dense layer in `variables["params"]` (a dict holding a 2-D float `kernel` `[in, out]`
     and optionally a `bias`, nothing else) that `filter` selects and the pattern fits becomes
     the format's trainable arrays plus `bias` in `params`, and its frozen arrays (each a
-    `SparsityIndices` box) at the same path in the `"sparsity"` collection. Other layers and collections are kept as they are. Every
-    replacement and skip is logged with its reason on the `"jaxsparse"` logger (INFO).
+    `SparsityIndices` box) at the same path in the `"sparsity"` collection. With `convs=`, a
+    Conv layer (a float `kernel` `[*kernel_size, in, out]` of rank 3 or more, and optionally a
+    `bias`) that `convs` and `filter` select and the pattern fits (`jaxsparse.nn.conv.conv_fits`:
+    for N:M, `in % m == 0`) becomes the variables of a `jaxsparse.linen.SparseConv` of the same
+    name, its frozen arrays boxed in `ConvSparsityIndices`. Other layers and collections are kept
+    as they are. Every replacement and skip is logged with its reason on the `"jaxsparse"`
+    logger (INFO).
 
     Args:
         variables: a linen variable dict (or FrozenDict) with a `"params"` collection; not
             modified.
         sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`, or their
             strings (`"2:4"`, `"64:2:8"`).
-        method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`.
+        method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask` (a Conv's
+            kernel is given flattened, `[prod(kernel_size) * in, out]`; its mask may have that
+            shape or the kernel's).
         filter: None (all Dense layers), a regular expression searched in the '/'-joined module
             path within params (e.g. `"^encoder/"`), or a predicate `(path, layer_params) -> bool`
             on that '/'-joined path (as in `jaxsparse.prune`).
+        convs: which layers with a kernel of rank 3 or more are convolutions (`nn.Conv`, to
+            become `SparseConv`): None (the default: none, as variables cannot tell them from
+            `nn.DenseGeneral`'s), True (all of them), or a regular expression or predicate as for
+            `filter`. `filter` applies to them too.
 
     Returns:
         A new variable dict (a FrozenDict when `variables` is one) for `apply` of the model
@@ -60,6 +84,15 @@ def sparsify(
     trainable = _layout.trainable_names(fmt)
     _layout.check_method(method, where)
     selected = _layout.make_filter(filter, where)
+    if convs is None or convs is False:
+        is_conv = None
+    elif convs is True:
+        is_conv = _layout.make_filter(None, where)
+    else:
+        try:
+            is_conv = _layout.make_filter(convs, where)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (as convs=)") from None
     frozen, variables = _copy_variables(variables, where)
     positions = _copy_tree(variables.get(SPARSITY_COLLECTION, {}))
     counts = {"replaced": 0, "skipped": 0}
@@ -67,24 +100,42 @@ def sparsify(
     def convert(path, layer):
         kernel = layer["kernel"]
         name = _layout.path_str(path) or "<root>"
-        desc = f"Dense kernel {tuple(kernel.shape)}"
-        if not selected(path, layer):
+        conv = len(kernel.shape) > 2
+        desc = f"{'Conv' if conv else 'Dense'} kernel {tuple(kernel.shape)}"
+        if conv and (is_conv is None or not is_conv(path, layer)):
+            reason = (
+                f"a kernel of rank {len(kernel.shape)} is a Conv's or a DenseGeneral's; "
+                + ("pass convs=True (or a filter of Conv paths) to convert convolutions"
+                   if is_conv is None else "not selected by convs=")
+            )
+        elif not selected(path, layer):
             reason = "excluded by filter"
         else:
-            reason = fits(pattern, kernel.shape)
+            reason = conv_fits(pattern, kernel.shape) if conv else fits(pattern, kernel.shape)
         if reason is not None:
             counts["skipped"] += 1
             _layout.logger.info("%s: skipped %s (%s): %s", where, name, desc, reason)
             return layer
-        mask = _layout.mask_from_method(method, kernel, pattern, where)
-        arrays = _layout.compress(kernel, pattern, mask)
+        if conv:
+            mask = conv_mask_from_method(method, kernel, pattern, where)
+            arrays = _layout.compress(flatten_kernel(kernel), pattern, mask)
+            rows = math.prod(kernel.shape[:-1])
+        else:
+            mask = _layout.mask_from_method(method, kernel, pattern, where)
+            arrays = _layout.compress(kernel, pattern, mask)
+            rows = int(kernel.shape[0])
         counts["replaced"] += 1
-        _layout.logger.info("%s: replaced %s (%s) with SparseDense %s", where, name, desc, pattern)
+        _layout.logger.info("%s: replaced %s (%s) with %s %s", where, name, desc,
+                            "SparseConv" if conv else "SparseDense", pattern)
         node = positions
         for key in path:
             node = node.setdefault(key, {})
         for n in _layout.frozen_names(fmt):
-            node[n] = SparsityIndices(arrays[n], pattern, int(kernel.shape[0]))
+            if conv:
+                node[n] = ConvSparsityIndices(arrays[n], pattern, rows, int(kernel.shape[-1]),
+                                              tuple(int(k) for k in kernel.shape[:-2]))
+            else:
+                node[n] = SparsityIndices(arrays[n], pattern, rows, int(kernel.shape[1]))
         out = {}
         for k, v in layer.items():
             if k == "kernel":
@@ -93,7 +144,7 @@ def sparsify(
                 out[k] = v
         return out
 
-    variables["params"] = _map_layers(convert, variables["params"], (), _is_dense_layer)
+    variables["params"] = _map_layers(convert, variables["params"], (), _is_kernel_layer)
     if positions:
         variables[SPARSITY_COLLECTION] = positions
     _layout.logger.info(
@@ -111,8 +162,9 @@ def densify(variables: Mapping[str, Any]) -> Mapping[str, Any]:
 
     The `SparsityIndices` boxes at `sparsity/<path>/` and the trainable arrays at `params/<path>/`
     of each SparseDense become `params/<path>/kernel` `[in, out]`, the kept values in place and
-    zeros elsewhere (bit-exact); the `"sparsity"` collection goes away when it empties. Logged on
-    `"jaxsparse"` (INFO).
+    zeros elsewhere (bit-exact); those of a SparseConv (`ConvSparsityIndices`) become the Conv
+    kernel `[*kernel_size, in, out]`. The `"sparsity"` collection goes away when it empties.
+    Logged on `"jaxsparse"` (INFO).
 
     Args:
         variables: a linen variable dict (or FrozenDict) from `SparseDense` layers, their frozen
@@ -156,7 +208,11 @@ def densify(variables: Mapping[str, Any]) -> Mapping[str, Any]:
         missing = [n for n in fmt.array_names() if n not in arrays]
         if missing:
             raise ValueError(f"{where}: {SPARSITY_COLLECTION}/{name}/{missing[0]} is missing")
-        kernel = _layout.weight(box.pattern, box.in_features, arrays, validate=True).todense()
+        kernel = _layout.weight(box.pattern, box.in_features, arrays,
+                                out_features=box.out_features, validate=True).todense()
+        kernel_size = getattr(box, "kernel_size", None)
+        if kernel_size is not None:  # A SparseConv: the flattened kernel back to its shape.
+            kernel = kernel.reshape(*kernel_size, -1, kernel.shape[-1])
         dense = {"kernel": kernel}
         dense.update((k, v) for k, v in layer.items() if k not in trainable)
         if path:
@@ -165,10 +221,12 @@ def densify(variables: Mapping[str, Any]) -> Mapping[str, Any]:
             variables["params"] = dense
         count += 1
         _layout.logger.info(
-            "%s: replaced %s (SparseDense %s) with Dense kernel %s",
+            "%s: replaced %s (%s %s) with %s kernel %s",
             where,
             name,
+            "SparseDense" if kernel_size is None else "SparseConv",
             box.pattern,
+            "Dense" if kernel_size is None else "Conv",
             tuple(kernel.shape),
         )
         return out
@@ -187,6 +245,21 @@ def _is_dense_layer(node) -> bool:
     return (
         hasattr(kernel, "shape")
         and len(kernel.shape) == 2
+        and jnp.issubdtype(kernel.dtype, jnp.floating)
+    )
+
+
+def _is_kernel_layer(node) -> bool:
+    """A Dense layer, or one whose float kernel has rank 3 or more (a Conv's or a
+    DenseGeneral's: `sparsify`'s `convs=` tells them apart)."""
+    if _is_dense_layer(node):
+        return True
+    if not isinstance(node, dict) or "kernel" not in node or not set(node) <= {"kernel", "bias"}:
+        return False
+    kernel = node["kernel"]
+    return (
+        hasattr(kernel, "shape")
+        and len(kernel.shape) >= 3
         and jnp.issubdtype(kernel.dtype, jnp.floating)
     )
 

@@ -82,10 +82,12 @@ def compress(kernel, pattern, mask=None) -> dict[str, jax.Array]:
     return w.arrays()
 
 
-def weight(pattern, in_features: int, arrays: dict, *, validate: bool = False):
+def weight(pattern, in_features: int, arrays: dict, *, out_features: int | None = None,
+           validate: bool = False):
     """The format of `pattern` from a layer's arrays (validated when asked: the positions are
-    checked when the arrays are concrete)."""
-    return pattern.format.from_arrays(pattern, in_features, arrays, validate=validate)
+    checked when the arrays are concrete); `out_features` for formats that hold it static."""
+    return pattern.format.from_arrays(pattern, in_features, arrays, validate=validate,
+                                      out_features=out_features)
 
 
 def in_compute_dtype(weight, dtype):

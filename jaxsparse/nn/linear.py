@@ -162,7 +162,8 @@ class SparseLinear(nnx.Module):
             (inputs, *(arrays[n] for n in names), bias), dtype=self.dtype
         )
         arrays.update(zip(names, trainable))
-        weight = _layout.weight(self.sparsity, self.in_features, arrays)
+        weight = _layout.weight(self.sparsity, self.in_features, arrays,
+                                out_features=self.out_features)
         weight = _layout.in_compute_dtype(weight, self.dtype)
         y = _layout.sparse_product(where, inputs, weight, self.preferred_element_type)
         assert self.use_bias == (bias is not None)
@@ -185,7 +186,8 @@ class SparseLinear(nnx.Module):
         _layout.check_state(
             where, self.sparsity, fmt, self.in_features, self.out_features, arrays
         )
-        return _layout.weight(self.sparsity, self.in_features, arrays, validate=True)
+        return _layout.weight(self.sparsity, self.in_features, arrays,
+                              out_features=self.out_features, validate=True)
 
     @classmethod
     def from_dense(

@@ -1,4 +1,5 @@
-"""Model surgery for nnx models: `sparsify` (nnx.Linear -> SparseLinear) and `densify` (back).
+"""Model surgery for nnx models: `sparsify` (nnx.Linear -> SparseLinear, nnx.Conv -> SparseConv)
+and `densify` (back).
 
 Both return a new model and leave their argument untouched: they clone it first (new Variables,
 shared references preserved), then rewrite the clone with `nnx.recursive_map`.
@@ -11,6 +12,7 @@ import typing as tp
 from flax import nnx
 
 from jaxsparse.nn import _layout
+from jaxsparse.nn.conv import SparseConv, conv_fits, dense_conv_reason
 from jaxsparse.nn.linear import SparseLinear, dense_layer_reason
 from jaxsparse.prune import fits
 
@@ -22,22 +24,40 @@ def sparsify(
     sparsity: tp.Any,
     method: tp.Any = "magnitude",
     filter: tp.Any = None,
+    *,
+    rearrange: bool = False,
+    example_input: tp.Any = None,
 ) -> M:
-    """A copy of `model` whose `nnx.Linear` layers are `SparseLinear` layers.
+    """A copy of `model` whose `nnx.Linear` and `nnx.Conv` layers are `SparseLinear` and
+    `SparseConv` layers.
 
-    Each selected layer becomes `SparseLinear.from_dense(linear, sparsity, method=method)`; layers
-    the pattern cannot take (e.g. `in_features < m` for N:M), subclasses of `nnx.Linear` and
-    layers with a custom `dot_general` stay dense. Every replacement and every skip is logged with
-    its reason on the `"jaxsparse"` logger (INFO).
+    Each selected Linear becomes `SparseLinear.from_dense(linear, sparsity, method=method)` and
+    each selected Conv `SparseConv.from_dense(conv, sparsity, method=method)` (its kernel
+    `[*kernel_size, in, out]` held as the flattened `[prod(kernel_size) * in, out]` matrix).
+    Layers the pattern cannot take (e.g. `in_features < m` for N:M, or a Conv whose input
+    channels are not a multiple of `m`), subclasses, layers with a custom `dot_general` /
+    `conv_general_dilated`, masked Convs and grouped Convs (`feature_group_count > 1`) stay
+    dense. Every replacement and every skip is logged with its reason on the `"jaxsparse"`
+    logger (INFO).
 
     Args:
         model: an nnx graph node (a Module, or a list/dict of them); not modified.
-        sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`, or their
-            strings (`"2:4"`, `"64:2:8"`).
-        method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`.
+        sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`,
+            `jaxsparse.Blocks(n, density)`, or their strings (`"2:4"`, `"64:2:8"`,
+            `"1x16@0.25"`).
+        method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`; a Conv's
+            kernel is given flattened, `[prod(kernel_size) * in, out]`, and its mask may have
+            that shape or the kernel's.
         filter: which layers to convert: None (all), a regular expression searched in the
             '/'-joined module path (e.g. `"^encoder/"`; list items appear as their index), or a
             predicate `(path, module) -> bool` on that '/'-joined path (as in `jaxsparse.prune`).
+        rearrange: for 1xN specs (`jaxsparse.Blocks`), first rearrange the copy's filters
+            (`jaxsparse.prune.rearrange_filters`: each layer's output channels permuted so that
+            similar filters share blocks, its consumer's inputs to match, the function kept).
+            Layers where that is unsafe (a residual connection, the model's output, ...) keep
+            their order, and the reason is logged, as is every layer's kept block norm before
+            and after.
+        example_input: an input of the model, needed with `rearrange=True` (to trace it).
 
     Returns:
         The new model (same structure, shared references kept shared).
@@ -57,25 +77,38 @@ def sparsify(
     _layout.check_method(method, where)
     selected = _layout.make_filter(filter, where)
     counts = {"replaced": 0, "skipped": 0}
+    model = nnx.clone(model)
+    if rearrange:
+        _rearrange(model, pattern, example_input, where)
 
     def convert(path, node):
-        if not isinstance(node, nnx.Linear):
+        if isinstance(node, nnx.Linear):
+            sparse_type = SparseLinear
+            desc = f"{type(node).__name__}({node.in_features} -> {node.out_features})"
+
+            def reason_of():
+                return dense_layer_reason(node) or _fits(pattern, node)
+        elif isinstance(node, nnx.Conv):
+            sparse_type = SparseConv
+            desc = (f"{type(node).__name__}({node.in_features} -> {node.out_features}, "
+                    f"kernel_size={tuple(node.kernel_size)})")
+
+            def reason_of():
+                return dense_conv_reason(node) or conv_fits(pattern, node.kernel.shape)
+        else:
             return node
         name = _layout.path_str(path) or "<root>"
-        desc = f"{type(node).__name__}({node.in_features} -> {node.out_features})"
-        if not selected(path, node):
-            reason = "excluded by filter"
-        else:
-            reason = dense_layer_reason(node) or _fits(pattern, node)
+        reason = "excluded by filter" if not selected(path, node) else reason_of()
         if reason is not None:
             counts["skipped"] += 1
             _layout.logger.info("%s: skipped %s %s: %s", where, name, desc, reason)
             return node
         counts["replaced"] += 1
-        _layout.logger.info("%s: replaced %s %s with SparseLinear %s", where, name, desc, pattern)
-        return SparseLinear.from_dense(node, pattern, method=method)
+        _layout.logger.info("%s: replaced %s %s with %s %s", where, name, desc,
+                            sparse_type.__name__, pattern)
+        return sparse_type.from_dense(node, pattern, method=method)
 
-    new = nnx.recursive_map(convert, nnx.clone(model))
+    new = nnx.recursive_map(convert, model)
     _layout.logger.info(
         "%s: %d layer(s) replaced, %d skipped (pattern %s)",
         where,
@@ -86,8 +119,25 @@ def sparsify(
     return new
 
 
+def _rearrange(model, pattern, example_input, where: str) -> None:
+    """Filter rearrangement of `model` (in place) before it is sparsified; logs the report."""
+    from jaxsparse.formats.blocks import Blocks
+    from jaxsparse.prune import rearrange_filters
+
+    if not isinstance(pattern, Blocks):
+        raise ValueError(f"{where}: rearrange=True is for 1xN specs (jaxsparse.Blocks); got "
+                         f"sparsity={pattern}")
+    if example_input is None:
+        raise ValueError(f"{where}: rearrange=True needs example_input= (an input of the model, "
+                         "to trace where each layer's outputs go); got None")
+    report = rearrange_filters(model, pattern, example_input)
+    for line in str(report).splitlines():
+        _layout.logger.info("%s: rearrange: %s", where, line)
+
+
 def densify(model: M) -> M:
-    """A copy of `model` whose `SparseLinear` layers are the equivalent `nnx.Linear` layers.
+    """A copy of `model` whose `SparseLinear` and `SparseConv` layers are the equivalent
+    `nnx.Linear` and `nnx.Conv` layers.
 
     The dense kernels hold the kept values in place and zeros elsewhere, so the new model computes
     the same function (up to the summation order of the product). Logged on `"jaxsparse"` (INFO).
@@ -103,20 +153,23 @@ def densify(model: M) -> M:
 
     def convert(path, node):
         nonlocal count
-        if not isinstance(node, SparseLinear):
+        if not isinstance(node, (SparseLinear, SparseConv)):
             return node
         count += 1
+        dense = node.to_dense()
         _layout.logger.info(
-            "%s: replaced %s SparseLinear(%d -> %d, %s) with Linear",
+            "%s: replaced %s %s(%d -> %d, %s) with %s",
             where,
             _layout.path_str(path) or "<root>",
+            type(node).__name__,
             node.in_features,
             node.out_features,
             node.sparsity,
+            type(dense).__name__,
         )
-        return node.to_dense()
+        return dense
 
-    new = nnx.recursive_map(convert, nnx.clone(model))
+    new = nnx.recursive_map(convert, model)
     _layout.logger.info("%s: %d layer(s) replaced", where, count)
     return new
 

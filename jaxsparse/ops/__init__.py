@@ -1,5 +1,14 @@
 """Sparse products as JAX primitives, one module per op family."""
 
+from jaxsparse.ops.blocks import (
+    block_rows,
+    blocks_sddmm,
+    blocks_sddmm_reference,
+    blocks_spmm,
+    blocks_spmm_reference,
+    blocks_spmm_t,
+    blocks_spmm_t_reference,
+)
 from jaxsparse.ops.dispatch import choose_path, matmul_path
 from jaxsparse.ops.engine import int8_matmul, int8_matmul_reference
 from jaxsparse.ops.matmul import matmul
@@ -64,6 +73,13 @@ from jaxsparse.ops.vnm import (
 )
 
 __all__ = [
+    "block_rows",
+    "blocks_sddmm",
+    "blocks_sddmm_reference",
+    "blocks_spmm",
+    "blocks_spmm_reference",
+    "blocks_spmm_t",
+    "blocks_spmm_t_reference",
     "JaxsparseFallbackWarning",
     "choose_path",
     "int4_a8_matmul",

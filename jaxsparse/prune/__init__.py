@@ -4,7 +4,13 @@
   (`"2:4"`) into one, `fits` says whether a layer shape can take it.
 - Masks are pure, jittable functions: `magnitude_mask`, `magnitude_masks`, `apply_masks`,
   `nm_kept_magnitude`.
+- Per-layer patterns: a mapping `{path: pattern}` goes wherever a pattern does;
+  `block_densities` spreads one 1xN density over a model with a global block-norm threshold.
 - Channel permutations for N:M: `search_permutation`, `permute_inputs`, `permute_outputs`.
+- Filter rearrangement for 1xN blocks (`jaxsparse.Blocks`): `rearrange_outputs` and
+  `kept_block_norm` for one kernel, `apply_output_permutation` / `apply_input_permutation`,
+  and `rearrange_filters` (nnx, in place) / `rearrange_filters_linen` for a whole model, with a
+  `RearrangeReport`.
 - Schedules are optax schedules: `cubic_schedule`.
 - Training algorithms are `optax.GradientTransformation`s with NamedTuple states:
   `gradual_pruning`, `masked`, `srste` (with `srste_weight` / `srste_weights` in the forward pass).
@@ -16,6 +22,7 @@
 """
 
 from jaxsparse.formats.nm import NM
+from jaxsparse.prune._layerwise import block_densities
 from jaxsparse.prune._masks import magnitude_mask, magnitude_masks, nm_kept_magnitude
 from jaxsparse.prune._patterns import Pattern, Unstructured, as_pattern, fits
 from jaxsparse.prune._permutation import (
@@ -23,6 +30,16 @@ from jaxsparse.prune._permutation import (
     permute_inputs,
     permute_outputs,
     search_permutation,
+)
+from jaxsparse.prune._rearrange import (
+    LayerRearrangement,
+    RearrangeReport,
+    apply_input_permutation,
+    apply_output_permutation,
+    kept_block_norm,
+    rearrange_filters,
+    rearrange_filters_linen,
+    rearrange_outputs,
 )
 from jaxsparse.prune._schedules import cubic_schedule
 from jaxsparse.prune._srste import SRSTEState, srste, srste_weight, srste_weights
@@ -33,22 +50,31 @@ __all__ = [
     "NM",
     "Filter",
     "GradualPruningState",
+    "LayerRearrangement",
     "MaskedState",
     "Pattern",
     "PermutationResult",
+    "RearrangeReport",
     "SRSTEState",
     "Unstructured",
+    "apply_input_permutation",
     "apply_masks",
+    "apply_output_permutation",
     "as_pattern",
+    "block_densities",
     "cubic_schedule",
     "fits",
     "gradual_pruning",
+    "kept_block_norm",
     "magnitude_mask",
     "magnitude_masks",
     "masked",
     "nm_kept_magnitude",
     "permute_inputs",
     "permute_outputs",
+    "rearrange_filters",
+    "rearrange_filters_linen",
+    "rearrange_outputs",
     "search_permutation",
     "srste",
     "srste_weight",

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
-from jaxsparse.prune import _tree
+from jaxsparse.formats.blocks import Blocks, _block_scores
+from jaxsparse.prune import _layerwise, _tree
 from jaxsparse.prune._patterns import Unstructured, as_pattern
 
 
@@ -19,7 +20,9 @@ def magnitude_mask(w, pattern) -> jax.Array:
     - A format's spec (`NM(n, m)`, `VNM(v, n, m)`, ...): the entries its `fromdense` keeps
       (`spec.magnitude_mask`). `NM(n, m)`: in every group of `m` consecutive inputs (axis `-2`)
       of every output, the `n` largest `|w|`, ties to the lower position, a ragged last group
-      treated as zero-padded. `VNM`: see `jaxsparse.VNMSparse.fromdense`.
+      treated as zero-padded. `VNM`: see `jaxsparse.VNMSparse.fromdense`. `Blocks(n, density)`:
+      the `kept_blocks` blocks (one input by `n` consecutive outputs) of largest L2 norm, global
+      within each `[in, out]` matrix (see `jaxsparse.BlocksSparse.fromdense`).
     - `Unstructured(density)`: keep the
       :math:`k = \mathrm{round}(\mathrm{density}\cdot\mathrm{size})` largest `|w|` of the whole
       tensor (a global threshold per tensor); ties keep the lower flat index, so exactly `k`
@@ -116,7 +119,9 @@ def magnitude_masks(params, pattern, *, filter=None):
 
     Args:
         params: a params tree (dicts, Flax NNX `State`, linen variables, ...).
-        pattern: anything `as_pattern` accepts, used for every selected leaf.
+        pattern: anything `as_pattern` accepts, used for every selected leaf; or a mapping
+            `{path: pattern}` (e.g. from `block_densities`): each named leaf gets its own, the
+            others are not pruned.
         filter: which leaves to prune: a predicate `(path, leaf) -> bool` on the '/'-joined path,
             a regular expression searched in it, or None for float leaves of rank >= 2 named
             `kernel`.
@@ -133,9 +138,13 @@ def magnitude_masks(params, pattern, *, filter=None):
         (True, 4)
     """
     where = "jaxsparse.prune.magnitude_masks"
-    pattern = as_pattern(pattern, name="pattern")
-    selected = _tree.select(params, _tree.resolve_filter(filter, where))
-    return _tree.map_selected(lambda w: magnitude_mask(w, pattern), params, selected)
+    if _layerwise.is_mapping(pattern):
+        pattern = _layerwise.check_mapping(pattern, where)
+    else:
+        pattern = as_pattern(pattern, name="pattern")
+    patterns = _layerwise.pattern_tree(params, pattern, _tree.resolve_filter(filter, where), where)
+    return jax.tree.map(lambda p, w: None if p is None else magnitude_mask(w, p.pattern), patterns,
+                        params, is_leaf=_tree._is_none)
 
 
 def _gradual_mask(w, pattern, sparsity) -> jax.Array:
@@ -145,9 +154,32 @@ def _gradual_mask(w, pattern, sparsity) -> jax.Array:
     ignored: the schedule sets it). N:M: the N:M mask's entries rank first, then the rest by |w|,
     and the largest `1 - sparsity` fraction is kept, so the mask is exactly the N:M mask when the
     sparsity reaches `1 - n/m` (with `in` a multiple of `m`), and N:M-valid beyond that.
+    `Blocks(n, density)`: whole blocks at every step, the largest-norm `1 - sparsity` fraction of
+    them (the schedule sets the density), so the mask is the spec's when the sparsity reaches
+    `1 - density`.
     """
     density = 1.0 - jnp.asarray(sparsity, jnp.float32)
+    if isinstance(pattern, Blocks):
+        return _blocks_mask(w, pattern.n, density)
     score = jnp.abs(w)
     if isinstance(pattern, Unstructured):
         return _ranked_mask(score, density)
     return _ranked_mask(score, density, priority=pattern.magnitude_mask(w))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _blocks_mask(w, n: int, density) -> jax.Array:
+    """The 1xN mask keeping a (maybe traced) fraction `density` of the blocks of each
+    `[in, out]` matrix of `w [..., in, out]`, by L2 norm: `Blocks(n, density).magnitude_mask(w)`
+    (same count, same ties) for a density known only at run time."""
+    in_f, out_f = w.shape[-2:]
+    lead = w.shape[:-2]
+    scores = _block_scores(w, n)  # [..., R, in]
+    rows = scores.shape[-2]
+    total = rows * in_f
+    # Blocks.kept_blocks: floor(density * total + 0.5), at least one.
+    k = jnp.maximum(jnp.floor(density * total + 0.5), 1.0)
+    flat = scores.reshape(-1, total)
+    kept = jax.vmap(lambda s: _ranked_mask(s, k / total))(flat)  # Ties: the lower block first.
+    kept = jnp.swapaxes(kept.reshape(*lead, rows, in_f), -1, -2)  # [..., in, R]
+    return jnp.repeat(kept, n, axis=-1)[..., :out_f]

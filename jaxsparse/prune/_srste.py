@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse.prune import _tree
+from jaxsparse.prune import _layerwise, _tree
 from jaxsparse.prune._masks import magnitude_mask
 from jaxsparse.prune._patterns import Unstructured, as_pattern
 
@@ -61,16 +61,18 @@ def srste_weights(params, pattern, *, filter: _tree.Filter = None):
 
     Args:
         params: a params tree.
-        pattern: a format's spec (N:M, V:N:M, ...).
+        pattern: a format's spec (N:M, V:N:M, 1xN `Blocks`, ...), or a mapping
+            `{path: spec}` (e.g. from `block_densities`; leaves missing from it are unchanged).
         filter: as in `srste` (default: float leaves of rank >= 2 named `kernel`).
 
     Returns:
         The tree with the selected leaves pruned (straight-through differentiable).
     """
     where = "jaxsparse.prune.srste_weights"
-    pattern = _nm_pattern(pattern, where)
-    selected = _tree.select(params, _tree.resolve_filter(filter, where))
-    return jax.tree.map(lambda s, p: _ste(p, pattern) if s else p, selected, params)
+    pattern = _structured(pattern, where)
+    patterns = _layerwise.pattern_tree(params, pattern, _tree.resolve_filter(filter, where), where)
+    return jax.tree.map(lambda s, p: p if s is None else _ste(p, s.pattern), patterns, params,
+                        is_leaf=_tree._is_none)
 
 
 def srste(
@@ -86,7 +88,8 @@ def srste(
     `optax.chain(srste("2:4"), optax.adam(1e-3))`.
 
     Args:
-        pattern: a format's spec (N:M, V:N:M, ...).
+        pattern: a format's spec (N:M, V:N:M, 1xN `Blocks`, ...), or a mapping `{path: spec}`
+            (e.g. from `block_densities`; leaves missing from it get no decay).
         decay: :math:`\lambda_W` >= 0 (the paper's default 2e-4).
         filter: which params: a predicate `(path, leaf) -> bool` on the '/'-joined path, a
             regular expression searched in it, or None (float leaves of rank >= 2 named `kernel`).
@@ -107,7 +110,7 @@ def srste(
         ICLR 2021.
     """
     where = "jaxsparse.prune.srste"
-    pattern = _nm_pattern(pattern, where)
+    pattern = _structured(pattern, where)
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
         raise ValueError(f"{where}: decay must be a float >= 0, got {decay!r}")
     decay = float(decay)
@@ -120,20 +123,28 @@ def srste(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(f"{where}: update needs params (the decay acts on pruned weights)")
-        selected = _tree.select(params, filter_fn)
+        patterns = _layerwise.pattern_tree(params, pattern, filter_fn, where)
 
-        def one(sel, g, w):
-            if not sel:
+        def one(pat, g, w):
+            if pat is None:
                 return g
-            pruned = jnp.where(magnitude_mask(w, pattern), jnp.zeros((), w.dtype), w)
+            pruned = jnp.where(magnitude_mask(w, pat.pattern), jnp.zeros((), w.dtype), w)
             return g + (decay * pruned).astype(jnp.result_type(g))
 
-        return jax.tree.map(one, selected, updates, params), state
+        return jax.tree.map(one, patterns, updates, params, is_leaf=_tree._is_none), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------- helpers
+def _structured(pattern, where):
+    """`_nm_pattern`, or a `{path: spec}` mapping of them."""
+    if _layerwise.is_mapping(pattern):
+        return _layerwise.check_mapping(
+            pattern, where, validate=lambda p, name: _nm_pattern(p, f"{where}: {name}"))
+    return _nm_pattern(pattern, where)
+
+
 def _nm_pattern(pattern, where):
     """A format's spec (N:M, V:N:M, ...): SR-STE needs a structured mask to refine towards."""
     pattern = as_pattern(pattern, name="pattern")

@@ -16,7 +16,7 @@ import optax
 
 from jaxsparse import _validate as V
 from jaxsparse.formats._spec import is_spec
-from jaxsparse.prune import _tree
+from jaxsparse.prune import _layerwise, _tree
 from jaxsparse.prune._masks import _gradual_mask
 from jaxsparse.prune._patterns import Unstructured, as_pattern
 
@@ -64,9 +64,17 @@ def gradual_pruning(
             a format's spec (`NM(2, 4)`, `"2:4"`, `VNM(64, 2, 8)`): approach its magnitude mask:
             its entries are kept first, the others by |w|, so the mask is the spec's mask once `s`
             reaches `1 - density` (and a subset of it beyond);
-            a callable `s -> pattern` (`s` is a traced scalar under `jit`) returning either.
-            For `Unstructured` the schedule sets the density (`1 - s`); the value's own density
-            is not used.
+            `Blocks(n, density)`: whole 1xN blocks at every step, the largest-norm `1 - s`
+            fraction of each kernel's blocks (the spec's mask once `s` reaches `1 - density`);
+            a callable `s -> pattern` (`s` is a traced scalar under `jit`) returning either;
+            a mapping `{path: pattern}` (e.g. `block_densities(params, 16, 0.25)`): per-layer
+            targets reached together, the schedule giving the sparsity of the whole mapping:
+            layer `l` with target density `d_l` is pruned to
+            `s * (1 - d_l) / (1 - D)` at step sparsity `s`, where `D` is the targets' mean
+            density weighted by each layer's blocks (entries for non-1xN patterns), so at
+            `s = 1 - D` every layer is at its target; leaves missing from it are not pruned.
+            For `Unstructured` and `Blocks` the schedule sets the density (`1 - s`); the value's
+            own density is not used (in a mapping it is the layer's target).
         filter: which params to prune: a predicate `(path, leaf) -> bool` on the '/'-joined path,
             a regular expression searched in it, or None (float leaves of rank >= 2 named
             `kernel`).
@@ -91,13 +99,42 @@ def gradual_pruning(
     where = "jaxsparse.prune.gradual_pruning"
     update_every = V.check_int("update_every", update_every, low=1, high=2**31 - 1, where=where)
     schedule_fn = _check_schedule(schedule, where)
-    to_pattern = _pattern_fn(pattern_fn, where)
+    layered = _layerwise.is_mapping(pattern_fn)
+    if layered:
+        targets = _layerwise.check_mapping(pattern_fn, where)
+    else:
+        to_pattern = _pattern_fn(pattern_fn, where)
     filter_fn = _tree.resolve_filter(filter, where)
 
     def init_fn(params):
-        selected = _tree.select(params, filter_fn)
+        if layered:
+            patterns = _layerwise.pattern_tree(params, targets, filter_fn, where)
+            selected = jax.tree.map(lambda p: p is not None, patterns, is_leaf=_tree._is_none)
+        else:
+            selected = _tree.select(params, filter_fn)
         masks = _tree.map_selected(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params, selected)
         return GradualPruningState(step=jnp.zeros((), jnp.int32), masks=masks)
+
+    def layer_masks(params, sparsity):
+        patterns = _layerwise.pattern_tree(params, targets, filter_fn, where)
+        chosen = [(slot.pattern, jnp.shape(p)) for slot, p in zip(
+            jax.tree.leaves(patterns, is_leaf=_tree._is_none), jax.tree.leaves(params))
+            if slot is not None]
+        units = np.array([_layerwise.units(pat, shape) for pat, shape in chosen], np.float64)
+        dens = np.array([float(pat.density) for pat, _ in chosen], np.float64)
+        mean = float((units * dens).sum() / units.sum()) if units.sum() else 1.0
+
+        def one(slot, p):
+            if slot is None:
+                return None
+            pat = slot.pattern
+            if mean >= 1.0:
+                s = jnp.zeros((), jnp.float32)
+            else:  # Every layer's share of the schedule: all reach their targets together.
+                s = jnp.clip(sparsity * ((1.0 - pat.density) / (1.0 - mean)), 0.0, 1.0)
+            return _gradual_mask(p, pat, s)
+
+        return jax.tree.map(one, patterns, params, is_leaf=_tree._is_none)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -106,6 +143,8 @@ def gradual_pruning(
 
         def recompute():
             sparsity = schedule_fn(state.step)
+            if layered:
+                return layer_masks(params, sparsity)
             pattern = to_pattern(sparsity)
             return jax.tree.map(
                 lambda m, p: None if m is None else _gradual_mask(p, pattern, sparsity),

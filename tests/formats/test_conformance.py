@@ -44,9 +44,13 @@ CASES = [
     Case(jsp.VNM(32, 1, 5), 23, 40),
     Case(jsp.VNM(16, 2, 16), 50, 16),
     Case(jsp.VNM(32, 2, 32), 96, 33),
+    Case(jsp.Blocks(16, 0.25), 64, 48),
+    Case(jsp.Blocks(4, 0.5), 23, 10),
+    Case(jsp.Blocks(8, 0.3), 40, 21),
 ]
 IDS = [str(c) for c in CASES]
-FAST = [CASES[0], CASES[4], CASES[5]]  # One N:M and two V:N:M cases for the costlier checks.
+# One N:M, two V:N:M and one 1xN case (a partial last block row) for the costlier checks.
+FAST = [CASES[0], CASES[4], CASES[5], CASES[10]]
 FAST_IDS = [str(c) for c in FAST]
 
 
@@ -63,6 +67,15 @@ def tokens(case, t, seed=1, dtype=jnp.float32, lead=()):
     return jnp.asarray(
         np.random.default_rng(seed).standard_normal((*lead, t, case.in_features)), dtype
     )
+
+
+def static(case):
+    """The constructor's static sizes: `in_features`, and `out_features` for formats that hold
+    it (`STATIC_OUT`: 1xN blocks)."""
+    sizes = {"in_features": case.in_features}
+    if case.spec.format.STATIC_OUT:
+        sizes["out_features"] = case.out_features
+    return sizes
 
 
 def bits(a):
@@ -88,7 +101,7 @@ def test_round_trips_are_bit_exact(case, dtype):
     direct = case.spec.format.fromdense(w, **case.spec._asdict())
     for name in ws.array_names():
         np.testing.assert_array_equal(bits(getattr(direct, name)), bits(getattr(ws, name)))
-    rebuilt = case.spec.format(**ws.arrays(), **case.spec._asdict(), in_features=w.shape[0])
+    rebuilt = case.spec.format(**ws.arrays(), **case.spec._asdict(), **static(case))
     np.testing.assert_array_equal(bits(rebuilt.todense()), bits(ws.todense()))
 
 
@@ -96,13 +109,22 @@ def test_round_trips_are_bit_exact(case, dtype):
 def test_density_nbytes_and_declared_arrays(case):
     ws = sparse_weight(case)
     kept = int(ws.mask().sum())
-    # Every stored slot is a distinct position; only slots of a ragged last group that point
-    # into the padding are not in the mask.
-    n_per_group = case.spec.n
-    assert ws.values.size - case.out_features * n_per_group <= kept <= ws.values.size
-    if case.in_features % case.spec.m == 0:
-        assert kept == ws.values.size
-    assert ws.density == pytest.approx(ws.values.size / (case.in_features * case.out_features))
+    if isinstance(case.spec, jsp.Blocks):
+        # Every stored block is distinct; only the padding outputs of a partial last block row
+        # are not in the mask.
+        rows = ws.block_mask().sum(axis=-2)
+        real = np.minimum(case.spec.n, case.out_features - case.spec.n * np.arange(rows.size))
+        assert kept == int((rows * real).sum()) and ws.values.shape[0] == int(rows.sum())
+        assert ws.density == case.spec.density
+    else:
+        # Every stored slot is a distinct position; only slots of a ragged last group that
+        # point into the padding are not in the mask.
+        n_per_group = case.spec.n
+        assert ws.values.size - case.out_features * n_per_group <= kept <= ws.values.size
+        if case.in_features % case.spec.m == 0:
+            assert kept == ws.values.size
+        assert ws.density == pytest.approx(
+            ws.values.size / (case.in_features * case.out_features))
     assert ws.nbytes == sum(a.nbytes for a in ws.arrays().values())
     assert ws.arrays_with_role(jsp.formats.TRAINABLE) == ("values",)
     shapes = ws.array_shapes(case.spec, case.in_features, case.out_features)
@@ -250,13 +272,12 @@ def test_bad_inputs_are_named(case):
                      **params)
     arrays = ws.arrays()
     with pytest.raises(ValueError, match="must have shape|must have last dimension"):
-        fmt(**{**arrays, "values": arrays["values"][:, :-1]}, **params,
-            in_features=case.in_features)
+        fmt(**{**arrays, "values": arrays["values"][:, :-1]}, **params, **static(case))
     frozen = ws.arrays_with_role(jsp.formats.FROZEN)[0]
     corrupt = np.asarray(arrays[frozen]).copy()
     corrupt.reshape(-1)[0] = 250
     with pytest.raises(ValueError, match=f"{frozen} must"):
-        fmt(**{**arrays, frozen: corrupt}, **params, in_features=case.in_features)
+        fmt(**{**arrays, frozen: corrupt}, **params, **static(case))
     with pytest.raises(ValueError, match="spec must be a spec"):
         jsp.fromdense(dense_weight(case), str(case.spec) + ":")
 
@@ -296,7 +317,8 @@ def test_linen_layer_forward_gradients_and_surgery(case):
     assert set(variables["sparsity"]) == set(fmt.arrays_with_role(jsp.formats.FROZEN))
     unboxed = linen.meta.unbox(variables)
     arrays = {**unboxed["params"], **unboxed["sparsity"]}
-    w = fmt.from_arrays(case.spec, case.in_features, {n: arrays[n] for n in fmt.array_names()})
+    w = fmt.from_arrays(case.spec, case.in_features, {n: arrays[n] for n in fmt.array_names()},
+                        out_features=case.out_features)
     s = scale_for(case.in_features)
     assert_close(layer.apply(variables, x), x @ w.todense() + unboxed["params"]["bias"],
                  jnp.float32, s)

@@ -185,3 +185,31 @@ def test_bad_arguments_are_refused_up_front(model):
 def test_a_method_whose_mask_breaks_the_pattern_raises(model):
     with pytest.raises(ValueError, match="the 2:4 pattern allows at most 2"):
         sparsify(model, "2:4", method=lambda w, p: jnp.ones(w.shape, bool), filter="head")
+
+
+def test_sparsify_can_rearrange_filters_first(caplog):
+    """`rearrange=True` permutes the copy's filters for 1xN (the function kept, the input model
+    untouched), logs every layer's kept block norm and why a layer was skipped, and keeps at
+    least as much of the first layer's magnitude as plain sparsify."""
+    rng = np.random.default_rng(0)
+    model = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(64, 10, rngs=nnx.Rngs(1)))
+    # Filters of two magnitudes, interleaved: rearrangement can group them into blocks.
+    scale = np.where(np.arange(64) % 2 == 0, 1.0, 0.05)
+    model.layers[0].kernel.set_value(jnp.asarray(rng.standard_normal((32, 64)) * scale,
+                                                 jnp.float32))
+    before = np.asarray(model.layers[0].kernel[...]).copy()
+    x = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+    spec = jsp.Blocks(16, 0.25)
+    with caplog.at_level(logging.INFO, logger="jaxsparse"):
+        plain = sparsify(model, spec)
+        arranged = sparsify(model, spec, rearrange=True, example_input=x)
+    np.testing.assert_array_equal(np.asarray(model.layers[0].kernel[...]), before)
+    kept = lambda m: float(jnp.sum(m.layers[0].weight.values.astype(jnp.float32) ** 2))
+    assert kept(arranged) > kept(plain)
+    assert "rearrange" in caplog.text and "kept before" in caplog.text
+    assert "skipped: out=10 < n=16" in caplog.text
+    with pytest.raises(ValueError, match="rearrange=True is for 1xN specs"):
+        sparsify(model, "2:4", rearrange=True, example_input=x)
+    with pytest.raises(ValueError, match="needs example_input="):
+        sparsify(model, spec, rearrange=True)

@@ -1,0 +1,429 @@
+// The AVX-512 forward micro-kernel of the 1xN blocks (included after
+// blocks_kernels.h by blocks_kernels_avx512.cc, and by the avx512bf16 unit,
+// in their own namespaces).
+//
+// A tile is tokens x the block row's n outputs, accumulated in zmm registers
+// over the row's blocks. Per block: one load of its n weights, and per group
+// of tokens one broadcast of x from the packed xT (a memory operand, so a
+// load-port uop and no shuffle) feeding one FMA per vector. So the FMAs per
+// load approach 1 and the loop runs at the FMA rate on cores with two or three
+// load ports (Zen 4: one zmm FMA and up to three loads per cycle).
+//
+// Every vector is full whatever n is: its 16 lanes hold kG tokens x 16/kG
+// outputs, lane l = output l / kG of token l % kG (kG = 16/n for n < 16).
+// x then comes in by one broadcast of kG adjacent floats of xT (vbroadcastss,
+// vbroadcastsd or vbroadcastf32x4), and the block's n weights are spread
+// once per block to lanes l -> l / kG by one vpermps; the store undoes it per
+// token. n = 32 takes two vectors per token.
+//
+// bf16/f16 are computed in f32: x was converted when packed, the weights are
+// widened per block (two uops, shared by the tile's tokens), the result is
+// rounded once.
+#ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_AVX512_H_
+#define JAXSPARSE_CPU_BLOCKS_BLOCKS_AVX512_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/common/simd_avx512.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_BLOCKS_ISA {
+
+// How far ahead of the block being multiplied the few-token tiles prefetch
+// the values (about 100 ns of the stream at 20 GB/s).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <int kN>
+struct Lanes {
+  static constexpr int kG = kN >= 16 ? 1 : 16 / kN;  // tokens per vector
+  static constexpr int kV = kN >= 16 ? kN / 16 : 1;  // vectors per token group
+  // Token groups per full tile: 24 accumulators of the 32 zmm registers.
+  static constexpr int kMaxGroups = 24 / kV;
+};
+
+// 16 values of `dtype` at p as f32 (the lanes beyond `count` zero).
+template <Dtype D>
+inline __m512 LoadF32(const void* p, int count) {
+  const __mmask16 keep = static_cast<__mmask16>((1u << count) - 1u);
+  if constexpr (D == Dtype::kF32) {
+    return count == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(keep, p);
+  } else {
+    const __m256i h = count == 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(keep, p);
+    if constexpr (D == Dtype::kBF16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// The lanes of v whose bits are in `keep`, rounded to `dtype`, to p.
+template <Dtype D>
+inline void StoreF32(void* p, __m512 v, __mmask16 keep) {
+  if constexpr (D == Dtype::kF32) {
+    _mm512_mask_storeu_ps(p, keep, v);
+  } else if constexpr (D == Dtype::kBF16) {
+    StoreBf16(static_cast<uint16_t*>(p), v, keep);
+  } else {
+    _mm256_mask_storeu_epi16(p, keep, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT |
+                                                             _MM_FROUND_NO_EXC));
+  }
+}
+
+// Block b's n weights in lane order (lane l: output l / kG).
+template <int kN, Dtype D>
+inline void LoadWeights(const void* values, int64_t b, __m512* w) {
+  using L = Lanes<kN>;
+  const char* base = static_cast<const char*>(values) + b * kN * (D == Dtype::kF32 ? 4 : 2);
+  if constexpr (kN >= 16) {
+    #pragma GCC unroll 32
+    for (int v = 0; v < L::kV; ++v) w[v] = LoadF32<D>(base + v * 16 * (D == Dtype::kF32 ? 4 : 2), 16);
+  } else {
+    const __m512i spread = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        L::kG == 2 ? 1 : 2);
+    w[0] = _mm512_permutexvar_ps(spread, LoadF32<D>(base, kN));
+  }
+}
+
+// kG adjacent floats of xT broadcast to every group of kG lanes.
+template <int kG>
+inline __m512 BroadcastX(const float* p) {
+  if constexpr (kG == 1) {
+    return _mm512_set1_ps(*p);
+  } else if constexpr (kG == 2) {
+    double pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+  } else {
+    return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  }
+}
+
+// One block into kA token groups of accumulators.
+template <int kN, int kA, Dtype D>
+__attribute__((always_inline)) inline void AddBlock(const void* values, int64_t b, const float* xs, __m512 (*acc)[Lanes<kN>::kV]) {
+  using L = Lanes<kN>;
+  __m512 w[L::kV];
+  LoadWeights<kN, D>(values, b, w);
+  #pragma GCC unroll 32
+  for (int a = 0; a < kA; ++a) {
+    const __m512 xv = BroadcastX<L::kG>(xs + a * L::kG);
+    #pragma GCC unroll 32
+    for (int v = 0; v < L::kV; ++v) acc[a][v] = _mm512_fmadd_ps(xv, w[v], acc[a][v]);
+  }
+}
+
+// The tile's accumulators to y (token t at y + t * N), `outs` real outputs.
+template <int kN, int kA, Dtype D>
+inline void StoreTile(const __m512 (*acc)[Lanes<kN>::kV], int64_t tokens, int64_t n_out,
+                      int64_t outs, void* y) {
+  using L = Lanes<kN>;
+  constexpr int64_t kBytes = D == Dtype::kF32 ? 4 : 2;
+  #pragma GCC unroll 32
+  for (int a = 0; a < kA; ++a) {
+    #pragma GCC unroll 32
+    for (int g = 0; g < L::kG; ++g) {
+      const int64_t t = static_cast<int64_t>(a) * L::kG + g;
+      if (t >= tokens) return;
+      char* row = static_cast<char*>(y) + t * n_out * kBytes;
+      #pragma GCC unroll 32
+      for (int v = 0; v < L::kV; ++v) {
+        const int64_t left = outs - 16 * v;
+        if (left <= 0) break;
+        __m512 out = acc[a][v];
+        if constexpr (L::kG > 1) {
+          // Lanes j * kG + g hold token g's outputs j: gather them to lanes j.
+          const __m512i pick = _mm512_add_epi32(
+              _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                   13, 14, 15),
+                                 _mm512_set1_epi32(L::kG)),
+              _mm512_set1_epi32(g));
+          out = _mm512_permutexvar_ps(pick, out);
+        }
+        constexpr int64_t kCap = kN < 16 ? kN : 16;
+        const int live = static_cast<int>(left < kCap ? left : kCap);
+        const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1u);
+        StoreF32<D>(row + 16 * v * kBytes, out, keep);
+      }
+    }
+  }
+}
+
+// Blocks [b0, b1) of one row for kA token groups. With few groups the FMAs of
+// one block depend on the previous block's (4-cycle latency): kC chains take
+// alternate blocks and are summed at the end.
+template <int kN, int kA, Dtype D>
+void RowTile(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+             int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+  using L = Lanes<kN>;
+  constexpr int kC = kA >= 4 ? 1 : 4 / kA;
+  __m512 acc[kC][kA][L::kV];
+  #pragma GCC unroll 32
+  for (int c = 0; c < kC; ++c)
+    #pragma GCC unroll 32
+    for (int a = 0; a < kA; ++a)
+      #pragma GCC unroll 32
+      for (int v = 0; v < L::kV; ++v) acc[c][a][v] = _mm512_setzero_ps();
+  const uint64_t k = static_cast<uint64_t>(p.k);
+  int64_t b = b0;
+  constexpr int64_t kValueBytes = kN * (D == Dtype::kF32 ? 4 : 2);
+  const char* ahead = static_cast<const char*>(values) + kPrefetchBytes;
+  for (; b + kC <= b1; b += kC) {
+    if constexpr (kA <= 2) {
+      // Few tokens: the values stream decides, and the core's prefetchers
+      // alone left it at a third of the bandwidth; ask kPrefetchBytes ahead.
+      _mm_prefetch(ahead + b * kValueBytes, _MM_HINT_T0);
+      // The inputs' stream too: each block's broadcast waits on its index.
+      _mm_prefetch(reinterpret_cast<const char*>(indices + b) + kPrefetchBytes / 4, _MM_HINT_T0);
+      if constexpr (kC * kValueBytes > 64) _mm_prefetch(ahead + b * kValueBytes + 64, _MM_HINT_T0);
+      if constexpr (kC * kValueBytes > 128) {
+        _mm_prefetch(ahead + b * kValueBytes + 128, _MM_HINT_T0);
+        _mm_prefetch(ahead + b * kValueBytes + 192, _MM_HINT_T0);
+      }
+    }
+    #pragma GCC unroll 32
+    for (int c = 0; c < kC; ++c) {
+      const uint32_t input = static_cast<uint32_t>(indices[b + c]);
+      if (input >= k) continue;  // Untrusted structure: a block outside x adds nothing.
+      AddBlock<kN, kA, D>(values, b + c, xt + static_cast<int64_t>(input) * ld, acc[c]);
+    }
+  }
+  for (; b < b1; ++b) {
+    const uint32_t input = static_cast<uint32_t>(indices[b]);
+    if (input >= k) continue;
+    AddBlock<kN, kA, D>(values, b, xt + static_cast<int64_t>(input) * ld, acc[0]);
+  }
+  #pragma GCC unroll 32
+  for (int c = 1; c < kC; ++c)
+    #pragma GCC unroll 32
+    for (int a = 0; a < kA; ++a)
+      #pragma GCC unroll 32
+      for (int v = 0; v < L::kV; ++v) acc[0][a][v] = _mm512_add_ps(acc[0][a][v], acc[c][a][v]);
+  StoreTile<kN, kA, D>(acc[0], tokens, p.n_out, outs, y);
+}
+
+template <int kN, Dtype D>
+void RowFor(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+            int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+  using L = Lanes<kN>;
+  const int64_t groups = CeilDiv(tokens, L::kG);
+  // The smallest instantiated tile that covers the tokens.
+  if (groups <= 1) return RowTile<kN, 1, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 2) return RowTile<kN, 2, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 4) return RowTile<kN, 4, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 8) return RowTile<kN, 8, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 12) return RowTile<kN, 12, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if constexpr (L::kMaxGroups > 12) {
+    if (groups <= 16) return RowTile<kN, 16, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    return RowTile<kN, 24, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  }
+}
+
+template <Dtype D>
+void RowForDtype(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+                 int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
+                 int64_t outs) {
+  switch (p.n) {
+    case 4:
+      return RowFor<4, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    case 8:
+      return RowFor<8, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    case 16:
+      return RowFor<16, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    default:
+      return RowFor<32, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  }
+}
+
+struct Avx512Micro {
+  static int64_t TileTokens(const BlocksProblem& p) {
+    switch (p.n) {
+      case 4:
+        return Lanes<4>::kMaxGroups * Lanes<4>::kG;
+      case 8:
+        return Lanes<8>::kMaxGroups * Lanes<8>::kG;
+      case 16:
+        return Lanes<16>::kMaxGroups;
+      default:
+        return Lanes<32>::kMaxGroups;
+    }
+  }
+  // A tile may read up to 96 tokens past its first (n = 4): padding, never stored.
+  static int64_t Slack() { return 128; }
+  static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
+                  int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
+                  int64_t outs) {
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return RowForDtype<Dtype::kBF16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      case Dtype::kF16:
+        return RowForDtype<Dtype::kF16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      default:
+        return RowForDtype<Dtype::kF32>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    }
+  }
+};
+
+// ---------------------------------------------------------------- backward
+// The backward ops' inner loops (blocks_kernels.h gives the task structure).
+// Eight blocks at a time: eight independent accumulator chains, so the FMAs
+// never wait on one another (4-cycle latency, one or two per cycle).
+constexpr int kBackBlocks = 8;
+
+template <Dtype D>
+inline float LoadScalar(const void* base, int64_t i) {
+  if constexpr (D == Dtype::kF32) {
+    return static_cast<const float*>(base)[i];
+  } else if constexpr (D == Dtype::kBF16) {
+    return Bf16ToF32(static_cast<const uint16_t*>(base)[i]);
+  } else {
+    return F16ToF32(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+// spmm_t: dxT[k_p][16 tokens] += sum_j dyr[j][:] * v[p][j], tokens in the
+// lanes; each row of dyr is loaded once for the eight blocks.
+template <int kN, Dtype D>
+void AddRowTVec(const void* values, const int32_t* indices, uint64_t k, int64_t b0, int64_t b1,
+                const float* rows, float* acc) {
+  for (int64_t b = b0; b < b1; b += kBackBlocks) {
+    const int count = static_cast<int>(b1 - b < kBackBlocks ? b1 - b : kBackBlocks);
+    __m512 sum[kBackBlocks];
+#pragma GCC unroll 8
+    for (int i = 0; i < kBackBlocks; ++i) sum[i] = _mm512_setzero_ps();
+    // Past the row's last block, repeat it (its sum is dropped below).
+    int64_t block[kBackBlocks];
+#pragma GCC unroll 8
+    for (int i = 0; i < kBackBlocks; ++i) block[i] = b + (i < count ? i : count - 1);
+#pragma GCC unroll 4
+    for (int j = 0; j < kN; ++j) {
+      const __m512 r = _mm512_loadu_ps(rows + j * 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < kBackBlocks; ++i) {
+        const __m512 w = _mm512_set1_ps(LoadScalar<D>(values, block[i] * kN + j));
+        sum[i] = _mm512_fmadd_ps(r, w, sum[i]);
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const uint32_t input = static_cast<uint32_t>(indices[b + i]);
+      if (input >= k) continue;  // Untrusted structure: a block outside dx adds nothing.
+      float* dst = acc + static_cast<int64_t>(input) * 16;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), sum[i]));
+    }
+  }
+}
+
+// sddmm: dv[p][outputs] = sum_t xT[k_p][t] * dyr[t][:], outputs in the lanes
+// (kN < 16: the first kN lanes of one vector); each token's dyr row is loaded
+// once for the eight blocks.
+template <int kN, Dtype D>
+void SampleRowVec(const float* xt, const int32_t* indices, uint64_t k, int64_t tokens,
+                  int64_t b0, int64_t b1, const float* rows, void* dv) {
+  constexpr int kV = kN >= 16 ? kN / 16 : 1;
+  constexpr int kLanes = kN >= 16 ? 16 : kN;
+  const __mmask16 keep = static_cast<__mmask16>((1u << kLanes) - 1u);
+  for (int64_t b = b0; b < b1; b += kBackBlocks) {
+    const int count = static_cast<int>(b1 - b < kBackBlocks ? b1 - b : kBackBlocks);
+    const float* xs[kBackBlocks];
+#pragma GCC unroll 8
+    for (int i = 0; i < kBackBlocks; ++i) {
+      const uint32_t input = i < count ? static_cast<uint32_t>(indices[b + i]) : 0u;
+      // Untrusted structure: a block outside x reads the zero row past xT.
+      xs[i] = xt + static_cast<int64_t>(i < count && input < k ? input : k) * tokens;
+    }
+    __m512 sum[kBackBlocks][kV];
+#pragma GCC unroll 8
+    for (int i = 0; i < kBackBlocks; ++i)
+#pragma GCC unroll 2
+      for (int v = 0; v < kV; ++v) sum[i][v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512 d[kV];
+#pragma GCC unroll 2
+      for (int v = 0; v < kV; ++v) {
+        d[v] = kN >= 16 ? _mm512_loadu_ps(rows + t * kN + 16 * v)
+                        : _mm512_maskz_loadu_ps(keep, rows + t * kN);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < kBackBlocks; ++i) {
+        const __m512 xv = _mm512_set1_ps(xs[i][t]);
+#pragma GCC unroll 2
+        for (int v = 0; v < kV; ++v) sum[i][v] = _mm512_fmadd_ps(xv, d[v], sum[i][v]);
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      char* out = static_cast<char*>(dv) + (b + i) * kN * (D == Dtype::kF32 ? 4 : 2);
+#pragma GCC unroll 2
+      for (int v = 0; v < kV; ++v) {
+        StoreF32<D>(out + 16 * v * (D == Dtype::kF32 ? 4 : 2), sum[i][v], keep);
+      }
+    }
+  }
+}
+
+struct Avx512Back {
+  template <int kN>
+  static void AddRowTN(const BlocksProblem& p, const void* values, const int32_t* indices,
+                       int64_t b0, int64_t b1, const float* rows, float* acc) {
+    const uint64_t k = static_cast<uint64_t>(p.k);
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return AddRowTVec<kN, Dtype::kBF16>(values, indices, k, b0, b1, rows, acc);
+      case Dtype::kF16:
+        return AddRowTVec<kN, Dtype::kF16>(values, indices, k, b0, b1, rows, acc);
+      default:
+        return AddRowTVec<kN, Dtype::kF32>(values, indices, k, b0, b1, rows, acc);
+    }
+  }
+  static void AddRowT(const BlocksProblem& p, const void* values, const int32_t* indices,
+                      int64_t b0, int64_t b1, const float* rows, float* acc) {
+    static_assert(kTokensT == 16, "spmm_t's token tile is one zmm of tokens");
+    switch (p.n) {
+      case 4:
+        return AddRowTN<4>(p, values, indices, b0, b1, rows, acc);
+      case 8:
+        return AddRowTN<8>(p, values, indices, b0, b1, rows, acc);
+      case 16:
+        return AddRowTN<16>(p, values, indices, b0, b1, rows, acc);
+      default:
+        return AddRowTN<32>(p, values, indices, b0, b1, rows, acc);
+    }
+  }
+  template <int kN>
+  static void SampleRowN(const BlocksProblem& p, const float* xt, const int32_t* indices,
+                         int64_t b0, int64_t b1, const float* rows, void* dv) {
+    const uint64_t k = static_cast<uint64_t>(p.k);
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return SampleRowVec<kN, Dtype::kBF16>(xt, indices, k, p.tokens, b0, b1, rows, dv);
+      case Dtype::kF16:
+        return SampleRowVec<kN, Dtype::kF16>(xt, indices, k, p.tokens, b0, b1, rows, dv);
+      default:
+        return SampleRowVec<kN, Dtype::kF32>(xt, indices, k, p.tokens, b0, b1, rows, dv);
+    }
+  }
+  static void SampleRow(const BlocksProblem& p, const float* xt, const int32_t* indices,
+                        int64_t b0, int64_t b1, const float* rows, void* dv) {
+    switch (p.n) {
+      case 4:
+        return SampleRowN<4>(p, xt, indices, b0, b1, rows, dv);
+      case 8:
+        return SampleRowN<8>(p, xt, indices, b0, b1, rows, dv);
+      case 16:
+        return SampleRowN<16>(p, xt, indices, b0, b1, rows, dv);
+      default:
+        return SampleRowN<32>(p, xt, indices, b0, b1, rows, dv);
+    }
+  }
+};
+
+}  // namespace JAXSPARSE_BLOCKS_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_BLOCKS_BLOCKS_AVX512_H_

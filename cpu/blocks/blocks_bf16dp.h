@@ -1,0 +1,199 @@
+// The bf16 forward micro-kernel of the 1xN blocks on vdpbf16ps (AVX512-BF16:
+// AMD Zen 4 and 5, Intel from Cooper Lake), included by the avx512bf16 unit
+// after blocks_avx512.h (whose f32-compute kernel still runs f32 and f16).
+//
+// vdpbf16ps multiplies 16 lanes of bf16 pairs and adds both products to the
+// lane's f32: two inputs of the reduction per instruction, 32 multiply-adds
+// against the f32 FMA's 16, at the same instruction rate on Zen 4/5. In a
+// block row the reduction runs over the row's blocks, so a pair is two
+// consecutive blocks p, q of the row:
+//   - weights: lane l holds (v[p][j], v[q][j]) for its output j, one word
+//     permute (vpermt2w) of the two blocks' rows per pair;
+//   - x: the pair (x[t, k_p], x[t, k_q]) of each token, built for a chunk of
+//     pairs before they are multiplied: per 16 tokens two rows of the f32 xT
+//     (exact: they were bf16), rounded back to bf16 and interleaved (one
+//     vcvtne2ps2bf16, one vpermw), stored to an L1 buffer; the product loop
+//     then broadcasts each token's pair from memory into vdpbf16ps (a load
+//     uop, no shuffle), as the f32 kernel broadcasts x.
+// Lanes hold kG tokens x 16/kG outputs for n < 16, as in the f32 kernel, so
+// the x broadcast is kG adjacent pairs. A row's odd last block pairs with
+// zeros, and a block whose input lies outside x reads zeros (it adds nothing).
+// The products are exact in f32 and summed in f32 (vdpbf16ps treats bf16
+// subnormal inputs as zero, below any tolerance the f32 path keeps).
+#ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_BF16DP_H_
+#define JAXSPARSE_CPU_BLOCKS_BLOCKS_BF16DP_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#if !defined(__AVX512BF16__)
+#error "blocks_bf16dp.h needs AVX512-BF16 (the avx512bf16 flags)"
+#endif
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_BLOCKS_ISA {
+
+// Pairs built per chunk: 32 pairs x up to 64 tokens x 4 bytes = 8 KB of L1.
+constexpr int kDpPairChunk = 32;
+
+template <int kN>
+struct DpLanes {
+  static constexpr int kG = Lanes<kN>::kG;
+  static constexpr int kV = Lanes<kN>::kV;
+  // 16 accumulators: the pair buffer's broadcasts and the weight pairs keep
+  // the rest of the registers.
+  static constexpr int kMaxGroups = 16 / kV;
+};
+
+// The bf16 pairs of blocks p and q (q < 0: none, zeros) in lane order.
+template <int kN>
+inline void LoadWeightPairs(const uint16_t* values, int64_t p, int64_t q, __m512i* w) {
+  using L = DpLanes<kN>;
+  // Word 2l of a vector: output j of block p, word 2l + 1: of block q, with
+  // j the output of lane l (l / kG, or 16 v + l for n >= 16).
+  alignas(64) uint16_t order[32];
+  for (int l = 0; l < 16; ++l) {
+    order[2 * l] = static_cast<uint16_t>(l / L::kG);
+    order[2 * l + 1] = static_cast<uint16_t>(32 + l / L::kG);
+  }
+  const __m512i idx = _mm512_load_si512(order);
+  constexpr int kWords = kN < 16 ? kN : 16;
+  const __mmask32 keep = static_cast<__mmask32>((1ull << kWords) - 1);
+#pragma GCC unroll 4
+  for (int v = 0; v < L::kV; ++v) {
+    const __m512i lo = _mm512_maskz_loadu_epi16(keep, values + p * kN + 16 * v);
+    const __m512i hi =
+        q >= 0 ? _mm512_maskz_loadu_epi16(keep, values + q * kN + 16 * v) : _mm512_setzero_si512();
+    w[v] = _mm512_permutex2var_epi16(lo, idx, hi);
+  }
+}
+
+// Tokens [16 s, 16 s + 16) of blocks p, q as interleaved bf16 pairs.
+inline __m512i XPairs(const float* xp, const float* xq, int s) {
+  const __m512 lo = xp != nullptr ? _mm512_loadu_ps(xp + 16 * s) : _mm512_setzero_ps();
+  const __m512 hi = xq != nullptr ? _mm512_loadu_ps(xq + 16 * s) : _mm512_setzero_ps();
+  // Words 0-15: lo's tokens, 16-31: hi's; interleave to (lo t, hi t).
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                         9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                         17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
+template <int kG>
+inline __m512i BroadcastPairs(const uint32_t* p) {
+  return _mm512_castps_si512(BroadcastX<kG>(reinterpret_cast<const float*>(p)));
+}
+
+template <int kN, int kA>
+void DpRowTile(const BlocksProblem& p, const void* values_raw, const int32_t* indices,
+               int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
+               int64_t outs) {
+  using L = DpLanes<kN>;
+  constexpr int kTokens = kA * L::kG;
+  constexpr int kBuilds = (kTokens + 15) / 16;
+  const uint16_t* values = static_cast<const uint16_t*>(values_raw);
+  const uint64_t k = static_cast<uint64_t>(p.k);
+  alignas(64) uint32_t pairs[kDpPairChunk][kBuilds * 16];
+  __m512 acc[kA][L::kV];
+#pragma GCC unroll 32
+  for (int a = 0; a < kA; ++a)
+#pragma GCC unroll 4
+    for (int v = 0; v < L::kV; ++v) acc[a][v] = _mm512_setzero_ps();
+  auto x_row = [&](int64_t b) -> const float* {
+    const uint32_t input = static_cast<uint32_t>(indices[b]);
+    return input < k ? xt + static_cast<int64_t>(input) * ld : nullptr;
+  };
+  for (int64_t c0 = b0; c0 < b1; c0 += 2 * kDpPairChunk) {
+    const int64_t c1 = Min(b1, c0 + 2 * kDpPairChunk);
+    const int count = static_cast<int>((c1 - c0 + 1) / 2);
+    for (int i = 0; i < count; ++i) {
+      const int64_t bp = c0 + 2 * i, bq = bp + 1;
+      const float* xp = x_row(bp);
+      const float* xq = bq < c1 ? x_row(bq) : nullptr;
+#pragma GCC unroll 4
+      for (int s = 0; s < kBuilds; ++s) {
+        _mm512_store_si512(pairs[i] + 16 * s, XPairs(xp, xq, s));
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const int64_t bp = c0 + 2 * i, bq = bp + 1 < c1 ? bp + 1 : -1;
+      __m512i w[L::kV];
+      LoadWeightPairs<kN>(values, bp, bq, w);
+#pragma GCC unroll 32
+      for (int a = 0; a < kA; ++a) {
+        const __m512i xv = BroadcastPairs<L::kG>(pairs[i] + a * L::kG);
+#pragma GCC unroll 4
+        for (int v = 0; v < L::kV; ++v) {
+          acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)xv,
+                                       (__m512bh)w[v]);
+        }
+      }
+    }
+  }
+  StoreTile<kN, kA, Dtype::kBF16>(acc, tokens, p.n_out, outs, y);
+}
+
+template <int kN>
+void DpRowFor(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+              int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+  using L = DpLanes<kN>;
+  const int64_t groups = CeilDiv(tokens, L::kG);
+  if (groups <= 2) return DpRowTile<kN, 2>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 4) return DpRowTile<kN, 4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 8 || L::kMaxGroups == 8) {
+    return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  }
+  if constexpr (L::kMaxGroups > 8) {
+    if (groups <= 12) return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  }
+}
+
+// bf16 from kDpMinTokens tokens on vdpbf16ps; everything else (f32, f16, and
+// bf16 below: there the values stream decides, and pairing adds work) on the
+// f32-compute kernel.
+constexpr int64_t kDpMinTokens = 4;
+
+struct Bf16DpMicro {
+  static bool UsesDp(const BlocksProblem& p) {
+    return p.dtype == Dtype::kBF16 && p.tokens >= kDpMinTokens;
+  }
+  static int64_t TileTokens(const BlocksProblem& p) {
+    if (!UsesDp(p)) return Avx512Micro::TileTokens(p);
+    switch (p.n) {
+      case 4:
+        return DpLanes<4>::kMaxGroups * DpLanes<4>::kG;
+      case 8:
+        return DpLanes<8>::kMaxGroups * DpLanes<8>::kG;
+      case 16:
+        return DpLanes<16>::kMaxGroups;
+      default:
+        return DpLanes<32>::kMaxGroups;
+    }
+  }
+  static int64_t Slack() { return Avx512Micro::Slack(); }
+  static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
+                  int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
+                  int64_t outs) {
+    if (!UsesDp(p)) return Avx512Micro::Row(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    switch (p.n) {
+      case 4:
+        return DpRowFor<4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      case 8:
+        return DpRowFor<8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      case 16:
+        return DpRowFor<16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      default:
+        return DpRowFor<32>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    }
+  }
+};
+
+}  // namespace JAXSPARSE_BLOCKS_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_BLOCKS_BLOCKS_BF16DP_H_

@@ -1,0 +1,131 @@
+// The operand checks of the 1xN block targets, shared by the CPU handlers
+// (blocks_ops.cc) and the CUDA handlers (cuda/blocks/, native and emulated),
+// built on the common Validator. Layouts (docs/ffi_abi.md):
+//
+//   blocks_spmm    x [Bx, T, K], values [Bw, nnz, n], indices [Bw, nnz],
+//                  indptr [Bw, R + 1]                         -> y  [B, T, N]
+//   blocks_spmm_t  dy [By, T, N], values, indices, indptr     -> dx [B, T, K]
+//   blocks_sddmm   x [Bx, T, K], dy [By, T, N], indices, indptr -> dv [B, nnz, n]
+//
+// BSR with blocks of one input by n consecutive outputs: R = ceil(N / n)
+// block rows; block p of row r (indptr[r] <= p < indptr[r + 1]) holds
+// values[p][0..n) for outputs r*n .. r*n+n-1 at input indices[p]. Float
+// operands share one dtype; indices and indptr are int32 and, with the
+// values, share one batch dimension. n is 4, 8, 16 or 32. The kernels treat
+// the structure as untrusted (it may come from unvalidated data under jit):
+// indptr is clamped into [0, nnz] and made non-decreasing, and blocks whose
+// input is outside [0, K) contribute nothing.
+#ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_CHECKS_H_
+#define JAXSPARSE_CPU_BLOCKS_BLOCKS_CHECKS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/common/ffi.h"
+#include "cpu/common/validate.h"
+
+namespace jaxsparse {
+namespace blocks_check {
+
+inline bool IsBlockSize(int64_t n) { return n == 4 || n == 8 || n == 16 || n == 32; }
+inline int64_t Rows(int64_t n_out, int64_t n) { return (n_out + n - 1) / n; }
+
+// The arrays of one call: two operands (float, or the first float and the
+// second absent for sddmm's x/dy pair: a = x or dy, b = values or dy), the
+// structure, the result.
+struct Operands {
+  Operand3 a, b, indices, indptr, result;
+};
+
+// A rank-2 [B, cols] buffer as an Operand3 of one row per batch entry.
+inline xla::ffi::Error Shape2(const Validator& val, const char* name,
+                              const xla::ffi::AnyBuffer& buffer, Operand3* out) {
+  const auto dims = buffer.dimensions();
+  if (dims.size() != 2) {
+    return val.Fail(std::string(name) + " must have rank 2 ([B, cols]), got shape " +
+                    DimsStr(dims));
+  }
+  *out = Operand3{name, &buffer, dims[0], 1, dims[1]};
+  return xla::ffi::Error::Success();
+}
+
+// indices [B, nnz] and indptr [B, ceil(N/n) + 1], int32, one batch.
+inline xla::ffi::Error CheckStructure(const Validator& val, Operands* o,
+                                      int64_t n_out, int64_t n) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->indices, xla::ffi::DataType::S32));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dtype(o->indptr, xla::ffi::DataType::S32));
+  if (!IsBlockSize(n)) {
+    return val.Fail("the block size n (values.shape[2] or the result's) must be 4, 8, 16 "
+                    "or 32, got " + std::to_string(n));
+  }
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("indptr.shape[1] (R + 1)", o->indptr.cols,
+                                    "ceil(N/n) + 1", Rows(n_out, n) + 1));
+  return val.Dim("indptr.shape[0]", o->indptr.batch, "indices.shape[0]",
+                 o->indices.batch);
+}
+
+// The weight's values [B, nnz, n] beside its structure.
+inline xla::ffi::Error CheckValues(const Validator& val, const Operands& o) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("values.shape[1] (nnz)", o.b.rows,
+                                    "indices.shape[1]", o.indices.cols));
+  return val.Dim("values.shape[0]", o.b.batch, "indices.shape[0]", o.indices.batch);
+}
+
+inline xla::ffi::Error Read(const Validator& val, const xla::ffi::AnyBuffer& a,
+                            const char* a_name, const xla::ffi::AnyBuffer& b,
+                            const char* b_name, const xla::ffi::AnyBuffer& indices,
+                            const xla::ffi::AnyBuffer& indptr,
+                            const xla::ffi::AnyBuffer& result, const char* result_name,
+                            Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3(a_name, a, &o->a));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3(b_name, b, &o->b));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indices", indices, &o->indices));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indptr", indptr, &o->indptr));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3(result_name, result, &o->result));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->a, &o->b, &o->result}));
+  return val.Batch({&o->a, &o->b, &o->indices}, o->result);
+}
+
+// y = x @ W: x [B, T, K], values [B, nnz, n] -> y [B, T, N].
+inline xla::ffi::Error CheckSpmm(const Validator& val, const xla::ffi::AnyBuffer& x,
+                                 const xla::ffi::AnyBuffer& values,
+                                 const xla::ffi::AnyBuffer& indices,
+                                 const xla::ffi::AnyBuffer& indptr,
+                                 const xla::ffi::AnyBuffer& y, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(Read(val, x, "x", values, "values", indices, indptr, y, "y", o));
+  JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, o->result.cols, o->b.cols));
+  JAXSPARSE_RETURN_IF_ERROR(CheckValues(val, *o));
+  return val.Dim("y.shape[1] (T)", o->result.rows, "x.shape[1]", o->a.rows);
+}
+
+// dx = dy @ W^T: dy [B, T, N], values [B, nnz, n] -> dx [B, T, K].
+inline xla::ffi::Error CheckSpmmT(const Validator& val, const xla::ffi::AnyBuffer& dy,
+                                  const xla::ffi::AnyBuffer& values,
+                                  const xla::ffi::AnyBuffer& indices,
+                                  const xla::ffi::AnyBuffer& indptr,
+                                  const xla::ffi::AnyBuffer& dx, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(
+      Read(val, dy, "dy", values, "values", indices, indptr, dx, "dx", o));
+  JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, o->a.cols, o->b.cols));
+  JAXSPARSE_RETURN_IF_ERROR(CheckValues(val, *o));
+  return val.Dim("dx.shape[1] (T)", o->result.rows, "dy.shape[1]", o->a.rows);
+}
+
+// dv = (x^T dy)[kept]: x [B, T, K], dy [B, T, N] -> dv [B, nnz, n].
+inline xla::ffi::Error CheckSddmm(const Validator& val, const xla::ffi::AnyBuffer& x,
+                                  const xla::ffi::AnyBuffer& dy,
+                                  const xla::ffi::AnyBuffer& indices,
+                                  const xla::ffi::AnyBuffer& indptr,
+                                  const xla::ffi::AnyBuffer& dv, Operands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(Read(val, x, "x", dy, "dy", indices, indptr, dv, "dv", o));
+  JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, o->b.cols, o->result.cols));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("dy.shape[1] (T)", o->b.rows, "x.shape[1]", o->a.rows));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("dv.shape[1] (nnz)", o->result.rows,
+                                    "indices.shape[1]", o->indices.cols));
+  return val.Batch({&o->a, &o->b, &o->indices}, o->result);
+}
+
+}  // namespace blocks_check
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_BLOCKS_BLOCKS_CHECKS_H_

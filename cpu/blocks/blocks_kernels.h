@@ -1,0 +1,545 @@
+// The 1xN block kernel bodies, written once and instantiated per instruction
+// set.
+//
+// Each blocks_kernels_<isa>.cc defines JAXSPARSE_BLOCKS_ISA to <isa> and
+// includes this header; everything here lives in that per-ISA namespace so
+// the copies, each compiled with different -m flags, never share a symbol.
+//
+// Why 1xN is fast on a CPU: the n outputs of a block row share each kept
+// input, so one broadcast of x[t, k] feeds an n-wide FMA, and a block row is
+// a small dense product x[:, kept] @ W_row[kept, n] (KERNELS.md section 4).
+// The forward (spmm) therefore runs, per block of tokens:
+//   1. Pack: x transposed to xT [K][tokens] in f32, once per token block and
+//      shared by every block row: the broadcasts of a tile's tokens for one
+//      input then read one or two cache lines, and bf16/f16 are converted
+//      once instead of once per block row;
+//   2. per task (a run of block rows holding about kChunkBlocks blocks, so the
+//      two workers stay balanced whatever the rows' lengths), per token tile,
+//      per block row: the micro-kernel (`Micro`, per ISA) accumulates a
+//      tile of tokens x n outputs in registers over the row's blocks and
+//      stores it once. Tiles are the outer loop: one tile's lines of xT stay
+//      in L2 while the task's rows stream through.
+// The backward ops reuse the same structure:
+//   spmm_t  dx[t, k] = sum over blocks p with input k of dy[t, row(p)] . v[p]:
+//           tasks own token tiles (no two tasks write the same dx entry);
+//           dx is accumulated transposed (dxT [K][tile]) so every block adds
+//           one token-vector, then written back once.
+//   sddmm   dv[p, j] = sum_t x[t, k_p] dy[t, row(p) n + j]: tasks own block
+//           rows (each dv entry is written by one task); x is transposed
+//           once per call and each row's dy columns are packed per task.
+// The structure is untrusted: block rows are the running maximum of indptr
+// clamped into [0, nnz] (so they never overlap or run out of the arrays), and
+// blocks whose input is outside [0, K) are skipped.
+#ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_H_
+#define JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_H_
+
+#ifndef JAXSPARSE_BLOCKS_ISA
+#error "define JAXSPARSE_BLOCKS_ISA (the namespace of this instantiation) first"
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/blocks/blocks_kernels_api.h"
+#include "cpu/common/dtype_convert.h"
+
+#define JAXSPARSE_KERNEL_ISA JAXSPARSE_BLOCKS_ISA
+#include "cpu/common/kernel_util.h"
+
+namespace jaxsparse {
+namespace cpu {
+namespace JAXSPARSE_BLOCKS_ISA {
+
+// Blocks per forward task: the task's values (16 K blocks x 16 f32 = 1 MB at
+// most, 256 KB for n = 4) are re-read once per token tile, from L2 when they
+// fit; smaller tasks would only add scheduling.
+constexpr int64_t kChunkBlocks = 4096;
+// Tokens per forward token block: xT for it is K x 256 f32 (4 MB at K = 4096),
+// of which one tile's lines are live at a time.
+constexpr int64_t kBlockTokens = 256;
+// Token tile of spmm_t tasks: dxT [K][16] f32 per worker (256 KB at K = 4096).
+constexpr int64_t kTokensT = 16;
+// Slack after xT so a micro-kernel's last token tile may read a whole tile of
+// padding tokens (never stored).
+constexpr int64_t kPackSlack = 256;
+
+// ---------------------------------------------------------------- scalars
+inline float LoadAs(Dtype dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case Dtype::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(base)[i]);
+    case Dtype::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+inline void StoreAs(Dtype dtype, void* base, int64_t i, float v) {
+  switch (dtype) {
+    case Dtype::kBF16:
+      static_cast<uint16_t*>(base)[i] = F32ToBf16(v);
+      break;
+    case Dtype::kF16:
+      static_cast<uint16_t*>(base)[i] = F32ToF16(v);
+      break;
+    default:
+      static_cast<float*>(base)[i] = v;
+  }
+}
+
+inline int64_t ElementBytes(Dtype dtype) { return dtype == Dtype::kF32 ? 4 : 2; }
+
+inline const void* Offset(const void* base, Dtype dtype, int64_t elements) {
+  return static_cast<const char*>(base) + elements * ElementBytes(dtype);
+}
+
+inline void* Offset(void* base, Dtype dtype, int64_t elements) {
+  return static_cast<char*>(base) + elements * ElementBytes(dtype);
+}
+
+// ---------------------------------------------------------------- structure
+// spans[r] .. spans[r + 1] are block row r's blocks: the running maximum of
+// indptr clamped into [0, nnz] (the reference's jaxsparse.ops.block_rows).
+inline void RowSpans(const int32_t* indptr, int64_t rows, int64_t nnz, int64_t* spans) {
+  int64_t high = 0;
+  for (int64_t r = 0; r <= rows; ++r) {
+    const int64_t at = Min(Max(static_cast<int64_t>(indptr[r]), 0), nnz);
+    high = Max(high, at);
+    spans[r] = high;
+  }
+}
+
+// Splits rows into runs of about `target` blocks (at least one row each);
+// returns the number of runs, their bounds in bounds[0..runs].
+inline int64_t RowRuns(const int64_t* spans, int64_t rows, int64_t target, int64_t* bounds) {
+  int64_t runs = 0;
+  bounds[0] = 0;
+  int64_t start = 0;
+  for (int64_t r = 1; r <= rows; ++r) {
+    // Rows count one block each beyond their length, so runs of empty rows end.
+    if (spans[r] - spans[start] + (r - start) >= target || r == rows) {
+      bounds[++runs] = r;
+      start = r;
+    }
+  }
+  return runs;
+}
+
+// x [T, K] (tokens t0 .. t0 + count) into xT [K][ld] f32, padding tokens 0.
+inline void PackTransposed(Dtype dtype, const void* x, int64_t k, int64_t t0, int64_t count,
+                           int64_t ld, int64_t k0, int64_t k1, float* xt) {
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    float* dst = xt + kk * ld;
+    for (int64_t t = 0; t < count; ++t) dst[t] = LoadAs(dtype, x, (t0 + t) * k + kk);
+    for (int64_t t = count; t < ld; ++t) dst[t] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------- forward
+// The portable micro-kernel: a tile of kT tokens x kN outputs in a local
+// array the compiler keeps in vector registers (the j loop vectorises).
+template <int kN, int kT>
+void PortableTile(const BlocksProblem& p, const void* values, const int32_t* indices,
+                  int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens,
+                  void* y, int64_t outs) {
+  float acc[kT][kN] = {};
+  float w[kN];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t input = static_cast<uint32_t>(indices[b]);
+    if (input >= static_cast<uint64_t>(p.k)) continue;
+    for (int j = 0; j < kN; ++j) w[j] = LoadAs(p.dtype, values, b * kN + j);
+    const float* xs = xt + static_cast<int64_t>(input) * ld;
+    for (int t = 0; t < kT; ++t) {
+      const float xv = xs[t];
+      for (int j = 0; j < kN; ++j) acc[t][j] += xv * w[j];
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < outs; ++j) StoreAs(p.dtype, y, t * p.n_out + j, acc[t][j]);
+  }
+}
+
+struct PortableMicro {
+  // Tokens per tile: a tile of n outputs keeps kT * n floats of accumulators.
+  static int64_t TileTokens(const BlocksProblem& p) {
+    return p.n >= 32 ? 4 : p.n == 16 ? 8 : 16;
+  }
+  static int64_t Slack() { return 16; }
+  // Block row [b0, b1) for tokens [0, tokens) of xT (ld floats per input) into
+  // y (the tile's first output, N per token), `outs` real outputs.
+  static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
+                  int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens,
+                  void* y, int64_t outs) {
+    switch (p.n) {
+      case 4:
+        return PortableTile<4, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      case 8:
+        return PortableTile<8, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      case 16:
+        return PortableTile<16, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      default:
+        return PortableTile<32, 4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    }
+  }
+};
+
+template <class Micro>
+struct SpmmOp {
+  const BlocksProblem& p;
+  const Runtime& rt;
+  // xT is tile-major: per token tile [K][ld], ld = the tile's tokens, so one
+  // block's broadcasts for a tile read ld contiguous floats (24 for n = 16:
+  // 1.5 lines, where rows of the whole token block took 2).
+  int64_t ld = 0;
+  int64_t tile = 0;   // the micro-kernel's tokens per tile
+  int64_t block = 0;  // tokens per token block: whole tiles
+  int64_t* spans = nullptr;
+  int64_t* bounds = nullptr;
+  float* xt = nullptr;
+
+  void Layout(Carver& c) {
+    tile = Micro::TileTokens(p);
+    block = RoundUp(kBlockTokens, tile);
+    const int64_t count = Min(p.tokens, block);
+    // Few tokens: rows of 4 floats keep xT in L1 (16 KB per token and 4096
+    // inputs).
+    ld = count < tile ? RoundUp(count, 4) : tile;
+    spans = c.Take<int64_t>(p.rows + 1);
+    bounds = c.Take<int64_t>(p.rows + 1);
+    xt = c.Take<float>(CeilDiv(count, ld) * p.k * ld + Micro::Slack() + kPackSlack);
+  }
+
+  struct PackJob {
+    const SpmmOp* op;
+    const void* x;
+    int64_t t0, count, k_step;
+    void Run(int64_t i, int) const {
+      const int64_t k0 = i * k_step, k1 = Min(op->p.k, k0 + k_step);
+      for (int64_t a = 0; a * op->ld < count; ++a) {
+        const int64_t tokens = Min(op->ld, count - a * op->ld);
+        PackTransposed(op->p.dtype, x, op->p.k, t0 + a * op->ld, tokens, op->ld, k0, k1,
+                       op->xt + a * op->p.k * op->ld);
+      }
+    }
+  };
+
+  struct RowJob {
+    const SpmmOp* op;
+    const void* values;
+    const int32_t* indices;
+    void* y;  // this token block's first token
+    int64_t count;
+    void Run(int64_t run, int) const {
+      const BlocksProblem& p = op->p;
+      const int64_t ld = op->ld;
+      for (int64_t a = 0; a * ld < count; ++a) {
+        const int64_t tokens = Min(ld, count - a * ld);
+        const float* xt = op->xt + a * p.k * ld;
+        for (int64_t r = op->bounds[run]; r < op->bounds[run + 1]; ++r) {
+          const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
+          void* yr = Offset(y, p.dtype, a * ld * p.n_out + r * p.n);
+          Micro::Row(p, values, indices, op->spans[r], op->spans[r + 1], xt, ld, tokens, yr,
+                     outs);
+        }
+      }
+    }
+  };
+
+  bool operator()() {
+    if (!TakeScratch(rt, *this)) return false;
+    const int64_t count0 = Min(p.tokens, block);
+    // The slack a last tile may read: padding tokens, never stored; zeroed so
+    // they hold no stale bits.
+    std::memset(xt + CeilDiv(count0, ld) * p.k * ld, 0,
+                sizeof(float) * (Micro::Slack() + kPackSlack));
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const void* x = Offset(p.x, p.dtype, b * p.x_stride);
+      const void* values = Offset(p.values, p.dtype, b * p.values_stride);
+      const int32_t* indices = p.indices + b * p.indices_stride;
+      RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
+      const int64_t runs = RowRuns(spans, p.rows, kChunkBlocks, bounds);
+      void* y = Offset(p.out, p.dtype, b * p.tokens * p.n_out);
+      for (int64_t t0 = 0; t0 < p.tokens; t0 += block) {
+        const int64_t count = Min(block, p.tokens - t0);
+        // A few tokens pack in microseconds: a parallel job would cost more.
+        const int64_t k_step = count <= 16 ? p.k : Max(64, CeilDiv(p.k, 8));
+        const PackJob pack{this, x, t0, count, k_step};
+        if (k_step == p.k) {
+          pack.Run(0, 0);
+        } else {
+          RunParallel(rt, CeilDiv(p.k, k_step), pack);
+        }
+        RunParallel(rt, runs,
+                    RowJob{this, values, indices, Offset(y, p.dtype, t0 * p.n_out), count});
+      }
+    }
+    return true;
+  }
+};
+
+// ---------------------------------------------------------------- spmm_t
+// Blocks [b0, b1) of one row into dxT: block p adds sum_j dyr[j][:] * v[p][j]
+// to dxT[k_p][:] (tokens in the lanes). Four blocks at a time: each row of
+// dyr loaded once feeds four independent sums, so the FMAs do not wait on
+// one chain (the padding outputs' rows of dyr are zero).
+constexpr int kBlocksAtOnceT = 4;
+
+template <int kN>
+void AddRowT(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+             int64_t b1, const float* rows, float* acc) {
+  const uint64_t k = static_cast<uint64_t>(p.k);
+  for (int64_t b = b0; b < b1; b += kBlocksAtOnceT) {
+    const int count = static_cast<int>(Min(kBlocksAtOnceT, b1 - b));
+    float w[kBlocksAtOnceT][kN] = {};
+    for (int i = 0; i < count; ++i) {
+      for (int j = 0; j < kN; ++j) w[i][j] = LoadAs(p.dtype, values, (b + i) * kN + j);
+    }
+    float sum[kBlocksAtOnceT][kTokensT] = {};
+#pragma GCC unroll 4
+    for (int j = 0; j < kN; ++j) {
+#pragma GCC unroll 4
+      for (int i = 0; i < kBlocksAtOnceT; ++i) {
+#pragma GCC unroll 16
+        for (int t = 0; t < kTokensT; ++t) sum[i][t] += rows[j * kTokensT + t] * w[i][j];
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const uint32_t input = static_cast<uint32_t>(indices[b + i]);
+      if (input >= k) continue;  // Untrusted structure: a block outside dx adds nothing.
+      float* dst = acc + static_cast<int64_t>(input) * kTokensT;
+      for (int t = 0; t < kTokensT; ++t) dst[t] += sum[i][t];
+    }
+  }
+}
+
+// dx = dy @ W^T. A task owns a tile of kTokensT tokens: per block row it
+// gathers the row's dy columns for its tokens (dyr [n][tile]), then every
+// block adds sum_j dyr[j][:] * v[p][j] to dxT[k_p][:]: tokens in the lanes.
+template <class Back>
+struct SpmmTOp {
+  const BlocksProblem& p;
+  const Runtime& rt;
+  int64_t* spans = nullptr;
+  float* dxt = nullptr;  // [workers][K][kTokensT]
+  float* dyr = nullptr;  // [workers][32][kTokensT]
+
+  void Layout(Carver& c) {
+    spans = c.Take<int64_t>(p.rows + 1);
+    dxt = c.Take<float>(static_cast<int64_t>(rt.num_workers) * p.k * kTokensT);
+    dyr = c.Take<float>(static_cast<int64_t>(rt.num_workers) * 32 * kTokensT);
+  }
+
+  struct Job {
+    const SpmmTOp* op;
+    const void* dy;
+    const void* values;
+    const int32_t* indices;
+    void* dx;
+    void Run(int64_t tile, int worker) const {
+      const BlocksProblem& p = op->p;
+      const int64_t t0 = tile * kTokensT, count = Min(kTokensT, p.tokens - t0);
+      float* acc = op->dxt + static_cast<int64_t>(worker) * p.k * kTokensT;
+      float* rows = op->dyr + static_cast<int64_t>(worker) * 32 * kTokensT;
+      std::memset(acc, 0, sizeof(float) * p.k * kTokensT);
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const int64_t b0 = op->spans[r], b1 = op->spans[r + 1];
+        if (b0 == b1) continue;
+        const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
+        for (int64_t j = 0; j < p.n; ++j) {
+          for (int64_t t = 0; t < kTokensT; ++t) {
+            rows[j * kTokensT + t] =
+                (j < outs && t < count) ? LoadAs(p.dtype, dy, (t0 + t) * p.n_out + r * p.n + j)
+                                        : 0.0f;
+          }
+        }
+        Back::AddRowT(p, values, indices, b0, b1, rows, acc);
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t k = 0; k < p.k; ++k) {
+          StoreAs(p.dtype, dx, (t0 + t) * p.k + k, acc[k * kTokensT + t]);
+        }
+      }
+    }
+  };
+
+  bool operator()() {
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
+      RunParallel(rt, CeilDiv(p.tokens, kTokensT),
+                  Job{this, Offset(p.dy, p.dtype, b * p.dy_stride),
+                      Offset(p.values, p.dtype, b * p.values_stride),
+                      p.indices + b * p.indices_stride,
+                      Offset(p.out, p.dtype, b * p.tokens * p.k)});
+    }
+    return true;
+  }
+};
+
+// ---------------------------------------------------------------- sddmm
+// Blocks [b0, b1) of one row: dv[p][:] = sum_t xT[k_p][t] * dyr[t][:]
+// (outputs in the lanes). Eight blocks at a time: each token's row of dyr,
+// loaded once, feeds eight independent sums (one chain would wait on the
+// FMA latency at every token).
+constexpr int kBlocksAtOnce = 8;
+
+template <int kN>
+void SampleRow(const BlocksProblem& p, const float* xt, const int32_t* indices, int64_t b0,
+               int64_t b1, const float* rows, void* dv) {
+  const uint64_t k = static_cast<uint64_t>(p.k);
+  const int64_t tokens = p.tokens;
+  for (int64_t b = b0; b < b1; b += kBlocksAtOnce) {
+    const int count = static_cast<int>(Min(kBlocksAtOnce, b1 - b));
+    const float* xs[kBlocksAtOnce];
+    for (int i = 0; i < kBlocksAtOnce; ++i) {
+      const uint32_t input = i < count ? static_cast<uint32_t>(indices[b + i]) : 0u;
+      // Untrusted structure: a block outside x reads the zero row past xT.
+      xs[i] = xt + static_cast<int64_t>(i < count && input < k ? input : k) * tokens;
+    }
+    float sum[kBlocksAtOnce][kN] = {};
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* dyr = rows + t * kN;
+#pragma GCC unroll 8
+      for (int i = 0; i < kBlocksAtOnce; ++i) {
+        const float xv = xs[i][t];
+#pragma GCC unroll 32
+        for (int j = 0; j < kN; ++j) sum[i][j] += xv * dyr[j];
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      for (int j = 0; j < kN; ++j) StoreAs(p.dtype, dv, (b + i) * kN + j, sum[i][j]);
+    }
+  }
+}
+
+// dv[p, j] = sum_t x[t, k_p] dy[t, r n + j]. x is transposed once per batch
+// entry (xT [K][T], so a block's tokens are contiguous); a task owns a run of
+// block rows and packs each row's dy columns (dyr [T][n]) before its blocks.
+template <class Back>
+struct SddmmOp {
+  const BlocksProblem& p;
+  const Runtime& rt;
+  int64_t* spans = nullptr;
+  int64_t* bounds = nullptr;
+  float* xt = nullptr;   // [K][T]
+  float* dyr = nullptr;  // [workers][T][32]
+
+  void Layout(Carver& c) {
+    spans = c.Take<int64_t>(p.rows + 1);
+    bounds = c.Take<int64_t>(p.rows + 1);
+    xt = c.Take<float>((p.k + 1) * p.tokens);  // A zero row past the last input.
+    dyr = c.Take<float>(static_cast<int64_t>(rt.num_workers) * p.tokens * 32);
+  }
+
+  struct PackJob {
+    const SddmmOp* op;
+    const void* x;
+    int64_t k_step;
+    void Run(int64_t i, int) const {
+      const int64_t k0 = i * k_step, k1 = Min(op->p.k, k0 + k_step);
+      PackTransposed(op->p.dtype, x, op->p.k, 0, op->p.tokens, op->p.tokens, k0, k1, op->xt);
+    }
+  };
+
+  struct Job {
+    const SddmmOp* op;
+    const void* dy;
+    const int32_t* indices;
+    void* dv;
+    void Run(int64_t run, int worker) const {
+      const BlocksProblem& p = op->p;
+      const int64_t n = p.n, tokens = p.tokens;
+      float* rows = op->dyr + static_cast<int64_t>(worker) * tokens * 32;
+      for (int64_t r = op->bounds[run]; r < op->bounds[run + 1]; ++r) {
+        const int64_t b0 = op->spans[r], b1 = op->spans[r + 1];
+        if (b0 == b1) continue;
+        const int64_t outs = Min(n, p.n_out - r * n);
+        for (int64_t t = 0; t < tokens; ++t) {
+          for (int64_t j = 0; j < n; ++j) {
+            rows[t * n + j] = j < outs ? LoadAs(p.dtype, dy, t * p.n_out + r * n + j) : 0.0f;
+          }
+        }
+        Back::SampleRow(p, op->xt, indices, b0, b1, rows, dv);
+      }
+    }
+  };
+
+  bool operator()() {
+    if (!TakeScratch(rt, *this)) return false;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      void* dv = Offset(p.out, p.dtype, b * p.nnz * p.n);
+      // Blocks outside every row (malformed indptr) get 0.
+      for (int64_t i = 0; i < p.nnz * p.n; ++i) StoreAs(p.dtype, dv, i, 0.0f);
+      const int64_t k_step = Max(64, CeilDiv(p.k, 8));
+      RunParallel(rt, CeilDiv(p.k, k_step),
+                  PackJob{this, Offset(p.x, p.dtype, b * p.x_stride), k_step});
+      std::memset(xt + p.k * p.tokens, 0, sizeof(float) * p.tokens);
+      RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
+      const int64_t runs = RowRuns(spans, p.rows, kChunkBlocks, bounds);
+      RunParallel(rt, runs, Job{this, Offset(p.dy, p.dtype, b * p.dy_stride),
+                                p.indices + b * p.indices_stride, dv});
+    }
+    return true;
+  }
+};
+
+template <class Op>
+bool Run(const BlocksProblem& p, const Runtime& rt) {
+  if (p.tokens == 0 || p.batch == 0) return true;
+  Op op{p, rt};
+  return op();
+}
+
+template <class Back>
+bool RunSddmm(const BlocksProblem& p, const Runtime& rt) {
+  if (p.batch == 0) return true;
+  if (p.tokens == 0) {  // An empty sum: dv is 0.
+    for (int64_t i = 0; i < p.batch * p.nnz * p.n; ++i) StoreAs(p.dtype, p.out, i, 0.0f);
+    return true;
+  }
+  SddmmOp<Back> op{p, rt};
+  return op();
+}
+
+// The backward ops' inner loops for any ISA: plain loops over constant trip
+// counts, left to the compiler's vectoriser.
+struct PortableBack {
+  static void AddRowT(const BlocksProblem& p, const void* values, const int32_t* indices,
+                      int64_t b0, int64_t b1, const float* rows, float* acc) {
+    switch (p.n) {
+      case 4:
+        return JAXSPARSE_BLOCKS_ISA::AddRowT<4>(p, values, indices, b0, b1, rows, acc);
+      case 8:
+        return JAXSPARSE_BLOCKS_ISA::AddRowT<8>(p, values, indices, b0, b1, rows, acc);
+      case 16:
+        return JAXSPARSE_BLOCKS_ISA::AddRowT<16>(p, values, indices, b0, b1, rows, acc);
+      default:
+        return JAXSPARSE_BLOCKS_ISA::AddRowT<32>(p, values, indices, b0, b1, rows, acc);
+    }
+  }
+  static void SampleRow(const BlocksProblem& p, const float* xt, const int32_t* indices,
+                        int64_t b0, int64_t b1, const float* rows, void* dv) {
+    switch (p.n) {
+      case 4:
+        return JAXSPARSE_BLOCKS_ISA::SampleRow<4>(p, xt, indices, b0, b1, rows, dv);
+      case 8:
+        return JAXSPARSE_BLOCKS_ISA::SampleRow<8>(p, xt, indices, b0, b1, rows, dv);
+      case 16:
+        return JAXSPARSE_BLOCKS_ISA::SampleRow<16>(p, xt, indices, b0, b1, rows, dv);
+      default:
+        return JAXSPARSE_BLOCKS_ISA::SampleRow<32>(p, xt, indices, b0, b1, rows, dv);
+    }
+  }
+};
+
+template <class Micro, class Back = PortableBack>
+constexpr BlocksKernelTable MakeTable() {
+  return BlocksKernelTable{&Run<SpmmOp<Micro>>, &Run<SpmmTOp<Back>>, &RunSddmm<Back>};
+}
+
+}  // namespace JAXSPARSE_BLOCKS_ISA
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_H_

@@ -1,0 +1,62 @@
+// The interface between the 1xN block handlers (blocks_ops.cc) and the per-ISA
+// kernel translation units (blocks_kernels_{portable,avx2,avx512}.cc).
+//
+// Plain data and declarations only: the ISA translation units, each compiled
+// with its own -m flags, include this header, so it must not define inline
+// functions (a copy taken from the AVX-512 object could run on a CPU without
+// AVX-512).
+#ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_API_H_
+#define JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_API_H_
+
+#include <cstdint>
+
+#include "cpu/common/kernel_api.h"
+
+namespace jaxsparse {
+namespace cpu {
+
+// One call of a 1xN target, already validated (cpu/blocks/blocks_checks.h
+// gives the layouts). Batch strides are in elements, 0 when the operand's
+// batch dimension is 1. Operands a target does not use are null.
+struct BlocksProblem {
+  Dtype dtype;
+  int64_t batch;   // B
+  int64_t tokens;  // T
+  int64_t k;       // K, input features
+  int64_t n_out;   // N, output features
+  int32_t n;       // outputs per block (4, 8, 16 or 32)
+  int64_t nnz;     // stored blocks per batch entry
+  int64_t rows;    // R = ceil(N / n) block rows
+  const void* x;   // [T, K] per batch
+  int64_t x_stride;
+  const void* dy;  // [T, N] per batch
+  int64_t dy_stride;
+  const void* values;  // [nnz, n] per batch
+  int64_t values_stride;
+  const int32_t* indices;  // [nnz] per batch: each block's input
+  const int32_t* indptr;   // [R + 1] per batch: where each block row starts
+  int64_t indices_stride;
+  int64_t indptr_stride;
+  void* out;  // [B, T, N], [B, T, K] or [B, nnz, n], dense
+};
+
+// A kernel returns false only when scratch memory could not be obtained.
+using BlocksKernelFn = bool (*)(const BlocksProblem& problem, const Runtime& rt);
+
+struct BlocksKernelTable {
+  BlocksKernelFn spmm;
+  BlocksKernelFn spmm_t;
+  BlocksKernelFn sddmm;
+};
+
+// Defined by blocks_kernels_<isa>.cc (the x86 ones only exist on x86 builds).
+extern const BlocksKernelTable kBlocksKernelsPortable;
+extern const BlocksKernelTable kBlocksKernelsAvx2;
+extern const BlocksKernelTable kBlocksKernelsAvx512;
+extern const BlocksKernelTable kBlocksKernelsAvx512Bf16;  // Also the amx ISA's.
+extern const BlocksKernelTable kBlocksKernelsAmx;
+
+}  // namespace cpu
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_CPU_BLOCKS_BLOCKS_KERNELS_API_H_

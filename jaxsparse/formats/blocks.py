@@ -1,0 +1,440 @@
+"""1xN block sparsity: the `Blocks` spec and the `BlocksSparse` format.
+
+A weight `w [..., in, out]` (a Flax kernel) is 1xN block sparse when its entries are kept or
+pruned in *blocks* of one input by `n` consecutive outputs: output block row `r` (outputs
+`r*n .. r*n+n-1`) keeps a set of inputs, and for each kept input all `n` weights. On a CPU one
+broadcast of `x[t, k]` then feeds `n` outputs, so every kept block is a small dense product
+(Lin et al., "1xN Pattern for Pruning CNNs", TPAMI 2022; KERNELS.md section 4).
+
+Canonical storage, BSR (TVM's and scipy's block sparse rows with `1 x n` blocks along the
+outputs), with `R = ceil(out/n)` block rows and `nnz = Blocks(n, density).kept_blocks(in, out)`
+stored blocks:
+
+- `values  [..., nnz, n]`: block after block, each block's `n` weights (trainable).
+- `indices [..., nnz]`, int32: each block's input, strictly increasing inside a block row.
+- `indptr  [..., R + 1]`, int32: block row `r` holds blocks `indptr[r] .. indptr[r+1] - 1`
+  (`indptr[0] = 0`, `indptr[R] = nnz`).
+
+So `w[indices[p], r*n + j] = values[p, j]` for every block `p` of row `r`. The number of kept
+blocks is fixed by the density (a static shape, so the format works under `jit` and in
+layers), while each block row keeps as many as its norms earn: `fromdense` keeps the blocks
+with the largest L2 norm across the whole weight (the paper's rule, global within a layer).
+`jaxsparse.prune.block_densities` spreads one density over a whole model instead.
+
+When `out` is not a multiple of `n`, the last block row is partial: its blocks still hold `n`
+weights, and those of the padding outputs (`>= out`) are 0, are never computed and get zero
+gradient. `out_features` is a static field of the weight (the arrays do not carry it).
+`todense()` drops the padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse import _validate as V
+from jaxsparse.formats._base import (
+    FROZEN,
+    TRAINABLE,
+    SparseFormat,
+    check_dense,
+    check_mask,
+    num_groups,
+    rows_to_dense,
+)
+from jaxsparse.formats._spec import register_spec
+from jaxsparse.ops.blocks import block_rows, blocks_spmm
+
+BLOCK_SIZES = (4, 8, 16, 32)  # The block widths the kernels are built for (one to two zmm).
+
+
+@register_spec
+class Blocks(NamedTuple):
+    """The 1xN spec: blocks of one input by `n` consecutive outputs, a fraction `density` kept.
+
+    A hashable value, usable as a static argument and as the `sparsity=` of layers;
+    `"1xN@density"` strings (`"1x16@0.25"`, or `"1x16@25%"`) parse to it. `n` is one of
+    4, 8, 16, 32; `density` is in (0, 1] (0.25 is 75% sparse).
+
+    Example:
+        >>> Blocks(16, density=0.25).kept_blocks(64, 32)
+        32
+        >>> str(Blocks(16, 0.25))
+        '1x16@0.25'
+    """
+
+    n: int
+    density: float
+
+    STRING_FORM = "'1xN@density' such as '1x16@0.25'"
+
+    @property
+    def format(self) -> type:
+        return BlocksSparse
+
+    @property
+    def has_engine(self) -> bool:
+        """True: the 1xN kernels are dense micro-kernels over each block row's inputs."""
+        return True
+
+    def validate(self, where: str = "jaxsparse.Blocks") -> "Blocks":
+        if not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) \
+                or int(self.n) not in BLOCK_SIZES:
+            raise ValueError(f"{where}: n must be one of {BLOCK_SIZES} (outputs per block); "
+                             f"got {self.n!r}")
+        if isinstance(self.density, bool) or not isinstance(
+                self.density, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{where}: density must be a number in (0, 1]; got "
+                            f"{type(self.density).__name__} {self.density!r}")
+        density = float(self.density)
+        if not (0.0 < density <= 1.0):
+            raise ValueError(f"{where}: density must be in (0, 1] (the fraction of blocks "
+                             f"kept); got {self.density!r}")
+        return Blocks(int(self.n), density)
+
+    @classmethod
+    def from_string(cls, text: str) -> "Blocks | None":
+        match = _BLOCKS_STRING.match(text)
+        if match is None:
+            return None
+        n, number, percent = match.groups()
+        try:
+            density = float(number) / (100.0 if percent else 1.0)
+        except ValueError:
+            return None
+        return cls(int(n), density)
+
+    def kept_blocks(self, in_features: int, out_features: int) -> int:
+        """Blocks a `[in, out]` weight keeps: `density` of its `in * ceil(out/n)`, rounded half
+        up, at least one (when there is any)."""
+        total = in_features * num_groups(out_features, self.n)
+        return min(total, max(1 if total else 0, math.floor(self.density * total + 0.5)))
+
+    def fits_shape(self, shape: tuple[int, ...]) -> str | None:
+        """None when a kernel `[..., in, out]` can take this spec, else why not."""
+        if shape[-1] < self.n:
+            return (f"out={shape[-1]} < n={self.n}: a 1x{self.n} block would be mostly "
+                    "padding")
+        return None
+
+    def magnitude_mask(self, w) -> jax.Array:
+        """The bool mask `BlocksSparse.fromdense(w, n, density)` keeps (`[..., in, out]`)."""
+        return _magnitude_mask(w, self)
+
+    def __str__(self) -> str:
+        return f"1x{self.n}@{self.density:g}"
+
+
+_BLOCKS_STRING = re.compile(r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*$")
+
+
+class BlocksSparse(SparseFormat):
+    """A 1xN block sparse matrix of logical shape `[..., in, out]` (module docstring: layout).
+
+    Build one with `BlocksSparse.fromdense(w, n=16, density=0.25)`,
+    `BlocksSparse.frommask(w, mask, ...)` or `jaxsparse.fromdense(w, Blocks(16, 0.25))`;
+    multiply with `x @ ws`.
+
+    Attributes:
+        values: `[..., nnz, n]` float32/bfloat16/float16, the kept blocks (trainable).
+        indices: `[..., nnz]` int32, each block's input (frozen).
+        indptr: `[..., ceil(out/n) + 1]` int32, where each block row starts (frozen).
+        n, density: the spec (static); in_features, out_features: the logical shape (static).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsparse as jsp
+        >>> w = jax.random.normal(jax.random.key(0), (64, 40))
+        >>> ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25)
+        >>> ws.values.shape, ws.indices.shape, ws.indptr.shape
+        ((48, 16), (48,), (4,))
+        >>> (jnp.ones((4, 64)) @ ws).shape
+        (4, 40)
+    """
+
+    ARRAYS = (("values", TRAINABLE), ("indices", FROZEN), ("indptr", FROZEN))
+    SPEC = Blocks
+    STATIC_OUT = True
+    # Static fields, set per instance (they shadow the base's derived properties).
+    density: ClassVar = None
+    out_features: ClassVar = None
+
+    def __init__(self, values, indices, indptr, *, n: int, density: float, in_features: int,
+                 out_features: int):
+        where = "jaxsparse.BlocksSparse"
+        spec = Blocks(n, density).validate(where)
+        in_features = V.check_int("in_features", in_features, low=1, high=2**31 - 1,
+                                  where=where)
+        out_features = V.check_int("out_features", out_features, low=1, high=2**31 - 1,
+                                   where=where)
+        values = V.as_array("values", values, where=where)
+        indices = V.as_array("indices", indices, where=where)
+        indptr = V.as_array("indptr", indptr, where=where)
+        V.check_float_dtype("values", values.dtype, where=where)
+        for name, a in (("indices", indices), ("indptr", indptr)):
+            if not jnp.issubdtype(a.dtype, jnp.integer):
+                raise TypeError(f"{where}: {name} must be an integer array, got {a.dtype.name}")
+        V.check_rank("values", values, min_rank=2, where=where, what="[..., nnz, n]")
+        lead = tuple(values.shape[:-2])
+        shapes = self.array_shapes(spec, in_features, out_features)
+        for name, a in (("values", values), ("indices", indices), ("indptr", indptr)):
+            want = (*lead, *shapes[name][0])
+            if tuple(a.shape) != want:
+                raise ValueError(
+                    f"{where}: {name} must have shape {want} (in_features={in_features}, "
+                    f"out_features={out_features}, spec {spec}: {shapes['values'][0][0]} kept "
+                    f"blocks of {spec.n} outputs in {num_groups(out_features, spec.n)} block "
+                    f"rows); got {tuple(a.shape)}"
+                )
+        if V.is_concrete(indices) and V.is_concrete(indptr):
+            _check_structure(np.asarray(indices), np.asarray(indptr), in_features, where)
+        self.values = values
+        self.indices = indices.astype(jnp.int32)
+        self.indptr = indptr.astype(jnp.int32)
+        self.n, self.density = spec
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def array_shapes(cls, spec: Blocks, in_features: int, out_features: int) -> dict:
+        """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
+        nnz = spec.kept_blocks(in_features, out_features)
+        return {"values": ((nnz, spec.n), None), "indices": ((nnz,), jnp.int32),
+                "indptr": ((num_groups(out_features, spec.n) + 1,), jnp.int32)}
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.values.shape[:-2], self.in_features, self.out_features)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-2])
+
+    @property
+    def block_rows(self) -> int:
+        """`R = ceil(out/n)`, the block rows."""
+        return self.indptr.shape[-1] - 1
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fromdense(cls, w, *, n: int, density: float) -> "BlocksSparse":
+        """Keep the `Blocks(n, density).kept_blocks(in, out)` blocks of largest L2 norm.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            n, density: the spec (see `Blocks`).
+
+        Returns:
+            A BlocksSparse of shape `w.shape`. Ties go to the earlier block (row-major over
+            block rows, then inputs). Jittable.
+        """
+        where = "jaxsparse.BlocksSparse.fromdense"
+        spec = Blocks(n, density).validate(where)
+        w = check_dense("w", w, where)
+        _check_sizes(w.shape, where)
+        return _fromdense(w, spec)
+
+    @classmethod
+    def frommask(cls, w, mask, *, n: int, density: float) -> "BlocksSparse":
+        """Keep the entries of `w` where `mask` is True; the mask must be made of whole blocks.
+
+        Each block (one input, the real outputs of one block row) must be all True or all
+        False, and at most `kept_blocks(in, out)` blocks may be True. The rest of the stored
+        blocks are the lowest unmasked ones (row-major), holding 0, so `todense()` equals
+        `where(mask, w, 0)` exactly.
+
+        Args:
+            w: `[..., in, out]` float32/bfloat16/float16.
+            mask: `[..., in, out]` bool.
+        """
+        where = "jaxsparse.BlocksSparse.frommask"
+        spec = Blocks(n, density).validate(where)
+        w = check_dense("w", w, where)
+        _check_sizes(w.shape, where)
+        mask = check_mask(mask, w, where)
+        if V.is_concrete(mask):
+            _check_mask_blocks(np.asarray(mask), spec, where)
+        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec)
+
+    # ------------------------------------------------------------------ views
+    def todense(self) -> jax.Array:
+        """`[..., in, out]` in `dtype`: kept values in place, zeros elsewhere; bit-exact."""
+        return rows_to_dense(self.dense_rows(), self.in_features)
+
+    def dense_rows(self) -> jax.Array:
+        """`todense()` before its transpose: `[..., out, in]`."""
+        return self._scatter(self.values)
+
+    def mask(self) -> jax.Array:
+        """`[..., in, out]` bool: True at every stored position (including stored zeros)."""
+        ones = jnp.ones(self.values.shape, jnp.bool_)
+        return rows_to_dense(self._scatter(ones), self.in_features)
+
+    def block_mask(self) -> jax.Array:
+        """`[..., in, ceil(out/n)]` bool: True where a block is stored."""
+        rows = self._rows()
+        lead = self.batch_shape
+        dense = jnp.zeros((*lead, self.block_rows, self.in_features), jnp.bool_)
+        index = _lead_index(lead, rows.shape[-1])
+        dense = dense.at[(*index, rows, self.indices)].set(True, mode="drop")
+        return jnp.swapaxes(dense, -1, -2)
+
+    def _rows(self):
+        return block_rows(self.indptr, self.indices.shape[-1])
+
+    def _scatter(self, values):
+        """`values [..., nnz, n]` into `[..., out, in]` at the stored blocks."""
+        lead, n = self.batch_shape, self.n
+        rows = self._rows()
+        dense = jnp.zeros((*lead, self.block_rows, self.in_features, n), values.dtype)
+        index = _lead_index(lead, rows.shape[-1])
+        dense = dense.at[(*index, rows, self.indices)].set(values, mode="drop")
+        dense = jnp.swapaxes(dense, -1, -2).reshape(*lead, self.block_rows * n,
+                                                    self.in_features)
+        return dense[..., :self.out_features, :]
+
+    def _kernel(self, x, values, indices, indptr):
+        return blocks_spmm(x, values, indices, indptr, out_features=self.out_features)
+
+    def _engine_kernel(self):
+        return self._kernel  # The 1xN kernels are dense micro-kernels per block row.
+
+    def __repr__(self) -> str:
+        return (f"BlocksSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
+                f"pattern={self.spec}, nbytes={self.nbytes})")
+
+
+# ---------------------------------------------------------------------- selection
+def _block_scores(w, n: int):
+    """`[..., R, in]` float32: each block's squared L2 norm (outputs zero-padded to R*n)."""
+    in_f, out_f = w.shape[-2:]
+    rows = num_groups(out_f, n)
+    wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, rows * n - out_f)])
+    blocks = wp.reshape(*w.shape[:-1], rows, n).astype(jnp.float32)
+    return jnp.swapaxes(jnp.sum(blocks * blocks, axis=-1), -1, -2)
+
+
+def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
+    """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block)."""
+    in_f, out_f = w.shape[-2:]
+    n, rows = spec.n, num_groups(out_f, spec.n)
+    nnz = spec.kept_blocks(in_f, out_f)
+    lead = w.shape[:-2]
+    flat = score.reshape(*lead, rows * in_f)
+    _, ids = jax.lax.top_k(flat, nnz)
+    ids = jnp.sort(ids, axis=-1).astype(jnp.int32)  # Row-major: by block row, then input.
+    row, col = ids // in_f, ids % in_f
+    wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, rows * n - out_f)])
+    blocks = jnp.swapaxes(wp.reshape(*lead, in_f, rows, n), -3, -2)  # [..., R, in, n]
+    values = jnp.take_along_axis(blocks.reshape(*lead, rows * in_f, n), ids[..., None], axis=-2)
+    starts = jnp.arange(rows + 1, dtype=jnp.int32)
+    search = functools.partial(jnp.searchsorted, side="left")
+    for _ in lead:
+        search = jax.vmap(search, in_axes=(0, None))
+    indptr = search(row, starts).astype(jnp.int32)
+    return BlocksSparse.tree_unflatten((*spec, in_f, out_f), (values, col, indptr))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fromdense(w, spec: Blocks) -> BlocksSparse:
+    return _keep_top(w, _block_scores(w, spec.n), spec)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _frommask(w, mask, spec: Blocks) -> BlocksSparse:
+    # Masked blocks first, then unmasked ones in row-major order (they hold zeros).
+    masked = _block_scores(mask.astype(jnp.float32), spec.n) > 0
+    return _keep_top(w, masked.astype(jnp.float32), spec)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitude_mask(w, spec: Blocks) -> jax.Array:
+    return _fromdense(w, spec).mask()
+
+
+# ---------------------------------------------------------------------- checks
+def _check_sizes(shape, where):
+    if shape[-2] < 1 or shape[-1] < 1:
+        raise ValueError(f"{where}: w must have at least one input and one output; got shape "
+                         f"{tuple(shape)}")
+
+
+def _lead_index(lead, nnz):
+    """Index arrays that broadcast the leading (stack) dims against `[..., nnz]`."""
+    grids = []
+    for axis, size in enumerate(lead):
+        shape = [1] * (len(lead) + 1)
+        shape[axis] = size
+        grids.append(jnp.arange(size).reshape(shape))
+    return tuple(jnp.broadcast_to(g, (*lead, nnz)) for g in grids)
+
+
+def _check_structure(indices: np.ndarray, indptr: np.ndarray, in_features: int, where: str):
+    """Concrete BSR structure: indptr from 0 to nnz, non-decreasing; indices in [0, in),
+    strictly increasing inside each block row."""
+    nnz = indices.shape[-1]
+    flat_ptr = indptr.reshape(-1, indptr.shape[-1])
+    flat_idx = indices.reshape(-1, nnz)
+    for b, (ptr, idx) in enumerate(zip(flat_ptr, flat_idx)):
+        at = f" (stack entry {b})" if flat_ptr.shape[0] > 1 else ""
+        if ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
+            raise ValueError(
+                f"{where}: indptr must run from 0 to nnz={nnz}, non-decreasing; got "
+                f"{_preview(ptr)}{at}"
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= in_features):
+            bad = int(np.argwhere((idx < 0) | (idx >= in_features))[0, 0])
+            raise ValueError(f"{where}: indices must be inputs in [0, {in_features}); got "
+                             f"{int(idx[bad])} at block {bad}{at}")
+        step = np.diff(idx.astype(np.int64)) > 0
+        starts = np.zeros(nnz, bool)
+        starts[ptr[1:-1][ptr[1:-1] < nnz]] = True  # A row's first block may be lower.
+        bad = np.argwhere(~step & ~starts[1:])
+        if bad.size:
+            p = int(bad[0, 0]) + 1
+            raise ValueError(f"{where}: indices must be strictly increasing inside each block "
+                             f"row (distinct, sorted inputs); block {p} holds input "
+                             f"{int(idx[p])} after {int(idx[p - 1])}{at}")
+
+
+def _preview(a) -> str:
+    items = a.tolist()
+    return str(items) if len(items) <= 12 else f"[{items[0]}, ..., {items[-1]}] (length {len(items)})"
+
+
+def _check_mask_blocks(mask: np.ndarray, spec: Blocks, where: str) -> None:
+    """A 1xN mask: whole blocks only, at most `kept_blocks` of them."""
+    in_f, out_f = mask.shape[-2:]
+    n, rows = spec.n, num_groups(out_f, spec.n)
+    pad = rows * n - out_f
+    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
+    blocks = padded.reshape(*mask.shape[:-1], rows, n)
+    real = np.arange(rows * n).reshape(rows, n) < out_f
+    any_set = blocks.any(axis=-1)
+    whole = (blocks | ~real).all(axis=-1)
+    broken = any_set & ~whole
+    if broken.any():
+        *lead, k, r = (int(i) for i in np.argwhere(broken)[0])
+        raise ValueError(
+            f"{where}: mask breaks a 1x{n} block: input {k}, outputs "
+            f"[{r * n}, {min(r * n + n, out_f)}) are partly kept{_at(lead)}; a block is kept "
+            "or pruned whole"
+        )
+    count = any_set.reshape(*any_set.shape[:-2], -1).sum(axis=-1)
+    limit = spec.kept_blocks(in_f, out_f)
+    if count.size and count.max() > limit:
+        lead = tuple(int(i) for i in np.argwhere(count > limit)[0]) if count.ndim else ()
+        raise ValueError(
+            f"{where}: mask keeps {int(count.max())} blocks{_at(lead)}; {spec} allows at most "
+            f"{limit} of {in_f * rows} (density {spec.density:g}): raise the density or drop "
+            "blocks"
+        )
+
+
+def _at(lead) -> str:
+    return f" at batch index {tuple(lead)}" if lead else ""

@@ -1,0 +1,338 @@
+"""1xN block sparsity products as JAX primitives.
+
+Three primitives, closed under differentiation (CONVENTIONS.md 3), as for N:M and V:N:M:
+
+- `blocks_spmm`   y  = x @ W              (the forward product)
+- `blocks_spmm_t` dx = dy @ W^T           (the cotangent of x)
+- `blocks_sddmm`  dv = (x^T dy)[kept]     (the cotangent of the values: a sampled product)
+
+All work on the canonical BSR layout (see `jaxsparse.formats.blocks`) with one leading kernel
+batch dim; `R = ceil(N_out / n)` block rows of `n` consecutive outputs:
+
+    x       [Bx, T, K]       f32/bf16/f16
+    dy      [By, T, N_out]   same dtype
+    values  [Bw, nnz, n]     same dtype: block b's weights for its n outputs
+    indices [Bw, nnz]        int32: block b's input, strictly increasing inside a block row
+    indptr  [Bw, R + 1]      int32: block row r holds blocks indptr[r] .. indptr[r+1]-1
+
+Each leading dim is 1 (broadcast) or the common batch B; values, indices and indptr share one.
+Accumulation is f32. Outputs `>= N_out` of the last block row are padding: they are not
+computed, and the sampled product gives them 0. Unvalidated structure (under jit) never reads
+out of bounds: `indptr` is clamped into `[0, nnz]` and made non-decreasing (`block_rows`), and
+blocks whose input is outside `[0, K)` or that lie in no row contribute nothing (and get 0 from
+the sampled product).
+
+Each section follows the order of jax's `sparse/csr.py`: primitive, public wrapper, pure-jnp
+reference (the test oracle, and the fallback where no kernel exists), abstract eval, JVP,
+transpose, batching; registration last.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad
+
+from jaxsparse.ops import _primitive as P
+
+__all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_spmm_reference",
+           "blocks_spmm_t_reference", "blocks_sddmm_reference", "block_rows"]
+
+
+# ====================================================================== shared helpers
+def block_rows(indptr, nnz: int):
+    """The block row of every stored block: `[..., nnz]` int32 from `indptr [..., R + 1]`.
+
+    Untrusted `indptr` is read as the kernels read it: clamped into `[0, nnz]` and made
+    non-decreasing by a running maximum, so rows never overlap; a block outside every row then
+    gets row -1 or R.
+    """
+    slots = jnp.arange(nnz, dtype=jnp.int32)
+    spans = jax.lax.cummax(jnp.clip(indptr.astype(jnp.int32), 0, nnz), axis=indptr.ndim - 1)
+    search = functools.partial(jnp.searchsorted, side="right")
+    for _ in range(indptr.ndim - 1):
+        search = jax.vmap(search, in_axes=(0, None))
+    return (search(spans, slots) - 1).astype(jnp.int32)
+
+
+def _densify_t(values, indices, indptr, out_features, k):
+    """`W^T` as a dense `[B, N_out, K]` array (reference only; exact for valid structure, whose
+    rows hold distinct inputs; blocks repeating an input in a row add up, as in the kernels)."""
+    values, indices, indptr = _same_batch(values, indices, indptr)
+    b, nnz, n = values.shape
+    rows_count = indptr.shape[-1] - 1
+    rows = block_rows(indptr, nnz)
+    valid = (rows >= 0) & (rows < rows_count) & (indices >= 0) & (indices < k)
+    row = jnp.where(valid, rows, rows_count)  # Invalid blocks go to a dropped row.
+    col = jnp.where(valid, indices, 0)
+    batch = jnp.broadcast_to(jnp.arange(b)[:, None], (b, nnz))
+    dense = jnp.zeros((b, rows_count + 1, k, n), values.dtype)
+    dense = dense.at[batch, row, col].add(values, mode="drop")[:, :rows_count]
+    dense = jnp.swapaxes(dense, -1, -2).reshape(b, rows_count * n, k)
+    return dense[:, :out_features]
+
+
+def _same_batch(values, indices, indptr):
+    """Broadcast a weight's three arrays to one kernel batch (the kernels' ABI)."""
+    batch = max(values.shape[0], indices.shape[0], indptr.shape[0])
+    return (jnp.broadcast_to(values, (batch,) + values.shape[1:]),
+            jnp.broadcast_to(indices, (batch,) + indices.shape[1:]),
+            jnp.broadcast_to(indptr, (batch,) + indptr.shape[1:]))
+
+
+def _weight_same_batch(values, indices, indptr):
+    if values.ndim != 3 or indices.ndim != 2 or indptr.ndim != 2:
+        return values, indices, indptr  # The abstract eval reports wrong ranks.
+    if len({values.shape[0], indices.shape[0], indptr.shape[0]}) <= 1:
+        return values, indices, indptr
+    return _same_batch(values, indices, indptr)
+
+
+def _structure_same_batch(indices, indptr):
+    if indices.ndim != 2 or indptr.ndim != 2 or indices.shape[0] == indptr.shape[0]:
+        return indices, indptr
+    batch = max(indices.shape[0], indptr.shape[0])
+    return (jnp.broadcast_to(indices, (batch,) + indices.shape[1:]),
+            jnp.broadcast_to(indptr, (batch,) + indptr.shape[1:]))
+
+
+def _check_structure(where, indices, indptr, out_features, n):
+    if indices.ndim != 2 or indptr.ndim != 2:
+        raise ValueError(
+            f"{where}: indices must be [B, nnz] and indptr [B, R + 1]; got "
+            f"{tuple(indices.shape)} and {tuple(indptr.shape)}"
+        )
+    rows = -(-out_features // n)
+    if indptr.shape[-1] != rows + 1:
+        raise ValueError(
+            f"{where}: indptr must be [B, ceil(N_out/n) + 1] = [B, ceil({out_features}/{n}) + 1]"
+            f" = [B, {rows + 1}]; got {tuple(indptr.shape)}"
+        )
+    if indices.dtype != jnp.int32 or indptr.dtype != jnp.int32:
+        raise TypeError(
+            f"{where}: indices and indptr must be int32, got {indices.dtype} and {indptr.dtype}"
+        )
+
+
+def _check_operands(where, dense, values, indices, indptr, out_features):
+    if dense.ndim != 3 or values.ndim != 3:
+        raise ValueError(
+            f"{where}: the dense operand must be [B, T, cols] and values [B, nnz, n]; got "
+            f"{tuple(dense.shape)} and {tuple(values.shape)}"
+        )
+    _check_structure(where, indices, indptr, out_features, values.shape[-1])
+    if values.shape[1] != indices.shape[-1]:
+        raise ValueError(
+            f"{where}: values [B, nnz, n] and indices [B, nnz] must agree on nnz; got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}"
+        )
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{where}: dtypes must match, got {dense.dtype} and {values.dtype}")
+
+
+# ====================================================================== blocks_spmm
+blocks_spmm_p = Primitive("jaxsparse_blocks_spmm")
+
+
+def blocks_spmm(x, values, indices, indptr, *, out_features: int):
+    """`y = x @ W` for a 1xN block sparse `W`.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        values: `[Bw, nnz, n]` same dtype.
+        indices: `[Bw, nnz]` int32, each block's input.
+        indptr: `[Bw, ceil(out_features/n) + 1]` int32.
+        out_features: `N_out`, the width of the result.
+
+    Returns:
+        `[B, T, N_out]` in x's dtype, `B = max(Bx, Bw)`; f32 accumulation.
+    """
+    values, indices, indptr = _weight_same_batch(values, indices, indptr)
+    return blocks_spmm_p.bind(x, values, indices, indptr, out_features=out_features)
+
+
+def blocks_spmm_reference(x, values, indices, indptr, *, out_features):
+    w_t = _densify_t(values, indices, indptr, out_features, x.shape[-1])
+    x, w_t = P.broadcast_batch(x, w_t)
+    return P.f32_einsum("btk,bnk->btn", x, w_t, x.dtype)
+
+
+def _spmm_abstract_eval(x, values, indices, indptr, *, out_features):
+    _check_operands("blocks_spmm", x, values, indices, indptr, out_features)
+    batch = P.check_batches("blocks_spmm", ("x", x), ("values", values), ("indices", indices),
+                            ("indptr", indptr))
+    return x.update(shape=(batch, x.shape[1], out_features), dtype=x.dtype)
+
+
+def _spmm_jvp(primals, tangents, *, out_features):
+    fn = functools.partial(blocks_spmm, out_features=out_features)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+def _spmm_transpose(ct, x, values, indices, indptr, *, out_features):
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    ct_x = ct_values = None
+    if ad.is_undefined_primal(x):
+        dx = blocks_spmm_t(ct, values, indices, indptr, in_features=x.aval.shape[-1])
+        ct_x = P.sum_to_batch(dx, x.aval.shape[0])
+    if ad.is_undefined_primal(values):
+        dv = blocks_sddmm(x, ct, indices, indptr, n=values.aval.shape[-1])
+        ct_values = P.sum_to_batch(dv, values.aval.shape[0])
+    return ct_x, ct_values, None, None
+
+
+def _spmm_batch(args, dims, *, out_features):
+    fn = functools.partial(blocks_spmm, out_features=out_features)
+    return P.batch_weight_product(fn, args, dims)
+
+
+# ====================================================================== blocks_spmm_t
+blocks_spmm_t_p = Primitive("jaxsparse_blocks_spmm_t")
+
+
+def blocks_spmm_t(dy, values, indices, indptr, *, in_features: int):
+    """`dx = dy @ W^T` for a 1xN block sparse `W` (the cotangent of x in `x @ W`).
+
+    Args:
+        dy: `[By, T, N_out]` float32/bfloat16/float16.
+        values, indices, indptr: as in `blocks_spmm` (`N_out` is dy's last dim).
+        in_features: K, the width of the result.
+
+    Returns:
+        `[B, T, K]` in dy's dtype; f32 accumulation.
+    """
+    values, indices, indptr = _weight_same_batch(values, indices, indptr)
+    return blocks_spmm_t_p.bind(dy, values, indices, indptr, in_features=in_features)
+
+
+def blocks_spmm_t_reference(dy, values, indices, indptr, *, in_features):
+    w_t = _densify_t(values, indices, indptr, dy.shape[-1], in_features)
+    dy, w_t = P.broadcast_batch(dy, w_t)
+    return P.f32_einsum("btn,bnk->btk", dy, w_t, dy.dtype)
+
+
+def _spmm_t_abstract_eval(dy, values, indices, indptr, *, in_features):
+    _check_operands("blocks_spmm_t", dy, values, indices, indptr, dy.shape[-1])
+    batch = P.check_batches("blocks_spmm_t", ("dy", dy), ("values", values),
+                            ("indices", indices), ("indptr", indptr))
+    return dy.update(shape=(batch, dy.shape[1], in_features), dtype=dy.dtype)
+
+
+def _spmm_t_jvp(primals, tangents, *, in_features):
+    fn = functools.partial(blocks_spmm_t, in_features=in_features)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+def _spmm_t_transpose(ct, dy, values, indices, indptr, *, in_features):
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    ct_dy = ct_values = None
+    if ad.is_undefined_primal(dy):
+        y = blocks_spmm(ct, values, indices, indptr, out_features=dy.aval.shape[-1])
+        ct_dy = P.sum_to_batch(y, dy.aval.shape[0])
+    if ad.is_undefined_primal(values):
+        dv = blocks_sddmm(ct, dy, indices, indptr, n=values.aval.shape[-1])
+        ct_values = P.sum_to_batch(dv, values.aval.shape[0])
+    return ct_dy, ct_values, None, None
+
+
+def _spmm_t_batch(args, dims, *, in_features):
+    fn = functools.partial(blocks_spmm_t, in_features=in_features)
+    return P.batch_weight_product(fn, args, dims)
+
+
+# ====================================================================== blocks_sddmm
+blocks_sddmm_p = Primitive("jaxsparse_blocks_sddmm")
+
+
+def blocks_sddmm(x, dy, indices, indptr, *, n: int):
+    """`dv[b, p, j] = sum_t x[b, t, indices[p]] * dy[b, t, row(p) * n + j]`: `x^T dy` sampled
+    at the kept blocks; the cotangent of the values in `x @ W`.
+
+    Args:
+        x: `[Bx, T, K]` float32/bfloat16/float16.
+        dy: `[By, T, N_out]` same dtype.
+        indices: `[Bw, nnz]` int32; indptr: `[Bw, ceil(N_out/n) + 1]` int32.
+        n: the block size.
+
+    Returns:
+        `[B, nnz, n]` in x's dtype, `B = max(Bx, By, Bw)`; zero for padding outputs and for
+        blocks that are out of range.
+    """
+    indices, indptr = _structure_same_batch(indices, indptr)
+    return blocks_sddmm_p.bind(x, dy, indices, indptr, n=n)
+
+
+def blocks_sddmm_reference(x, dy, indices, indptr, *, n):
+    x, dy, indices, indptr = P.broadcast_batch(x, dy, indices[..., None], indptr[..., None])
+    indices, indptr = indices[..., 0], indptr[..., 0]
+    b, _, k = x.shape
+    out_features, nnz = dy.shape[-1], indices.shape[-1]
+    rows_count = indptr.shape[-1] - 1
+    pad = rows_count * n - out_features
+    dy_pad = jnp.pad(dy, [(0, 0), (0, 0), (0, pad)]).reshape(b, dy.shape[1], rows_count, n)
+    rows = block_rows(indptr, nnz)
+    valid = (rows >= 0) & (rows < rows_count) & (indices >= 0) & (indices < k)
+    x_cols = jnp.take_along_axis(x, jnp.where(valid, indices, 0)[:, None, :], axis=-1)
+    dy_rows = jnp.take_along_axis(
+        dy_pad, jnp.where(valid, rows, 0)[:, None, :, None], axis=2)  # [B, T, nnz, n]
+    dv = jnp.einsum("btp,btpj->bpj", x_cols, dy_rows, preferred_element_type=jnp.float32)
+    return jnp.where(valid[..., None], dv, 0.0).astype(x.dtype)
+
+
+def _sddmm_abstract_eval(x, dy, indices, indptr, *, n):
+    if x.ndim != 3 or dy.ndim != 3:
+        raise ValueError(f"blocks_sddmm: x and dy must be rank 3 ([B, T, cols]); got "
+                         f"{tuple(x.shape)} and {tuple(dy.shape)}")
+    _check_structure("blocks_sddmm", indices, indptr, dy.shape[-1], n)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"blocks_sddmm: dtypes must match, got {x.dtype} and {dy.dtype}")
+    if dy.shape[1] != x.shape[1]:
+        raise ValueError(f"blocks_sddmm: x and dy must have the same tokens; got "
+                         f"{tuple(x.shape)} and {tuple(dy.shape)}")
+    batch = P.check_batches("blocks_sddmm", ("x", x), ("dy", dy), ("indices", indices),
+                            ("indptr", indptr))
+    return x.update(shape=(batch, indices.shape[-1], n), dtype=x.dtype)
+
+
+def _sddmm_jvp(primals, tangents, *, n):
+    fn = functools.partial(blocks_sddmm, n=n)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+def _sddmm_transpose(ct, x, dy, indices, indptr, *, n):
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    ct_x = ct_dy = None
+    if ad.is_undefined_primal(x):
+        dx = blocks_spmm_t(dy, ct, indices, indptr, in_features=x.aval.shape[-1])
+        ct_x = P.sum_to_batch(dx, x.aval.shape[0])
+    if ad.is_undefined_primal(dy):
+        y = blocks_spmm(x, ct, indices, indptr, out_features=dy.aval.shape[-1])
+        ct_dy = P.sum_to_batch(y, dy.aval.shape[0])
+    return ct_x, ct_dy, None, None
+
+
+def _sddmm_batch(args, dims, *, n):
+    # Per-example outputs: the mapped axis always joins the kernel batch (never the tokens).
+    return P.batch_into_kernel_batch(functools.partial(blocks_sddmm, n=n), args, dims)
+
+
+def _register():
+    # No attributes: the handlers read N_out, K and n from the operands' and result's shapes.
+    P.register(blocks_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
+               transpose=_spmm_transpose, batch=_spmm_batch, reference=blocks_spmm_reference,
+               target="jaxsparse_blocks_spmm", attrs=())
+    P.register(blocks_spmm_t_p, abstract_eval=_spmm_t_abstract_eval, jvp=_spmm_t_jvp,
+               transpose=_spmm_t_transpose, batch=_spmm_t_batch,
+               reference=blocks_spmm_t_reference, target="jaxsparse_blocks_spmm_t", attrs=())
+    P.register(blocks_sddmm_p, abstract_eval=_sddmm_abstract_eval, jvp=_sddmm_jvp,
+               transpose=_sddmm_transpose, batch=_sddmm_batch, reference=blocks_sddmm_reference,
+               target="jaxsparse_blocks_sddmm", attrs=())
+
+
+_register()

@@ -1,0 +1,122 @@
+"""The 1xN format's own rules: global block-norm selection, the partial last block row, the
+BSR structure checks, mask checks and the spec's parsing. The generic behaviour (round trips,
+products, gradients, layers, checkpoints) is in test_conformance.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsparse as jsp
+
+
+def dense(shape, seed=0, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def test_fromdense_keeps_the_blocks_of_largest_norm_across_the_whole_weight():
+    w = dense((32, 48), seed=1)
+    spec = jsp.Blocks(16, density=0.25)
+    ws = jsp.fromdense(w, spec)
+    norms = np.asarray(jnp.sum(w.reshape(32, 3, 16) ** 2, axis=-1))  # [in, R]
+    kept = np.asarray(ws.block_mask())
+    assert kept.sum() == spec.kept_blocks(32, 48) == 24
+    assert norms[kept].min() >= norms[~kept].max()
+    # Rows keep as many blocks as their norms earn: not necessarily equal counts.
+    np.testing.assert_array_equal(np.diff(np.asarray(ws.indptr)), kept.sum(axis=0))
+
+
+def test_structure_is_sorted_bsr():
+    ws = jsp.fromdense(dense((64, 40), seed=2), jsp.Blocks(8, 0.3))
+    indptr, indices = np.asarray(ws.indptr), np.asarray(ws.indices)
+    assert indptr[0] == 0 and indptr[-1] == indices.size and np.all(np.diff(indptr) >= 0)
+    for r in range(indptr.size - 1):
+        row = indices[indptr[r]:indptr[r + 1]]
+        assert np.all(np.diff(row) > 0)
+    # w[indices[p], r*n + j] = values[p, j].
+    w = np.asarray(ws.todense())
+    p = indptr[2]
+    np.testing.assert_array_equal(w[indices[p], 16:24], np.asarray(ws.values[p]))
+
+
+def test_a_partial_last_block_row_holds_zeros_in_its_padding():
+    w = dense((20, 10), seed=3)  # n = 4: rows of outputs 0-3, 4-7, 8-9 (+2 padding).
+    ws = jsp.fromdense(w, jsp.Blocks(4, 0.5))
+    rows = np.asarray(jsp.ops.block_rows(ws.indptr, ws.indices.shape[-1]))
+    last = np.asarray(ws.values)[rows == 2]
+    assert last.size and not np.any(last[:, 2:])
+    # The partial row's norm counts only its real outputs.
+    mask = np.asarray(ws.mask())
+    assert mask.shape == (20, 10) and mask.sum() == (rows < 2).sum() * 4 + (rows == 2).sum() * 2
+
+
+def test_stacks_select_per_weight():
+    w = dense((2, 32, 32), seed=4)
+    ws = jsp.fromdense(w, jsp.Blocks(16, 0.5))
+    assert ws.values.shape == (2, 32, 16) and ws.indptr.shape == (2, 3)
+    one = jsp.fromdense(w[1], jsp.Blocks(16, 0.5))
+    np.testing.assert_array_equal(ws.values[1], one.values)
+    np.testing.assert_array_equal(ws.indices[1], one.indices)
+
+
+def test_frommask_fills_with_zero_blocks_and_refuses_broken_blocks():
+    w = dense((16, 32), seed=5)
+    spec = jsp.Blocks(16, density=0.5)
+    mask = jnp.zeros((16, 32), bool).at[3, :16].set(True).at[7, 16:].set(True)
+    ws = jsp.frommask(w, mask, spec)
+    assert ws.values.shape == (16, 16)
+    np.testing.assert_array_equal(ws.todense(), jnp.where(ws.mask(), w, 0) * mask)
+    with pytest.raises(ValueError, match=r"mask breaks a 1x16 block: input 3, outputs \[0, 16\)"):
+        jsp.frommask(w, mask.at[3, 5].set(False), spec)
+    with pytest.raises(ValueError, match="allows at most 16 of 32"):
+        jsp.frommask(w, jnp.ones((16, 32), bool), spec)
+    # The real outputs of a partial block row make the whole block.
+    w10 = dense((8, 10), seed=6)
+    part = jnp.zeros((8, 10), bool).at[2, 8:].set(True)
+    got = jsp.frommask(w10, part, jsp.Blocks(4, 0.5))
+    np.testing.assert_array_equal(got.todense(), jnp.where(part, w10, 0))
+
+
+def test_constructor_checks_concrete_structure():
+    ws = jsp.fromdense(dense((32, 32), seed=7), jsp.Blocks(8, 0.5))
+    a = {k: np.asarray(v) for k, v in ws.arrays().items()}
+    sizes = dict(n=8, density=0.5, in_features=32, out_features=32)
+    bad = a["indptr"].copy()
+    bad[1], bad[2] = bad[2], bad[1] - 1
+    with pytest.raises(ValueError, match="indptr must run from 0 to nnz"):
+        jsp.BlocksSparse(a["values"], a["indices"], bad, **sizes)
+    bad = a["indices"].copy()
+    bad[1] = bad[0]
+    with pytest.raises(ValueError, match="strictly increasing inside each block row"):
+        jsp.BlocksSparse(a["values"], bad, a["indptr"], **sizes)
+    bad = a["indices"].copy()
+    bad[0] = 32
+    with pytest.raises(ValueError, match=r"indices must be inputs in \[0, 32\)"):
+        jsp.BlocksSparse(a["values"], bad, a["indptr"], **sizes)
+    with pytest.raises(ValueError, match="values must have shape"):
+        jsp.BlocksSparse(a["values"][:-1], a["indices"], a["indptr"], **sizes)
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        jsp.BlocksSparse(*a.values(), n=8, density=0.5, in_features=32, out_features=None)
+
+
+def test_spec_parsing_and_validation():
+    assert jsp.as_spec("1x16@0.25") == jsp.Blocks(16, 0.25)
+    assert jsp.as_spec("1x8@25%") == jsp.Blocks(8, 0.25)
+    assert str(jsp.Blocks(32, 0.1)) == "1x32@0.1"
+    with pytest.raises(ValueError, match=r"n must be one of \(4, 8, 16, 32\)"):
+        jsp.as_spec(jsp.Blocks(6, 0.5))
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        jsp.as_spec("1x16@0")
+    with pytest.raises(TypeError, match="density must be a number"):
+        jsp.as_spec(jsp.Blocks(16, "half"))
+    with pytest.raises(ValueError, match="density must be in"):
+        jsp.fromdense(dense((8, 16)), jsp.Blocks(16, 1.5))
+    assert jsp.Blocks(16, 0.5).fits_shape((64, 8)).startswith("out=8 < n=16")
+    assert jsp.Blocks(16, 0.5).fits_shape((64, 16)) is None
+
+
+def test_fromdense_is_jittable_and_keeps_dtype():
+    w = dense((40, 24), seed=8, dtype=jnp.bfloat16)
+    ws = jax.jit(lambda w: jsp.fromdense(w, jsp.Blocks(8, 0.5)))(w)
+    assert ws.dtype == jnp.bfloat16 and ws.out_features == 24
+    np.testing.assert_array_equal(ws.todense(), jsp.fromdense(w, jsp.Blocks(8, 0.5)).todense())

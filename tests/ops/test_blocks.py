@@ -1,0 +1,215 @@
+"""The 1xN block primitives against their pure references and the dense product, on every CPU
+ISA, under vmap and autodiff, at tile edges and on untrusted structure. Run twice by
+`make test`: on the CPU kernels, and with JAXSPARSE_EMULATE_CUDA=1 on the CUDA kernels under
+the SIMT emulator."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxsparse as jsp
+from jaxsparse.ops import (
+    block_rows,
+    blocks_sddmm,
+    blocks_sddmm_reference,
+    blocks_spmm,
+    blocks_spmm_reference,
+    blocks_spmm_t,
+    blocks_spmm_t_reference,
+)
+from tests._check import DTYPES, assert_close, scale_for
+
+# (tokens, in, out, n, density): token tiles of every micro-kernel (24 tokens for n = 16, 48
+# for n = 8, 96 for n = 4, 12 for n = 32) and their remainders, partial last block rows,
+# densities that leave rows empty.
+SHAPES = [
+    (1, 64, 32, 16, 0.25),
+    (3, 70, 40, 16, 0.3),
+    (25, 37, 48, 4, 0.5),
+    (97, 50, 21, 4, 0.2),
+    (49, 33, 70, 8, 0.4),
+    (13, 66, 96, 32, 0.25),
+    (300, 40, 17, 16, 0.1),
+]
+
+
+def weight(seed, k, out, n, density, dtype=jnp.float32, batch=()):
+    w = np.random.default_rng(seed).standard_normal((*batch, k, out))
+    return jsp.BlocksSparse.fromdense(jnp.asarray(w, dtype), n=n, density=density)
+
+
+def operands(seed, t, k, out, n, density, dtype, bx=1, bw=1):
+    rng = np.random.default_rng(seed + 100)
+    x = jnp.asarray(rng.standard_normal((bx, t, k)), dtype)
+    dy = jnp.asarray(rng.standard_normal((max(bx, bw), t, out)), dtype)
+    return x, weight(seed, k, out, n, density, dtype, batch=(bw,)), dy
+
+
+def arrays(ws):
+    return ws.values, ws.indices, ws.indptr
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,out,n,density", SHAPES)
+def test_three_ops_match_reference_and_dense(isa, t, k, out, n, density, dtype):
+    x, ws, dy = operands(0, t, k, out, n, density, dtype)
+    values, indices, indptr = arrays(ws)
+    dense = ws.todense().astype(jnp.float32)  # [1, k, out]
+    s = scale_for(k)
+    y = blocks_spmm(x, values, indices, indptr, out_features=out)
+    assert y.shape == (1, t, out) and y.dtype == dtype
+    assert_close(y, blocks_spmm_reference(x, values, indices, indptr, out_features=out), dtype, s)
+    assert_close(y, jnp.einsum("btk,bkn->btn", x.astype(jnp.float32), dense), dtype, s)
+    dx = blocks_spmm_t(dy, values, indices, indptr, in_features=k)
+    assert dx.shape == (1, t, k) and dx.dtype == dtype
+    assert_close(dx, blocks_spmm_t_reference(dy, values, indices, indptr, in_features=k), dtype,
+                 scale_for(out))
+    dv = blocks_sddmm(x, dy, indices, indptr, n=n)
+    assert dv.shape == values.shape and dv.dtype == dtype
+    assert_close(dv, blocks_sddmm_reference(x, dy, indices, indptr, n=n), dtype, scale_for(t))
+    # The padding outputs of a partial last block row get no gradient.
+    rows = block_rows(indptr, indices.shape[-1])
+    padding = (rows[..., None] * n + jnp.arange(n)) >= out
+    assert not bool(jnp.any(jnp.where(padding, dv, 0) != 0))
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 32])
+def test_larger_shapes_span_several_tasks_and_token_blocks(isa, n):
+    # 600 tokens: three token blocks of 256; 4096-block tasks over many rows.
+    x, ws, dy = operands(3, 600, 256, 160, n, 0.5, jnp.float32)
+    values, indices, indptr = arrays(ws)
+    y = blocks_spmm(x, values, indices, indptr, out_features=160)
+    assert_close(y, blocks_spmm_reference(x, values, indices, indptr, out_features=160),
+                 jnp.float32, scale_for(256))
+    dx = blocks_spmm_t(dy, values, indices, indptr, in_features=256)
+    assert_close(dx, blocks_spmm_t_reference(dy, values, indices, indptr, in_features=256),
+                 jnp.float32, scale_for(160))
+    dv = blocks_sddmm(x, dy, indices, indptr, n=n)
+    assert_close(dv, blocks_sddmm_reference(x, dy, indices, indptr, n=n), jnp.float32,
+                 scale_for(600))
+
+
+@pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (3, 3)])
+def test_kernel_batch_broadcasting(isa, bx, bw):
+    x, ws, dy = operands(1, 5, 40, 24, 8, 0.5, jnp.float32, bx=bx, bw=bw)
+    a = arrays(ws)
+    y = blocks_spmm(x, *a, out_features=24)
+    assert y.shape == (3, 5, 24)
+    assert_close(y, blocks_spmm_reference(x, *a, out_features=24), jnp.float32)
+    assert_close(blocks_spmm_t(dy, *a, in_features=40),
+                 blocks_spmm_t_reference(dy, *a, in_features=40), jnp.float32)
+    assert_close(blocks_sddmm(x, dy, a[1], a[2], n=8),
+                 blocks_sddmm_reference(x, dy, a[1], a[2], n=8), jnp.float32)
+
+
+def test_values_batched_alone_and_empty_dimensions():
+    x, ws, dy = operands(2, 4, 32, 16, 16, 0.5, jnp.float32)
+    values = jnp.stack([ws.values[0], 2 * ws.values[0]])  # Structure stays batch 1.
+    y = blocks_spmm(x, values, ws.indices, ws.indptr, out_features=16)
+    assert_close(y[1], 2 * y[0], jnp.float32)
+    empty = jnp.zeros((1, 0, 32), jnp.float32)
+    assert blocks_spmm(empty, *arrays(ws), out_features=16).shape == (1, 0, 16)
+    dv = blocks_sddmm(empty, jnp.zeros((1, 0, 16)), ws.indices, ws.indptr, n=16)
+    assert dv.shape == ws.values.shape and not bool(jnp.any(dv))
+
+
+def test_vmap_of_each_primitive_against_a_loop():
+    x, ws, dy = operands(4, 6, 48, 20, 4, 0.4, jnp.float32, bx=1, bw=1)
+    xs = jnp.stack([x[0], -x[0], 2 * x[0]])
+    values, indices, indptr = arrays(ws)
+    f = functools.partial(blocks_spmm, out_features=20)
+    got = jax.vmap(lambda xi: f(xi[None], values, indices, indptr))(xs)
+    want = jnp.stack([f(xi[None], values, indices, indptr) for xi in xs])
+    assert_close(got, want, jnp.float32)
+    vs = jnp.stack([values, -values])
+    got = jax.vmap(lambda v: blocks_spmm_t(dy, v, indices, indptr, in_features=48))(vs)
+    want = jnp.stack([blocks_spmm_t(dy, v, indices, indptr, in_features=48) for v in vs])
+    assert_close(got, want, jnp.float32)
+    dys = jnp.stack([dy, 3 * dy])
+    got = jax.vmap(lambda d: blocks_sddmm(x, d, indices, indptr, n=4))(dys)
+    want = jnp.stack([blocks_sddmm(x, d, indices, indptr, n=4) for d in dys])
+    assert_close(got, want, jnp.float32)
+
+
+def test_check_grads_each_primitive():
+    x, ws, dy = operands(5, 3, 20, 12, 8, 0.5, jnp.float32)
+    values, indices, indptr = arrays(ws)
+    check_grads(lambda a, v: blocks_spmm(a, v, indices, indptr, out_features=12), (x, values),
+                order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+    check_grads(lambda d, v: blocks_spmm_t(d, v, indices, indptr, in_features=20), (dy, values),
+                order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+    check_grads(lambda a, d: blocks_sddmm(a, d, indices, indptr, n=8), (x, dy), order=2,
+                modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_untrusted_structure_reads_nothing_out_of_bounds(isa, dtype):
+    """Garbage indices and an unordered indptr (unvalidated data under jit) behave as the
+    reference says: rows are the running maximum of the clamped indptr, blocks outside x or
+    outside every row add nothing."""
+    t, k, out, n = 7, 30, 40, 8
+    x, ws, dy = operands(6, t, k, out, n, 0.5, dtype)
+    values, indices, indptr = arrays(ws)
+    nnz = indices.shape[-1]
+    bad_indices = indices.at[0, ::5].set(jnp.array([-3, 30, 2**30, 29, 7, 1000, -1, 5, 31, 0,
+                                                    99, 8, 7, 4, 2, 1, 0, 3, 6, 9][: -(-nnz // 5)],
+                                                   jnp.int32))
+    bad_indptr = jnp.array([[-5, 3, 2, nnz + 9, 4, 7]], jnp.int32)
+    for ind, ptr in [(bad_indices, indptr), (indices, bad_indptr), (bad_indices, bad_indptr)]:
+        assert_close(blocks_spmm(x, values, ind, ptr, out_features=out),
+                     blocks_spmm_reference(x, values, ind, ptr, out_features=out), dtype,
+                     scale_for(k))
+        assert_close(blocks_spmm_t(dy, values, ind, ptr, in_features=k),
+                     blocks_spmm_t_reference(dy, values, ind, ptr, in_features=k), dtype,
+                     scale_for(out))
+        assert_close(blocks_sddmm(x, dy, ind, ptr, n=n),
+                     blocks_sddmm_reference(x, dy, ind, ptr, n=n), dtype, scale_for(t))
+
+
+def test_block_rows_is_the_running_maximum_of_clamped_indptr():
+    rows = block_rows(jnp.array([-2, 3, 1, 9, 5], jnp.int32), 7)
+    # spans: [0, 3, 3, 7, 7]: blocks 0-2 in row 0, 3-6 in row 2 (row 1 empty).
+    np.testing.assert_array_equal(rows, [0, 0, 0, 2, 2, 2, 2])
+    np.testing.assert_array_equal(block_rows(jnp.array([2, 4, 5], jnp.int32), 6),
+                                  [-1, -1, 0, 0, 1, 2])
+
+
+def test_primitive_shape_checks():
+    x, ws, dy = operands(7, 4, 32, 16, 16, 0.5, jnp.float32)
+    values, indices, indptr = arrays(ws)
+    with pytest.raises(ValueError, match="indptr must be"):
+        blocks_spmm(x, values, indices, indptr[:, :-1], out_features=16)
+    with pytest.raises(ValueError, match="must agree on nnz"):
+        blocks_spmm(x, values[:, :-1], indices, indptr, out_features=16)
+    with pytest.raises(TypeError, match="int32"):
+        blocks_spmm(x, values, indices.astype(jnp.uint8), indptr, out_features=16)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        blocks_spmm(x.astype(jnp.bfloat16), values, indices, indptr, out_features=16)
+    with pytest.raises(ValueError, match="batch dim must be 1 or"):
+        blocks_spmm(jnp.concatenate([x] * 2), jnp.concatenate([values] * 3),
+                    jnp.concatenate([indices] * 3), jnp.concatenate([indptr] * 3),
+                    out_features=16)
+    with pytest.raises(ValueError, match="same tokens"):
+        blocks_sddmm(x, dy[:, :2], indices, indptr, n=16)
+
+
+def test_the_ffi_validator_names_the_operand():
+    """A hand-written ffi_call with a wrong shape gets the target's own message, not a crash."""
+    if not jsp.has_cpu_kernels():
+        pytest.skip("no CPU kernels built")
+    x, ws, _ = operands(8, 4, 32, 16, 16, 0.5, jnp.float32)
+    values, indices, indptr = arrays(ws)
+    call = jax.ffi.ffi_call("jaxsparse_blocks_spmm",
+                            jax.ShapeDtypeStruct((1, 4, 40), jnp.float32))
+    with pytest.raises(Exception, match=r"jaxsparse_blocks_spmm: indptr.shape\[1\]"):
+        jax.block_until_ready(call(x, values, indices, indptr))
+    call = jax.ffi.ffi_call("jaxsparse_blocks_spmm",
+                            jax.ShapeDtypeStruct((1, 4, 16), jnp.float32))
+    with pytest.raises(Exception, match="indices dtype must be int32"):
+        jax.block_until_ready(call(x, values, indices.astype(jnp.uint32), indptr))
+    with pytest.raises(Exception, match="block size n"):
+        jax.block_until_ready(call(x, values[..., :5], indices, indptr))
