@@ -35,16 +35,16 @@ namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_BLOCKS_ISA {
 
-// Pairs built per chunk: 32 pairs x up to 64 tokens x 4 bytes = 8 KB of L1.
+// Pairs built per chunk: 32 pairs x up to 96 tokens x 4 bytes = 12 KB of L1.
 constexpr int kDpPairChunk = 32;
 
 template <int kN>
 struct DpLanes {
   static constexpr int kG = Lanes<kN>::kG;
   static constexpr int kV = Lanes<kN>::kV;
-  // 16 accumulators: the pair buffer's broadcasts and the weight pairs keep
-  // the rest of the registers.
-  static constexpr int kMaxGroups = 16 / kV;
+  // 24 accumulators: the weight pairs and the broadcast keep the rest of the
+  // 32 registers.
+  static constexpr int kMaxGroups = 24 / kV;
 };
 
 // The bf16 pairs of blocks p and q (q < 0: none, zeros) in lane order.
@@ -143,12 +143,15 @@ void DpRowFor(const BlocksProblem& p, const void* values, const int32_t* indices
   const int64_t groups = CeilDiv(tokens, L::kG);
   if (groups <= 2) return DpRowTile<kN, 2>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   if (groups <= 4) return DpRowTile<kN, 4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 8 || L::kMaxGroups == 8) {
+  if (groups <= 8) {
     return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   }
-  if constexpr (L::kMaxGroups > 8) {
+  if constexpr (L::kMaxGroups > 12) {
     if (groups <= 12) return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-    return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    if (groups <= 16) return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    return DpRowTile<kN, 24>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  } else {
+    return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   }
 }
 

@@ -127,12 +127,35 @@ inline int64_t RowRuns(const int64_t* spans, int64_t rows, int64_t target, int64
 }
 
 // x [T, K] (tokens t0 .. t0 + count) into xT [K][ld] f32, padding tokens 0.
+// Token by token: each reads a contiguous run of x (converted without a
+// per-element dtype switch) and writes one column of xT; the column's lines
+// stay in L1 across the 16 inputs that share them.
+template <class Src, float (*kConvert)(Src)>
+void PackTransposedAs(const Src* x, int64_t k, int64_t t0, int64_t count, int64_t ld,
+                      int64_t k0, int64_t k1, float* xt) {
+  for (int64_t t = 0; t < count; ++t) {
+    const Src* row = x + (t0 + t) * k;
+    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = kConvert(row[kk]);
+  }
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    for (int64_t t = count; t < ld; ++t) xt[kk * ld + t] = 0.0f;
+  }
+}
+
+inline float Identity(float v) { return v; }
+
 inline void PackTransposed(Dtype dtype, const void* x, int64_t k, int64_t t0, int64_t count,
                            int64_t ld, int64_t k0, int64_t k1, float* xt) {
-  for (int64_t kk = k0; kk < k1; ++kk) {
-    float* dst = xt + kk * ld;
-    for (int64_t t = 0; t < count; ++t) dst[t] = LoadAs(dtype, x, (t0 + t) * k + kk);
-    for (int64_t t = count; t < ld; ++t) dst[t] = 0.0f;
+  switch (dtype) {
+    case Dtype::kBF16:
+      return PackTransposedAs<uint16_t, Bf16ToF32>(static_cast<const uint16_t*>(x), k, t0,
+                                                   count, ld, k0, k1, xt);
+    case Dtype::kF16:
+      return PackTransposedAs<uint16_t, F16ToF32>(static_cast<const uint16_t*>(x), k, t0,
+                                                  count, ld, k0, k1, xt);
+    default:
+      return PackTransposedAs<float, Identity>(static_cast<const float*>(x), k, t0, count, ld,
+                                               k0, k1, xt);
   }
 }
 

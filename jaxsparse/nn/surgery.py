@@ -44,7 +44,9 @@ def sparsify(
         model: an nnx graph node (a Module, or a list/dict of them); not modified.
         sparsity: the format's spec: `jaxsparse.NM(n, m)`, `jaxsparse.VNM(v, n, m)`,
             `jaxsparse.Blocks(n, density)`, or their strings (`"2:4"`, `"64:2:8"`,
-            `"1x16@0.25"`).
+            `"1x16@0.25"`); or a mapping from layer path (`"conv1"`, or its kernel's
+            `"conv1/kernel"`) to one, e.g. `jaxsparse.prune.block_densities(model, 16, 0.25)`
+            (one 1xN density for the whole model); layers it does not name stay dense.
         method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`; a Conv's
             kernel is given flattened, `[prod(kernel_size) * in, out]`, and its mask may have
             that shape or the kernel's.
@@ -72,32 +74,37 @@ def sparsify(
         'SparseLinear'
     """
     where = "jaxsparse.nn.sparsify"
-    pattern = _layout.pattern_of(sparsity, where)
-    _layout.format_of(pattern, where)
+    patterns = _patterns_of(sparsity, where)
     _layout.check_method(method, where)
     selected = _layout.make_filter(filter, where)
     counts = {"replaced": 0, "skipped": 0}
     model = nnx.clone(model)
     if rearrange:
-        _rearrange(model, pattern, example_input, where)
+        _rearrange(model, patterns.mapping or patterns.one, example_input, where)
 
     def convert(path, node):
+        if not isinstance(node, (nnx.Linear, nnx.Conv)):
+            return node
+        name = _layout.path_str(path) or "<root>"
+        pattern = patterns.lookup(name)
+        if pattern is None:
+            counts["skipped"] += 1
+            _layout.logger.info("%s: skipped %s: no spec for it in the sparsity mapping", where,
+                                name)
+            return node
         if isinstance(node, nnx.Linear):
             sparse_type = SparseLinear
             desc = f"{type(node).__name__}({node.in_features} -> {node.out_features})"
 
             def reason_of():
                 return dense_layer_reason(node) or _fits(pattern, node)
-        elif isinstance(node, nnx.Conv):
+        else:
             sparse_type = SparseConv
             desc = (f"{type(node).__name__}({node.in_features} -> {node.out_features}, "
                     f"kernel_size={tuple(node.kernel_size)})")
 
             def reason_of():
                 return dense_conv_reason(node) or conv_fits(pattern, node.kernel.shape)
-        else:
-            return node
-        name = _layout.path_str(path) or "<root>"
         reason = "excluded by filter" if not selected(path, node) else reason_of()
         if reason is not None:
             counts["skipped"] += 1
@@ -114,9 +121,38 @@ def sparsify(
         where,
         counts["replaced"],
         counts["skipped"],
-        pattern,
+        "per layer" if patterns.mapping else patterns.one,
     )
     return new
+
+
+class _Patterns:
+    """`sparsify`'s sparsity: one pattern for every layer, or a mapping from layer path (or
+    kernel path, as `jaxsparse.prune.block_densities` gives) to a pattern."""
+
+    def __init__(self, one=None, mapping=None):
+        self.one, self.mapping = one, mapping
+
+    def lookup(self, name: str):
+        if self.mapping is None:
+            return self.one
+        return self.mapping.get(name, self.mapping.get(f"{name}/kernel"))
+
+
+def _patterns_of(sparsity, where: str) -> _Patterns:
+    if isinstance(sparsity, tp.Mapping):
+        mapping = {}
+        for key, spec in sparsity.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: the keys of a sparsity mapping must be layer paths "
+                                f"('conv1' or 'conv1/kernel'); got {key!r}")
+            pattern = _layout.pattern_of(spec, f"{where}: sparsity[{key!r}]")
+            _layout.format_of(pattern, where)
+            mapping[key] = pattern
+        return _Patterns(mapping=mapping)
+    pattern = _layout.pattern_of(sparsity, where)
+    _layout.format_of(pattern, where)
+    return _Patterns(one=pattern)
 
 
 def _rearrange(model, pattern, example_input, where: str) -> None:
@@ -124,7 +160,8 @@ def _rearrange(model, pattern, example_input, where: str) -> None:
     from jaxsparse.formats.blocks import Blocks
     from jaxsparse.prune import rearrange_filters
 
-    if not isinstance(pattern, Blocks):
+    specs = pattern.values() if isinstance(pattern, tp.Mapping) else [pattern]
+    if not all(isinstance(spec, Blocks) for spec in specs):
         raise ValueError(f"{where}: rearrange=True is for 1xN specs (jaxsparse.Blocks); got "
                          f"sparsity={pattern}")
     if example_input is None:

@@ -213,3 +213,29 @@ def test_sparsify_can_rearrange_filters_first(caplog):
         sparsify(model, "2:4", rearrange=True, example_input=x)
     with pytest.raises(ValueError, match="needs example_input="):
         sparsify(model, spec, rearrange=True)
+
+
+def test_sparsify_takes_a_spec_per_layer_such_as_one_density_for_the_whole_model(caplog):
+    model = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(64, 32, rngs=nnx.Rngs(1)), nnx.relu,
+                           nnx.Linear(32, 16, rngs=nnx.Rngs(2)))
+    model.layers[2].kernel.set_value(model.layers[2].kernel[...] * 3)
+    specs = jsp.prune.block_densities(model, 16, 0.25)
+    assert set(specs) == {"layers/0/kernel", "layers/2/kernel", "layers/4/kernel"}
+    assert specs["layers/2/kernel"].density > specs["layers/0/kernel"].density
+    with caplog.at_level(logging.INFO, logger="jaxsparse"):
+        sparse = sparsify(model, {k: v for k, v in specs.items() if k != "layers/4/kernel"})
+    assert sparse.layers[0].sparsity == specs["layers/0/kernel"]
+    assert sparse.layers[2].sparsity == specs["layers/2/kernel"]
+    assert isinstance(sparse.layers[4], nnx.Linear)
+    assert "layers/4: no spec for it in the sparsity mapping" in caplog.text
+    kept = sum(int(sparse.layers[i].weight.values.shape[0]) for i in (0, 2))
+    mixed = sparsify(model, {"layers/0": "2:4", "layers/4/kernel": jsp.Blocks(16, 0.5)},
+                     rearrange=False)
+    assert mixed.layers[0].sparsity == jsp.NM(2, 4) and isinstance(mixed.layers[2], nnx.Linear)
+    assert kept == specs["layers/0/kernel"].kept_blocks(32, 64) + \
+        specs["layers/2/kernel"].kept_blocks(64, 32)
+    with pytest.raises(ValueError, match=r"sparsity\['layers/0'\]"):
+        sparsify(model, {"layers/0": "two:four"})
+    with pytest.raises(TypeError, match="keys of a sparsity mapping must be layer paths"):
+        sparsify(model, {0: "2:4"})
