@@ -19,18 +19,20 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
-from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import default_kernel_init
 from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike, PromoteDtypeFn
 
-from jaxsparse.linen.dense import SPARSITY_COLLECTION, SparsityIndices
-from jaxsparse.nn import _layout
+from jaxsparse.linen.dense import (
+    SPARSITY_COLLECTION,
+    SparsityIndices,
+    held_arrays,
+    promoted_weight,
+)
 from jaxsparse.nn.conv import (
     check_feature_group_count,
     conv_geometry,
     conv_pattern,
-    flatten_kernel,
     sparse_conv,
 )
 
@@ -119,51 +121,13 @@ class SparseConv(nn.Module):
         in_channels = jnp.shape(inputs)[-1]
         pattern, fmt = conv_pattern(self.sparsity, geometry, in_channels, self.features, where)
         in_features = geometry.positions * in_channels  # Rows of the flattened kernel.
-        trainable, frozen = _layout.trainable_names(fmt), _layout.frozen_names(fmt)
-        # A format with no trainable array (int4: every array frozen) is initialised through
-        # its first frozen one.
-        first = ("params", trainable[0]) if trainable else (SPARSITY_COLLECTION, frozen[0])
-        initializing = not self.has_variable(*first)
-        missing = [n for n in frozen if not self.has_variable(SPARSITY_COLLECTION, n)]
-        if not initializing and missing:
-            raise ValueError(
-                f"{where}: the variables hold {first[0]}/{first[1]} but no "
-                f"{SPARSITY_COLLECTION}/{missing[0]}: pass the whole variable dict (the 'params' "
-                f"and the '{SPARSITY_COLLECTION}' collections) to apply"
-            )
-        drawn = {}
         kernel_shape = (*geometry.kernel_size, in_channels, self.features)
 
-        def draw(rng):
-            # The first trainable array's initializer draws and prunes the dense kernel; the
-            # other arrays' initializers take their part of it.
-            kernel = self.kernel_init(rng, kernel_shape, self.param_dtype)
-            drawn.update(_layout.compress(flatten_kernel(kernel), pattern))
+        def box(value):
+            return ConvSparsityIndices(value, pattern, in_features, self.features,
+                                       geometry.kernel_size)
 
-        def init_for(name):
-            def init(rng, shape, dtype):
-                if not drawn:
-                    draw(rng)
-                return drawn.pop(name)
-
-            return init
-
-        def take(name):
-            if not drawn:
-                draw(self.make_rng("params"))
-            return drawn.pop(name)
-
-        shapes = fmt.array_shapes(pattern, in_features, self.features)
-        arrays = {n: self.param(n, init_for(n), shapes[n][0], self.param_dtype) for n in trainable}
-        for name in frozen:
-            boxed = self.variable(
-                SPARSITY_COLLECTION,
-                name,
-                lambda name=name: ConvSparsityIndices(
-                    take(name), pattern, in_features, self.features, geometry.kernel_size
-                ),
-                unbox=False,
-            ).value
+        def check_box(name, boxed):
             made_for = (
                 (boxed.pattern, boxed.in_features, getattr(boxed, "kernel_size", None))
                 if isinstance(boxed, SparsityIndices)
@@ -177,18 +141,12 @@ class SparseConv(nn.Module):
                     f"(= {math.prod(geometry.kernel_size)} positions x {in_channels} channels), "
                     f"kernel_size={geometry.kernel_size}"
                 )
-            arrays[name] = meta.unbox(boxed)
-        _layout.check_state(where, pattern, fmt, in_features, self.features, arrays)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        else:
-            bias = None
-        inputs, *values, bias = self.promote_dtype(
-            inputs, *(arrays[n] for n in trainable), bias, dtype=self.dtype
-        )
-        arrays.update(zip(trainable, values))
-        weight = _layout.weight(pattern, in_features, arrays, out_features=self.features)
-        weight = _layout.in_compute_dtype(weight, self.dtype)
+
+        def draw_kernel(rng):
+            return self.kernel_init(rng, kernel_shape, self.param_dtype)
+
+        arrays = held_arrays(self, where, pattern, fmt, in_features, draw_kernel, box, check_box)
+        inputs, weight, bias = promoted_weight(self, pattern, fmt, in_features, inputs, arrays)
         y = sparse_conv(where, inputs, weight, geometry, in_channels)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

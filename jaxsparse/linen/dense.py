@@ -132,49 +132,10 @@ class SparseDense(nn.Module):
         pattern, fmt = _layout.layer_pattern(
             sparsity=self.sparsity, in_features=in_features, out_features=self.features, where=where
         )
-        trainable, frozen = _layout.trainable_names(fmt), _layout.frozen_names(fmt)
-        # A format with no trainable array (int4: every array frozen) is initialised through
-        # its first frozen one.
-        first = ("params", trainable[0]) if trainable else (SPARSITY_COLLECTION, frozen[0])
-        initializing = not self.has_variable(*first)
-        missing = [n for n in frozen if not self.has_variable(SPARSITY_COLLECTION, n)]
-        if not initializing and missing:
-            raise ValueError(
-                f"{where}: the variables hold {first[0]}/{first[1]} but no "
-                f"{SPARSITY_COLLECTION}/{missing[0]}: pass the whole variable dict (the 'params' "
-                f"and the '{SPARSITY_COLLECTION}' collections) to apply"
-            )
-        drawn = {}
+        def box(value):
+            return SparsityIndices(value, pattern, in_features, self.features)
 
-        def draw(rng):
-            # The first trainable array's initializer draws and prunes the dense kernel; the
-            # other arrays' initializers take their part of it.
-            kernel = self.kernel_init(rng, (in_features, self.features), self.param_dtype)
-            drawn.update(_layout.compress(kernel, pattern))
-
-        def init_for(name):
-            def init(rng, shape, dtype):
-                if not drawn:
-                    draw(rng)
-                return drawn.pop(name)
-
-            return init
-
-        def take(name):
-            if not drawn:
-                draw(self.make_rng("params"))
-            return drawn.pop(name)
-
-        shapes = fmt.array_shapes(pattern, in_features, self.features)
-        arrays = {n: self.param(n, init_for(n), shapes[n][0], self.param_dtype) for n in trainable}
-        for name in frozen:
-            boxed = self.variable(
-                SPARSITY_COLLECTION,
-                name,
-                lambda name=name: SparsityIndices(take(name), pattern, in_features,
-                                                  self.features),
-                unbox=False,
-            ).value
+        def check_box(name, boxed):
             made_for = (
                 (boxed.pattern, boxed.in_features) if isinstance(boxed, SparsityIndices) else None
             )
@@ -184,19 +145,78 @@ class SparseDense(nn.Module):
                     f"with in_features={boxed.in_features}; this layer is {pattern} with "
                     f"in_features={in_features}"
                 )
-            arrays[name] = meta.unbox(boxed)
-        _layout.check_state(where, pattern, fmt, in_features, self.features, arrays)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        else:
-            bias = None
-        inputs, *values, bias = self.promote_dtype(
-            inputs, *(arrays[n] for n in trainable), bias, dtype=self.dtype
-        )
-        arrays.update(zip(trainable, values))
-        weight = _layout.weight(pattern, in_features, arrays, out_features=self.features)
-        weight = _layout.in_compute_dtype(weight, self.dtype)
+
+        def draw_kernel(rng):
+            return self.kernel_init(rng, (in_features, self.features), self.param_dtype)
+
+        arrays = held_arrays(self, where, pattern, fmt, in_features, draw_kernel, box, check_box)
+        inputs, weight, bias = promoted_weight(self, pattern, fmt, in_features, inputs, arrays)
         y = _layout.sparse_product(where, inputs, weight)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
+
+
+def held_arrays(module, where, pattern, fmt, rows, draw_kernel, box, check_box) -> dict:
+    """The format's arrays a linen sparse layer holds (`SparseDense`, `SparseConv`): trainable
+    ones in `params`, frozen ones boxed by `box` in the `"sparsity"` collection (each checked
+    by `check_box(name, boxed)` against the layer). On init, `draw_kernel(rng)` draws the dense
+    kernel once (`[rows, out]` or a Conv's, flattened here) and every array takes its part of
+    its compression."""
+    trainable, frozen = _layout.trainable_names(fmt), _layout.frozen_names(fmt)
+    # A format with no trainable array (int4: every array frozen) is initialised through
+    # its first frozen one.
+    first = ("params", trainable[0]) if trainable else (SPARSITY_COLLECTION, frozen[0])
+    initializing = not module.has_variable(*first)
+    missing = [n for n in frozen if not module.has_variable(SPARSITY_COLLECTION, n)]
+    if not initializing and missing:
+        raise ValueError(
+            f"{where}: the variables hold {first[0]}/{first[1]} but no "
+            f"{SPARSITY_COLLECTION}/{missing[0]}: pass the whole variable dict (the 'params' "
+            f"and the '{SPARSITY_COLLECTION}' collections) to apply"
+        )
+    drawn = {}
+
+    def draw(rng):
+        # The first trainable array's initializer draws and prunes the dense kernel; the
+        # other arrays' initializers take their part of it.
+        kernel = draw_kernel(rng)
+        drawn.update(_layout.compress(kernel.reshape(rows, kernel.shape[-1]), pattern))
+
+    def init_for(name):
+        def init(rng, shape, dtype):
+            if not drawn:
+                draw(rng)
+            return drawn.pop(name)
+
+        return init
+
+    def take(name):
+        if not drawn:
+            draw(module.make_rng("params"))
+        return drawn.pop(name)
+
+    shapes = fmt.array_shapes(pattern, rows, module.features)
+    arrays = {n: module.param(n, init_for(n), shapes[n][0], module.param_dtype) for n in trainable}
+    for name in frozen:
+        boxed = module.variable(
+            SPARSITY_COLLECTION, name, lambda name=name: box(take(name)), unbox=False
+        ).value
+        check_box(name, boxed)
+        arrays[name] = meta.unbox(boxed)
+    _layout.check_state(where, pattern, fmt, rows, module.features, arrays)
+    return arrays
+
+
+def promoted_weight(module, pattern, fmt, rows, inputs, arrays):
+    """`(inputs, weight, bias)` of a linen sparse layer promoted together to its compute dtype
+    (the bias a param when `use_bias`, else None)."""
+    trainable = _layout.trainable_names(fmt)
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    inputs, *values, bias = module.promote_dtype(
+        inputs, *(arrays[n] for n in trainable), bias, dtype=module.dtype
+    )
+    arrays = {**arrays, **dict(zip(trainable, values))}
+    weight = _layout.weight(pattern, rows, arrays, out_features=module.features)
+    return inputs, _layout.in_compute_dtype(weight, module.dtype), bias

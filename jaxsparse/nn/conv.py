@@ -36,7 +36,7 @@ from jax import lax
 
 from jaxsparse import _validate as V
 from jaxsparse.nn import _layout
-from jaxsparse.nn.linear import SparsityIndices, _Constant
+from jaxsparse.nn.linear import HeldKernel, _Constant, _make_bias
 from jaxsparse.prune import as_pattern, fits
 
 Array = jax.Array
@@ -373,7 +373,7 @@ def flatten_kernel(kernel: Array) -> Array:
 
 
 # ====================================================================== the layer
-class SparseConv(nnx.Module):
+class SparseConv(HeldKernel, nnx.Module):
     """A convolution with a structured-sparse kernel, channels last (NHWC for 2-D).
 
     `nnx.Conv` with `sparsity=`: the kernel `[*kernel_size, in_features, out_features]` keeps
@@ -474,17 +474,9 @@ class SparseConv(nnx.Module):
                 f"{where}: kernel_init must return the kernel of shape {kernel_shape}; got "
                 f"{tuple(jnp.shape(kernel))}"
             )
-        trainable = set(_layout.trainable_names(fmt))
-        for name, array in _layout.compress(flatten_kernel(kernel), pattern).items():
-            kind = nnx.Param if name in trainable else SparsityIndices
-            setattr(self, name, kind(array, **kernel_metadata))
-        self.bias: nnx.Param[jax.Array] | None
-        if use_bias:
-            self.bias = nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata
-            )
-        else:
-            self.bias = nnx.data(None)
+        self._hold(flatten_kernel(kernel), pattern, fmt, kernel_metadata,
+                   _make_bias(use_bias, bias_init, rngs, out_features, param_dtype,
+                              bias_metadata))
 
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -525,40 +517,20 @@ class SparseConv(nnx.Module):
             `preferred_element_type`).
         """
         where = "jaxsparse.nn.SparseConv"
-        fmt = _layout.format_of(self.sparsity, where)
-        arrays = self._arrays(fmt)
-        bias = self.bias[...] if self.bias is not None else None
-        _layout.check_state(where, self.sparsity, fmt, self.flat_in_features,
-                            self.out_features, arrays)
-        names = _layout.trainable_names(fmt)
         inputs = V.as_array("inputs", inputs, where=where)
-        inputs, *trainable, bias = self.promote_dtype(
-            (inputs, *(arrays[n] for n in names), bias), dtype=self.dtype
-        )
-        arrays.update(zip(names, trainable))
-        weight = _layout.weight(self.sparsity, self.flat_in_features, arrays,
-                                out_features=self.out_features)
-        weight = _layout.in_compute_dtype(weight, self.dtype)
+        inputs, weight, bias = self._promoted(where, inputs)
         y = sparse_conv(where, inputs, weight, self.geometry, self.in_features,
                         self.preferred_element_type)
-        if bias is not None:
-            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return self._add_bias(y, bias)
 
-    def _arrays(self, fmt) -> dict:
-        return {name: getattr(self, name)[...] for name in fmt.array_names()}
+    def _rows(self) -> int:
+        return self.flat_in_features
 
     @property
     def weight(self):
         """The sparse kernel as its format, of logical shape `[prod(kernel_size) * in, out]`,
         validated (outside `jit` the positions are checked)."""
-        where = "jaxsparse.nn.SparseConv.weight"
-        fmt = _layout.format_of(self.sparsity, where)
-        arrays = self._arrays(fmt)
-        _layout.check_state(where, self.sparsity, fmt, self.flat_in_features,
-                            self.out_features, arrays)
-        return _layout.weight(self.sparsity, self.flat_in_features, arrays,
-                              out_features=self.out_features, validate=True)
+        return self._validated_weight("jaxsparse.nn.SparseConv.weight")
 
     def dense_kernel(self) -> Array:
         """`[*kernel_size, in_features, out_features]`: kept values in place, zeros elsewhere."""
@@ -598,34 +570,10 @@ class SparseConv(nnx.Module):
                 pattern, or a pattern the kernel cannot take.
         """
         where = "jaxsparse.nn.SparseConv.from_dense"
-        unknown = set(kwargs) - _FROM_DENSE_KWARGS
-        if unknown:
-            raise TypeError(
-                f"{where}: unexpected keyword arguments {sorted(unknown)}; accepted: "
-                f"{sorted(_FROM_DENSE_KWARGS)}"
-            )
-        if isinstance(conv_or_kernel, nnx.Conv):
-            conv = conv_or_kernel
-            reason = dense_conv_reason(conv)
-            if reason is not None:
-                raise ValueError(f"{where}: cannot convert this layer: {reason}")
-            if bias is not None:
-                raise TypeError(f"{where}: bias= is only for a kernel; a Conv brings its own")
-            kernel = conv.kernel[...]
-            bias = conv.bias[...] if conv.bias is not None else None
-            config = {
-                "strides": conv.strides,
-                "padding": conv.padding,
-                "input_dilation": conv.input_dilation,
-                "kernel_dilation": conv.kernel_dilation,
-                "dtype": conv.dtype,
-                "precision": conv.precision,
-                "promote_dtype": conv.promote_dtype,
-                "preferred_element_type": conv.preferred_element_type,
-            }
-        else:
-            kernel = conv_or_kernel
-            config = {}
+        kernel, bias, config = cls._dense_source(
+            where, conv_or_kernel, nnx.Conv, dense_conv_reason,
+            ("strides", "padding", "input_dilation", "kernel_dilation", "dtype", "precision",
+             "promote_dtype", "preferred_element_type"), bias, kwargs, _FROM_DENSE_KWARGS)
         kernel = V.as_array("kernel", kernel, where=where)
         if kernel.ndim < 3:
             raise ValueError(
@@ -634,13 +582,7 @@ class SparseConv(nnx.Module):
             )
         V.check_float_dtype("kernel", kernel.dtype, where=where)
         *kernel_size, in_features, out_features = kernel.shape
-        if bias is not None:
-            bias = jnp.asarray(bias)
-            if bias.shape != (out_features,):
-                raise ValueError(
-                    f"{where}: bias must have shape ({out_features},) (out_features of the "
-                    f"kernel {tuple(kernel.shape)}); got {tuple(bias.shape)}"
-                )
+        bias = cls._checked_bias(where, bias, kernel.shape)
         config.update(kwargs)
         geometry = conv_geometry(
             tuple(kernel_size), config.get("strides", 1), config.get("padding", "SAME"),
@@ -666,14 +608,12 @@ class SparseConv(nnx.Module):
             **config,
         )
         if mask is not None:
-            for name, array in arrays.items():
-                getattr(layer, name).set_value(array)
+            layer._replace_arrays(arrays)
         return layer
 
     def to_dense(self) -> nnx.Conv:
         """The equivalent `nnx.Conv`: the kept values in place, zeros elsewhere (bit-exact)."""
         kernel = self.dense_kernel()
-        bias = self.bias[...] if self.bias is not None else None
         return nnx.Conv(
             self.in_features,
             self.out_features,
@@ -682,15 +622,7 @@ class SparseConv(nnx.Module):
             padding=self.padding if isinstance(self.padding, str) else list(self.padding),
             input_dilation=self.input_dilation,
             kernel_dilation=self.kernel_dilation,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=kernel.dtype,
-            precision=self.precision,
-            kernel_init=_Constant(kernel),
-            bias_init=_Constant(bias),
-            promote_dtype=self.promote_dtype,
-            preferred_element_type=self.preferred_element_type,
-            rngs=nnx.Rngs(0),
+            **self._dense_settings(kernel),
         )
 
 

@@ -35,7 +35,121 @@ class SparsityIndices(nnx.Variable[A]):
     """
 
 
-class SparseLinear(nnx.Module):
+class HeldKernel:
+    """What the nnx sparse layers (`SparseLinear`, `SparseConv`) share: a sparse kernel of
+    `_rows()` x `out_features` held as its format's arrays (trainable ones as `nnx.Param`,
+    frozen ones as `SparsityIndices`), an optional bias, the weight the product multiplies, and
+    `from_dense`'s reading of a dense layer. A layer sets `sparsity`, `out_features`, `dtype`
+    and `promote_dtype`, and says how many rows its kernel has."""
+
+    def _rows(self) -> int:
+        raise NotImplementedError
+
+    def _hold(self, kernel, pattern, fmt, kernel_metadata, bias) -> None:
+        """Hold `kernel [rows, out]` compressed to `pattern`, and `bias` (None: no bias)."""
+        trainable = set(_layout.trainable_names(fmt))
+        for name, array in _layout.compress(kernel, pattern).items():
+            kind = nnx.Param if name in trainable else SparsityIndices
+            setattr(self, name, kind(array, **kernel_metadata))
+        self.bias: nnx.Param[jax.Array] | None
+        self.bias = nnx.data(None) if bias is None else bias
+
+    def _arrays(self, fmt) -> dict:
+        return {name: getattr(self, name)[...] for name in fmt.array_names()}
+
+    def _checked_arrays(self, where):
+        fmt = _layout.format_of(self.sparsity, where)
+        arrays = self._arrays(fmt)
+        _layout.check_state(where, self.sparsity, fmt, self._rows(), self.out_features, arrays)
+        return fmt, arrays
+
+    def _promoted(self, where, inputs):
+        """`(inputs, weight, bias)` promoted together to the compute dtype (the weight as its
+        format, of logical shape `[rows, out]`)."""
+        fmt, arrays = self._checked_arrays(where)
+        bias = self.bias[...] if self.bias is not None else None
+        names = _layout.trainable_names(fmt)
+        inputs, *trainable, bias = self.promote_dtype(
+            (inputs, *(arrays[n] for n in names), bias), dtype=self.dtype
+        )
+        arrays.update(zip(names, trainable))
+        weight = _layout.weight(self.sparsity, self._rows(), arrays,
+                                out_features=self.out_features)
+        return inputs, _layout.in_compute_dtype(weight, self.dtype), bias
+
+    def _validated_weight(self, where):
+        fmt, arrays = self._checked_arrays(where)
+        return _layout.weight(self.sparsity, self._rows(), arrays,
+                              out_features=self.out_features, validate=True)
+
+    @staticmethod
+    def _add_bias(y, bias):
+        if bias is None:
+            return y
+        return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+    @staticmethod
+    def _dense_source(where, layer_or_kernel, dense_type, reason_of, fields, bias, kwargs,
+                      accepted):
+        """`(kernel, bias, config)` from a dense layer of `dense_type` (its kernel, bias and the
+        settings named in `fields`) or a bare kernel (and `bias=`)."""
+        unknown = set(kwargs) - accepted
+        if unknown:
+            raise TypeError(
+                f"{where}: unexpected keyword arguments {sorted(unknown)}; accepted: "
+                f"{sorted(accepted)}"
+            )
+        if not isinstance(layer_or_kernel, dense_type):
+            return layer_or_kernel, bias, {}
+        layer = layer_or_kernel
+        reason = reason_of(layer)
+        if reason is not None:
+            raise ValueError(f"{where}: cannot convert this layer: {reason}")
+        if bias is not None:
+            raise TypeError(f"{where}: bias= is only for a kernel; a {dense_type.__name__} "
+                            "brings its own")
+        bias = layer.bias[...] if layer.bias is not None else None
+        return layer.kernel[...], bias, {f: getattr(layer, f) for f in fields}
+
+    def _dense_settings(self, kernel) -> dict:
+        """The keyword arguments of the equivalent dense layer holding `kernel`."""
+        return dict(
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=kernel.dtype,
+            precision=self.precision,
+            kernel_init=_Constant(kernel),
+            bias_init=_Constant(self.bias[...] if self.bias is not None else None),
+            promote_dtype=self.promote_dtype,
+            preferred_element_type=self.preferred_element_type,
+            rngs=nnx.Rngs(0),
+        )
+
+    def _replace_arrays(self, arrays) -> None:
+        """Hold `arrays` (a mask's compression) in place of the constructor's choice."""
+        for name, array in arrays.items():
+            getattr(self, name).set_value(array)
+
+    @staticmethod
+    def _checked_bias(where, bias, kernel_shape):
+        if bias is None:
+            return None
+        bias = jnp.asarray(bias)
+        if bias.shape != (kernel_shape[-1],):
+            raise ValueError(
+                f"{where}: bias must have shape ({kernel_shape[-1]},) (out_features of the "
+                f"kernel {tuple(kernel_shape)}); got {tuple(bias.shape)}"
+            )
+        return bias
+
+
+def _make_bias(use_bias, bias_init, rngs, out_features, param_dtype, bias_metadata):
+    if not use_bias:
+        return None
+    return nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+
+
+class SparseLinear(HeldKernel, nnx.Module):
     """A linear transformation with a structured-sparse kernel, over the last input dimension.
 
     `nnx.Linear` with `sparsity=`: `y = x @ W + b` where `W` `[in_features, out_features]` keeps
@@ -119,17 +233,9 @@ class SparseLinear(nnx.Module):
                 "a sparse layer stores values [out, kept], not the kernel: give a plain "
                 "initializer and pass metadata through kernel_metadata="
             )
-        trainable = set(_layout.trainable_names(fmt))
-        for name, array in _layout.compress(kernel, pattern).items():
-            kind = nnx.Param if name in trainable else SparsityIndices
-            setattr(self, name, kind(array, **kernel_metadata))
-        self.bias: nnx.Param[jax.Array] | None
-        if use_bias:
-            self.bias = nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata
-            )
-        else:
-            self.bias = nnx.data(None)
+        self._hold(kernel, pattern, fmt, kernel_metadata,
+                   _make_bias(use_bias, bias_init, rngs, out_features, param_dtype,
+                              bias_metadata))
 
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -151,28 +257,13 @@ class SparseLinear(nnx.Module):
             `[..., out_features]` in the promoted dtype (or `preferred_element_type`).
         """
         where = "jaxsparse.nn.SparseLinear"
-        fmt = _layout.format_of(self.sparsity, where)
-        arrays = self._arrays(fmt)
-        bias = self.bias[...] if self.bias is not None else None
-        _layout.check_state(
-            where, self.sparsity, fmt, self.in_features, self.out_features, arrays
-        )
-        names = _layout.trainable_names(fmt)
-        inputs, *trainable, bias = self.promote_dtype(
-            (inputs, *(arrays[n] for n in names), bias), dtype=self.dtype
-        )
-        arrays.update(zip(names, trainable))
-        weight = _layout.weight(self.sparsity, self.in_features, arrays,
-                                out_features=self.out_features)
-        weight = _layout.in_compute_dtype(weight, self.dtype)
+        inputs, weight, bias = self._promoted(where, inputs)
         y = _layout.sparse_product(where, inputs, weight, self.preferred_element_type)
         assert self.use_bias == (bias is not None)
-        if bias is not None:
-            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return self._add_bias(y, bias)
 
-    def _arrays(self, fmt) -> dict:
-        return {name: getattr(self, name)[...] for name in fmt.array_names()}
+    def _rows(self) -> int:
+        return self.in_features
 
     @property
     def weight(self):
@@ -180,14 +271,7 @@ class SparseLinear(nnx.Module):
 
         Outside `jit` the positions are checked (a clear error for corrupt or mismatched state).
         """
-        where = "jaxsparse.nn.SparseLinear.weight"
-        fmt = _layout.format_of(self.sparsity, where)
-        arrays = self._arrays(fmt)
-        _layout.check_state(
-            where, self.sparsity, fmt, self.in_features, self.out_features, arrays
-        )
-        return _layout.weight(self.sparsity, self.in_features, arrays,
-                              out_features=self.out_features, validate=True)
+        return self._validated_weight("jaxsparse.nn.SparseLinear.weight")
 
     @classmethod
     def from_dense(
@@ -222,39 +306,13 @@ class SparseLinear(nnx.Module):
                 method, or a Linear whose custom dot_general cannot carry over.
         """
         where = "jaxsparse.nn.SparseLinear.from_dense"
-        unknown = set(kwargs) - _FROM_DENSE_KWARGS
-        if unknown:
-            raise TypeError(
-                f"{where}: unexpected keyword arguments {sorted(unknown)}; accepted: "
-                f"{sorted(_FROM_DENSE_KWARGS)}"
-            )
-        if isinstance(linear_or_kernel, nnx.Linear):
-            linear = linear_or_kernel
-            reason = dense_layer_reason(linear)
-            if reason is not None:
-                raise ValueError(f"{where}: cannot convert this layer: {reason}")
-            if bias is not None:
-                raise TypeError(f"{where}: bias= is only for a kernel; a Linear brings its own")
-            kernel = linear.kernel[...]
-            bias = linear.bias[...] if linear.bias is not None else None
-            config = {
-                "dtype": linear.dtype,
-                "precision": linear.precision,
-                "promote_dtype": linear.promote_dtype,
-                "preferred_element_type": linear.preferred_element_type,
-            }
-        else:
-            kernel = linear_or_kernel
-            config = {}
+        kernel, bias, config = cls._dense_source(
+            where, linear_or_kernel, nnx.Linear, dense_layer_reason,
+            ("dtype", "precision", "promote_dtype", "preferred_element_type"), bias, kwargs,
+            _FROM_DENSE_KWARGS)
         kernel = _check_kernel(kernel, where)
         in_features, out_features = kernel.shape
-        if bias is not None:
-            bias = jnp.asarray(bias)
-            if bias.shape != (out_features,):
-                raise ValueError(
-                    f"{where}: bias must have shape ({out_features},) (out_features of the "
-                    f"kernel {tuple(kernel.shape)}); got {tuple(bias.shape)}"
-                )
+        bias = cls._checked_bias(where, bias, kernel.shape)
         pattern, _ = _layout.layer_pattern(sparsity, in_features, out_features, where)
         mask = _layout.mask_from_method(method, kernel, pattern, where)
         if mask is not None:  # Checks the mask against the pattern before building anything.
@@ -274,27 +332,13 @@ class SparseLinear(nnx.Module):
             **config,
         )
         if mask is not None:
-            for name, array in arrays.items():
-                getattr(layer, name).set_value(array)
+            layer._replace_arrays(arrays)
         return layer
 
     def to_dense(self) -> nnx.Linear:
         """The equivalent `nnx.Linear`: the kept values in place, zeros elsewhere (bit-exact)."""
         kernel = self.weight.todense()
-        bias = self.bias[...] if self.bias is not None else None
-        return nnx.Linear(
-            self.in_features,
-            self.out_features,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=kernel.dtype,
-            precision=self.precision,
-            kernel_init=_Constant(kernel),
-            bias_init=_Constant(bias),
-            promote_dtype=self.promote_dtype,
-            preferred_element_type=self.preferred_element_type,
-            rngs=nnx.Rngs(0),
-        )
+        return nnx.Linear(self.in_features, self.out_features, **self._dense_settings(kernel))
 
 
 _FROM_DENSE_KWARGS = frozenset(
