@@ -12,6 +12,7 @@ The dynamic shared memory of the tensor-core kernels is fixed in their headers (
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,18 +107,43 @@ def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def report() -> list[dict]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for source in format_sources():
-            for arch in ARCHS:
-                log, cubin = compile_arch(source, arch, Path(tmp))
-                kernels = parse_ptxas(log, arch)
-                for symbol, sass in sass_counts(cubin).items():
-                    kernels.setdefault(symbol, {"arch": arch, "name": demangle_name(symbol)})
-                    kernels[symbol]["sass"] = sass
-                fmt = source.parent.name
-                rows.extend({"symbol": s, "format": fmt, **k} for s, k in kernels.items())
+def compile_and_count(source: Path, arch: str, workdir: Path) -> list[dict]:
+    """The rows of one handler file on one architecture."""
+    log, cubin = compile_arch(source, arch, workdir)
+    kernels = parse_ptxas(log, arch)
+    for symbol, sass in sass_counts(cubin).items():
+        kernels.setdefault(symbol, {"arch": arch, "name": demangle_name(symbol)})
+        kernels[symbol]["sass"] = sass
+    fmt = source.parent.name
+    return [{"symbol": s, "format": fmt, **k} for s, k in kernels.items()]
+
+
+def sources_key() -> str:
+    """What the report depends on: the device sources (cuda/, and the cpu/ headers they include)
+    and nvcc's version. The FFI headers, which differ between jax versions, only reach host code."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "cuda").rglob("*"), *(ROOT / "cpu").rglob("*")]):
+        if path.is_file() and path.suffix in (".cu", ".cuh", ".h", ".cc"):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    digest.update(version.encode())
+    return digest.hexdigest()[:24]
+
+
+def report(cache_dir: Path | None = ROOT / "build" / "ptxas_cache") -> list[dict]:
+    """Every kernel's row on both architectures. The compiles run in parallel (one per core), and
+    the result is kept in `cache_dir` under the sources' key, so a second test run on the same
+    tree (CI runs the suite with two Pythons) reads it instead of compiling again."""
+    cached = cache_dir / f"{sources_key()}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text())
+    jobs = [(source, arch) for source in format_sources() for arch in ARCHS]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        parts = pool.map(lambda job: compile_and_count(*job, Path(tmp)), jobs)
+        rows = [row for part in parts for row in part]
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(rows))
     return rows
 
 

@@ -10,11 +10,11 @@
 //   - weights: lane l holds (v[p][j], v[q][j]) for its output j, one word
 //     permute (vpermt2w) of the two blocks' rows per pair;
 //   - x: the pair (x[t, k_p], x[t, k_q]) of each token, built for a chunk of
-//     pairs before they are multiplied: per 16 tokens two rows of the f32 xT
-//     (exact: they were bf16), rounded back to bf16 and interleaved (one
-//     vcvtne2ps2bf16, one vpermw), stored to an L1 buffer; the product loop
-//     then broadcasts each token's pair from memory into vdpbf16ps (a load
-//     uop, no shuffle), as the f32 kernel broadcasts x.
+//     pairs before they are multiplied: per 16 tokens two rows of xT, which
+//     this kernel packs in bf16, interleaved by one vpermt2w and stored to an
+//     L1 buffer; the product loop then broadcasts each token's pair from
+//     memory into vdpbf16ps (a load uop, no shuffle), as the f32 kernel
+//     broadcasts x.
 // Lanes hold kG tokens x 16/kG outputs for n < 16, as in the f32 kernel, so
 // the x broadcast is kG adjacent pairs. A row's odd last block pairs with
 // zeros, and a block whose input lies outside x reads zeros (it adds nothing).
@@ -42,9 +42,12 @@ template <int kN>
 struct DpLanes {
   static constexpr int kG = Lanes<kN>::kG;
   static constexpr int kV = Lanes<kN>::kV;
-  // 24 accumulators: the weight pairs and the broadcast keep the rest of the
-  // 32 registers.
-  static constexpr int kMaxGroups = 24 / kV;
+  // Accumulators: for kG = 1 the broadcast is embedded in vdpbf16ps
+  // (DpBroadcast), so the kV weight vectors and one spare keep the rest of the
+  // 32 registers (30 tokens for n = 16: 128 tokens in 5 tiles where 24 took
+  // 6, each paying the pairs' build and the weights' interleave once); for
+  // kG > 1 the broadcast takes a register too, so 24.
+  static constexpr int kMaxGroups = kG == 1 ? (31 - kV) / kV : 24 / kV;
 };
 
 // The bf16 pairs of blocks p and q (q < 0: none, zeros) in lane order.
@@ -70,16 +73,34 @@ inline void LoadWeightPairs(const uint16_t* values, int64_t p, int64_t q, __m512
   }
 }
 
-// Tokens [16 s, 16 s + 16) of blocks p, q as interleaved bf16 pairs.
-inline __m512i XPairs(const float* xp, const float* xq, int s) {
-  const __m512 lo = xp != nullptr ? _mm512_loadu_ps(xp + 16 * s) : _mm512_setzero_ps();
-  const __m512 hi = xq != nullptr ? _mm512_loadu_ps(xq + 16 * s) : _mm512_setzero_ps();
-  // Words 0-15: lo's tokens, 16-31: hi's; interleave to (lo t, hi t).
-  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                         9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                         17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(order, both);
+// Tokens [16 s, 16 s + 16) of blocks p, q as interleaved bf16 pairs: xT holds
+// bf16 here (Bf16DpMicro::Pack), so a pair is one vpermt2w of the two rows'
+// 16 words (the f32 xT took a vcvtne2ps2bf16 and a vpermw, both on the
+// shuffle/FP pipes that vdpbf16ps needs, and twice the bytes from L2).
+inline __m512i XPairs(const uint16_t* xp, const uint16_t* xq, int s) {
+  const __m512i lo = xp != nullptr
+                         ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                               reinterpret_cast<const __m256i*>(xp + 16 * s)))
+                         : _mm512_setzero_si512();
+  const __m512i hi = xq != nullptr
+                         ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                               reinterpret_cast<const __m256i*>(xq + 16 * s)))
+                         : _mm512_setzero_si512();
+  // Word 2t: lo's token t, word 2t + 1: hi's (word 32 + t of the pair of sources).
+  const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41,
+                                         9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2,
+                                         33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(lo, order, hi);
+}
+
+// acc += the pair at `pair` (broadcast) . w, with the broadcast embedded in
+// vdpbf16ps ({1to16}): a separate vbroadcastss zmm costs Zen 4 an FP-pipe op
+// beside the load, which vdpbf16ps needs (the loop ran at about half the
+// instruction's peak with it), while an embedded 32-bit broadcast is done by
+// the load. GCC folds set1 into the FMA but not into vdpbf16ps, hence asm.
+inline __m512 DpBroadcast(__m512 acc, __m512i w, const uint32_t* pair) {
+  __asm__("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*pair));
+  return acc;
 }
 
 template <int kG>
@@ -102,33 +123,49 @@ void DpRowTile(const BlocksProblem& p, const void* values_raw, const int32_t* in
   for (int a = 0; a < kA; ++a)
 #pragma GCC unroll 4
     for (int v = 0; v < L::kV; ++v) acc[a][v] = _mm512_setzero_ps();
-  auto x_row = [&](int64_t b) -> const float* {
+  // xT in bf16 (Pack below), in the f32 region's first half of each tile.
+  const uint16_t* xt16 = reinterpret_cast<const uint16_t*>(xt);
+  auto x_row = [&](int64_t b) -> const uint16_t* {
     const uint32_t input = static_cast<uint32_t>(indices[b]);
-    return input < k ? xt + static_cast<int64_t>(input) * ld : nullptr;
+    return input < k ? xt16 + static_cast<int64_t>(input) * ld : nullptr;
   };
   for (int64_t c0 = b0; c0 < b1; c0 += 2 * kDpPairChunk) {
     const int64_t c1 = Min(b1, c0 + 2 * kDpPairChunk);
     const int count = static_cast<int>((c1 - c0 + 1) / 2);
     for (int i = 0; i < count; ++i) {
       const int64_t bp = c0 + 2 * i, bq = bp + 1;
-      const float* xp = x_row(bp);
-      const float* xq = bq < c1 ? x_row(bq) : nullptr;
+      const uint16_t* xp = x_row(bp);
+      const uint16_t* xq = bq < c1 ? x_row(bq) : nullptr;
 #pragma GCC unroll 4
       for (int s = 0; s < kBuilds; ++s) {
         _mm512_store_si512(pairs[i] + 16 * s, XPairs(xp, xq, s));
       }
     }
+    // The next chunk's rows of xT are gathered from L2 while this chunk's
+    // products run: without it, the build of a chunk waited on its L2 loads
+    // with the FP pipes idle (measured: see docs/cpu_speed_notes.md).
+    const int64_t n0 = c1, n1 = Min(b1, c1 + 2 * kDpPairChunk);
     for (int i = 0; i < count; ++i) {
       const int64_t bp = c0 + 2 * i, bq = bp + 1 < c1 ? bp + 1 : -1;
+      for (int64_t b = n0 + 2 * i; b < Min(n1, n0 + 2 * i + 2); ++b) {
+        if (const uint16_t* row = x_row(b)) {
+          _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + kBuilds * 16) - 1, _MM_HINT_T0);
+        }
+      }
       __m512i w[L::kV];
       LoadWeightPairs<kN>(values, bp, bq, w);
 #pragma GCC unroll 32
       for (int a = 0; a < kA; ++a) {
-        const __m512i xv = BroadcastPairs<L::kG>(pairs[i] + a * L::kG);
+        if constexpr (L::kG == 1) {
 #pragma GCC unroll 4
-        for (int v = 0; v < L::kV; ++v) {
-          acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)xv,
-                                       (__m512bh)w[v]);
+          for (int v = 0; v < L::kV; ++v) acc[a][v] = DpBroadcast(acc[a][v], w[v], pairs[i] + a);
+        } else {
+          const __m512i xv = BroadcastPairs<L::kG>(pairs[i] + a * L::kG);
+#pragma GCC unroll 4
+          for (int v = 0; v < L::kV; ++v) {
+            acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)xv, (__m512bh)w[v]);
+          }
         }
       }
     }
@@ -141,18 +178,25 @@ void DpRowFor(const BlocksProblem& p, const void* values, const int32_t* indices
               int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
   using L = DpLanes<kN>;
   const int64_t groups = CeilDiv(tokens, L::kG);
+  // The smallest instantiation holding the tile's groups: 2, 4, 8, 12, 16,
+  // 24 (those below kMaxGroups), then kMaxGroups.
   if (groups <= 2) return DpRowTile<kN, 2>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   if (groups <= 4) return DpRowTile<kN, 4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 8) {
-    return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  }
-  if constexpr (L::kMaxGroups > 12) {
-    if (groups <= 12) return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-    if (groups <= 16) return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-    return DpRowTile<kN, 24>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  } else {
+  if (groups <= 8) return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 12) {
     return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   }
+  if constexpr (L::kMaxGroups > 16) {
+    if (groups <= 16) {
+      return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    }
+  }
+  if constexpr (L::kMaxGroups > 24) {
+    if (groups <= 24) {
+      return DpRowTile<kN, 24>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    }
+  }
+  return DpRowTile<kN, L::kMaxGroups>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
 }
 
 // bf16 from kDpMinTokens tokens on vdpbf16ps; everything else (f32, f16, and
@@ -178,6 +222,14 @@ struct Bf16DpMicro {
     }
   }
   static int64_t Slack() { return Avx512Micro::Slack(); }
+  // The pair kernel's xT is bf16, copied as it comes ([K][ld] words at the
+  // start of each tile's f32 region): half the bytes, and no conversion back.
+  static void Pack(const BlocksProblem& p, const void* x, int64_t t0, int64_t count, int64_t ld,
+                   int64_t k0, int64_t k1, float* xt) {
+    if (!UsesDp(p)) return Avx512Micro::Pack(p, x, t0, count, ld, k0, k1, xt);
+    PackWordsTransposed(static_cast<const uint16_t*>(x), p.k, t0, count, ld, k0, k1,
+                       reinterpret_cast<uint16_t*>(xt));
+  }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {

@@ -184,6 +184,11 @@ void PortableTile(const BlocksProblem& p, const void* values, const int32_t* ind
 }
 
 struct PortableMicro {
+  // x of one tile into its xT region (f32 for every micro-kernel but the bf16 pairs').
+  static void Pack(const BlocksProblem& p, const void* x, int64_t t0, int64_t count, int64_t ld,
+                   int64_t k0, int64_t k1, float* xt) {
+    PackTransposed(p.dtype, x, p.k, t0, count, ld, k0, k1, xt);
+  }
   // Tokens per tile: a tile of n outputs keeps kT * n floats of accumulators.
   static int64_t TileTokens(const BlocksProblem& p) {
     return p.n >= 32 ? 4 : p.n == 16 ? 8 : 16;
@@ -241,8 +246,8 @@ struct SpmmOp {
       const int64_t k0 = i * k_step, k1 = Min(op->p.k, k0 + k_step);
       for (int64_t a = 0; a * op->ld < count; ++a) {
         const int64_t tokens = Min(op->ld, count - a * op->ld);
-        PackTransposed(op->p.dtype, x, op->p.k, t0 + a * op->ld, tokens, op->ld, k0, k1,
-                       op->xt + a * op->p.k * op->ld);
+        Micro::Pack(op->p, x, t0 + a * op->ld, tokens, op->ld, k0, k1,
+                    op->xt + a * op->p.k * op->ld);
       }
     }
   };
