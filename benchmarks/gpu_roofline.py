@@ -3,6 +3,7 @@
     python benchmarks/gpu_roofline.py            # the markdown tables of docs/gpu_kernels.md
     python benchmarks/gpu_roofline.py --vnm      # the V:N:M tables
     python benchmarks/gpu_roofline.py --marlin   # the int4 MARLIN tables (dense and 2:4)
+    python benchmarks/gpu_roofline.py --blocks   # the 1xN block tables
 
 Per kernel and shape: the FLOPs (dense-equivalent 2*T*K*N) and the bytes each kernel must move at
 least once (its operands and result), and the roofline time max(math / peak, bytes / bandwidth) with
@@ -141,6 +142,53 @@ def marlin_table(gpu):
     return "\n".join(rows)
 
 
+BLOCKS_SPECS = [(16, 0.25), (16, 0.1)]
+BLOCKS_SHAPES = [(4096, 4096), (4096, 11008)]
+BLOCKS_TOKEN_TILE = 16  # One warp's tokens (the mma's M): fewer tokens still pay a whole tile.
+
+
+def blocks_forward(t, k, n, spec):
+    """1xN forward on dense mma.m16n8k16 (cuda/blocks/blocks_ops.cu): a block row is a dense
+    product over its kept inputs, so the math executed is the kept fraction of the dense math, for
+    whole 16-token tiles. Bytes: x once (2TK; the rows' gathers of it are L2 traffic, not
+    modelled), values (2 bytes per kept weight), indices (4 bytes per block), y (2TN)."""
+    bn, density = spec
+    blocks = k * (n / bn) * density
+    flops = 2 * t * k * n
+    executed = 2 * max(t, BLOCKS_TOKEN_TILE) * k * n * density
+    bytes_ = 2 * t * k + 2 * blocks * bn + 4 * blocks + 2 * t * n
+    return flops, executed, bytes_
+
+
+def blocks_backward_cuda_cores(t, k, n, spec):
+    """spmm_t and sddmm on the CUDA-core kernels (f32 FMA): each does the useful T*K*N*density
+    FMAs (spmm_t over the blocks listed by input, sddmm over the tokens). Returned as (ops,
+    bytes)."""
+    bn, density = spec
+    blocks = k * (n / bn) * density
+    bytes_ = 2 * t * k + 2 * blocks * bn + 12 * blocks + 2 * t * n
+    return 2 * t * k * n * density, bytes_
+
+
+def blocks_table(gpu):
+    g = GPUS[gpu]
+    rows = ["| spec | T | K x N | dense (cuBLAS roofline) | 1xN fwd mma | ratio | "
+            "spmm_t, sddmm (CUDA cores, each) |", "|---|---|---|---|---|---|---|"]
+    for spec in BLOCKS_SPECS:
+        for t in TOKENS:
+            for k, n in BLOCKS_SHAPES:
+                _, ex, by = dense(t, k, n)
+                t_dense = max(ex / g["tc"], by / g["hbm"])
+                _, ex, by = blocks_forward(t, k, n, spec)
+                t_fwd = roofline(gpu, ex, by, sparse_tc=False)
+                ops, by = blocks_backward_cuda_cores(t, k, n, spec)
+                t_bw = roofline(gpu, ops, by, sparse_tc=False, tensor_cores=False)
+                rows.append(f"| 1x{spec[0]}@{spec[1]} | {t} | {k} x {n} | "
+                            f"{t_dense * 1e6:.1f} us | {t_fwd * 1e6:.1f} us | "
+                            f"{t_dense / t_fwd:.2f}x | {t_bw * 1e6:.1f} us |")
+    return "\n".join(rows)
+
+
 def roofline(gpu, executed, bytes_, sparse_tc, tensor_cores=True):
     g = GPUS[gpu]
     peak = (g["tc_sparse"] if sparse_tc else g["tc"]) if tensor_cores else g["fma"]
@@ -168,8 +216,10 @@ if __name__ == "__main__":
     import sys
 
     vnm, marlin = "--vnm" in sys.argv[1:], "--marlin" in sys.argv[1:]
+    blocks = "--blocks" in sys.argv[1:]
     for gpu in GPUS:
-        label = ", V:N:M" if vnm else ", int4 MARLIN" if marlin else ""
+        label = ", V:N:M" if vnm else ", int4 MARLIN" if marlin else ", 1xN" if blocks else ""
         print(f"### {gpu}{label} (predicted)\n")
-        print(vnm_table(gpu) if vnm else marlin_table(gpu) if marlin else table(gpu))
+        print(vnm_table(gpu) if vnm else marlin_table(gpu) if marlin else
+              blocks_table(gpu) if blocks else table(gpu))
         print()

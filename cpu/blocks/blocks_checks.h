@@ -125,6 +125,86 @@ inline xla::ffi::Error CheckSddmm(const Validator& val, const xla::ffi::AnyBuffe
   return val.Batch({&o->a, &o->b, &o->indices}, o->result);
 }
 
+// ---------------------------------------------------------------- CUDA forms
+// The CUDA targets (cuda/blocks/blocks_ops.cu) take the structure as
+// jaxsparse/ops/blocks.py's CUDA lowering prepares it in the same program, so
+// that every output element has its inputs without a search or a scatter:
+//
+//   blocks_spmm    as above, indptr already non-decreasing in [0, nnz]
+//   blocks_spmm_t  dy [By, T, N], values [Bw, nnz, n], rows [Bw, nnz],
+//                  order [Bw, nnz], kptr [Bw, K + 1]            -> dx [B, T, K]
+//                  (rows: each block's row, or outside [0, R) for none;
+//                  order: the blocks sorted by input, kptr[k] .. kptr[k+1]-1
+//                  the positions in order of the blocks with input k)
+//   blocks_sddmm   x [Bx, T, K], dy [By, T, N], indices, rows -> dv [B, nnz, n]
+// Out-of-range entries still never read out of bounds (clamped or skipped).
+
+// The arrays of a CUDA call with per-block rows: a, b as above; `structure`
+// holds rows, order, kptr (spmm_t) or indices, rows (sddmm).
+struct RowOperands {
+  Operand3 a, b, result;
+  Operand3 structure[3];
+};
+
+inline xla::ffi::Error Int32Rows(const Validator& val, const char* name,
+                                 const xla::ffi::AnyBuffer& buffer, Operand3* out) {
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, name, buffer, out));
+  return val.Dtype(*out, xla::ffi::DataType::S32);
+}
+
+// dx = dy @ W^T with the blocks ordered by input (CUDA).
+inline xla::ffi::Error CheckSpmmTByInput(const Validator& val, const xla::ffi::AnyBuffer& dy,
+                                         const xla::ffi::AnyBuffer& values,
+                                         const xla::ffi::AnyBuffer& rows,
+                                         const xla::ffi::AnyBuffer& order,
+                                         const xla::ffi::AnyBuffer& kptr,
+                                         const xla::ffi::AnyBuffer& dx, RowOperands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("dy", dy, &o->a));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("values", values, &o->b));
+  JAXSPARSE_RETURN_IF_ERROR(Int32Rows(val, "rows", rows, &o->structure[0]));
+  JAXSPARSE_RETURN_IF_ERROR(Int32Rows(val, "order", order, &o->structure[1]));
+  JAXSPARSE_RETURN_IF_ERROR(Int32Rows(val, "kptr", kptr, &o->structure[2]));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("dx", dx, &o->result));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->a, &o->b, &o->result}));
+  JAXSPARSE_RETURN_IF_ERROR(val.Batch({&o->a, &o->b, &o->structure[0]}, o->result));
+  if (!IsBlockSize(o->b.cols)) {
+    return val.Fail("the block size n (values.shape[2]) must be 4, 8, 16 or 32, got " +
+                    std::to_string(o->b.cols));
+  }
+  const Operand3 &r = o->structure[0], &ord = o->structure[1], &kp = o->structure[2];
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("rows.shape[1] (nnz)", r.cols, "values.shape[1]", o->b.rows));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("order.shape[1]", ord.cols, "values.shape[1]", o->b.rows));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("kptr.shape[1]", kp.cols, "K + 1", o->result.cols + 1));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("values.shape[0]", o->b.batch, "rows.shape[0]", r.batch));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("order.shape[0]", ord.batch, "rows.shape[0]", r.batch));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("kptr.shape[0]", kp.batch, "rows.shape[0]", r.batch));
+  return val.Dim("dx.shape[1] (T)", o->result.rows, "dy.shape[1]", o->a.rows);
+}
+
+// dv = (x^T dy)[kept] with each block's row given (CUDA).
+inline xla::ffi::Error CheckSddmmByRow(const Validator& val, const xla::ffi::AnyBuffer& x,
+                                       const xla::ffi::AnyBuffer& dy,
+                                       const xla::ffi::AnyBuffer& indices,
+                                       const xla::ffi::AnyBuffer& rows,
+                                       const xla::ffi::AnyBuffer& dv, RowOperands* o) {
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("x", x, &o->a));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("dy", dy, &o->b));
+  JAXSPARSE_RETURN_IF_ERROR(Int32Rows(val, "indices", indices, &o->structure[0]));
+  JAXSPARSE_RETURN_IF_ERROR(Int32Rows(val, "rows", rows, &o->structure[1]));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("dv", dv, &o->result));
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->a, &o->b, &o->result}));
+  JAXSPARSE_RETURN_IF_ERROR(val.Batch({&o->a, &o->b, &o->structure[0]}, o->result));
+  if (!IsBlockSize(o->result.cols)) {
+    return val.Fail("the block size n (dv.shape[2]) must be 4, 8, 16 or 32, got " +
+                    std::to_string(o->result.cols));
+  }
+  const Operand3 &ind = o->structure[0], &r = o->structure[1];
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("rows.shape", r.cols, "indices.shape[1]", ind.cols));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("rows.shape[0]", r.batch, "indices.shape[0]", ind.batch));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("dy.shape[1] (T)", o->b.rows, "x.shape[1]", o->a.rows));
+  return val.Dim("dv.shape[1] (nnz)", o->result.rows, "indices.shape[1]", ind.cols);
+}
+
 }  // namespace blocks_check
 }  // namespace jaxsparse
 

@@ -9,10 +9,12 @@
 // input, so one broadcast of x[t, k] feeds an n-wide FMA, and a block row is
 // a small dense product x[:, kept] @ W_row[kept, n] (KERNELS.md section 4).
 // The forward (spmm) therefore runs, per block of tokens:
-//   1. Pack: x transposed to xT [K][tokens] in f32, once per token block and
-//      shared by every block row: the broadcasts of a tile's tokens for one
-//      input then read one or two cache lines, and bf16/f16 are converted
-//      once instead of once per block row;
+//   1. Pack (Micro::Pack): x transposed to xT [K][tokens] in f32, once per
+//      token block and shared by every block row: the broadcasts of a tile's
+//      tokens for one input then read one or two cache lines, and bf16/f16
+//      are converted once instead of once per block row (the bf16 pair
+//      kernel keeps bf16; the AVX-512 units transpose 8 x 8 in registers,
+//      blocks_pack.h);
 //   2. per task (a run of block rows holding about kChunkBlocks blocks, so the
 //      two workers stay balanced whatever the rows' lengths), per token tile,
 //      per block row: the micro-kernel (`Micro`, per ISA) accumulates a

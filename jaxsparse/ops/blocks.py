@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import ad
+from jax.interpreters import ad, mlir
 
 from jaxsparse.ops import _primitive as P
 
@@ -322,17 +322,72 @@ def _sddmm_batch(args, dims, *, n):
     return P.batch_into_kernel_batch(functools.partial(blocks_sddmm, n=n), args, dims)
 
 
+# ====================================================================== CUDA lowerings
+# The CUDA kernels (cuda/blocks/blocks_ops.cu) take the structure prepared in the same program,
+# so that every output element finds its inputs without a search or a scatter: the forward
+# reads indptr already made non-decreasing (a warp per block row), the input gradient the blocks
+# listed by input (a CSC view: one thread per dx entry sums its blocks, no atomics), the values'
+# gradient each block's row (docs/ffi_abi.md).
+def _spans(indptr, nnz):
+    return jax.lax.cummax(jnp.clip(indptr.astype(jnp.int32), 0, nnz), axis=indptr.ndim - 1)
+
+
+def _blocks_by_input(indices, rows, rows_count, k):
+    """`(order, kptr)`: the blocks sorted by input (blocks outside x or in no row last), and
+    `kptr [B, K + 1]` with input k's blocks at `order[kptr[k]:kptr[k + 1]]`."""
+    valid = (indices >= 0) & (indices < k) & (rows >= 0) & (rows < rows_count)
+    key = jnp.where(valid, indices, k)
+    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    starts = jax.vmap(functools.partial(jnp.searchsorted, side="left"), in_axes=(0, None))(
+        sorted_key, jnp.arange(k + 1, dtype=jnp.int32))
+    return order, starts.astype(jnp.int32)
+
+
+def _spmm_cuda_lowering(target):
+    def call(x, values, indices, indptr, *, out_features):
+        y = jax.ShapeDtypeStruct((max(x.shape[0], values.shape[0]), x.shape[1], out_features),
+                                 x.dtype)
+        return jax.ffi.ffi_call(target, y)(x, values, indices, _spans(indptr, values.shape[1]))
+
+    return mlir.lower_fun(call, multiple_results=False)
+
+
+def _spmm_t_cuda_lowering(target):
+    def call(dy, values, indices, indptr, *, in_features):
+        rows = block_rows(indptr, values.shape[1])
+        order, kptr = _blocks_by_input(indices, rows, indptr.shape[-1] - 1, in_features)
+        dx = jax.ShapeDtypeStruct((max(dy.shape[0], values.shape[0]), dy.shape[1], in_features),
+                                  dy.dtype)
+        return jax.ffi.ffi_call(target, dx)(dy, values, rows, order, kptr)
+
+    return mlir.lower_fun(call, multiple_results=False)
+
+
+def _sddmm_cuda_lowering(target):
+    def call(x, dy, indices, indptr, *, n):
+        rows = block_rows(indptr, indices.shape[-1])
+        dv = jax.ShapeDtypeStruct(
+            (max(x.shape[0], dy.shape[0], indices.shape[0]), indices.shape[-1], n), x.dtype)
+        return jax.ffi.ffi_call(target, dv)(x, dy, indices, rows)
+
+    return mlir.lower_fun(call, multiple_results=False)
+
+
 def _register():
     # No attributes: the handlers read N_out, K and n from the operands' and result's shapes.
     P.register(blocks_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
                transpose=_spmm_transpose, batch=_spmm_batch, reference=blocks_spmm_reference,
-               target="jaxsparse_blocks_spmm", attrs=())
+               target="jaxsparse_blocks_spmm", attrs=(),
+               cuda_lowering=_spmm_cuda_lowering)
     P.register(blocks_spmm_t_p, abstract_eval=_spmm_t_abstract_eval, jvp=_spmm_t_jvp,
                transpose=_spmm_t_transpose, batch=_spmm_t_batch,
-               reference=blocks_spmm_t_reference, target="jaxsparse_blocks_spmm_t", attrs=())
+               reference=blocks_spmm_t_reference, target="jaxsparse_blocks_spmm_t", attrs=(),
+               cuda_lowering=_spmm_t_cuda_lowering)
     P.register(blocks_sddmm_p, abstract_eval=_sddmm_abstract_eval, jvp=_sddmm_jvp,
                transpose=_sddmm_transpose, batch=_sddmm_batch, reference=blocks_sddmm_reference,
-               target="jaxsparse_blocks_sddmm", attrs=())
+               target="jaxsparse_blocks_sddmm", attrs=(),
+               cuda_lowering=_sddmm_cuda_lowering)
 
 
 _register()

@@ -103,3 +103,16 @@ def test_int4_nm_marlin_kernels_use_sparse_tensor_cores(kernels):
         # m16 tile (4 tiles = 64 outputs).
         assert k["sass"]["HMMA.SP"] == 4 * token_tiles, k
         assert k["sass"]["LDSM"] == token_tiles and k["sass"]["LDGSTS"] > 0, k
+
+
+def test_blocks_forward_uses_tensor_cores(kernels):
+    tc = [k for k in kernels if k["name"].startswith("BlocksSpmmTcKernel")]
+    names = {f"BlocksSpmmTcKernel<{n}, {t}>" for n in (4, 8, 16, 32) for t in ("bf16", "f16")}
+    assert {k["name"] for k in tc} == names
+    assert len(tc) == 16  # n = 4, 8, 16, 32 x bf16, f16 x sm_80, sm_90
+    for k in tc:
+        n = int(k["name"].split("<")[1].split(",")[0])
+        # One m16n8k16 per n8 tile of the block row (n = 4 pads one tile) per step of 16 blocks.
+        assert k["sass"]["HMMA"] == max(1, n // 8), k
+    generic = {f"Blocks{op}Kernel<{t}>" for op in ("SpmmT", "Sddmm") for t in ("f32", "bf16", "f16")}
+    assert generic | {"BlocksSpmmKernel<f32>"} <= {k["name"] for k in kernels}
