@@ -257,9 +257,10 @@ struct Avx512Micro {
   }
   // A tile may read up to 96 tokens past its first (n = 4): padding, never stored.
   static int64_t Slack() { return 128; }
-  static void Pack(const BlocksProblem& p, const void* x, int64_t t0, int64_t count, int64_t ld,
+  template <class Rows>
+  static void Pack(const BlocksProblem& p, const Rows& rows, int64_t count, int64_t ld,
                    int64_t k0, int64_t k1, float* xt) {
-    PackFloatsTransposed(p.dtype, x, p.k, t0, count, ld, k0, k1, xt);
+    PackFloatsRows(p.dtype, rows, count, ld, k0, k1, xt);
   }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,

@@ -224,11 +224,11 @@ struct Bf16DpMicro {
   static int64_t Slack() { return Avx512Micro::Slack(); }
   // The pair kernel's xT is bf16, copied as it comes ([K][ld] words at the
   // start of each tile's f32 region): half the bytes, and no conversion back.
-  static void Pack(const BlocksProblem& p, const void* x, int64_t t0, int64_t count, int64_t ld,
+  template <class Rows>
+  static void Pack(const BlocksProblem& p, const Rows& rows, int64_t count, int64_t ld,
                    int64_t k0, int64_t k1, float* xt) {
-    if (!UsesDp(p)) return Avx512Micro::Pack(p, x, t0, count, ld, k0, k1, xt);
-    PackWordsTransposed(static_cast<const uint16_t*>(x), p.k, t0, count, ld, k0, k1,
-                       reinterpret_cast<uint16_t*>(xt));
+    if (!UsesDp(p)) return Avx512Micro::Pack(p, rows, count, ld, k0, k1, xt);
+    PackWordsRows(rows, count, ld, k0, k1, reinterpret_cast<uint16_t*>(xt));
   }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,

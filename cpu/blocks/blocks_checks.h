@@ -205,6 +205,59 @@ inline xla::ffi::Error CheckSddmmByRow(const Validator& val, const xla::ffi::Any
   return val.Dim("dv.shape[1] (nnz)", o->result.rows, "indices.shape[1]", ind.cols);
 }
 
+// ---------------------------------------------------------------- convolution
+// blocks_conv  x [N, H, W, C], values [1, nnz, n], indices [1, nnz],
+//              indptr [1, R + 1]                              -> y [N, OH, OW, out]
+// with attributes kernel_h, kernel_w, stride_h, stride_w, dilation_h,
+// dilation_w (>= 1), pad_top, pad_left (>= 0): y = the im2col patches of x
+// (features in the kernel's (i, j, c) order) @ W, W [kernel_h kernel_w C, out].
+struct ConvAttrs {
+  int32_t kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
+};
+
+inline xla::ffi::Error Rank4(const Validator& val, const char* name,
+                             const xla::ffi::AnyBuffer& buffer, int64_t dims4[4]) {
+  const auto dims = buffer.dimensions();
+  if (dims.size() != 4) {
+    return val.Fail(std::string(name) + " must have rank 4 ([N, H, W, C]), got shape " +
+                    DimsStr(dims));
+  }
+  for (int i = 0; i < 4; ++i) dims4[i] = dims[i];
+  return xla::ffi::Error::Success();
+}
+
+inline xla::ffi::Error CheckConv(const Validator& val, const ConvAttrs& a,
+                                 const xla::ffi::AnyBuffer& x,
+                                 const xla::ffi::AnyBuffer& values,
+                                 const xla::ffi::AnyBuffer& indices,
+                                 const xla::ffi::AnyBuffer& indptr,
+                                 const xla::ffi::AnyBuffer& y, Operands* o, int64_t x_dims[4],
+                                 int64_t y_dims[4]) {
+  constexpr int64_t kMax = 1 << 20;
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("kernel_h", a.kernel_h, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("kernel_w", a.kernel_w, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("stride_h", a.stride_h, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("stride_w", a.stride_w, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("dilation_h", a.dilation_h, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("dilation_w", a.dilation_w, 1, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("pad_top", a.pad_top, 0, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(val.Attr("pad_left", a.pad_left, 0, kMax));
+  JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "x", x, x_dims));
+  JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "y", y, y_dims));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("values", values, &o->b));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indices", indices, &o->indices));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indptr", indptr, &o->indptr));
+  // x and y as [1, pixels, channels] operands, for the dtype checks.
+  o->a = Operand3{"x", &x, 1, x_dims[0] * x_dims[1] * x_dims[2], x_dims[3]};
+  o->result = Operand3{"y", &y, 1, y_dims[0] * y_dims[1] * y_dims[2], y_dims[3]};
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->a, &o->b, &o->result}));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("values.shape[0]", o->b.batch, "one weight", 1));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("indices.shape[0]", o->indices.batch, "one weight", 1));
+  JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, y_dims[3], o->b.cols));
+  JAXSPARSE_RETURN_IF_ERROR(CheckValues(val, *o));
+  return val.Dim("y.shape[0] (N)", y_dims[0], "x.shape[0]", x_dims[0]);
+}
+
 }  // namespace blocks_check
 }  // namespace jaxsparse
 

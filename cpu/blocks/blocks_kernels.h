@@ -132,33 +132,25 @@ inline int64_t RowRuns(const int64_t* spans, int64_t rows, int64_t target, int64
 // Token by token: each reads a contiguous run of x (converted without a
 // per-element dtype switch) and writes one column of xT; the column's lines
 // stay in L1 across the 16 inputs that share them.
-template <class Src, float (*kConvert)(Src)>
-void PackTransposedAs(const Src* x, int64_t k, int64_t t0, int64_t count, int64_t ld,
-                      int64_t k0, int64_t k1, float* xt) {
+// Tokens' feature rows (rows(t): token t's feature 0, or null for zeros) as
+// f32 xT [k][ld] for features [k0, k1), padding tokens zero.
+template <class Rows>
+void PackRowsScalar(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                    int64_t k1, float* xt) {
   for (int64_t t = 0; t < count; ++t) {
-    const Src* row = x + (t0 + t) * k;
-    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = kConvert(row[kk]);
+    const void* row = rows(t);
+    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = row ? LoadAs(dtype, row, kk) : 0.0f;
   }
   for (int64_t kk = k0; kk < k1; ++kk) {
     for (int64_t t = count; t < ld; ++t) xt[kk * ld + t] = 0.0f;
   }
 }
 
-inline float Identity(float v) { return v; }
-
+// x [tokens, k] as f32 xT (the sddmm's pack: tokens [t0, t0 + count)).
 inline void PackTransposed(Dtype dtype, const void* x, int64_t k, int64_t t0, int64_t count,
                            int64_t ld, int64_t k0, int64_t k1, float* xt) {
-  switch (dtype) {
-    case Dtype::kBF16:
-      return PackTransposedAs<uint16_t, Bf16ToF32>(static_cast<const uint16_t*>(x), k, t0,
-                                                   count, ld, k0, k1, xt);
-    case Dtype::kF16:
-      return PackTransposedAs<uint16_t, F16ToF32>(static_cast<const uint16_t*>(x), k, t0,
-                                                  count, ld, k0, k1, xt);
-    default:
-      return PackTransposedAs<float, Identity>(static_cast<const float*>(x), k, t0, count, ld,
-                                               k0, k1, xt);
-  }
+  PackRowsScalar(dtype, [&](int64_t t) { return Offset(x, dtype, (t0 + t) * k); }, count, ld, k0,
+                 k1, xt);
 }
 
 // ---------------------------------------------------------------- forward
@@ -186,10 +178,12 @@ void PortableTile(const BlocksProblem& p, const void* values, const int32_t* ind
 }
 
 struct PortableMicro {
-  // x of one tile into its xT region (f32 for every micro-kernel but the bf16 pairs').
-  static void Pack(const BlocksProblem& p, const void* x, int64_t t0, int64_t count, int64_t ld,
+  // One tile's feature rows into its xT region (f32 for every micro-kernel but
+  // the bf16 pairs'); rows(t) as in PackRowsScalar.
+  template <class Rows>
+  static void Pack(const BlocksProblem& p, const Rows& rows, int64_t count, int64_t ld,
                    int64_t k0, int64_t k1, float* xt) {
-    PackTransposed(p.dtype, x, p.k, t0, count, ld, k0, k1, xt);
+    PackRowsScalar(p.dtype, rows, count, ld, k0, k1, xt);
   }
   // Tokens per tile: a tile of n outputs keeps kT * n floats of accumulators.
   static int64_t TileTokens(const BlocksProblem& p) {
@@ -224,20 +218,84 @@ struct SpmmOp {
   int64_t ld = 0;
   int64_t tile = 0;   // the micro-kernel's tokens per tile
   int64_t block = 0;  // tokens per token block: whole tiles
+  // Few blocks (fewer row runs than workers: a layer of 384 outputs, a
+  // convolution's 64 filters) would leave workers idle with the rows split
+  // among them; then each worker takes whole token blocks instead, packing
+  // its own xT region (by_tokens).
+  bool by_tokens = false;
+  int64_t region = 0;  // floats of one xT region
   int64_t* spans = nullptr;
   int64_t* bounds = nullptr;
   float* xt = nullptr;
 
   void Layout(Carver& c) {
     tile = Micro::TileTokens(p);
-    block = RoundUp(kBlockTokens, tile);
+    by_tokens = rt.num_workers > 1 && p.nnz < kChunkBlocks * rt.num_workers && p.tokens > tile;
+    // By tokens: about four token blocks per worker, so they balance.
+    const int64_t want = by_tokens ? Min(kBlockTokens, CeilDiv(p.tokens, 4 * rt.num_workers))
+                                   : kBlockTokens;
+    block = RoundUp(want, tile);
     const int64_t count = Min(p.tokens, block);
     // Few tokens: rows of 4 floats keep xT in L1 (16 KB per token and 4096
     // inputs).
     ld = count < tile ? RoundUp(count, 4) : tile;
     spans = c.Take<int64_t>(p.rows + 1);
     bounds = c.Take<int64_t>(p.rows + 1);
-    xt = c.Take<float>(CeilDiv(count, ld) * p.k * ld + Micro::Slack() + kPackSlack);
+    region = CeilDiv(count, ld) * p.k * ld + Micro::Slack() + kPackSlack;
+    xt = c.Take<float>(region * (by_tokens ? rt.num_workers : 1));
+  }
+
+  // Tokens [t0, t0 + count) of x, inputs [k0, k1), into the xT region at base.
+  void Pack(const void* x, int64_t t0, int64_t count, int64_t k0, int64_t k1,
+            float* base) const {
+    for (int64_t a = 0; a * ld < count; ++a) {
+      const int64_t first = t0 + a * ld, tokens = Min(ld, count - a * ld);
+      float* tile_base = base + a * p.k * ld;
+      if (p.conv != nullptr) {
+        PackConv(*p.conv, x, first, tokens, k0, k1, tile_base);
+        continue;
+      }
+      const auto rows = [&](int64_t t) { return Offset(x, p.dtype, (first + t) * p.k); };
+      Micro::Pack(p, rows, tokens, ld, k0, k1, tile_base);
+    }
+  }
+
+  // A convolution's tile: per kernel position overlapping [k0, k1), the
+  // tokens' input pixels (null in the padding) give the rows of its channels:
+  // a row's pointer is shifted back by the position's first feature, so that
+  // feature kk of the tile reads channel kk - pos * C of the pixel (in
+  // address arithmetic: the shifted pointer may lie before x).
+  void PackConv(const BlocksConv& g, const void* x, int64_t first, int64_t tokens, int64_t k0,
+                int64_t k1, float* tile_base) const {
+    const int64_t c = g.channels, pixels = g.out_h * g.out_w;
+    const intptr_t bytes = ElementBytes(p.dtype);
+    for (int64_t pos = k0 / c; pos * c < k1; ++pos) {
+      const int64_t i = pos / g.kernel_w, j = pos % g.kernel_w;
+      const int64_t f0 = Max(k0, pos * c), f1 = Min(k1, (pos + 1) * c);
+      const auto rows = [&](int64_t t) -> const void* {
+        const int64_t token = first + t, image = token / pixels, pixel = token % pixels;
+        const int64_t ih = (pixel / g.out_w) * g.stride_h + i * g.dilation_h - g.pad_top;
+        const int64_t iw = (pixel % g.out_w) * g.stride_w + j * g.dilation_w - g.pad_left;
+        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
+        const int64_t element = ((image * g.height + ih) * g.width + iw) * c - pos * c;
+        return reinterpret_cast<const void*>(reinterpret_cast<intptr_t>(x) + element * bytes);
+      };
+      Micro::Pack(p, rows, tokens, ld, f0, f1, tile_base);
+    }
+  }
+
+  // The rows of one run for the token block packed at base (y at its first token).
+  void Rows(int64_t run, const void* values, const int32_t* indices, void* y, int64_t count,
+            const float* base) const {
+    for (int64_t a = 0; a * ld < count; ++a) {
+      const int64_t tokens = Min(ld, count - a * ld);
+      const float* xt_tile = base + a * p.k * ld;
+      for (int64_t r = bounds[run]; r < bounds[run + 1]; ++r) {
+        const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
+        void* yr = Offset(y, p.dtype, a * ld * p.n_out + r * p.n);
+        Micro::Row(p, values, indices, spans[r], spans[r + 1], xt_tile, ld, tokens, yr, outs);
+      }
+    }
   }
 
   struct PackJob {
@@ -246,11 +304,7 @@ struct SpmmOp {
     int64_t t0, count, k_step;
     void Run(int64_t i, int) const {
       const int64_t k0 = i * k_step, k1 = Min(op->p.k, k0 + k_step);
-      for (int64_t a = 0; a * op->ld < count; ++a) {
-        const int64_t tokens = Min(op->ld, count - a * op->ld);
-        Micro::Pack(op->p, x, t0 + a * op->ld, tokens, op->ld, k0, k1,
-                    op->xt + a * op->p.k * op->ld);
-      }
+      op->Pack(x, t0, count, k0, k1, op->xt);
     }
   };
 
@@ -260,19 +314,24 @@ struct SpmmOp {
     const int32_t* indices;
     void* y;  // this token block's first token
     int64_t count;
-    void Run(int64_t run, int) const {
+    void Run(int64_t run, int) const { op->Rows(run, values, indices, y, count, op->xt); }
+  };
+
+  // by_tokens: one token block, packed into the worker's own region, through every run.
+  struct TokenJob {
+    const SpmmOp* op;
+    const void* x;
+    const void* values;
+    const int32_t* indices;
+    void* y;
+    int64_t runs;
+    void Run(int64_t i, int worker) const {
       const BlocksProblem& p = op->p;
-      const int64_t ld = op->ld;
-      for (int64_t a = 0; a * ld < count; ++a) {
-        const int64_t tokens = Min(ld, count - a * ld);
-        const float* xt = op->xt + a * p.k * ld;
-        for (int64_t r = op->bounds[run]; r < op->bounds[run + 1]; ++r) {
-          const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
-          void* yr = Offset(y, p.dtype, a * ld * p.n_out + r * p.n);
-          Micro::Row(p, values, indices, op->spans[r], op->spans[r + 1], xt, ld, tokens, yr,
-                     outs);
-        }
-      }
+      const int64_t t0 = i * op->block, count = Min(op->block, p.tokens - t0);
+      float* base = op->xt + worker * op->region;
+      op->Pack(x, t0, count, 0, p.k, base);
+      void* yt = Offset(y, p.dtype, t0 * p.n_out);
+      for (int64_t run = 0; run < runs; ++run) op->Rows(run, values, indices, yt, count, base);
     }
   };
 
@@ -281,8 +340,10 @@ struct SpmmOp {
     const int64_t count0 = Min(p.tokens, block);
     // The slack a last tile may read: padding tokens, never stored; zeroed so
     // they hold no stale bits.
-    std::memset(xt + CeilDiv(count0, ld) * p.k * ld, 0,
-                sizeof(float) * (Micro::Slack() + kPackSlack));
+    for (int64_t w = 0; w < (by_tokens ? rt.num_workers : 1); ++w) {
+      std::memset(xt + w * region + CeilDiv(count0, ld) * p.k * ld, 0,
+                  sizeof(float) * (Micro::Slack() + kPackSlack));
+    }
     for (int64_t b = 0; b < p.batch; ++b) {
       const void* x = Offset(p.x, p.dtype, b * p.x_stride);
       const void* values = Offset(p.values, p.dtype, b * p.values_stride);
@@ -290,6 +351,10 @@ struct SpmmOp {
       RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
       const int64_t runs = RowRuns(spans, p.rows, kChunkBlocks, bounds);
       void* y = Offset(p.out, p.dtype, b * p.tokens * p.n_out);
+      if (by_tokens) {
+        RunParallel(rt, CeilDiv(p.tokens, block), TokenJob{this, x, values, indices, y, runs});
+        continue;
+      }
       for (int64_t t0 = 0; t0 < p.tokens; t0 += block) {
         const int64_t count = Min(block, p.tokens - t0);
         // A few tokens pack in microseconds: a parallel job would cost more.

@@ -15,6 +15,19 @@
 namespace jaxsparse {
 namespace cpu {
 
+// A 2-D convolution read through its kernel positions (jaxsparse_blocks_conv):
+// x is [images, height, width, channels] channels-last, a token is one output
+// pixel (image, oh, ow), and feature (i, j, c) of it is the input at
+// (oh * stride_h + i * dilation_h - pad_top, ow * stride_w + j * dilation_w -
+// pad_left, c), zero outside the image: the im2col patches, never stored.
+struct BlocksConv {
+  int64_t height, width, channels;  // the input image
+  int64_t out_h, out_w;             // output pixels per image
+  int64_t kernel_w;                 // positions per kernel row (the kernel's height is
+                                    // features / (kernel_w * channels))
+  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
+};
+
 // One call of a 1xN target, already validated (cpu/blocks/blocks_checks.h
 // gives the layouts). Batch strides are in elements, 0 when the operand's
 // batch dimension is 1. Operands a target does not use are null.
@@ -38,6 +51,9 @@ struct BlocksProblem {
   int64_t indices_stride;
   int64_t indptr_stride;
   void* out;  // [B, T, N], [B, T, K] or [B, nnz, n], dense
+  // Set for the convolution's forward: x is then the images, T = images x
+  // out_h x out_w and K = kernel_h x kernel_w x channels (B = 1).
+  const BlocksConv* conv;
 };
 
 // A kernel returns false only when scratch memory could not be obtained.

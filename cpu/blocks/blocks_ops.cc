@@ -84,6 +84,28 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   return RunKernel(val, Kernels().sddmm, p, pool, *dv);
 }
 
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                    ffi::AnyBuffer indices, ffi::AnyBuffer indptr,
+                    ffi::Result<ffi::AnyBuffer> y, int32_t kernel_h, int32_t kernel_w,
+                    int32_t stride_h, int32_t stride_w, int32_t dilation_h, int32_t dilation_w,
+                    int32_t pad_top, int32_t pad_left) {
+  const Validator val("jaxsparse_blocks_conv");
+  const blocks_check::ConvAttrs attrs{kernel_h,   kernel_w,   stride_h, stride_w,
+                                      dilation_h, dilation_w, pad_top,  pad_left};
+  blocks_check::Operands o;
+  int64_t xd[4], yd[4];
+  JAXSPARSE_RETURN_IF_ERROR(
+      blocks_check::CheckConv(val, attrs, x, values, indices, indptr, *y, &o, xd, yd));
+  const BlocksConv conv{xd[1],    xd[2],    xd[3],      yd[1],      yd[2],   kernel_w,
+                        stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left};
+  BlocksProblem p = Problem(o, yd[0] * yd[1] * yd[2], int64_t{kernel_h} * kernel_w * xd[3],
+                            yd[3], o.b.cols);
+  p.x = o.a.data();
+  p.values = o.b.data();
+  p.conv = &conv;
+  return RunKernel(val, Kernels().spmm, p, pool, *y);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace jaxsparse
@@ -100,3 +122,13 @@ JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksSpmmT, "jaxsparse_blocks_spmm_t",
                      jaxsparse::cpu::SpmmTImpl, JAXSPARSE_BLOCKS_BINDING);
 JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksSddmm, "jaxsparse_blocks_sddmm",
                      jaxsparse::cpu::SddmmImpl, JAXSPARSE_BLOCKS_BINDING);
+
+JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksConv, "jaxsparse_blocks_conv", jaxsparse::cpu::ConvImpl,
+                     JAXSPARSE_BLOCKS_BINDING.Attr<int32_t>("kernel_h")
+                         .Attr<int32_t>("kernel_w")
+                         .Attr<int32_t>("stride_h")
+                         .Attr<int32_t>("stride_w")
+                         .Attr<int32_t>("dilation_h")
+                         .Attr<int32_t>("dilation_w")
+                         .Attr<int32_t>("pad_top")
+                         .Attr<int32_t>("pad_left"));

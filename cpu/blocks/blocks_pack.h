@@ -62,27 +62,35 @@ inline void Transpose8x8Floats(__m256 r[8]) {
   }
 }
 
-// 16-bit words of x [tokens, k] as words of xT [k][ld]: bf16 kept as bf16.
-inline void PackWordsTransposed(const uint16_t* x, int64_t k, int64_t t0, int64_t count,
-                                int64_t ld, int64_t k0, int64_t k1, uint16_t* xt) {
+// Tokens' feature rows as xT [k][ld] for features [k0, k1): rows(t) is token
+// t's row (its feature 0), or null for a token whose features are all zero (a
+// convolution's padding). 16-bit words are copied as they are (bf16 kept).
+template <class Rows>
+inline void PackWordsRows(const Rows& rows, int64_t count, int64_t ld, int64_t k0, int64_t k1,
+                          uint16_t* xt) {
   const int64_t t8 = count & ~int64_t{7}, kk8 = k0 + ((k1 - k0) & ~int64_t{7});
   for (int64_t t = 0; t < t8; t += 8) {
+    const uint16_t* row[8];
+    for (int i = 0; i < 8; ++i) row[i] = static_cast<const uint16_t*>(rows(t + i));
     for (int64_t kk = k0; kk < kk8; kk += 8) {
       __m128i r[8];
       for (int i = 0; i < 8; ++i) {
-        r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (t0 + t + i) * k + kk));
+        r[i] = row[i] != nullptr
+                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + kk))
+                   : _mm_setzero_si128();
       }
       Transpose8x8Words(r);
       for (int j = 0; j < 8; ++j) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(xt + (kk + j) * ld + t), r[j]);
       }
     }
-    for (int64_t i = 0; i < 8; ++i) {
-      for (int64_t kk = kk8; kk < k1; ++kk) xt[kk * ld + t + i] = x[(t0 + t + i) * k + kk];
+    for (int i = 0; i < 8; ++i) {
+      for (int64_t kk = kk8; kk < k1; ++kk) xt[kk * ld + t + i] = row[i] ? row[i][kk] : 0;
     }
   }
   for (int64_t t = t8; t < count; ++t) {
-    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = x[(t0 + t) * k + kk];
+    const uint16_t* row = static_cast<const uint16_t*>(rows(t));
+    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = row ? row[kk] : 0;
   }
   for (int64_t kk = k0; kk < k1; ++kk) {
     for (int64_t t = count; t < ld; ++t) xt[kk * ld + t] = 0;
@@ -99,53 +107,60 @@ inline __m256 WidenWords(__m128i v) {
   }
 }
 
-// x [tokens, k] of dtype D as f32 xT [k][ld].
-template <Dtype D>
-inline void PackFloatsTransposedAs(const void* x_raw, int64_t k, int64_t t0, int64_t count,
-                                   int64_t ld, int64_t k0, int64_t k1, float* xt) {
+// As PackWordsRows, into f32 xT: rows of dtype D, widened.
+template <Dtype D, class Rows>
+inline void PackFloatsRowsAs(const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                             int64_t k1, float* xt) {
   const int64_t t8 = count & ~int64_t{7}, kk8 = k0 + ((k1 - k0) & ~int64_t{7});
   for (int64_t t = 0; t < t8; t += 8) {
+    const void* row[8];
+    for (int i = 0; i < 8; ++i) row[i] = rows(t + i);
     for (int64_t kk = k0; kk < kk8; kk += 8) {
       __m256 r[8];
       if constexpr (D == Dtype::kF32) {
-        const float* x = static_cast<const float*>(x_raw);
-        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (t0 + t + i) * k + kk);
+        for (int i = 0; i < 8; ++i) {
+          r[i] = row[i] != nullptr ? _mm256_loadu_ps(static_cast<const float*>(row[i]) + kk)
+                                   : _mm256_setzero_ps();
+        }
         Transpose8x8Floats(r);
       } else {
         // Transposed as words, then widened: 8 shuffles fewer than widening first.
-        const uint16_t* x = static_cast<const uint16_t*>(x_raw);
         __m128i w[8];
         for (int i = 0; i < 8; ++i) {
-          w[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (t0 + t + i) * k + kk));
+          w[i] = row[i] != nullptr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                         static_cast<const uint16_t*>(row[i]) + kk))
+                                   : _mm_setzero_si128();
         }
         Transpose8x8Words(w);
         for (int j = 0; j < 8; ++j) r[j] = WidenWords<D>(w[j]);
       }
       for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (kk + j) * ld + t, r[j]);
     }
-    for (int64_t i = 0; i < 8; ++i) {
+    for (int i = 0; i < 8; ++i) {
       for (int64_t kk = kk8; kk < k1; ++kk) {
-        xt[kk * ld + t + i] = LoadAs(D, x_raw, (t0 + t + i) * k + kk);
+        xt[kk * ld + t + i] = row[i] ? LoadAs(D, row[i], kk) : 0.0f;
       }
     }
   }
   for (int64_t t = t8; t < count; ++t) {
-    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = LoadAs(D, x_raw, (t0 + t) * k + kk);
+    const void* row = rows(t);
+    for (int64_t kk = k0; kk < k1; ++kk) xt[kk * ld + t] = row ? LoadAs(D, row, kk) : 0.0f;
   }
   for (int64_t kk = k0; kk < k1; ++kk) {
     for (int64_t t = count; t < ld; ++t) xt[kk * ld + t] = 0.0f;
   }
 }
 
-inline void PackFloatsTransposed(Dtype dtype, const void* x, int64_t k, int64_t t0, int64_t count,
-                                 int64_t ld, int64_t k0, int64_t k1, float* xt) {
+template <class Rows>
+inline void PackFloatsRows(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                           int64_t k1, float* xt) {
   switch (dtype) {
     case Dtype::kBF16:
-      return PackFloatsTransposedAs<Dtype::kBF16>(x, k, t0, count, ld, k0, k1, xt);
+      return PackFloatsRowsAs<Dtype::kBF16>(rows, count, ld, k0, k1, xt);
     case Dtype::kF16:
-      return PackFloatsTransposedAs<Dtype::kF16>(x, k, t0, count, ld, k0, k1, xt);
+      return PackFloatsRowsAs<Dtype::kF16>(rows, count, ld, k0, k1, xt);
     default:
-      return PackFloatsTransposedAs<Dtype::kF32>(x, k, t0, count, ld, k0, k1, xt);
+      return PackFloatsRowsAs<Dtype::kF32>(rows, count, ld, k0, k1, xt);
   }
 }
 

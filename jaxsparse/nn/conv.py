@@ -14,6 +14,11 @@ of patches: they are read back while in the cache). A 1x1 kernel with stride 1 a
 is the product alone. Gradients flow through the slices (w.r.t. the input) and through the
 format's primitives (w.r.t. its trainable values).
 
+A 1xN kernel of a 2-D convolution without input dilation stores no patches: `blocks_conv`
+(jaxsparse/ops/blocks.py) hands the unpadded input to a CPU kernel that gathers each
+token's pixels through the kernel positions while it packs x, tile by tile
+(`blocks_conv_direct`); its backward builds the patches a few images at a time.
+
 The helpers here (`conv_geometry`, `conv_patches`, `conv_fits`, `sparse_conv`) are what the
 linen layer (jaxsparse/linen/conv.py) and both surgeries share.
 """
@@ -35,7 +40,9 @@ from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 from jax import lax
 
 from jaxsparse import _validate as V
+from jaxsparse.formats.blocks import BlocksSparse
 from jaxsparse.nn import _layout
+from jaxsparse.ops.blocks import blocks_conv
 from jaxsparse.nn.linear import HeldKernel, _Constant, _make_bias
 from jaxsparse.prune import as_pattern, fits
 
@@ -242,6 +249,25 @@ def conv_pattern(sparsity, geometry: ConvGeometry, in_features, out_features, wh
 
 
 # ====================================================================== forward
+def explicit_padding(x: Array, geometry: ConvGeometry):
+    """`(x, pads)`: x with CIRCULAR, REFLECT or CAUSAL padding applied, and the zero padding
+    `[(lo, hi), ...]` per spatial dim that remains (as `lax.conv_general_dilated` reads it)."""
+    padding = geometry.padding
+    kernel_dilated = [(k - 1) * d + 1 for k, d in zip(geometry.kernel_size,
+                                                       geometry.kernel_dilation)]
+    if padding in ("CIRCULAR", "REFLECT"):
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_dilated] + [(0, 0)]
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        x = jnp.pad(x, [(0, 0), (kernel_dilated[0] - 1, 0), (0, 0)])
+        padding = "VALID"
+    if isinstance(padding, str):
+        # As lax.conv_general_dilated (conv_geometry refuses them with input dilation).
+        padding = lax.padtype_to_pads(x.shape[1:-1], kernel_dilated, geometry.strides, padding)
+    return x, [tuple(p) for p in padding]
+
+
 def conv_patches(x: Array, geometry: ConvGeometry) -> Array:
     """The im2col patches of a channels-last input, in the flattened kernel's order.
 
@@ -258,19 +284,9 @@ def conv_patches(x: Array, geometry: ConvGeometry) -> Array:
     Returns:
         `[batch, *out_spatial, prod(kernel_size) * in]` in `x.dtype`.
     """
-    padding = geometry.padding
     kernel_dilated = [(k - 1) * d + 1 for k, d in zip(geometry.kernel_size,
                                                        geometry.kernel_dilation)]
-    if padding in ("CIRCULAR", "REFLECT"):
-        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_dilated] + [(0, 0)]
-        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
-        padding = "VALID"
-    elif padding == "CAUSAL":
-        x = jnp.pad(x, [(0, 0), (kernel_dilated[0] - 1, 0), (0, 0)])
-        padding = "VALID"
-    if isinstance(padding, str):
-        # As lax.conv_general_dilated (conv_geometry refuses them with input dilation).
-        padding = lax.padtype_to_pads(x.shape[1:-1], kernel_dilated, geometry.strides, padding)
+    x, padding = explicit_padding(x, geometry)
     config = [(0, 0, 0)]
     config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, geometry.input_dilation)]
     config += [(0, 0, 0)]
@@ -333,6 +349,10 @@ def sparse_conv(where: str, inputs: Array, weight, geometry: ConvGeometry, in_fe
         y = _layout.sparse_product(where, x, weight, preferred_element_type)
         return y.reshape(*batch_shape, *y.shape[1:])
 
+    y = blocks_conv_direct(where, x, weight, geometry, preferred_element_type)
+    if y is not None:
+        return y.reshape(*batch_shape, *y.shape[1:])
+
     def conv(images):
         return _layout.sparse_product(where, conv_patches(images, geometry), weight,
                                       preferred_element_type)
@@ -343,6 +363,31 @@ def sparse_conv(where: str, inputs: Array, weight, geometry: ConvGeometry, in_fe
     else:
         y = lax.map(conv, x[:, None], batch_size=chunk)[:, 0]
     return y.reshape(*batch_shape, *y.shape[1:])
+
+
+def blocks_conv_direct(where: str, x, weight, geometry: ConvGeometry, preferred_element_type):
+    """`conv_patches(x) @ weight` by `blocks_conv`, in sparse_product's dtypes, for a single 1xN
+    weight of a 2-D convolution without input dilation or negative padding: the kernel gathers
+    the patches itself and never stores them. None for the rest (they store the patches)."""
+    if not (isinstance(weight, BlocksSparse) and weight.values.ndim == 2
+            and geometry.rank == 2 and all(d == 1 for d in geometry.input_dilation)):
+        return None
+    compute = jnp.promote_types(x.dtype, weight.dtype)
+    out = compute
+    if preferred_element_type is not None:
+        out = jnp.dtype(preferred_element_type)
+        if not jnp.issubdtype(out, jnp.floating):
+            raise TypeError(f"{where}: preferred_element_type must be a float dtype, got "
+                            f"{out.name}")
+        compute = jnp.promote_types(compute, out)
+    x, pads = explicit_padding(x.astype(compute), geometry)
+    if any(p < 0 for pair in pads for p in pair):
+        return None
+    w = weight.astype(compute) if weight.dtype != compute else weight
+    y = blocks_conv(x, w.values[None], w.indices[None], w.indptr[None],
+                    out_features=w.shape[-1], kernel_size=geometry.kernel_size,
+                    strides=geometry.strides, dilation=geometry.kernel_dilation, padding=pads)
+    return y.astype(out)
 
 
 #: Patches a CPU builds per step of the batch loop in `sparse_conv` (bytes), so that they are

@@ -2,6 +2,8 @@
 
 from jaxsparse.ops.blocks import (
     block_rows,
+    blocks_conv,
+    blocks_conv_reference,
     blocks_sddmm,
     blocks_sddmm_reference,
     blocks_spmm,
@@ -74,6 +76,8 @@ from jaxsparse.ops.vnm import (
 
 __all__ = [
     "block_rows",
+    "blocks_conv",
+    "blocks_conv_reference",
     "blocks_sddmm",
     "blocks_sddmm_reference",
     "blocks_spmm",

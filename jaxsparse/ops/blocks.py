@@ -33,13 +33,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import ad, mlir
+from jax.interpreters import ad, batching, mlir
 
+from jaxsparse import _ffi
 from jaxsparse.ops import _primitive as P
 
-__all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_spmm_reference",
-           "blocks_spmm_t_reference", "blocks_sddmm_reference", "block_rows"]
+__all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_conv", "blocks_spmm_reference",
+           "blocks_spmm_t_reference", "blocks_sddmm_reference", "blocks_conv_reference",
+           "block_rows"]
 
 
 # ====================================================================== shared helpers
@@ -322,6 +325,182 @@ def _sddmm_batch(args, dims, *, n):
     return P.batch_into_kernel_batch(functools.partial(blocks_sddmm, n=n), args, dims)
 
 
+# ====================================================================== blocks_conv
+blocks_conv_p = Primitive("jaxsparse_blocks_conv")
+
+
+def blocks_conv(x, values, indices, indptr, *, out_features: int, kernel_size, strides=(1, 1),
+                dilation=(1, 1), padding=((0, 0), (0, 0))):
+    """A channels-last 2-D convolution by a 1xN block-sparse kernel, read through its kernel
+    positions: the im2col patches are never stored (the CPU kernel gathers them into its packed
+    x tile by tile).
+
+    Args:
+        x: `[N, H, W, C]` f32/bf16/f16.
+        values, indices, indptr: one weight's BSR arrays (`[1, nnz, n]`, `[1, nnz]`,
+            `[1, R + 1]`) of the kernel as `W [kh * kw * C, out_features]`, features in the
+            kernel's row-major `(i, j, c)` order.
+        out_features: the output channels.
+        kernel_size, strides, dilation: `(h, w)` pairs of the kernel (dilation of the kernel,
+            not of the input).
+        padding: `((top, bottom), (left, right))` zeros around x.
+
+    Returns:
+        `[N, OH, OW, out_features]` in x's dtype: `conv_patches(x) @ W`.
+    """
+    return blocks_conv_p.bind(x, values, indices, indptr, out_features=int(out_features),
+                              kernel_size=_pair(kernel_size), strides=_pair(strides),
+                              dilation=_pair(dilation),
+                              padding=tuple(tuple(int(v) for v in p) for p in padding))
+
+
+def _pair(v):
+    return tuple(int(a) for a in v)
+
+
+def _conv_out(size, kernel, stride, dilation, pads):
+    extent = (kernel - 1) * dilation + 1
+    padded = size + pads[0] + pads[1]
+    return (padded - extent) // stride + 1 if padded >= extent else 0
+
+
+def conv_patches_2d(x, kernel_size, strides, dilation, padding):
+    """The im2col patches `[N, OH, OW, kh * kw * C]` of channels-last `x`, features in the
+    kernel's `(i, j, c)` order."""
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    n, h, w, c = x.shape
+    out = [_conv_out(size, k, s, d, (0, 0)) for size, k, s, d in
+           zip((h, w), kernel_size, strides, dilation)]
+    if 0 in out:
+        return jnp.zeros((n, *out, kernel_size[0] * kernel_size[1] * c), x.dtype)
+    slices = []
+    for i in range(kernel_size[0]):
+        for j in range(kernel_size[1]):
+            start = (0, i * dilation[0], j * dilation[1], 0)
+            limit = (n, start[1] + (out[0] - 1) * strides[0] + 1,
+                     start[2] + (out[1] - 1) * strides[1] + 1, c)
+            slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+
+
+def _conv_by_patches(x, values, indices, indptr, *, out_features, kernel_size, strides,
+                     dilation, padding, product):
+    patches = conv_patches_2d(x, kernel_size, strides, dilation, padding)
+    n, oh, ow, k = patches.shape
+    y = product(patches.reshape(1, n * oh * ow, k), values, indices, indptr,
+                out_features=out_features)
+    return y.reshape(n, oh, ow, out_features)
+
+
+def blocks_conv_reference(x, values, indices, indptr, **params):
+    """Pure jnp: the patches times the densified kernel (the test oracle)."""
+    return _conv_by_patches(x, values, indices, indptr, product=blocks_spmm_reference, **params)
+
+
+def _conv_through_spmm(x, values, indices, indptr, **params):
+    """The patches stored, then `blocks_spmm` (CUDA, the emulator, and batched weights)."""
+    return _conv_by_patches(x, values, indices, indptr, product=blocks_spmm, **params)
+
+
+def _conv_abstract_eval(x, values, indices, indptr, *, out_features, kernel_size, strides,
+                        dilation, padding):
+    if x.ndim != 4:
+        raise ValueError(f"blocks_conv: x must have rank 4 ([N, H, W, C]); got {tuple(x.shape)}")
+    if values.ndim != 3 or values.dtype != x.dtype:
+        raise TypeError(f"blocks_conv: values must be [1, nnz, n] of x's dtype {x.dtype}; got "
+                        f"{values.dtype}{list(values.shape)}")
+    _check_structure("blocks_conv", indices, indptr, out_features, values.shape[-1])
+    out = [_conv_out(size, k, s, d, p) for size, k, s, d, p in
+           zip(x.shape[1:3], kernel_size, strides, dilation, padding)]
+    return x.update(shape=(x.shape[0], *out, out_features), dtype=x.dtype)
+
+
+def _conv_jvp(primals, tangents, **params):
+    fn = functools.partial(blocks_conv, **params)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+#: Patches the backward builds per step of its loop over images on a CPU (bytes): read back by
+#: the two products while still in the cache (nn/conv.py's PATCH_CHUNK_BYTES, for the same reason).
+BACKWARD_PATCH_BYTES = 4 * 2**20
+
+
+def _conv_transpose(ct, x, values, indices, indptr, *, out_features, kernel_size, strides,
+                    dilation, padding):
+    """The patches' cotangent (spmm_t) folded back onto x by the patches' transpose, and the
+    values' (sddmm) from the stored patches: on a CPU a few images at a time, the values'
+    cotangent summed over the steps in f32."""
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    geometry = (kernel_size, strides, dilation, padding)
+    want_x, want_values = ad.is_undefined_primal(x), ad.is_undefined_primal(values)
+    x_aval = x.aval if want_x else x
+    k = kernel_size[0] * kernel_size[1] * x_aval.shape[-1]
+
+    def step(x_img, ct_img):
+        ct_rows = ct_img.reshape(1, -1, out_features)
+        d_x = d_values = None
+        if want_x:
+            d_patches = blocks_spmm_t(ct_rows, values, indices, indptr, in_features=k)
+            fold = jax.linear_transpose(lambda v: conv_patches_2d(v, *geometry),
+                                        jax.ShapeDtypeStruct(x_img.shape, x_img.dtype))
+            (d_x,) = fold(d_patches.reshape(*ct_img.shape[:-1], k))
+        if want_values:
+            patches = conv_patches_2d(x_img, *geometry)
+            d_values = blocks_sddmm(patches.reshape(1, -1, k), ct_rows, indices, indptr,
+                                    n=values.aval.shape[-1]).astype(jnp.float32)
+        return d_x, d_values
+
+    images = ct.shape[0]
+    per_image = max(1, (ct.size // max(images, 1)) // out_features * k * ct.dtype.itemsize)
+    chunk = images if jax.default_backend() != "cpu" else max(1, BACKWARD_PATCH_BYTES // per_image)
+    x_in = jnp.zeros(x_aval.shape, x_aval.dtype) if want_x else x  # only its shape is read
+    if chunk >= images:
+        d_x, d_values = step(x_in, ct)
+    else:
+        def one(args):
+            return step(*args)
+        d_x, d_values = jax.lax.map(one, (x_in[:, None], ct[:, None]), batch_size=chunk)
+        d_x = None if d_x is None else d_x[:, 0]
+        d_values = None if d_values is None else jnp.sum(d_values, axis=0)
+    ct_values = None if d_values is None else d_values.astype(values.aval.dtype)
+    return d_x, ct_values, None, None
+
+
+def _conv_batch(args, dims, **params):
+    x, values, indices, indptr = args
+    dx, *weight_dims = dims
+    if all(d is None for d in weight_dims):
+        # Only the images are batched: they join the image dim.
+        x = jnp.moveaxis(x, dx, 0)
+        b, n = x.shape[:2]
+        y = blocks_conv(x.reshape(b * n, *x.shape[2:]), values, indices, indptr, **params)
+        return y.reshape(b, n, *y.shape[1:]), 0
+    # Batched weights: the stored patches and blocks_spmm's own batching.
+    fn = functools.partial(_conv_through_spmm, **params)
+    in_axes = tuple(dims)
+    return jax.vmap(fn, in_axes=in_axes)(*args), 0
+
+
+def _conv_lowering():
+    """CPU: the kernel that gathers the patches itself; elsewhere (CUDA, the emulator) the
+    stored patches through blocks_spmm's kernels."""
+    through_spmm = mlir.lower_fun(_conv_through_spmm, multiple_results=False)
+    if _ffi.has_target("jaxsparse_blocks_conv", "cpu") and not _ffi.emulating_cuda():
+        direct = jax.ffi.ffi_lowering("jaxsparse_blocks_conv")
+
+        def cpu(ctx, x, values, indices, indptr, *, out_features, kernel_size, strides,
+                dilation, padding):
+            return direct(ctx, x, values, indices, indptr,
+                          kernel_h=np.int32(kernel_size[0]), kernel_w=np.int32(kernel_size[1]),
+                          stride_h=np.int32(strides[0]), stride_w=np.int32(strides[1]),
+                          dilation_h=np.int32(dilation[0]), dilation_w=np.int32(dilation[1]),
+                          pad_top=np.int32(padding[0][0]), pad_left=np.int32(padding[1][0]))
+    else:
+        cpu = through_spmm
+    return cpu, through_spmm
+
+
 # ====================================================================== CUDA lowerings
 # The CUDA kernels (cuda/blocks/blocks_ops.cu) take the structure prepared in the same program,
 # so that every output element finds its inputs without a search or a scatter: the forward
@@ -374,6 +553,17 @@ def _sddmm_cuda_lowering(target):
     return mlir.lower_fun(call, multiple_results=False)
 
 
+def _register_conv():
+    blocks_conv_p.def_impl(P.impl_via_jit(blocks_conv_p))
+    blocks_conv_p.def_abstract_eval(_conv_abstract_eval)
+    ad.primitive_jvps[blocks_conv_p] = _conv_jvp
+    ad.primitive_transposes[blocks_conv_p] = _conv_transpose
+    batching.primitive_batchers[blocks_conv_p] = _conv_batch
+    cpu, elsewhere = _conv_lowering()
+    mlir.register_lowering(blocks_conv_p, elsewhere)
+    mlir.register_lowering(blocks_conv_p, cpu, platform="cpu")
+
+
 def _register():
     # No attributes: the handlers read N_out, K and n from the operands' and result's shapes.
     P.register(blocks_spmm_p, abstract_eval=_spmm_abstract_eval, jvp=_spmm_jvp,
@@ -391,3 +581,4 @@ def _register():
 
 
 _register()
+_register_conv()

@@ -291,3 +291,27 @@ def test_bad_input_is_refused_with_the_argument_named():
     with pytest.raises(ValueError, match=r"kernel's shape \(3, 3, 8, 8\) or its flattened shape "
                                          r"\(72, 8\); got \(8, 8\)"):
         SparseConv.from_dense(layer.dense_kernel(), "2:4", method=jnp.ones((8, 8), bool))
+
+
+@pytest.mark.parametrize("spec, expect", [(jsp.Blocks(8, 0.25), True), (jsp.NM(2, 4), False)],
+                         ids=str)
+def test_2d_1xn_convolutions_gather_their_patches_in_the_kernel(spec, expect):
+    """A 1xN kernel of a 2-D convolution runs `blocks_conv` (the patches never stored); other
+    formats, 1-D and input-dilated convolutions store the patches."""
+    layer = SparseConv(8, 16, (3, 3), sparsity=spec, padding="CIRCULAR", **INIT, rngs=nnx.Rngs(0))
+    x = normal(2, (2, 6, 5, 8))
+    assert ("jaxsparse_blocks_conv" in str(jax.make_jaxpr(layer)(x))) is expect
+    assert_close(layer(x), dense_conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap"),
+                                      layer.dense_kernel(), _valid(layer)), jnp.float32,
+                 scale_for(72))
+    dilated = SparseConv(8, 16, (3, 3), sparsity=jsp.Blocks(8, 0.25), input_dilation=2,
+                         padding=((1, 1), (1, 1)), **INIT, rngs=nnx.Rngs(0))
+    assert "jaxsparse_blocks_conv" not in str(jax.make_jaxpr(dilated)(x))
+
+
+def _valid(layer):
+    """The layer's geometry read with VALID padding (the input padded by the caller)."""
+    class View:
+        padding, strides = "VALID", layer.strides
+        input_dilation, kernel_dilation, bias = layer.input_dilation, layer.kernel_dilation, layer.bias
+    return View

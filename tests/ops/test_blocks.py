@@ -14,6 +14,8 @@ from jax.test_util import check_grads
 import jaxsparse as jsp
 from jaxsparse.ops import (
     block_rows,
+    blocks_conv,
+    blocks_conv_reference,
     blocks_sddmm,
     blocks_sddmm_reference,
     blocks_spmm,
@@ -77,20 +79,32 @@ def test_three_ops_match_reference_and_dense(isa, t, k, out, n, density, dtype):
     assert not bool(jnp.any(jnp.where(padding, dv, 0) != 0))
 
 
-@pytest.mark.parametrize("n", [4, 8, 16, 32])
-def test_larger_shapes_span_several_tasks_and_token_blocks(isa, n):
-    # 600 tokens: three token blocks of 256; 4096-block tasks over many rows.
-    x, ws, dy = operands(3, 600, 256, 160, n, 0.5, jnp.float32)
+def check_three_ops(t, k, out, n, density):
+    x, ws, dy = operands(3, t, k, out, n, density, jnp.float32)
     values, indices, indptr = arrays(ws)
-    y = blocks_spmm(x, values, indices, indptr, out_features=160)
-    assert_close(y, blocks_spmm_reference(x, values, indices, indptr, out_features=160),
-                 jnp.float32, scale_for(256))
-    dx = blocks_spmm_t(dy, values, indices, indptr, in_features=256)
-    assert_close(dx, blocks_spmm_t_reference(dy, values, indices, indptr, in_features=256),
-                 jnp.float32, scale_for(160))
+    y = blocks_spmm(x, values, indices, indptr, out_features=out)
+    assert_close(y, blocks_spmm_reference(x, values, indices, indptr, out_features=out),
+                 jnp.float32, scale_for(k))
+    dx = blocks_spmm_t(dy, values, indices, indptr, in_features=k)
+    assert_close(dx, blocks_spmm_t_reference(dy, values, indices, indptr, in_features=k),
+                 jnp.float32, scale_for(out))
     dv = blocks_sddmm(x, dy, indices, indptr, n=n)
     assert_close(dv, blocks_sddmm_reference(x, dy, indices, indptr, n=n), jnp.float32,
-                 scale_for(600))
+                 scale_for(t))
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 32])
+def test_larger_shapes_span_several_tasks_and_token_blocks(isa, n):
+    # 600 tokens: three token blocks of 256; 8192 blocks and more: 4096-block tasks over rows.
+    check_three_ops(600, 2048, 256, n, 0.5)
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 32])
+@pytest.mark.parametrize("t,k,out,density", [(600, 256, 160, 0.5), (77, 40, 17, 0.3)])
+def test_few_blocks_and_many_tokens_split_the_tokens(isa, n, t, k, out, density):
+    # Fewer blocks than a task per worker: the workers take token blocks of a few tiles each
+    # (the last one partial), every block row in each.
+    check_three_ops(t, k, out, n, density)
 
 
 @pytest.mark.parametrize("bx,bw", [(1, 3), (3, 1), (3, 3)])
@@ -213,3 +227,82 @@ def test_the_ffi_validator_names_the_operand():
         jax.block_until_ready(call(x, values, indices.astype(jnp.uint32), indptr))
     with pytest.raises(Exception, match="block size n"):
         jax.block_until_ready(call(x, values[..., :5], indices, indptr))
+
+
+# (H, W, C, out, kernel, strides, dilation, padding, n): channels that are and are not a multiple
+# of the 8x8 pack, padding on every side, strides and dilation, 1x1, more output pixels than a
+# token block (two images of 20x20).
+CONV_CASES = [
+    (9, 11, 12, 40, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 16),
+    (10, 7, 8, 24, (3, 2), (2, 1), (1, 2), ((0, 2), (1, 0)), 8),
+    (6, 6, 17, 33, (1, 1), (2, 2), (1, 1), ((0, 0), (0, 0)), 4),
+    (20, 20, 16, 64, (3, 3), (1, 1), (2, 2), ((2, 2), (2, 2)), 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("h,w,c,out,kernel,strides,dilation,padding,n", CONV_CASES)
+def test_blocks_conv_gathers_the_patches_the_reference_stores(isa, dtype, h, w, c, out, kernel,
+                                                              strides, dilation, padding, n):
+    k = kernel[0] * kernel[1] * c
+    ws = weight(5, k, out, n, 0.3, dtype)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, h, w, c)), dtype)
+    params = dict(out_features=out, kernel_size=kernel, strides=strides, dilation=dilation,
+                  padding=padding)
+    arrays3 = (ws.values[None], ws.indices[None], ws.indptr[None])
+    y = blocks_conv(x, *arrays3, **params)
+    want = blocks_conv_reference(x, *arrays3, **params)
+    assert y.shape == want.shape and y.dtype == dtype
+    assert_close(y, want, dtype, scale_for(k))
+
+
+def test_blocks_conv_gradients_vmap_and_jvp():
+    params = dict(out_features=24, kernel_size=(3, 3), strides=(2, 1), dilation=(1, 1),
+                  padding=((1, 1), (0, 1)))
+    ws = weight(7, 9 * 8, 24, 8, 0.4)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 9, 8, 8)), jnp.float32)
+    v, i, p = ws.values[None], ws.indices[None], ws.indptr[None]
+    check_grads(lambda x, v: blocks_conv(x, v, i, p, **params), (x, v), order=1,
+                modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+    batched = jax.vmap(lambda x: blocks_conv(x, v, i, p, **params))(jnp.stack([x, 2 * x]))
+    assert_close(batched[1], 2 * blocks_conv(x, v, i, p, **params), jnp.float32)
+    per_weight = jax.vmap(lambda v: blocks_conv(x, v, i, p, **params))(jnp.stack([v, -v]))
+    assert_close(per_weight[1], -blocks_conv_reference(x, v, i, p, **params), jnp.float32)
+
+
+def test_blocks_conv_target_checks_its_attributes():
+    ws = weight(9, 18, 16, 8, 0.5)
+    x = jnp.ones((1, 4, 4, 2), jnp.float32)
+    out = jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32)
+    call = jax.ffi.ffi_call("jaxsparse_blocks_conv", out)
+    attrs = dict(kernel_h=np.int32(3), kernel_w=np.int32(3), stride_h=np.int32(1),
+                 stride_w=np.int32(1), dilation_h=np.int32(1), dilation_w=np.int32(1),
+                 pad_top=np.int32(1), pad_left=np.int32(1))
+    args = (x, ws.values[None], ws.indices[None], ws.indptr[None])
+    np.testing.assert_allclose(call(*args, **attrs), blocks_conv_reference(
+        *args, out_features=16, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+        padding=((1, 1), (1, 1))), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="pad_top"):
+        call(*args, **{**attrs, "pad_top": np.int32(-1)})
+    with pytest.raises(Exception, match="x must have rank 4"):
+        call(x[0], *args[1:], **attrs)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**30], ids=["image-by-image", "all-at-once"])
+def test_blocks_conv_backward_by_chunks_of_images(monkeypatch, chunk_bytes):
+    import jaxsparse.ops.blocks as blocks_module
+
+    monkeypatch.setattr(blocks_module, "BACKWARD_PATCH_BYTES", chunk_bytes)
+    params = dict(out_features=16, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+                  padding=((1, 1), (1, 1)))
+    ws = weight(11, 9 * 4, 16, 8, 0.5)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 5, 6, 4)), jnp.float32)
+    v, i, p = ws.values[None], ws.indices[None], ws.indptr[None]
+
+    def loss(conv):
+        return lambda x, v: jnp.sum(jnp.sin(conv(x, v, i, p, **params)))
+
+    got = jax.grad(loss(blocks_conv), (0, 1))(x, v)
+    want = jax.grad(loss(blocks_conv_reference), (0, 1))(x, v)
+    for g, w in zip(got, want):
+        assert_close(g, w, jnp.float32, scale_for(36))
