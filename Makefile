@@ -4,6 +4,9 @@
 # PYTHON picks the interpreter (e.g. PYTHON=python3.12 VENV=.venv312 make test).
 PYTHON ?= python3
 VENV ?= .venv
+# TEST_ISAS=default runs the per-ISA kernel tests on the machine's default ISA only (CI's second
+# Python: its extension is the same C++, whose every ISA the first Python's run covered).
+TEST_ISAS ?= all
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cpu/*/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
 
 .PHONY: demo test clean
@@ -22,7 +25,8 @@ demo: $(VENV)/.installed
 # primitives' tests take the emulated lowering there; tests run per CPU ISA take the
 # default ISA only there: tests/conftest.py).
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n 2 --doctest-modules jaxsparse tests
+	JAXSPARSE_TEST_ISAS=$(TEST_ISAS) $(VENV)/bin/python -m pytest -q -n 2 --doctest-modules \
+		jaxsparse tests
 	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 tests/ops tests/test_ffi.py \
 		tests/cuda/test_emulated_int4.py \
 		--ignore=tests/ops/test_vnm_kernels.py --ignore=tests/ops/test_engine.py \

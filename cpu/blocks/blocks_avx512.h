@@ -281,6 +281,11 @@ struct Avx512Micro {
 // Eight blocks at a time: eight independent accumulator chains, so the FMAs
 // never wait on one another (4-cycle latency, one or two per cycle).
 constexpr int kBackBlocks = 8;
+// The sddmm's token chunk (its dyr rows: 16 KB for n = 16) and block segment
+// (the f32 sums held across chunks: 16 KB for n = 16, 32 KB for n = 32, on
+// the stack).
+constexpr int64_t kSampleTokens = 256;
+constexpr int64_t kSampleSegment = 256;
 
 template <Dtype D>
 inline float LoadScalar(const void* base, int64_t i) {
@@ -334,45 +339,154 @@ void SampleRowVec(const float* xt, const int32_t* indices, uint64_t k, int64_t t
   constexpr int kV = kN >= 16 ? kN / 16 : 1;
   constexpr int kLanes = kN >= 16 ? 16 : kN;
   const __mmask16 keep = static_cast<__mmask16>((1u << kLanes) - 1u);
-  for (int64_t b = b0; b < b1; b += kBackBlocks) {
-    const int count = static_cast<int>(b1 - b < kBackBlocks ? b1 - b : kBackBlocks);
-    const float* xs[kBackBlocks];
+  // Tokens in chunks, blocks in segments: every group of blocks of a segment
+  // reads the chunk's rows of dyr from L1/L2 (over all of a convolution's
+  // tokens, 25 K x 16 floats, each group streamed dyr from memory), and the
+  // segment's sums wait in f32 between chunks.
+  alignas(64) float held[kSampleSegment][kV * 16];
+  for (int64_t s0 = b0; s0 < b1; s0 += kSampleSegment) {
+    const int64_t s1 = b1 - s0 < kSampleSegment ? b1 : s0 + kSampleSegment;
+    for (int64_t t0 = 0; t0 < tokens; t0 += kSampleTokens) {
+      const int64_t t1 = tokens - t0 < kSampleTokens ? tokens : t0 + kSampleTokens;
+      for (int64_t b = s0; b < s1; b += kBackBlocks) {
+        const int count = static_cast<int>(s1 - b < kBackBlocks ? s1 - b : kBackBlocks);
+        const float* xs[kBackBlocks];
 #pragma GCC unroll 8
-    for (int i = 0; i < kBackBlocks; ++i) {
-      const uint32_t input = i < count ? static_cast<uint32_t>(indices[b + i]) : 0u;
-      // Untrusted structure: a block outside x reads the zero row past xT.
-      xs[i] = xt + static_cast<int64_t>(i < count && input < k ? input : k) * tokens;
-    }
-    __m512 sum[kBackBlocks][kV];
+        for (int i = 0; i < kBackBlocks; ++i) {
+          const uint32_t input = i < count ? static_cast<uint32_t>(indices[b + i]) : 0u;
+          // Untrusted structure: a block outside x reads the zero row past xT.
+          xs[i] = xt + static_cast<int64_t>(i < count && input < k ? input : k) * tokens;
+        }
+        __m512 sum[kBackBlocks][kV];
 #pragma GCC unroll 8
-    for (int i = 0; i < kBackBlocks; ++i)
+        for (int i = 0; i < kBackBlocks; ++i)
 #pragma GCC unroll 2
-      for (int v = 0; v < kV; ++v) sum[i][v] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < tokens; ++t) {
-      __m512 d[kV];
+          for (int v = 0; v < kV; ++v) {
+            sum[i][v] = t0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(held[b - s0 + i] + 16 * v);
+          }
+        for (int64_t t = t0; t < t1; ++t) {
+          __m512 d[kV];
+#pragma GCC unroll 2
+          for (int v = 0; v < kV; ++v) {
+            d[v] = kN >= 16 ? _mm512_loadu_ps(rows + t * kN + 16 * v)
+                            : _mm512_maskz_loadu_ps(keep, rows + t * kN);
+          }
+#pragma GCC unroll 8
+          for (int i = 0; i < kBackBlocks; ++i) {
+            const __m512 xv = _mm512_set1_ps(xs[i][t]);
+#pragma GCC unroll 2
+            for (int v = 0; v < kV; ++v) sum[i][v] = _mm512_fmadd_ps(xv, d[v], sum[i][v]);
+          }
+        }
+        // Past the segment's end the slots are spare (kSampleSegment is a multiple of 8).
+#pragma GCC unroll 8
+        for (int i = 0; i < kBackBlocks; ++i)
+#pragma GCC unroll 2
+          for (int v = 0; v < kV; ++v) _mm512_store_ps(held[b - s0 + i] + 16 * v, sum[i][v]);
+      }
+    }
+    for (int64_t b = s0; b < s1; ++b) {
+      char* out = static_cast<char*>(dv) + b * kN * (D == Dtype::kF32 ? 4 : 2);
 #pragma GCC unroll 2
       for (int v = 0; v < kV; ++v) {
-        d[v] = kN >= 16 ? _mm512_loadu_ps(rows + t * kN + 16 * v)
-                        : _mm512_maskz_loadu_ps(keep, rows + t * kN);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < kBackBlocks; ++i) {
-        const __m512 xv = _mm512_set1_ps(xs[i][t]);
-#pragma GCC unroll 2
-        for (int v = 0; v < kV; ++v) sum[i][v] = _mm512_fmadd_ps(xv, d[v], sum[i][v]);
-      }
-    }
-    for (int i = 0; i < count; ++i) {
-      char* out = static_cast<char*>(dv) + (b + i) * kN * (D == Dtype::kF32 ? 4 : 2);
-#pragma GCC unroll 2
-      for (int v = 0; v < kV; ++v) {
-        StoreF32<D>(out + 16 * v * (D == Dtype::kF32 ? 4 : 2), sum[i][v], keep);
+        StoreF32<D>(out + 16 * v * (D == Dtype::kF32 ? 4 : 2), _mm512_load_ps(held[b - s0] + 16 * v),
+                    keep);
       }
     }
   }
 }
 
+// spmm_t's dyr [n][16]: 16 tokens' rows of the n columns, one masked load each,
+// then 16 x 16 transposes (the scalar loop took a load, a conversion and a
+// strided store per element).
+template <Dtype D>
+void LoadColumnsTAs(int64_t n, int64_t n_out, const void* dy, int64_t count, int64_t outs,
+                    float* rows) {
+  constexpr int64_t kBytes = D == Dtype::kF32 ? 4 : 2;
+  for (int64_t h = 0; h < n; h += 16) {
+    const int live = static_cast<int>(Max(0, Min(16, outs - h)));
+    __m512 r[16];
+    for (int64_t t = 0; t < 16; ++t) {
+      const char* row = static_cast<const char*>(dy) + (t * n_out + h) * kBytes;
+      r[t] = t < count ? LoadF32<D>(row, live) : _mm512_setzero_ps();
+    }
+    Transpose16x16Floats(r);
+    for (int64_t j = 0; j < Min(16, n - h); ++j) _mm512_storeu_ps(rows + (h + j) * 16, r[j]);
+  }
+}
+
+// spmm_t's dxT [K][16] to dx rows: 16 inputs x 16 tokens per transpose.
+template <Dtype D>
+void StoreDxAs(int64_t k, const float* acc, int64_t count, void* dx) {
+  constexpr int64_t kBytes = D == Dtype::kF32 ? 4 : 2;
+  for (int64_t k0 = 0; k0 < k; k0 += 16) {
+    const int64_t live = Min(16, k - k0);
+    __m512 r[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      r[i] = i < live ? _mm512_loadu_ps(acc + (k0 + i) * 16) : _mm512_setzero_ps();
+    }
+    Transpose16x16Floats(r);
+    const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1u);
+    for (int64_t t = 0; t < count; ++t) {
+      StoreF32<D>(static_cast<char*>(dx) + (t * k + k0) * kBytes, r[t], keep);
+    }
+  }
+}
+
+// The sddmm's dyr [T][n]: one masked load and store per token and 16 outputs.
+template <Dtype D>
+void PackColumnsAs(int64_t n, int64_t n_out, const void* dy, int64_t tokens, int64_t outs,
+                   float* rows) {
+  constexpr int64_t kBytes = D == Dtype::kF32 ? 4 : 2;
+  for (int64_t h = 0; h < n; h += 16) {
+    const int live = static_cast<int>(Max(0, Min(16, outs - h)));
+    const __mmask16 width = static_cast<__mmask16>((1u << Min(16, n - h)) - 1u);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const char* row = static_cast<const char*>(dy) + (t * n_out + h) * kBytes;
+      _mm512_mask_storeu_ps(rows + t * n + h, width, LoadF32<D>(row, live));
+    }
+  }
+}
+
 struct Avx512Back {
+  static void PackColumns(const BlocksProblem& p, const void* dy, int64_t tokens, int64_t outs,
+                          float* rows) {
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return PackColumnsAs<Dtype::kBF16>(p.n, p.n_out, dy, tokens, outs, rows);
+      case Dtype::kF16:
+        return PackColumnsAs<Dtype::kF16>(p.n, p.n_out, dy, tokens, outs, rows);
+      default:
+        return PackColumnsAs<Dtype::kF32>(p.n, p.n_out, dy, tokens, outs, rows);
+    }
+  }
+  static void LoadColumnsT(const BlocksProblem& p, const void* dy, int64_t count, int64_t outs,
+                           float* rows) {
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return LoadColumnsTAs<Dtype::kBF16>(p.n, p.n_out, dy, count, outs, rows);
+      case Dtype::kF16:
+        return LoadColumnsTAs<Dtype::kF16>(p.n, p.n_out, dy, count, outs, rows);
+      default:
+        return LoadColumnsTAs<Dtype::kF32>(p.n, p.n_out, dy, count, outs, rows);
+    }
+  }
+  static void StoreDx(const BlocksProblem& p, const float* acc, int64_t count, void* dx) {
+    switch (p.dtype) {
+      case Dtype::kBF16:
+        return StoreDxAs<Dtype::kBF16>(p.k, acc, count, dx);
+      case Dtype::kF16:
+        return StoreDxAs<Dtype::kF16>(p.k, acc, count, dx);
+      default:
+        return StoreDxAs<Dtype::kF32>(p.k, acc, count, dx);
+    }
+  }
+  // The sddmm's xT by 8 x 8 register transposes (blocks_pack.h).
+  template <class Rows>
+  static void Pack(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                   int64_t k1, float* xt) {
+    PackFloatsRows(dtype, rows, count, ld, k0, k1, xt);
+  }
   template <int kN>
   static void AddRowTN(const BlocksProblem& p, const void* values, const int32_t* indices,
                        int64_t b0, int64_t b1, const float* rows, float* acc) {

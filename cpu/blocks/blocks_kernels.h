@@ -41,6 +41,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/blocks/blocks_kernels_api.h"
 #include "cpu/common/dtype_convert.h"
@@ -128,12 +129,11 @@ inline int64_t RowRuns(const int64_t* spans, int64_t rows, int64_t target, int64
   return runs;
 }
 
-// x [T, K] (tokens t0 .. t0 + count) into xT [K][ld] f32, padding tokens 0.
-// Token by token: each reads a contiguous run of x (converted without a
-// per-element dtype switch) and writes one column of xT; the column's lines
-// stay in L1 across the 16 inputs that share them.
 // Tokens' feature rows (rows(t): token t's feature 0, or null for zeros) as
-// f32 xT [k][ld] for features [k0, k1), padding tokens zero.
+// f32 xT [k][ld] for features [k0, k1), padding tokens zero. Token by token:
+// each reads a contiguous run of its row and writes one column of xT, whose
+// lines stay in L1 across the 16 inputs that share them (the AVX-512 units
+// transpose 8 x 8 in registers instead, blocks_pack.h).
 template <class Rows>
 void PackRowsScalar(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
                     int64_t k1, float* xt) {
@@ -144,13 +144,6 @@ void PackRowsScalar(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, in
   for (int64_t kk = k0; kk < k1; ++kk) {
     for (int64_t t = count; t < ld; ++t) xt[kk * ld + t] = 0.0f;
   }
-}
-
-// x [tokens, k] as f32 xT (the sddmm's pack: tokens [t0, t0 + count)).
-inline void PackTransposed(Dtype dtype, const void* x, int64_t k, int64_t t0, int64_t count,
-                           int64_t ld, int64_t k0, int64_t k1, float* xt) {
-  PackRowsScalar(dtype, [&](int64_t t) { return Offset(x, dtype, (t0 + t) * k); }, count, ld, k0,
-                 k1, xt);
 }
 
 // ---------------------------------------------------------------- forward
@@ -208,8 +201,17 @@ struct PortableMicro {
   }
 };
 
+// Micro-kernels that multiply a block row from weights laid out once per call
+// (the tile product, blocks_tiles.h) say so by PrepackWords / PrepackRows /
+// RowWeights / TileRow; the others take the values as stored.
+template <class Micro, class = void>
+struct PrepacksWeights : std::false_type {};
+template <class Micro>
+struct PrepacksWeights<Micro, std::void_t<decltype(&Micro::PrepackRows)>> : std::true_type {};
+
 template <class Micro>
 struct SpmmOp {
+  static constexpr bool kPrepacks = PrepacksWeights<Micro>::value;
   const BlocksProblem& p;
   const Runtime& rt;
   // xT is tile-major: per token tile [K][ld], ld = the tile's tokens, so one
@@ -227,6 +229,7 @@ struct SpmmOp {
   int64_t* spans = nullptr;
   int64_t* bounds = nullptr;
   float* xt = nullptr;
+  uint16_t* weights = nullptr;  // the micro-kernel's prepacked weights, if it takes them
 
   void Layout(Carver& c) {
     tile = Micro::TileTokens(p);
@@ -243,6 +246,27 @@ struct SpmmOp {
     bounds = c.Take<int64_t>(p.rows + 1);
     region = CeilDiv(count, ld) * p.k * ld + Micro::Slack() + kPackSlack;
     xt = c.Take<float>(region * (by_tokens ? rt.num_workers : 1));
+    if constexpr (kPrepacks) weights = c.Take<uint16_t>(Micro::PrepackWords(p));
+  }
+
+  bool Prepacked() const {
+    if constexpr (kPrepacks) {
+      return Micro::PrepackWords(p) > 0;
+    } else {
+      return false;
+    }
+  }
+
+  // Block row r of a token tile through the micro-kernel.
+  void Row(int64_t r, const void* values, const int32_t* indices, const float* xt_tile,
+           int64_t tokens, void* yr, int64_t outs) const {
+    if constexpr (kPrepacks) {
+      if (Prepacked()) {
+        return Micro::TileRow(p, Micro::RowWeights(p, weights, r, spans[r]), indices, spans[r],
+                              spans[r + 1], xt_tile, ld, tokens, yr, outs);
+      }
+    }
+    Micro::Row(p, values, indices, spans[r], spans[r + 1], xt_tile, ld, tokens, yr, outs);
   }
 
   // Tokens [t0, t0 + count) of x, inputs [k0, k1), into the xT region at base.
@@ -293,7 +317,7 @@ struct SpmmOp {
       for (int64_t r = bounds[run]; r < bounds[run + 1]; ++r) {
         const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
         void* yr = Offset(y, p.dtype, a * ld * p.n_out + r * p.n);
-        Micro::Row(p, values, indices, spans[r], spans[r + 1], xt_tile, ld, tokens, yr, outs);
+        Row(r, values, indices, xt_tile, tokens, yr, outs);
       }
     }
   }
@@ -315,6 +339,19 @@ struct SpmmOp {
     void* y;  // this token block's first token
     int64_t count;
     void Run(int64_t run, int) const { op->Rows(run, values, indices, y, count, op->xt); }
+  };
+
+  // The weights of every row of one run, laid out for the micro-kernel.
+  struct PrepackJob {
+    const SpmmOp* op;
+    const void* values;
+    const int32_t* indices;
+    void Run(int64_t run, int) const {
+      if constexpr (kPrepacks) {
+        Micro::PrepackRows(op->p, values, indices, op->spans, op->bounds[run],
+                           op->bounds[run + 1], op->weights);
+      }
+    }
   };
 
   // by_tokens: one token block, packed into the worker's own region, through every run.
@@ -350,6 +387,7 @@ struct SpmmOp {
       const int32_t* indices = p.indices + b * p.indices_stride;
       RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
       const int64_t runs = RowRuns(spans, p.rows, kChunkBlocks, bounds);
+      if (Prepacked()) RunParallel(rt, runs, PrepackJob{this, values, indices});
       void* y = Offset(p.out, p.dtype, b * p.tokens * p.n_out);
       if (by_tokens) {
         RunParallel(rt, CeilDiv(p.tokens, block), TokenJob{this, x, values, indices, y, runs});
@@ -441,20 +479,10 @@ struct SpmmTOp {
         const int64_t b0 = op->spans[r], b1 = op->spans[r + 1];
         if (b0 == b1) continue;
         const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
-        for (int64_t j = 0; j < p.n; ++j) {
-          for (int64_t t = 0; t < kTokensT; ++t) {
-            rows[j * kTokensT + t] =
-                (j < outs && t < count) ? LoadAs(p.dtype, dy, (t0 + t) * p.n_out + r * p.n + j)
-                                        : 0.0f;
-          }
-        }
+        Back::LoadColumnsT(p, Offset(dy, p.dtype, t0 * p.n_out + r * p.n), count, outs, rows);
         Back::AddRowT(p, values, indices, b0, b1, rows, acc);
       }
-      for (int64_t t = 0; t < count; ++t) {
-        for (int64_t k = 0; k < p.k; ++k) {
-          StoreAs(p.dtype, dx, (t0 + t) * p.k + k, acc[k * kTokensT + t]);
-        }
-      }
+      Back::StoreDx(p, acc, count, Offset(dx, p.dtype, t0 * p.k));
     }
   };
 
@@ -532,8 +560,10 @@ struct SddmmOp {
     const void* x;
     int64_t k_step;
     void Run(int64_t i, int) const {
-      const int64_t k0 = i * k_step, k1 = Min(op->p.k, k0 + k_step);
-      PackTransposed(op->p.dtype, x, op->p.k, 0, op->p.tokens, op->p.tokens, k0, k1, op->xt);
+      const BlocksProblem& p = op->p;
+      const int64_t k0 = i * k_step, k1 = Min(p.k, k0 + k_step);
+      const auto rows = [&](int64_t t) { return Offset(x, p.dtype, t * p.k); };
+      Back::Pack(p.dtype, rows, p.tokens, p.tokens, k0, k1, op->xt);
     }
   };
 
@@ -550,11 +580,7 @@ struct SddmmOp {
         const int64_t b0 = op->spans[r], b1 = op->spans[r + 1];
         if (b0 == b1) continue;
         const int64_t outs = Min(n, p.n_out - r * n);
-        for (int64_t t = 0; t < tokens; ++t) {
-          for (int64_t j = 0; j < n; ++j) {
-            rows[t * n + j] = j < outs ? LoadAs(p.dtype, dy, t * p.n_out + r * n + j) : 0.0f;
-          }
-        }
+        Back::PackColumns(p, Offset(dy, p.dtype, r * n), tokens, outs, rows);
         Back::SampleRow(p, op->xt, indices, b0, b1, rows, dv);
       }
     }
@@ -571,7 +597,11 @@ struct SddmmOp {
                   PackJob{this, Offset(p.x, p.dtype, b * p.x_stride), k_step});
       std::memset(xt + p.k * p.tokens, 0, sizeof(float) * p.tokens);
       RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
-      const int64_t runs = RowRuns(spans, p.rows, kChunkBlocks, bounds);
+      // Few blocks (a convolution's 64 filters are 4 block rows of n = 16) would all sit in
+      // one 4096-block task with the other workers idle: runs of fewer blocks then, about four
+      // per worker (a run is still at least one row).
+      const int64_t target = Min(kChunkBlocks, Max(1, CeilDiv(p.nnz, 4 * rt.num_workers)));
+      const int64_t runs = RowRuns(spans, p.rows, target, bounds);
       RunParallel(rt, runs, Job{this, Offset(p.dy, p.dtype, b * p.dy_stride),
                                 p.indices + b * p.indices_stride, dv});
     }
@@ -600,6 +630,39 @@ bool RunSddmm(const BlocksProblem& p, const Runtime& rt) {
 // The backward ops' inner loops for any ISA: plain loops over constant trip
 // counts, left to the compiler's vectoriser.
 struct PortableBack {
+  // spmm_t's dyr [n][kTokensT]: the n columns of dy from `dy` (token 0's first
+  // output, N per token) for `count` tokens, zero past `outs` and `count`.
+  static void LoadColumnsT(const BlocksProblem& p, const void* dy, int64_t count, int64_t outs,
+                           float* rows) {
+    for (int64_t j = 0; j < p.n; ++j) {
+      for (int64_t t = 0; t < kTokensT; ++t) {
+        rows[j * kTokensT + t] = (j < outs && t < count) ? LoadAs(p.dtype, dy, t * p.n_out + j)
+                                                         : 0.0f;
+      }
+    }
+  }
+  // The sddmm's dyr [T][n]: the n columns of dy from `dy` (token 0's first
+  // output) for every token, zero past `outs`.
+  static void PackColumns(const BlocksProblem& p, const void* dy, int64_t tokens, int64_t outs,
+                          float* rows) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t j = 0; j < p.n; ++j) {
+        rows[t * p.n + j] = j < outs ? LoadAs(p.dtype, dy, t * p.n_out + j) : 0.0f;
+      }
+    }
+  }
+  // spmm_t's dxT [K][kTokensT] to dx (token 0's row, K per token), `count` tokens.
+  static void StoreDx(const BlocksProblem& p, const float* acc, int64_t count, void* dx) {
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t k = 0; k < p.k; ++k) StoreAs(p.dtype, dx, t * p.k + k, acc[k * kTokensT + t]);
+    }
+  }
+  // Tokens' rows (rows(t)) as f32 xT [k][ld] for features [k0, k1): the sddmm's x.
+  template <class Rows>
+  static void Pack(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                   int64_t k1, float* xt) {
+    PackRowsScalar(dtype, rows, count, ld, k0, k1, xt);
+  }
   static void AddRowT(const BlocksProblem& p, const void* values, const int32_t* indices,
                       int64_t b0, int64_t b1, const float* rows, float* acc) {
     switch (p.n) {

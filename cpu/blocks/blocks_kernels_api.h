@@ -54,6 +54,10 @@ struct BlocksProblem {
   // Set for the convolution's forward: x is then the images, T = images x
   // out_h x out_w and K = kernel_h x kernel_w x channels (B = 1).
   const BlocksConv* conv;
+  // Asks for the bf16 forward on the tile product where the ISA's default is
+  // another kernel (JAXSPARSE_BLOCKS_TILES=1: tests of blocks_tiles.h on
+  // machines without AMX).
+  bool tile_product;
 };
 
 // A kernel returns false only when scratch memory could not be obtained.
@@ -69,7 +73,7 @@ struct BlocksKernelTable {
 extern const BlocksKernelTable kBlocksKernelsPortable;
 extern const BlocksKernelTable kBlocksKernelsAvx2;
 extern const BlocksKernelTable kBlocksKernelsAvx512;
-extern const BlocksKernelTable kBlocksKernelsAvx512Bf16;  // Also the amx ISA's.
+extern const BlocksKernelTable kBlocksKernelsAvx512Bf16;
 extern const BlocksKernelTable kBlocksKernelsAmx;
 
 }  // namespace cpu

@@ -2,6 +2,8 @@
 // cpu/blocks/blocks_checks.h): checks through the shared validator, then one
 // call of the current ISA's kernel (blocks_kernels.h) on XLA's thread pool.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cpu/blocks/blocks_checks.h"
 #include "cpu/blocks/blocks_kernels_api.h"
@@ -21,6 +23,14 @@ const BlocksKernelTable& Kernels() {
   return JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(kBlocksKernels);
 }
 
+// JAXSPARSE_BLOCKS_TILES=1 puts the bf16 forward on the tile product where
+// the ISA would run another kernel (blocks_tiles.h): read per call, so a test
+// can set it around one call.
+bool TileProductAsked() {
+  const char* asked = std::getenv("JAXSPARSE_BLOCKS_TILES");
+  return asked != nullptr && std::strcmp(asked, "1") == 0;
+}
+
 // The fields every target shares, from the checked operands.
 BlocksProblem Problem(const blocks_check::Operands& o, int64_t tokens, int64_t k,
                       int64_t n_out, int64_t n) {
@@ -38,6 +48,7 @@ BlocksProblem Problem(const blocks_check::Operands& o, int64_t tokens, int64_t k
   p.indices_stride = o.indices.BatchStride();
   p.indptr_stride = o.indptr.BatchStride();
   p.out = o.result.mutable_data();
+  p.tile_product = TileProductAsked();
   return p;
 }
 

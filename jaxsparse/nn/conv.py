@@ -25,7 +25,6 @@ linen layer (jaxsparse/linen/conv.py) and both surgeries share.
 
 from __future__ import annotations
 
-import itertools
 import math
 import typing as tp
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from jaxsparse import _validate as V
 from jaxsparse.formats.blocks import BlocksSparse
 from jaxsparse.nn import _layout
 from jaxsparse.ops.blocks import blocks_conv
+from jaxsparse.ops.patches import im2col
 from jaxsparse.nn.linear import HeldKernel, _Constant, _make_bias
 from jaxsparse.prune import as_pattern, fits
 
@@ -284,27 +284,9 @@ def conv_patches(x: Array, geometry: ConvGeometry) -> Array:
     Returns:
         `[batch, *out_spatial, prod(kernel_size) * in]` in `x.dtype`.
     """
-    kernel_dilated = [(k - 1) * d + 1 for k, d in zip(geometry.kernel_size,
-                                                       geometry.kernel_dilation)]
     x, padding = explicit_padding(x, geometry)
-    config = [(0, 0, 0)]
-    config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, geometry.input_dilation)]
-    config += [(0, 0, 0)]
-    if any(c != (0, 0, 0) for c in config):
-        x = lax.pad(x, jnp.zeros((), x.dtype), config)
-    spatial = x.shape[1:-1]
-    out = [(p - k) // s + 1 if p >= k else 0
-           for p, k, s in zip(spatial, kernel_dilated, geometry.strides)]
-    batch, channels = x.shape[0], x.shape[-1]
-    if 0 in out:
-        return jnp.zeros((batch, *out, geometry.positions * channels), x.dtype)
-    slices = []
-    for offset in itertools.product(*(range(k) for k in geometry.kernel_size)):
-        start = [o * d for o, d in zip(offset, geometry.kernel_dilation)]
-        limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out, geometry.strides)]
-        slices.append(lax.slice(x, (0, *start, 0), (batch, *limit, channels),
-                                (1, *geometry.strides, 1)))
-    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+    return im2col(x, geometry.kernel_size, geometry.strides, geometry.kernel_dilation, padding,
+                  geometry.input_dilation)
 
 
 def sparse_conv(where: str, inputs: Array, weight, geometry: ConvGeometry, in_features: int,

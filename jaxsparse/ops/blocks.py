@@ -39,6 +39,7 @@ from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _ffi
 from jaxsparse.ops import _primitive as P
+from jaxsparse.ops.patches import im2col
 
 __all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_conv", "blocks_spmm_reference",
            "blocks_spmm_t_reference", "blocks_sddmm_reference", "blocks_conv_reference",
@@ -46,6 +47,12 @@ __all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_conv", "block
 
 
 # ====================================================================== shared helpers
+def _spans(indptr, nnz):
+    """Where each block row starts, as the kernels read untrusted `indptr`: clamped into
+    `[0, nnz]`, then a running maximum."""
+    return jax.lax.cummax(jnp.clip(indptr.astype(jnp.int32), 0, nnz), axis=indptr.ndim - 1)
+
+
 def block_rows(indptr, nnz: int):
     """The block row of every stored block: `[..., nnz]` int32 from `indptr [..., R + 1]`.
 
@@ -54,7 +61,7 @@ def block_rows(indptr, nnz: int):
     gets row -1 or R.
     """
     slots = jnp.arange(nnz, dtype=jnp.int32)
-    spans = jax.lax.cummax(jnp.clip(indptr.astype(jnp.int32), 0, nnz), axis=indptr.ndim - 1)
+    spans = _spans(indptr, nnz)
     search = functools.partial(jnp.searchsorted, side="right")
     for _ in range(indptr.ndim - 1):
         search = jax.vmap(search, in_axes=(0, None))
@@ -364,28 +371,9 @@ def _conv_out(size, kernel, stride, dilation, pads):
     return (padded - extent) // stride + 1 if padded >= extent else 0
 
 
-def conv_patches_2d(x, kernel_size, strides, dilation, padding):
-    """The im2col patches `[N, OH, OW, kh * kw * C]` of channels-last `x`, features in the
-    kernel's `(i, j, c)` order."""
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n, h, w, c = x.shape
-    out = [_conv_out(size, k, s, d, (0, 0)) for size, k, s, d in
-           zip((h, w), kernel_size, strides, dilation)]
-    if 0 in out:
-        return jnp.zeros((n, *out, kernel_size[0] * kernel_size[1] * c), x.dtype)
-    slices = []
-    for i in range(kernel_size[0]):
-        for j in range(kernel_size[1]):
-            start = (0, i * dilation[0], j * dilation[1], 0)
-            limit = (n, start[1] + (out[0] - 1) * strides[0] + 1,
-                     start[2] + (out[1] - 1) * strides[1] + 1, c)
-            slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
-    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
-
-
 def _conv_by_patches(x, values, indices, indptr, *, out_features, kernel_size, strides,
                      dilation, padding, product):
-    patches = conv_patches_2d(x, kernel_size, strides, dilation, padding)
+    patches = im2col(x, kernel_size, strides, dilation, padding)
     n, oh, ow, k = patches.shape
     y = product(patches.reshape(1, n * oh * ow, k), values, indices, indptr,
                 out_features=out_features)
@@ -442,11 +430,12 @@ def _conv_transpose(ct, x, values, indices, indptr, *, out_features, kernel_size
         d_x = d_values = None
         if want_x:
             d_patches = blocks_spmm_t(ct_rows, values, indices, indptr, in_features=k)
-            fold = jax.linear_transpose(lambda v: conv_patches_2d(v, *geometry),
-                                        jax.ShapeDtypeStruct(x_img.shape, x_img.dtype))
+            images_here = (ct_img.shape[0], *x_aval.shape[1:])
+            fold = jax.linear_transpose(lambda v: im2col(v, *geometry),
+                                        jax.ShapeDtypeStruct(images_here, x_aval.dtype))
             (d_x,) = fold(d_patches.reshape(*ct_img.shape[:-1], k))
         if want_values:
-            patches = conv_patches_2d(x_img, *geometry)
+            patches = im2col(x_img, *geometry)
             d_values = blocks_sddmm(patches.reshape(1, -1, k), ct_rows, indices, indptr,
                                     n=values.aval.shape[-1]).astype(jnp.float32)
         return d_x, d_values
@@ -454,13 +443,15 @@ def _conv_transpose(ct, x, values, indices, indptr, *, out_features, kernel_size
     images = ct.shape[0]
     per_image = max(1, (ct.size // max(images, 1)) // out_features * k * ct.dtype.itemsize)
     chunk = images if jax.default_backend() != "cpu" else max(1, BACKWARD_PATCH_BYTES // per_image)
-    x_in = jnp.zeros(x_aval.shape, x_aval.dtype) if want_x else x  # only its shape is read
+    # x is the unknown when its cotangent is wanted (the op is linear in x or in values, never
+    # in both at once): then only its shape, in x_aval, is read.
     if chunk >= images:
-        d_x, d_values = step(x_in, ct)
+        d_x, d_values = step(None if want_x else x, ct)
     else:
         def one(args):
             return step(*args)
-        d_x, d_values = jax.lax.map(one, (x_in[:, None], ct[:, None]), batch_size=chunk)
+        d_x, d_values = jax.lax.map(one, (None if want_x else x[:, None], ct[:, None]),
+                                    batch_size=chunk)
         d_x = None if d_x is None else d_x[:, 0]
         d_values = None if d_values is None else jnp.sum(d_values, axis=0)
     ct_values = None if d_values is None else d_values.astype(values.aval.dtype)
@@ -507,10 +498,6 @@ def _conv_lowering():
 # reads indptr already made non-decreasing (a warp per block row), the input gradient the blocks
 # listed by input (a CSC view: one thread per dx entry sums its blocks, no atomics), the values'
 # gradient each block's row (docs/ffi_abi.md).
-def _spans(indptr, nnz):
-    return jax.lax.cummax(jnp.clip(indptr.astype(jnp.int32), 0, nnz), axis=indptr.ndim - 1)
-
-
 def _blocks_by_input(indices, rows, rows_count, k):
     """`(order, kptr)`: the blocks sorted by input (blocks outside x or in no row last), and
     `kptr [B, K + 1]` with input k's blocks at `order[kptr[k]:kptr[k + 1]]`."""

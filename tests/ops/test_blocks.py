@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxsparse as jsp
+from jaxsparse import _ffi
 from jaxsparse.ops import (
     block_rows,
     blocks_conv,
@@ -306,3 +307,71 @@ def test_blocks_conv_backward_by_chunks_of_images(monkeypatch, chunk_bytes):
     want = jax.grad(loss(blocks_conv_reference), (0, 1))(x, v)
     for g, w in zip(got, want):
         assert_close(g, w, jnp.float32, scale_for(36))
+
+
+# The bf16 forward on the tile product (cpu/blocks/blocks_tiles.h): AMX's default for n = 16 and
+# 32 from 32 tokens, run on vdpbf16ps where JAXSPARSE_BLOCKS_TILES=1 asks for it, so machines
+# without AMX test its layouts. (tokens, in, out, n, density): the 32-token minimum and one past
+# it, a 64-token tile and one past, several tiles and token blocks; rows of more than 8 k steps
+# (256 blocks: the B chunk's edge), partial last block rows, empty rows.
+TILE_SHAPES = [
+    (32, 64, 48, 16, 0.5),
+    (33, 300, 70, 16, 0.3),
+    (64, 96, 40, 32, 1.0),
+    (65, 700, 64, 16, 0.5),
+    (200, 1100, 90, 32, 0.6),
+    (600, 256, 160, 16, 0.5),
+    (47, 40, 33, 16, 0.05),
+]
+# Under the CUDA emulator the ops run the emulated CUDA kernels: nothing to test there.
+TILE_ISAS = ([isa for isa in jsp.supported_cpu_isas() if isa in ("amx", "avx512bf16")]
+             if jsp.has_cpu_kernels() and not _ffi.emulating_cuda() else [])
+
+
+@pytest.fixture(params=TILE_ISAS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="the tile product is built for the amx and avx512bf16 ISAs only"))])
+def tile_isa(request, monkeypatch):
+    before = jsp.cpu_isa()
+    jsp.set_cpu_isa(request.param)
+    monkeypatch.setenv("JAXSPARSE_BLOCKS_TILES", "1")
+    yield request.param
+    jsp.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("t,k,out,n,density", TILE_SHAPES)
+def test_bf16_tile_product_forward(tile_isa, t, k, out, n, density):
+    x, ws, _ = operands(8, t, k, out, n, density, jnp.bfloat16, bw=2)
+    x = jnp.concatenate([x, -x])  # Two batch entries of weights, each with its own x.
+    values, indices, indptr = arrays(ws)
+    y = blocks_spmm(x, values, indices, indptr, out_features=out)
+    assert y.shape == (2, t, out) and y.dtype == jnp.bfloat16
+    assert_close(y, blocks_spmm_reference(x, values, indices, indptr, out_features=out),
+                 jnp.bfloat16, scale_for(k))
+
+
+def test_bf16_tile_product_skips_blocks_outside_x(tile_isa):
+    """Blocks whose input lies outside x add nothing, NaN weights included, and an unordered
+    indptr gives the reference's rows."""
+    t, k, out, n = 40, 96, 64, 16
+    x, ws, _ = operands(9, t, k, out, n, 0.5, jnp.bfloat16)
+    values, indices, indptr = arrays(ws)
+    bad = jnp.arange(indices.shape[-1]) % 7 == 3
+    bad_indices = jnp.where(bad, jnp.int32(k + 5), indices)
+    bad_values = jnp.where(bad[None, :, None], jnp.nan, values).astype(jnp.bfloat16)
+    bad_indptr = indptr.at[0, 2].set(-4).at[0, 3].set(10**6)
+    for ind, ptr in [(bad_indices, indptr), (bad_indices, bad_indptr)]:
+        y = blocks_spmm(x, bad_values, ind, ptr, out_features=out)
+        want = blocks_spmm_reference(x, jnp.where(bad[None, :, None], 0, bad_values), ind, ptr,
+                                     out_features=out)
+        assert bool(jnp.all(jnp.isfinite(y)))
+        assert_close(y, want, jnp.bfloat16, scale_for(k))
+
+
+def test_bf16_tile_product_convolution(tile_isa):
+    params = dict(out_features=48, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+                  padding=((1, 1), (1, 1)))
+    ws = weight(13, 9 * 16, 48, 16, 0.4, jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(14).standard_normal((2, 7, 6, 16)), jnp.bfloat16)
+    arrays3 = (ws.values[None], ws.indices[None], ws.indptr[None])
+    assert_close(blocks_conv(x, *arrays3, **params),
+                 blocks_conv_reference(x, *arrays3, **params), jnp.bfloat16, scale_for(144))
