@@ -226,13 +226,7 @@ inline xla::ffi::Error Rank4(const Validator& val, const char* name,
   return xla::ffi::Error::Success();
 }
 
-inline xla::ffi::Error CheckConv(const Validator& val, const ConvAttrs& a,
-                                 const xla::ffi::AnyBuffer& x,
-                                 const xla::ffi::AnyBuffer& values,
-                                 const xla::ffi::AnyBuffer& indices,
-                                 const xla::ffi::AnyBuffer& indptr,
-                                 const xla::ffi::AnyBuffer& y, Operands* o, int64_t x_dims[4],
-                                 int64_t y_dims[4]) {
+inline xla::ffi::Error CheckConvAttrs(const Validator& val, const ConvAttrs& a) {
   constexpr int64_t kMax = 1 << 20;
   JAXSPARSE_RETURN_IF_ERROR(val.Attr("kernel_h", a.kernel_h, 1, kMax));
   JAXSPARSE_RETURN_IF_ERROR(val.Attr("kernel_w", a.kernel_w, 1, kMax));
@@ -241,7 +235,17 @@ inline xla::ffi::Error CheckConv(const Validator& val, const ConvAttrs& a,
   JAXSPARSE_RETURN_IF_ERROR(val.Attr("dilation_h", a.dilation_h, 1, kMax));
   JAXSPARSE_RETURN_IF_ERROR(val.Attr("dilation_w", a.dilation_w, 1, kMax));
   JAXSPARSE_RETURN_IF_ERROR(val.Attr("pad_top", a.pad_top, 0, kMax));
-  JAXSPARSE_RETURN_IF_ERROR(val.Attr("pad_left", a.pad_left, 0, kMax));
+  return val.Attr("pad_left", a.pad_left, 0, kMax);
+}
+
+inline xla::ffi::Error CheckConv(const Validator& val, const ConvAttrs& a,
+                                 const xla::ffi::AnyBuffer& x,
+                                 const xla::ffi::AnyBuffer& values,
+                                 const xla::ffi::AnyBuffer& indices,
+                                 const xla::ffi::AnyBuffer& indptr,
+                                 const xla::ffi::AnyBuffer& y, Operands* o, int64_t x_dims[4],
+                                 int64_t y_dims[4]) {
+  JAXSPARSE_RETURN_IF_ERROR(CheckConvAttrs(val, a));
   JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "x", x, x_dims));
   JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "y", y, y_dims));
   JAXSPARSE_RETURN_IF_ERROR(val.Shape3("values", values, &o->b));
@@ -256,6 +260,33 @@ inline xla::ffi::Error CheckConv(const Validator& val, const ConvAttrs& a,
   JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, y_dims[3], o->b.cols));
   JAXSPARSE_RETURN_IF_ERROR(CheckValues(val, *o));
   return val.Dim("y.shape[0] (N)", y_dims[0], "x.shape[0]", x_dims[0]);
+}
+
+// blocks_conv_sddmm  x [N, H, W, C], dy [N, OH, OW, out], indices [1, nnz],
+//                    indptr [1, R + 1]                        -> dv [1, nnz, n]
+// with blocks_conv's attributes: dv = (patches(x)^T dy) sampled at the blocks.
+inline xla::ffi::Error CheckConvSddmm(const Validator& val, const ConvAttrs& a,
+                                      const xla::ffi::AnyBuffer& x,
+                                      const xla::ffi::AnyBuffer& dy,
+                                      const xla::ffi::AnyBuffer& indices,
+                                      const xla::ffi::AnyBuffer& indptr,
+                                      const xla::ffi::AnyBuffer& dv, Operands* o,
+                                      int64_t x_dims[4], int64_t dy_dims[4]) {
+  JAXSPARSE_RETURN_IF_ERROR(CheckConvAttrs(val, a));
+  JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "x", x, x_dims));
+  JAXSPARSE_RETURN_IF_ERROR(Rank4(val, "dy", dy, dy_dims));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indices", indices, &o->indices));
+  JAXSPARSE_RETURN_IF_ERROR(Shape2(val, "indptr", indptr, &o->indptr));
+  JAXSPARSE_RETURN_IF_ERROR(val.Shape3("dv", dv, &o->result));
+  o->a = Operand3{"x", &x, 1, x_dims[0] * x_dims[1] * x_dims[2], x_dims[3]};
+  o->b = Operand3{"dy", &dy, 1, dy_dims[0] * dy_dims[1] * dy_dims[2], dy_dims[3]};
+  JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&o->a, &o->b, &o->result}));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("indices.shape[0]", o->indices.batch, "one weight", 1));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("dv.shape[0]", o->result.batch, "one weight", 1));
+  JAXSPARSE_RETURN_IF_ERROR(CheckStructure(val, o, dy_dims[3], o->result.cols));
+  JAXSPARSE_RETURN_IF_ERROR(val.Dim("dv.shape[1] (nnz)", o->result.rows, "indices.shape[1]",
+                                    o->indices.cols));
+  return val.Dim("dy.shape[0] (N)", dy_dims[0], "x.shape[0]", x_dims[0]);
 }
 
 }  // namespace blocks_check

@@ -146,6 +146,31 @@ void PackRowsScalar(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, in
   }
 }
 
+// A convolution's patches for tokens from `first`, features [k0, k1), never
+// stored: per kernel position overlapping [k0, k1), pack(rows, f0, f1) with
+// rows(t) = token t's input pixel (null in the padding) for that position's
+// features [f0, f1). A row's pointer is shifted back by the position's first
+// feature, so that feature kk reads channel kk - pos * C of the pixel (in
+// address arithmetic: the shifted pointer may lie before x).
+template <class PackFeatures>
+void PackConvFeatures(Dtype dtype, const BlocksConv& g, const void* x, int64_t first, int64_t k0,
+                      int64_t k1, const PackFeatures& pack) {
+  const int64_t c = g.channels, pixels = g.out_h * g.out_w;
+  const intptr_t bytes = ElementBytes(dtype);
+  for (int64_t pos = k0 / c; pos * c < k1; ++pos) {
+    const int64_t i = pos / g.kernel_w, j = pos % g.kernel_w;
+    const auto rows = [&](int64_t t) -> const void* {
+      const int64_t token = first + t, image = token / pixels, pixel = token % pixels;
+      const int64_t ih = (pixel / g.out_w) * g.stride_h + i * g.dilation_h - g.pad_top;
+      const int64_t iw = (pixel % g.out_w) * g.stride_w + j * g.dilation_w - g.pad_left;
+      if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
+      const int64_t element = ((image * g.height + ih) * g.width + iw) * c - pos * c;
+      return reinterpret_cast<const void*>(reinterpret_cast<intptr_t>(x) + element * bytes);
+    };
+    pack(rows, Max(k0, pos * c), Min(k1, (pos + 1) * c));
+  }
+}
+
 // ---------------------------------------------------------------- forward
 // The portable micro-kernel: a tile of kT tokens x kN outputs in a local
 // array the compiler keeps in vector registers (the j loop vectorises).
@@ -284,28 +309,11 @@ struct SpmmOp {
     }
   }
 
-  // A convolution's tile: per kernel position overlapping [k0, k1), the
-  // tokens' input pixels (null in the padding) give the rows of its channels:
-  // a row's pointer is shifted back by the position's first feature, so that
-  // feature kk of the tile reads channel kk - pos * C of the pixel (in
-  // address arithmetic: the shifted pointer may lie before x).
   void PackConv(const BlocksConv& g, const void* x, int64_t first, int64_t tokens, int64_t k0,
                 int64_t k1, float* tile_base) const {
-    const int64_t c = g.channels, pixels = g.out_h * g.out_w;
-    const intptr_t bytes = ElementBytes(p.dtype);
-    for (int64_t pos = k0 / c; pos * c < k1; ++pos) {
-      const int64_t i = pos / g.kernel_w, j = pos % g.kernel_w;
-      const int64_t f0 = Max(k0, pos * c), f1 = Min(k1, (pos + 1) * c);
-      const auto rows = [&](int64_t t) -> const void* {
-        const int64_t token = first + t, image = token / pixels, pixel = token % pixels;
-        const int64_t ih = (pixel / g.out_w) * g.stride_h + i * g.dilation_h - g.pad_top;
-        const int64_t iw = (pixel % g.out_w) * g.stride_w + j * g.dilation_w - g.pad_left;
-        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
-        const int64_t element = ((image * g.height + ih) * g.width + iw) * c - pos * c;
-        return reinterpret_cast<const void*>(reinterpret_cast<intptr_t>(x) + element * bytes);
-      };
+    PackConvFeatures(p.dtype, g, x, first, k0, k1, [&](const auto& rows, int64_t f0, int64_t f1) {
       Micro::Pack(p, rows, tokens, ld, f0, f1, tile_base);
-    }
+    });
   }
 
   // The rows of one run for the token block packed at base (y at its first token).
@@ -562,6 +570,12 @@ struct SddmmOp {
     void Run(int64_t i, int) const {
       const BlocksProblem& p = op->p;
       const int64_t k0 = i * k_step, k1 = Min(p.k, k0 + k_step);
+      if (p.conv != nullptr) {  // x is the images: the patches gathered, never stored.
+        return PackConvFeatures(p.dtype, *p.conv, x, 0, k0, k1,
+                                [&](const auto& rows, int64_t f0, int64_t f1) {
+                                  Back::Pack(p.dtype, rows, p.tokens, p.tokens, f0, f1, op->xt);
+                                });
+      }
       const auto rows = [&](int64_t t) { return Offset(x, p.dtype, t * p.k); };
       Back::Pack(p.dtype, rows, p.tokens, p.tokens, k0, k1, op->xt);
     }

@@ -51,8 +51,9 @@ struct BlocksProblem {
   int64_t indices_stride;
   int64_t indptr_stride;
   void* out;  // [B, T, N], [B, T, K] or [B, nnz, n], dense
-  // Set for the convolution's forward: x is then the images, T = images x
-  // out_h x out_w and K = kernel_h x kernel_w x channels (B = 1).
+  // Set for the convolution targets (the forward, and the sddmm whose dy is
+  // [images, out_h, out_w, N]): x is then the images, T = images x out_h x
+  // out_w and K = kernel_h x kernel_w x channels (B = 1).
   const BlocksConv* conv;
   // Asks for the bf16 forward on the tile product where the ISA's default is
   // another kernel (JAXSPARSE_BLOCKS_TILES=1: tests of blocks_tiles.h on

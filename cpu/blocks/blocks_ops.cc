@@ -117,6 +117,28 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer value
   return RunKernel(val, Kernels().spmm, p, pool, *y);
 }
 
+ffi::Error ConvSddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                         ffi::AnyBuffer indices, ffi::AnyBuffer indptr,
+                         ffi::Result<ffi::AnyBuffer> dv, int32_t kernel_h, int32_t kernel_w,
+                         int32_t stride_h, int32_t stride_w, int32_t dilation_h,
+                         int32_t dilation_w, int32_t pad_top, int32_t pad_left) {
+  const Validator val("jaxsparse_blocks_conv_sddmm");
+  const blocks_check::ConvAttrs attrs{kernel_h,   kernel_w,   stride_h, stride_w,
+                                      dilation_h, dilation_w, pad_top,  pad_left};
+  blocks_check::Operands o;
+  int64_t xd[4], dyd[4];
+  JAXSPARSE_RETURN_IF_ERROR(
+      blocks_check::CheckConvSddmm(val, attrs, x, dy, indices, indptr, *dv, &o, xd, dyd));
+  const BlocksConv conv{xd[1],    xd[2],    xd[3],      dyd[1],     dyd[2],  kernel_w,
+                        stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left};
+  BlocksProblem p = Problem(o, dyd[0] * dyd[1] * dyd[2], int64_t{kernel_h} * kernel_w * xd[3],
+                            dyd[3], o.result.cols);
+  p.x = o.a.data();
+  p.dy = o.b.data();
+  p.conv = &conv;
+  return RunKernel(val, Kernels().sddmm, p, pool, *dv);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace jaxsparse
@@ -134,12 +156,18 @@ JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksSpmmT, "jaxsparse_blocks_spmm_t",
 JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksSddmm, "jaxsparse_blocks_sddmm",
                      jaxsparse::cpu::SddmmImpl, JAXSPARSE_BLOCKS_BINDING);
 
+// The convolution targets: blocks_conv's geometry as attributes.
+#define JAXSPARSE_BLOCKS_CONV_BINDING \
+  JAXSPARSE_BLOCKS_BINDING.Attr<int32_t>("kernel_h") \
+      .Attr<int32_t>("kernel_w") \
+      .Attr<int32_t>("stride_h") \
+      .Attr<int32_t>("stride_w") \
+      .Attr<int32_t>("dilation_h") \
+      .Attr<int32_t>("dilation_w") \
+      .Attr<int32_t>("pad_top") \
+      .Attr<int32_t>("pad_left")
+
 JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksConv, "jaxsparse_blocks_conv", jaxsparse::cpu::ConvImpl,
-                     JAXSPARSE_BLOCKS_BINDING.Attr<int32_t>("kernel_h")
-                         .Attr<int32_t>("kernel_w")
-                         .Attr<int32_t>("stride_h")
-                         .Attr<int32_t>("stride_w")
-                         .Attr<int32_t>("dilation_h")
-                         .Attr<int32_t>("dilation_w")
-                         .Attr<int32_t>("pad_top")
-                         .Attr<int32_t>("pad_left"));
+                     JAXSPARSE_BLOCKS_CONV_BINDING);
+JAXSPARSE_CPU_TARGET(JaxsparseCpuBlocksConvSddmm, "jaxsparse_blocks_conv_sddmm",
+                     jaxsparse::cpu::ConvSddmmImpl, JAXSPARSE_BLOCKS_CONV_BINDING);

@@ -41,7 +41,8 @@ from jaxsparse import _ffi
 from jaxsparse.ops import _primitive as P
 from jaxsparse.ops.patches import im2col
 
-__all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_conv", "blocks_spmm_reference",
+__all__ = ["blocks_spmm", "blocks_spmm_t", "blocks_sddmm", "blocks_conv", "blocks_conv_sddmm",
+           "blocks_conv_sddmm_reference", "blocks_spmm_reference",
            "blocks_spmm_t_reference", "blocks_sddmm_reference", "blocks_conv_reference",
            "block_rows"]
 
@@ -408,16 +409,22 @@ def _conv_jvp(primals, tangents, **params):
     return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
 
 
-#: Patches the backward builds per step of its loop over images on a CPU (bytes): read back by
-#: the two products while still in the cache (nn/conv.py's PATCH_CHUNK_BYTES, for the same reason).
+#: Patches the input's cotangent stores per step of its loop over images on a CPU (bytes): read
+#: back by the product while still in the cache (nn/conv.py's PATCH_CHUNK_BYTES, for the same
+#: reason).
 BACKWARD_PATCH_BYTES = 4 * 2**20
+#: The values' cotangent stores no patches (blocks_conv_sddmm gathers them), but its CPU kernel
+#: packs them transposed in its scratch: this bounds that scratch per step (bytes). Each step of
+#: the loop costs about a millisecond, so the steps are few (one for a 56x56x64 3x3 layer of 8
+#: images in bf16, two in f32).
+BACKWARD_SDDMM_BYTES = 32 * 2**20
 
 
 def _conv_transpose(ct, x, values, indices, indptr, *, out_features, kernel_size, strides,
                     dilation, padding):
-    """The patches' cotangent (spmm_t) folded back onto x by the patches' transpose, and the
-    values' (sddmm) from the stored patches: on a CPU a few images at a time, the values'
-    cotangent summed over the steps in f32."""
+    """x's cotangent: the patches' (spmm_t) folded back onto x by the patches' transpose; the
+    values': blocks_conv_sddmm, which gathers the patches itself on a CPU. On a CPU both go a few
+    images at a time (the values' cotangent summed over the steps in f32)."""
     if type(ct) is ad.Zero:
         return None, None, None, None
     geometry = (kernel_size, strides, dilation, padding)
@@ -430,30 +437,45 @@ def _conv_transpose(ct, x, values, indices, indptr, *, out_features, kernel_size
         d_x = d_values = None
         if want_x:
             d_patches = blocks_spmm_t(ct_rows, values, indices, indptr, in_features=k)
+            # The fold (the kernel positions' overlapping patches added back onto the image)
+            # in f32: XLA's CPU adds bf16 element by element with conversions (3-4x the time
+            # of f32 here), and each input then rounds once.
             images_here = (ct_img.shape[0], *x_aval.shape[1:])
             fold = jax.linear_transpose(lambda v: im2col(v, *geometry),
-                                        jax.ShapeDtypeStruct(images_here, x_aval.dtype))
-            (d_x,) = fold(d_patches.reshape(*ct_img.shape[:-1], k))
+                                        jax.ShapeDtypeStruct(images_here, jnp.float32))
+            (d_x,) = fold(d_patches.reshape(*ct_img.shape[:-1], k).astype(jnp.float32))
+            d_x = d_x.astype(x_aval.dtype)
         if want_values:
-            patches = im2col(x_img, *geometry)
-            d_values = blocks_sddmm(patches.reshape(1, -1, k), ct_rows, indices, indptr,
-                                    n=values.aval.shape[-1]).astype(jnp.float32)
+            d_values = blocks_conv_sddmm(x_img, ct_img, indices, indptr,
+                                         n=values.aval.shape[-1], kernel_size=kernel_size,
+                                         strides=strides, dilation=dilation,
+                                         padding=padding).astype(jnp.float32)
         return d_x, d_values
 
     images = ct.shape[0]
     per_image = max(1, (ct.size // max(images, 1)) // out_features * k * ct.dtype.itemsize)
-    chunk = images if jax.default_backend() != "cpu" else max(1, BACKWARD_PATCH_BYTES // per_image)
+    step_bytes = BACKWARD_PATCH_BYTES if want_x else BACKWARD_SDDMM_BYTES
+    chunk = images if jax.default_backend() != "cpu" else max(1, step_bytes // per_image)
     # x is the unknown when its cotangent is wanted (the op is linear in x or in values, never
     # in both at once): then only its shape, in x_aval, is read.
+    x_known = None if want_x else x
     if chunk >= images:
-        d_x, d_values = step(None if want_x else x, ct)
+        d_x, d_values = step(x_known, ct)
     else:
-        def one(args):
-            return step(*args)
-        d_x, d_values = jax.lax.map(one, (None if want_x else x[:, None], ct[:, None]),
-                                    batch_size=chunk)
-        d_x = None if d_x is None else d_x[:, 0]
+        # Whole steps of `chunk` images in a loop, each step one call of the kernels on its
+        # images (lax.map's batch_size would vmap the step instead), then the remainder.
+        full = images // chunk * chunk
+
+        def steps(a):
+            return None if a is None else a[:full].reshape(full // chunk, chunk, *a.shape[1:])
+
+        d_x, d_values = jax.lax.map(lambda args: step(*args), (steps(x_known), steps(ct)))
+        d_x = None if d_x is None else d_x.reshape(full, *d_x.shape[2:])
         d_values = None if d_values is None else jnp.sum(d_values, axis=0)
+        if full < images:
+            tail_x, tail_values = step(None if x_known is None else x_known[full:], ct[full:])
+            d_x = None if d_x is None else jnp.concatenate([d_x, tail_x])
+            d_values = None if d_values is None else d_values + tail_values
     ct_values = None if d_values is None else d_values.astype(values.aval.dtype)
     return d_x, ct_values, None, None
 
@@ -473,26 +495,117 @@ def _conv_batch(args, dims, **params):
     return jax.vmap(fn, in_axes=in_axes)(*args), 0
 
 
-def _conv_lowering():
-    """CPU: the kernel that gathers the patches itself; elsewhere (CUDA, the emulator) the
-    stored patches through blocks_spmm's kernels."""
-    through_spmm = mlir.lower_fun(_conv_through_spmm, multiple_results=False)
-    if _ffi.has_target("jaxsparse_blocks_conv", "cpu") and not _ffi.emulating_cuda():
-        direct = jax.ffi.ffi_lowering("jaxsparse_blocks_conv")
+def _conv_lowering(target, through_patches):
+    """CPU: `target`, the kernel that gathers the patches itself; elsewhere (CUDA, the emulator)
+    `through_patches`, the stored patches through the matrix ops' kernels."""
+    elsewhere = mlir.lower_fun(through_patches, multiple_results=False)
+    if not _ffi.has_target(target, "cpu") or _ffi.emulating_cuda():
+        return elsewhere, elsewhere
+    direct = jax.ffi.ffi_lowering(target)
 
-        def cpu(ctx, x, values, indices, indptr, *, out_features, kernel_size, strides,
-                dilation, padding):
-            return direct(ctx, x, values, indices, indptr,
-                          kernel_h=np.int32(kernel_size[0]), kernel_w=np.int32(kernel_size[1]),
-                          stride_h=np.int32(strides[0]), stride_w=np.int32(strides[1]),
-                          dilation_h=np.int32(dilation[0]), dilation_w=np.int32(dilation[1]),
-                          pad_top=np.int32(padding[0][0]), pad_left=np.int32(padding[1][0]))
-    else:
-        cpu = through_spmm
-    return cpu, through_spmm
+    def cpu(ctx, *operands, kernel_size, strides, dilation, padding, **shape_params):
+        del shape_params  # out_features / n: the handler reads them from the shapes.
+        return direct(ctx, *operands,
+                      kernel_h=np.int32(kernel_size[0]), kernel_w=np.int32(kernel_size[1]),
+                      stride_h=np.int32(strides[0]), stride_w=np.int32(strides[1]),
+                      dilation_h=np.int32(dilation[0]), dilation_w=np.int32(dilation[1]),
+                      pad_top=np.int32(padding[0][0]), pad_left=np.int32(padding[1][0]))
+
+    return cpu, elsewhere
 
 
-# ====================================================================== CUDA lowerings
+# ====================================================================== blocks_conv_sddmm
+blocks_conv_sddmm_p = Primitive("jaxsparse_blocks_conv_sddmm")
+
+
+def blocks_conv_sddmm(x, dy, indices, indptr, *, n: int, kernel_size, strides=(1, 1),
+                      dilation=(1, 1), padding=((0, 0), (0, 0))):
+    """The values' cotangent of `blocks_conv`: the patches of x times dy, sampled at the blocks,
+    with the patches never stored on a CPU (the kernel gathers them through the kernel
+    positions, as the forward does).
+
+    Args:
+        x: `[N, H, W, C]` f32/bf16/f16.
+        dy: `[N, OH, OW, out]` in x's dtype (blocks_conv's output shape for this geometry).
+        indices, indptr: one weight's structure (`[1, nnz]`, `[1, R + 1]`, `R = ceil(out / n)`).
+        n: outputs per block.
+        kernel_size, strides, dilation, padding: as `blocks_conv`.
+
+    Returns:
+        `dv [1, nnz, n]` in x's dtype: `dv[0, b, j] = sum_t patches(x)[t, indices[b]] *
+        dy[t, row(b) * n + j]` over the output pixels t, accumulated in f32; 0 for padding
+        outputs and for blocks outside x or outside every row.
+    """
+    return blocks_conv_sddmm_p.bind(x, dy, indices, indptr, n=int(n),
+                                    kernel_size=_pair(kernel_size), strides=_pair(strides),
+                                    dilation=_pair(dilation),
+                                    padding=tuple(tuple(int(v) for v in p) for p in padding))
+
+
+def _conv_sddmm_by_patches(x, dy, indices, indptr, *, n, kernel_size, strides, dilation,
+                           padding, product):
+    patches = im2col(x, kernel_size, strides, dilation, padding)
+    rows = patches.shape[0] * patches.shape[1] * patches.shape[2]
+    return product(patches.reshape(1, rows, -1), dy.reshape(1, rows, dy.shape[-1]), indices,
+                   indptr, n=n)
+
+
+def blocks_conv_sddmm_reference(x, dy, indices, indptr, **params):
+    """Pure jnp: the stored patches' sampled product (the test oracle)."""
+    return _conv_sddmm_by_patches(x, dy, indices, indptr, product=blocks_sddmm_reference,
+                                  **params)
+
+
+def _conv_sddmm_through_patches(x, dy, indices, indptr, **params):
+    """The patches stored, then `blocks_sddmm` (CUDA, the emulator, batches)."""
+    return _conv_sddmm_by_patches(x, dy, indices, indptr, product=blocks_sddmm, **params)
+
+
+def _conv_sddmm_abstract_eval(x, dy, indices, indptr, *, n, kernel_size, strides, dilation,
+                              padding):
+    if x.ndim != 4 or dy.ndim != 4:
+        raise ValueError("blocks_conv_sddmm: x and dy must have rank 4 ([N, H, W, C], "
+                         f"[N, OH, OW, out]); got {tuple(x.shape)} and {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"blocks_conv_sddmm: dy must have x's dtype {x.dtype}; got {dy.dtype}")
+    out = [_conv_out(size, k, s, d, p) for size, k, s, d, p in
+           zip(x.shape[1:3], kernel_size, strides, dilation, padding)]
+    if tuple(dy.shape[:3]) != (x.shape[0], *out):
+        raise ValueError(f"blocks_conv_sddmm: dy must be [N, OH, OW, out] = [{x.shape[0]}, "
+                         f"{out[0]}, {out[1]}, out] for this x and geometry; got "
+                         f"{tuple(dy.shape)}")
+    _check_structure("blocks_conv_sddmm", indices, indptr, dy.shape[-1], n)
+    return x.update(shape=(1, indices.shape[-1], n), dtype=x.dtype)
+
+
+def _conv_sddmm_jvp(primals, tangents, **params):
+    fn = functools.partial(blocks_conv_sddmm, **params)
+    return P.jvp_bilinear(fn, primals, tangents, fn(*primals))
+
+
+def _conv_sddmm_transpose(ct, x, dy, indices, indptr, *, n, **geometry):
+    """<sddmm(x, dy), ct> = <dy, blocks_conv(x, ct)>: dy's cotangent is the forward with ct as
+    the values, x's that forward's own transpose applied to dy."""
+    if type(ct) is ad.Zero:
+        return None, None, None, None
+    want_x = ad.is_undefined_primal(x)
+    x_aval = x.aval if want_x else x
+    dy_aval = dy.aval if ad.is_undefined_primal(dy) else dy
+    conv = functools.partial(blocks_conv, values=ct, indices=indices, indptr=indptr,
+                             out_features=dy_aval.shape[-1], **geometry)
+    if want_x:
+        (ct_x,) = jax.linear_transpose(lambda v: conv(v),
+                                       jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype))(dy)
+        return ct_x, None, None, None
+    return None, conv(x), None, None
+
+
+def _conv_sddmm_batch(args, dims, **params):
+    fn = functools.partial(_conv_sddmm_through_patches, **params)
+    return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
+
+
+# ====================================================================== CUDA lowerings# ====================================================================== CUDA lowerings
 # The CUDA kernels (cuda/blocks/blocks_ops.cu) take the structure prepared in the same program,
 # so that every output element finds its inputs without a search or a scatter: the forward
 # reads indptr already made non-decreasing (a warp per block row), the input gradient the blocks
@@ -546,9 +659,17 @@ def _register_conv():
     ad.primitive_jvps[blocks_conv_p] = _conv_jvp
     ad.primitive_transposes[blocks_conv_p] = _conv_transpose
     batching.primitive_batchers[blocks_conv_p] = _conv_batch
-    cpu, elsewhere = _conv_lowering()
+    cpu, elsewhere = _conv_lowering("jaxsparse_blocks_conv", _conv_through_spmm)
     mlir.register_lowering(blocks_conv_p, elsewhere)
     mlir.register_lowering(blocks_conv_p, cpu, platform="cpu")
+    blocks_conv_sddmm_p.def_impl(P.impl_via_jit(blocks_conv_sddmm_p))
+    blocks_conv_sddmm_p.def_abstract_eval(_conv_sddmm_abstract_eval)
+    ad.primitive_jvps[blocks_conv_sddmm_p] = _conv_sddmm_jvp
+    ad.primitive_transposes[blocks_conv_sddmm_p] = _conv_sddmm_transpose
+    batching.primitive_batchers[blocks_conv_sddmm_p] = _conv_sddmm_batch
+    cpu, elsewhere = _conv_lowering("jaxsparse_blocks_conv_sddmm", _conv_sddmm_through_patches)
+    mlir.register_lowering(blocks_conv_sddmm_p, elsewhere)
+    mlir.register_lowering(blocks_conv_sddmm_p, cpu, platform="cpu")
 
 
 def _register():

@@ -17,6 +17,8 @@ from jaxsparse.ops import (
     block_rows,
     blocks_conv,
     blocks_conv_reference,
+    blocks_conv_sddmm,
+    blocks_conv_sddmm_reference,
     blocks_sddmm,
     blocks_sddmm_reference,
     blocks_spmm,
@@ -289,11 +291,14 @@ def test_blocks_conv_target_checks_its_attributes():
         call(x[0], *args[1:], **attrs)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 2**30], ids=["image-by-image", "all-at-once"])
+# Bytes per backward step: one image, two of the three (a loop and a remainder), all three.
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 4 * 5 * 6 * 36, 2**30],
+                         ids=["image-by-image", "two-and-one", "all-at-once"])
 def test_blocks_conv_backward_by_chunks_of_images(monkeypatch, chunk_bytes):
     import jaxsparse.ops.blocks as blocks_module
 
     monkeypatch.setattr(blocks_module, "BACKWARD_PATCH_BYTES", chunk_bytes)
+    monkeypatch.setattr(blocks_module, "BACKWARD_SDDMM_BYTES", chunk_bytes)
     params = dict(out_features=16, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
                   padding=((1, 1), (1, 1)))
     ws = weight(11, 9 * 4, 16, 8, 0.5)
@@ -307,6 +312,84 @@ def test_blocks_conv_backward_by_chunks_of_images(monkeypatch, chunk_bytes):
     want = jax.grad(loss(blocks_conv_reference), (0, 1))(x, v)
     for g, w in zip(got, want):
         assert_close(g, w, jnp.float32, scale_for(36))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("h,w,c,out,kernel,strides,dilation,padding,n", CONV_CASES)
+def test_blocks_conv_sddmm_gathers_the_patches_the_reference_stores(isa, dtype, h, w, c, out,
+                                                                    kernel, strides, dilation,
+                                                                    padding, n):
+    k = kernel[0] * kernel[1] * c
+    ws = weight(15, k, out, n, 0.3, dtype)
+    x = jnp.asarray(np.random.default_rng(16).standard_normal((2, h, w, c)), dtype)
+    geometry = dict(kernel_size=kernel, strides=strides, dilation=dilation, padding=padding)
+    y_shape = blocks_conv(x, ws.values[None], ws.indices[None], ws.indptr[None],
+                          out_features=out, **geometry).shape
+    dy = jnp.asarray(np.random.default_rng(17).standard_normal(y_shape), dtype)
+    structure = (ws.indices[None], ws.indptr[None])
+    dv = blocks_conv_sddmm(x, dy, *structure, n=n, **geometry)
+    assert dv.shape == (1, *ws.values.shape) and dv.dtype == dtype
+    assert_close(dv, blocks_conv_sddmm_reference(x, dy, *structure, n=n, **geometry), dtype,
+                 scale_for(y_shape[0] * y_shape[1] * y_shape[2]))
+
+
+def test_blocks_conv_sddmm_untrusted_structure_and_rules():
+    """Blocks outside x or outside every row get 0 as the reference says; the op's JVP,
+    transposes (jax.grad of a loss of dv) and vmap agree with the stored-patch reference."""
+    geometry = dict(kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+                    padding=((1, 1), (1, 1)))
+    ws = weight(18, 9 * 4, 24, 8, 0.5)
+    x = jnp.asarray(np.random.default_rng(19).standard_normal((2, 5, 6, 4)), jnp.float32)
+    dy = jnp.asarray(np.random.default_rng(20).standard_normal((2, 5, 6, 24)), jnp.float32)
+    indices, indptr = ws.indices[None], ws.indptr[None]
+    nnz = indices.shape[-1]
+    bad_indices = indices.at[0, ::4].set(jnp.int32(36 + 3)).at[0, 1].set(-2)
+    bad_indptr = jnp.array([[-1, 3, 2, nnz + 5]], jnp.int32)
+    for ind, ptr in [(bad_indices, indptr), (indices, bad_indptr)]:
+        assert_close(blocks_conv_sddmm(x, dy, ind, ptr, n=8, **geometry),
+                     blocks_conv_sddmm_reference(x, dy, ind, ptr, n=8, **geometry), jnp.float32,
+                     scale_for(60))
+
+    def loss(op):
+        return lambda x, dy: jnp.sum(jnp.sin(op(x, dy, indices, indptr, n=8, **geometry)))
+
+    for got, want in zip(jax.grad(loss(blocks_conv_sddmm), (0, 1))(x, dy),
+                         jax.grad(loss(blocks_conv_sddmm_reference), (0, 1))(x, dy)):
+        assert_close(got, want, jnp.float32, scale_for(60))
+    tangents = (jnp.ones_like(x), jnp.ones_like(dy))
+    _, got = jax.jvp(lambda x, dy: blocks_conv_sddmm(x, dy, indices, indptr, n=8, **geometry),
+                     (x, dy), tangents)
+    _, want = jax.jvp(lambda x, dy: blocks_conv_sddmm_reference(x, dy, indices, indptr, n=8,
+                                                                **geometry), (x, dy), tangents)
+    assert_close(got, want, jnp.float32, scale_for(60))
+    per_dy = jax.vmap(lambda d: blocks_conv_sddmm(x, d, indices, indptr, n=8, **geometry))(
+        jnp.stack([dy, 2 * dy]))
+    assert_close(per_dy[1], 2 * per_dy[0], jnp.float32, scale_for(60))
+    with pytest.raises(ValueError, match=r"dy must be \[N, OH, OW, out\]"):
+        blocks_conv_sddmm(x, dy[:, :4], indices, indptr, n=8, **geometry)
+
+
+def test_blocks_conv_sddmm_target_checks_its_operands():
+    ws = weight(21, 18, 16, 8, 0.5)
+    x = jnp.ones((1, 4, 4, 2), jnp.float32)
+    dy = jnp.ones((1, 4, 4, 16), jnp.float32)
+    call = jax.ffi.ffi_call("jaxsparse_blocks_conv_sddmm",
+                            jax.ShapeDtypeStruct((1, *ws.values.shape), jnp.float32))
+    attrs = dict(kernel_h=np.int32(3), kernel_w=np.int32(3), stride_h=np.int32(1),
+                 stride_w=np.int32(1), dilation_h=np.int32(1), dilation_w=np.int32(1),
+                 pad_top=np.int32(1), pad_left=np.int32(1))
+    structure = (ws.indices[None], ws.indptr[None])
+    np.testing.assert_allclose(
+        call(x, dy, *structure, **attrs),
+        blocks_conv_sddmm_reference(x, dy, *structure, n=8, kernel_size=(3, 3), strides=(1, 1),
+                                    dilation=(1, 1), padding=((1, 1), (1, 1))),
+        rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="dilation_w"):
+        call(x, dy, *structure, **{**attrs, "dilation_w": np.int32(0)})
+    with pytest.raises(Exception, match="dy must have rank 4"):
+        call(x, dy[0], *structure, **attrs)
+    with pytest.raises(Exception, match=r"dy.shape\[0\] \(N\)"):
+        call(x, jnp.ones((2, 4, 4, 16), jnp.float32), *structure, **attrs)
 
 
 # The bf16 forward on the tile product (cpu/blocks/blocks_tiles.h): AMX's default for n = 16 and
