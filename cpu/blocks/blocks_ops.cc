@@ -95,6 +95,15 @@ ffi::Error SddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   return RunKernel(val, Kernels().sddmm, p, pool, *dv);
 }
 
+// The kernels' view of a convolution: the images' and output pixels' dims
+// ([N, H, W, C] and [N, OH, OW, out]) and the checked attributes.
+BlocksConv Geometry(const blocks_check::ConvAttrs& a, const int64_t x_dims[4],
+                    const int64_t out_dims[4]) {
+  return BlocksConv{x_dims[1],  x_dims[2],    x_dims[3],    out_dims[1],  out_dims[2],
+                    a.kernel_w, a.stride_h,   a.stride_w,   a.dilation_h, a.dilation_w,
+                    a.pad_top,  a.pad_left};
+}
+
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
                     ffi::AnyBuffer indices, ffi::AnyBuffer indptr,
                     ffi::Result<ffi::AnyBuffer> y, int32_t kernel_h, int32_t kernel_w,
@@ -107,8 +116,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer value
   int64_t xd[4], yd[4];
   JAXSPARSE_RETURN_IF_ERROR(
       blocks_check::CheckConv(val, attrs, x, values, indices, indptr, *y, &o, xd, yd));
-  const BlocksConv conv{xd[1],    xd[2],    xd[3],      yd[1],      yd[2],   kernel_w,
-                        stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left};
+  const BlocksConv conv = Geometry(attrs, xd, yd);
   BlocksProblem p = Problem(o, yd[0] * yd[1] * yd[2], int64_t{kernel_h} * kernel_w * xd[3],
                             yd[3], o.b.cols);
   p.x = o.a.data();
@@ -129,8 +137,7 @@ ffi::Error ConvSddmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   int64_t xd[4], dyd[4];
   JAXSPARSE_RETURN_IF_ERROR(
       blocks_check::CheckConvSddmm(val, attrs, x, dy, indices, indptr, *dv, &o, xd, dyd));
-  const BlocksConv conv{xd[1],    xd[2],    xd[3],      dyd[1],     dyd[2],  kernel_w,
-                        stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left};
+  const BlocksConv conv = Geometry(attrs, xd, dyd);
   BlocksProblem p = Problem(o, dyd[0] * dyd[1] * dyd[2], int64_t{kernel_h} * kernel_w * xd[3],
                             dyd[3], o.result.cols);
   p.x = o.a.data();

@@ -653,23 +653,27 @@ def _sddmm_cuda_lowering(target):
     return mlir.lower_fun(call, multiple_results=False)
 
 
+def _register_conv_op(prim, *, abstract_eval, jvp, transpose, batch, target, through_patches):
+    """A convolution primitive: its rules, the CPU target that gathers the patches, and the
+    stored-patch route elsewhere."""
+    prim.def_impl(P.impl_via_jit(prim))
+    prim.def_abstract_eval(abstract_eval)
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
+    batching.primitive_batchers[prim] = batch
+    cpu, elsewhere = _conv_lowering(target, through_patches)
+    mlir.register_lowering(prim, elsewhere)
+    mlir.register_lowering(prim, cpu, platform="cpu")
+
+
 def _register_conv():
-    blocks_conv_p.def_impl(P.impl_via_jit(blocks_conv_p))
-    blocks_conv_p.def_abstract_eval(_conv_abstract_eval)
-    ad.primitive_jvps[blocks_conv_p] = _conv_jvp
-    ad.primitive_transposes[blocks_conv_p] = _conv_transpose
-    batching.primitive_batchers[blocks_conv_p] = _conv_batch
-    cpu, elsewhere = _conv_lowering("jaxsparse_blocks_conv", _conv_through_spmm)
-    mlir.register_lowering(blocks_conv_p, elsewhere)
-    mlir.register_lowering(blocks_conv_p, cpu, platform="cpu")
-    blocks_conv_sddmm_p.def_impl(P.impl_via_jit(blocks_conv_sddmm_p))
-    blocks_conv_sddmm_p.def_abstract_eval(_conv_sddmm_abstract_eval)
-    ad.primitive_jvps[blocks_conv_sddmm_p] = _conv_sddmm_jvp
-    ad.primitive_transposes[blocks_conv_sddmm_p] = _conv_sddmm_transpose
-    batching.primitive_batchers[blocks_conv_sddmm_p] = _conv_sddmm_batch
-    cpu, elsewhere = _conv_lowering("jaxsparse_blocks_conv_sddmm", _conv_sddmm_through_patches)
-    mlir.register_lowering(blocks_conv_sddmm_p, elsewhere)
-    mlir.register_lowering(blocks_conv_sddmm_p, cpu, platform="cpu")
+    _register_conv_op(blocks_conv_p, abstract_eval=_conv_abstract_eval, jvp=_conv_jvp,
+                      transpose=_conv_transpose, batch=_conv_batch,
+                      target="jaxsparse_blocks_conv", through_patches=_conv_through_spmm)
+    _register_conv_op(blocks_conv_sddmm_p, abstract_eval=_conv_sddmm_abstract_eval,
+                      jvp=_conv_sddmm_jvp, transpose=_conv_sddmm_transpose,
+                      batch=_conv_sddmm_batch, target="jaxsparse_blocks_conv_sddmm",
+                      through_patches=_conv_sddmm_through_patches)
 
 
 def _register():
