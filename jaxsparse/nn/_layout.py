@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxsparse import _validate as V
 from jaxsparse.formats import FROZEN, TRAINABLE
+from jaxsparse.formats._base import SparseFormat
 from jaxsparse.formats._spec import accepted_forms
 from jaxsparse.ops.matmul import matmul
 from jaxsparse.prune import Unstructured, as_pattern, fits
@@ -138,12 +139,44 @@ def sparse_product(where: str, x, weight, preferred_element_type=None):
     return matmul(x, weight).astype(out)
 
 
+def arrays_from_method(method, kernel, pattern, where: str) -> dict[str, jax.Array]:
+    """The arrays a layer holds for a dense kernel `[in, out]` and `method`: "magnitude", a bool
+    mask, a callable `(kernel, pattern) -> mask`, or the compressed weight itself (a format
+    instance of `pattern` and the kernel's shape, e.g. from `jaxsparse.prune.sparsegpt`: held as
+    it is, its values replacing the kernel's)."""
+    if isinstance(method, SparseFormat):
+        return held_weight(method, kernel, pattern, where)
+    return compress(kernel, pattern, mask_from_method(method, kernel, pattern, where))
+
+
+def held_weight(weight: SparseFormat, kernel, pattern, where: str) -> dict[str, jax.Array]:
+    """The arrays of a compressed weight given for a layer, checked against its spec and shape."""
+    if weight.spec != pattern:
+        raise ValueError(f"{where}: the compressed weight given as method is {weight.spec}; the "
+                         f"layer's sparsity is {pattern}")
+    if tuple(weight.shape) != tuple(kernel.shape):
+        raise ValueError(f"{where}: the compressed weight given as method has shape "
+                         f"{tuple(weight.shape)}; the layer's kernel is {tuple(kernel.shape)}")
+    return weight.astype(kernel.dtype).arrays()
+
+
+def method_for(method, name: str):
+    """A layer's method: `method` itself, or its entry in a `{layer path: weight}` mapping (also
+    under `"<path>/kernel"`); None when the mapping has none."""
+    if isinstance(method, Mapping):
+        return method.get(name, method.get(f"{name}/kernel"))
+    return method
+
+
 def mask_from_method(method, kernel, pattern, where: str):
     """None for magnitude pruning, else the bool mask `[in, out]` chosen by `method`.
 
     `method` is "magnitude", a bool mask of the kernel's shape, or a callable
     `(kernel, pattern) -> mask`.
     """
+    if isinstance(method, SparseFormat):
+        raise TypeError(f"{where}: a compressed weight as method is for dense layers (Linear / "
+                        f"Dense); got a {type(method).__name__} here")
     if isinstance(method, str):
         if method == "magnitude":
             return None
@@ -164,14 +197,23 @@ def mask_from_method(method, kernel, pattern, where: str):
 
 
 def check_method(method, where: str) -> None:
-    """Up-front check of a `sparsify` method (one method for many layers: no mask arrays)."""
+    """Up-front check of a `sparsify` method (one method for many layers: no mask arrays; or a
+    mapping from layer path to its compressed weight)."""
     if isinstance(method, str) and method == "magnitude":
         return
     if callable(method) and not isinstance(method, str):
         return
+    if isinstance(method, Mapping):
+        for key, weight in method.items():
+            if not isinstance(key, str) or not isinstance(weight, SparseFormat):
+                raise TypeError(
+                    f"{where}: a method mapping must map layer paths to compressed weights "
+                    f"(format instances, e.g. from jaxsparse.prune.one_shot); got {key!r}: "
+                    f"{type(weight).__name__}")
+        return
     raise ValueError(
-        f"{where}: method must be 'magnitude' or a callable (kernel, pattern) -> bool mask; "
-        f"got {method!r}"
+        f"{where}: method must be 'magnitude', a callable (kernel, pattern) -> bool mask, or a "
+        f"mapping from layer path to its compressed weight; got {method!r}"
     )
 
 

@@ -292,8 +292,10 @@ class SparseLinear(HeldKernel, nnx.Module):
                 dtype).
             sparsity: the pattern, as for the constructor.
             method: "magnitude" (keep the largest |w| the pattern allows), a bool mask
-                `[in_features, out_features]` that respects the pattern, or a callable
-                `(kernel, pattern) -> mask`.
+                `[in_features, out_features]` that respects the pattern, a callable
+                `(kernel, pattern) -> mask`, or the compressed weight itself (a format
+                instance of `sparsity` and the kernel's shape, e.g. from
+                `jaxsparse.prune.sparsegpt`: the layer holds it, the kernel's values unused).
             bias: `[out_features]`, only with a kernel (a Linear brings its own).
             **kwargs: constructor settings to set or override (dtype, precision, promote_dtype,
                 preferred_element_type, kernel_metadata, bias_metadata).
@@ -314,9 +316,9 @@ class SparseLinear(HeldKernel, nnx.Module):
         in_features, out_features = kernel.shape
         bias = cls._checked_bias(where, bias, kernel.shape)
         pattern, _ = _layout.layer_pattern(sparsity, in_features, out_features, where)
-        mask = _layout.mask_from_method(method, kernel, pattern, where)
-        if mask is not None:  # Checks the mask against the pattern before building anything.
-            arrays = _layout.compress(kernel, pattern, mask)
+        # Checks a mask (or a compressed weight) against the pattern before building anything.
+        magnitude = isinstance(method, str) and method == "magnitude"
+        arrays = None if magnitude else _layout.arrays_from_method(method, kernel, pattern, where)
         config.update(kwargs)
         # The constructor prunes what kernel_init returns by magnitude, without a random draw;
         # a mask then replaces its choice.
@@ -331,7 +333,7 @@ class SparseLinear(HeldKernel, nnx.Module):
             rngs=nnx.Rngs(0),
             **config,
         )
-        if mask is not None:
+        if arrays is not None:
             layer._replace_arrays(arrays)
         return layer
 

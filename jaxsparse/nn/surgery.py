@@ -49,7 +49,9 @@ def sparsify(
             (one 1xN density for the whole model); layers it does not name stay dense.
         method: "magnitude" or a callable `(kernel [in, out], pattern) -> bool mask`; a Conv's
             kernel is given flattened, `[prod(kernel_size) * in, out]`, and its mask may have
-            that shape or the kernel's.
+            that shape or the kernel's. Or a mapping `{layer path: compressed weight}` (e.g.
+            from `jaxsparse.prune.one_shot`): each named Linear holds its weight as it is
+            (error-compensated values, GPTQ codes); layers it does not name stay dense.
         filter: which layers to convert: None (all), a regular expression searched in the
             '/'-joined module path (e.g. `"^encoder/"`; list items appear as their index), or a
             predicate `(path, module) -> bool` on that '/'-joined path (as in `jaxsparse.prune`).
@@ -106,6 +108,12 @@ def sparsify(
             def reason_of():
                 return dense_conv_reason(node) or conv_fits(pattern, node.kernel.shape)
         reason = "excluded by filter" if not selected(path, node) else reason_of()
+        layer_method = _layout.method_for(method, name)
+        if reason is None and layer_method is None:
+            reason = "no compressed weight for it in the method mapping"
+        if reason is None and sparse_type is SparseConv and not callable(layer_method) \
+                and not isinstance(layer_method, str):
+            reason = "a compressed weight in the method mapping is for Linear layers"
         if reason is not None:
             counts["skipped"] += 1
             _layout.logger.info("%s: skipped %s %s: %s", where, name, desc, reason)
@@ -113,7 +121,7 @@ def sparsify(
         counts["replaced"] += 1
         _layout.logger.info("%s: replaced %s %s with %s %s", where, name, desc,
                             sparse_type.__name__, pattern)
-        return sparse_type.from_dense(node, pattern, method=method)
+        return sparse_type.from_dense(node, pattern, method=layer_method)
 
     new = nnx.recursive_map(convert, model)
     _layout.logger.info(

@@ -372,6 +372,12 @@ def _conv_out(size, kernel, stride, dilation, pads):
     return (padded - extent) // stride + 1 if padded >= extent else 0
 
 
+def _conv_out_dims(x_shape, kernel_size, strides, dilation, padding) -> list[int]:
+    """The output pixels `[OH, OW]` of a convolution of `x [N, H, W, C]`."""
+    return [_conv_out(size, k, s, d, p) for size, k, s, d, p in
+            zip(x_shape[1:3], kernel_size, strides, dilation, padding)]
+
+
 def _conv_by_patches(x, values, indices, indptr, *, out_features, kernel_size, strides,
                      dilation, padding, product):
     patches = im2col(x, kernel_size, strides, dilation, padding)
@@ -399,8 +405,7 @@ def _conv_abstract_eval(x, values, indices, indptr, *, out_features, kernel_size
         raise TypeError(f"blocks_conv: values must be [1, nnz, n] of x's dtype {x.dtype}; got "
                         f"{values.dtype}{list(values.shape)}")
     _check_structure("blocks_conv", indices, indptr, out_features, values.shape[-1])
-    out = [_conv_out(size, k, s, d, p) for size, k, s, d, p in
-           zip(x.shape[1:3], kernel_size, strides, dilation, padding)]
+    out = _conv_out_dims(x.shape, kernel_size, strides, dilation, padding)
     return x.update(shape=(x.shape[0], *out, out_features), dtype=x.dtype)
 
 
@@ -568,8 +573,7 @@ def _conv_sddmm_abstract_eval(x, dy, indices, indptr, *, n, kernel_size, strides
                          f"[N, OH, OW, out]); got {tuple(x.shape)} and {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
         raise TypeError(f"blocks_conv_sddmm: dy must have x's dtype {x.dtype}; got {dy.dtype}")
-    out = [_conv_out(size, k, s, d, p) for size, k, s, d, p in
-           zip(x.shape[1:3], kernel_size, strides, dilation, padding)]
+    out = _conv_out_dims(x.shape, kernel_size, strides, dilation, padding)
     if tuple(dy.shape[:3]) != (x.shape[0], *out):
         raise ValueError(f"blocks_conv_sddmm: dy must be [N, OH, OW, out] = [{x.shape[0]}, "
                          f"{out[0]}, {out[1]}, out] for this x and geometry; got "
@@ -594,8 +598,8 @@ def _conv_sddmm_transpose(ct, x, dy, indices, indptr, *, n, **geometry):
     conv = functools.partial(blocks_conv, values=ct, indices=indices, indptr=indptr,
                              out_features=dy_aval.shape[-1], **geometry)
     if want_x:
-        (ct_x,) = jax.linear_transpose(lambda v: conv(v),
-                                       jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype))(dy)
+        (ct_x,) = jax.linear_transpose(conv, jax.ShapeDtypeStruct(x_aval.shape,
+                                                                  x_aval.dtype))(dy)
         return ct_x, None, None, None
     return None, conv(x), None, None
 

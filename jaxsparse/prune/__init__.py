@@ -11,6 +11,12 @@
   `kept_block_norm` for one kernel, `apply_output_permutation` / `apply_input_permutation`,
   and `rearrange_filters` (nnx, in place) / `rearrange_filters_linen` for a whole model, with a
   `RearrangeReport`.
+- Second-order one-shot compression of one layer from its inputs' Gram matrix `X^T X`:
+  `sparsegpt(w, gram, spec)` (SparseGPT/OBS for N:M, V:N:M, 1xN blocks, unstructured, and
+  2:4 + int4) and `gptq(w, gram, jaxsparse.Int4(...))`, each returning the spec's format;
+  `calibrate` (nnx) / `calibrate_linen` sum each dense layer's input Gram (`GramStats`) over
+  calibration batches, and `one_shot` compresses a whole nnx model (one pass, or `sequential`
+  as the SparseGPT paper) into `{path: weight}` for `jaxsparse.nn.sparsify(..., method=)`.
 - Schedules are optax schedules: `cubic_schedule`.
 - Training algorithms are `optax.GradientTransformation`s with NamedTuple states:
   `gradual_pruning`, `masked`, `srste` (with `srste_weight` / `srste_weights` in the forward pass).
@@ -22,6 +28,7 @@
 """
 
 from jaxsparse.formats.nm import NM
+from jaxsparse.prune._calibrate import GramStats, calibrate, calibrate_linen, one_shot
 from jaxsparse.prune._layerwise import block_densities
 from jaxsparse.prune._masks import magnitude_mask, magnitude_masks, nm_kept_magnitude
 from jaxsparse.prune._patterns import Pattern, Unstructured, as_pattern, fits
@@ -42,6 +49,7 @@ from jaxsparse.prune._rearrange import (
     rearrange_outputs,
 )
 from jaxsparse.prune._schedules import cubic_schedule
+from jaxsparse.prune._sparsegpt import gptq, sparsegpt
 from jaxsparse.prune._srste import SRSTEState, srste, srste_weight, srste_weights
 from jaxsparse.prune._transforms import GradualPruningState, MaskedState, gradual_pruning, masked
 from jaxsparse.prune._tree import Filter, apply_masks
@@ -49,6 +57,7 @@ from jaxsparse.prune._tree import Filter, apply_masks
 __all__ = [
     "NM",
     "Filter",
+    "GramStats",
     "GradualPruningState",
     "LayerRearrangement",
     "MaskedState",
@@ -62,20 +71,25 @@ __all__ = [
     "apply_output_permutation",
     "as_pattern",
     "block_densities",
+    "calibrate",
+    "calibrate_linen",
     "cubic_schedule",
     "fits",
+    "gptq",
     "gradual_pruning",
     "kept_block_norm",
     "magnitude_mask",
     "magnitude_masks",
     "masked",
     "nm_kept_magnitude",
+    "one_shot",
     "permute_inputs",
     "permute_outputs",
     "rearrange_filters",
     "rearrange_filters_linen",
     "rearrange_outputs",
     "search_permutation",
+    "sparsegpt",
     "srste",
     "srste_weight",
     "srste_weights",

@@ -131,7 +131,7 @@ def test_bad_input(dense_variables):
         sparsify(dense_variables, "2/4")
     with pytest.raises(ValueError, match="no compressed format"):
         sparsify(dense_variables, Unstructured(0.5))
-    with pytest.raises(ValueError, match="method must be 'magnitude' or a callable"):
+    with pytest.raises(ValueError, match="method must be 'magnitude', a callable"):
         sparsify(dense_variables, "2:4", method="obs")
     with pytest.raises(ValueError, match="allows at most 2"):
         sparsify(dense_variables, "2:4", method=lambda w, p: jnp.ones(w.shape, bool))
