@@ -23,9 +23,8 @@ import numpy as np
 from flax import nnx
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.int4 import Int4
 from jaxsparse.prune._patterns import as_pattern
-from jaxsparse.prune._sparsegpt import gptq, sparsegpt
+from jaxsparse.prune._sparsegpt import sparsegpt
 
 
 class GramStats(tp.NamedTuple):
@@ -332,8 +331,6 @@ def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: floa
         'SparseLinear'
     """
     where = "jaxsparse.prune.one_shot"
-    from jaxsparse.nn import _layout
-
     specs = _specs_of(spec, where)
     if stats is not None:
         if sequential:
@@ -360,8 +357,7 @@ def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: floa
             runner.update(work)
             stats = _accumulate(runner, batches, progress, where)
         for name in names:
-            compressed = _solve_layer(layers[name], stats[name], specs(name), damp, name, where,
-                                      _layout)
+            compressed = _solve_layer(layers[name], stats[name], specs(name), damp, name, where)
             if compressed is None:
                 continue
             weights[name] = compressed
@@ -406,8 +402,7 @@ def _solve_all(model, stats, specs, damp, filter, where):
         layer_spec = specs(name)
         if layer_spec is None or name not in layers:
             continue
-        compressed = _solve_layer(layers[name], layer_stats, layer_spec, damp, name, where,
-                                  _layout)
+        compressed = _solve_layer(layers[name], layer_stats, layer_spec, damp, name, where)
         if compressed is not None:
             weights[name] = compressed
     return weights
@@ -426,13 +421,15 @@ def _specs_of(spec, where):
     return lambda name: one
 
 
-def _solve_layer(layer, stats, spec, damp, name, where, _layout):
+def _solve_layer(layer, stats, spec, damp, name, where):
+    """The layer's compressed weight (`sparsegpt`, which runs GPTQ for dense int4), or None
+    (logged) for a layer the spec cannot take."""
+    from jaxsparse.nn import _layout
+
     kernel = layer.kernel[...]
     reason = spec.fits_shape(tuple(kernel.shape)) if hasattr(spec, "fits_shape") else \
         "unstructured sparsity has no format for a layer"
     if reason is not None:
         _layout.logger.info("%s: skipped %s: %s", where, name, reason)
         return None
-    if isinstance(spec, Int4) and spec.sparsity is None:
-        return gptq(kernel, stats.gram, spec, damp=damp)
     return sparsegpt(kernel, stats.gram, spec, damp=damp)

@@ -109,6 +109,8 @@ def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZ
     """
     where = "jaxsparse.prune.sparsegpt"
     spec = _solver_spec(spec, where)
+    if isinstance(spec, Int4) and spec.sparsity is None:  # Nothing to prune: GPTQ.
+        return gptq(w, gram, spec, damp=damp, block_size=block_size)
     return _compress(w, gram, spec, damp, block_size, where)
 
 
@@ -315,20 +317,18 @@ def _unpermute(a, order):
 
 def _static_scales(w, u, order, plan: _Plan):
     """Every group's scale before the solve, from the original (dead-zeroed) weights of the
-    format's contiguous groups: `(scales [in/g, out], row_scales [padded, out])`, the scale of
-    each input in the visiting order."""
-    k = order.shape[0] if order is not None else None
+    format's contiguous groups: `(scales [in/g, out], row_scales [in, out])`, the scale of
+    each input in the visiting order. (int4 needs no padding: `in` is a multiple of the group,
+    a multiple of 8, and the solver's step is 4 or 8.)"""
     group = plan.quant_group
-    padded, out = w.shape
-    k = k or padded
+    k, out = w.shape
     original = _unpermute(w[:k], order)
     d = _unpermute(jnp.diagonal(u)[:k], order)
     groups = original.reshape(k // group, group, out)
     scales = jax.vmap(lambda rows, rows_d: _group_scale(rows, rows_d, plan))(
         groups, d.reshape(k // group, group))
     visit = jnp.arange(k) if order is None else order
-    row_scales = jnp.pad(scales[visit // group], [(0, padded - k), (0, 0)])
-    return scales, row_scales
+    return scales, scales[visit // group]
 
 
 def _solve_chunk(w, u, chunk_mask, row_scales, plan: _Plan):
