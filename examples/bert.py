@@ -12,6 +12,10 @@ gives sentence-transformers' embedding: the mean of the last hidden states over 
 L2-normalised. Every projection is an `nnx.Linear` (`[in, out]` kernels, torch's `[out, in]`
 transposed on load), so `jaxsparse.prune.one_shot` and `jaxsparse.nn.sparsify` see 36 of them:
 per layer `query`, `key`, `value`, `attention_out`, `intermediate`, `output`.
+
+`save_checkpoint(model, path)` writes a model, dense or compressed, with orbax;
+`load_checkpoint(path, spec)` reads it back into a model built without computing a weight (the
+structure of `jaxsparse.nn.sparsify(BertEncoder(config), spec)`, from `nnx.eval_shape`).
 """
 
 from __future__ import annotations
@@ -174,6 +178,37 @@ def load_minilm(path: str | Path | None = None) -> BertEncoder:
         variable.set_value(jnp.asarray(array, jnp.float32))
     nnx.update(model, state)
     return model
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: BertEncoder, path: str | Path) -> None:
+    """Writes `model`'s state (dense, or compressed by `jaxsparse.nn.sparsify`, with or without
+    `method=` weights) as an orbax checkpoint in the directory `path`, which must not exist."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).resolve(), nnx.state(model))
+
+
+def load_checkpoint(path: str | Path, spec=None, config: BertConfig = BertConfig()) -> BertEncoder:
+    """The model that `save_checkpoint` wrote to `path`: `BertEncoder(config)`, compressed to `spec`
+    (a jaxsparse spec or its string, e.g. "2:4", "int4:g128+2:4"; None for the dense model).
+
+    The target is built abstractly (`nnx.eval_shape`: no weight is initialised or compressed),
+    then every array comes from the checkpoint; orbax refuses one whose structure, shapes or
+    dtypes differ (another spec or config)."""
+    import orbax.checkpoint as ocp
+
+    import jaxsparse as jsp
+
+    def build():
+        model = BertEncoder(config, rngs=nnx.Rngs(0))
+        return model if spec is None else jsp.nn.sparsify(model, spec)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(Path(path).resolve(), abstract)
+    return nnx.merge(graphdef, state)
 
 
 class Tokenizer:

@@ -248,8 +248,13 @@ def _recording(name_of):
     names adds its input's Gram to the yielded dict."""
     grams: dict = {}
     previous = getattr(_STATE, "record", None)
-    _STATE.record = lambda layer, inputs: (
-        _add(grams, name_of(layer), inputs) if name_of(layer) is not None else None)
+
+    def record(layer, inputs):
+        name = name_of(layer)
+        if name is not None:
+            _add(grams, name, inputs)
+
+    _STATE.record = record
     try:
         yield grams
     finally:
