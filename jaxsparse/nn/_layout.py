@@ -32,10 +32,7 @@ logger = logging.getLogger("jaxsparse")
 
 def pattern_of(sparsity, where: str):
     """`sparsity` as a validated pattern value; errors name `sparsity` and the accepted forms."""
-    try:
-        return as_pattern(sparsity, name="sparsity")
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{where}: {err}") from None
+    return as_pattern(sparsity, name="sparsity", where=where)
 
 
 def format_of(pattern, where: str):

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsparse import _validate as V
+from jaxsparse.prune._layerwise import check_mapping
 from jaxsparse.prune._patterns import as_pattern
 from jaxsparse.prune._sparsegpt import sparsegpt
 
@@ -414,13 +415,9 @@ def _solve_all(model, stats, specs, damp, filter, where):
 
 
 def _specs_of(spec, where):
+    """A function `layer path -> pattern | None`; mapping keys may name the layer or its kernel."""
     if isinstance(spec, Mapping):
-        table = {}
-        for key, value in spec.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: the keys of a spec mapping must be layer paths; got "
-                                f"{key!r}")
-            table[key] = as_pattern(value, name=f"spec[{key!r}]")
+        table = check_mapping(spec, where, arg="spec")
         return lambda name: table.get(name, table.get(f"{name}/kernel"))
     one = as_pattern(spec, name="spec")
     return lambda name: one

@@ -106,17 +106,21 @@ def is_mapping(pattern) -> bool:
     return isinstance(pattern, Mapping)
 
 
-def check_mapping(patterns: Mapping, where: str, validate=None) -> dict[str, Any]:
-    """`{path: validated pattern}`; `validate(pattern, name)` may narrow what is accepted."""
+def check_mapping(patterns: Mapping, where: str, validate=None,
+                  arg: str = "pattern") -> dict[str, Any]:
+    """`{path: validated pattern}`; `validate(pattern, name)` may narrow what is accepted.
+
+    `arg` is the argument's name in messages (`pattern[...]`, or `spec[...]` for callers whose
+    argument is called spec)."""
     if not patterns:
-        raise ValueError(f"{where}: the pattern mapping is empty; give at least one "
-                         "{path: pattern} entry")
+        raise ValueError(f"{where}: the {arg} mapping is empty; give at least one "
+                         f"{{path: {arg}}} entry")
     out = {}
     for key, value in patterns.items():
         if not isinstance(key, str):
-            raise TypeError(f"{where}: pattern mapping keys must be '/'-joined leaf paths (str); "
+            raise TypeError(f"{where}: {arg} mapping keys must be '/'-joined leaf paths (str); "
                             f"got {type(key).__name__} {key!r}")
-        name = f"pattern[{key!r}]"
+        name = f"{arg}[{key!r}]"
         out[key] = validate(value, name) if validate else as_pattern(value, name=name)
     return out
 

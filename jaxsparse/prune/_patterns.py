@@ -60,13 +60,15 @@ def _accepted() -> str:
     return f"{_spec.accepted_forms()}, or jaxsparse.prune.Unstructured(density)"
 
 
-def as_pattern(spec, *, name: str = "sparsity") -> Pattern:
+def as_pattern(spec, *, name: str = "sparsity",
+               where: str = "jaxsparse.prune.as_pattern") -> Pattern:
     """Turn a sparsity spec into a validated pattern value.
 
     Args:
         spec: a format's spec (`NM(n, m)`, `VNM(v, n, m)`, ...), its string (`"2:4"`,
             `"64:2:8"`), or `Unstructured(density)` with `0 < density <= 1`.
         name: the argument name used in error messages (`sparsity` for the layers).
+        where: the public function named first in error messages (a caller's own name).
 
     Returns:
         The validated pattern (a spec with Python ints, or `Unstructured` with a Python float).
@@ -81,20 +83,19 @@ def as_pattern(spec, *, name: str = "sparsity") -> Pattern:
         >>> as_pattern(Unstructured(0.1))
         Unstructured(density=0.1)
     """
-    where = f"jaxsparse.prune.as_pattern: {name}"
     if isinstance(spec, Unstructured):
         try:
-            return spec.validate(where)
+            return spec.validate(f"{where}: {name}")
         except (TypeError, ValueError) as err:
             raise type(err)(f"{err} (invalid pattern {spec!r})") from None
     if isinstance(spec, str) and not any(
         t.from_string(spec) is not None for t in _spec.registered_specs()
     ):
-        raise ValueError(f"jaxsparse.prune.as_pattern: {name} must be {_accepted()}; got {spec!r}")
+        raise ValueError(f"{where}: {name} must be {_accepted()}; got {spec!r}")
     if _spec.is_spec(spec) or isinstance(spec, str):
-        return _spec.as_spec(spec, name=name, where="jaxsparse.prune.as_pattern")
+        return _spec.as_spec(spec, name=name, where=where)
     raise TypeError(
-        f"jaxsparse.prune.as_pattern: {name} must be {_accepted()}; got {type(spec).__name__} "
+        f"{where}: {name} must be {_accepted()}; got {type(spec).__name__} "
         f"{spec!r}"
         + (
             " (for unstructured sparsity pass jaxsparse.prune.Unstructured(density))"

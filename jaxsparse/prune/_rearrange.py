@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxsparse import _validate as V
 from jaxsparse.formats.blocks import Blocks
+from jaxsparse.prune._layerwise import check_mapping
 from jaxsparse.prune._patterns import as_pattern
 from jaxsparse.prune._permutation import _check_perm
 from jaxsparse.prune._tree import path_str
@@ -198,13 +199,10 @@ def apply_input_permutation(kernel, perm):
 
 
 # ---------------------------------------------------------------------- layer helpers
-def _blocks_spec(spec, where) -> Blocks:
-    try:
-        pattern = as_pattern(spec, name="spec")
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{where}: {err}") from None
+def _blocks_spec(spec, where, name: str = "spec") -> Blocks:
+    pattern = as_pattern(spec, name=name, where=where)
     if not isinstance(pattern, Blocks):
-        raise ValueError(f"{where}: spec must be a 1xN spec, jaxsparse.Blocks(n, density) or "
+        raise ValueError(f"{where}: {name} must be a 1xN spec, jaxsparse.Blocks(n, density) or "
                          f"'1xN@density'; got {pattern!r}")
     return pattern
 
@@ -1212,12 +1210,8 @@ def _check_method(method, where):
 def _spec_resolver(spec, where):
     """A function `kernel path -> (Blocks | None, reason)`."""
     if isinstance(spec, Mapping):
-        table = {}
-        for key, value in spec.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: spec keys must be '/'-joined paths (str); got "
-                                f"{type(key).__name__} {key!r}")
-            table[key] = _blocks_spec(value, f"{where}: spec[{key!r}]")
+        table = check_mapping(spec, where, arg="spec",
+                              validate=lambda value, name: _blocks_spec(value, where, name))
 
         def lookup(path):
             module = path.rsplit("/", 1)[0] if "/" in path else path

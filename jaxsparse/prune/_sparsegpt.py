@@ -108,7 +108,7 @@ def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZ
         ('NMSparse', (16, 8))
     """
     where = "jaxsparse.prune.sparsegpt"
-    spec = _solver_spec(spec, where)
+    spec = as_pattern(spec, name="spec", where=where)
     if isinstance(spec, Int4) and spec.sparsity is None:  # Nothing to prune: GPTQ.
         return gptq(w, gram, spec, damp=damp, block_size=block_size)
     return _compress(w, gram, spec, damp, block_size, where)
@@ -149,7 +149,7 @@ def gptq(w, gram, spec, *, damp: float = 0.01, act_order: bool = True,
         ('Int4Weight', (2, 8))
     """
     where = "jaxsparse.prune.gptq"
-    spec = _solver_spec(spec, where)
+    spec = as_pattern(spec, name="spec", where=where)
     if not isinstance(spec, Int4):
         raise TypeError(f"{where}: spec must be jaxsparse.Int4(group_size, ...) or its string "
                         f"('int4', 'int4:g64', 'int4:g128+2:4'); got {spec!r} (for pruning use "
@@ -160,13 +160,6 @@ def gptq(w, gram, spec, *, damp: float = 0.01, act_order: bool = True,
 
 
 # ====================================================================== checks
-def _solver_spec(spec, where):
-    try:
-        return as_pattern(spec, name="spec")
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{where}: {err}") from None
-
-
 def _check_inputs(w, gram, spec, damp, block_size, where):
     w = V.as_array("w", w, where=where)
     V.check_float_dtype("w", w.dtype, where=where)

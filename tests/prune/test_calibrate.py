@@ -228,6 +228,10 @@ def test_one_shot_from_given_statistics_equals_one_pass():
         prune.one_shot(model, batches, "2:4", stats=stats, sequential=True, progress=False)
     with pytest.raises(TypeError, match="stats must be"):
         prune.one_shot(model, None, "2:4", stats={"layers/0": 1}, progress=False)
+    with pytest.raises(ValueError, match="the spec mapping is empty"):
+        prune.one_shot(model, None, {}, stats=stats, progress=False)
+    with pytest.raises(ValueError, match=r"spec\['head'\]"):
+        prune.one_shot(model, None, {"head": "5:4"}, stats=stats, progress=False)
 
 
 def test_sequential_stages_compress_a_stage_from_one_pass():

@@ -316,6 +316,10 @@ def test_spec_mapping_method_and_bad_input():
         prune.rearrange_filters(model, "2:4", x)
     with pytest.raises(ValueError, match=r"spec\['fc1'\].*density must be in \(0, 1\]"):
         prune.rearrange_filters(model, {"fc1": jsp.Blocks(8, 1.5)}, x)
+    with pytest.raises(ValueError, match="the spec mapping is empty"):
+        prune.rearrange_filters(model, {}, x)
+    with pytest.raises(TypeError, match=r"spec mapping keys must be '/'-joined leaf paths"):
+        prune.rearrange_filters(model, {1: SPEC}, x)
     with pytest.raises(ValueError, match="method must be one of"):
         prune.rearrange_filters(model, SPEC, x, method="best")
     with pytest.raises(TypeError, match="model must be a flax.nnx.Module; got dict"):
