@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -557,6 +558,82 @@ inline bool RunA8(const Int4Problem& p, const Runtime& rt) {
   return true;
 }
 
+// The quantiser's chunk: 256 widened inputs (1 KB) on the stack.
+constexpr int64_t kQuantChunk = 256;
+
+// `n` inputs of x from element `index` as f32: in place, or widened into `chunk`.
+inline const float* ChunkF32(const void* x, Dtype dtype, int64_t index, int64_t n,
+                             float* chunk) {
+  if (dtype == Dtype::kF32) return static_cast<const float*>(x) + index;
+  Widen(Offset(x, index, dtype), dtype, n, chunk);
+  return chunk;
+}
+
+// max |v| of a group: the integer max of the bit patterns with the sign
+// cleared, which orders finite values and infinity as the floats do (and
+// vectorises, where a float max reduction would not without -ffast-math),
+// and ranks every NaN above them, so a NaN input keeps its group's scale NaN
+// and the product NaN, as in the reference.
+inline float GroupAbsMax(const void* x, Dtype dtype, int64_t base, int32_t group,
+                         float* chunk) {
+  uint32_t top = 0;
+  for (int64_t i0 = 0; i0 < group; i0 += kQuantChunk) {
+    const int64_t n = std::min<int64_t>(kQuantChunk, group - i0);
+    const float* v = ChunkF32(x, dtype, base + i0, n, chunk);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, v + i, sizeof(bits));
+      bits &= 0x7fffffffu;
+      top = bits > top ? bits : top;
+    }
+  }
+  float amax;
+  std::memcpy(&amax, &top, sizeof(amax));
+  return amax;
+}
+
+// x quantised as jaxsparse.ops.quantize_activations: per row and group,
+// scale = max |x| * f32(1/127) and code = round-half-even(x / scale) clipped to
+// [-127, 127] (IEEE division: on exact ties XLA's compiled division of the
+// reference may land one code lower), each quad stored in the (0, 2, 1, 3) order of the
+// decoded weight dwords. An all-zero group gets scale 0 and codes 0; a NaN
+// code becomes -127 (its group's scale is NaN).
+inline void QuantizeA8Rows(const void* x, Dtype dtype, int64_t row0, int64_t rows, int64_t k,
+                           int32_t group, int8_t* codes, float* scales, int32_t* sums) {
+  alignas(64) float chunk[kQuantChunk];
+  alignas(64) int8_t q[kQuantChunk];
+  const int64_t groups = k / group;
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t base = r * k + g * group;
+      // Times the rounded reciprocal, as the reference.
+      const float scale = GroupAbsMax(x, dtype, base, group, chunk) * (1.0f / 127.0f);
+      const float safe = scale > 0.0f ? scale : 1.0f;
+      int32_t sum = 0;
+      for (int64_t i0 = 0; i0 < group; i0 += kQuantChunk) {
+        const int64_t n = std::min<int64_t>(kQuantChunk, group - i0);
+        const float* v = ChunkF32(x, dtype, base + i0, n, chunk);
+        for (int64_t i = 0; i < n; ++i) {
+          float c = std::nearbyint(v[i] / safe);  // The default mode: half to even.
+          c = c >= -127.0f ? c : -127.0f;
+          c = c <= 127.0f ? c : 127.0f;
+          q[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+          sum += q[i];
+        }
+        int8_t* out = codes + base + i0;
+        for (int64_t j = 0; j < n; j += 4) {
+          out[j] = q[j];
+          out[j + 1] = q[j + 2];
+          out[j + 2] = q[j + 1];
+          out[j + 3] = q[j + 3];
+        }
+      }
+      scales[r * groups + g] = scale;
+      sums[r * groups + g] = sum;
+    }
+  }
+}
+
 }  // namespace int4
 
 inline Int4KernelTable MakeInt4Table() {
@@ -566,6 +643,7 @@ inline Int4KernelTable MakeInt4Table() {
   table.nm_matmul = &int4::Run<true, false>;
   table.nm_matmul_t = &int4::Run<true, true>;
   table.a8_matmul = &int4::RunA8;
+  table.quantize_a8 = &int4::QuantizeA8Rows;
   return table;
 }
 

@@ -41,12 +41,21 @@ struct Int4Problem {
 
 using Int4KernelFn = bool (*)(const Int4Problem& problem, const Runtime& rt);
 
+// Rows [row0, row0 + rows) of x [*, K] (f32/bf16/f16) quantised to int8 per
+// row and group of `group` inputs, as jaxsparse.ops.quantize_activations and
+// in a8_matmul's operand layout: codes [*, K] in the (0, 2, 1, 3) quad order,
+// scales and sums [*, K/group].
+using Int4QuantizeFn = void (*)(const void* x, Dtype dtype, int64_t row0, int64_t rows,
+                                int64_t k, int32_t group, int8_t* codes, float* scales,
+                                int32_t* sums);
+
 struct Int4KernelTable {
   Int4KernelFn matmul;       // y  = x @ W, int4
   Int4KernelFn matmul_t;     // dx = dy @ W^T
   Int4KernelFn nm_matmul;    // the same for int4 + 2:4
   Int4KernelFn nm_matmul_t;
   Int4KernelFn a8_matmul;    // y = x @ W on int8-quantised activations (dense int4)
+  Int4QuantizeFn quantize_a8;  // x to a8_matmul's operands, inside the call (no XLA ops)
 };
 
 extern const Int4KernelTable kInt4KernelsPortable;

@@ -1,7 +1,10 @@
 // The CPU handlers of the int4 targets (layouts in cpu/int4/int4_checks.h):
 // checks through the shared validator, then one call of the current ISA's
 // kernel (int4_kernels.h) on XLA's thread pool.
+#include <algorithm>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "cpu/common/ffi.h"
 #include "cpu/common/isa.h"
@@ -132,6 +135,80 @@ ffi::Error A8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::AnyBuffer 
   return RunKernel(val, Kernels().a8_matmul, p, pool, *y);
 }
 
+// The int8-activation product of float x: x quantised here, inside the call,
+// then the a8 kernel. At 17 tokens the same quantisation as XLA ops around
+// the call (abs, max, divide, round, clip, convert, sum and the quad gather)
+// cost more than the product (docs/cpu_speed_notes.md). The quantised
+// operands live in this thread's buffers, kept between calls.
+struct A8Quantized {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  std::vector<int32_t> sums;
+};
+
+struct QuantizeJob {
+  Int4QuantizeFn quantize;
+  const void* x;
+  Dtype dtype;
+  int64_t rows, k, rows_per_task;
+  int32_t group;
+  A8Quantized* out;
+
+  static void Run(void* self, int64_t task, int /*worker*/) {
+    const auto& j = *static_cast<const QuantizeJob*>(self);
+    const int64_t row0 = task * j.rows_per_task;
+    j.quantize(j.x, j.dtype, row0, std::min(j.rows_per_task, j.rows - row0), j.k, j.group,
+               j.out->codes.data(), j.out->scales.data(), j.out->sums.data());
+  }
+};
+
+// Inputs per quantising task: below twice this the caller quantises alone
+// (17 tokens of MiniLM's 1536 inputs: a few microseconds, less than a wake-up).
+constexpr int64_t kQuantizeTaskInputs = int64_t{1} << 15;
+
+void QuantizeA8(ffi::ThreadPool& pool, const void* x, Dtype dtype, int64_t rows, int64_t k,
+                int32_t group, A8Quantized* out) {
+  out->codes.resize(static_cast<size_t>(rows * k));
+  out->scales.resize(static_cast<size_t>(rows * (k / group)));
+  out->sums.resize(out->scales.size());
+  const int64_t tasks = std::max<int64_t>(1, std::min(rows, rows * k / kQuantizeTaskInputs));
+  QuantizeJob job{Kernels().quantize_a8, x, dtype, rows, k, (rows + tasks - 1) / tasks, group,
+                  out};
+  const int64_t used = (rows + job.rows_per_task - 1) / job.rows_per_task;
+  if (used == 1) {
+    QuantizeJob::Run(&job, 0, 0);
+    return;
+  }
+  CallScratch unused;
+  const Runtime rt = MakeRuntime(pool, &unused);
+  rt.parallel_for(rt.pool, used, &QuantizeJob::Run, &job);
+}
+
+ffi::Error A8FusedMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qweight,
+                             ffi::AnyBuffer scales, int32_t group_size,
+                             ffi::Result<ffi::AnyBuffer> y) {
+  const Validator val("jaxsparse_int4_a8_fused_matmul");
+  int4_check::Operands o;
+  JAXSPARSE_RETURN_IF_ERROR(
+      int4_check::CheckMatmul(val, group_size, x, qweight, nullptr, scales, *y, &o));
+  const int64_t k = o.dense.cols, t = o.dense.rows, groups = k / group_size;
+  if (k % 4 != 0 || group_size % 4 != 0) {
+    return val.Fail("K = " + std::to_string(k) + " and attribute group_size = " +
+                    std::to_string(group_size) + " must be multiples of 4 (whole input quads)");
+  }
+  thread_local A8Quantized quantized;
+  QuantizeA8(pool, o.dense.data(), KernelDtype(o.dense.dtype()), o.dense.batch * t, k,
+             group_size, &quantized);
+  Int4Problem p = Problem(o, k, o.result.cols, group_size);
+  const bool broadcast = o.dense.BatchStride() == 0;
+  p.dense = quantized.codes.data();
+  p.dense_stride = broadcast ? 0 : t * k;
+  p.x_scales = quantized.scales.data();
+  p.x_sums = quantized.sums.data();
+  p.x_group_stride = broadcast ? 0 : t * groups;
+  return RunKernel(val, Kernels().a8_matmul, p, pool, *y);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace jaxsparse
@@ -162,3 +239,6 @@ JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4A8Matmul, "jaxsparse_int4_a8_matmul",
                      .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                          .Attr<int32_t>("group_size").Ret<ffi::AnyBuffer>());
+// int8 activations quantised inside the call: float x, qweight, scales.
+JAXSPARSE_CPU_TARGET(JaxsparseCpuInt4A8FusedMatmul, "jaxsparse_int4_a8_fused_matmul",
+                     jaxsparse::cpu::A8FusedMatmulImpl, JAXSPARSE_INT4_BINDING);

@@ -8,8 +8,9 @@ Two primitives per form, closed under differentiation in x (the weights are froz
 the forwards on the CPU layouts, `int4_matmul_lines` and `int4_nm_matmul_lines` (the weight packed
 once by `int4_pack_lines` / `int4_nm_pack_lines`, for inference), and, opt-in for the dense form,
 `int4_a8_matmul`: y = x @ W with x quantised to int8 per token
-and group on the fly (`quantize_activations`), multiplied in int32 by the kernel
-(`jaxsparse_int4_a8_matmul`); its derivative in x is straight through the rounding.
+and group on the fly (`quantize_activations`), multiplied in int32 by the kernel: the CPU
+target `jaxsparse_int4_a8_fused_matmul` quantises inside the call, `jaxsparse_int4_a8_matmul`
+takes the quantised operands; its derivative in x is straight through the rounding.
 
 The canonical layout (see `jaxsparse.formats.int4`), Flax's `[in, out]` orientation, with one
 leading kernel batch dim (1, broadcast, or the common batch B):
@@ -50,6 +51,7 @@ __all__ = ["int4_matmul", "int4_matmul_t", "int4_nm_matmul", "int4_nm_matmul_t",
            "int4_matmul_reference", "int4_matmul_t_reference", "int4_nm_matmul_reference",
            "int4_nm_matmul_t_reference", "int4_dequantize", "int4_nm_dequantize",
            "NIBBLE_OFFSET", "unpack_positions", "int4_a8_matmul", "int4_a8_matmul_reference",
+           "int4_a8_fused_matmul_reference",
            "quantize_activations", "int4_pack_lines", "int4_unpack_lines", "int4_matmul_lines",
            "int4_matmul_lines_reference", "int4_nm_pack_lines", "int4_nm_unpack_lines",
            "int4_nm_matmul_lines", "int4_nm_matmul_lines_reference"]
@@ -332,6 +334,7 @@ def _product_t_batch(args, dims, *, group_size, in_features):
 
 # ====================================================================== int8 activations
 int4_a8_matmul_p = Primitive("jaxsparse_int4_a8_matmul")
+int4_a8_fused_matmul_p = Primitive("jaxsparse_int4_a8_fused_matmul")
 
 A8_QMAX = 127  # Symmetric int8: max |x| of a token's group maps to 127.
 
@@ -347,7 +350,9 @@ def quantize_activations(x, group_size: int):
     """
     k = x.shape[-1]
     grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], k // group_size, group_size)
-    scales = jnp.max(jnp.abs(grouped), axis=-1) / A8_QMAX
+    # Times the rounded reciprocal, not divided by 127 (which XLA rewrites so or not), so the
+    # CPU kernel that quantises inside its call gets these scales bit for bit.
+    scales = jnp.max(jnp.abs(grouped), axis=-1) * jnp.float32(1 / A8_QMAX)
     safe = jnp.where(scales > 0, scales, 1.0)[..., None]
     codes = jnp.clip(jnp.round(grouped / safe), -A8_QMAX, A8_QMAX).astype(jnp.int8)
     return codes.reshape(x.shape), scales, jnp.sum(codes.astype(jnp.int32), axis=-1)
@@ -362,10 +367,10 @@ def _a8_order(codes):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _int4_a8_product(x, qweight, scales, group_size):
-    codes, x_scales, sums = quantize_activations(x, group_size)
+    # One primitive of float x: its CPU kernel quantises inside the call, so jit compiles no
+    # quantising ops around it (at few tokens they cost more than the product).
     qweight, scales = P.same_batch(qweight, scales)
-    return int4_a8_matmul_p.bind(_a8_order(codes), x_scales, sums, qweight, scales,
-                                 group_size=group_size)
+    return int4_a8_fused_matmul_p.bind(x, qweight, scales, group_size=group_size)
 
 
 @functools.partial(_int4_a8_product.defjvp, symbolic_zeros=True)
@@ -384,8 +389,9 @@ def _int4_a8_product_jvp(group_size, primals, tangents):
 def int4_a8_matmul(x, qweight, scales, *, group_size: int):
     """`y = x @ W` for an int4 `W`, with x quantised to int8 on the fly (opt-in, dense form).
 
-    x is quantised per token and group of `group_size` inputs (`quantize_activations`); the CPU
-    kernels then multiply the int8 codes by the int4 codes exactly in int32 (`vpdpbusd` where the
+    x is quantised per token and group of `group_size` inputs (`quantize_activations`), on the
+    CPU inside the kernel's call (no XLA ops around it); the kernels then multiply the int8
+    codes by the int4 codes exactly in int32 (`vpdpbusd` where the
     CPU has AVX512-VNNI: 64 multiply-adds per instruction) and apply both scales once per group.
     The error is the activations' rounding: measured in docs/cpu_speed_notes.md (int4, third
     round). Differentiable in x, straight through the rounding (the cotangent of x is that of
@@ -419,6 +425,27 @@ def int4_a8_matmul_reference(xq, x_scales, x_sums, qweight, scales, *, group_siz
     return P.f32_einsum("btk,bkn->btn", x, w, scales.dtype)
 
 
+def int4_a8_fused_matmul_reference(x, qweight, scales, *, group_size):
+    """The fused primitive's pure-jnp product: `quantize_activations`, then
+    `int4_a8_matmul_reference`. The kernel's codes are IEEE division's; XLA's compiled division
+    here may round an exact tie (x / scale = 63.5) one code lower."""
+    codes, x_scales, sums = quantize_activations(x, group_size)
+    return int4_a8_matmul_reference(_a8_order(codes), x_scales, sums, qweight, scales,
+                                    group_size=group_size)
+
+
+def _a8_fused_abstract_eval(x, qweight, scales, *, group_size):
+    where = "int4_a8_matmul"
+    P.check_rank3(where, x=x)
+    _check_dtypes(where, x, scales)
+    _check_weight(where, qweight, None, scales, group_size, x.shape[-1])
+    if group_size % 4 or x.shape[-1] % 4:
+        raise ValueError(f"{where}: K = {x.shape[-1]} and group_size = {group_size} must be "
+                         "multiples of 4 (whole input quads)")
+    batch = P.check_batches(where, ("x", x), ("qweight", qweight), ("scales", scales))
+    return x.update(shape=(batch, x.shape[1], qweight.shape[-1]), dtype=x.dtype)
+
+
 def _a8_abstract_eval(xq, x_scales, x_sums, qweight, scales, *, group_size):
     where = "int4_a8_matmul"
     _check_weight(where, qweight, None, scales, group_size, xq.shape[-1])
@@ -445,6 +472,11 @@ def _a8_refuse(*args, **params):
 
 def _a8_batch(args, dims, *, group_size):
     fn = functools.partial(int4_a8_matmul_p.bind, group_size=group_size)
+    return P.batch_into_kernel_batch(fn, args, dims)
+
+
+def _a8_fused_batch(args, dims, *, group_size):
+    fn = functools.partial(int4_a8_fused_matmul_p.bind, group_size=group_size)
     return P.batch_into_kernel_batch(fn, args, dims)
 
 
@@ -700,6 +732,10 @@ def _register():
     P.register(int4_a8_matmul_p, abstract_eval=_a8_abstract_eval, jvp=_a8_refuse,
                transpose=_a8_refuse, batch=_a8_batch, reference=int4_a8_matmul_reference,
                target="jaxsparse_int4_a8_matmul", attrs=_ATTRS)
+    P.register(int4_a8_fused_matmul_p, abstract_eval=_a8_fused_abstract_eval, jvp=_a8_refuse,
+               transpose=_a8_refuse, batch=_a8_fused_batch,
+               reference=int4_a8_fused_matmul_reference,
+               target="jaxsparse_int4_a8_fused_matmul", attrs=_ATTRS)
 
 
 _register()

@@ -48,11 +48,50 @@ def test_half_precision_activations_and_scales(dtype, t, group):
                  dtype, 0.3 * scale_for(128))
 
 
+def ieee_quantize(x, group):
+    """quantize_activations in NumPy: IEEE f32 division and round-half-even, which XLA's compiled
+    division does not always give on exact ties (63.5 became 63 in a bf16 fusion)."""
+    xf = np.asarray(x).astype(np.float32)
+    grouped = xf.reshape(*xf.shape[:-1], -1, group)
+    scales = np.abs(grouped).max(-1) * np.float32(1 / 127)
+    safe = np.where(scales > 0, scales, np.float32(1))[..., None]
+    codes = np.clip(np.round(grouped / safe), -127, 127).astype(np.int8)
+    return codes.reshape(xf.shape), scales, codes.astype(np.int32).sum(-1)
+
+
+# int4_a8_matmul binds the fused target, which quantises x inside its call: IEEE codes, scales
+# and sums bit for bit, so its result is the quantised-operand target's exactly. Every ISA and
+# dtype; one token to two token blocks (streamed and tiled); x broadcast against a weight batch
+# of 2 and batched with it; an all-zero group, a tiny value.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bx,t,k,n,group", [(1, 1, 64, 16, 32), (1, 17, 1536, 96, 128),
+                                            (2, 40, 512, 70, 64), (1, 300, 256, 40, 256),
+                                            (1, 5, 4096, 16, 4096)])
+def test_quantising_inside_the_call_is_exact(isa, dtype, bx, t, k, n, group):
+    weight = dense_weight(k, n, group, batch=2, dtype=dtype)
+    x = tokens(bx, t, k, dtype).at[0, 0, :group].set(0).at[-1, -1, 1].set(1e-30)
+    codes, x_scales, sums = ieee_quantize(x, group)
+    want = int4_a8_matmul_p.bind(_a8_order(jnp.asarray(codes)), jnp.asarray(x_scales),
+                                 jnp.asarray(sums), *weight, group_size=group)
+    got = int4_a8_matmul(x, *weight, group_size=group)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=isa)
+
+
+def test_a_nan_activation_makes_its_token_nan():
+    weight = dense_weight(128, 24, 64)
+    x = tokens(1, 20, 128)
+    got = np.asarray(int4_a8_matmul(x.at[0, 3, 70].set(jnp.nan), *weight, group_size=64))
+    assert np.isnan(got[0, 3]).all()
+    np.testing.assert_array_equal(np.delete(got, 3, axis=1),
+                                  np.delete(np.asarray(int4_a8_matmul(x, *weight, group_size=64)),
+                                            3, axis=1))
+
+
 def test_quantisation_of_the_activations():
     x = jnp.asarray([[[0.5, -1.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]]])
     codes, scales, sums = quantize_activations(x, 4)
     np.testing.assert_array_equal(np.asarray(codes), [[[64, -127, 32, 0, 0, 0, 0, 0]]])
-    np.testing.assert_allclose(np.asarray(scales), [[[1 / 127, 0.0]]])  # An all-zero group: 0.
+    np.testing.assert_array_equal(np.asarray(scales), np.float32([[[1 / 127, 0.0]]]))  # Zero: 0.
     np.testing.assert_array_equal(np.asarray(sums), [[[-31, 0]]])
     # The kernel's quad order (0, 2, 1, 3) is its own inverse.
     quad = jnp.arange(8)
