@@ -14,7 +14,7 @@ TEST_ISAS ?= all
 EMULATED ?= 1
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cpu/*/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
 
-.PHONY: demo demo-minilm test clean
+.PHONY: demo demo-minilm test emulation-audit clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,18 +32,30 @@ demo-minilm: $(VENV)/.installed
 
 # The second run puts the op tests onto the CUDA kernels, executed by the SIMT emulator (the
 # tests that call the CPU targets by name, and the ops with no CUDA kernel yet - the engine's
-# int8 product, the canonical int4 ones - are not changed by it, so they run once; the MARLIN
-# primitives' tests take the emulated lowering there; tests run per CPU ISA take the
-# default ISA only there: tests/conftest.py).
+# int8 product, the canonical int4 ones - are not changed by it, so they run once, as do the
+# tests marked cpu_only, which launch no emulated kernel; the MARLIN primitives' tests take the
+# emulated lowering there; tests run per CPU ISA take the default ISA only there:
+# tests/conftest.py).
+EMULATED_TESTS := tests/ops tests/test_ffi.py tests/cuda/test_emulated_int4.py \
+	--ignore=tests/ops/test_vnm_kernels.py --ignore=tests/ops/test_engine.py \
+	--ignore=tests/ops/test_int4.py --ignore=tests/ops/test_int4_ffi.py \
+	--ignore=tests/ops/test_int4_kernels.py --ignore=tests/ops/test_int4_a8.py \
+	--ignore=tests/ops/test_int4_lines.py
+
 test: $(VENV)/.installed
 	JAXSPARSE_TEST_ISAS=$(TEST_ISAS) $(VENV)/bin/python -m pytest -q -n 2 --doctest-modules \
 		jaxsparse tests
 	test "$(EMULATED)" = 0 || JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 \
-		tests/ops tests/test_ffi.py tests/cuda/test_emulated_int4.py \
-		--ignore=tests/ops/test_vnm_kernels.py --ignore=tests/ops/test_engine.py \
-		--ignore=tests/ops/test_int4.py --ignore=tests/ops/test_int4_ffi.py \
-		--ignore=tests/ops/test_int4_kernels.py --ignore=tests/ops/test_int4_a8.py \
-		--ignore=tests/ops/test_int4_lines.py
+		$(EMULATED_TESTS)
+
+# Every test of the emulated pass, cpu_only ones included: fails a cpu_only test that launches an
+# emulated kernel and lists in emulation_audit.txt the unmarked tests that launched none.
+emulation-audit: $(VENV)/.installed
+	rm -f emulation_audit.txt
+	JAXSPARSE_EMULATION_AUDIT=$(CURDIR)/emulation_audit.txt JAXSPARSE_EMULATE_CUDA=1 \
+		$(VENV)/bin/python -m pytest -q -n 2 $(EMULATED_TESTS)
+	@test -f emulation_audit.txt && echo "unmarked tests that launched no emulated kernel:" && \
+		cat emulation_audit.txt || echo "every unmarked test launched an emulated kernel"
 
 clean:
 	rm -rf build .venv .venv312

@@ -42,3 +42,44 @@ def isa(request):
     jsp.set_cpu_isa(request.param)
     yield request.param
     jsp.set_cpu_isa(before)
+
+
+# ---------------------------------------------------------------------- the emulated pass
+# `make test`'s second pass re-runs tests/ops with the CUDA kernels under the SIMT emulator. A
+# test marked `cpu_only` launches no emulated kernel there (pure Python, argument checks, the
+# CPU-only targets), so that pass skips it: it would repeat the first pass exactly.
+# JAXSPARSE_EMULATION_AUDIT=<file> (`make emulation-audit`) runs every test of the emulated pass
+# instead, fails a marked test that does launch a kernel, and lists in <file> the unmarked tests
+# that launched none (candidates for the mark).
+_AUDIT_FILE = os.environ.get("JAXSPARSE_EMULATION_AUDIT")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cpu_only: launches no CUDA kernel under the SIMT emulator; the emulated pass "
+        "of `make test` skips it (checked by `make emulation-audit`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _ffi.emulating_cuda() or _AUDIT_FILE:
+        return
+    skipped = [item for item in items if item.get_closest_marker("cpu_only")]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [item for item in items if not item.get_closest_marker("cpu_only")]
+
+
+@pytest.fixture(autouse=True)
+def _emulated_launches(request):
+    """Audit mode: the emulator's launches during the test against its `cpu_only` mark."""
+    if not (_AUDIT_FILE and _ffi.emulating_cuda()):
+        yield
+        return
+    before = _ffi._cuda_emu.launches()
+    yield
+    launched = _ffi._cuda_emu.launches() - before
+    if request.node.get_closest_marker("cpu_only"):
+        assert launched == 0, f"marked cpu_only, but launched {launched} emulated kernels"
+    elif launched == 0:
+        with open(_AUDIT_FILE, "a") as out:
+            out.write(request.node.nodeid + "\n")

@@ -97,11 +97,13 @@ def test_unvalidated_positions_never_read_out_of_bounds():
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
+@pytest.mark.cpu_only
 def test_set_isa_rejects_unknown_names():
     with pytest.raises(ValueError):
         jsp.set_cpu_isa("sse9")
 
 
+@pytest.mark.cpu_only
 def test_fallback_warns_on_a_platform_without_kernels():
     ws = random_nm(keys(52, 1)[0], 8, 4, 2, 4)
     traced = jax.jit(lambda x: x @ ws).trace(jnp.ones((2, 8)))

@@ -6,6 +6,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
@@ -71,6 +72,7 @@ struct Launcher {
 };
 
 thread_local Launcher* tls_launch = nullptr;
+std::atomic<uint64_t> launches{0};
 
 Launcher& Current(const char* what) {
   if (tls_launch == nullptr || tls_launch->current == nullptr) {
@@ -193,9 +195,12 @@ void RunBlock(Launcher& l) {
 
 }  // namespace
 
+uint64_t Launches() { return launches.load(std::memory_order_relaxed); }
+
 void Launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
             const std::function<void()>& body) {
   if (tls_launch != nullptr) throw Error("jaxsparse emulator: nested launch");
+  launches.fetch_add(1, std::memory_order_relaxed);
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64) {
     throw Error(std::string("jaxsparse emulator: kernel ") + name +

@@ -46,6 +46,10 @@ class Error : public std::runtime_error {
 void Launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
             const std::function<void()>& body);
 
+// Kernel launches this process has run (each grid once; failed launches
+// included): the tests read it to tell which of them ran an emulated kernel.
+uint64_t Launches();
+
 // Inside a running thread.
 Dim3 ThreadIdx();
 Dim3 BlockIdx();

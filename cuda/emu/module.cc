@@ -326,4 +326,6 @@ NB_MODULE(_cuda_emu, m) {
         nb::arg("bug") = "none");
   m.def("block_sum", &st::BlockSumOf, nb::arg("x"), nb::arg("bug") = "none");
   m.def("diverged_shuffle", &st::RunDivergedShuffle);
+  m.def("launches", &jaxsparse::emu::Launches,
+        "Kernel launches the emulator has run in this process.");
 }

@@ -116,6 +116,7 @@ def test_kernel_smallest_shape(group_size, dtype):
     run_case(7, 1, 64, 64, group_size, dtype)
 
 
+@pytest.mark.cpu_only
 def test_kernel_without_tokens():
     rng = np.random.default_rng(0)
     _, qweight, scales = random_weight(rng, 64, 64, 32, jnp.float16)
@@ -144,6 +145,7 @@ def test_kernel_exact_on_small_integers(dtype):
     (dict(k=96), "must be a multiple of 64"),
     (dict(x_dtype=jnp.float32), "x dtype must be bfloat16 or float16"),
 ])
+@pytest.mark.cpu_only
 def test_handler_rejects_bad_operands(bad, match):
     """A hand-written ffi_call gets an InvalidArgument error naming the operand, never a crash."""
     k = bad.get("k", 128)
@@ -158,6 +160,7 @@ def test_handler_rejects_bad_operands(bad, match):
 # ------------------------------------------------------------------ the layout
 @pytest.mark.parametrize("group_size", [16, 64, PER_COLUMN])
 @pytest.mark.parametrize("k, n", [(64, 64), (192, 128)])
+@pytest.mark.cpu_only
 def test_pack_unpack_round_trip_is_bit_exact(k, n, group_size):
     rng = np.random.default_rng(k * n)
     _, qweight, scales = random_weight(rng, k, n, group_size, jnp.bfloat16)
@@ -171,6 +174,7 @@ def test_pack_unpack_round_trip_is_bit_exact(k, n, group_size):
                                   np.asarray(scales).view(np.uint16))
 
 
+@pytest.mark.cpu_only
 def test_packed_word_against_the_layout_formula():
     """KERNELS.md 3.2: word (lane 4g + t, j) of k16 step kb and 64-column block nb holds W rows
     16 kb + (2t, 2t + 1, 2t + 8, 2t + 9) at column 64 nb + 16j + g as nibbles 0, 4, 1, 5, and at
@@ -226,6 +230,7 @@ def marlin_reference_pack(codes, scales, group_size):
 
 
 @pytest.mark.parametrize("group_size", [64, PER_COLUMN])
+@pytest.mark.cpu_only
 def test_layout_is_marlins(group_size):
     """Weights packed by MARLIN's own `Layer.pack` and by marlin_pack are the same arrays."""
     rng = np.random.default_rng(11)
@@ -236,6 +241,7 @@ def test_layout_is_marlins(group_size):
     np.testing.assert_array_equal(np.asarray(packed_scales), want_scales)
 
 
+@pytest.mark.cpu_only
 def test_packed_scale_positions():
     n = 128
     columns = jnp.asarray(np.arange(n)[None], jnp.float16)
@@ -263,6 +269,7 @@ def test_packed_scale_positions():
      r"scales must be \[in/group_size, out\] = \[4, 64\]; got \[3, 64\]"),
     (dict(rank3=True), ValueError, r"qweight must be rank 2 \(\[in/2, out\]\)"),
 ])
+@pytest.mark.cpu_only
 def test_pack_errors(args, error, match):
     k, n = args.get("k", 128), args.get("n", 64)
     qweight = np.zeros((k // 2, n), args.get("qdtype", np.uint8))
@@ -275,6 +282,7 @@ def test_pack_errors(args, error, match):
         marlin_pack(qweight, scales, group_size=group_size)
 
 
+@pytest.mark.cpu_only
 def test_unpack_errors():
     scales = jnp.ones((1, 64), jnp.float16)
     with pytest.raises(TypeError, match="packed_qweight must be int32 .* got uint32"):
@@ -293,6 +301,7 @@ def packed_weight(seed=0, k=128, n=64, group_size=32, dtype=jnp.float16):
     return codes, scales, marlin_pack(qweight, scales, group_size=group_size)
 
 
+@pytest.mark.cpu_only
 def test_primitive_argument_errors():
     _, _, (pq, ps) = packed_weight()
     with pytest.raises(TypeError, match="x must be bfloat16 or float16 .* got float32"):
@@ -305,6 +314,7 @@ def test_primitive_argument_errors():
         int4_marlin_matmul(jnp.ones((2, 128), jnp.float16), pq, ps, group_size=None)
 
 
+@pytest.mark.cpu_only
 def test_primitive_shapes_and_transpose_in_any_mode():
     """Abstract evaluation and the transpose (marlin_unpack + int4_matmul_t on the CPU) need no
     forward kernel."""
@@ -456,6 +466,7 @@ def test_nm_kernel_exact_on_small_integers(dtype):
 
 
 @pytest.mark.parametrize("group_size", [32, PER_COLUMN])
+@pytest.mark.cpu_only
 def test_nm_pack_unpack_round_trip_is_bit_exact(group_size):
     rng = np.random.default_rng(9)
     _, qweight, positions, scales = random_nm_weight(rng, 256, 128, group_size, jnp.float16)
@@ -468,6 +479,7 @@ def test_nm_pack_unpack_round_trip_is_bit_exact(group_size):
     np.testing.assert_array_equal(np.asarray(s2), np.asarray(scales))
 
 
+@pytest.mark.cpu_only
 def test_nm_packed_word_and_metadata_against_the_layout():
     """One kept value and its group's positions, placed by hand: group 13 (inputs 52..55: k32
     step 1, group 5 of the step, so e = 1, t = 1; metadata half 1, chunk 1), output 64 + 16 * 2 +
@@ -490,6 +502,7 @@ def test_nm_packed_word_and_metadata_against_the_layout():
     assert (np.delete(meta.ravel(), 128 + 64 + 27) == 0x44444444).all()
 
 
+@pytest.mark.cpu_only
 def test_nm_descending_pairs_are_swapped_and_equal_positions_refused():
     rng = np.random.default_rng(10)
     _, qweight, positions, scales = random_nm_weight(rng, 128, 64, 32, jnp.float16)
@@ -511,6 +524,7 @@ def test_nm_descending_pairs_are_swapped_and_equal_positions_refused():
     (dict(pdtype=np.int8), TypeError, "qweight and positions must be uint8"),
     (dict(prows=8), ValueError, r"positions must be \[in/8, out\] = \[16, 64\]; got \[8, 64\]"),
 ])
+@pytest.mark.cpu_only
 def test_nm_pack_errors(args, error, match):
     k, n = args.get("k", 128), 64
     qweight = np.zeros((k // 4, n), np.uint8)
@@ -520,6 +534,7 @@ def test_nm_pack_errors(args, error, match):
         marlin_nm_pack(qweight, positions, scales, group_size=args.get("group_size", 32))
 
 
+@pytest.mark.cpu_only
 def test_nm_handler_rejects_bad_metadata():
     x = jnp.ones((3, 128), jnp.float16)
     call = jax.ffi.ffi_call(NM_TARGET, jax.ShapeDtypeStruct((3, 64), x.dtype))

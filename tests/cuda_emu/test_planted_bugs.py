@@ -56,6 +56,15 @@ def test_block_sum_and_its_missing_barrier(n):
     assert np.isnan(emu.block_sum(x.tolist(), "missing_barrier"))
 
 
+def test_the_emulator_counts_its_launches():
+    # The emulated pass's audit (tests/conftest.py) reads this count around each test.
+    before = emu.launches()
+    emu.block_sum([1.0] * 64)
+    with pytest.raises(RuntimeError):
+        sparse_tile(*tile_problem(3)[:3], "out_of_bounds")
+    assert emu.launches() - before == 2
+
+
 def test_divergent_collective_is_a_reported_deadlock():
     with pytest.raises(RuntimeError, match=r"deadlock in kernel DivergedShuffle.*missing 0xffff0000"):
         emu.diverged_shuffle()

@@ -187,6 +187,7 @@ def test_untrusted_structure_reads_nothing_out_of_bounds(isa, dtype):
                      blocks_sddmm_reference(x, dy, ind, ptr, n=n), dtype, scale_for(t))
 
 
+@pytest.mark.cpu_only
 def test_block_rows_is_the_running_maximum_of_clamped_indptr():
     rows = block_rows(jnp.array([-2, 3, 1, 9, 5], jnp.int32), 7)
     # spans: [0, 3, 3, 7, 7]: blocks 0-2 in row 0, 3-6 in row 2 (row 1 empty).
@@ -195,6 +196,7 @@ def test_block_rows_is_the_running_maximum_of_clamped_indptr():
                                   [-1, -1, 0, 0, 1, 2])
 
 
+@pytest.mark.cpu_only
 def test_primitive_shape_checks():
     x, ws, dy = operands(7, 4, 32, 16, 16, 0.5, jnp.float32)
     values, indices, indptr = arrays(ws)
@@ -214,6 +216,7 @@ def test_primitive_shape_checks():
         blocks_sddmm(x, dy[:, :2], indices, indptr, n=16)
 
 
+@pytest.mark.cpu_only
 def test_the_ffi_validator_names_the_operand():
     """A hand-written ffi_call with a wrong shape gets the target's own message, not a crash."""
     if not jsp.has_cpu_kernels():
@@ -273,6 +276,7 @@ def test_blocks_conv_gradients_vmap_and_jvp():
     assert_close(per_weight[1], -blocks_conv_reference(x, v, i, p, **params), jnp.float32)
 
 
+@pytest.mark.cpu_only
 def test_blocks_conv_target_checks_its_attributes():
     ws = weight(9, 18, 16, 8, 0.5)
     x = jnp.ones((1, 4, 4, 2), jnp.float32)
@@ -369,6 +373,7 @@ def test_blocks_conv_sddmm_untrusted_structure_and_rules():
         blocks_conv_sddmm(x, dy[:, :4], indices, indptr, n=8, **geometry)
 
 
+@pytest.mark.cpu_only
 def test_blocks_conv_sddmm_target_checks_its_operands():
     ws = weight(21, 18, 16, 8, 0.5)
     x = jnp.ones((1, 4, 4, 2), jnp.float32)

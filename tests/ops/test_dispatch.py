@@ -14,7 +14,8 @@ import jaxsparse as jsp
 from jaxsparse.ops import dispatch
 from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for
 
-PATHS = ("sparse", "engine", "dense")
+# The dense path is XLA's dot: no CUDA kernel for the emulated pass to run.
+PATH_PARAMS = ("sparse", "engine", pytest.param("dense", marks=pytest.mark.cpu_only))
 
 
 def _uses_kernel(fn, *args) -> bool:
@@ -38,6 +39,7 @@ def _path_of(fn, *args) -> str:
 
 @pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.cpu_only
 def test_rule_follows_its_table(isa, dtype):
     def limit_in(tables, density):
         table = tables.get((isa, dtype)) or tables[("avx512", dtype)]
@@ -58,6 +60,7 @@ def test_rule_follows_its_table(isa, dtype):
             assert got == ("sparse" if tokens <= limit else engine), (isa, dtype, n, m, tokens)
 
 
+@pytest.mark.cpu_only
 def test_backward_on_the_engine_where_measured():
     rule = functools.partial(dispatch.backward_on_engine, platform="cpu", isa="amx")
     assert not rule(31, jnp.bfloat16, jsp.NM(2, 4)) and rule(32, jnp.bfloat16, jsp.NM(2, 4))
@@ -69,6 +72,7 @@ def test_backward_on_the_engine_where_measured():
     assert not dispatch.backward_on_engine(4096, jnp.bfloat16, jsp.NM(2, 4), platform="cuda")
 
 
+@pytest.mark.cpu_only
 def test_two_to_four_and_one_to_four_read_their_own_table():
     assert jsp.NM(2, 4).crossover_table == jsp.NM(1, 4).crossover_table == "NM4"
     for spec in (jsp.NM(3, 4), jsp.NM(2, 8), jsp.NM(4, 8)):
@@ -80,6 +84,7 @@ def test_two_to_four_and_one_to_four_read_their_own_table():
     assert differ == {("amx", "bfloat16"), ("avx512bf16", "bfloat16")}
 
 
+@pytest.mark.cpu_only
 def test_avx512bf16_runs_two_to_four_bf16_on_the_engine_past_256_tokens():
     rule = functools.partial(jsp.choose_path, platform="cpu", isa="avx512bf16")
     # The packed kernel's tiles (vdpbf16ps) up to 255 tokens, then the engine (Zen 4: at 512
@@ -94,6 +99,7 @@ def test_avx512bf16_runs_two_to_four_bf16_on_the_engine_past_256_tokens():
     assert not backward(4096, jnp.float32, jsp.NM(2, 4))
 
 
+@pytest.mark.cpu_only
 def test_rule_keeps_the_kernel_where_it_was_measured_faster():
     # The crossovers of docs/cpu_speed_notes.md: f32 and f16 always sparse on AVX-512; bf16 2:4
     # goes dense at large token counts, where XLA's AVX512-BF16 dot outruns f32 arithmetic and
@@ -105,6 +111,7 @@ def test_rule_keeps_the_kernel_where_it_was_measured_faster():
     assert jsp.choose_path(2048, jnp.bfloat16, 0.5, platform="cpu", isa="avx512") == "dense"
 
 
+@pytest.mark.cpu_only
 def test_amx_runs_n_m_on_the_engine_past_its_crossovers():
     rule = functools.partial(jsp.choose_path, platform="cpu", isa="amx")
     # bf16: XLA's dot runs on the tiles; 2:4 and 1:4 run their packed kernel (on the tiles from
@@ -129,6 +136,7 @@ def test_amx_runs_n_m_on_the_engine_past_its_crossovers():
                            isa="amx") == "sparse"
 
 
+@pytest.mark.cpu_only
 def test_rule_off_the_cpu_is_the_kernel():
     assert jsp.choose_path(4096, jnp.bfloat16, 0.5, platform="gpu") == "sparse"
 
@@ -139,11 +147,13 @@ def test_rule_off_the_cpu_is_the_kernel():
     (dict(tokens=4, dtype="float32", density=0.0), r"density must be a number in \(0, 1\]; got 0.0"),
     (dict(tokens=4, dtype="float32", density="half"), r"density must be a number in \(0, 1\]"),
 ])
+@pytest.mark.cpu_only
 def test_rule_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         jsp.choose_path(**kwargs)
 
 
+@pytest.mark.cpu_only
 def test_every_table_row_is_well_formed():
     for key, table in dispatch.SPARSE_MAX_TOKENS.items():
         bounds = [b for b, _ in table]
@@ -154,6 +164,7 @@ def test_every_table_row_is_well_formed():
 # ------------------------------------------------------------------ forcing a path
 
 
+@pytest.mark.cpu_only
 def test_forcing_per_call_and_per_region():
     ws = random_nm(keys(70, 1)[0], 16, 8, 2, 4)
     x = jnp.ones((4, 16))
@@ -171,6 +182,7 @@ def test_forcing_per_call_and_per_region():
     assert dispatch.current_path() == "auto"
 
 
+@pytest.mark.cpu_only
 def test_region_is_restored_after_an_error():
     with pytest.raises(RuntimeError):
         with jsp.matmul_path("dense"):
@@ -178,6 +190,7 @@ def test_region_is_restored_after_an_error():
     assert dispatch.current_path() == "auto"
 
 
+@pytest.mark.cpu_only
 def test_layers_follow_the_region():
     from flax import nnx
 
@@ -190,6 +203,7 @@ def test_layers_follow_the_region():
 
 
 @pytest.mark.parametrize("bad", ["fast", "", 3, "Dense"])
+@pytest.mark.cpu_only
 def test_bad_path_names_the_argument(bad):
     ws = random_nm(keys(71, 1)[0], 8, 4, 2, 4)
     with pytest.raises(ValueError, match=r"jaxsparse.matmul: path must be one of 'auto', 'sparse'"):
@@ -199,6 +213,7 @@ def test_bad_path_names_the_argument(bad):
             pass
 
 
+@pytest.mark.cpu_only
 def test_engine_path_of_a_pattern_without_an_engine_is_the_dense_path():
     ws = random_nm(keys(69, 1)[0], 16, 8, 2, 8)
     assert not ws.spec.has_engine
@@ -206,6 +221,7 @@ def test_engine_path_of_a_pattern_without_an_engine_is_the_dense_path():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.cpu_only
 def test_auto_takes_the_path_the_rule_says(dtype):
     if not jsp.has_cpu_kernels() or jax.default_backend() != "cpu":
         pytest.skip("the rule's CPU table needs the CPU kernels")
@@ -220,7 +236,7 @@ def test_auto_takes_the_path_the_rule_says(dtype):
 # ------------------------------------------------------------------ both paths compute the product
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,out,n,m", [((1,), 8, 4, 2, 4), ((3, 5), 37, 19, 2, 4),
                                             ((17,), 64, 33, 1, 4), ((2, 65), 40, 16, 4, 8),
@@ -236,7 +252,7 @@ def test_each_path_matches_the_dense_product(path, dtype, lead, k, out, n, m):
         assert_close(got, want, dtype, scale_for(k))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_each_path_with_a_stack_of_weights(path):
     kx, kw = keys(74, 2)
     x = random_array(kx, (3, 5, 24))
@@ -247,7 +263,7 @@ def test_each_path_with_a_stack_of_weights(path):
                  scale_for(24))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_each_path_differentiates_like_the_other(path):
     kx, kw = keys(75, 2)
     x = random_array(kx, (6, 32))
@@ -266,7 +282,7 @@ def test_each_path_differentiates_like_the_other(path):
     check_grads(loss, (ws.values, x), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2, eps=1e-3)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_each_path_under_vmap(path):
     kx, kw = keys(76, 2)
     x = random_array(kx, (4, 3, 16))
@@ -276,6 +292,7 @@ def test_each_path_under_vmap(path):
     assert_close(got, want, jnp.float32, scale_for(16))
 
 
+@pytest.mark.cpu_only
 def test_tokens_count_every_leading_dim():
     from jaxsparse.ops.matmul import _tokens
 
@@ -288,6 +305,7 @@ def test_tokens_count_every_leading_dim():
     assert np.dtype(jnp.bfloat16).name == "bfloat16"
 
 
+@pytest.mark.cpu_only
 def test_rule_reads_the_table_of_the_spec_format():
     rule = functools.partial(jsp.choose_path, platform="cpu", isa="avx512")
     # V:N:M has no table (its kernels won at every measured shape): always the kernel, even

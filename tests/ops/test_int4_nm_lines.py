@@ -24,6 +24,9 @@ from jaxsparse.ops.int4 import unpack_positions
 from tests._check import assert_close, scale_for
 from tests.ops.test_int4 import sparse_weight, tokens
 
+# No CUDA kernel reads these (CPU layouts, or the layout model): the emulated pass skips them.
+pytestmark = pytest.mark.cpu_only
+
 
 @pytest.mark.parametrize("k,n", [(8, 1), (16, 64), (24, 70), (72, 130)])
 def test_pack_places_each_value_and_index_and_unpacks_bit_for_bit(k, n):

@@ -8,6 +8,9 @@ import pytest
 import jaxsparse as jsp
 from jaxsparse.ops import pack_mma_sp_24
 
+# No CUDA kernel reads these (CPU layouts, or the layout model): the emulated pass skips them.
+pytestmark = pytest.mark.cpu_only
+
 
 def metadata_model(indices):
     """Loops straight from the layout: lane 4g + 2s + h of (m-tile i, k-tile p) holds rows 16i + g

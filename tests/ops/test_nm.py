@@ -108,6 +108,7 @@ def test_values_and_indices_batched_separately():
     assert_close(dx[2], -dx[0], jnp.float32)
 
 
+@pytest.mark.cpu_only
 def test_empty_dimensions():
     ws = random_nm(keys(13, 1)[0], 12, 5, 2, 4)
     for t in (0,):
@@ -300,6 +301,7 @@ def test_training_step_under_jit():
 
 
 # ---------------------------------------------------------------------- bad input
+@pytest.mark.cpu_only
 def test_matmul_bad_input():
     ws = random_nm(keys(45, 1)[0], 12, 5, 2, 4)
     with pytest.raises(ValueError, match=r"x must have last dimension 12.*got x with shape \(3, 11\)"):
@@ -316,6 +318,7 @@ def test_matmul_bad_input():
         ws @ jnp.ones((5, 3))
 
 
+@pytest.mark.cpu_only
 def test_primitive_shape_checks():
     x, ws, dy = operands(keys(46, 1)[0], 3, 12, 5, 2, 4, jnp.float32)
     v, i = ws.values, ws.indices
@@ -364,6 +367,7 @@ def test_engine_drops_positions_past_the_group_as_the_kernel_does():
     assert_close(got, nm_spmm(x, ws.values, indices, n=2, m=4), jnp.float32, scale_for(16))
 
 
+@pytest.mark.cpu_only
 def test_engine_multiplies_the_pattern_zeros_as_the_dense_path_does():
     # The CPU engine's tile is dense over each group: an inf in x reaches every output of its
     # group as inf * 0 = nan, as in the dense path; the sparse kernel skips unkept inputs, and so
@@ -393,6 +397,7 @@ def test_engine_gradients_match_the_kernel_path():
                 rtol=2e-2, eps=1e-3)
 
 
+@pytest.mark.cpu_only
 def test_engine_takes_only_m_4_with_n_1_or_2():
     assert has_engine(2, 4) and has_engine(1, 4)
     assert not (has_engine(3, 4) or has_engine(2, 8) or has_engine(1, 2))
@@ -403,6 +408,7 @@ def test_engine_takes_only_m_4_with_n_1_or_2():
 
 
 # ---------------------------------------------------------------------- 2-bit positions
+@pytest.mark.cpu_only
 def test_pack_indices_2bit_layout_and_round_trip():
     got = pack_indices_2bit(jnp.array([[1, 2, 3, 0, 2]], jnp.uint8))
     # Entry c at bits 2 (c % 4) of byte c // 4; the last byte's unused bits are 0.
@@ -462,6 +468,7 @@ def test_packed_forward_batches_broadcast(bx, bw):
                  scale_for(40))
 
 
+@pytest.mark.cpu_only
 def test_few_tokens_of_two_to_four_take_the_packed_forward():
     ws = random_nm(keys(91, 1)[0], 32, 8, 2, 4)
 
@@ -498,6 +505,7 @@ def test_packed_forward_gradients_and_vmap_match_the_kernel():
     assert_close(mapped, x @ ws.todense(), jnp.float32, scale_for(36))
 
 
+@pytest.mark.cpu_only
 def test_packed_forward_bad_input():
     x, ws, _ = operands(keys(95, 1)[0], 2, 16, 4, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match=r"nm_spmm_packed: 2-bit positions are held for m = 4"):

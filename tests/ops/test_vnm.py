@@ -156,6 +156,7 @@ def test_unvalidated_positions_add_nothing_even_next_to_inf():
     assert_close(y, want, jnp.float32, 4)
 
 
+@pytest.mark.cpu_only
 def test_primitive_shape_checks():
     x, ws, dy = operands(8, 3, 24, 16, 16, 2, 8, jnp.float32)
     v, i, c = ws.values, ws.indices, ws.columns
@@ -197,6 +198,7 @@ def test_tiled_forward_is_the_forward_bit_for_bit(t, k, out, v, n, m, dtype):
     assert_close(y, vnm_spmm_tiled_reference(x, *a, **spec(ws)), dtype, scale_for(k))
 
 
+@pytest.mark.cpu_only
 def test_pack_tiles_layout():
     # Word (panel p, output tile j, step s, pair row r, output o, e) = W[kk = 32 s + 2 r + e]
     # [output p v + 16 j + o], kk = 4 g + slot; zero past the outputs and past 4 G.
@@ -254,6 +256,7 @@ def test_tiled_forward_under_vmap_and_batches():
     assert_close(y, vnm_spmm_reference(x, *a[:3], **spec(ws)), jnp.bfloat16, scale_for(64))
 
 
+@pytest.mark.cpu_only
 def test_tiled_forward_shape_checks():
     x, ws, _ = operands(7, 32, 64, 48, 16, 2, 8, jnp.bfloat16)
     a = tiled(ws)
