@@ -171,6 +171,7 @@ void QuantizeA8(ffi::ThreadPool& pool, const void* x, Dtype dtype, int64_t rows,
   out->codes.resize(static_cast<size_t>(rows * k));
   out->scales.resize(static_cast<size_t>(rows * (k / group)));
   out->sums.resize(out->scales.size());
+  if (rows == 0 || k == 0) return;  // Nothing to quantise (and no rows to split).
   const int64_t tasks = std::max<int64_t>(1, std::min(rows, rows * k / kQuantizeTaskInputs));
   QuantizeJob job{Kernels().quantize_a8, x, dtype, rows, k, (rows + tasks - 1) / tasks, group,
                   out};

@@ -77,6 +77,13 @@ def test_quantising_inside_the_call_is_exact(isa, dtype, bx, t, k, n, group):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=isa)
 
 
+def test_no_tokens():
+    weight = dense_weight(64, 16, 32)
+    x = tokens(2, 0, 64)
+    assert int4_a8_matmul(x, *weight, group_size=32).shape == (2, 0, 16)
+    assert jax.jit(lambda x: int4_a8_matmul(x, *weight, group_size=32))(x).shape == (2, 0, 16)
+
+
 def test_a_nan_activation_makes_its_token_nan():
     weight = dense_weight(128, 24, 64)
     x = tokens(1, 20, 128)
