@@ -35,6 +35,7 @@ from jaxsparse.formats import (
     frommask,
 )
 from jaxsparse.ops import JaxsparseFallbackWarning, choose_path, matmul, matmul_path
+from jaxsparse.io import load_safetensors, save_safetensors
 from jaxsparse import prune  # noqa: E402  (after formats: prune builds on NM)
 from jaxsparse import linen, mixed_precision, nn  # noqa: E402
 
@@ -65,11 +66,13 @@ __all__ = [
     "has_cpu_kernels",
     "has_cuda_kernels",
     "linen",
+    "load_safetensors",
     "matmul",
     "matmul_path",
     "mixed_precision",
     "nn",
     "prune",
+    "save_safetensors",
     "set_cpu_isa",
     "supported_cpu_isas",
 ]
