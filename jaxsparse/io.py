@@ -30,6 +30,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxsparse._validate import check_int
 from jaxsparse.formats._base import SparseFormat
 from jaxsparse.formats._spec import registered_specs
 
@@ -271,8 +272,7 @@ def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
         raise ValueError(f"{what}: format {cls.__name__} takes a {cls.SPEC.__name__} spec; the "
                          f"record has {spec!r}")
     for field in ("in_features", "out_features"):
-        if type(entry[field]) is not int or entry[field] < 0:
-            raise ValueError(f"{what}: {field} must be a non-negative int; got {entry[field]!r}")
+        check_int(field, entry[field], low=0, high=2**62, where=what)
     keys = entry["tensors"]
     if not isinstance(keys, dict) or set(keys) != set(cls.array_names()):
         raise ValueError(f"{what}: format {cls.__name__} has the arrays "

@@ -162,6 +162,16 @@ inline xla::ffi::Error CheckMatmulT(const Validator& val, int32_t group,
 //   xq [Bx, T, K] int8, x_scales [Bx, T, K/g] f32, x_sums [Bx, T, K/g] int32,
 //   qweight [Bw, K/2, N], scales [Bw, K/g, N] -> y [B, T, N] in the scales'
 //   dtype; K and g multiples of 4 (whole quads of inputs per group).
+// The int8-activation kernels read inputs in quads (vpdpbusd sums 4 byte products), and a
+// quad must not straddle a group: K and the group size are whole numbers of quads.
+inline xla::ffi::Error CheckWholeQuads(const Validator& val, int64_t k, int32_t group) {
+  if (k % 4 != 0 || group % 4 != 0) {
+    return val.Fail("K = " + std::to_string(k) + " and attribute group_size = " +
+                    std::to_string(group) + " must be multiples of 4 (whole input quads)");
+  }
+  return xla::ffi::Error::Success();
+}
+
 struct A8Operands {
   Operand3 x_scales, x_sums;
   Operands w;  // w.dense is xq
@@ -187,10 +197,7 @@ inline xla::ffi::Error CheckA8Matmul(const Validator& val, int32_t group,
   JAXSPARSE_RETURN_IF_ERROR(val.SameFloatDtype({&w.scales, &w.result}));
   const int64_t k = w.dense.cols;
   JAXSPARSE_RETURN_IF_ERROR(CheckWeight(val, group, k, w.result.cols, &w));
-  if (k % 4 != 0 || group % 4 != 0) {
-    return val.Fail("K = " + std::to_string(k) + " and attribute group_size = " +
-                    std::to_string(group) + " must be multiples of 4 (whole input quads)");
-  }
+  JAXSPARSE_RETURN_IF_ERROR(CheckWholeQuads(val, k, group));
   for (const Operand3* info : {&o->x_scales, &o->x_sums}) {
     JAXSPARSE_RETURN_IF_ERROR(val.Dim(std::string(info->name) + ".shape[0]", info->batch,
                                       "xq.shape[0]", w.dense.batch));

@@ -193,10 +193,7 @@ ffi::Error A8FusedMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   JAXSPARSE_RETURN_IF_ERROR(
       int4_check::CheckMatmul(val, group_size, x, qweight, nullptr, scales, *y, &o));
   const int64_t k = o.dense.cols, t = o.dense.rows, groups = k / group_size;
-  if (k % 4 != 0 || group_size % 4 != 0) {
-    return val.Fail("K = " + std::to_string(k) + " and attribute group_size = " +
-                    std::to_string(group_size) + " must be multiples of 4 (whole input quads)");
-  }
+  JAXSPARSE_RETURN_IF_ERROR(int4_check::CheckWholeQuads(val, k, group_size));
   thread_local A8Quantized quantized;
   QuantizeA8(pool, o.dense.data(), KernelDtype(o.dense.dtype()), o.dense.batch * t, k,
              group_size, &quantized);

@@ -344,7 +344,8 @@ def quantize_activations(x, group_size: int):
 
     Returns:
         `(codes [..., K] int8, scales [..., K/g] f32, sums [..., K/g] int32)`: per group
-        `scale = max |x| / 127` and `code = round(x / scale)`, so `x ~ code * scale`; `sums` is
+        `scale = max |x| * f32(1/127)` and `code = round(x / scale)` (half to even), so
+        `x ~ code * scale`; `sums` is
         the sum of each group's codes (what the kernel's `- 8 sum` of the nibble offset takes).
         An all-zero group has scale 0 and codes 0.
     """
@@ -470,14 +471,12 @@ def _a8_refuse(*args, **params):
     )
 
 
-def _a8_batch(args, dims, *, group_size):
-    fn = functools.partial(int4_a8_matmul_p.bind, group_size=group_size)
-    return P.batch_into_kernel_batch(fn, args, dims)
-
-
-def _a8_fused_batch(args, dims, *, group_size):
-    fn = functools.partial(int4_a8_fused_matmul_p.bind, group_size=group_size)
-    return P.batch_into_kernel_batch(fn, args, dims)
+def _a8_batcher(primitive):
+    """The batching rule of an int8-activation primitive: vmap's axis into its kernel batch."""
+    def batch(args, dims, *, group_size):
+        fn = functools.partial(primitive.bind, group_size=group_size)
+        return P.batch_into_kernel_batch(fn, args, dims)
+    return batch
 
 
 # ====================================================================== the CPU lines layout
@@ -730,10 +729,11 @@ def _register():
             ("transpose", _lines_transpose), ("batch", _lines_batch))}
         P.register(prim, **rules, reference=reference, target=target, attrs=_ATTRS)
     P.register(int4_a8_matmul_p, abstract_eval=_a8_abstract_eval, jvp=_a8_refuse,
-               transpose=_a8_refuse, batch=_a8_batch, reference=int4_a8_matmul_reference,
+               transpose=_a8_refuse, batch=_a8_batcher(int4_a8_matmul_p),
+               reference=int4_a8_matmul_reference,
                target="jaxsparse_int4_a8_matmul", attrs=_ATTRS)
     P.register(int4_a8_fused_matmul_p, abstract_eval=_a8_fused_abstract_eval, jvp=_a8_refuse,
-               transpose=_a8_refuse, batch=_a8_fused_batch,
+               transpose=_a8_refuse, batch=_a8_batcher(int4_a8_fused_matmul_p),
                reference=int4_a8_fused_matmul_reference,
                target="jaxsparse_int4_a8_fused_matmul", attrs=_ATTRS)
 
