@@ -70,6 +70,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _replayable_block_orders():
+    """Under emulation, each test restarts the block orders' sequence (the same setting again:
+    docs/simt_emulator.md, "Block orders"), so a test that fails in a shuffled order fails the
+    same way when run alone."""
+    if _ffi.emulating_cuda():
+        _ffi._cuda_emu.set_block_order(_ffi._cuda_emu.block_order())
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _emulated_launches(request):
     """Audit mode: the emulator's launches during the test against its `cpu_only` mark."""
     if not (_AUDIT_FILE and _ffi.emulating_cuda()):

@@ -7,10 +7,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "cuda/emu/warp_math.h"
@@ -193,7 +199,173 @@ void RunBlock(Launcher& l) {
   }
 }
 
+// ---------------------------------------------------------------- block order
+
+enum class OrderKind { kForward, kReverse, kShuffled };
+
+constexpr char kOrderVariable[] = "JAXSPARSE_EMU_BLOCK_ORDER";
+
+struct OrderSetting {
+  OrderKind kind = OrderKind::kShuffled;
+  uint64_t seed = 0;
+  uint64_t launches = 0;  // Shuffled launches since the order was set.
+  std::string error;      // A bad JAXSPARSE_EMU_BLOCK_ORDER until one is set.
+};
+
+// "forward", "reverse", "shuffled" or "shuffled:<seed>" (decimal uint64).
+std::optional<OrderSetting> ParseOrder(const std::string& text) {
+  OrderSetting setting;
+  if (text == "forward" || text == "reverse") {
+    setting.kind =
+        text == "forward" ? OrderKind::kForward : OrderKind::kReverse;
+    return setting;
+  }
+  if (text == "shuffled") return setting;
+  const std::string prefix = "shuffled:";
+  if (text.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+  const char* first = text.data() + prefix.size();
+  const char* last = text.data() + text.size();
+  const auto [end, status] = std::from_chars(first, last, setting.seed);
+  if (status != std::errc() || end != last) return std::nullopt;
+  return setting;
+}
+
+std::string BadOrder(const std::string& what, const std::string& text) {
+  return what +
+         ": expected 'forward', 'reverse', 'shuffled' or 'shuffled:<seed>' "
+         "(seed a decimal integer in [0, 2^64)), got '" +
+         text + "'";
+}
+
+// The default order, from the environment (unset or empty: shuffled, seed 0).
+// A bad value is kept as an error rather than thrown: the first use may be a
+// kernel launch inside an XLA handler, and the module's import would turn an
+// exception into an ImportError that jaxsparse/_ffi.py reads as "not built".
+OrderSetting FromEnvironment() {
+  const char* value = std::getenv(kOrderVariable);
+  if (value == nullptr || *value == '\0') return OrderSetting{};
+  if (std::optional<OrderSetting> parsed = ParseOrder(value)) return *parsed;
+  OrderSetting bad;
+  bad.error = BadOrder(kOrderVariable, value);
+  return bad;
+}
+
+// Launches may run on several threads at once (XLA runs independent ops of a
+// program concurrently); the mutex guards the setting.
+std::mutex order_mutex;
+
+// The caller holds order_mutex. The environment is read once, at first use.
+OrderSetting& Setting() {
+  static OrderSetting setting = FromEnvironment();
+  return setting;
+}
+
+std::string Describe(const OrderSetting& setting) {
+  switch (setting.kind) {
+    case OrderKind::kForward:
+      return "forward";
+    case OrderKind::kReverse:
+      return "reverse";
+    case OrderKind::kShuffled:
+      break;
+  }
+  return "shuffled:" + std::to_string(setting.seed);
+}
+
+// SplitMix64 (Steele, Lea and Flood, 2014): one addition and a mixing function
+// per draw. Unlike std::uniform_int_distribution, its draws are the same under
+// every standard library, so a seed names the same permutations everywhere.
+uint64_t SplitMix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15u);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+// A draw in [0, bound): the high word of draw * bound (Lemire, 2019), whose
+// bias, below bound / 2^64, cannot matter to a test order.
+uint64_t Below(uint64_t bound, uint64_t& state) {
+  const __uint128_t product =
+      static_cast<__uint128_t>(SplitMix64(state)) * bound;
+  return static_cast<uint64_t>(product >> 64);
+}
+
+// Fisher-Yates over the linear indices: one draw and one swap per block, so a
+// grid of a million blocks costs ~70 ms, a tenth of running a million blocks
+// of one thread.
+std::vector<uint64_t> Permutation(uint64_t blocks, uint64_t seed,
+                                  uint64_t launch) {
+  std::vector<uint64_t> order(blocks);
+  std::iota(order.begin(), order.end(), uint64_t{0});
+  // The launch number is mixed in: two launches whose states were a few steps
+  // of the generator apart would draw the same numbers, shifted.
+  uint64_t state = seed ^ SplitMix64(launch);
+  for (uint64_t i = blocks; i > 1; --i) {
+    std::swap(order[i - 1], order[Below(i, state)]);
+  }
+  return order;
+}
+
+// The blocks of one launch in the set order: At(step) is the linear index (x
+// fastest, then y, then z) of the block to run at that step.
+class BlockSequence {
+ public:
+  explicit BlockSequence(uint64_t blocks) : blocks_(blocks) {
+    uint64_t seed, launch;
+    {
+      std::lock_guard<std::mutex> lock(order_mutex);
+      OrderSetting& setting = Setting();
+      if (!setting.error.empty()) {
+        throw std::invalid_argument(setting.error);
+      }
+      kind_ = setting.kind;
+      seed = setting.seed;
+      launch = kind_ == OrderKind::kShuffled ? setting.launches++ : 0;
+    }
+    if (kind_ == OrderKind::kShuffled) {
+      permutation_ = Permutation(blocks, seed, launch);
+    }
+  }
+
+  uint64_t At(uint64_t step) const {
+    switch (kind_) {
+      case OrderKind::kForward:
+        return step;
+      case OrderKind::kReverse:
+        return blocks_ - 1 - step;
+      case OrderKind::kShuffled:
+        break;
+    }
+    return permutation_[step];
+  }
+
+ private:
+  uint64_t blocks_;
+  OrderKind kind_;
+  std::vector<uint64_t> permutation_;  // Shuffled only.
+};
+
+Dim3 BlockAt(Dim3 grid, uint64_t linear) {
+  return Dim3{static_cast<unsigned>(linear % grid.x),
+              static_cast<unsigned>(linear / grid.x % grid.y),
+              static_cast<unsigned>(linear / grid.x / grid.y)};
+}
+
 }  // namespace
+
+void SetBlockOrder(const std::string& order, const std::string& what) {
+  std::optional<OrderSetting> parsed = ParseOrder(order);
+  if (!parsed) throw std::invalid_argument(BadOrder(what, order));
+  std::lock_guard<std::mutex> lock(order_mutex);
+  Setting() = *parsed;
+}
+
+std::string BlockOrder() {
+  std::lock_guard<std::mutex> lock(order_mutex);
+  const OrderSetting& setting = Setting();
+  if (!setting.error.empty()) throw std::invalid_argument(setting.error);
+  return Describe(setting);
+}
 
 uint64_t Launches() { return launches.load(std::memory_order_relaxed); }
 
@@ -210,6 +382,8 @@ void Launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
     throw Error(std::string("jaxsparse emulator: kernel ") + name +
                 ": grid.y and grid.z must be <= 65535");
   }
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  const BlockSequence sequence(blocks);
   Launcher l;
   l.name = name;
   l.grid = grid;
@@ -231,12 +405,10 @@ void Launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
       ~uintptr_t{kSharedAlign - 1});
   l.stacks.reset(new unsigned char[threads * kStackBytes]);
   tls_launch = &l;
-  for (unsigned z = 0; z < grid.z && l.error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && l.error.empty(); ++x) {
-        l.block_idx = Dim3{x, y, z};
-        RunBlock(l);
-      }
+  for (uint64_t step = 0; step < blocks && l.error.empty(); ++step) {
+    l.block_idx = BlockAt(grid, sequence.At(step));
+    RunBlock(l);
+  }
   tls_launch = nullptr;
   if (!l.error.empty()) throw Error("jaxsparse emulator: " + l.error);
 }

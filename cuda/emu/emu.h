@@ -2,11 +2,14 @@
 // the CPU (docs/simt_emulator.md). cuda/simt.cuh calls into it when it is not
 // compiled by nvcc; kernels never include this header themselves.
 //
-// Model. A launch runs its blocks one after another on the calling OS thread.
-// The threads of a block are fibers (ucontext) scheduled round-robin: a
-// thread runs until it reaches a barrier, a warp collective or its end, then
-// the next one runs. So a block of 256 threads costs 256 small stacks, not 256
-// OS threads, and every run is deterministic.
+// Model. A launch runs its blocks one after another on the calling OS thread,
+// in the order SetBlockOrder chose: by default a different pseudo-random
+// permutation per launch, so that a kernel whose blocks race (one reads what
+// another writes, two write one output without atomics) can give a wrong or
+// varying result. The threads of a block are fibers (ucontext) scheduled
+// round-robin: a thread runs until it reaches a barrier, a warp collective or
+// its end, then the next one runs. So a block of 256 threads costs 256 small
+// stacks, not 256 OS threads, and a run is deterministic for a given order.
 //
 // Strictness. Everything the PTX ISA leaves undefined and a kernel could
 // trip over is an error (emu::Error, raised by Launch), never a quiet result:
@@ -41,10 +44,27 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Runs body() once per thread of every block. `name` labels errors.
-// Raises Error (after tearing the launch down) when a thread fails a check.
+// Runs body() once per thread of every block, the blocks in the set order
+// (SetBlockOrder). `name` labels errors. Raises Error (after tearing the
+// launch down) when a thread fails a check.
 void Launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
             const std::function<void()>& body);
+
+// The order in which Launch runs a grid's blocks:
+// - "forward": by linear index, x fastest, then y, then z;
+// - "reverse": the same backwards;
+// - "shuffled:<seed>" ("shuffled" is seed 0): a pseudo-random permutation of
+//   the grid's blocks, a different one per launch, drawn from the seed and the
+//   launch's number since the order was set (so setting an order restarts its
+//   sequence of permutations).
+// The default is JAXSPARSE_EMU_BLOCK_ORDER's value, read at the first use of
+// the order ("shuffled:0" when it is unset or empty). For any other value,
+// throws std::invalid_argument naming `what` (the argument), order unchanged.
+void SetBlockOrder(const std::string& order, const std::string& what);
+// The current order in SetBlockOrder's form ("shuffled:<seed>" with its seed).
+// Throws std::invalid_argument, as Launch does, while JAXSPARSE_EMU_BLOCK_ORDER
+// holds a bad value and no order has been set.
+std::string BlockOrder();
 
 // Kernel launches this process has run (each grid once; failed launches
 // included): the tests read it to tell which of them ran an emulated kernel.

@@ -1,7 +1,9 @@
 // The `_cuda_emu` extension: the SIMT emulator's self-test entry points
-// (tests/cuda_emu). Each runs one of cuda/emu/selftest_kernels.cuh through
+// (tests/cuda_emu, tests/cuda/test_emulator_block_order.py) and its block-order
+// setting. Each entry point runs one of cuda/emu/selftest_kernels.cuh through
 // the emulator on small host arrays; emulator errors surface as RuntimeError.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -286,6 +288,53 @@ void RunDivergedShuffle() {
   simt::Launch("DivergedShuffle", &DivergedShuffle, dim3(1), dim3(32), 0, nullptr, out.data());
 }
 
+// ---- block order
+
+// A self-test grid (x, y, z): every extent at least 1, at most 2^22 blocks.
+dim3 TestGrid(const std::array<unsigned, 3>& grid) {
+  const uint64_t blocks = uint64_t{grid[0]} * grid[1] * grid[2];
+  if (blocks == 0 || blocks > (uint64_t{1} << 22)) {
+    throw std::invalid_argument("grid: expected extents >= 1 and at most 2^22 blocks, got (" +
+                                std::to_string(grid[0]) + ", " + std::to_string(grid[1]) + ", " +
+                                std::to_string(grid[2]) + ")");
+  }
+  return dim3(grid[0], grid[1], grid[2]);
+}
+
+// [blocks]: per linear block index (x fastest), its place in the order in
+// which the launch's blocks started.
+std::vector<unsigned> RunBlockTickets(const std::array<unsigned, 3>& grid) {
+  const dim3 g = TestGrid(grid);
+  std::vector<unsigned> out(static_cast<size_t>(g.x) * g.y * g.z);
+  unsigned counter = 0;
+  simt::Launch("BlockTickets", &BlockTickets, g, dim3(1), 0, nullptr, &counter, out.data());
+  return out;
+}
+
+// The linear index of the block whose store to the racy cell came last.
+unsigned RunLastWriter(const std::array<unsigned, 3>& grid) {
+  unsigned cell = ~0u;
+  simt::Launch("LastWriter", &LastWriter, TestGrid(grid), dim3(1), 0, nullptr, &cell);
+  return cell;
+}
+
+// Raises the emulator's error for block `bad` (a deadlock or an out-of-bounds
+// shared-memory store).
+void RunFailInBlock(const std::array<unsigned, 3>& grid, const std::array<unsigned, 3>& bad,
+                    bool deadlock) {
+  const dim3 g = TestGrid(grid);
+  const size_t smem = 32 * sizeof(uint32_t);
+  if (deadlock) {
+    simt::Launch("FailInBlock", &FailInBlock<true>, g, dim3(32), smem, nullptr, bad[0], bad[1],
+                 bad[2]);
+  } else {
+    simt::Launch("FailInBlock", &FailInBlock<false>, g, dim3(32), smem, nullptr, bad[0], bad[1],
+                 bad[2]);
+  }
+}
+
+void SetBlockOrder(const std::string& order) { emu::SetBlockOrder(order, "order"); }
+
 }  // namespace
 }  // namespace jaxsparse::selftest
 
@@ -328,4 +377,15 @@ NB_MODULE(_cuda_emu, m) {
   m.def("diverged_shuffle", &st::RunDivergedShuffle);
   m.def("launches", &jaxsparse::emu::Launches,
         "Kernel launches the emulator has run in this process.");
+  m.def("set_block_order", &st::SetBlockOrder, nb::arg("order"),
+        "Runs the blocks of every later launch in `order`: 'forward', 'reverse', 'shuffled' or "
+        "'shuffled:<seed>' (a new permutation per launch; setting restarts their sequence). "
+        "ValueError for any other value.");
+  m.def("block_order", &jaxsparse::emu::BlockOrder,
+        "The block order ('forward', 'reverse' or 'shuffled:<seed>'); by default "
+        "JAXSPARSE_EMU_BLOCK_ORDER's value, else 'shuffled:0'.");
+  m.def("block_tickets", &st::RunBlockTickets, nb::arg("grid"));
+  m.def("last_writer", &st::RunLastWriter, nb::arg("grid"));
+  m.def("fail_in_block", &st::RunFailInBlock, nb::arg("grid"), nb::arg("bad"),
+        nb::arg("deadlock"));
 }

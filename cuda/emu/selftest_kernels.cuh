@@ -1,6 +1,7 @@
 // Kernels that test the SIMT emulator itself (tests/cuda_emu): one-warp
-// probes that run a single warp instruction on per-lane inputs, and small
-// kernels with a planted-bug switch, whose bugs the emulator must catch.
+// probes that run a single warp instruction on per-lane inputs, small
+// kernels with a planted-bug switch, whose bugs the emulator must catch, and
+// kernels that show the order in which it runs blocks.
 // Written against cuda/simt.cuh only, so nvcc compiles the same source.
 #ifndef JAXSPARSE_CUDA_EMU_SELFTEST_KERNELS_CUH_
 #define JAXSPARSE_CUDA_EMU_SELFTEST_KERNELS_CUH_
@@ -160,6 +161,53 @@ __global__ void DivergedShuffle(uint32_t* out) {
   const int l = simt::LaneId();
   if (l >= 16) return;
   out[l] = simt::ShflXor(simt::kFullMask, static_cast<uint32_t>(l), 1);
+}
+
+// ---- block order (tests/cuda/test_emulator_block_order.py)
+
+// The block's linear index, x fastest: what the emulator's block orders permute.
+JAXSPARSE_DEV unsigned LinearBlock() {
+  return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+}
+
+// counter's old value, incremented. simt.cuh has no atomics (no library kernel
+// needs one), hence the #if here: emulated, blocks run one at a time on one OS
+// thread and a fiber is switched out only at a barrier or a collective, so a
+// plain increment is already atomic.
+JAXSPARSE_DEV unsigned TakeTicket(unsigned* counter) {
+#if defined(__CUDACC__)
+  return atomicAdd(counter, 1u);
+#else
+  return (*counter)++;
+#endif
+}
+
+// out[linear block] = the block's place in the order in which blocks started
+// (*counter = 0 before the launch).
+__global__ void BlockTickets(unsigned* counter, unsigned* out) {
+  if (threadIdx.x == 0) out[LinearBlock()] = TakeTicket(counter);
+}
+
+// A race between blocks: each block stores its linear index to the one cell,
+// as a reduction that stores its blocks' partial results where it should add
+// them atomically. The cell ends up naming the block that ran last.
+__global__ void LastWriter(unsigned* cell) {
+  if (threadIdx.x == 0) *cell = LinearBlock();
+}
+
+// Block (bad_x, bad_y, bad_z) of a grid of one-warp blocks breaks a rule, the
+// others do nothing: with kDeadlock, lanes 0-15 enter a full-warp shuffle that
+// lanes 16-31 never reach; else lane 3 stores one element past the shared
+// memory (blockDim.x words).
+template <bool kDeadlock>
+__global__ void FailInBlock(unsigned bad_x, unsigned bad_y, unsigned bad_z) {
+  if (blockIdx.x != bad_x || blockIdx.y != bad_y || blockIdx.z != bad_z) return;
+  const int l = simt::LaneId();
+  if constexpr (kDeadlock) {
+    if (l < 16) simt::ShflXor(simt::kFullMask, 0u, 1);
+  } else if (l == 3) {
+    simt::DynamicSmem<uint32_t>(0)[blockDim.x] = 0;
+  }
 }
 
 }  // namespace jaxsparse::selftest
