@@ -36,6 +36,8 @@ from jaxsparse.formats import (
 )
 from jaxsparse.ops import JaxsparseFallbackWarning, choose_path, matmul, matmul_path
 from jaxsparse.io import load_safetensors, save_safetensors
+from jaxsparse.bcoo import from_bcoo, to_bcoo
+from jaxsparse._export import FFI_ABI_VERSION, custom_call_checks, deserialize, export
 from jaxsparse import prune  # noqa: E402  (after formats: prune builds on NM)
 from jaxsparse import linen, mixed_precision, nn  # noqa: E402
 
@@ -60,9 +62,15 @@ __all__ = [
     "as_spec",
     "fromdense",
     "frommask",
+    "from_bcoo",
+    "to_bcoo",
     "JaxsparseFallbackWarning",
+    "FFI_ABI_VERSION",
     "choose_path",
     "cpu_isa",
+    "custom_call_checks",
+    "deserialize",
+    "export",
     "has_cpu_kernels",
     "has_cuda_kernels",
     "linen",
