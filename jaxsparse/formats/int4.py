@@ -305,6 +305,7 @@ class _Int4Base(SparseFormat):
         if tuple(scales.shape) != (*lead, *shape):
             raise ValueError(f"{where}: scales must have shape {(*lead, *shape)} "
                              f"([..., in/group_size, out]); got {tuple(scales.shape)}")
+        _check_finite_scales("scales", scales, where)
         return scales
 
 
@@ -504,9 +505,18 @@ class Int4NMWeight(_Int4Base):
         where = "jaxsparse.Int4NMWeight.from_codes"
         codes = _check_codes(codes, where)
         positions = V.as_array("positions", positions, where=where)
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise TypeError(f"{where}: positions must be an integer array in [0, 3], got "
+                            f"{positions.dtype.name}")
         if positions.shape != codes.shape:
             raise ValueError(f"{where}: positions must have the shape of codes "
                              f"{tuple(codes.shape)}; got {tuple(positions.shape)}")
+        if V.is_concrete(positions) and positions.size:
+            # Packing keeps 2 bits of each: a position out of range would alias another.
+            lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+            if lo < 0 or hi > 3:
+                raise ValueError(f"{where}: positions must be in [0, 3] (inside each group of 4 "
+                                 f"inputs); got values in [{lo}, {hi}]")
         packed = pack_positions(positions[..., 0::2, :], positions[..., 1::2, :])
         return cls(pack_nibbles(codes), packed, scales, group_size=group_size,
                    in_features=2 * codes.shape[-2])
@@ -542,6 +552,20 @@ def _check_finite(w, where):
         bad = np.argwhere(~np.isfinite(np.asarray(w, np.float32)))[0]
         raise ValueError(f"{where}: w must be finite to be quantised; got "
                          f"{np.asarray(w)[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+
+
+def _check_finite_scales(name, scales, where):
+    """Concrete scales hold no NaN or infinity: one would make every product of its group NaN
+    or infinite without a word (as `load_safetensors` refuses them in a file). Under jit the
+    values are unknown and not checked."""
+    if not V.is_concrete(scales) or not scales.size:
+        return
+    host = np.asarray(scales, np.float32)
+    if not np.isfinite(host).all():
+        bad = np.argwhere(~np.isfinite(host))[0]
+        raise ValueError(f"{where}: {name} must be finite; got {host[tuple(bad)]} at index "
+                         f"{tuple(int(i) for i in bad)} (a non-finite scale makes its "
+                         "group's products NaN or infinite)")
 
 
 def _check_codes(codes, where):

@@ -23,7 +23,13 @@ import jax
 
 from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN
-from jaxsparse.formats.int4 import _SPARSE, Int4NMWeight, Int4Weight, _Int4Base
+from jaxsparse.formats.int4 import (
+    _SPARSE,
+    Int4NMWeight,
+    Int4Weight,
+    _Int4Base,
+    _check_finite_scales,
+)
 from jaxsparse.ops.int4_marlin import (
     check_marlin_arrays,
     int4_marlin_matmul,
@@ -105,6 +111,7 @@ class _MarlinBase(_Int4Base):
         if k != in_features:
             raise ValueError(f"{where}: packed_qweight holds in_features = {k}; got "
                              f"in_features={in_features}")
+        _check_finite_scales("packed_scales", arrays["packed_scales"], where)
         return spec, arrays
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _ffi
+from jaxsparse import _validate as V
 
 
 class JaxsparseFallbackWarning(UserWarning):
@@ -62,6 +63,22 @@ def check_rank3(where, **named):
     if any(a.ndim != 3 for a in named.values()):
         shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in named.items())
         raise ValueError(f"{where}: operands must be rank 3 ([B, rows, cols]); got {shapes}")
+
+
+def check_float(where, **named):
+    """Each named operand (an aval) has a dtype the kernels implement (f32, bf16, f16): a
+    TypeError at trace time, never the kernel's INVALID_ARGUMENT when the program runs."""
+    for name, a in named.items():
+        V.check_float_dtype(name, a.dtype, where=where)
+
+
+def check_attr(where, name, value, *, low, high, multiple=1) -> int:
+    """A static parameter the kernels take as an attribute is an int in [low, high] (and a
+    multiple of `multiple`): checked at trace time, like the kernels' own attribute checks."""
+    value = V.check_int(name, value, low=low, high=high, where=where)
+    if value % multiple:
+        raise ValueError(f"{where}: {name} must be a multiple of {multiple}; got {value}")
+    return value
 
 
 def f32_einsum(spec, a, b, out_dtype):

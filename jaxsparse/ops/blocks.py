@@ -110,7 +110,14 @@ def _structure_same_batch(indices, indptr):
             jnp.broadcast_to(indptr, (batch,) + indptr.shape[1:]))
 
 
+#: The block widths the kernels take (cpu/blocks/blocks_checks.h).
+_BLOCK_SIZES = (4, 8, 16, 32)
+
+
 def _check_structure(where, indices, indptr, out_features, n):
+    if isinstance(n, bool) or n not in _BLOCK_SIZES:
+        raise ValueError(f"{where}: the block size n (values.shape[-1], or n=) must be one of "
+                         f"{_BLOCK_SIZES}; got {n!r}")
     if indices.ndim != 2 or indptr.ndim != 2:
         raise ValueError(
             f"{where}: indices must be [B, nnz] and indptr [B, R + 1]; got "
@@ -128,7 +135,8 @@ def _check_structure(where, indices, indptr, out_features, n):
         )
 
 
-def _check_operands(where, dense, values, indices, indptr, out_features):
+def _check_operands(where, dense, values, indices, indptr, out_features, dense_name="x"):
+    P.check_float(where, **{dense_name: dense})
     if dense.ndim != 3 or values.ndim != 3:
         raise ValueError(
             f"{where}: the dense operand must be [B, T, cols] and values [B, nnz, n]; got "
@@ -227,7 +235,7 @@ def blocks_spmm_t_reference(dy, values, indices, indptr, *, in_features):
 
 
 def _spmm_t_abstract_eval(dy, values, indices, indptr, *, in_features):
-    _check_operands("blocks_spmm_t", dy, values, indices, indptr, dy.shape[-1])
+    _check_operands("blocks_spmm_t", dy, values, indices, indptr, dy.shape[-1], "dy")
     batch = P.check_batches("blocks_spmm_t", ("dy", dy), ("values", values),
                             ("indices", indices), ("indptr", indptr))
     return dy.update(shape=(batch, dy.shape[1], in_features), dtype=dy.dtype)
@@ -300,6 +308,7 @@ def _sddmm_abstract_eval(x, dy, indices, indptr, *, n):
         raise ValueError(f"blocks_sddmm: x and dy must be rank 3 ([B, T, cols]); got "
                          f"{tuple(x.shape)} and {tuple(dy.shape)}")
     _check_structure("blocks_sddmm", indices, indptr, dy.shape[-1], n)
+    P.check_float("blocks_sddmm", x=x)
     if dy.dtype != x.dtype:
         raise TypeError(f"blocks_sddmm: dtypes must match, got {x.dtype} and {dy.dtype}")
     if dy.shape[1] != x.shape[1]:
@@ -401,6 +410,7 @@ def _conv_abstract_eval(x, values, indices, indptr, *, out_features, kernel_size
                         dilation, padding):
     if x.ndim != 4:
         raise ValueError(f"blocks_conv: x must have rank 4 ([N, H, W, C]); got {tuple(x.shape)}")
+    P.check_float("blocks_conv", x=x)
     if values.ndim != 3 or values.dtype != x.dtype:
         raise TypeError(f"blocks_conv: values must be [1, nnz, n] of x's dtype {x.dtype}; got "
                         f"{values.dtype}{list(values.shape)}")
@@ -571,6 +581,7 @@ def _conv_sddmm_abstract_eval(x, dy, indices, indptr, *, n, kernel_size, strides
     if x.ndim != 4 or dy.ndim != 4:
         raise ValueError("blocks_conv_sddmm: x and dy must have rank 4 ([N, H, W, C], "
                          f"[N, OH, OW, out]); got {tuple(x.shape)} and {tuple(dy.shape)}")
+    P.check_float("blocks_conv_sddmm", x=x)
     if dy.dtype != x.dtype:
         raise TypeError(f"blocks_conv_sddmm: dy must have x's dtype {x.dtype}; got {dy.dtype}")
     out = _conv_out_dims(x.shape, kernel_size, strides, dilation, padding)

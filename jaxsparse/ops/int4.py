@@ -144,7 +144,8 @@ def _check_weight(where, qweight, positions, scales, group_size, k):
                         f"{'' if not sparse else ' and ' + str(positions.dtype)}")
 
 
-def _check_dtypes(where, dense, scales):
+def _check_dtypes(where, dense, scales, dense_name="x"):
+    P.check_float(where, **{dense_name: dense})
     if scales.dtype != dense.dtype:
         raise TypeError(f"{where}: scales must have the dense operand's dtype {dense.dtype}; got "
                         f"{scales.dtype}")
@@ -303,7 +304,7 @@ def _product_t_abstract_eval(dy, *weight, group_size, in_features):
     qweight, positions, scales = _split(weight)
     _check_weight(where, qweight, positions, scales, group_size, in_features)
     P.check_rank3(where, dy=dy)
-    _check_dtypes(where, dy, scales)
+    _check_dtypes(where, dy, scales, "dy")
     if dy.shape[-1] != qweight.shape[-1]:
         raise ValueError(f"{where}: dy has {dy.shape[-1]} outputs, qweight "
                          f"{qweight.shape[-1]}")

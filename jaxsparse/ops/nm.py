@@ -72,7 +72,14 @@ def _densify_t(values, indices, n, m, k):
     return jnp.pad(dense, [(0, 0), (0, 0), (0, k - width)])
 
 
-def _check_kernel_operands(where, dense, values, indices, n, m, k):
+#: The largest m the kernels take (cpu/nm/nm_checks.h kMaxM).
+_MAX_M = 16
+
+
+def _check_kernel_operands(where, dense, values, indices, n, m, k, dense_name="x"):
+    m = P.check_attr(where, "m", m, low=2, high=_MAX_M)
+    P.check_attr(where, "n", n, low=1, high=m - 1)
+    P.check_float(where, **{dense_name: dense})
     if dense.ndim != 3 or values.ndim != 3 or indices.ndim != 3:
         raise ValueError(
             f"{where}: operands must be rank 3 ([B, T, K], [B, N, Kc], [B, N, Kc]); got shapes "
@@ -200,7 +207,7 @@ def nm_spmm_t_reference(dy, values, indices, *, n, m, in_features):
 
 
 def _spmm_t_abstract_eval(dy, values, indices, *, n, m, in_features):
-    _check_kernel_operands("nm_spmm_t", dy, values, indices, n, m, in_features)
+    _check_kernel_operands("nm_spmm_t", dy, values, indices, n, m, in_features, "dy")
     if dy.shape[-1] != values.shape[1]:
         raise ValueError(f"nm_spmm_t: dy has {dy.shape[-1]} outputs, values {values.shape[1]}")
     batch = P.check_batches("nm_spmm_t", ("dy", dy), ("values", values), ("indices", indices))

@@ -86,7 +86,12 @@ def _densify_t(values, indices, columns, v, n, m, k):
     return jnp.pad(dense, [(0, 0), (0, 0), (0, k - groups * m)])
 
 
-def _check_operands(where, dense, values, indices, columns, v, n, m, k):
+def _check_operands(where, dense, values, indices, columns, v, n, m, k, dense_name="x"):
+    # The spec's ranges, as the kernels check their attributes (cpu/vnm/vnm_checks.h).
+    v = P.check_attr(where, "v", v, low=16, high=256, multiple=16)
+    P.check_attr(where, "n", n, low=1, high=2)
+    P.check_attr(where, "m", m, low=SELECTED, high=64)
+    P.check_float(where, **{dense_name: dense})
     P.check_rank3(where, dense=dense, values=values, indices=indices, columns=columns)
     groups = -(-k // m)
     if values.shape[1:] != indices.shape[1:] or indices.shape[-1] != groups * n:
@@ -191,7 +196,7 @@ def vnm_spmm_t_reference(dy, values, indices, columns, *, v, n, m, in_features):
 
 
 def _spmm_t_abstract_eval(dy, values, indices, columns, *, v, n, m, in_features):
-    _check_operands("vnm_spmm_t", dy, values, indices, columns, v, n, m, in_features)
+    _check_operands("vnm_spmm_t", dy, values, indices, columns, v, n, m, in_features, "dy")
     if dy.shape[-1] != values.shape[1]:
         raise ValueError(f"vnm_spmm_t: dy has {dy.shape[-1]} outputs, values {values.shape[1]}")
     batch = P.check_batches("vnm_spmm_t", ("dy", dy), ("values", values), ("indices", indices),
