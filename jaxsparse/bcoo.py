@@ -29,13 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
+from jaxsparse import _validate as V
 from jaxsparse.formats._base import SparseFormat
 from jaxsparse.formats._spec import as_spec
-
-
-def _is_int4(weight_or_format) -> bool:
-    cls = weight_or_format if isinstance(weight_or_format, type) else type(weight_or_format)
-    return hasattr(cls, "SPEC") and cls.SPEC.__name__ == "Int4"
+from jaxsparse.formats.int4 import Int4
 
 
 def to_bcoo(w: SparseFormat) -> jsparse.BCOO:
@@ -65,7 +62,7 @@ def to_bcoo(w: SparseFormat) -> jsparse.BCOO:
 
 
 def _exact_dense(w: SparseFormat) -> jax.Array:
-    if not _is_int4(w):
+    if not isinstance(w.spec, Int4):
         return w.todense()
     # Dequantised in f32 from the canonical layout: bf16 scales would round code * scale.
     return w.packed_for("cpu").astype(jnp.float32).todense()
@@ -95,13 +92,10 @@ def from_bcoo(m: jsparse.BCOO, spec) -> SparseFormat:
     if m.n_dense != 0 or m.ndim < 2:
         raise ValueError(f"{where}: m must be [..., in, out] with no dense dims; got shape "
                          f"{m.shape} with n_dense={m.n_dense}")
-    if m.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"{where}: m's data must be float32, bfloat16 or float16, got {m.dtype}")
+    V.check_float_dtype("m's data", m.dtype, where=where)
     dense = m.todense()
     stored = jsparse.BCOO((jnp.ones_like(m.data, jnp.int32), m.indices),
                           shape=m.shape).todense() > 0
-    if _is_int4(spec.format):
-        if getattr(spec, "sparsity", None) is None:
-            return spec.format.fromdense(dense, **spec._asdict())
-        return spec.format.frommask(dense, stored, **spec._asdict())
+    if isinstance(spec, Int4) and spec.sparsity is None:
+        return spec.format.fromdense(dense, **spec._asdict())  # Dense int4: nothing to mask.
     return spec.format.frommask(dense, stored, **spec._asdict())

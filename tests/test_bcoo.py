@@ -108,7 +108,7 @@ def test_bad_arguments_are_named(weights):
         jsp.to_bcoo(np.ones((4, 4)))
     with pytest.raises(TypeError, match="jaxsparse.from_bcoo: m must be a"):
         jsp.from_bcoo(np.ones((8, 4)), "2:4")
-    with pytest.raises(TypeError, match="m's data must be float32"):
+    with pytest.raises(TypeError, match="m's data must have dtype float32"):
         jsp.from_bcoo(jsparse.BCOO.fromdense(jnp.ones((8, 4), jnp.int32)), "2:4")
     with pytest.raises(ValueError, match="no dense dims"):
         jsp.from_bcoo(jsparse.BCOO.fromdense(jnp.ones((8, 4)), n_dense=1), "2:4")

@@ -869,18 +869,25 @@ def test_fuzz(family):
 
 
 # ====================================================================== what the fuzz found
-# Outside the magnitudes above (MAGNITUDES keeps the fuzz clear of it, so that it checks the
-# rest of the format): the 1xN rule keeps the blocks of largest L2 norm, but `fromdense` ranks
-# them by their squared norm summed in float32 (jaxsparse/formats/blocks.py, `_block_scores`),
-# which overflows to inf past |w| ~ 1.8e19 and underflows to 0 below |w| ~ 1e-19 (XLA flushes
-# the subnormal squares). Such blocks tie with each other, or with all-zero blocks, and the tie
-# goes to the earlier block: the largest block, or the only nonzero one, is dropped.
-@pytest.mark.xfail(strict=True, reason="BlocksSparse.fromdense ranks blocks by float32 squared "
-                   "norms, which overflow past |w| ~ 1.8e19 and underflow below ~1e-19")
-@pytest.mark.parametrize("largest, other", [(1e25, 1e20), (1e-25, 0.0)],
-                         ids=["overflow", "underflow"])
+# Outside the magnitudes above: the 1xN rule keeps the blocks of largest L2 norm, and `fromdense`
+# used to rank them by their squared norm summed in float32 as it came, which overflowed to inf
+# past |w| ~ 1.8e19 and flushed to 0 below |w| ~ 1e-19; tied, the earlier block was kept and the
+# largest one, or the only nonzero one, dropped. `_block_scores` now squares in units of the
+# matrix's largest power of two (jaxsparse/formats/blocks.py). Subnormal weights stay zero: XLA's
+# CPU code flushes them everywhere.
+@pytest.mark.parametrize("largest, other", [(1e25, 1e20), (3e38, 1e38), (1e-25, 0.0),
+                                            (1e-25, 1e-26), (2e-19, 1e-19)],
+                         ids=["overflow", "near-max", "underflow", "both-tiny", "tiny-pair"])
 def test_blocks_keep_the_largest_block_at_extreme_magnitudes(largest, other):
     w = np.zeros((4, 4), np.float32)
     w[0], w[3] = other, largest  # Two whole 1x4 blocks (inputs 0 and 3) of four; one is kept.
-    ws = jsp.fromdense(jnp.asarray(w), jsp.Blocks(4, density=0.25))
+    spec = jsp.Blocks(4, density=0.25)
+    ws = jsp.fromdense(jnp.asarray(w), spec)
     np.testing.assert_array_equal(np.asarray(ws.indices), [3])
+    np.testing.assert_array_equal(np.asarray(spec.magnitude_mask(jnp.asarray(w)))[:, 0],
+                                  [False, False, False, True])
+    # The model-wide threshold compares blocks across layers on one scale: 2 of the 8 blocks are
+    # kept, both of layer a unless its second block is zero (then b's largest one).
+    densities = jsp.prune.block_densities({"a": {"kernel": w}, "b": {"kernel": w / 1e6}}, 4, 0.25)
+    kept_a = 2 if other else 1
+    assert densities == {"a/kernel": jsp.Blocks(4, kept_a / 4), "b/kernel": jsp.Blocks(4, 0.25)}

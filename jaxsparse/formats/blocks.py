@@ -310,12 +310,23 @@ class BlocksSparse(SparseFormat):
 
 
 # ---------------------------------------------------------------------- selection
-def _block_scores(w, n: int):
-    """`[..., R, in]` float32: each block's squared L2 norm (outputs zero-padded to R*n)."""
+def _block_scores(w, n: int, peak=None):
+    """`[..., R, in]` float32: each block's squared L2 norm (outputs zero-padded to R*n), in
+    units of `peak`'s power of two (default: each `[in, out]` matrix's max |w|).
+
+    The power of two keeps the ranking of the blocks of one matrix exact while the squares
+    stay inside float32's range: unscaled, they overflow past |w| ~ 1.8e19 and flush to zero
+    below ~1e-19, and the tied blocks would then be kept by position, not by size. Scores
+    compared across matrices (a model-wide threshold) must share one `peak`.
+    """
     in_f, out_f = w.shape[-2:]
     rows = num_groups(out_f, n)
     wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, rows * n - out_f)])
     blocks = wp.reshape(*w.shape[:-1], rows, n).astype(jnp.float32)
+    if peak is None:
+        peak = jnp.max(jnp.abs(blocks), axis=(-3, -2, -1), keepdims=True)
+    _, exponent = jnp.frexp(jnp.asarray(peak, jnp.float32))
+    blocks = jnp.ldexp(blocks, -exponent)  # Exact: a power of two, |blocks| < 1.
     return jnp.swapaxes(jnp.sum(blocks * blocks, axis=-1), -1, -2)
 
 

@@ -79,7 +79,9 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
     if not chosen:
         raise ValueError(f"{where}: no kernel of params was selected (float leaves of rank >= 2 "
                          f"with at least n={spec.n} outputs that `filter` accepts)")
-    scores = [np.asarray(_block_scores(jnp.asarray(w), spec.n)).reshape(-1) for _, w in chosen]
+    peak = max(float(jnp.max(jnp.abs(w))) for _, w in chosen)  # One scale: scores compared.
+    scores = [np.asarray(_block_scores(jnp.asarray(w), spec.n, peak)).reshape(-1)
+              for _, w in chosen]
     flat = np.concatenate(scores)
     k = spec.kept_blocks(1, flat.size * spec.n)  # Blocks rounding over the model's B blocks.
     # Ties at the threshold go to the earlier layer, then the earlier block (a stable order).

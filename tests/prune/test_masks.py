@@ -78,9 +78,11 @@ def test_masks_are_jittable():
     w = random_array(keys(5, 1)[0], (16, 8))
     f = jax.jit(prune.magnitude_mask, static_argnums=1)
     np.testing.assert_array_equal(f(w, jsp.NM(2, 4)), prune.magnitude_mask(w, "2:4"))
-    assert float(jax.jit(prune.nm_kept_magnitude, static_argnums=1)(w, jsp.NM(2, 4))) == float(
-        prune.nm_kept_magnitude(w, "2:4")
-    )
+    # Equal up to the sums' order: XLA's fused reduction under jit adds in another order than
+    # the eager one on some CPUs (one f32 ulp seen on a Zen 4).
+    np.testing.assert_allclose(
+        float(jax.jit(prune.nm_kept_magnitude, static_argnums=1)(w, jsp.NM(2, 4))),
+        float(prune.nm_kept_magnitude(w, "2:4")), rtol=1e-6)
 
 
 def test_nm_kept_magnitude():
