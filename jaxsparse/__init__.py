@@ -35,6 +35,7 @@ from jaxsparse.formats import (
     frommask,
 )
 from jaxsparse.ops import JaxsparseFallbackWarning, choose_path, matmul, matmul_path
+from jaxsparse.sharding import JaxsparseShardingWarning, shard_weight, shard_x, weight_specs, x_spec
 from jaxsparse.io import load_safetensors, save_safetensors
 from jaxsparse.bcoo import from_bcoo, to_bcoo
 from jaxsparse._export import FFI_ABI_VERSION, custom_call_checks, deserialize, export
@@ -65,6 +66,7 @@ __all__ = [
     "from_bcoo",
     "to_bcoo",
     "JaxsparseFallbackWarning",
+    "JaxsparseShardingWarning",
     "FFI_ABI_VERSION",
     "choose_path",
     "cpu_isa",
@@ -82,5 +84,9 @@ __all__ = [
     "prune",
     "save_safetensors",
     "set_cpu_isa",
+    "shard_weight",
+    "shard_x",
     "supported_cpu_isas",
+    "weight_specs",
+    "x_spec",
 ]

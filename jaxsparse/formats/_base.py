@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxsparse import _validate as V
 from jaxsparse.ops.matmul import matmul
+from jaxsparse.sharding import sharded_product
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -52,7 +53,9 @@ class SparseFormat:
       `dense_rows()`, `array_shapes(spec, in_features, out_features)` and
       `_kernel(x3, *arrays3)` (the sparse product on rank-3 operands);
     - optionally `_engine_kernel()`: the product on the shared CPU engine, with `_kernel`'s
-      signature, or None where the spec has none (then the "engine" path multiplies densely).
+      signature, or None where the spec has none (then the "engine" path multiplies densely);
+    - optionally `_shard_splits(mode)`: how its arrays split for column and row parallel
+      products (jaxsparse/sharding.py); without it the format is data parallel only.
 
     and gets pytree registration, `replace`, `astype`, the logical shape, `density`, `nbytes`,
     `spec`, `x @ w` and a `repr` from here.
@@ -251,22 +254,32 @@ class SparseFormat:
         return jnp.matmul(x, jnp.swapaxes(rows, -1, -2))
 
     def _sparse_product(self, x, kernel=None):
-        """`kernel` (default the format's `_kernel`) over any leading dims of x and of a stack of
-        weights."""
-        kernel = kernel or self._kernel
+        """The format's `_kernel` (or, given any `kernel`, its `_engine_kernel()`) over any
+        leading dims of x and of a stack of weights, through `jaxsparse.sharding`'s wrapper
+        primitive: under `jit` over several devices it partitions by the operands' shardings
+        (data, column or row parallel) instead of gathering them."""
+        kind = "sparse" if kernel is None else "engine"
         arrays = tuple(self.arrays().values())
         if not self.batch_shape:
             lead = x.shape[:-1]
             x3 = x.reshape(1, math.prod(lead), self.in_features)
-            y = kernel(x3, *(a[None] for a in arrays))
+            y = sharded_product(self, kind, x3, tuple(a[None] for a in arrays))
             return y.reshape(*lead, self.out_features)
         if x.ndim == 1:
             return self._sparse_product(x[None], kernel)[..., 0, :]
         batch = jnp.broadcast_shapes(x.shape[:-2], self.batch_shape)
         core = len(self.batch_shape)
         x3 = _flatten_batch(x, batch, 2)
-        y = kernel(x3, *(_flatten_batch(a, batch, a.ndim - core) for a in arrays))
+        y = sharded_product(self, kind, x3, tuple(_flatten_batch(a, batch, a.ndim - core)
+                                                  for a in arrays))
         return y.reshape(*batch, *y.shape[1:])
+
+    def _shard_splits(self, mode: str):
+        """How this weight's arrays split in a tensor-parallel `mode` ("column": over output
+        features, "row": over input features): `{array name: Split or None}` (None: the array
+        stays whole on every shard), or a string saying why the format cannot. Reads only the
+        static fields (the spec, `in_features`). Data parallel needs no declaration."""
+        return f"{type(self).__name__} declares no {mode}-parallel split"
 
     def __rmatmul__(self, x):
         return matmul(x, self)  # The public entry validates x and chooses the path.

@@ -47,6 +47,7 @@ from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN, SparseFormat, check_dense, check_mask
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats.nm import NM, NMSparse
+from jaxsparse.sharding import Split
 from jaxsparse.ops.int4 import (
     NIBBLE_OFFSET,
     int4_a8_matmul,
@@ -406,6 +407,11 @@ class Int4Weight(_Int4Base):
         """`[..., in, out]` bool: every entry is stored."""
         return jnp.ones(self.shape, jnp.bool_)
 
+    def _shard_splits(self, mode: str):
+        """Column parallel: every array by output columns. Row parallel: 2 inputs per byte of
+        qweight, a group of inputs per scale (one group per column cannot split)."""
+        return _int4_splits(self, mode, {"qweight": 2})
+
     def _kernel(self, x, qweight, scales):
         if self.activations:
             return int4_a8_matmul(x, qweight, scales, group_size=self.group)
@@ -542,8 +548,24 @@ class Int4NMWeight(_Int4Base):
 
         return Int4NMLinesWeight.from_canonical(self)
 
+    def _shard_splits(self, mode: str):
+        """Column parallel: every array by output columns. Row parallel: 4 inputs per byte of
+        qweight, 8 per byte of positions, a group of inputs per scale."""
+        return _int4_splits(self, mode, {"qweight": 4, "positions": 8})
+
     def _kernel(self, x, qweight, positions, scales):
         return int4_nm_matmul(x, qweight, positions, scales, group_size=self.group)
+
+
+def _int4_splits(w, mode, inputs_per_row):
+    """The splits of a canonical int4 weight (`[in/k, out]` arrays, k inputs per row)."""
+    if mode == "column":
+        return {name: Split(-1, 1, 1) for name in w.array_names()}
+    if w.group_size is None:
+        return ("one scale per output column (group_size=None) spans every input; row "
+                "parallel needs groups (Int4(group_size=...))")
+    return {**{name: Split(-2, 1, k) for name, k in inputs_per_row.items()},
+            "scales": Split(-2, 1, w.group)}
 
 
 # ====================================================================== checks

@@ -30,6 +30,7 @@ from jaxsparse.formats._base import FROZEN
 import numpy as np
 
 from jaxsparse.formats.int4 import _SPARSE, Int4NMWeight, Int4Weight, _Int4Base
+from jaxsparse.sharding import Split
 from jaxsparse.ops.int4 import (
     LINE_OUTPUTS,
     NM_CHUNK,
@@ -142,6 +143,11 @@ class Int4LinesWeight(_LinesBase):
     def _kernel(self, x, lines, scales):
         return int4_matmul_lines(x, lines, scales, group_size=self.group)
 
+    def _shard_splits(self, mode: str):
+        """Column parallel: each block of 64 outputs is `in/2` consecutive lines. No row
+        parallel split: a block's lines run over all its inputs."""
+        return _lines_splits(self, mode, self.in_features // 2)
+
 
 class Int4NMLinesWeight(_LinesBase):
     """An int4 + 2:4 weight in the CPU lines layout (`Int4NMWeight.with_lines()`), logical shape
@@ -200,6 +206,18 @@ class Int4NMLinesWeight(_LinesBase):
 
     def _kernel(self, x, lines, scales):
         return int4_nm_matmul_lines(x, lines, scales, group_size=self.group)
+
+    def _shard_splits(self, mode: str):
+        """Column parallel: each block of 64 outputs is `ceil(in/16) * 8` consecutive lines.
+        No row parallel split: a block's lines run over all its inputs."""
+        return _lines_splits(self, mode, -(-self.in_features // NM_CHUNK) * 8)
+
+
+def _lines_splits(w, mode, lines_per_block):
+    if mode == "row":
+        return ("each block of 64 outputs stores its lines over all inputs; row parallel needs "
+                "the canonical weight (w.packed_for('cpu'))")
+    return {"lines": Split(-2, lines_per_block, LINE_OUTPUTS), "scales": Split(-1, 1, 1)}
 
 
 def _check_nm_indices(lines: np.ndarray, where: str) -> None:

@@ -28,6 +28,7 @@ drops them.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import NamedTuple
 
@@ -49,6 +50,7 @@ from jaxsparse.formats._base import (
 )
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.ops.dispatch import backward_on_engine
+from jaxsparse.sharding import Split
 from jaxsparse.ops.nm import (
     PACKED_MAX_TOKENS,
     has_engine,
@@ -285,6 +287,19 @@ class NMSparse(SparseFormat):
             return nm_spmm_packed(x, values, indices, indices_2bit, n=self.n, m=self.m,
                                   engine_backward=engine_backward)
         return nm_spmm(x, values, indices, n=self.n, m=self.m)
+
+    def _shard_splits(self, mode: str):
+        """Column parallel: every array by output rows. Row parallel: `n` kept values (and
+        positions) per group of `m` inputs; for m = 4 the 2-bit positions pack 4 kept per byte,
+        so a shard holds whole bytes (8 inputs at 2:4, 16 at 1:4)."""
+        if mode == "column":
+            return {name: Split(-2, 1, 1) for name in self.array_names()}
+        bits = None
+        if self.m == 4:
+            runs = 4 // math.gcd(self.n, 4)  # Groups per whole run of 2-bit bytes.
+            bits = Split(-1, self.n * runs // 4, self.m * runs)
+        return {"values": Split(-1, self.n, self.m), "indices": Split(-1, self.n, self.m),
+                "indices_2bit": bits}
 
     def _engine_kernel(self):
         if not has_engine(self.n, self.m):

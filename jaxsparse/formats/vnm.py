@@ -63,6 +63,7 @@ from jaxsparse.formats._base import (
 )
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats._vnm_select import select_columns
+from jaxsparse.sharding import Split
 # SELECTED: the 4 inputs a panel keeps per group.
 from jaxsparse.ops.vnm import (
     SELECTED,
@@ -307,6 +308,15 @@ class VNMSparse(SparseFormat):
     def _engine_kernel(self):
         return self._kernel  # The V:N:M kernels are the engine.
 
+    def _shard_splits(self, mode: str):
+        """Column parallel: values and indices by output rows, columns by panels of v outputs.
+        Row parallel: n kept values per group of m inputs, 4 selected columns per group."""
+        if mode == "column":
+            return {"values": Split(-2, 1, 1), "indices": Split(-2, 1, 1),
+                    "columns": Split(-2, 1, self.v)}
+        return {"values": Split(-1, self.n, self.m), "indices": Split(-1, self.n, self.m),
+                "columns": Split(-1, 4, self.m)}
+
 
 class VNMSparseTiled(VNMSparse):
     """A V:N:M weight that also holds its forward's tiles, packed once (inference; bf16, f32).
@@ -396,6 +406,14 @@ class VNMSparseTiled(VNMSparse):
 
     def _kernel(self, x, values, indices, columns, tiles):
         return vnm_spmm_tiled(x, values, indices, columns, tiles, v=self.v, n=self.n, m=self.m)
+
+    def _shard_splits(self, mode: str):
+        """As `VNMSparse`, plus the tiles by panels (column parallel); a panel's tiles
+        interleave its inputs, so no row-parallel split."""
+        if mode == "row":
+            return ("its tiles interleave the inputs of each panel (row parallel needs "
+                    "the VNMSparse of w.without_tiles())")
+        return {**super()._shard_splits(mode), "tiles": Split(-2, 1, self.v)}
 
 
 # ---------------------------------------------------------------------- packed tiles

@@ -1,0 +1,474 @@
+"""Sharded products: every format's kernel partitions under `jit` with `NamedSharding`s.
+
+XLA's partitioner cannot see inside a custom call: left alone it would gather every operand of
+a jaxsparse kernel onto every device. So the product of every format (`x @ w`, on the sparse and
+engine paths) binds one wrapper primitive, `sharded_product_p`, whose lowering, in a program
+partitioned over more than one device, goes through `jax.experimental.custom_partitioning`: from
+the operands' shardings its partition rule picks a plan, and each device runs the format's own
+kernel on its shard:
+
+- **data parallel**: x's tokens sharded, the weight replicated: the local kernel on local
+  tokens, the output sharded on its tokens.
+- **column parallel** (tensor parallel over output features): the weight's arrays sharded along
+  their output axis: the local kernel on the local outputs, the output sharded on its last dim.
+- **row parallel** (tensor parallel over input features): x's last dim and the weight's input
+  axis sharded: the local kernel on the local inputs, then a `psum` (in f32) over the axis.
+
+Plans combine (tokens over one mesh axis and outputs over another). No plan gathers a weight:
+when the weight is sharded in a way its format cannot run locally (a row split that cuts a
+group, a layout whose input runs are interleaved with its outputs), the rule falls back to the
+replicated weight, which is correct, and warns (`JaxsparseShardingWarning`).
+
+What each format can do is declared by the format (`SparseFormat._shard_splits`): per mode,
+per stored array, the axis that runs over output (or input) features and how many elements of
+it hold how many features (a `Split`). The shard's weight is `from_arrays(spec, local_in,
+local_arrays)` and its product is the format's `_kernel`, so a new format needs only its
+declaration. Which format runs in which mode:
+
+============================  ==============  =========================  =====================
+format                        data parallel   column parallel            row parallel
+============================  ==============  =========================  =====================
+NMSparse (N:M)                yes             yes                        in a multiple of m *
+VNMSparse (V:N:M)             yes             out a multiple of v        in a multiple of m
+VNMSparseTiled                yes             out a multiple of v        no (tiles mix inputs)
+BlocksSparse (1xN)            yes             no (per-row block counts)  no
+Int4Weight / W4A8             yes             yes                        in a multiple of group
+Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
+Int4LinesWeight / NMLines     yes             out a multiple of 64       no (lines mix inputs)
+MARLIN layouts (CUDA)         yes             no                         no
+============================  ==============  =========================  =====================
+
+(* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte.) "in a multiple of"
+is per shard: `in_features / shards`. `shard_weight(w, mesh, mode, axis)` raises a ValueError
+naming the format and the mode where it cannot shard.
+
+Limits, all correct but not split: the kernel batch dim (a stack of weights) stays whole, so
+expert parallelism over a stack gathers; a product under `vmap` runs its kernel's batching rule,
+unpartitioned; row parallel in bf16/f16 rounds each shard's partial product to the dtype before
+the f32 sum (about one rounding more than one device).
+
+Autodiff: `sharded_product_p`'s JVP is the format's kernel's own (its primitives and their
+rules), so `grad`, `jvp` and `vmap` compose as before; the backward kernels are not
+custom-partitioned themselves (under `jit` over sharded operands XLA replicates their operands).
+A data-parallel training step runs every kernel locally under `jax.shard_map`, where a
+replicated weight is cast to varying like jax's own binary ops do, so its gradient comes out
+summed over the devices (examples/sharded.py, tests/test_sharding.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive, jaxpr_as_fun
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+try:  # The wrapper must lower with concrete devices (custom_partitioning needs them).
+    from jax._src import dispatch as _dispatch
+    from jax._src import sharding_impls as _sharding_impls
+except ImportError:  # pragma: no cover - a jax without these private modules
+    _dispatch = _sharding_impls = None
+
+try:
+    from jax.experimental.custom_partitioning import custom_partitioning
+except ImportError:  # pragma: no cover
+    custom_partitioning = None
+
+MODES = ("data", "column", "row")
+
+
+class JaxsparseShardingWarning(UserWarning):
+    """A sharded product fell back to a replicated weight (correct, but gathers the weight)."""
+
+
+class Split(NamedTuple):
+    """How a stored array runs along output (or input) features: `elems` elements of `axis`
+    (negative, counted from the end) hold `feats` logical features, and a shard must hold a
+    whole number of such runs."""
+
+    axis: int
+    elems: int
+    feats: int
+
+
+# ====================================================================== public helpers
+def shard_weight(w, mesh, mode: str, axis_name=None):
+    """`w` with each stored array placed on `mesh` for `mode`.
+
+    Args:
+        w: a jaxsparse format (one weight, `[in, out]`, or a stack `[..., in, out]`).
+        mesh: a `jax.sharding.Mesh`.
+        mode: "data" (replicated), "column" (split over output features) or "row" (split over
+            input features).
+        axis_name: the mesh axis (or tuple of axes) to split over (column and row modes).
+
+    Returns:
+        The same format, each array `jax.device_put` with its `NamedSharding`.
+
+    Raises:
+        ValueError: the format cannot be split so in `mode` (its name and the reason in the
+            message), or the shape does not divide into the mesh axis.
+    """
+    specs = weight_specs(w, mesh, mode, axis_name)
+    arrays = {name: jax.device_put(a, NamedSharding(mesh, specs[name]))
+              for name, a in w.arrays().items()}
+    return type(w)._unflatten(w._aux, tuple(arrays[n] for n in type(w).array_names()))
+
+
+def weight_specs(w, mesh, mode: str, axis_name=None) -> dict:
+    """`{array name: PartitionSpec}` of `shard_weight` (for `jit`'s `in_shardings`)."""
+    where = "jaxsparse.shard_weight"
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be one of {MODES}; got {mode!r}")
+    arrays = w.arrays()
+    if mode == "data":
+        return {name: PartitionSpec() for name in arrays}
+    if axis_name is None:
+        raise ValueError(f"{where}: mode={mode!r} needs axis_name, the mesh axis to split over")
+    axes = _as_axes(axis_name)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    splits, reason = _splits_for(w, mode, shards)
+    if splits is None:
+        raise ValueError(f"{where}: {type(w).__name__} ({w.spec}, shape {w.shape}) cannot be "
+                         f"split in {mode} mode over {shards} shards: {reason}")
+    specs = {}
+    for name, a in arrays.items():
+        split = splits.get(name)
+        if split is None:
+            specs[name] = PartitionSpec()
+            continue
+        dims = [None] * jnp.ndim(a)
+        dims[split.axis] = axes if len(axes) > 1 else axes[0]
+        specs[name] = PartitionSpec(*dims)
+    return specs
+
+
+def x_spec(mode: str, axis_name=None, *, ndim: int = 2) -> PartitionSpec:
+    """The `PartitionSpec` of an activation `x [..., in]` (rank `ndim`) for `mode`: tokens (the
+    first dim) over `axis_name` for "data", replicated for "column", the last dim for "row"."""
+    if mode not in MODES:
+        raise ValueError(f"jaxsparse.x_spec: mode must be one of {MODES}; got {mode!r}")
+    dims = [None] * ndim
+    if mode == "data":
+        dims[0] = axis_name
+    elif mode == "row":
+        dims[-1] = axis_name
+    return PartitionSpec(*dims)
+
+
+def shard_x(x, mesh, mode: str, axis_name=None):
+    """`x [..., in]` placed on `mesh` for `mode` (`x_spec`)."""
+    return jax.device_put(x, NamedSharding(mesh, x_spec(mode, axis_name, ndim=jnp.ndim(x))))
+
+
+# ====================================================================== the plan
+def _as_axes(axis_name) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _splits_for(w, mode: str, shards: int):
+    """`(splits, None)`: the format's `Split` per array for `mode` when `w` divides into
+    `shards` shards of whole runs, else `(None, reason)`."""
+    declared = w._shard_splits(mode)
+    if isinstance(declared, str):
+        return None, declared
+    total = w.out_features if mode == "column" else w.in_features
+    if total % shards:
+        return None, f"{'out' if mode == 'column' else 'in'}_features={total} is not a " \
+                     f"multiple of {shards}"
+    local = total // shards
+    arrays = w.arrays()
+    for name, split in declared.items():
+        if split is None:
+            continue
+        shape = tuple(arrays[name].shape)
+        if local % split.feats or total // split.feats * split.elems != shape[split.axis]:
+            return None, (f"each shard's {local} {'outputs' if mode == 'column' else 'inputs'} "
+                          f"must be whole runs of {split.feats} in {name} (shape {shape}, "
+                          f"{split.elems} elements per {split.feats} features along axis "
+                          f"{split.axis}, none padded)")
+    return declared, None
+
+
+def _spec_axes(sharding, ndim) -> list[tuple]:
+    """The mesh axes of each of `ndim` dims of a NamedSharding, as tuples."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return [() if s is None else _as_axes(s) for s in spec[:ndim]]
+
+
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+class _Plan(NamedTuple):
+    tokens: tuple  # Mesh axes over x's tokens (and the output's).
+    out: tuple  # Over output features (column parallel).
+    inp: tuple  # Over input features (row parallel: psum).
+    out_splits: dict
+    in_splits: dict
+
+
+def _plan(fmt, mesh, arg_shapes):
+    """The plan for operands sharded as `arg_shapes` (x3 then the weight's rank-3 arrays)."""
+    x, *arrays = arg_shapes
+    names = type(fmt).array_names()
+    shardings = [s.sharding for s in arg_shapes]
+    if not all(isinstance(s, NamedSharding) for s in shardings):
+        return _Plan((), (), (), {}, {})
+    x_axes = _spec_axes(shardings[0], 3)
+
+    def weight_axes(mode):
+        declared = fmt._shard_splits(mode)
+        if isinstance(declared, str):
+            return (), declared
+        for name, a, s in zip(names, arrays, shardings[1:]):
+            split = declared.get(name)
+            if split is not None:
+                axes = _spec_axes(s, len(a.shape))[split.axis]
+                if axes:
+                    return axes, declared
+        return (), declared
+
+    def usable(mode, axes):
+        if not axes:
+            return {}
+        splits, reason = _splits_for(fmt, mode, _size(mesh, axes))
+        if splits is None:
+            warnings.warn(f"jaxsparse: {type(fmt).__name__} cannot run {mode}-parallel over "
+                          f"mesh axes {axes} ({reason}); multiplying by the replicated weight",
+                          JaxsparseShardingWarning, stacklevel=2)
+        return splits
+
+    in_axes, _ = weight_axes("row")
+    if not in_axes:  # x split over its inputs and a replicated weight: slice the weight.
+        in_axes = x_axes[2]
+    in_splits = usable("row", in_axes) if in_axes else {}
+    in_axes = in_axes if in_splits else ()
+    out_axes, _ = weight_axes("column")
+    out_axes = tuple(a for a in out_axes if a not in in_axes)
+    out_splits = usable("column", out_axes) if out_axes else {}
+    out_axes = out_axes if out_splits else ()
+    tokens = tuple(a for a in x_axes[1] if a not in in_axes + out_axes)
+    if tokens and x.shape[1] % _size(mesh, tokens):
+        tokens = ()
+    return _Plan(tokens, out_axes, in_axes, out_splits or {}, in_splits or {})
+
+
+def _dim(axes):
+    return None if not axes else (axes if len(axes) > 1 else axes[0])
+
+
+def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
+    del result_shape
+    fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
+    plan = _plan(fmt, mesh, arg_shapes)
+    x_sharding = NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.inp)))
+    arg_shardings = [x_sharding]
+    for name, a in zip(cls.array_names(), arg_shapes[1:]):
+        dims = [None] * len(a.shape)
+        for axes, splits in ((plan.out, plan.out_splits), (plan.inp, plan.in_splits)):
+            split = splits.get(name)
+            if axes and split is not None:
+                dims[split.axis] = _dim(axes)
+        arg_shardings.append(NamedSharding(mesh, PartitionSpec(*dims)))
+    _warn_dropped(fmt, mesh, arg_shapes, arg_shardings)
+    out_sharding = NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.out)))
+    local_aux = _local_aux(fmt, aux, _size(mesh, plan.out), _size(mesh, plan.inp))
+
+    def lower_fn(x3, *arrays3):
+        y = _call(cls, local_aux, kind, x3, arrays3)
+        if plan.inp:
+            y = jax.lax.psum(y.astype(jnp.float32), plan.inp).astype(y.dtype)
+        return y
+
+    return mesh, lower_fn, out_sharding, tuple(arg_shardings)
+
+
+def _warn_dropped(fmt, mesh, arg_shapes, arg_shardings):
+    """Warn when a weight array arrives split along a dim the plan keeps whole (XLA gathers
+    it: correct, but the weight is no longer split)."""
+    for name, a, planned in zip(type(fmt).array_names(), arg_shapes[1:], arg_shardings[1:]):
+        if not isinstance(a.sharding, NamedSharding):
+            continue
+        have = _spec_axes(a.sharding, len(a.shape))
+        keep = _spec_axes(planned, len(a.shape))
+        if any(h and h != k for h, k in zip(have, keep)):
+            warnings.warn(
+                f"jaxsparse: {type(fmt).__name__}'s {name} arrives split as {a.sharding.spec}, "
+                f"which its format cannot multiply locally; gathering it (the layouts each "
+                f"format splits: jaxsparse.shard_weight)", JaxsparseShardingWarning,
+                stacklevel=2)
+
+
+def _local_aux(fmt, aux, out_shards, in_shards):
+    """The static fields of one shard's weight: `in_features` (and a static `out_features`)
+    divided by the shards."""
+    names = type(fmt).static_names()
+    local = dict(zip(names, aux))
+    local["in_features"] = fmt.in_features // in_shards
+    if "out_features" in local:
+        local["out_features"] = fmt.out_features // out_shards
+    return tuple(local[n] for n in names)
+
+
+def _sharding_rule(cls, aux, kind, mesh, operand_types, result_types):
+    """Shardy's rule: x's tokens and the output's tokens are one factor, and so are the
+    weight's output axis (where it runs one element per output) and the output's last dim;
+    every other dim is its own factor (the partition rule decides about them)."""
+    del kind, mesh, result_types
+    column = _declared(cls, aux, "column")
+    parts, shares_out = ["xb t xk"], False
+    for i, (name, typ) in enumerate(zip(cls.array_names(), operand_types[1:])):
+        rank = len(typ.shape)
+        dims = [f"w{i}d{j}" for j in range(rank)]
+        split = column.get(name)
+        if split is not None and split.elems == split.feats == 1:
+            dims[rank + split.axis] = "o"
+            shares_out = True
+        parts.append(" ".join(dims))
+    return ", ".join(parts) + " -> rb t " + ("o" if shares_out else "ro")
+
+
+def _declared(cls, aux, mode):
+    declared = cls._unflatten(aux, (None,) * len(cls.array_names()))._shard_splits(mode)
+    return {} if isinstance(declared, str) else {k: v for k, v in declared.items() if v}
+
+
+# ====================================================================== the primitive
+sharded_product_p = Primitive("jaxsparse_sharded_product")
+
+
+def sharded_product(fmt, kind: str, x3, arrays3):
+    """`fmt`'s kernel (`kind`: "sparse" its `_kernel`, "engine" its `_engine_kernel()`) on the
+    rank-3 operands, partitioned by the operands' shardings under `jit`.
+
+    The primitive carries the kernel's jaxpr as a parameter (`jaxpr`): printed jaxprs show the
+    kernel's primitives inside, and single-device programs lower exactly that."""
+    args = _same_varying_axes(x3, *arrays3)
+    jaxpr = _traced(type(fmt), fmt._aux, kind, tuple((a.shape, a.dtype) for a in args))
+    return sharded_product_p.bind(*args, jaxpr=jaxpr, cls=type(fmt), aux=fmt._aux, kind=kind)
+
+
+def _same_varying_axes(*args):
+    """Inside `shard_map`, mark float operands that are the same on every device (a replicated
+    weight) as varying where x varies, as jax's own binary ops do: the transpose of that cast
+    sums the weight's per-device cotangents, so its gradient has the weight's type."""
+    vma = [_varying(a) for a in args]
+    every = frozenset().union(*vma)
+    if not every:
+        return args
+    out = []
+    for a, have in zip(args, vma):
+        missing = tuple(sorted(every - have))
+        if missing and jnp.issubdtype(a.dtype, jnp.floating):
+            if hasattr(jax.lax, "pcast"):
+                a = jax.lax.pcast(a, missing, to="varying")
+            else:  # jax before pcast
+                a = jax.lax.pvary(a, missing)
+        out.append(a)
+    return tuple(out)
+
+
+def _varying(a) -> frozenset:
+    """The manual mesh axes `a` varies over inside `shard_map` (empty outside)."""
+    aval = jax.typeof(a) if hasattr(jax, "typeof") else jax.core.get_aval(a)
+    mat = getattr(aval, "mat", None)  # jax 0.12; before, the aval's `vma`.
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _call(cls, aux, kind, x3, arrays3):
+    fmt = cls._unflatten(aux, tuple(arrays3))
+    kernel = fmt._kernel if kind == "sparse" else fmt._engine_kernel()
+    return kernel(x3, *arrays3)
+
+
+@functools.lru_cache(maxsize=512)
+def _traced(cls, aux, kind, avals):
+    structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
+    return jax.make_jaxpr(lambda x, *a: _call(cls, aux, kind, x, a))(*structs)
+
+
+def _abstract_eval(*args, jaxpr, cls, aux, kind):
+    (out,) = jaxpr.out_avals
+    # x's aval carries what the kernels' own abstract evals keep (shard_map's varying axes).
+    return args[0].update(shape=out.shape, dtype=out.dtype)
+
+
+def _impl(*args, jaxpr, cls, aux, kind):
+    """Eager: the kernel's primitives, each on its own (as without the wrapper)."""
+    return _call(cls, aux, kind, args[0], args[1:])
+
+
+def _jvp(primals, tangents, *, jaxpr, cls, aux, kind):
+    """The kernel's own JVP (its primitives' rules), on the operands with nonzero tangents."""
+    out = sharded_product_p.bind(*primals, jaxpr=jaxpr, cls=cls, aux=aux, kind=kind)
+    live = [i for i, t in enumerate(tangents) if type(t) is not ad.Zero]
+    if not live:
+        return out, ad.Zero.from_primal_value(out)
+
+    def fn(*live_args):
+        args = list(primals)
+        for i, a in zip(live, live_args):
+            args[i] = a
+        return _call(cls, aux, kind, args[0], args[1:])
+
+    _, t_out = jax.jvp(fn, [primals[i] for i in live], [tangents[i] for i in live])
+    return out, t_out
+
+
+def _batch(args, dims, *, jaxpr, cls, aux, kind):
+    """vmap of the kernel itself (its batching rules fold the mapped axis into its batch)."""
+    in_axes = tuple(dims)  # Unmapped operands have None.
+    out = jax.vmap(lambda x, *a: _call(cls, aux, kind, x, a), in_axes=in_axes)(*args)
+    return out, 0
+
+
+def _partitioned(cls, aux, kind):
+    """The custom-partitioned kernel call for one weight's static fields."""
+
+    def call(x3, *arrays3):
+        return _call(cls, aux, kind, x3, arrays3)
+
+    wrapped = custom_partitioning(call)
+    wrapped.def_partition(
+        partition=functools.partial(_partition, cls, aux, kind),
+        infer_sharding_from_operands=functools.partial(_infer, cls, aux, kind),
+        sharding_rule=functools.partial(_sharding_rule, cls, aux, kind),
+    )
+    return wrapped
+
+
+def _infer(cls, aux, kind, mesh, arg_shapes, result_shape):
+    """GSPMD's (non-Shardy) propagation: the output sharding of the plan."""
+    del result_shape
+    fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
+    plan = _plan(fmt, mesh, arg_shapes)
+    return NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.out)))
+
+
+def _multi_device(ctx) -> bool:
+    context = ctx.module_context.axis_context
+    if _sharding_impls is None or custom_partitioning is None:
+        return False
+    return (isinstance(context, _sharding_impls.ShardingContext)
+            and context.device_assignment is not None and len(context.device_assignment) > 1)
+
+
+def _lowering(ctx, *args, jaxpr, cls, aux, kind):
+    if _multi_device(ctx):
+        return mlir.lower_fun(_partitioned(cls, aux, kind), multiple_results=False)(ctx, *args)
+    return mlir.lower_fun(jaxpr_as_fun(jaxpr), multiple_results=True)(ctx, *args)
+
+
+sharded_product_p.def_impl(_impl)
+sharded_product_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[sharded_product_p] = _jvp
+batching.primitive_batchers[sharded_product_p] = _batch
+mlir.register_lowering(sharded_product_p, _lowering)
+if _dispatch is not None:
+    _dispatch.prim_requires_devices_during_lowering.add(sharded_product_p)

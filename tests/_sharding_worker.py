@@ -1,0 +1,181 @@
+"""The sharded checks of tests/test_sharding.py, run in a fresh process on 8 forced CPU devices
+(XLA reads the device count when jax starts its backend, which pytest's process did already).
+
+`python -m tests._sharding_worker` prints one JSON object: `{check id: result}`, each result a
+dict of what the test asserts (errors, sharding specs, collectives in the compiled HLO)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAXSPARSE_CROSSOVERS"] = "builtin"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jaxsparse as jsp  # noqa: E402
+
+IN, OUT, TOKENS = 256, 512, 32  # Column parallel over 8: 64 outputs a shard (V:N:M's v, lines).
+
+
+def formats():
+    """`{name: weight}`: every CPU format at [IN, OUT]."""
+    w = jax.random.normal(jax.random.key(0), (IN, OUT), jnp.float32)
+    return {
+        "nm24": jsp.fromdense(w, jsp.NM(2, 4)),
+        "nm24_bf16": jsp.fromdense(w.astype(jnp.bfloat16), jsp.NM(2, 4)),
+        "nm28": jsp.fromdense(w, jsp.NM(2, 8)),
+        "vnm": jsp.fromdense(w, jsp.VNM(64, 2, 8)),
+        "vnm_tiled": jsp.fromdense(w, jsp.VNM(64, 2, 8)).with_tiles(),
+        "blocks": jsp.fromdense(w, jsp.Blocks(16, 0.25)),
+        "int4": jsp.fromdense(w, jsp.Int4(32)),
+        "int4_lines": jsp.fromdense(w, jsp.Int4(32)).with_lines(),
+        "w4a8": jsp.fromdense(w, jsp.Int4(32, activations="int8")),
+        "int4_nm": jsp.fromdense(w, jsp.Int4(32, sparsity=jsp.NM(2, 4))),
+        "int4_nm_lines": jsp.fromdense(w, jsp.Int4(32, sparsity=jsp.NM(2, 4))).with_lines(),
+    }
+
+
+def collectives(hlo: str) -> dict:
+    return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo))
+            for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")}
+
+
+def spec_of(y) -> list:
+    """y's PartitionSpec as strings, trailing unsplit dims dropped (jax versions differ)."""
+    spec = [None if s is None else str(s) for s in y.sharding.spec]
+    while spec and spec[-1] is None:
+        spec.pop()
+    return spec
+
+
+def product(x, w):
+    return jsp.matmul(x, w, path="sparse")
+
+
+def check_mode(name, w, mesh, mode, axis, x):
+    """Product sharded in `mode` against the single-device one."""
+    try:
+        ws = jsp.shard_weight(w, mesh, mode, axis)
+    except ValueError as e:
+        return {"error": str(e)}
+    xs = jsp.shard_x(x, mesh, mode, axis)
+    fn = jax.jit(product)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # A fallback warning fails the check.
+        y = fn(xs, ws)
+        hlo = fn.lower(xs, ws).compile().as_text()
+    want = product(x, w)
+    err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - want.astype(jnp.float32))))
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    return {"err": err, "scale": scale, "spec": spec_of(y),
+            "collectives": collectives(hlo)}
+
+
+def check_2d(w, x):
+    """A (2, 4) mesh: tokens over "data" and the weight over "model", both column and row."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    out = {}
+    for mode in ("column", "row"):
+        ws = jsp.shard_weight(w, mesh, mode, "model")
+        xspec = P("data", "model" if mode == "row" else None)
+        xs = jax.device_put(x, NamedSharding(mesh, xspec))
+        fn = jax.jit(product)
+        y = fn(xs, ws)
+        hlo = fn.lower(xs, ws).compile().as_text()
+        out[mode] = {"err": float(jnp.max(jnp.abs(y - product(x, w)))),
+                     "spec": spec_of(y),
+                     "collectives": collectives(hlo)}
+    return out
+
+
+def check_fallback(w, mesh, x):
+    """A 1xN weight split by hand over its blocks (no mode it declares): correct, warned."""
+    arrays = {n: jax.device_put(a, NamedSharding(mesh, P("d") if n == "values" else P()))
+              for n, a in w.arrays().items()}
+    ws = type(w)._unflatten(w._aux, tuple(arrays[n] for n in type(w).array_names()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = jax.jit(product)(x, ws)
+    return {"err": float(jnp.max(jnp.abs(y - product(x, w)))),
+            "warned": [str(c.message) for c in caught
+                       if issubclass(c.category, jsp.JaxsparseShardingWarning)]}
+
+
+def check_training(w, mesh):
+    """Data-parallel SGD on a 2:4 layer under shard_map (local kernels, gradients summed over
+    the devices) against the same steps on one device, and the gradient of a jit over sharded
+    operands."""
+    x = jax.random.normal(jax.random.key(3), (64, IN))
+    target = jax.random.normal(jax.random.key(4), (64, OUT))
+
+    def loss(values, x, t):
+        return jnp.mean((x @ w.replace(values=values) - t) ** 2)
+
+    def step(values, x, t):
+        return values - 0.1 * jax.grad(loss)(values, x, t)
+
+    def local_loss(values, x, t):  # This device's share of the global mean.
+        return jnp.sum((x @ w.replace(values=values) - t) ** 2) / (64 * OUT)
+
+    def sharded_step(values, x, t):
+        # values enters replicated (P()): its gradient comes out summed over the devices.
+        return values - 0.1 * jax.grad(local_loss)(values, x, t)
+
+    dp = jax.jit(jax.shard_map(sharded_step, mesh=mesh, in_specs=(P(), P("d"), P("d")),
+                               out_specs=P()))
+    one, many = w.values, w.values
+    for _ in range(3):
+        one = jax.jit(step)(one, x, target)
+        many = dp(many, jax.device_put(x, NamedSharding(mesh, P("d"))),
+                  jax.device_put(target, NamedSharding(mesh, P("d"))))
+    xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+    g_sharded = jax.jit(jax.grad(loss))(w.values, xs, target)
+    # The gradients of a jit over a column- and a row-split weight (the backward kernels run
+    # on gathered operands: correct, not split).
+    split_err = 0.0
+    for mode in ("column", "row"):
+        ws = jsp.shard_weight(w, mesh, mode, "d")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(ws.values, jsp.shard_x(x, mesh, mode, "d"),
+                                                      target)
+        want = jax.grad(loss, argnums=(0, 1))(w.values, x, target)
+        split_err = max(split_err, *(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)))
+    return {"step_err": float(jnp.max(jnp.abs(one - many))),
+            "grad_err": float(jnp.max(jnp.abs(g_sharded - jax.grad(loss)(w.values, x, target)))),
+            "split_grad_err": split_err}
+
+
+def main():
+    assert len(jax.devices()) == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    results = {}
+
+    def run(key, fn, *args):
+        try:
+            results[key] = fn(*args)
+        except Exception:  # Reported to the test, which names the check.
+            results[key] = {"exception": traceback.format_exc()}
+
+    x = jax.random.normal(jax.random.key(1), (TOKENS, IN), jnp.float32)
+    for name, w in formats().items():
+        xw = x.astype(w.dtype)
+        for mode in ("data", "column", "row"):
+            run(f"{name}/{mode}", check_mode, name, w, mesh, mode, "d", xw)
+    ws = formats()
+    run("nm24/2d", check_2d, ws["nm24"], x)
+    run("int4/2d", check_2d, ws["int4"], x)
+    run("blocks/fallback", check_fallback, ws["blocks"], mesh, x)
+    run("nm24/training", check_training, ws["nm24"], mesh)
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Sharded products (jaxsparse/sharding.py): every CPU format partitions under jit with
+NamedShardings, data parallel, column parallel and row parallel, without gathering a weight; a
+data-parallel training step; two processes training data-parallel equal one.
+
+The device count is fixed when jax starts its backend, which this process did already: the
+8-device checks run in one subprocess (tests/_sharding_worker.py), whose results the tests read.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsparse as jsp
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.cpu_only  # The CPU kernels, on 8 forced CPU devices.
+
+FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "int4", "int4_lines",
+           "w4a8", "int4_nm", "int4_nm_lines")
+# (format, mode) pairs the format's layout cannot split: shard_weight refuses them by name.
+REFUSED = {
+    ("vnm_tiled", "row"): "VNMSparseTiled .* its tiles interleave the inputs",
+    ("blocks", "column"): "BlocksSparse .* declares no column-parallel split",
+    ("blocks", "row"): "BlocksSparse .* declares no row-parallel split",
+    ("int4_lines", "row"): "Int4LinesWeight .* stores its lines over all inputs",
+    ("int4_nm_lines", "row"): "Int4NMLinesWeight .* stores its lines over all inputs",
+}
+NO_COLLECTIVES = {"all-gather": 0, "all-reduce": 0, "all-to-all": 0, "collective-permute": 0}
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    run = subprocess.run([sys.executable, "-m", "tests._sharding_worker"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=_env())
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout)
+
+
+def _result(sharded, key):
+    result = sharded[key]
+    assert "exception" not in result, f"{key}:\n{result['exception']}"
+    return result
+
+
+def _tolerance(name):
+    return 2 ** -7 if name.endswith("bf16") else 1e-5  # bf16: the row shards round per shard.
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("mode", ("data", "column", "row"))
+def test_sharded_product_equals_one_device_and_gathers_no_weight(sharded, name, mode):
+    result = _result(sharded, f"{name}/{mode}")
+    if (name, mode) in REFUSED:
+        assert "error" in result, result
+        assert "jaxsparse.shard_weight" in result["error"]
+        assert re.search(REFUSED[(name, mode)], result["error"]), result["error"]
+        return
+    assert "error" not in result, result["error"]
+    assert result["err"] <= _tolerance(name) * max(result["scale"], 1.0), result
+    want_spec = {"data": ["d"], "column": [None, "d"], "row": []}[mode]
+    assert result["spec"] == want_spec
+    # No gather of anything (weights included); the row shards' partial products are summed.
+    want = dict(NO_COLLECTIVES, **({"all-reduce": 1} if mode == "row" else {}))
+    assert result["collectives"] == want
+
+
+@pytest.mark.parametrize("name", ("nm24", "int4"))
+def test_tokens_and_weight_on_a_2d_mesh(sharded, name):
+    result = _result(sharded, f"{name}/2d")
+    assert result["column"]["err"] == 0.0
+    assert result["column"]["spec"] == ["data", "model"]
+    assert result["column"]["collectives"] == NO_COLLECTIVES
+    assert result["row"]["err"] <= 1e-4
+    assert result["row"]["spec"] == ["data"]
+    assert result["row"]["collectives"] == dict(NO_COLLECTIVES, **{"all-reduce": 1})
+
+
+def test_a_split_the_format_cannot_run_falls_back_correctly_and_warns(sharded):
+    result = _result(sharded, "blocks/fallback")
+    assert result["err"] == 0.0
+    assert result["warned"] and "BlocksSparse's values arrives split" in result["warned"][0]
+
+
+def test_data_parallel_training_step_equals_one_device(sharded):
+    result = _result(sharded, "nm24/training")
+    assert result["step_err"] <= 1e-6  # shard_map: local kernels, summed gradients.
+    assert result["grad_err"] <= 1e-6  # grad of a jit over token-sharded x.
+    assert result["split_grad_err"] <= 1e-6  # ... over a column- or row-split weight.
+
+
+# ---------------------------------------------------------------------- in this process
+def test_shard_weight_refuses_bad_arguments():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    ws = jsp.fromdense(jnp.ones((16, 8)), jsp.NM(2, 4))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        jsp.shard_weight(ws, mesh, "diagonal", "d")
+    with pytest.raises(ValueError, match="needs axis_name"):
+        jsp.shard_weight(ws, mesh, "row")
+    three = jax.sharding.Mesh(np.array(jax.devices()[:1] * 3), ("d",))
+    with pytest.raises(ValueError, match="in_features=16 is not a multiple of 3"):
+        jsp.weight_specs(ws, three, "row", "d")
+    ws = jsp.fromdense(jnp.ones((16, 8)), jsp.Int4(None))
+    with pytest.raises(ValueError, match="one scale per output column"):
+        jsp.weight_specs(ws, mesh, "row", "d")
+
+
+def test_weight_specs_name_each_array_split():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1] * 4), ("d",))
+    ws = jsp.fromdense(jnp.ones((64, 256)), jsp.VNM(64, 2, 8))
+    P = jax.sharding.PartitionSpec
+    assert jsp.weight_specs(ws, mesh, "column", "d") == {
+        "values": P("d", None), "indices": P("d", None), "columns": P("d", None)}
+    assert jsp.weight_specs(ws, mesh, "row", "d") == {
+        "values": P(None, "d"), "indices": P(None, "d"), "columns": P(None, "d")}
+    with pytest.raises(ValueError, match="whole runs of 64 in columns"):
+        jsp.weight_specs(jsp.fromdense(jnp.ones((64, 128)), jsp.VNM(64, 2, 8)), mesh, "column",
+                         "d")
+    assert jsp.x_spec("data", "d") == P("d", None)
+    assert jsp.x_spec("row", "d", ndim=3) == P(None, None, "d")
+
+
+# ---------------------------------------------------------------------- two processes
+TRAIN = textwrap.dedent("""
+    import os, sys
+    os.environ["JAXSPARSE_CROSSOVERS"] = "builtin"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, nproc, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if nproc > 1:
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                                   num_processes=nproc, process_id=pid)
+    import jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxsparse as jsp
+
+    w0 = jsp.fromdense(jax.random.normal(jax.random.key(0), (32, 16)), jsp.NM(2, 4))
+    x = jax.random.normal(jax.random.key(1), (16, 32))
+    t = jnp.tanh(x @ jax.random.normal(jax.random.key(2), (32, 16)))
+    params = {"values": w0.values, "b": jnp.zeros((16,))}
+
+    def loss(params, x, t):  # This process's share of the mean over the whole batch.
+        y = jnp.tanh(x @ w0.replace(values=params["values"]) + params["b"])
+        return jnp.sum((y - t) ** 2) / (16 * 16)  # Not t.size: t is the local rows.
+
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    step = jax.jit(jax.shard_map(
+        lambda p, x, t: jax.tree.map(lambda a, g: a - 0.5 * g, p, jax.grad(loss)(p, x, t)),
+        mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P()))
+    rows = NamedSharding(mesh, P("d"))
+    lo, hi = pid * 16 // nproc, (pid + 1) * 16 // nproc  # This process's tokens.
+    xs = jax.make_array_from_process_local_data(rows, np.asarray(x[lo:hi]), (16, 32))
+    ts = jax.make_array_from_process_local_data(rows, np.asarray(t[lo:hi]), (16, 16))
+    for _ in range(5):
+        params = step(params, xs, ts)
+    np.savez(out, **{k: np.asarray(jax.device_get(v)) for k, v in params.items()})
+    if nproc > 1:
+        jax.distributed.shutdown()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_data_parallel_like_one(tmp_path):
+    """2 processes on localhost (jax.distributed, gloo CPU collectives), one CPU device each,
+    train data-parallel; a third process trains on the whole batch alone."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    port = _free_port()
+    runs = [("p0", 0, 2), ("p1", 1, 2), ("one", 0, 1)]
+    procs = []
+    for name, pid, nproc in runs:
+        with open(tmp_path / f"{name}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), str(port), str(pid), str(nproc),
+                 str(tmp_path / f"{name}.npz")], cwd=ROOT, env=_env(),
+                stdout=subprocess.DEVNULL, stderr=log))
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for (name, _, _), code in zip(runs, codes):
+        assert code == 0, f"{name}: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
+    want = np.load(tmp_path / "one.npz")
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        for key in ("values", "b"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(want["b"], 0.0)  # It trained.
