@@ -66,3 +66,55 @@ emulation-audit: $(VENV)/.installed
 
 clean:
 	rm -rf build .venv .venv312
+
+# ASan+UBSan (docs/sanitizers.md): _cpu and _cuda_emu, every unit of them, built with
+# -fsanitize=address,undefined (CMake's JAXSPARSE_SANITIZE, at SANITIZE_OPT; no CUDA module) into
+# their own build directory and virtual environment; then the op suite (SANITIZE_TESTS) and its
+# emulated pass (SANITIZE_EMULATED_TESTS, empty skips it) run with gcc's runtimes preloaded (Python
+# and jaxlib are not instrumented). Any report aborts the process and fails the run; leaks are not
+# checked (CPython and jaxlib keep memory until exit by design).
+# make sanitize-ci: the subset CI runs (SANITIZE_CI_TESTS, SANITIZE_CI_EMULATED_TESTS).
+SANITIZE_VENV ?= .venv-sanitize
+SANITIZE_BUILD ?= build/sanitize
+SANITIZE_OPT ?= -O1
+SANITIZE_TESTS ?= tests/ops tests/test_ffi.py
+SANITIZE_EMULATED_TESTS ?= $(EMULATED_TESTS)
+SANITIZE_TEST_ISAS ?= all
+SANITIZE_DEFINES ?=
+SANITIZE_CI_OPT ?= -O0
+SANITIZE_CI_DEFINES ?= -Ccmake.define.JAXSPARSE_HAVE_AMX_FLAGS=OFF
+SANITIZE_CI_TEST_ISAS ?= default
+SANITIZE_CI_TESTS ?= tests/ops -k '(every_isa and bfloat16) or empty'
+SANITIZE_CI_EMULATED_TESTS ?= tests/ops/test_nm.py -k three_ops_match
+SANITIZE_ENV = LD_PRELOAD="$(shell g++ -print-file-name=libasan.so) $(shell g++ -print-file-name=libubsan.so)" \
+	JAXSPARSE_TEST_ISAS=$(SANITIZE_TEST_ISAS) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+SANITIZE_PYTEST = $(SANITIZE_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider --capture=sys
+.PHONY: sanitize sanitize-ci clean-sanitize
+
+$(SANITIZE_VENV)/.installed: $(SOURCES)
+	test -x $(SANITIZE_VENV)/bin/python || $(PYTHON) -m venv $(SANITIZE_VENV)
+	$(SANITIZE_VENV)/bin/python -m pip install --quiet -e '.[test]' \
+		-Cbuild-dir=$(SANITIZE_BUILD) -Ccmake.define.JAXSPARSE_SANITIZE=ON \
+		-Ccmake.define.JAXSPARSE_SANITIZE_OPT=$(SANITIZE_OPT) $(SANITIZE_DEFINES)
+	touch $@
+
+# --capture=sys: pytest's default capture of fd 2 would swallow a report with the aborting process.
+sanitize: $(SANITIZE_VENV)/.installed
+	$(SANITIZE_ENV) $(SANITIZE_PYTEST) $(SANITIZE_TESTS)
+	test -z "$(strip $(SANITIZE_EMULATED_TESTS))" || JAXSPARSE_EMULATE_CUDA=1 $(SANITIZE_ENV) \
+		$(SANITIZE_PYTEST) $(SANITIZE_EMULATED_TESTS)
+
+# CI's subset builds at -O0 (the kernel units compile ~3x faster, the tests ran at a similar rate),
+# without the AVX512-BF16 and AMX units (as with a compiler that lacks their flags: those machines
+# then run the AVX-512 kernels), into its own build directory and virtual environment, and runs the per-ISA
+# tests on the default ISA only.
+sanitize-ci:
+	$(MAKE) sanitize SANITIZE_OPT=$(SANITIZE_CI_OPT) SANITIZE_BUILD=$(SANITIZE_BUILD)-ci \
+		SANITIZE_VENV=$(SANITIZE_VENV)-ci SANITIZE_DEFINES="$(SANITIZE_CI_DEFINES)" \
+		SANITIZE_TEST_ISAS=$(SANITIZE_CI_TEST_ISAS) SANITIZE_TESTS="$(SANITIZE_CI_TESTS)" \
+		SANITIZE_EMULATED_TESTS="$(SANITIZE_CI_EMULATED_TESTS)"
+
+clean: clean-sanitize
+clean-sanitize:
+	rm -rf $(SANITIZE_VENV) $(SANITIZE_VENV)-ci $(SANITIZE_BUILD) $(SANITIZE_BUILD)-ci
