@@ -118,3 +118,22 @@ sanitize-ci:
 clean: clean-sanitize
 clean-sanitize:
 	rm -rf $(SANITIZE_VENV) $(SANITIZE_VENV)-ci $(SANITIZE_BUILD) $(SANITIZE_BUILD)-ci
+
+# The documentation (docs/conf.py: Sphinx with autodoc, napoleon and myst-parser): the API
+# reference from the docstrings and the docs/ pages as HTML in build/docs/html, every warning an
+# error, then the pages' doctests (sphinx.ext.doctest). The docs extra's packages are installed
+# from pyproject.toml by name: pip install -e '.[docs]' would build the extensions again.
+DOCS_OUT ?= build/docs
+SPHINX = $(VENV)/bin/python -m sphinx -W --keep-going -q -d $(DOCS_OUT)/doctrees
+.PHONY: docs
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/python -c "import tomllib; f = open('pyproject.toml', 'rb'); \
+		print(*tomllib.load(f)['project']['optional-dependencies']['docs'], sep='\n')" \
+		> $(VENV)/docs-requirements.txt
+	$(VENV)/bin/python -m pip install --quiet -r $(VENV)/docs-requirements.txt
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(SPHINX) -b html docs $(DOCS_OUT)/html
+	$(SPHINX) -b doctest docs $(DOCS_OUT)/doctest
