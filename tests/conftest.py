@@ -58,6 +58,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cpu_only: launches no CUDA kernel under the SIMT emulator; the emulated pass "
         "of `make test` skips it (checked by `make emulation-audit`)")
+    config.addinivalue_line(
+        "markers", "once: what it adds to the other tests does not depend on the jax version (the "
+        "C++ kernels' and the emulator's numerics over many shapes and data, the CUDA build, "
+        "threads, end-to-end models whose layers are tested on their own): CI runs it with the "
+        "newest jax only (`make test ONCE=0` deselects it: .ci/run's other Python)")
 
 
 def pytest_collection_modifyitems(config, items):

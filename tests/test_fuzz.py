@@ -54,6 +54,9 @@ from jaxsparse import _ffi
 from jaxsparse.ops.int4 import _a8_order, int4_a8_matmul_reference
 from tests._check import DTYPES, assert_close, scale_for
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 SEED = 1504
 MIN_CASES = 500  # per format
 BUCKETS_PER_SETUP = 3

@@ -19,6 +19,9 @@ import pytest
 
 import jaxsparse as jsp
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 THREADS = 8
 SECONDS = float(os.environ.get("JAXSPARSE_SOAK_SECONDS", "4"))
 # Resident memory may grow this much from the end of the warm-up to the end (allocator caches,

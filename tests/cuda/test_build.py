@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+# `once`: CI runs this file with the newest jax only (tests/conftest.py).
+pytestmark = [pytest.mark.once,
+              pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,6 +17,9 @@ import pytest
 from jaxsparse.ops.blocks import _blocks_by_input, _spans, block_rows
 from tests._check import assert_close, scale_for
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 # ------------------------------------------------------------------ operands and reference
 
 

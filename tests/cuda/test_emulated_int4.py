@@ -35,6 +35,9 @@ from jaxsparse.ops import (int4_marlin_matmul, int4_marlin_matmul_reference, int
                            int4_nm_marlin_matmul, int4_nm_matmul, marlin_nm_pack,
                            marlin_nm_unpack, marlin_pack, marlin_unpack)
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 EMU_TARGET = "jaxsparse_emu_int4_marlin_matmul"
 DTYPES = [jnp.bfloat16, jnp.float16]
 PER_COLUMN = None

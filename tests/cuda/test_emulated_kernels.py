@@ -13,6 +13,9 @@ import jaxsparse as jsp
 from jaxsparse.ops import nm_spmm_reference, pack_mma_sp_24
 from tests._check import assert_close, keys, random_array, random_nm, scale_for
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 SP24 = "jaxsparse_emu_nm_spmm_sp24"
 
 

@@ -21,6 +21,9 @@ import pytest
 
 from tests._check import assert_close, scale_for
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 # ------------------------------------------------------------------ operands and reference
 
 

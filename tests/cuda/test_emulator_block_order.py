@@ -26,6 +26,9 @@ from tests.cuda import test_emulated_int4 as int4
 from tests.cuda import test_emulated_vnm as vnm
 from tests.cuda.test_emulated_kernels import sp24
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 emu = _ffi._cuda_emu
 GRID = (5, 4, 3)  # Every extent > 1, so that decoding a linear index into x, y, z is exercised.
 BLOCKS = 60

@@ -7,6 +7,9 @@ from tests.cuda_emu import _ptx_model as ptx
 
 from jaxsparse import _cuda_emu as emu  # noqa: E402  (always built: a missing module must fail)
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 
 def tile_problem(seed=0):
     rng = np.random.default_rng(seed)

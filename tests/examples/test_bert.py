@@ -10,6 +10,9 @@ pytest.importorskip("tokenizers")
 
 from examples.bert import Tokenizer, load_minilm, minilm_path  # noqa: E402
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
              "The girl is carrying a baby.", "Sparse tensor cores skip half of the weights."]
 

@@ -11,6 +11,9 @@ import pytest
 from tests._check import DTYPES, assert_close, scale_for
 from tests.ops.test_int4 import ops_of, tokens, weight_of
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 # (tokens, K, N, group): one vector of outputs and less, a task's 64 and a ragged tail, several
 # tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70; groups of
 # 8 over K = 200, one group per column of K = 392. From 16 tokens on, products by W take the

@@ -15,6 +15,9 @@ import pytest
 import jaxsparse as jsp
 from tests._check import assert_close, scale_for, sweep
 
+# CI runs this file with the newest jax only (`once`: tests/conftest.py).
+pytestmark = pytest.mark.once
+
 SPMM, SPMM_T, SDDMM = "jaxsparse_vnm_spmm", "jaxsparse_vnm_spmm_t", "jaxsparse_vnm_sddmm"
 
 
