@@ -92,7 +92,7 @@ SANITIZE_CI_OPT ?= -O0
 SANITIZE_CI_DEFINES ?= -Ccmake.define.JAXSPARSE_HAVE_AMX_FLAGS=OFF
 SANITIZE_CI_TEST_ISAS ?= default
 SANITIZE_CI_TESTS ?= tests/ops -k '(every_isa and bfloat16) or empty'
-SANITIZE_CI_EMULATED_TESTS ?= tests/ops/test_nm.py -k three_ops_match
+SANITIZE_CI_EMULATED_TESTS ?= tests/ops/test_nm.py -k 'three_ops_match and bfloat16'
 SANITIZE_ENV = LD_PRELOAD="$(shell g++ -print-file-name=libasan.so) $(shell g++ -print-file-name=libubsan.so)" \
 	JAXSPARSE_TEST_ISAS=$(SANITIZE_TEST_ISAS) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
