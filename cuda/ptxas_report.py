@@ -1,12 +1,19 @@
-"""Compile the CUDA targets for sm_80 and sm_90 and report what each kernel uses.
+"""Report what each CUDA kernel uses on sm_80 and sm_90.
 
-    python cuda/ptxas_report.py [--out build/cuda_kernel_resources.json]
+    python cuda/ptxas_report.py [--out build/cuda_kernel_resources.json] [--compile]
 
-Runs nvcc on every format's handler file (cuda/<format>/<format>_ops.cu) once per architecture (a
-cubin each, ptxas -v), fails on any ptxas error or warning, and records per kernel and architecture: registers, spill stores/loads, stack, static
-shared memory, and the sparse / dense tensor-core, ldmatrix and cp.async instructions in its SASS
-(cuobjdump + nvdisasm from the PyPI packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm).
-The dynamic shared memory of the tensor-core kernels is fixed in their headers (kSmemBytes).
+Records per kernel and architecture: registers, spill stores/loads, stack, static shared memory,
+and the sparse / dense tensor-core, ldmatrix and cp.async instructions in its SASS (cuobjdump +
+nvdisasm from the PyPI packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm). The dynamic shared
+memory of the tensor-core kernels is fixed in their headers (kSmemBytes).
+
+Two sources, the same rows:
+- the built CUDA module (`module_report`, the default when `jaxsparse._cuda` is built): its
+  cubins, read in seconds. The build compiled them with `-Xptxas=-v,-warn-spills,-warn-lmem-usage
+  --Werror=all-warnings` (CMakeLists.txt), so a ptxas warning or a spill already failed it; local
+  memory is what a spill would leave in the cubin.
+- a compile of its own (`report`, `--compile`): nvcc on every format's handler file
+  (cuda/<format>/<format>_ops.cu) once per architecture, failing on any ptxas error or warning.
 """
 
 from __future__ import annotations
@@ -147,11 +154,79 @@ def report(cache_dir: Path | None = ROOT / "build" / "ptxas_cache") -> list[dict
     return rows
 
 
+def built_module() -> Path | None:
+    """The installed CUDA module (jaxsparse/_cuda*.so), or None where it was not built."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("jaxsparse._cuda")
+    except ImportError:
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def cuobjdump(*args: str) -> str:
+    env = dict(os.environ)  # -sass runs nvdisasm, found on the PATH.
+    env["PATH"] = str(Path(nvidia_tool("nvdisasm")).parent) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([nvidia_tool("cuobjdump"), *args], capture_output=True, text=True,
+                          env=env, check=True).stdout
+
+
+def per_arch_functions(listing: str):
+    """(arch, symbol, the function's lines) for each function of a cuobjdump listing, whose
+    `arch = sm_XX` line heads each embedded cubin."""
+    arch, symbol, lines = None, None, []
+    for line in listing.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            if symbol:
+                yield arch, symbol, lines
+            arch, symbol, lines = m.group(1), None, []
+        elif m := re.match(r"\s*Function\s*:?\s*(\S+?):?$", line):
+            if symbol:
+                yield arch, symbol, lines
+            symbol, lines = m.group(1), []
+        elif symbol:
+            lines.append(line)
+    if symbol:
+        yield arch, symbol, lines
+
+
+def source_format(symbol: str) -> str:
+    """The format whose handler file defined the kernel (its anonymous namespace names the file,
+    e.g. _9_nm_ops_cu_), or "shared" for the kernels of cuda/'s shared headers."""
+    m = re.search(r"_\d+_([a-z0-9]+)_ops_cu_", symbol)
+    return m.group(1) if m else "shared"
+
+
+def module_report(module: Path) -> list[dict]:
+    """Every kernel's row on each architecture, read from the built module's cubins."""
+    rows = {}
+    for arch, symbol, lines in per_arch_functions(cuobjdump("-res-usage", str(module))):
+        usage = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", " ".join(lines)))
+        local = int(usage.get("LOCAL", 0))
+        rows[arch, symbol] = {
+            "symbol": symbol, "format": source_format(symbol), "arch": arch,
+            "name": demangle_name(symbol), "stack": int(usage.get("STACK", 0)),
+            "spill_stores": local, "spill_loads": local, "registers": int(usage.get("REG", 0)),
+            # cuobjdump's SHARED: on sm_90 it counts the 1 KB per block the system reserves.
+            "static_smem": int(usage.get("SHARED", 0))}
+    for arch, symbol, lines in per_arch_functions(cuobjdump("-sass", str(module))):
+        counts = dict.fromkeys(SASS_COUNTS, 0)
+        for line in lines:
+            for op in re.findall(r"\b(HMMA\.SP|HMMA|LDSM|LDGSTS)\b", line):
+                counts[op] += 1
+        rows[arch, symbol]["sass"] = counts
+    return list(rows.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "build" / "cuda_kernel_resources.json"))
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the sources with nvcc instead of reading the built module")
     args = parser.parse_args(argv)
-    rows = report()
+    module = None if args.compile else built_module()
+    rows = module_report(module) if module else report()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>5}  SASS")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxsparse as jsp
 
@@ -51,6 +52,16 @@ def sweep(shapes, f16_every=3):
     a third of the shapes), and each shape and dtype costs the sweep its compiles."""
     return [(*shape, dtype) for index, shape in enumerate(shapes) for dtype in DTYPES
             if dtype != jnp.float16 or index % f16_every == 0]
+
+
+def once_after(cases, keep=1, *, unpack=True):
+    """`cases` for `pytest.mark.parametrize`, each past the first `keep` marked `once`
+    (tests/conftest.py): CI's older jax runs the first `keep` (the op's lowering and rules on that
+    version), the newest jax all of them (the kernels' numerics over shapes, which do not depend
+    on the jax version). `unpack`: each case is a tuple of several argnames' values."""
+    return [pytest.param(*(case if unpack else (case,)),
+                         marks=() if index < keep else pytest.mark.once)
+            for index, case in enumerate(cases)]
 
 
 def keys(seed, count):

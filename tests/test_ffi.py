@@ -15,14 +15,15 @@ from jaxsparse.ops import (
     nm_spmm_t,
     nm_spmm_t_reference,
 )
-from tests._check import assert_close, keys, random_array, random_nm, scale_for, sweep
+from tests._check import (assert_close, keys, once_after, random_array, random_nm, scale_for,
+                          sweep)
 
 # Sizes around the register tiles of every ISA path (16/32/64 tokens, 2 or 8 rows).
 SHAPES = [(1, 7, 3, 2, 4), (16, 33, 9, 2, 4), (17, 64, 16, 1, 4), (64, 100, 18, 4, 8),
           (129, 40, 11, 3, 7), (33, 48, 35, 15, 16)]
 
 
-@pytest.mark.parametrize("t,k,out,n,m,dtype", sweep(SHAPES))
+@pytest.mark.parametrize("t,k,out,n,m,dtype", once_after(sweep(SHAPES), keep=3))
 def test_every_isa_path(isa, t, k, out, n, m, dtype):
     kx, kw, ky = keys(50, 3)
     x = random_array(kx, (2, t, k), dtype)
@@ -50,7 +51,7 @@ ROW_BACKWARD_SHAPES = [(1, 136, 40, 2, 4), (2, 100, 33, 1, 4), (3, 250, 17, 3, 7
                        (4, 300, 20, 1, 4), (5, 200, 20, 2, 4)]
 
 
-@pytest.mark.parametrize("t,k,out,n,m,dtype", sweep(ROW_BACKWARD_SHAPES))
+@pytest.mark.parametrize("t,k,out,n,m,dtype", once_after(sweep(ROW_BACKWARD_SHAPES), keep=3))
 def test_few_token_backward_on_every_isa(isa, t, k, out, n, m, dtype):
     kx, kw, ky = keys(56, 3)
     x = random_array(kx, (2, t, k), dtype)

@@ -1,5 +1,6 @@
 """The CUDA module's build, checked where nvcc is present: both architectures compile without a ptxas
-warning, no kernel spills, the 2:4 forward runs on the sparse tensor cores (HMMA.SP in its SASS) and
+warning (the build's own flags make one an error; without a built module, a compile of its own),
+no kernel spills, the 2:4 forward runs on the sparse tensor cores (HMMA.SP in its SASS) and
 the int4 MARLIN kernels on the dense ones (HMMA), their 2:4 form on the sparse ones."""
 
 import importlib.util
@@ -21,7 +22,8 @@ def kernels():
     spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "cuda" / "ptxas_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.report()
+    built = module.built_module()
+    rows = module.module_report(built) if built else module.report()
     # The record of this build: registers, spills, stack and SASS counts per kernel and arch.
     out = ROOT / "build" / "cuda_kernel_resources.json"
     out.parent.mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ from flax import linen as nn
 
 import jaxsparse as jsp
 from jaxsparse.linen import ConvSparsityIndices, SparseConv, SparseDense, densify, sparsify
-from tests._check import assert_close, scale_for
+from tests._check import assert_close, once_after, scale_for
 
 SPECS = [
     pytest.param(jsp.Blocks(16, 0.25), 16, 32, id="1x16@0.25"),
@@ -50,7 +50,7 @@ def conv_pair(spec, features, kernel_size, strides=1, padding="SAME", **kwargs):
 
 
 @pytest.mark.parametrize("spec, cin, cout", SPECS)
-@pytest.mark.parametrize("kernel_size, strides, padding", GEOMETRIES)
+@pytest.mark.parametrize("kernel_size, strides, padding", once_after(GEOMETRIES))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_forward_equals_nn_conv_with_the_densified_kernel(spec, cin, cout, kernel_size, strides,
                                                           padding, dtype):

@@ -26,7 +26,7 @@ from jaxsparse.ops import (
     blocks_spmm_t,
     blocks_spmm_t_reference,
 )
-from tests._check import DTYPES, assert_close, scale_for
+from tests._check import DTYPES, assert_close, once_after, scale_for
 
 # (tokens, in, out, n, density): token tiles of every micro-kernel (24 tokens for n = 16, 48
 # for n = 8, 96 for n = 4, 12 for n = 32) and their remainders, partial last block rows,
@@ -59,7 +59,7 @@ def arrays(ws):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,k,out,n,density", SHAPES)
+@pytest.mark.parametrize("t,k,out,n,density", once_after(SHAPES))
 def test_three_ops_match_reference_and_dense(isa, t, k, out, n, density, dtype):
     x, ws, dy = operands(0, t, k, out, n, density, dtype)
     values, indices, indptr = arrays(ws)
@@ -155,7 +155,7 @@ def test_vmap_of_each_primitive_against_a_loop():
 def test_check_grads_each_primitive():
     # Every primitive is linear in each operand, so central differences are exact up to
     # rounding at any step: a step of 1e-2 (not check_grads' 1e-4) keeps the f32 cancellation
-    # well inside the tolerance (at 1e-4 the second-order check of sddmm drifted 3.5% on a Zen 4).
+    # well inside the tolerance (at 1e-4 the second-order check of sddmm drifted 3.5% on a Zen 3).
     x, ws, dy = operands(5, 3, 20, 12, 8, 0.5, jnp.float32)
     values, indices, indptr = arrays(ws)
     tolerance = dict(order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2, eps=1e-2)

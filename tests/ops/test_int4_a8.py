@@ -11,7 +11,7 @@ import pytest
 
 from jaxsparse.ops import int4_a8_matmul, int4_matmul, quantize_activations
 from jaxsparse.ops.int4 import _a8_order, int4_a8_matmul_p, int4_a8_matmul_reference
-from tests._check import DTYPES, assert_close, scale_for
+from tests._check import DTYPES, assert_close, once_after, scale_for
 from tests.ops.test_int4 import dense_weight, tokens
 
 
@@ -27,10 +27,9 @@ def reference(x, qweight, scales, group):
 # per column): one token tile and a ragged panel; a pair of token tiles and a single one, one
 # group over K = 200 (padded to 256); two token blocks (256 + 44) of groups of 64; groups of 32,
 # which stream.
-@pytest.mark.parametrize("t,k,n,group", [(1, 64, 16, 32), (5, 256, 130, 128), (3, 200, 17, 8),
-                                         (6, 392, 70, 392), (16, 256, 130, 128),
-                                         (40, 200, 70, 200), (300, 512, 40, 64),
-                                         (33, 128, 17, 32)])
+@pytest.mark.parametrize("t,k,n,group", once_after([
+    (1, 64, 16, 32), (5, 256, 130, 128), (3, 200, 17, 8), (6, 392, 70, 392), (16, 256, 130, 128),
+    (40, 200, 70, 200), (300, 512, 40, 64), (33, 128, 17, 32)], keep=2))
 def test_every_isa_against_the_reference(isa, t, k, n, group):
     weight = dense_weight(k, n, group, batch=2)
     x = tokens(1, t, k)

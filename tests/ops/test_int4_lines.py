@@ -18,7 +18,7 @@ from jaxsparse.ops import (
     int4_pack_lines,
     int4_unpack_lines,
 )
-from tests._check import assert_close, scale_for
+from tests._check import assert_close, once_after, scale_for
 from tests.ops.test_int4 import dense_weight, tokens
 
 
@@ -59,7 +59,7 @@ CASES = [(*s, jnp.float32) for s in SHAPES[:-2] + SHAPES[-1:]] + [
     (*s, jnp.bfloat16) for s in (SHAPES[3], SHAPES[9])]
 
 
-@pytest.mark.parametrize("t,k,n,group,dtype", CASES)
+@pytest.mark.parametrize("t,k,n,group,dtype", once_after(CASES, keep=2))
 def test_every_isa_against_the_reference(isa, t, k, n, group, dtype):
     qweight, scales = dense_weight(k, n, group, batch=2, dtype=dtype)
     x = tokens(1, t, k, dtype)

@@ -21,7 +21,7 @@ from jaxsparse.ops import (
     int4_nm_unpack_lines,
 )
 from jaxsparse.ops.int4 import unpack_positions
-from tests._check import assert_close, scale_for
+from tests._check import assert_close, once_after, scale_for
 from tests.ops.test_int4 import sparse_weight, tokens
 
 # No CUDA kernel reads these (CPU layouts, or the layout model): the emulated pass skips them.
@@ -67,7 +67,7 @@ CASES = [(*s, jnp.float32) for s in SHAPES] + [
     for dt in (jnp.bfloat16, jnp.float16)]
 
 
-@pytest.mark.parametrize("t,k,n,group,dtype", CASES)
+@pytest.mark.parametrize("t,k,n,group,dtype", once_after(CASES, keep=2))
 def test_every_isa_against_the_reference(isa, t, k, n, group, dtype):
     qweight, positions, scales = sparse_weight(k, n, group, batch=2, dtype=dtype)
     x = tokens(1, t, k, dtype)

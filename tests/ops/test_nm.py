@@ -23,7 +23,8 @@ from jaxsparse.ops import (
     unpack_indices_2bit,
 )
 from jaxsparse.ops.nm import ENGINE_PANEL, has_engine, nm_spmm_engine
-from tests._check import DTYPES, assert_close, keys, random_array, random_nm, scale_for, sweep
+from tests._check import (DTYPES, assert_close, keys, once_after, random_array, random_nm,
+                          scale_for, sweep)
 
 # (tokens, in, out, n, m): token counts of 1 and odd sizes, `in` not a multiple of m, tile edges.
 SHAPES = [
@@ -48,7 +49,7 @@ def operands(key, t, k, out, n, m, dtype, bx=1, bw=1):
 
 # ---------------------------------------------------------------------- forward values
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,k,out,n,m", SHAPES)
+@pytest.mark.parametrize("t,k,out,n,m", once_after(SHAPES))
 def test_three_ops_match_reference_and_dense(t, k, out, n, m, dtype):
     x, ws, dy = operands(keys(10, 1)[0], t, k, out, n, m, dtype)
     v, i = ws.values, ws.indices
@@ -343,7 +344,7 @@ ENGINE_SHAPES = [(1, 16, 8), (17, 33, 20), (40, 70, ENGINE_PANEL + 2),
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("t,k,out", ENGINE_SHAPES)
+@pytest.mark.parametrize("t,k,out", once_after(ENGINE_SHAPES))
 def test_engine_matches_the_reference_on_every_isa(isa, t, k, out, n, dtype):
     x, ws, _ = operands(keys(80, 1)[0], t, k, out, n, 4, dtype)
     v, i = ws.values, ws.indices
@@ -429,7 +430,8 @@ PACKED_SHAPES = [(1, 16, 8), (2, 6, 3), (4, 70, 33), (11, 4, 1), (12, 100, 37), 
 
 
 @pytest.mark.parametrize("t,k,out,n,dtype",
-                         sweep([(*shape, n) for shape in PACKED_SHAPES for n in (1, 2)]))
+                         once_after(sweep([(*shape, n) for shape in PACKED_SHAPES for n in (1, 2)]),
+                                    keep=3))
 def test_packed_forward_matches_the_reference_on_every_isa(isa, t, k, out, n, dtype):
     x, ws, _ = operands(keys(87, 1)[0], t, k, out, n, 4, dtype, bx=2)
     arrays = (ws.values, ws.indices, ws.indices_2bit)

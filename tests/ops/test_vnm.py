@@ -24,7 +24,7 @@ from jaxsparse.ops import (
     vnm_spmm_tiled_reference,
 )
 from jaxsparse.ops.vnm import kept_positions
-from tests._check import DTYPES, assert_close, scale_for
+from tests._check import DTYPES, assert_close, once_after, scale_for
 
 # (tokens, in, out, v, n, m): partial panels and token tiles, ragged groups (in % m < 4 too).
 SHAPES = [
@@ -53,7 +53,7 @@ def spec(ws):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,k,out,v,n,m", SHAPES)
+@pytest.mark.parametrize("t,k,out,v,n,m", once_after(SHAPES))
 def test_three_ops_match_reference_and_dense(t, k, out, v, n, m, dtype):
     x, ws, dy = operands(0, t, k, out, v, n, m, dtype)
     a = (ws.values, ws.indices, ws.columns)
