@@ -94,8 +94,25 @@ def set_cpu_isa(name: str) -> None:
     """Force the CPU kernels onto one instruction set (for tests and benchmarks).
 
     The environment variable JAXSPARSE_CPU_ISA does the same at import.
+
+    Args:
+        name: one of `supported_cpu_isas()`: "amx", "avx512bf16", "avx512", "avx2", "portable".
+
+    Raises:
+        TypeError: `name` is not a string.
+        ValueError: `name` is not an ISA this CPU supports.
     """
     _require_cpu()
+    if not isinstance(name, str):
+        raise TypeError(f"jaxsparse.set_cpu_isa: name must be a string such as 'avx2'; "
+                        f"got {type(name).__name__} {name!r}")
+    supported = supported_cpu_isas()
+    if name not in supported:
+        known = ("amx", "avx512bf16", "avx512", "avx2", "portable")
+        reason = ("this CPU cannot run it" if name in known
+                  else f"the ISAs are {', '.join(known)}")
+        raise ValueError(f"jaxsparse.set_cpu_isa: name must be one this CPU supports "
+                         f"({', '.join(supported)}); got {name!r} ({reason})")
     _cpu.set_isa(name)
 
 

@@ -75,3 +75,15 @@ def test_threads_calling_at_once_get_their_own_products():
     assert not any(t.is_alive() for t in threads), "a call hung"
     assert not errors, errors
 
+
+
+def test_set_cpu_isa_refuses_an_isa_this_cpu_cannot_run():
+    unsupported = [isa for isa in ("amx", "avx512bf16", "avx512", "avx2")
+                   if isa not in jsp.supported_cpu_isas()]
+    if not unsupported:
+        pytest.skip("this CPU runs every ISA")
+    before = jsp.cpu_isa()
+    with pytest.raises(ValueError, match=rf"set_cpu_isa: .*got '{unsupported[0]}' "
+                                         r"\(this CPU cannot run it\)"):
+        jsp.set_cpu_isa(unsupported[0])
+    assert jsp.cpu_isa() == before

@@ -111,6 +111,10 @@ class Weights:
         return _jitted(lambda w: jsp.fromdense(w, jsp.VNM(16, 2, 8)), self.w)
 
     @cached_property
+    def nm_stack(self):  # A stack of three weights [3, 64, 64].
+        return _jitted(lambda w: jsp.fromdense(jnp.stack([w, -w, 2 * w]), "2:4"), self.w)
+
+    @cached_property
     def tiled(self):
         return _jitted(lambda w: w.with_tiles(), self.vnm)
 
@@ -267,8 +271,7 @@ def file_with_nan_scale(k):
 
 
 def bogus_matmul_path(k):
-    with jsp.matmul_path("bogus"):
-        pass
+    jsp.matmul_path("bogus")  # Refused at the call, before any `with`.
 
 
 # ====================================================================== the catalog
@@ -608,6 +611,9 @@ MALFORMED = [
          rf"matmul: x must have dtype {FLOATS}; got float64"),
     case("x-last-dim-nm-lines", "Int4NMLinesWeight", "product", "product",
          product("nm_lines", (1, 128)), ValueError, r"matmul: x must have last dimension 64"),
+    case("x-stack-mismatch", "NMSparse", "product", "product", product("nm_stack", (2, 5, 64)),
+         ValueError, r"matmul: x's leading dims \(2,\) \(all but its last two, of shape "
+         r"\(2, 5, 64\)\) must broadcast with w's stack dims \(3,\)"),
     case("w-not-a-format", "matmul", "product", "product",
          lambda k: abstract(lambda x, w: jsp.matmul(x, w), S((2, 64), F32), k.w), TypeError,
          r"matmul: w must be a jaxsparse sparse format .*got ArrayImpl"),
@@ -735,7 +741,11 @@ MALFORMED = [
          r"matmul_path: path must be one of 'auto', 'sparse', 'engine', 'dense'; got 'bogus'"),
     case("set_cpu_isa-bogus", "runtime", "runtime", "runtime",
          lambda k: jsp.set_cpu_isa("bogus"), ValueError,
-         r"unknown ISA 'bogus'; expected one of .*portable"),
+         r"set_cpu_isa: name must be one this CPU supports \(.*portable\); got 'bogus' "
+         r"\(the ISAs are amx, avx512bf16, avx512, avx2, portable\)"),
+    case("set_cpu_isa-not-a-string", "runtime", "runtime", "runtime",
+         lambda k: jsp.set_cpu_isa(3), TypeError,
+         r"set_cpu_isa: name must be a string such as 'avx2'; got int 3"),
     case("choose_path-negative-tokens", "runtime", "runtime", "runtime",
          lambda k: jsp.choose_path(-1, F32, jsp.NM(2, 4)), ValueError,
          r"choose_path: tokens must be an int >= 0; got -1"),

@@ -180,15 +180,26 @@ def quantize_rtn(w, group_size: int):
         `(codes, scales)`: int8 codes `[..., K, N]` in [-8, 7] (RTN gives [-7, 7]) and scales
         `[..., K/g, N]` in w's dtype, with `w ~= codes * scales` per group. A group of zeros gets
         scale 0 and codes 0. The codes are computed against the scale as stored (rounded to w's
-        dtype), so dequantisation reproduces exactly what was rounded.
+        dtype), so dequantisation reproduces exactly what was rounded. A nonzero scale is at least
+        float32's smallest normal number (`rtn_scales`).
     """
     k, n = w.shape[-2:]
     grouped = w.astype(jnp.float32).reshape(*w.shape[:-2], k // group_size, group_size, n)
-    scales = (jnp.max(jnp.abs(grouped), axis=-2) / QMAX).astype(w.dtype)
+    scales = rtn_scales(jnp.max(jnp.abs(grouped), axis=-2)).astype(w.dtype)
     divisor = scales.astype(jnp.float32)[..., None, :]
     codes = jnp.round(grouped / jnp.where(divisor == 0, 1.0, divisor))
     codes = jnp.clip(codes, _QMIN, QMAX).astype(jnp.int8)
     return codes.reshape(w.shape), scales
+
+
+def rtn_scales(amax, clip=1.0):
+    """The f32 scales `clip * amax / 7` of groups whose largest magnitude is `amax`, 0 where it
+    is 0, and otherwise at least float32's smallest normal number: XLA's CPU code flushes
+    subnormals to zero, which would zero a whole group of weights below ~8e-38 (its codes then
+    reach at most 7 against the raised scale). The test is on `amax`, which is normal when
+    nonzero: the quotient may already be flushed."""
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.where(amax > 0, jnp.maximum(clip * amax / QMAX, tiny), 0.0)
 
 
 def pack_nibbles(codes):

@@ -178,7 +178,7 @@ class Int4NMLinesWeight(_LinesBase):
                                                      activations)
         scales = self._scales(scales, where)
         out = scales.shape[-1]
-        rows = -(-out // LINE_OUTPUTS) * -(-in_features // NM_CHUNK) * 8
+        rows = -(-out // LINE_OUTPUTS) * _nm_lines_per_block(in_features)
         lines = self._check_uint8("lines", lines, (rows, LINE_OUTPUTS), where)
         if V.is_concrete(lines):
             _check_nm_indices(np.asarray(lines), where)
@@ -210,7 +210,12 @@ class Int4NMLinesWeight(_LinesBase):
     def _shard_splits(self, mode: str):
         """Column parallel: each block of 64 outputs is `ceil(in/16) * 8` consecutive lines.
         No row parallel split: a block's lines run over all its inputs."""
-        return _lines_splits(self, mode, -(-self.in_features // NM_CHUNK) * 8)
+        return _lines_splits(self, mode, _nm_lines_per_block(self.in_features))
+
+
+def _nm_lines_per_block(in_features: int) -> int:
+    """Lines of one block of 64 outputs in the int4 + 2:4 layout: 8 per chunk of 16 inputs."""
+    return -(-in_features // NM_CHUNK) * 8
 
 
 def _lines_splits(w, mode, lines_per_block):

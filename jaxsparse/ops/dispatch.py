@@ -254,7 +254,6 @@ def current_path() -> str:
     return getattr(_state, "path", "auto")
 
 
-@contextlib.contextmanager
 def matmul_path(path: str):
     """Force every jaxsparse product traced inside the block onto one path.
 
@@ -271,7 +270,12 @@ def matmul_path(path: str):
         >>> y.shape
         (3, 4)
     """
-    path = check_path(path, "jaxsparse.matmul_path")
+    # Checked here, at the call, not when the block is entered.
+    return _forced_path(check_path(path, "jaxsparse.matmul_path"))
+
+
+@contextlib.contextmanager
+def _forced_path(path: str):
     before = current_path()
     _state.path = path
     try:

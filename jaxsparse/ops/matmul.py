@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse import _validate as V
 from jaxsparse.ops.dispatch import check_path, choose_path
@@ -57,8 +58,24 @@ def _prepare_x(x, w):
             f"{_WHERE}: x must have last dimension {w.in_features} (w's `in`, the contraction "
             f"dim of w with shape {w.shape}); got x with shape {tuple(x.shape)}"
         )
+    _check_stack_broadcast(x, w)
     dtype = jnp.promote_types(x.dtype, w.dtype)
     return x.astype(dtype), w if w.dtype == dtype else w.astype(dtype)
+
+
+def _check_stack_broadcast(x, w):
+    """A stack of weights `[B..., in, out]` takes x `[..., T, in]` whose leading dims broadcast
+    with `B...`, as in `jnp.matmul`."""
+    if not w.batch_shape or x.ndim < 2:
+        return
+    try:
+        np.broadcast_shapes(tuple(x.shape[:-2]), tuple(w.batch_shape))
+    except ValueError:
+        raise ValueError(
+            f"{_WHERE}: x's leading dims {tuple(x.shape[:-2])} (all but its last two, of shape "
+            f"{tuple(x.shape)}) must broadcast with w's stack dims {tuple(w.batch_shape)} (w has "
+            f"shape {w.shape})"
+        ) from None
 
 
 def _tokens(x, w) -> int:

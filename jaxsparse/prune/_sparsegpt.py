@@ -48,7 +48,7 @@ from jax import lax
 from jaxsparse import _validate as V
 from jaxsparse.formats import _spec
 from jaxsparse.formats.blocks import Blocks, _block_scores
-from jaxsparse.formats.int4 import _QMIN, QMAX, Int4, Int4NMWeight, Int4Weight
+from jaxsparse.formats.int4 import _QMIN, QMAX, Int4, Int4NMWeight, Int4Weight, rtn_scales
 from jaxsparse.formats.nm import NM, NMSparse
 from jaxsparse.formats.vnm import VNM
 from jaxsparse.prune._patterns import Unstructured, as_pattern
@@ -424,8 +424,8 @@ def _group_scale(rows, rows_d, plan: _Plan):
     against the stored scale, so dequantisation gives what the solver assumed."""
     if plan.group_mask is not None:
         rows = jnp.where(plan.group_mask.magnitude_mask(rows / rows_d[:, None]), rows, 0.0)
-    full = jnp.max(jnp.abs(rows), axis=0) / QMAX
-    candidates = (jnp.asarray(_CLIP_GRID, jnp.float32)[:, None] * full[None])
+    amax = jnp.max(jnp.abs(rows), axis=0)
+    candidates = rtn_scales(amax[None], jnp.asarray(_CLIP_GRID, jnp.float32)[:, None])
     candidates = candidates.astype(plan.dtype).astype(jnp.float32)  # [C, out]
     codes = jax.vmap(lambda scale: _quantize(rows, scale))(candidates)  # [C, g, out]
     errors = jnp.sum((codes * candidates[:, None] - rows[None]) ** 2, axis=1)  # [C, out]

@@ -109,6 +109,22 @@ def test_zero_groups_quantise_to_zero():
     assert float(scales[0, 0]) == 0.0 and int(codes[40, 1]) == 7
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tiny_groups_keep_a_normal_scale(dtype):
+    # max |w| / 7 would be a subnormal scale, which XLA's CPU code flushes to zero; the scale is
+    # raised to float32's smallest normal number, so the group survives within half a step.
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    w = (jnp.zeros((64, 4), jnp.float32).at[:32, 0].set(3 * tiny).at[5, 0].set(6 * tiny)
+         .at[40, 1].set(3.0)).astype(dtype)
+    codes, scales = quantize_rtn(w, 32)
+    assert float(scales[0, 0]) == tiny and int(codes[5, 0]) == 6
+    dense = np.asarray(jsp.fromdense(w, jsp.Int4(32)).todense().astype(jnp.float32))
+    assert np.all(dense[:32, 0] > 0)
+    assert np.max(np.abs(dense[:32, 0] - np.asarray(w[:32, 0], np.float32))) <= tiny / 2
+    gptq = np.asarray(jsp.prune.gptq(w.astype(jnp.float32), jnp.eye(64), jsp.Int4(32)).todense())
+    assert np.all(gptq[:32, 0] > 0)
+
+
 @pytest.mark.parametrize("group", [32, None])
 def test_sparse_form_keeps_two_of_four_then_quantises(group):
     w = weight(128, 20)

@@ -209,8 +209,7 @@ def test_bad_path_names_the_argument(bad):
     with pytest.raises(ValueError, match=r"jaxsparse.matmul: path must be one of 'auto', 'sparse'"):
         jsp.matmul(jnp.ones((2, 8)), ws, path=bad)
     with pytest.raises(ValueError, match=r"jaxsparse.matmul_path: path must be one of"):
-        with jsp.matmul_path(bad):
-            pass
+        jsp.matmul_path(bad)  # At the call, not only on entering the block.
 
 
 @pytest.mark.cpu_only
