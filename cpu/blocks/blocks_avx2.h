@@ -321,6 +321,264 @@ struct Avx2Micro {
   }
 };
 
+// ---------------------------------------------------------------- backward
+// The backward ops' inner loops (blocks_kernels.h gives the task structure),
+// blocks_avx512.h's on ymm: 8 independent accumulators per group of blocks
+// (FMA latency 4 x 2 pipes), the rest of the 16 registers for the shared
+// operand and the broadcast.
+
+// The first `live` (0..8) values of `dtype` at p as f32, zero past them.
+template <Dtype D>
+inline __m256 LoadPart8(const void* p, int64_t live) {
+  if (live >= 8) return Load8<D>(p);
+  alignas(32) float part[8] = {};
+  for (int64_t i = 0; i < live; ++i) part[i] = LoadAs(D, p, i);
+  return _mm256_load_ps(part);
+}
+
+// spmm_t: dxT[k_p][16 tokens] += sum_j dyr[j][:] * v[p][j], tokens in two ymm.
+// Four blocks at a time (8 accumulators): each row of dyr is loaded once for
+// the four, and their weights are widened once into f32 on the stack so every
+// broadcast is a plain vbroadcastss from L1.
+constexpr int kBackBlocksT = 4;
+
+template <int kN, Dtype D>
+void AddRowT8(const void* values, const int32_t* indices, uint64_t k, int64_t b0, int64_t b1,
+              const float* rows, float* acc) {
+  static_assert(kTokensT == 16, "spmm_t's token tile is two ymm of tokens");
+  alignas(32) float w[kBackBlocksT][kN];
+  for (int64_t b = b0; b < b1; b += kBackBlocksT) {
+    const int count = static_cast<int>(b1 - b < kBackBlocksT ? b1 - b : kBackBlocksT);
+    // Past the row's last block, repeat it (its sum is dropped below).
+#pragma GCC unroll 4
+    for (int i = 0; i < kBackBlocksT; ++i) {
+      const char* src =
+          static_cast<const char*>(values) + (b + (i < count ? i : count - 1)) * kN * kBytesOf<D>;
+      if constexpr (kN == 4) {
+        _mm_store_ps(w[i], Load4<D>(src));
+      } else {
+#pragma GCC unroll 4
+        for (int v = 0; v < kN / 8; ++v) _mm256_store_ps(w[i] + 8 * v, Load8<D>(src + 8 * v * kBytesOf<D>));
+      }
+    }
+    __m256 sum[kBackBlocksT][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < kBackBlocksT; ++i) sum[i][0] = sum[i][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int j = 0; j < kN; ++j) {
+      const __m256 r0 = _mm256_loadu_ps(rows + j * 16), r1 = _mm256_loadu_ps(rows + j * 16 + 8);
+#pragma GCC unroll 4
+      for (int i = 0; i < kBackBlocksT; ++i) {
+        const __m256 wv = _mm256_broadcast_ss(&w[i][j]);
+        sum[i][0] = _mm256_fmadd_ps(r0, wv, sum[i][0]);
+        sum[i][1] = _mm256_fmadd_ps(r1, wv, sum[i][1]);
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const uint32_t input = static_cast<uint32_t>(indices[b + i]);
+      if (input >= k) continue;  // Untrusted structure: a block outside dx adds nothing.
+      float* dst = acc + static_cast<int64_t>(input) * 16;
+      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), sum[i][0]));
+      _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), sum[i][1]));
+    }
+  }
+}
+
+// sddmm: dv[p][outputs] = sum_t xT[k_p][t] * dyr[t][:], outputs in the lanes
+// (n >= 8). kB blocks at a time, 8 accumulators (n = 8: 8 blocks, n = 16: 4,
+// n = 32: 2); each token's dyr row is loaded once for them. Tokens in chunks,
+// blocks in segments, as blocks_avx512.h: a group of blocks reads the chunk's
+// rows of dyr from L1/L2 and the segment's sums wait in f32 between chunks.
+constexpr int64_t kSampleTokens8 = 256;
+constexpr int64_t kSampleSegment8 = 256;
+
+template <int kN, Dtype D>
+void SampleRow8(const float* xt, const int32_t* indices, uint64_t k, int64_t tokens, int64_t b0,
+                int64_t b1, const float* rows, void* dv) {
+  constexpr int kV = kN / 8;
+  constexpr int kB = 8 / kV;
+  alignas(32) float held[kSampleSegment8][kN];
+  for (int64_t s0 = b0; s0 < b1; s0 += kSampleSegment8) {
+    const int64_t s1 = b1 - s0 < kSampleSegment8 ? b1 : s0 + kSampleSegment8;
+    for (int64_t t0 = 0; t0 < tokens; t0 += kSampleTokens8) {
+      const int64_t t1 = tokens - t0 < kSampleTokens8 ? tokens : t0 + kSampleTokens8;
+      for (int64_t b = s0; b < s1; b += kB) {
+        const int count = static_cast<int>(s1 - b < kB ? s1 - b : kB);
+        const float* xs[kB];
+#pragma GCC unroll 8
+        for (int i = 0; i < kB; ++i) {
+          const uint32_t input = i < count ? static_cast<uint32_t>(indices[b + i]) : 0u;
+          // Untrusted structure: a block outside x reads the zero row past xT.
+          xs[i] = xt + static_cast<int64_t>(i < count && input < k ? input : k) * tokens;
+        }
+        __m256 sum[kB][kV];
+#pragma GCC unroll 8
+        for (int i = 0; i < kB; ++i)
+#pragma GCC unroll 4
+          for (int v = 0; v < kV; ++v) {
+            sum[i][v] = t0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(held[b - s0 + i] + 8 * v);
+          }
+        for (int64_t t = t0; t < t1; ++t) {
+          __m256 d[kV];
+#pragma GCC unroll 4
+          for (int v = 0; v < kV; ++v) d[v] = _mm256_loadu_ps(rows + t * kN + 8 * v);
+#pragma GCC unroll 8
+          for (int i = 0; i < kB; ++i) {
+            const __m256 xv = _mm256_broadcast_ss(xs[i] + t);
+#pragma GCC unroll 4
+            for (int v = 0; v < kV; ++v) sum[i][v] = _mm256_fmadd_ps(xv, d[v], sum[i][v]);
+          }
+        }
+        // Past the segment's end the slots are spare (kSampleSegment8 is a multiple of 8).
+#pragma GCC unroll 8
+        for (int i = 0; i < kB; ++i)
+#pragma GCC unroll 4
+          for (int v = 0; v < kV; ++v) _mm256_store_ps(held[b - s0 + i] + 8 * v, sum[i][v]);
+      }
+    }
+    for (int64_t b = s0; b < s1; ++b) {
+      char* out = static_cast<char*>(dv) + b * kN * kBytesOf<D>;
+#pragma GCC unroll 4
+      for (int v = 0; v < kV; ++v) {
+        Store8<D>(out + 8 * v * kBytesOf<D>, _mm256_load_ps(held[b - s0] + 8 * v), 8);
+      }
+    }
+  }
+}
+
+// spmm_t's dyr [n][16]: per 8 outputs and 8 tokens, 8 row loads and one 8 x 8
+// transpose (the scalar loop took a load, a conversion and a strided store per
+// element); zero past `outs` and `count`.
+template <Dtype D>
+void LoadColumnsT8(int64_t n, int64_t n_out, const void* dy, int64_t count, int64_t outs,
+                   float* rows) {
+  for (int64_t h = 0; h < n; h += 8) {
+    const int64_t live = Max(0, Min(8, outs - h));
+    for (int64_t half = 0; half < 16; half += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        const int64_t t = half + i;
+        const char* row = static_cast<const char*>(dy) + (t * n_out + h) * kBytesOf<D>;
+        r[i] = t < count ? LoadPart8<D>(row, live) : _mm256_setzero_ps();
+      }
+      Transpose8x8Floats(r);
+      for (int64_t j = 0; j < Min(8, n - h); ++j) _mm256_storeu_ps(rows + (h + j) * 16 + half, r[j]);
+    }
+  }
+}
+
+// spmm_t's dxT [K][16] to dx rows: 8 inputs x 8 tokens per transpose.
+template <Dtype D>
+void StoreDx8(int64_t k, const float* acc, int64_t count, void* dx) {
+  for (int64_t k0 = 0; k0 < k; k0 += 8) {
+    const int64_t live = Min(8, k - k0);
+    for (int64_t half = 0; half < count; half += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        r[i] = i < live ? _mm256_loadu_ps(acc + (k0 + i) * 16 + half) : _mm256_setzero_ps();
+      }
+      Transpose8x8Floats(r);
+      for (int64_t t = half; t < Min(count, half + 8); ++t) {
+        Store8<D>(static_cast<char*>(dx) + (t * k + k0) * kBytesOf<D>, r[t - half],
+                  static_cast<int>(live));
+      }
+    }
+  }
+}
+
+// The sddmm's dyr [T][n]: one load and store per token and 8 outputs.
+template <Dtype D>
+void PackColumns8(int64_t n, int64_t n_out, const void* dy, int64_t tokens, int64_t outs,
+                  float* rows) {
+  for (int64_t h = 0; h < n; h += 8) {
+    const int64_t live = Max(0, Min(8, outs - h));
+    for (int64_t t = 0; t < tokens; ++t) {
+      const char* row = static_cast<const char*>(dy) + (t * n_out + h) * kBytesOf<D>;
+      const __m256 v = LoadPart8<D>(row, live);
+      if (n - h >= 8) {
+        _mm256_storeu_ps(rows + t * n + h, v);
+      } else {
+        _mm_storeu_ps(rows + t * n + h, _mm256_castps256_ps128(v));  // n = 4
+      }
+    }
+  }
+}
+
+// Calls f(dtype constant) for p's dtype.
+template <class F>
+inline void ForDtype(Dtype dtype, const F& f) {
+  switch (dtype) {
+    case Dtype::kBF16:
+      return f(std::integral_constant<Dtype, Dtype::kBF16>{});
+    case Dtype::kF16:
+      return f(std::integral_constant<Dtype, Dtype::kF16>{});
+    default:
+      return f(std::integral_constant<Dtype, Dtype::kF32>{});
+  }
+}
+
+// Calls f(n constant) for p's n.
+template <class F>
+inline void ForN(int64_t n, const F& f) {
+  switch (n) {
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    default:
+      return f(std::integral_constant<int, 32>{});
+  }
+}
+
+struct Avx2Back {
+  static void PackColumns(const BlocksProblem& p, const void* dy, int64_t tokens, int64_t outs,
+                          float* rows) {
+    ForDtype(p.dtype, [&](auto d) {
+      PackColumns8<decltype(d)::value>(p.n, p.n_out, dy, tokens, outs, rows);
+    });
+  }
+  static void LoadColumnsT(const BlocksProblem& p, const void* dy, int64_t count, int64_t outs,
+                           float* rows) {
+    ForDtype(p.dtype, [&](auto d) {
+      LoadColumnsT8<decltype(d)::value>(p.n, p.n_out, dy, count, outs, rows);
+    });
+  }
+  static void StoreDx(const BlocksProblem& p, const float* acc, int64_t count, void* dx) {
+    ForDtype(p.dtype, [&](auto d) { StoreDx8<decltype(d)::value>(p.k, acc, count, dx); });
+  }
+  // The sddmm's xT by 8 x 8 register transposes (blocks_pack.h).
+  template <class Rows>
+  static void Pack(Dtype dtype, const Rows& rows, int64_t count, int64_t ld, int64_t k0,
+                   int64_t k1, float* xt) {
+    PackFloatsRows(dtype, rows, count, ld, k0, k1, xt);
+  }
+  static void AddRowT(const BlocksProblem& p, const void* values, const int32_t* indices,
+                      int64_t b0, int64_t b1, const float* rows, float* acc) {
+    const uint64_t k = static_cast<uint64_t>(p.k);
+    ForN(p.n, [&](auto n) {
+      ForDtype(p.dtype, [&](auto d) {
+        AddRowT8<decltype(n)::value, decltype(d)::value>(values, indices, k, b0, b1, rows, acc);
+      });
+    });
+  }
+  static void SampleRow(const BlocksProblem& p, const float* xt, const int32_t* indices,
+                        int64_t b0, int64_t b1, const float* rows, void* dv) {
+    // n = 4 fills half a ymm: the portable loop (8 blocks' sums in xmm).
+    if (p.n == 4) return PortableBack::SampleRow(p, xt, indices, b0, b1, rows, dv);
+    const uint64_t k = static_cast<uint64_t>(p.k);
+    ForN(p.n, [&](auto n) {
+      if constexpr (decltype(n)::value >= 8) {
+        ForDtype(p.dtype, [&](auto d) {
+          SampleRow8<decltype(n)::value, decltype(d)::value>(xt, indices, k, p.tokens, b0, b1,
+                                                             rows, dv);
+        });
+      }
+    });
+  }
+};
+
 }  // namespace JAXSPARSE_BLOCKS_ISA
 }  // namespace cpu
 }  // namespace jaxsparse

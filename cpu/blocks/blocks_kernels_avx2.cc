@@ -8,6 +8,6 @@
 
 namespace jaxsparse {
 namespace cpu {
-const BlocksKernelTable kBlocksKernelsAvx2 = avx2::MakeTable<avx2::Avx2Micro>();
+const BlocksKernelTable kBlocksKernelsAvx2 = avx2::MakeTable<avx2::Avx2Micro, avx2::Avx2Back>();
 }  // namespace cpu
 }  // namespace jaxsparse
