@@ -23,7 +23,8 @@
 //      in L2 while the task's rows stream through.
 // The backward ops reuse the same structure:
 //   spmm_t  dx[t, k] = sum over blocks p with input k of dy[t, row(p)] . v[p]:
-//           tasks own token tiles (no two tasks write the same dx entry);
+//           tasks own token tiles (no two tasks write the same dx entry), or,
+//           with a single tile, runs of rows summed per worker and then added;
 //           dx is accumulated transposed (dxT [K][tile]) so every block adds
 //           one token-vector, then written back once.
 //   sddmm   dv[p, j] = sum_t x[t, k_p] dy[t, row(p) n + j]: tasks own block
@@ -462,13 +463,29 @@ struct SpmmTOp {
   const BlocksProblem& p;
   const Runtime& rt;
   int64_t* spans = nullptr;
+  int64_t* bounds = nullptr;  // the row runs of a single token tile's split
   float* dxt = nullptr;  // [workers][K][kTokensT]
   float* dyr = nullptr;  // [workers][32][kTokensT]
 
   void Layout(Carver& c) {
     spans = c.Take<int64_t>(p.rows + 1);
+    bounds = c.Take<int64_t>(p.rows + 1);
     dxt = c.Take<float>(static_cast<int64_t>(rt.num_workers) * p.k * kTokensT);
     dyr = c.Take<float>(static_cast<int64_t>(rt.num_workers) * 32 * kTokensT);
+  }
+
+  // Rows [r0, r1) of tokens [t0, t0 + count) into the worker's dxT.
+  void AddRows(int64_t r0, int64_t r1, const void* dy, const void* values,
+               const int32_t* indices, int64_t t0, int64_t count, int worker) const {
+    float* acc = dxt + static_cast<int64_t>(worker) * p.k * kTokensT;
+    float* rows = dyr + static_cast<int64_t>(worker) * 32 * kTokensT;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = spans[r], b1 = spans[r + 1];
+      if (b0 == b1) continue;
+      const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
+      Back::LoadColumnsT(p, Offset(dy, p.dtype, t0 * p.n_out + r * p.n), count, outs, rows);
+      Back::AddRowT(p, values, indices, b0, b1, rows, acc);
+    }
   }
 
   struct Job {
@@ -481,28 +498,54 @@ struct SpmmTOp {
       const BlocksProblem& p = op->p;
       const int64_t t0 = tile * kTokensT, count = Min(kTokensT, p.tokens - t0);
       float* acc = op->dxt + static_cast<int64_t>(worker) * p.k * kTokensT;
-      float* rows = op->dyr + static_cast<int64_t>(worker) * 32 * kTokensT;
       std::memset(acc, 0, sizeof(float) * p.k * kTokensT);
-      for (int64_t r = 0; r < p.rows; ++r) {
-        const int64_t b0 = op->spans[r], b1 = op->spans[r + 1];
-        if (b0 == b1) continue;
-        const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
-        Back::LoadColumnsT(p, Offset(dy, p.dtype, t0 * p.n_out + r * p.n), count, outs, rows);
-        Back::AddRowT(p, values, indices, b0, b1, rows, acc);
-      }
+      op->AddRows(0, p.rows, dy, values, indices, t0, count, worker);
       Back::StoreDx(p, acc, count, Offset(dx, p.dtype, t0 * p.k));
     }
   };
+
+  // One token tile (a decode step's few tokens) would leave every worker but
+  // one idle while it streams all the values: the rows are split into runs
+  // instead, each worker sums its runs into its own dxT, and the dxTs are
+  // added before the store.
+  struct SplitJob {
+    const SpmmTOp* op;
+    const void* dy;
+    const void* values;
+    const int32_t* indices;
+    void Run(int64_t run, int worker) const {
+      op->AddRows(op->bounds[run], op->bounds[run + 1], dy, values, indices, 0, op->p.tokens,
+                  worker);
+    }
+  };
+
+  void SplitRows(const void* dy, const void* values, const int32_t* indices, void* dx) const {
+    const int64_t size = p.k * kTokensT;
+    std::memset(dxt, 0, sizeof(float) * size * rt.num_workers);
+    // About four runs per worker, so they balance whatever the rows' lengths.
+    const int64_t runs = RowRuns(spans, p.rows, Max(1, CeilDiv(p.nnz, 4 * rt.num_workers)),
+                                 bounds);
+    RunParallel(rt, runs, SplitJob{this, dy, values, indices});
+    for (int w = 1; w < rt.num_workers; ++w) {
+      const float* other = dxt + w * size;
+      for (int64_t i = 0; i < size; ++i) dxt[i] += other[i];
+    }
+    Back::StoreDx(p, dxt, p.tokens, dx);
+  }
 
   bool operator()() {
     if (!TakeScratch(rt, *this)) return false;
     for (int64_t b = 0; b < p.batch; ++b) {
       RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
-      RunParallel(rt, CeilDiv(p.tokens, kTokensT),
-                  Job{this, Offset(p.dy, p.dtype, b * p.dy_stride),
-                      Offset(p.values, p.dtype, b * p.values_stride),
-                      p.indices + b * p.indices_stride,
-                      Offset(p.out, p.dtype, b * p.tokens * p.k)});
+      const void* dy = Offset(p.dy, p.dtype, b * p.dy_stride);
+      const void* values = Offset(p.values, p.dtype, b * p.values_stride);
+      const int32_t* indices = p.indices + b * p.indices_stride;
+      void* dx = Offset(p.out, p.dtype, b * p.tokens * p.k);
+      if (p.tokens <= kTokensT && rt.num_workers > 1) {
+        SplitRows(dy, values, indices, dx);
+        continue;
+      }
+      RunParallel(rt, CeilDiv(p.tokens, kTokensT), Job{this, dy, values, indices, dx});
     }
     return true;
   }

@@ -1,6 +1,7 @@
 // The forward's pack of x into xT with 8 x 8 register transposes (included by
-// blocks_avx512.h, so by the avx512 and avx512bf16 units, in their own
-// namespaces).
+// blocks_avx512.h and blocks_avx2.h, so by the avx512, avx512bf16 and avx2
+// units, in their own namespaces). The 8 x 8 transposes are AVX2; the
+// 16 x 16 one (the AVX-512 backward's) is compiled only where AVX-512 is.
 //
 // Why: the scalar pack (blocks_kernels.h, PackTransposedAs) stores one element
 // per instruction at a stride of ld, so for 128 tokens x 4096 inputs it is
@@ -42,6 +43,7 @@ inline void Transpose8x8Words(__m128i r[8]) {
   }
 }
 
+#ifdef __AVX512F__
 // Rows r[i] (16 floats each) -> r[j] = column j: unpacks pair the rows within
 // 128-bit lanes, shuffles make 4 x 4 blocks, two rounds of lane shuffles move
 // the blocks (64 shuffles for 256 elements, where scalar moves take 256
@@ -72,6 +74,7 @@ inline void Transpose16x16Floats(__m512 r[16]) {
   }
   for (int j = 0; j < 16; ++j) r[j] = t[j];
 }
+#endif  // __AVX512F__
 
 // Rows r[i] = token i's 8 inputs (f32) -> r[j] = input j's 8 tokens.
 inline void Transpose8x8Floats(__m256 r[8]) {

@@ -39,6 +39,15 @@ SHAPES = [
     (49, 33, 70, 8, 0.4),
     (13, 66, 96, 32, 0.25),
     (300, 40, 17, 16, 0.1),
+    # The AVX2 unit's passes (blocks_avx2.h: 8-token tiles, 24 for n = 4; passes of 12 token
+    # pairs for n = 4, 8 tokens for n = 8, 4 for n = 16, 2 for n = 32): remainders whose last
+    # pass is rounded up to a wider one (reading padding tokens past the tile), odd tokens in a
+    # pair, and partial last block rows of 3, 4 and 11 outputs.
+    (11, 64, 46, 4, 0.5),
+    (59, 48, 20, 4, 0.4),
+    (21, 40, 35, 8, 0.5),
+    (15, 48, 52, 16, 0.3),
+    (11, 40, 75, 32, 0.4),
 ]
 
 
