@@ -524,6 +524,105 @@ inline void BackwardSparseAvx2(const Ctx& c, int64_t j0, int64_t count, int nt,
   }
 }
 
+// ---------------------------------------------------------------- int8 activations
+// 8 outputs' weights for the quad of inputs 4j .. 4j + 3 as one dword per lane,
+// bytes (u0, u2, u1, u3) as int4_avx512.h's A8Dword: byte rows 2j (a = u0 |
+// u1 << 4) and 2j + 1 (b = u2 | u3 << 4) side by side (w = a | b << 8), then
+// w's high nibbles moved 12 bits up, (w | w << 12) & 0x0F0F0F0F. xq stores each
+// quad in that order, so vpmaddubsw (unsigned codes by signed activations:
+// at most 2 x 15 x 127, no saturation) and vpmaddwd by ones sum the quad in
+// int32: 3 operations per 32 multiply-adds, where f32 takes 4 FMAs.
+template <bool kFull>
+inline __m256i A8Dword(const uint8_t* row_a, const uint8_t* row_b, int count) {
+  const __m256i a = kFull ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                reinterpret_cast<const __m128i*>(row_a)))
+                          : LoadBytes8(row_a, count);
+  const __m256i b = kFull ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                reinterpret_cast<const __m128i*>(row_b)))
+                          : LoadBytes8(row_b, count);
+  const __m256i w = _mm256_or_si256(a, _mm256_slli_epi32(b, 8));
+  return _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi32(w, 12)),
+                          _mm256_set1_epi32(0x0F0F0F0F));
+}
+
+// Products by W on int8 activations, a slice of kVecs x 8 outputs by kTokens
+// tokens as the f32 blocks: per group, int32 sums of u * xq (the unsigned
+// nibbles; - 8 sum xq comes once per group), then f32 times the token's scale
+// and the output's.
+template <int kTokens, int kVecs, bool kFull>
+void ForwardA8Slice(const Ctx& c, int64_t o, int64_t on, int64_t t0, float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group;
+  const int8_t* xq = static_cast<const int8_t*>(c.dense_raw) + t0 * k;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int counts[kVecs];
+  for (int v = 0; v < kVecs; ++v) counts[v] = kFull ? 8 : VecCount(on, v);
+  const uint8_t* q = c.qweight + o;
+  __m256 out[kVecs][kTokens];
+  for (int v = 0; v < kVecs; ++v)
+    for (int t = 0; t < kTokens; ++t) out[v][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[kVecs][kTokens];
+    for (int v = 0; v < kVecs; ++v)
+      for (int t = 0; t < kTokens; ++t) acc[v][t] = _mm256_setzero_si256();
+    for (int64_t i = g * p.group; i < (g + 1) * p.group; i += 4) {
+      const uint8_t* row = q + (i >> 1) * n;
+      if ((i >> 1) + kPrefetchRows + 1 < k / 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * n), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + (kPrefetchRows + 1) * n), _MM_HINT_T0);
+      }
+      __m256i xb[kTokens];
+      for (int t = 0; t < kTokens; ++t) {
+        int32_t quad;
+        std::memcpy(&quad, xq + t * k + i, sizeof quad);
+        xb[t] = _mm256_set1_epi32(quad);
+      }
+      for (int v = 0; v < kVecs; ++v) {
+        if (!kFull && counts[v] == 0) break;
+        const __m256i d = A8Dword<kFull>(row + 8 * v, row + n + 8 * v, counts[v]);
+        for (int t = 0; t < kTokens; ++t) {
+          const __m256i pairs = _mm256_maddubs_epi16(d, xb[t]);
+          acc[v][t] = _mm256_add_epi32(acc[v][t], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int v = 0; v < kVecs; ++v) {
+      if (!kFull && counts[v] == 0) break;
+      const __m256 sw = LoadScales(c.scales + g * n + o + 8 * v, counts[v]);
+      for (int t = 0; t < kTokens; ++t) {
+        const int64_t tg = (t0 + t) * groups + g;
+        const __m256i dot = _mm256_sub_epi32(acc[v][t], _mm256_set1_epi32(8 * c.x_sums[tg]));
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(c.x_scales[tg]));
+        out[v][t] = _mm256_fmadd_ps(sw, f, out[v][t]);
+      }
+    }
+  }
+  for (int v = 0; v < kVecs; ++v)
+    for (int t = 0; t < kTokens; ++t) _mm256_storeu_ps(y + t * kOutBlock + 8 * v, out[v][t]);
+}
+
+template <int kTokens, int kVecs>
+void ForwardA8Slices(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float* y) {
+  for (int64_t col = 0; col < on; col += 8 * kVecs) {
+    if (on - col >= 8 * kVecs) {
+      ForwardA8Slice<kTokens, kVecs, true>(c, o0 + col, on - col, t0, y + col);
+    } else {
+      ForwardA8Slice<kTokens, kVecs, false>(c, o0 + col, on - col, t0, y + col);
+    }
+  }
+}
+
+// kTokens kVecs int32 accumulators: 8 (6 at 3 tokens), the quads' broadcasts
+// held (kTokens registers).
+inline void ForwardA8Avx2(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt, float* y) {
+  switch (nt) {
+    case 1: return ForwardA8Slices<1, 8>(c, o0, on, t0, y);
+    case 2: return ForwardA8Slices<2, 4>(c, o0, on, t0, y);
+    case 3: return ForwardA8Slices<3, 2>(c, o0, on, t0, y);
+    default: return ForwardA8Slices<4, 2>(c, o0, on, t0, y);
+  }
+}
+
 }  // namespace int4
 }  // namespace JAXSPARSE_INT4_ISA
 }  // namespace cpu

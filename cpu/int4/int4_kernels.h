@@ -512,10 +512,13 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
 
 // ---------------------------------------------------------------- int8 activations
 // The int8-activation forward's block: VNNI's vpdpbusd where the unit has it,
-// else the scalar block (exact integer dots either way).
+// AVX2's vpmaddubsw in the avx2 unit, else the scalar block (exact integer
+// dots every way).
 inline void ForwardA8Block(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt, float* y) {
 #if defined(JAXSPARSE_INT4_AVX512) && defined(__AVX512VNNI__)
   ForwardA8Avx512Vnni(c, o0, on, t0, nt, y);
+#elif defined(JAXSPARSE_INT4_AVX2)
+  ForwardA8Avx2(c, o0, on, t0, nt, y);
 #else
   ForwardA8Scalar(c, o0, on, t0, nt, y);
 #endif

@@ -157,14 +157,22 @@ FORMAT_TABLES: dict[str, dict] = {
     # 1.08x / 1.11x of XLA's dot at 16 / 128 / 2048 tokens, bf16 1.09x / 1.04x / 1.16x, int4 + 2:4
     # alike; the dense path (dequantise, XLA's dot) was 0.21-0.95x. So the kernel everywhere,
     # except where the tiles are not built (plain AVX-512: bf16 on the f32 panels, 0.56x of an
-    # AVX512-BF16 dot at 128 tokens) and the scalar units (avx2, portable), which keep the rows
-    # measured before the panels: the dense path past them.
+    # AVX512-BF16 dot at 128 tokens) and the units without panels (avx2, portable): the dense
+    # path past their rows. avx2 (cpu/int4/int4_avx2.h, 4 tokens per decoded weight, no panels)
+    # measured on a 2-core AMD Zen 3 (AVX2 + FMA, no AVX-512), jax 0.12, 1024 x 1024 g128, time
+    # over XLA's dot, both forms alike: f32 0.3x / 0.5x at 1 / 32 tokens, ~1.0-1.2x from 64
+    # with the dense path about as far (both run the same FMAs at the FMA pipes' peak; the
+    # shared machine's noise is +-20% there), at 512 the dense path 1.02x against the kernel's
+    # 1.18x; bf16 and f16 likewise, except that the dense path's dequantisation costs more
+    # there (bf16 at 64 / 128 / 256 tokens: kernel 0.96x / 0.95x / 1.07x, dense path 1.32x /
+    # 1.71x / 1.23x; f16 at 512: kernel 1.24x, dense path 1.03x). So the kernel to 511 tokens.
     "INT4": {
         ("avx512", "bfloat16"): ((1.0, 63),),
         ("avx512bf16", "bfloat16"): ((1.0, _ALWAYS),),
         ("amx", "bfloat16"): ((1.0, _ALWAYS),),
         ("avx2", "float32"): ((1.0, 511),),
-        ("avx2", "bfloat16"): ((1.0, 63),),
+        ("avx2", "bfloat16"): ((1.0, 511),),
+        ("avx2", "float16"): ((1.0, 511),),
         ("portable", "float32"): ((1.0, 63),),
         ("portable", "bfloat16"): ((1.0, 63),),
     },
