@@ -1,7 +1,8 @@
 // The int4 kernels (layouts in cpu/int4/int4_checks.h), compiled once per ISA
 // unit inside namespace JAXSPARSE_INT4_ISA. The AVX-512 units define
-// JAXSPARSE_INT4_AVX512 and get the vector blocks of int4_avx512.h; the others
-// run the scalar blocks below (the avx2 unit's compiler vectorises them).
+// JAXSPARSE_INT4_AVX512 and get the vector blocks of int4_avx512.h, the avx2
+// unit defines JAXSPARSE_INT4_AVX2 and gets those of int4_avx2.h; the portable
+// unit runs the scalar blocks below.
 //
 // Every kernel works per batch entry in f32: bf16/f16 dense operands (x or dy)
 // and scales are widened once into scratch, f32 ones read in place (as is the
@@ -268,6 +269,9 @@ inline void ForwardA8Scalar(const Ctx& c, int64_t o0, int64_t on, int64_t t0, in
 #include "cpu/int4/int4_panel_avx512.h"
 #include "cpu/int4/int4_pairs.h"
 #else
+#ifdef JAXSPARSE_INT4_AVX2
+#include "cpu/int4/int4_avx2.h"
+#endif
 namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_INT4_ISA {
@@ -291,6 +295,8 @@ namespace int4 {
 
 #ifdef JAXSPARSE_INT4_AVX512
 #define JAXSPARSE_INT4_BLOCK(name) name##Avx512
+#elif defined(JAXSPARSE_INT4_AVX2)
+#define JAXSPARSE_INT4_BLOCK(name) name##Avx2
 #else
 #define JAXSPARSE_INT4_BLOCK(name) name##Scalar
 #endif
@@ -506,10 +512,13 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
 
 // ---------------------------------------------------------------- int8 activations
 // The int8-activation forward's block: VNNI's vpdpbusd where the unit has it,
-// else the scalar block (exact integer dots either way).
+// AVX2's vpmaddubsw in the avx2 unit, else the scalar block (exact integer
+// dots every way).
 inline void ForwardA8Block(const Ctx& c, int64_t o0, int64_t on, int64_t t0, int nt, float* y) {
 #if defined(JAXSPARSE_INT4_AVX512) && defined(__AVX512VNNI__)
   ForwardA8Avx512Vnni(c, o0, on, t0, nt, y);
+#elif defined(JAXSPARSE_INT4_AVX2)
+  ForwardA8Avx2(c, o0, on, t0, nt, y);
 #else
   ForwardA8Scalar(c, o0, on, t0, nt, y);
 #endif

@@ -1,8 +1,9 @@
 // The int4 kernels instantiated for avx2 (this file is compiled with that ISA's
-// -m flags): the scalar blocks, which the compiler vectorises.
+// -m flags): the vector blocks of int4_avx2.h.
 #include "cpu/int4/int4_kernels_api.h"
 
 #define JAXSPARSE_INT4_ISA avx2
+#define JAXSPARSE_INT4_AVX2 1
 #include "cpu/int4/int4_kernels.h"
 
 namespace jaxsparse {

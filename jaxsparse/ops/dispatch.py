@@ -157,14 +157,24 @@ FORMAT_TABLES: dict[str, dict] = {
     # 1.08x / 1.11x of XLA's dot at 16 / 128 / 2048 tokens, bf16 1.09x / 1.04x / 1.16x, int4 + 2:4
     # alike; the dense path (dequantise, XLA's dot) was 0.21-0.95x. So the kernel everywhere,
     # except where the tiles are not built (plain AVX-512: bf16 on the f32 panels, 0.56x of an
-    # AVX512-BF16 dot at 128 tokens) and the scalar units (avx2, portable), which keep the rows
-    # measured before the panels: the dense path past them.
+    # AVX512-BF16 dot at 128 tokens) and the units without panels (avx2, portable): the dense
+    # path past their rows. avx2 (cpu/int4/int4_avx2.h, 4 tokens per decoded weight, no panels)
+    # measured on a 2-core AMD Zen 3 (AVX2 + FMA, no AVX-512), jax 0.12.1, 1024 x 1024 g128,
+    # time over XLA's dot, calls interleaved in one process, both forms alike: f32 0.3-0.5x at
+    # 1-32 tokens; from ~128 both the kernel and the dense path run the same FMAs at the FMA
+    # pipes' peak plus their decode, and the dense path's is once per call: kernel 1.09x / 1.19x
+    # / 1.14x / 1.20x at 128 / 192 / 256 / 384 tokens, dense path 1.17x / 1.14x / 1.06x / 1.07x;
+    # f16 likewise (256: 1.34x against 1.07x; 128: 1.01x against 1.39x). bf16's dequantisation
+    # costs the dense path more: 64 / 128 tokens kernel 0.96x / 0.95x, dense path 1.32x / 1.71x,
+    # a tie at 256 and 384 (0.85x, 1.03x both). So the kernel to 191 tokens (f32, f16), 511
+    # (bf16).
     "INT4": {
         ("avx512", "bfloat16"): ((1.0, 63),),
         ("avx512bf16", "bfloat16"): ((1.0, _ALWAYS),),
         ("amx", "bfloat16"): ((1.0, _ALWAYS),),
-        ("avx2", "float32"): ((1.0, 511),),
-        ("avx2", "bfloat16"): ((1.0, 63),),
+        ("avx2", "float32"): ((1.0, 191),),
+        ("avx2", "bfloat16"): ((1.0, 511),),
+        ("avx2", "float16"): ((1.0, 191),),
         ("portable", "float32"): ((1.0, 63),),
         ("portable", "bfloat16"): ((1.0, 63),),
     },

@@ -379,13 +379,16 @@ def test_every_path_computes_the_same_product(spec):
     for path in ("sparse", "engine", "dense"):
         assert_close(jsp.matmul(x, wq, path=path), want, jnp.float32, 8, err_msg=path)
     # The AVX-512 units keep the kernel at every token count (panels from 16 tokens), except bf16
-    # where the engine's bf16 tiles are not built; the scalar units hand many tokens to XLA.
+    # where the engine's bf16 tiles are not built; the units without panels (avx2, portable)
+    # hand many tokens to XLA: avx2 from 192 in f32 and f16, from 512 in bf16 (ops/dispatch.py).
     for isa in ("avx512", "avx512bf16", "amx"):
         assert jsp.choose_path(4096, jnp.float32, spec, isa=isa) == "sparse"
     for isa in ("avx512bf16", "amx"):
         assert jsp.choose_path(4096, jnp.bfloat16, spec, isa=isa) == "sparse"
     assert jsp.choose_path(4096, jnp.bfloat16, spec, isa="avx512") == "dense"
-    assert jsp.choose_path(4096, jnp.float32, spec, isa="avx2") == "dense"
+    for dtype, most in ((jnp.float32, 191), (jnp.float16, 191), (jnp.bfloat16, 511)):
+        assert jsp.choose_path(most, dtype, spec, isa="avx2") == "sparse"
+        assert jsp.choose_path(most + 1, dtype, spec, isa="avx2") == "dense"
     assert jsp.choose_path(1, jnp.bfloat16, spec, isa="avx2") == "sparse"
 
 

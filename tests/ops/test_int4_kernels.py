@@ -21,10 +21,15 @@ pytestmark = pytest.mark.once
 # panel's 64 outputs and a ragged one (N = 130), two token blocks of 384 and a ragged one (390);
 # the 2:4 form in f32 / f16 packs each block of 64 outputs into lines in the task and looks its
 # inputs up there (NmRepackTask): ragged chunks (K = 200, 136), groups of 8 inside a chunk,
-# ragged blocks (N = 130, 33, 20) and unsorted positions.
+# ragged blocks (N = 130, 33, 20) and unsorted positions. The avx2 unit walks a task's outputs
+# in slices of 8 vectors of 8 at 1 token, 4 at 2, 2 at 3 and 4 (the 2:4 form 4, 2, 1, 1): a
+# last task of one vector (N = 72) after a 4 + 3 token split over one group of 8 inputs (K = 8),
+# a slice of 3 vectors of 4 (N = 24) with one group per column and a 4 + 2 split, and at 1 token
+# a last slice of one vector (N = 200).
 SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
           (17, 96, 40, 96), (2, 1024, 70, 128), (70, 64, 33, 32), (3, 200, 20, 8),
-          (1, 392, 33, 392), (20, 200, 130, 8), (390, 136, 20, 8)]
+          (1, 392, 33, 392), (20, 200, 130, 8), (390, 136, 20, 8), (7, 8, 72, 8),
+          (6, 48, 24, 48), (1, 64, 200, 16)]
 
 
 # bf16 and f16 operands are widened to f32 once per call by code every ISA shares: three shapes
@@ -65,3 +70,18 @@ def test_empty_dimensions(isa):
         assert fwd(tokens(1, 3, 64), *empty, group_size=32).shape == (1, 3, 0)
         dx = bwd(jnp.zeros((1, 3, 0)), *empty, group_size=32, in_features=64)
         assert dx.shape == (1, 3, 64) and not jnp.any(dx)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_dense_groups_of_an_odd_number_of_input_pairs(isa, t):
+    # The dense form's group is any even size at the op: groups of 6 inputs (3 byte rows) leave
+    # the avx2 unit's dx a last row pair after its blocks of 4 (1 token) or 2 (2 tokens), and
+    # its forward a group that ends inside a slice's row walk.
+    fwd, bwd, fwd_ref, bwd_ref = ops_of("dense")
+    weight = weight_of("dense", 12, 20, 6, batch=2)
+    x, dy = tokens(1, t, 12), tokens(1, t, 20, seed=2)
+    assert_close(fwd(x, *weight, group_size=6), fwd_ref(x, *weight, group_size=6),
+                 jnp.float32, 0.3 * scale_for(12), err_msg=f"{isa} forward")
+    assert_close(bwd(dy, *weight, group_size=6, in_features=12),
+                 bwd_ref(dy, *weight, group_size=6, in_features=12), jnp.float32,
+                 0.3 * scale_for(20), err_msg=f"{isa} dx")

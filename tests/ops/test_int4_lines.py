@@ -56,7 +56,10 @@ SHAPES = [(1, 64, 1, 32), (2, 128, 64, 64), (3, 256, 130, 128), (4, 64, 70, 8),
 CASES = [(*s, jnp.float32) for s in SHAPES[:-2] + SHAPES[-1:]] + [
     (*s, dt) for s in (SHAPES[2], SHAPES[5], SHAPES[6], SHAPES[7])
     for dt in (jnp.bfloat16, jnp.float16)] + [
-    (*s, jnp.bfloat16) for s in (SHAPES[3], SHAPES[9])]
+    (*s, jnp.bfloat16) for s in (SHAPES[3], SHAPES[9])] + [
+    # The avx2 unit's slices (tests/ops/test_int4_kernels.py): a last task of one vector after a
+    # 4 + 3 token split over one group, a slice of 3 vectors of 4 with a 4 + 2 split.
+    (7, 8, 72, 8, jnp.float32), (6, 48, 24, 48, jnp.float16)]
 
 
 @pytest.mark.parametrize("t,k,n,group,dtype", once_after(CASES, keep=2))

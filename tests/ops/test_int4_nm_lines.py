@@ -64,7 +64,10 @@ SHAPES = [(1, 64, 1, 32), (2, 128, 64, 64), (3, 256, 130, 128), (4, 40, 70, 8),
           (1, 128, 1090, 64), (1, 64, 1050, 32), (130, 136, 70, 8)]
 CASES = [(*s, jnp.float32) for s in SHAPES] + [
     (*s, dt) for s in (SHAPES[2], SHAPES[3], SHAPES[6], SHAPES[7])
-    for dt in (jnp.bfloat16, jnp.float16)]
+    for dt in (jnp.bfloat16, jnp.float16)] + [
+    # The avx2 unit's slices (4 vectors of 8 at 1 token, 2 at 2, 1 at 3 and 4): one pair of groups
+    # (K = 8) and a last task of one vector after a 4 + 3 token split; 3 vectors at 2 tokens.
+    (7, 8, 72, 8, jnp.float32), (2, 48, 24, 48, jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("t,k,n,group,dtype", once_after(CASES, keep=2))
