@@ -58,10 +58,16 @@ def once_after(cases, keep=1, *, unpack=True):
     """`cases` for `pytest.mark.parametrize`, each past the first `keep` marked `once`
     (tests/conftest.py): CI's older jax runs the first `keep` (the op's lowering and rules on that
     version), the newest jax all of them (the kernels' numerics over shapes, which do not depend
-    on the jax version). `unpack`: each case is a tuple of several argnames' values."""
-    return [pytest.param(*(case if unpack else (case,)),
-                         marks=() if index < keep else pytest.mark.once)
+    on the jax version). `unpack`: each case is a tuple of several argnames' values; a case may
+    be a `pytest.param` already (its id and marks kept)."""
+    cases = [case if isinstance(case, _ParameterSet) else
+             pytest.param(*(case if unpack else (case,))) for case in cases]
+    return [pytest.param(*case.values, id=case.id,
+                         marks=(*case.marks, *(() if index < keep else (pytest.mark.once,))))
             for index, case in enumerate(cases)]
+
+
+_ParameterSet = type(pytest.param(None))  # What pytest.param returns (its values, marks, id).
 
 
 def keys(seed, count):

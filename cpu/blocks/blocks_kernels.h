@@ -130,6 +130,21 @@ inline int64_t RowRuns(const int64_t* spans, int64_t rows, int64_t target, int64
   return runs;
 }
 
+// Exactly `parts` runs of rows (some may be empty), cut where the running
+// count of blocks plus rows passes each part of the total, into
+// bounds[0..parts].
+inline void EvenRowRuns(const int64_t* spans, int64_t rows, int64_t parts, int64_t* bounds) {
+  const int64_t total = spans[rows] + rows;
+  int64_t r = 0;
+  bounds[0] = 0;
+  for (int64_t part = 1; part < parts; ++part) {
+    const int64_t goal = CeilDiv(total * part, parts);
+    while (r < rows && spans[r] + r < goal) ++r;
+    bounds[part] = r;
+  }
+  bounds[parts] = rows;
+}
+
 // Tokens' feature rows (rows(t): token t's feature 0, or null for zeros) as
 // f32 xT [k][ld] for features [k0, k1), padding tokens zero. Token by token:
 // each reads a contiguous run of its row and writes one column of xT, whose
@@ -469,16 +484,17 @@ struct SpmmTOp {
 
   void Layout(Carver& c) {
     spans = c.Take<int64_t>(p.rows + 1);
-    bounds = c.Take<int64_t>(p.rows + 1);
+    bounds = c.Take<int64_t>(Max(p.rows, static_cast<int64_t>(rt.num_workers)) + 1);
     dxt = c.Take<float>(static_cast<int64_t>(rt.num_workers) * p.k * kTokensT);
     dyr = c.Take<float>(static_cast<int64_t>(rt.num_workers) * 32 * kTokensT);
   }
 
-  // Rows [r0, r1) of tokens [t0, t0 + count) into the worker's dxT.
+  // Rows [r0, r1) of tokens [t0, t0 + count) into dxT slot `slot` (a
+  // worker's, or a split's run's).
   void AddRows(int64_t r0, int64_t r1, const void* dy, const void* values,
-               const int32_t* indices, int64_t t0, int64_t count, int worker) const {
-    float* acc = dxt + static_cast<int64_t>(worker) * p.k * kTokensT;
-    float* rows = dyr + static_cast<int64_t>(worker) * 32 * kTokensT;
+               const int32_t* indices, int64_t t0, int64_t count, int slot) const {
+    float* acc = dxt + static_cast<int64_t>(slot) * p.k * kTokensT;
+    float* rows = dyr + static_cast<int64_t>(slot) * 32 * kTokensT;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b0 = spans[r], b1 = spans[r + 1];
       if (b0 == b1) continue;
@@ -513,21 +529,22 @@ struct SpmmTOp {
     const void* dy;
     const void* values;
     const int32_t* indices;
-    void Run(int64_t run, int worker) const {
+    // Run r sums into dxT slot r, whichever thread runs it: the slots are then
+    // added in a fixed order, so the result does not depend on the schedule.
+    void Run(int64_t run, int) const {
       op->AddRows(op->bounds[run], op->bounds[run + 1], dy, values, indices, 0, op->p.tokens,
-                  worker);
+                  static_cast<int>(run));
     }
   };
 
   void SplitRows(const void* dy, const void* values, const int32_t* indices, void* dx) const {
     const int64_t size = p.k * kTokensT;
-    std::memset(dxt, 0, sizeof(float) * size * rt.num_workers);
-    // About four runs per worker, so they balance whatever the rows' lengths.
-    const int64_t runs = RowRuns(spans, p.rows, Max(1, CeilDiv(p.nnz, 4 * rt.num_workers)),
-                                 bounds);
+    const int64_t runs = rt.num_workers;  // One dxT slot per run (the scratch has one per worker).
+    std::memset(dxt, 0, sizeof(float) * size * runs);
+    EvenRowRuns(spans, p.rows, runs, bounds);
     RunParallel(rt, runs, SplitJob{this, dy, values, indices});
-    for (int w = 1; w < rt.num_workers; ++w) {
-      const float* other = dxt + w * size;
+    for (int64_t r = 1; r < runs; ++r) {
+      const float* other = dxt + r * size;
       for (int64_t i = 0; i < size; ++i) dxt[i] += other[i];
     }
     Back::StoreDx(p, dxt, p.tokens, dx);
