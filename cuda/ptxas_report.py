@@ -98,19 +98,16 @@ def parse_ptxas(log: str, arch: str) -> dict[str, dict]:
 
 
 def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
-    cuobjdump = nvidia_tool("cuobjdump")
-    env = dict(os.environ)
-    env["PATH"] = str(Path(nvidia_tool("nvdisasm")).parent) + os.pathsep + env.get("PATH", "")
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
-                          env=env, check=True).stdout
-    counts, current = {}, None
-    for line in sass.splitlines():
-        if m := re.search(r"Function : (\S+)", line):
-            current = m.group(1)
-            counts[current] = dict.fromkeys(SASS_COUNTS, 0)
-        elif current:
-            for op in re.findall(r"\b(HMMA\.SP|HMMA|LDSM|LDGSTS)\b", line):
-                counts[current][op] += 1
+    return {symbol: count_sass(lines)
+            for _, symbol, lines in per_arch_functions(cuobjdump("-sass", str(cubin)))}
+
+
+def count_sass(lines) -> dict[str, int]:
+    """How often each instruction of SASS_COUNTS occurs in a function's SASS lines."""
+    counts = dict.fromkeys(SASS_COUNTS, 0)
+    for line in lines:
+        for op in re.findall(r"\b(HMMA\.SP|HMMA|LDSM|LDGSTS)\b", line):
+            counts[op] += 1
     return counts
 
 
@@ -211,11 +208,7 @@ def module_report(module: Path) -> list[dict]:
             # cuobjdump's SHARED: on sm_90 it counts the 1 KB per block the system reserves.
             "static_smem": int(usage.get("SHARED", 0))}
     for arch, symbol, lines in per_arch_functions(cuobjdump("-sass", str(module))):
-        counts = dict.fromkeys(SASS_COUNTS, 0)
-        for line in lines:
-            for op in re.findall(r"\b(HMMA\.SP|HMMA|LDSM|LDGSTS)\b", line):
-                counts[op] += 1
-        rows[arch, symbol]["sass"] = counts
+        rows[arch, symbol]["sass"] = count_sass(lines)
     return list(rows.values())
 
 
