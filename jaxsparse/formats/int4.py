@@ -47,6 +47,7 @@ from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN, SparseFormat, check_dense, check_mask
 from jaxsparse.formats._spec import register_spec
 from jaxsparse.formats.nm import NM, NMSparse
+from jaxsparse.ops.dispatch import int4_dense_backward
 from jaxsparse.sharding import Split
 from jaxsparse.ops.int4 import (
     NIBBLE_OFFSET,
@@ -426,7 +427,8 @@ class Int4Weight(_Int4Base):
     def _kernel(self, x, qweight, scales):
         if self.activations:
             return int4_a8_matmul(x, qweight, scales, group_size=self.group)
-        return int4_matmul(x, qweight, scales, group_size=self.group)
+        return int4_matmul(x, qweight, scales, group_size=self.group,
+                           dense_backward=int4_dense_backward(x.shape[1], x.dtype, self.spec))
 
     def _dense_product(self, x):
         """Dequantise, then XLA's dot; with int8 activations, of the quantised activations (the
@@ -565,7 +567,8 @@ class Int4NMWeight(_Int4Base):
         return _int4_splits(self, mode, {"qweight": 4, "positions": 8})
 
     def _kernel(self, x, qweight, positions, scales):
-        return int4_nm_matmul(x, qweight, positions, scales, group_size=self.group)
+        return int4_nm_matmul(x, qweight, positions, scales, group_size=self.group,
+                              dense_backward=int4_dense_backward(x.shape[1], x.dtype, self.spec))
 
 
 def _int4_splits(w, mode, inputs_per_row):

@@ -55,7 +55,8 @@ import numpy as np
 from jaxsparse import _ffi
 
 __all__ = ["ENGINE_BACKWARD_FROM", "ENGINE_ROWS", "FORMAT_TABLES", "N4_MAX_TOKENS", "PATHS",
-           "SPARSE_MAX_TOKENS", "backward_on_engine", "choose_path",
+           "SPARSE_MAX_TOKENS", "INT4_DENSE_BACKWARD_FROM", "backward_on_engine", "choose_path",
+           "int4_dense_backward",
            "matmul_path", "current_path", "cpu_model", "crossovers_file", "machine_key",
            "tuned_entry"]
 
@@ -86,11 +87,17 @@ SPARSE_MAX_TOKENS: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     # 3072x768 and 4096 tokens 1.06x of XLA's dot against the kernel's 0.88x); 1:4 keeps the kernel
     # (at 4096x4096 and 2048 tokens 1.70x against the engine's 1.08x). f16 takes the AVX-512 row.
     ("amx", "float32"): ((0.25, _ALWAYS), (1.0, 511)),
-    # AVX2 and portable rows are estimates, not measurements: XLA on the measured machine always
-    # ran its AVX-512 dot. They keep the kernel where its byte and FMA savings are largest.
+    # AVX2, measured on a 2-core AMD Zen 3 (AVX2 + FMA, no AVX-512), jax 0.12.1, 2:4 at 1024 x
+    # 1024 and 2048 x 2048, 32-2048 tokens, interleaved with XLA's dot in one process (shared
+    # machine, +-15%): bf16 0.47-1.07x of XLA's dot (its bf16 dot has no fast AVX2 path), below the
+    # dense path at every count (0.93-1.28x); f32 0.39-1.03x to 64 tokens, then 0.90-1.24x against
+    # the dense path's 0.98-1.44x, neither ahead by more than the noise: the kernel to 1023
+    # tokens stays. 1:4 beats both at every count (`python -m jaxsparse.tune --dry-run`, 2048 x
+    # 2048: f32 at 1024 tokens 43 ms against 82 ms; f16 2:4 likewise). The portable row is an
+    # estimate.
     ("avx2", "float32"): ((0.25, _ALWAYS), (1.0, 1023)),
     ("avx2", "float16"): ((1.0, _ALWAYS),),
-    ("avx2", "bfloat16"): ((0.25, _ALWAYS), (1.0, 1023)),
+    ("avx2", "bfloat16"): ((1.0, _ALWAYS),),
     # The portable path is a scalar fallback: dense once the dot amortizes the decompression.
     ("portable", "float32"): ((1.0, 255),),
     ("portable", "float16"): ((1.0, 255),),
@@ -361,6 +368,43 @@ def backward_on_engine(tokens: int, dtype, spec, *, platform: str | None = None,
     if (platform or jax.default_backend()) != "cpu" or not _ffi.has_cpu_kernels():
         return False
     start = ENGINE_BACKWARD_FROM.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name))
+    return start is not None and tokens >= start
+
+
+#: From how many tokens the cotangent of x of an int4 product that ran on the kernel (`dx = dy @
+#: W^T`) dequantises W and takes XLA's dot (`int4_matmul(..., dense_backward=True)`) rather than
+#: the int4 kernels' W^T product, per (instruction set, dtype, form: "int4" or "int4+2:4").
+#: Measured on a 2-core AMD Zen 3 (AVX2 + FMA, no AVX-512), jax 0.12.1, 1024 x 1024 g128, the
+#: cotangent of x of `x @ w` (`jax.vjp`) over XLA's for the dense weight, medians in one process
+#: (`/tmp` probe, shared machine): the int4 + 2:4 W^T kernel re-spreads the kept values per
+#: block of 4 tokens: f32 0.24x / 0.51-0.93x at 1 / 8 tokens, then 1.35-1.66x / 1.67-2.69x /
+#: 2.9-3.1x at 32 / 64 / 128, where the dense path ran 0.99-1.30x / 0.77-1.17x / 1.09-1.30x; bf16
+#: and f16 alike (32 tokens: 1.92x and 1.48x against 1.47x and 0.98x). The dense form's kernel
+#: holds out longer: f32 0.41-0.83x at 32, 0.66-1.31x at 64 (dense path 0.83-1.43x), 1.37-1.53x
+#: at 128 (1.00-1.33x); f16 1.22x at 128 (1.06x); bf16 0.91x at 128 (0.99x), 2.24x at 192 (1.92x),
+#: 1.33x at 512 (1.07x). The forward's own dense path (past `FORMAT_TABLES["INT4"]`'s rows)
+#: differentiates through XLA's dot anyway. Elsewhere (unmeasured) the kernels.
+INT4_DENSE_BACKWARD_FROM: dict[tuple[str, str, str], int] = {
+    ("avx2", "float32", "int4+2:4"): 32,
+    ("avx2", "bfloat16", "int4+2:4"): 32,
+    ("avx2", "float16", "int4+2:4"): 32,
+    ("avx2", "float32", "int4"): 128,
+    ("avx2", "float16", "int4"): 128,
+    ("avx2", "bfloat16", "int4"): 192,
+}
+
+
+def int4_dense_backward(tokens: int, dtype, spec, *, platform: str | None = None,
+                        isa: str | None = None) -> bool:
+    """Whether the cotangent of x of an int4 product on the kernel should dequantise W and take
+    XLA's dot (`INT4_DENSE_BACKWARD_FROM`): on the CPU, from the measured token count of the
+    (instruction set, dtype, form), unless `matmul_path("sparse")` forces the kernels."""
+    if current_path() == "sparse":
+        return False
+    if (platform or jax.default_backend()) != "cpu" or not _ffi.has_cpu_kernels():
+        return False
+    form = "int4" if getattr(spec, "sparsity", None) is None else "int4+2:4"
+    start = INT4_DENSE_BACKWARD_FROM.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name, form))
     return start is not None and tokens >= start
 
 

@@ -178,7 +178,7 @@ int4_matmul_p = Primitive("jaxsparse_int4_matmul")
 int4_nm_matmul_p = Primitive("jaxsparse_int4_nm_matmul")
 
 
-def int4_matmul(x, qweight, scales, *, group_size: int):
+def int4_matmul(x, qweight, scales, *, group_size: int, dense_backward: bool = False):
     """`y = x @ W` for an int4 `W` with group scales.
 
     Args:
@@ -186,15 +186,19 @@ def int4_matmul(x, qweight, scales, *, group_size: int):
         qweight: `[Bw, K/2, N]` uint8, two inputs' nibbles per byte.
         scales: `[Bw, K/group_size, N]` in x's dtype.
         group_size: the inputs per scale (K for one group per output column).
+        dense_backward: static; the cotangent of x dequantises W and takes XLA's dot instead of
+            `int4_matmul_t` (`jaxsparse.ops.dispatch.int4_dense_backward` says where that wins).
 
     Returns:
         `[B, T, N]` in x's dtype, `B = max(Bx, Bw)`; f32 accumulation.
     """
     qweight, scales = P.same_batch(qweight, scales)
-    return int4_matmul_p.bind(x, qweight, scales, group_size=group_size)
+    return int4_matmul_p.bind(x, qweight, scales, group_size=group_size,
+                              dense_backward=bool(dense_backward))
 
 
-def int4_nm_matmul(x, qweight, positions, scales, *, group_size: int):
+def int4_nm_matmul(x, qweight, positions, scales, *, group_size: int,
+                   dense_backward: bool = False):
     """`y = x @ W` for an int4 + 2:4 `W`.
 
     Args:
@@ -202,19 +206,22 @@ def int4_nm_matmul(x, qweight, positions, scales, *, group_size: int):
         qweight: `[Bw, K/4, N]` uint8, a 2:4 group's two kept nibbles per byte.
         positions: `[Bw, K/8, N]` uint8, two groups' positions per byte.
         scales: `[Bw, K/group_size, N]` in x's dtype (group_size a multiple of 8).
+        dense_backward: static, as in `int4_matmul`.
 
     Returns:
         `[B, T, N]` in x's dtype; f32 accumulation.
     """
     qweight, positions, scales = P.same_batch(qweight, positions, scales)
-    return int4_nm_matmul_p.bind(x, qweight, positions, scales, group_size=group_size)
+    return int4_nm_matmul_p.bind(x, qweight, positions, scales, group_size=group_size,
+                                 dense_backward=bool(dense_backward))
 
 
-def int4_matmul_reference(x, qweight, scales, *, group_size):
+def int4_matmul_reference(x, qweight, scales, *, group_size, dense_backward=False):
     return _product_reference(x, (qweight, scales), group_size)
 
 
-def int4_nm_matmul_reference(x, qweight, positions, scales, *, group_size):
+def int4_nm_matmul_reference(x, qweight, positions, scales, *, group_size,
+                             dense_backward=False):
     return _product_reference(x, (qweight, positions, scales), group_size)
 
 
@@ -223,7 +230,7 @@ def _product_reference(x, weight, group_size):
     return P.f32_einsum("btk,bkn->btn", x, w, x.dtype)
 
 
-def _product_abstract_eval(x, *weight, group_size):
+def _product_abstract_eval(x, *weight, group_size, dense_backward):
     where = "int4_nm_matmul" if len(weight) == 3 else "int4_matmul"
     qweight, positions, scales = _split(weight)
     _check_weight(where, qweight, positions, scales, group_size, x.shape[-1])
@@ -233,23 +240,38 @@ def _product_abstract_eval(x, *weight, group_size):
     return x.update(shape=(batch, x.shape[1], qweight.shape[-1]), dtype=x.dtype)
 
 
-def _product_jvp(primals, tangents, *, group_size):
+def _product_jvp(primals, tangents, *, group_size, dense_backward):
     _refuse_weight_tangents(tangents[1:])
-    forward = functools.partial(_forward(len(primals) - 1), group_size=group_size)
+    forward = functools.partial(_forward(len(primals) - 1), group_size=group_size,
+                                dense_backward=dense_backward)
     return P.jvp_linear(forward, primals, tangents)
 
 
-def _product_transpose(ct, x, *weight, group_size):
+def _product_transpose(ct, x, *weight, group_size, dense_backward):
     none = (None,) * len(weight)
     if type(ct) is ad.Zero or not ad.is_undefined_primal(x):
         return (None, *none)
-    dx = _backward(len(weight))(ct, *weight, group_size=group_size,
-                                in_features=x.aval.shape[-1])
+    if dense_backward:
+        dx = _dense_product_t(ct, weight, group_size)
+    else:
+        dx = _backward(len(weight))(ct, *weight, group_size=group_size,
+                                    in_features=x.aval.shape[-1])
     return (P.sum_to_batch(dx, x.aval.shape[0]), *none)
 
 
-def _product_batch(args, dims, *, group_size):
-    fn = functools.partial(_forward(len(args) - 1), group_size=group_size)
+def _dense_product_t(dy, weight, group_size):
+    """`dy @ W^T` by XLA's dot on the dequantised W (in dy's dtype, accumulated in f32): where
+    the tokens are many, one dequantisation per call costs less than the W^T kernel's per-block
+    decoding (jaxsparse/ops/dispatch.py, `INT4_DENSE_BACKWARD_FROM`)."""
+    w = _dequantize(weight, group_size, dy.dtype)
+    dy, w = P.broadcast_batch(dy, w)
+    dx = jnp.einsum("btn,bkn->btk", dy, w, preferred_element_type=jnp.float32)
+    return dx.astype(dy.dtype)
+
+
+def _product_batch(args, dims, *, group_size, dense_backward):
+    fn = functools.partial(_forward(len(args) - 1), group_size=group_size,
+                           dense_backward=dense_backward)
     return P.batch_weight_product(fn, args, dims)
 
 

@@ -73,6 +73,20 @@ def test_backward_on_the_engine_where_measured():
 
 
 @pytest.mark.cpu_only
+def test_int4_backward_on_the_dense_path_where_measured():
+    rule = functools.partial(dispatch.int4_dense_backward, platform="cpu", isa="avx2")
+    sparse, dense = jsp.Int4(128, sparsity=jsp.NM(2, 4)), jsp.Int4(128)
+    assert not rule(31, jnp.float32, sparse) and rule(32, jnp.float32, sparse)
+    assert not rule(127, jnp.float32, dense) and rule(128, jnp.float32, dense)
+    assert not rule(191, jnp.bfloat16, dense) and rule(192, jnp.bfloat16, dense)
+    assert not dispatch.int4_dense_backward(4096, jnp.float32, sparse, platform="cpu",
+                                            isa="avx512")  # No row: the kernels.
+    assert not dispatch.int4_dense_backward(4096, jnp.float32, sparse, platform="cuda")
+    with jsp.matmul_path("sparse"):  # Forcing the kernel forces its backward too.
+        assert not rule(4096, jnp.float32, sparse)
+
+
+@pytest.mark.cpu_only
 def test_two_to_four_and_one_to_four_read_their_own_table():
     assert jsp.NM(2, 4).crossover_table == jsp.NM(1, 4).crossover_table == "NM4"
     for spec in (jsp.NM(3, 4), jsp.NM(2, 8), jsp.NM(4, 8)):

@@ -125,6 +125,31 @@ def test_transposes_and_jvps_in_the_dense_operand(form):
     assert_close(tangent, fwd(x, *weight, group_size=32), jnp.float32, 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_the_dense_backward_gives_the_kernels_cotangent(form, dtype):
+    """`dense_backward=True` (dequantise W, XLA's dot) against `int4_matmul_t`, for one weight
+    broadcast over a batch of x and for a stack of weights, and under vmap."""
+    fwd, bwd, _, _ = ops_of(form)
+    for batch_x, batch_w in ((2, 1), (3, 3)):
+        weight = weight_of(form, 64, 24, 32, batch=batch_w, dtype=dtype)
+        x, dy = tokens(batch_x, 5, 64, dtype), tokens(batch_x, 5, 24, dtype, seed=4)
+        _, dense_vjp = jax.vjp(lambda x: fwd(x, *weight, group_size=32, dense_backward=True), x)
+        want = bwd(dy, *weight, group_size=32, in_features=64)
+        assert dense_vjp(dy)[0].dtype == dtype
+        assert_close(dense_vjp(dy)[0], want, dtype, scale_for(24))
+    weight = weight_of(form, 64, 24, 32, dtype=dtype)
+    xs, dys = tokens(4, 3, 64, dtype)[:, None], tokens(4, 3, 24, dtype, seed=4)[:, None]
+
+    def grad_of(dense_backward):
+        def one(x, dy):
+            return jax.vjp(lambda x: fwd(x, *weight, group_size=32,
+                                          dense_backward=dense_backward), x)[1](dy)[0]
+        return jax.jit(jax.vmap(one))(xs, dys)
+
+    assert_close(grad_of(True), grad_of(False), dtype, scale_for(24))
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_tangents_in_the_scales_raise(form):
     fwd, bwd, _, _ = ops_of(form)
