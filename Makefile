@@ -7,7 +7,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 # TEST_ISAS=default runs the per-ISA kernel tests on the machine's default ISA only (CI's second
-# Python: its extension is the same C++, whose every ISA the first Python's run covered).
+# Python: its extension is the same C++, whose every ISA the first Python's run covered);
+# TEST_ISAS=lean on every ISA, but on the ISAs other than the default only the sweeps' cases not
+# marked `once` (CI's first Python: its time would otherwise grow with the machine's ISAs, 2 on
+# AVX2 machines, 5 on AMX ones); all (the default) every case on every ISA.
 TEST_ISAS ?= all
 # EMULATED=0 skips the second pass (the op tests on the CUDA kernels under the SIMT emulator): CI's
 # first Python, whose extension is the same C++ the second Python's emulated pass runs.
@@ -64,11 +67,16 @@ JAX_FACING_TESTS := jaxsparse tests/formats/test_conformance.py tests/formats/te
 	tests/test_ffi.py tests/test_io.py tests/test_malformed.py tests/test_mixed_precision.py \
 	tests/test_sharding.py
 
+# EMULATED_ONCE=0 leaves the tests marked `once` out of the emulated pass (CI's newest jax): there
+# they are the op sweeps' later shapes, while the CUDA kernels' shapes and tile edges are
+# tests/cuda/test_emulated_<format>.py's, which the first pass runs on the emulator in full. The
+# tests marked `emulated_only` (the MARLIN primitives through their emulated lowering) stay.
+EMULATED_ONCE ?= 1
 test: $(VENV)/.installed
 	JAXSPARSE_TEST_ISAS=$(TEST_ISAS) $(VENV)/bin/python -m pytest -q -n 2 --doctest-modules \
 		$(if $(filter 0,$(ONCE)),-m "not once") $(TESTS)
 	test "$(EMULATED)" = 0 || JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 \
-		$(EMULATED_TESTS)
+		$(if $(filter 0,$(EMULATED_ONCE)),-m "not once or emulated_only") $(EMULATED_TESTS)
 
 # The concurrency soak for a minute (the suite runs it for a few seconds): 8 threads call jitted
 # products of every CPU format; results must equal the single-threaded ones, memory stay flat.
@@ -104,7 +112,10 @@ SANITIZE_EMULATED_TESTS ?= $(EMULATED_TESTS)
 SANITIZE_TEST_ISAS ?= all
 SANITIZE_DEFINES ?=
 SANITIZE_CI_OPT ?= -O0
-SANITIZE_CI_DEFINES ?= -Ccmake.define.JAXSPARSE_HAVE_AMX_FLAGS=OFF
+# Where the CPU lacks AVX-512, no AVX-512 units at all (JAXSPARSE_AVX512_KERNELS=OFF): nothing
+# here could run them, and they are half the sanitized build's compile time.
+SANITIZE_CI_DEFINES ?= -Ccmake.define.JAXSPARSE_HAVE_AMX_FLAGS=OFF \
+	$(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes),,-Ccmake.define.JAXSPARSE_AVX512_KERNELS=OFF)
 SANITIZE_CI_TEST_ISAS ?= default
 SANITIZE_CI_TESTS ?= tests/ops -k '(every_isa and bfloat16) or empty'
 SANITIZE_CI_EMULATED_TESTS ?= tests/ops/test_nm.py -k 'three_ops_match and bfloat16'
@@ -129,8 +140,8 @@ sanitize: $(SANITIZE_VENV)/.installed
 
 # CI's subset builds at -O0 (the kernel units compile ~3x faster, the tests ran at a similar rate),
 # without the AVX512-BF16 and AMX units (as with a compiler that lacks their flags: those machines
-# then run the AVX-512 kernels), into its own build directory and virtual environment, and runs the per-ISA
-# tests on the default ISA only.
+# then run the AVX-512 kernels) and, on a CPU without AVX-512, without the AVX-512 ones, into its
+# own build directory and virtual environment, and runs the per-ISA tests on the default ISA only.
 sanitize-ci:
 	$(MAKE) sanitize SANITIZE_OPT=$(SANITIZE_CI_OPT) SANITIZE_BUILD=$(SANITIZE_BUILD)-ci \
 		SANITIZE_VENV=$(SANITIZE_VENV)-ci SANITIZE_DEFINES="$(SANITIZE_CI_DEFINES)" \

@@ -1,6 +1,16 @@
 import os
 
-import jax
+# The suite compiles thousands of small XLA programs, and LLVM's optimisation of their machine code
+# is a third of its time on jax 0.12 (tests/ops/test_nm.py, test_blocks.py and the conformance
+# suite, 2 workers: 131 s at XLA's default level, 89 s at 0; jax 0.10.2 12% less on the
+# conformance and conv files). XLA's HLO passes (fusion, layouts, our custom calls' lowering) run
+# in full either way, and the kernels are ours; nothing here times anything. Set before jax reads
+# its flags; JAXSPARSE_TEST_XLA_OPT=default keeps XLA's own level.
+if os.environ.get("JAXSPARSE_TEST_XLA_OPT") != "default":
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # noqa: E402
 import pytest
 
 import jaxsparse as jsp
@@ -22,6 +32,21 @@ def _require_kernels():
     assert jsp.has_cpu_kernels(), "the CPU extension is not built: pip install -e . first"
 
 
+#: JAXSPARSE_TEST_ISAS (`make test TEST_ISAS=...`): "all" (every ISA the machine supports, every
+#: case), "lean" (every ISA, but on the ISAs other than the default one the sweeps' cases marked
+#: `once` are left out: CI's newest jax, whose time would otherwise grow with the machine's ISAs,
+#: 2 on AVX2 machines and 5 on AMX ones) or "default" (the default ISA only).
+TEST_ISAS_MODES = ("all", "lean", "default")
+
+
+def _test_isas_mode() -> str:
+    mode = os.environ.get("JAXSPARSE_TEST_ISAS", "all")
+    if mode not in TEST_ISAS_MODES:
+        raise pytest.UsageError(f"JAXSPARSE_TEST_ISAS must be one of {', '.join(TEST_ISAS_MODES)}; "
+                                f"got {mode!r}")
+    return mode
+
+
 def _isas_to_test() -> list[str]:
     """Every instruction set the machine supports; only the default one under the CUDA emulator
     (there the ops run the emulated CUDA kernels whatever the ISA, and the tests that call the CPU
@@ -30,7 +55,7 @@ def _isas_to_test() -> list[str]:
     extension is the same C++ compiled again, so its ISAs were covered by the first)."""
     if not jsp.has_cpu_kernels():
         return []
-    if _ffi.emulating_cuda() or os.environ.get("JAXSPARSE_TEST_ISAS", "all") == "default":
+    if _ffi.emulating_cuda() or _test_isas_mode() == "default":
         return [jsp.cpu_isa()]
     return jsp.supported_cpu_isas()
 
@@ -59,19 +84,39 @@ def pytest_configure(config):
         "markers", "cpu_only: launches no CUDA kernel under the SIMT emulator; the emulated pass "
         "of `make test` skips it (checked by `make emulation-audit`)")
     config.addinivalue_line(
+        "markers", "emulated_only: runs only in the emulated pass (JAXSPARSE_EMULATE_CUDA=1), which "
+        "keeps it even where it leaves the `once` tests out (`make test EMULATED_ONCE=0`)")
+    config.addinivalue_line(
         "markers", "once: what it adds to the other tests does not depend on the jax version (the "
         "C++ kernels' and the emulator's numerics over many shapes and data, the CUDA build, "
         "threads, end-to-end models whose layers are tested on their own): CI runs it with the "
-        "newest jax only (`make test ONCE=0` deselects it: .ci/run's other Python)")
+        "newest jax only (`make test ONCE=0` deselects it: .ci/run's other Python), on the "
+        "default ISA only (`TEST_ISAS=lean`) and not in the emulated pass (`EMULATED_ONCE=0`)")
 
 
 def pytest_collection_modifyitems(config, items):
+    _leave_out(config, items, _lean_isa_cases(items))
     if not _ffi.emulating_cuda() or _AUDIT_FILE:
         return
-    skipped = [item for item in items if item.get_closest_marker("cpu_only")]
-    if skipped:
-        config.hook.pytest_deselected(items=skipped)
-        items[:] = [item for item in items if not item.get_closest_marker("cpu_only")]
+    _leave_out(config, items, [item for item in items if item.get_closest_marker("cpu_only")])
+
+
+def _lean_isa_cases(items) -> list:
+    """Under JAXSPARSE_TEST_ISAS=lean: the `once` cases forced onto an ISA other than the
+    default (the first cases of each sweep run on every ISA)."""
+    if _test_isas_mode() != "lean" or not jsp.has_cpu_kernels():
+        return []
+    default = jsp.cpu_isa()
+    return [item for item in items if item.get_closest_marker("once")
+            and getattr(item, "callspec", None) is not None
+            and item.callspec.params.get("isa", default) != default]
+
+
+def _leave_out(config, items, deselected):
+    if deselected:
+        gone = {id(item) for item in deselected}
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if id(item) not in gone]
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,9 @@ constexpr IsaInfo kIsas[] = {
     {Isa::kAmx, "amx"},
     {Isa::kAvx512Bf16, "avx512bf16"},
 #endif
+#ifdef JAXSPARSE_AVX512_KERNELS
     {Isa::kAvx512, "avx512"},
+#endif
     {Isa::kAvx2, "avx2"},
 #endif
     {Isa::kPortable, "portable"},

@@ -53,7 +53,13 @@ const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
 
 // TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512), with
 // the x86 tables only where the build has them.
-#ifdef JAXSPARSE_X86
+#if defined(JAXSPARSE_X86) && !defined(JAXSPARSE_AVX512_KERNELS)
+// An x86 build without the AVX-512 units (CMake's JAXSPARSE_AVX512_KERNELS=OFF).
+#define JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix)                      \
+  ::jaxsparse::cpu::TableForCurrentIsa<decltype(prefix##Portable)>( \
+      prefix##Portable, &prefix##Avx2, nullptr)
+#define JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(prefix) JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix)
+#elif defined(JAXSPARSE_X86)
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix) \
   ::jaxsparse::cpu::TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512)
 // The same for a format that also has AVX512-BF16 and AMX kernels

@@ -10,6 +10,7 @@ from flax import nnx
 
 import jaxsparse as jsp
 from jaxsparse import prune
+from tests._check import once_after
 
 
 class Branches(nnx.Module):
@@ -161,8 +162,10 @@ def test_sequential_and_one_pass_agree_on_layers_that_read_the_same_input():
         np.testing.assert_array_equal(a[name].todense(), b[name].todense())
 
 
-@pytest.mark.parametrize("spec", ["2:4", jsp.Int4(16), jsp.Int4(16, jsp.NM(2, 4)),
-                                  jsp.Blocks(8, density=0.5)], ids=str)
+# CI's older jax: the first spec (the calibration and serving through Flax); the others differ
+# in the solvers' numerics, the same on every jax (`once`).
+@pytest.mark.parametrize("spec", once_after(["2:4", jsp.Int4(16), jsp.Int4(16, jsp.NM(2, 4)),
+                                             jsp.Blocks(8, density=0.5)], unpack=False), ids=str)
 def test_one_shot_model_beats_magnitude_and_serves(spec):
     model = mlp(3)
     calibration, held_out = inputs(9, n=4, shape=(64, 16)), inputs(10, n=1, shape=(256, 16))[0]
