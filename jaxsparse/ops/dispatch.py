@@ -365,10 +365,7 @@ def backward_on_engine(tokens: int, dtype, spec, *, platform: str | None = None,
     token count of the (instruction set, dtype)."""
     if not getattr(spec, "has_engine", False):
         return False
-    if (platform or jax.default_backend()) != "cpu" or not _ffi.has_cpu_kernels():
-        return False
-    start = ENGINE_BACKWARD_FROM.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name))
-    return start is not None and tokens >= start
+    return _measured_from(ENGINE_BACKWARD_FROM, tokens, dtype, platform=platform, isa=isa)
 
 
 #: From how many tokens the cotangent of x of an int4 product that ran on the kernel (`dx = dy @
@@ -401,10 +398,17 @@ def int4_dense_backward(tokens: int, dtype, spec, *, platform: str | None = None
     (instruction set, dtype, form), unless `matmul_path("sparse")` forces the kernels."""
     if current_path() == "sparse":
         return False
+    form = "int4" if getattr(spec, "sparsity", None) is None else "int4+2:4"
+    return _measured_from(INT4_DENSE_BACKWARD_FROM, tokens, dtype, form, platform=platform,
+                          isa=isa)
+
+
+def _measured_from(table, tokens: int, dtype, *key, platform, isa) -> bool:
+    """A backward rule's table, `(isa, dtype name, *key) -> first token count`: true on the CPU
+    with our kernels from that count; false off the CPU and where the table has no row."""
     if (platform or jax.default_backend()) != "cpu" or not _ffi.has_cpu_kernels():
         return False
-    form = "int4" if getattr(spec, "sparsity", None) is None else "int4+2:4"
-    start = INT4_DENSE_BACKWARD_FROM.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name, form))
+    start = table.get((isa or _ffi.cpu_isa(), np.dtype(dtype).name, *key))
     return start is not None and tokens >= start
 
 

@@ -263,10 +263,8 @@ def _dense_product_t(dy, weight, group_size):
     """`dy @ W^T` by XLA's dot on the dequantised W (in dy's dtype, accumulated in f32): where
     the tokens are many, one dequantisation per call costs less than the W^T kernel's per-block
     decoding (jaxsparse/ops/dispatch.py, `INT4_DENSE_BACKWARD_FROM`)."""
-    w = _dequantize(weight, group_size, dy.dtype)
-    dy, w = P.broadcast_batch(dy, w)
-    dx = jnp.einsum("btn,bkn->btk", dy, w, preferred_element_type=jnp.float32)
-    return dx.astype(dy.dtype)
+    dy, w = P.broadcast_batch(dy, _dequantize(weight, group_size, dy.dtype))
+    return P.f32_einsum("btn,bkn->btk", dy, w, dy.dtype)
 
 
 def _product_batch(args, dims, *, group_size, dense_backward):
