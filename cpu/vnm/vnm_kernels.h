@@ -650,74 +650,115 @@ bool RunForwardInPlace(Op& op, int64_t tasks) {
   return true;
 }
 
-// y = x @ W at a few tokens, entry by entry (the portable and AVX2 forward
-// up to kRowDotMaxTokens; AVX-512 has its own, vnm_avx512.h). At these token
-// counts the dense engine would decode every tile for a handful of tokens
-// (the decode then costs ~10x the FMAs). Per panel, x's selected inputs are
-// gathered into per-token tables xs[t][4 g + s] (0 where the input does not
-// exist), then each output row dots its kept values with them: one load and
-// one multiply-add per entry and token.
-constexpr int64_t kRowDotMaxTokens = 4;
+// y = x @ W at a few tokens, entry by entry with the tokens in the lanes (the
+// portable and AVX2 forward up to kStreamMaxVecs vectors of tokens; AVX-512
+// has its own, vnm_avx512.h). At these token counts the dense engine would
+// decode every tile for a handful of tokens: its scalar decode then costs
+// about as much as its FMAs (on Zen 3 at 17 tokens, 64:2:8 ran at 0.84x of
+// XLA's dense dot in MiniLM), and it multiplies the 2:4 zeros inside a panel.
+// Here only kept entries are multiplied. Per panel, x's selected inputs are
+// gathered once into a table xs[4 g + s][tokens] (zero where the input does
+// not exist, and a zero row 4G that garbage positions read), shared by the
+// panel's v rows and small enough for L1/L2; then each entry of a row is one
+// broadcast of its value and, per vector of tokens, one load of its table row
+// and one FMA. Two rows go together (four at one vector) so that 6-8
+// independent FMA chains cover the FMA latency (4 cycles x 2 pipes).
+constexpr int kStreamMaxVecs = 4;
 
 template <class Tr, class D, class Isa>
-struct SpmmRowDot : Dims {
+struct SpmmTokens : Dims {
   using S = typename D::Storage;
+  using V = typename Tr::V;
 
   const VnmProblem& p;
   const Runtime& rt;
-  int64_t table_ld;
-  float* tables = nullptr;  // Per worker: [T][4G]
+  int64_t vecs, table_ld, table_rows;
+  float* tables = nullptr;  // Per worker: [4G + 1][table_ld]
   Weight<D> w{};
   const S* x = nullptr;
   S* y = nullptr;
 
-  SpmmRowDot(const VnmProblem& prob, const Runtime& runtime)
-      : Dims(prob), p(prob), rt(runtime), table_ld(RoundUp(kSelected * G, kLanePad)) {}
+  static bool Applies(const VnmProblem& p) {
+    return p.tokens <= int64_t{kStreamMaxVecs} * Tr::kWidth;
+  }
 
-  void Layout(Carver& c) { tables = c.Take<float>(rt.num_workers * T * table_ld); }
+  SpmmTokens(const VnmProblem& prob, const Runtime& runtime)
+      : Dims(prob),
+        p(prob),
+        rt(runtime),
+        vecs(CeilDiv(Max(T, 1), Tr::kWidth)),
+        table_ld(vecs * Tr::kWidth),
+        table_rows(kSelected * G + 1) {}
+
+  void Layout(Carver& c) { tables = c.Take<float>(rt.num_workers * table_rows * table_ld); }
 
   bool Compute() { return RunForwardInPlace(*this, P); }
 
   void Run(int64_t panel, int worker) const {
-    float* const xs = tables + worker * T * table_ld;
+    float* const xs = tables + worker * table_rows * table_ld;
+    FillTable(panel, xs);
+    Dispatch<kStreamMaxVecs>(static_cast<int>(vecs), [&](auto nv) {
+      constexpr int kV = decltype(nv)::value;
+      constexpr int kR = kV == 1 ? 4 : 2;
+      const int64_t r0 = panel * v, r1 = r0 + PanelRows(panel);
+      int64_t r = r0;
+      for (; r + kR <= r1; r += kR) Rows<kV, kR>(r, xs);
+      for (; r < r1; ++r) Rows<kV, 1>(r, xs);
+    });
+  }
+
+  // xs[j][t] = x[t, input of selected slot j] (0 if it does not exist), and
+  // the zero row 4G; tokens past T are zero.
+  void FillTable(int64_t panel, float* xs) const {
     const uint8_t* cols = w.columns + panel * G * kSelected;
-    for (int64_t j = 0; j < kSelected * G; ++j) {
-      const int64_t col = cols[j], input = j / kSelected * m + col;
-      const bool exists = col < m && input < K;
-      for (int64_t t = 0; t < T; ++t)
-        xs[t * table_ld + j] = exists ? D::ToF32(x[t * K + input]) : 0.0f;
+    for (int64_t j = 0; j < table_rows; ++j) {
+      float* row = xs + j * table_ld;
+      const int64_t col = j < kSelected * G ? cols[j] : m;
+      const int64_t input = j / kSelected * m + col;
+      if (col < m && input < K) {
+        for (int64_t t = 0; t < T; ++t) row[t] = D::ToF32(x[t * K + input]);
+        for (int64_t t = T; t < table_ld; ++t) row[t] = 0.0f;
+      } else {
+        std::memset(row, 0, table_ld * sizeof(float));
+      }
     }
-    Dispatch<kRowDotMaxTokens>(static_cast<int>(T), [&](auto tb) {
-      constexpr int kT = decltype(tb)::value;
-      for (int64_t r = panel * v; r < panel * v + PanelRows(panel); ++r) {
-        const uint8_t* idx = w.indices + r * Kc;
-        const S* val = w.values + r * Kc;
-        // Groups in flight, each into its own sums (about 4 chains in all):
-        // one chain of dependent adds would take the add latency (~4
-        // cycles) per entry.
-        constexpr int kU = kT >= 4 ? 1 : 4 / kT;
-        float acc[kU][kT] = {};
-        auto group = [&](int64_t g, float* a) {
-          for (int e = 0; e < n; ++e) {
-            const int64_t c = g * n + e;
-            // A slot > 3 (garbage under jit) adds nothing.
-            if (idx[c] >= kSelected) continue;
-            const float value = D::ToF32(val[c]);
-            const float* in = xs + g * kSelected + idx[c];
-            for (int t = 0; t < kT; ++t) a[t] += value * in[t * table_ld];
-          }
-        };
-        int64_t g = 0;
-        for (; g + kU <= G; g += kU)
-          for (int u = 0; u < kU; ++u) group(g + u, acc[u]);
-        for (; g < G; ++g) group(g, acc[0]);
-        for (int t = 0; t < kT; ++t) {
-          float sum = acc[0][t];
-          for (int u = 1; u < kU; ++u) sum += acc[u][t];
-          y[t * N + r] = D::FromF32(sum);
+  }
+
+  // Rows r .. r + kR - 1, every token.
+  template <int kV, int kR>
+  void Rows(int64_t r, const float* xs) const {
+    const int64_t kc = Kc, ld = table_ld, zero_row = kSelected * G;
+    const int32_t nn = n;
+    const uint8_t* idx[kR];
+    const S* val[kR];
+    V acc[kR][kV];
+    for (int q = 0; q < kR; ++q) {
+      idx[q] = w.indices + (r + q) * kc;
+      val[q] = w.values + (r + q) * kc;
+      for (int u = 0; u < kV; ++u) acc[q][u] = Tr::Zero();
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      for (int e = 0; e < nn; ++e) {
+        const int64_t c = g * nn + e;
+#pragma GCC unroll 4
+        for (int q = 0; q < kR; ++q) {
+          // A slot > 3 (garbage under jit) reads the zero row: adds nothing.
+          const uint8_t slot = idx[q][c];
+          const int64_t j = slot < kSelected ? g * kSelected + slot : zero_row;
+          const float value = D::ToF32(val[q][c]);
+          const V wv = Tr::Broadcast(&value);
+          const float* in = xs + j * ld;
+#pragma GCC unroll 4
+          for (int u = 0; u < kV; ++u)
+            acc[q][u] = Tr::Fma(wv, Tr::Load(in + u * Tr::kWidth), acc[q][u]);
         }
       }
-    });
+    }
+    alignas(64) float out[kV * Tr::kWidth];
+    for (int q = 0; q < kR; ++q) {
+      for (int u = 0; u < kV; ++u) Tr::Store(out + u * Tr::kWidth, acc[q][u]);
+      for (int64_t t = 0; t < T; ++t) y[t * N + r + q] = D::FromF32(out[t]);
+    }
   }
 };
 
@@ -726,7 +767,7 @@ template <class Tr, class D, class Isa>
 struct SpmmAny {
   SpmmAny(const VnmProblem& prob, const Runtime& runtime) : p(prob), rt(runtime) {}
   bool Compute() {
-    if (p.tokens <= kRowDotMaxTokens) return Run<SpmmRowDot<Tr, D, Isa>>(p, rt);
+    if (SpmmTokens<Tr, D, Isa>::Applies(p)) return Run<SpmmTokens<Tr, D, Isa>>(p, rt);
     return Run<Spmm<Tr, D, Isa>>(p, rt);
   }
   const VnmProblem& p;

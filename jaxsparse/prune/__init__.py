@@ -13,7 +13,8 @@
   `RearrangeReport`.
 - Second-order one-shot compression of one layer from its inputs' Gram matrix `X^T X`:
   `sparsegpt(w, gram, spec)` (SparseGPT/OBS for N:M, V:N:M, 1xN blocks, unstructured, and
-  2:4 + int4) and `gptq(w, gram, jaxsparse.Int4(...))`, each returning the spec's format;
+  2:4 + int4; sparse specs then re-solve their kept weights for the final mask, `refit`) and
+  `gptq(w, gram, jaxsparse.Int4(...))`, each returning the spec's format;
   `calibrate` (nnx) / `calibrate_linen` sum each dense layer's input Gram (`GramStats`) over
   calibration batches, and `one_shot` compresses a whole nnx model (one pass, or `sequential`
   as the SparseGPT paper) into `{path: weight}` for `jaxsparse.nn.sparsify(..., method=)`.

@@ -25,7 +25,7 @@ from flax import nnx
 from jaxsparse import _validate as V
 from jaxsparse.prune._layerwise import check_mapping
 from jaxsparse.prune._patterns import as_pattern
-from jaxsparse.prune._sparsegpt import sparsegpt
+from jaxsparse.prune._sparsegpt import _REFIT_STEPS, sparsegpt
 
 
 class GramStats(tp.NamedTuple):
@@ -294,7 +294,8 @@ def _progress(items, enabled, desc, total=None):
 
 # ====================================================================== the model driver
 def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: float = 0.01,
-             filter=None, progress: bool = True, stats: Mapping | None = None) -> dict:
+             filter=None, progress: bool = True, stats: Mapping | None = None,
+             refit: int = _REFIT_STEPS) -> dict:
     """Compress every `nnx.Linear` of a model one-shot by SparseGPT (sparse specs) or GPTQ
     (int4 specs), from calibration batches.
 
@@ -313,6 +314,8 @@ def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: floa
             pass with the earlier stages compressed (a layer it does not match is its own
             stage).
         damp: dampening of every layer's Gram matrix (see `sparsegpt`).
+        refit: conjugate-gradient steps re-solving each sparse layer's kept weights for its mask
+            (see `sparsegpt`; 0: none).
         filter: which layers (as for `calibrate`).
         progress: progress bars over the layers and the batches.
         stats: the one-pass statistics `calibrate(model, batches)` already gave (to compress
@@ -338,11 +341,12 @@ def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: floa
     """
     where = "jaxsparse.prune.one_shot"
     specs = _specs_of(spec, where)
+    V.check_int("refit", refit, low=0, high=2**31 - 1, where=where)
     if stats is not None:
         if sequential:
             raise ValueError(f"{where}: stats= is one pass's statistics; sequential=True takes "
                              "its own (pass batches, not stats)")
-        return _solve_all(model, stats, specs, damp, filter, where)
+        return _solve_all(model, stats, specs, damp, refit, filter, where)
     if isinstance(batches, (jax.Array, np.ndarray)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"{where}: batches must be an iterable of model inputs; got "
                         f"{type(batches).__name__}")
@@ -363,7 +367,8 @@ def one_shot(model, batches, spec, *, sequential: bool | str = False, damp: floa
             runner.update(work)
             stats = _accumulate(runner, batches, progress, where)
         for name in names:
-            compressed = _solve_layer(layers[name], stats[name], specs(name), damp, name, where)
+            compressed = _solve_layer(layers[name], stats[name], specs(name), damp, refit,
+                                      name, where)
             if compressed is None:
                 continue
             weights[name] = compressed
@@ -393,7 +398,7 @@ def _stages(sequential, where):
     return stage
 
 
-def _solve_all(model, stats, specs, damp, filter, where):
+def _solve_all(model, stats, specs, damp, refit, filter, where):
     from jaxsparse.nn import _layout
 
     if not isinstance(stats, Mapping) or not all(isinstance(v, GramStats)
@@ -408,7 +413,8 @@ def _solve_all(model, stats, specs, damp, filter, where):
         layer_spec = specs(name)
         if layer_spec is None or name not in layers:
             continue
-        compressed = _solve_layer(layers[name], layer_stats, layer_spec, damp, name, where)
+        compressed = _solve_layer(layers[name], layer_stats, layer_spec, damp, refit, name,
+                                  where)
         if compressed is not None:
             weights[name] = compressed
     return weights
@@ -423,7 +429,7 @@ def _specs_of(spec, where):
     return lambda name: one
 
 
-def _solve_layer(layer, stats, spec, damp, name, where):
+def _solve_layer(layer, stats, spec, damp, refit, name, where):
     """The layer's compressed weight (`sparsegpt`, which runs GPTQ for dense int4), or None
     (logged) for a layer the spec cannot take."""
     from jaxsparse.nn import _layout
@@ -434,4 +440,4 @@ def _solve_layer(layer, stats, spec, damp, name, where):
     if reason is not None:
         _layout.logger.info("%s: skipped %s: %s", where, name, reason)
         return None
-    return sparsegpt(kernel, stats.gram, spec, damp=damp)
+    return sparsegpt(kernel, stats.gram, spec, damp=damp, refit=refit)

@@ -14,6 +14,11 @@ and the Gram matrix `H = X^T X [in, in]` of the layer's calibration inputs, find
    becomes `q_i` = its kept entries, quantised for int4, and its error is spread over the later
    inputs. Updates inside a chunk of `block_size` inputs are immediate; the rest of the weight
    gets them once per chunk, as one matrix product (the papers' lazy batch updates).
+4. Sparse specs: with the mask now fixed, the kept weights are re-solved for it (`refit`
+   conjugate-gradient steps on each output's masked least-squares problem, `H_SS q_S = (H w)_S`),
+   which the sweep of step 3 only approximates: it spreads each error over later inputs only.
+   Boza, "Fast and Effective Weight Update for Pruned Large Language Models" (TMLR 2024) solves
+   the same problem by ADMM.
 
 The mask is chosen by each spec's own rule (`spec.magnitude_mask`) applied to the OBS-scaled
 weights `w_i / U_ii` (the OBS saliency is `w^2 / U_ii^2`):
@@ -55,6 +60,9 @@ from jaxsparse.prune._patterns import Unstructured, as_pattern
 
 _BLOCK_SIZE = 128  # Inputs per lazy-update chunk: the papers' default, a few hundred KB of W.
 _STEP = 8  # Inputs per unrolled step when no mask group sets it.
+#: Conjugate-gradient steps of the refit (see `_refit`): on all-MiniLM-L6-v2 (in 384 / 1536) the
+#: 2:4 model's cosine to dense was 0.8995 / 0.9320 / 0.9322 / 0.9322 after 0 / 20 / 50 / 100.
+_REFIT_STEPS = 50
 #: Clipping factors an int4 group's scale is searched over (1.0 first: ties keep RTN's scale).
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -74,7 +82,8 @@ class _Plan(NamedTuple):
 
 
 # ====================================================================== public solvers
-def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZE):
+def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZE,
+              refit: int = _REFIT_STEPS):
     """Prune (and, for int4 + 2:4, quantise) one layer by SparseGPT/OBS.
 
     Args:
@@ -87,6 +96,12 @@ def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZ
             `jaxsparse.prune.Unstructured(density)`.
         damp: dampening, as a fraction of the mean of `diag(gram)` added to the diagonal.
         block_size: inputs per lazy-update chunk (rounded to fit the spec's groups).
+        refit: conjugate-gradient steps that re-solve the kept weights once the mask is chosen
+            (the exact least-squares problem of the layer with the pruned entries held at zero,
+            which the OBS sweep leaves unsolved; 0: the sweep's weights). On all-MiniLM-L6-v2's
+            36 layers the 50 default steps cut the layers' errors ~30% and lift the 2:4 model's
+            cosine to dense from 0.90 to 0.93. Sparse specs only: int4 + 2:4 keeps its values on
+            the int4 grid.
 
     Returns:
         The format `spec` names (`NMSparse`, `VNMSparse`, `BlocksSparse`, `Int4NMWeight`,
@@ -109,9 +124,10 @@ def sparsegpt(w, gram, spec, *, damp: float = 0.01, block_size: int = _BLOCK_SIZ
     """
     where = "jaxsparse.prune.sparsegpt"
     spec = as_pattern(spec, name="spec", where=where)
+    V.check_int("refit", refit, low=0, high=2**31 - 1, where=where)
     if isinstance(spec, Int4) and spec.sparsity is None:  # Nothing to prune: GPTQ.
         return gptq(w, gram, spec, damp=damp, block_size=block_size)
-    return _compress(w, gram, spec, damp, block_size, where)
+    return _compress(w, gram, spec, damp, block_size, where, refit=refit)
 
 
 def gptq(w, gram, spec, *, damp: float = 0.01, act_order: bool = True,
@@ -197,7 +213,7 @@ def _fits(spec, shape):
 
 
 # ====================================================================== driver
-def _compress(w, gram, spec, damp, block_size, where, act_order=False):
+def _compress(w, gram, spec, damp, block_size, where, act_order=False, refit=0):
     w, gram = _check_inputs(w, gram, spec, damp, block_size, where)
     plan = _make_plan(spec, w.shape, w.dtype, block_size, act_order)
     order = None
@@ -210,6 +226,8 @@ def _compress(w, gram, spec, damp, block_size, where, act_order=False):
                          f"damp={damp} (its Cholesky factor is not finite): pass a Gram "
                          "matrix X^T X of real inputs, or a larger damp")
     q, mask, codes, scales = _solve(w.astype(jnp.float32), u, dead, order, plan)
+    if refit and codes is None:  # Quantised values stay on their grid.
+        q = _refit(w.astype(jnp.float32), gram, q, mask, jnp.float32(damp), refit)
     return _to_format(w, q, mask, codes, scales, spec)
 
 
@@ -252,17 +270,23 @@ def _chunk_quotas(spec, chunks, k, out):
     return tuple(quotas)
 
 
+def _damped(gram, damp):
+    """`(H, dead)`: the symmetrised f32 Gram matrix with each dead input's (`H_ii = 0`) diagonal
+    set to 1, plus `damp * mean(diag H) * I`; bool `dead [in]`."""
+    k = gram.shape[0]
+    h = gram.astype(jnp.float32)
+    h = (h + h.T) * 0.5  # Sums in another order leave X^T X asymmetric by rounding.
+    dead = jnp.diagonal(h) == 0
+    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+    return h + jnp.eye(k, dtype=jnp.float32) * (damp * jnp.mean(jnp.diagonal(h))), dead
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def _inverse_factor(gram, damp, padded: int):
     """U (upper, `[padded, padded]`) with `U^T U = (H + damp * mean(diag H) * I)^-1`, H the
     Gram matrix with dead inputs set to 1 and padded by an identity; bool `dead [padded]`."""
     k = gram.shape[0]
-    h = gram.astype(jnp.float32)
-    h = (h + h.T) * 0.5  # Sums in another order leave X^T X asymmetric by rounding.
-    diag = jnp.diagonal(h)
-    dead = diag == 0
-    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
-    h = h + jnp.eye(k, dtype=jnp.float32) * (damp * jnp.mean(jnp.diagonal(h)))
+    h, dead = _damped(gram, damp)
     h = jnp.pad(h, [(0, padded - k)] * 2) + jnp.diag(jnp.arange(padded) >= k).astype(h.dtype)
     lower = jnp.linalg.cholesky(h)
     h_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(padded, dtype=jnp.float32))
@@ -306,6 +330,44 @@ def _solve(w, u, dead, order, plan: _Plan):
 
 def _unpermute(a, order):
     return a if order is None else jnp.zeros_like(a).at[order].set(a)
+
+
+# ====================================================================== the refit
+@functools.partial(jax.jit, static_argnums=5)
+def _refit(w, gram, q, mask, damp, steps: int):
+    """The kept weights re-solved for the chosen mask: `[in, out]` f32.
+
+    Each output column `o` has its own least-squares problem once the mask is fixed: minimise
+    `(w - q)^T H (w - q)` (H damped as for the solve) over `q` with `q_i = 0` off the mask, whose
+    optimum solves `H_SS q_S = (H w)_S` on the kept inputs S. The OBS sweep does not reach it:
+    input i's error is spread only over the inputs after i, and the later groups' masks are
+    chosen from weights that later errors still change. Here `steps` conjugate-gradient steps on
+    the masked system run from the sweep's `q` for every column at once (one `[in, in] @ [in,
+    out]` product per step, the columns' step sizes a vector). A column keeps the sweep's `q`
+    unless the result is better, so the refit never loses (nor moves a planted exact solution:
+    its residual is zero)."""
+    h, dead = _damped(gram, damp)
+    w = jnp.where(dead[:, None], 0.0, w)
+    keep = mask.astype(jnp.float32)
+    start = q * keep
+    tiny = jnp.float32(1e-30)
+
+    def step(_, carry):
+        q, r, p, rr = carry
+        hp = keep * (h @ p)
+        alpha = rr / jnp.maximum(jnp.sum(p * hp, axis=0), tiny)
+        q, r = q + alpha * p, r - alpha * hp
+        rr_next = jnp.sum(r * r, axis=0)
+        return q, r, r + (rr_next / jnp.maximum(rr, tiny)) * p, rr_next
+
+    residual = keep * (h @ (w - start))  # Minus the gradient, on the kept entries.
+    q, *_ = lax.fori_loop(0, steps, step, (start, residual, residual,
+                                           jnp.sum(residual * residual, axis=0)))
+
+    def error(q):
+        return jnp.sum((w - q) * (h @ (w - q)), axis=0)
+
+    return jnp.where(error(q) < error(start), q, start)
 
 
 def _static_scales(w, u, order, plan: _Plan):

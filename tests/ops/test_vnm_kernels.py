@@ -140,6 +140,15 @@ def test_larger_shapes_span_several_blocks(isa, t, k, n_out, v, n, m):
     check_all(t, k, n_out, v, n, m, jnp.float32, seed=1)
 
 
+@pytest.mark.parametrize("t", [8, 9, 25, 32, 33])
+def test_the_few_token_forward_at_each_vector_count(isa, t):
+    # AVX2 and portable run the forward with tokens in the lanes up to 4 vectors of 8 (1-32
+    # tokens; cpu/vnm/vnm_kernels.h, SpmmTokens), rows 4 or 2 at a time, then the dense engine.
+    # Odd panel rows (N % 2) and a ragged last group.
+    check_all(t, 77, 45, 16, 2, 8, jnp.float32, seed=2)
+    check_all(t, 77, 45, 16, 1, 4, jnp.bfloat16, seed=3)
+
+
 # bf16 from 32 tokens under amx and avx512bf16 runs on the tiles (cpu/vnm/vnm_amx.h; the tile unit
 # or vdpbf16ps): 16-token tiles of A (T % 16, T % 32; vdpbf16ps takes them in halves of 8), 16-output
 # tiles of B (an odd count: v = 16, 48-wide partial panels), k steps of

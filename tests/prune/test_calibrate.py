@@ -237,6 +237,26 @@ def test_one_shot_from_given_statistics_equals_one_pass():
         prune.one_shot(model, None, {"head": "5:4"}, stats=stats, progress=False)
 
 
+def test_one_shot_passes_the_refit_to_every_layer():
+    model = mlp(5)
+    stats = prune.calibrate(model, inputs(16, n=2, shape=(64, 16)), progress=False)
+    refit = prune.one_shot(model, None, "2:4", stats=stats, progress=False)
+    swept = prune.one_shot(model, None, "2:4", stats=stats, progress=False, refit=0)
+    assert sorted(refit) == sorted(swept) == ["layers/0", "layers/2"]
+    for name, module in nnx.iter_modules(model):
+        key = "/".join(map(str, name))
+        if key not in refit:
+            continue
+        w, gram = module.kernel[...], stats[key].gram
+        np.testing.assert_array_equal(refit[key].todense(),
+                                      prune.sparsegpt(w, gram, "2:4").todense())
+        np.testing.assert_array_equal(swept[key].todense(),
+                                      prune.sparsegpt(w, gram, "2:4", refit=0).todense())
+        assert not np.array_equal(refit[key].todense(), swept[key].todense())
+    with pytest.raises(ValueError, match=r"one_shot: refit must be in \[0"):
+        prune.one_shot(model, None, "2:4", stats=stats, progress=False, refit=-1)
+
+
 def test_sequential_stages_compress_a_stage_from_one_pass():
     model = Branches(nnx.Rngs(2))
     batches = inputs(15, n=2, shape=(64, 16))

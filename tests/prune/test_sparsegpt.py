@@ -142,12 +142,33 @@ def solve(w, gram, spec, **kw):
     return prune.sparsegpt(w, gram, spec, **kw)
 
 
+def sweep(w, gram, spec, **kw):
+    """The OBS sweep alone (no refit): what the plain reference computes."""
+    if isinstance(spec, jsp.Int4):
+        return solve(w, gram, spec, **kw)
+    return prune.sparsegpt(w, gram, spec, refit=0, **kw)
+
+
+def masked_optimum(w, gram, mask, damp=0.01):
+    """Per output, the exact minimiser of `(w - q)^T H (w - q)` with `q = 0` off the mask (H damped
+    as the solver damps it), in float64: `H_SS q_S = (H w)_S`."""
+    h = np.array(gram, np.float64)
+    h = (h + h.T) / 2
+    h += np.eye(len(h)) * damp * np.mean(np.diag(h))
+    w = np.asarray(w, np.float64)
+    q = np.zeros_like(w)
+    for o in range(w.shape[1]):
+        kept = np.flatnonzero(mask[:, o])
+        q[kept, o] = np.linalg.solve(h[np.ix_(kept, kept)], (h @ w[:, o])[kept])
+    return q
+
+
 # ---------------------------------------------------------------------- against the reference
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("k,out,block_size", once_after([(64, 24, 128), (96, 20, 32)]))
 def test_matches_the_plain_obs_reference(spec, k, out, block_size):
     x, w, gram = layer(0, k, out)
-    got = solve(w, gram, spec, block_size=block_size)
+    got = sweep(w, gram, spec, block_size=block_size)
     want, want_mask = reference_obs(w, gram, spec, block_size=block_size)
     np.testing.assert_array_equal(dense(got) != 0, want_mask & (want != 0))
     np.testing.assert_allclose(dense(got), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -156,7 +177,7 @@ def test_matches_the_plain_obs_reference(spec, k, out, block_size):
 @pytest.mark.parametrize("spec", [jsp.NM(2, 4), jsp.NM(3, 8), jsp.VNM(16, 2, 8)], ids=str)
 def test_ragged_inputs_match_the_reference(spec):
     x, w, gram = layer(1, 30, 17)
-    got = prune.sparsegpt(w, gram, spec, block_size=8)
+    got = prune.sparsegpt(w, gram, spec, block_size=8, refit=0)
     want, _ = reference_obs(w, gram, spec, block_size=8)
     assert got.shape == w.shape
     np.testing.assert_allclose(dense(got), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -223,6 +244,27 @@ def test_weights_already_sparse_come_back_unchanged(spec):
     x, w, gram = layer(4, 64, 32)
     sparse = jsp.fromdense(w, spec).todense()
     np.testing.assert_array_equal(prune.sparsegpt(sparse, gram, spec).todense(), sparse)
+
+
+# ---------------------------------------------------------------------- the refit
+@pytest.mark.parametrize("spec", [jsp.NM(2, 4), jsp.NM(1, 4), jsp.VNM(16, 2, 8),
+                                  jsp.Blocks(4, density=0.5), UNSTRUCTURED], ids=str)
+def test_refit_reaches_the_least_squares_optimum_of_the_sweeps_mask(spec):
+    x, w, gram = layer(13, 64, 24)
+    swept = dense(prune.sparsegpt(w, gram, spec, refit=0))
+    got = dense(prune.sparsegpt(w, gram, spec))
+    np.testing.assert_array_equal(got != 0, swept != 0)  # The same mask,
+    want = masked_optimum(w, gram, swept != 0)  # its optimal weights,
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    # and so a smaller reconstruction error than the sweep's.
+    assert relative_error(x, w, got) < 0.98 * relative_error(x, w, swept)
+
+
+def test_refit_leaves_int4_codes_on_their_grid():
+    x, w, gram = layer(14, 64, 16)
+    spec = jsp.Int4(32, sparsity=jsp.NM(2, 4))
+    np.testing.assert_array_equal(dense(prune.sparsegpt(w, gram, spec)),
+                                  dense(prune.sparsegpt(w, gram, spec, refit=0)))
 
 
 # ---------------------------------------------------------------------- better than one-shot baselines
@@ -310,6 +352,8 @@ def test_chunk_quotas_keep_what_fromdense_keeps():
     (lambda w, g: prune.gptq(w, g, "2:4"), TypeError, "jaxsparse.Int4"),
     (lambda w, g: prune.gptq(w, g, jsp.Int4(64)), ValueError, "group_size=64"),
     (lambda w, g: prune.gptq(w, g, jsp.Int4(8), act_order=1), TypeError, "act_order"),
+    (lambda w, g: prune.sparsegpt(w, g, "2:4", refit=-1), ValueError, "refit"),
+    (lambda w, g: prune.sparsegpt(w, g, "2:4", refit=2.5), TypeError, "refit"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input_is_named(case, error, match):
     x, w, gram = layer(11, 40, 8)
