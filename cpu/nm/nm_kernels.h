@@ -174,6 +174,19 @@ struct F16 {
 template <class D>
 constexpr bool kIsF32 = std::is_same_v<typename D::Storage, float>;
 
+// x [T, K] as f32 rows of `stride` floats, zero padded past K (the row
+// kernels' tables read past K).
+template <class D>
+void PackRowsF32(const typename D::Storage* x, int64_t tokens, int64_t k, int64_t stride,
+                 float* xs) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* row = xs + t * stride;
+    const typename D::Storage* src = x + t * k;
+    for (int64_t i = 0; i < k; ++i) row[i] = D::ToF32(src[i]);
+    std::memset(row + k, 0, (stride - k) * sizeof(float));
+  }
+}
+
 // ------------------------------------------------------------------ tiling
 
 // Tokens are cut into tiles of kMaxVecs vectors; the last tile is only as many

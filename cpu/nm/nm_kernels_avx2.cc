@@ -5,9 +5,15 @@
 
 #define JAXSPARSE_NM_ISA avx2
 #include "cpu/nm/nm_kernels.h"
+#include "cpu/nm/nm_rowdot_avx2.h"
 
 namespace jaxsparse {
 namespace cpu {
-const NmKernelTable kNmKernelsAvx2 = avx2::MakeTable<avx2::Traits>();
+// The forward adds the small-token 2:4 kernel of nm_rowdot_avx2.h.
+const NmKernelTable kNmKernelsAvx2 = [] {
+  NmKernelTable table = avx2::MakeTable<avx2::Traits>();
+  table.spmm = &avx2::RunOp<avx2::Traits, avx2::SpmmAvx2>;
+  return table;
+}();
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -229,21 +229,12 @@ struct RowDot : Dims {
       idx = p.indices + b * p.indices_stride;
       if (kPacked) idx2 = p.indices_2bit + b * p.indices_2bit_stride;
       y = static_cast<S*>(p.out) + b * T * N;
-      if (b == 0 || p.x_stride != 0) PackX(x);
+      if (b == 0 || p.x_stride != 0) PackRowsF32<D>(x, T, K, x_stride, xs);
       RunParallel(rt, row_tasks, *this);
     }
     return true;
   }
 
-  // x in f32, each token's row zero padded (the tables read past K).
-  void PackX(const S* x) const {
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = xs + t * x_stride;
-      const S* src = x + t * K;
-      for (int64_t k = 0; k < K; ++k) row[k] = D::ToF32(src[k]);
-      std::memset(row + K, 0, (x_stride - K) * sizeof(float));
-    }
-  }
 
   // Register blocks: kVecs vectors of rows x up to kTb tokens (2 x 8 for
   // several tokens: 16 accumulators, 8 tables, measured fastest of 1x16,

@@ -445,13 +445,14 @@ def test_packed_forward_matches_the_reference_on_every_isa(isa, t, k, out, n, dt
 @pytest.mark.parametrize("t,dtype", [(3, jnp.float32), (16, jnp.bfloat16)])
 def test_packed_forward_reads_the_2bit_positions(isa, t, dtype):
     # Positions that disagree with `indices` show which array a kernel read (never done by the
-    # format, whose constructor keeps the two equal): the row-vectorised kernel (AVX-512) and the
-    # tiles (AMX or AVX512-BF16, bf16) read the 2-bit ones, the other kernels `indices`.
+    # format, whose constructor keeps the two equal): the row-vectorised kernels (AVX-512, and
+    # AVX2 for 2:4) and the tiles (AMX or AVX512-BF16, bf16) read the 2-bit ones, the other
+    # kernels `indices`.
     x, ws, _ = operands(keys(88, 1)[0], t, 64, 40, 2, 4, dtype)
     shifted = (ws.indices.reshape(1, 40, 16, 2) + 1) % 4  # Still two distinct positions.
     other = jnp.sort(shifted, axis=-1).reshape(ws.indices.shape)
     y = nm_spmm_packed(x, ws.values, ws.indices, pack_indices_2bit(other), n=2, m=4)
-    reads_2bit = isa in ("avx512", "avx512bf16", "amx") and not _ffi.emulating_cuda()
+    reads_2bit = isa in ("avx2", "avx512", "avx512bf16", "amx") and not _ffi.emulating_cuda()
     read = other if reads_2bit else ws.indices
     assert_close(y, nm_spmm_reference(x, ws.values, read, n=2, m=4), dtype, scale_for(64))
     unread = ws.indices if reads_2bit else other
