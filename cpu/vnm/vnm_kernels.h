@@ -661,8 +661,8 @@ bool RunForwardInPlace(Op& op, int64_t tasks) {
 // not exist, and a zero row 4G that garbage positions read), shared by the
 // panel's v rows and small enough for L1/L2; then each entry of a row is one
 // broadcast of its value and, per vector of tokens, one load of its table row
-// and one FMA. Two rows go together (four at one vector) so that 6-8
-// independent FMA chains cover the FMA latency (4 cycles x 2 pipes).
+// and one FMA. Two rows go together (four at one vector): 4-8 independent
+// FMA chains toward the 8 that cover the FMA latency (4 cycles x 2 pipes).
 constexpr int kStreamMaxVecs = 4;
 
 template <class Tr, class D, class Isa>

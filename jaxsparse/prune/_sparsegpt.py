@@ -225,9 +225,10 @@ def _compress(w, gram, spec, damp, block_size, where, act_order=False, refit=0):
         raise ValueError(f"{where}: gram is not positive definite after dampening with "
                          f"damp={damp} (its Cholesky factor is not finite): pass a Gram "
                          "matrix X^T X of real inputs, or a larger damp")
-    q, mask, codes, scales = _solve(w.astype(jnp.float32), u, dead, order, plan)
+    w32 = w.astype(jnp.float32)
+    q, mask, codes, scales = _solve(w32, u, dead, order, plan)
     if refit and codes is None:  # Quantised values stay on their grid.
-        q = _refit(w.astype(jnp.float32), gram, q, mask, jnp.float32(damp), refit)
+        q = _refit(w32, gram, q, mask, jnp.float32(damp), refit)
     return _to_format(w, q, mask, codes, scales, spec)
 
 
