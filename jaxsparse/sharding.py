@@ -48,11 +48,14 @@ unpartitioned; row parallel in bf16/f16 rounds each shard's partial product to t
 the f32 sum (about one rounding more than one device).
 
 Autodiff: `sharded_product_p`'s JVP is the format's kernel's own (its primitives and their
-rules), so `grad`, `jvp` and `vmap` compose as before; the backward kernels are not
-custom-partitioned themselves (under `jit` over sharded operands XLA replicates their operands).
-A data-parallel training step runs every kernel locally under `jax.shard_map`, where a
-replicated weight is cast to varying like jax's own binary ops do, so its gradient comes out
-summed over the devices (examples/sharded.py, tests/test_sharding.py).
+rules), bound as `sharded_tangent_p`, whose transpose `sharded_cotangent_p` runs the backward
+kernels; both partition by the product's plan (x's cotangent summed over the output shards in
+column parallel, the weight arrays' over the token shards in data parallel), so `grad` of a jit
+over sharded operands gathers no weight either. Second derivatives and `vmap` of those run the
+kernels' own rules, unpartitioned. A data-parallel training step can also run every kernel
+locally under `jax.shard_map`, where a replicated weight is cast to varying like jax's own
+binary ops do, so its gradient comes out summed over the devices (examples/sharded.py,
+tests/test_sharding.py).
 """
 
 from __future__ import annotations
@@ -263,30 +266,51 @@ def _dim(axes):
     return None if not axes else (axes if len(axes) > 1 else axes[0])
 
 
-def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
-    del result_shape
-    fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
-    plan = _plan(fmt, mesh, arg_shapes)
-    x_sharding = NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.inp)))
-    arg_shardings = [x_sharding]
-    for name, a in zip(cls.array_names(), arg_shapes[1:]):
+class _Layout(NamedTuple):
+    """A plan's shardings: of x, of each weight array, of the product."""
+    x: NamedSharding
+    arrays: tuple
+    out: NamedSharding
+
+
+def _layout(cls, plan, mesh, array_shapes) -> _Layout:
+    arrays = []
+    for name, a in zip(cls.array_names(), array_shapes):
         dims = [None] * len(a.shape)
         for axes, splits in ((plan.out, plan.out_splits), (plan.inp, plan.in_splits)):
             split = splits.get(name)
             if axes and split is not None:
                 dims[split.axis] = _dim(axes)
-        arg_shardings.append(NamedSharding(mesh, PartitionSpec(*dims)))
-    _warn_dropped(fmt, mesh, arg_shapes, arg_shardings)
-    out_sharding = NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.out)))
+        arrays.append(NamedSharding(mesh, PartitionSpec(*dims)))
+    return _Layout(NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.inp))),
+                   tuple(arrays),
+                   NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.out))))
+
+
+def _planned(cls, aux, mesh, arg_shapes):
+    """The plan for the primal operands `arg_shapes` (x3, then the weight's arrays), its
+    shardings and the static fields of one shard's weight."""
+    fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
+    plan = _plan(fmt, mesh, arg_shapes)
+    layout = _layout(cls, plan, mesh, arg_shapes[1:])
+    _warn_dropped(fmt, mesh, arg_shapes, (layout.x,) + layout.arrays)
     local_aux = _local_aux(fmt, aux, _size(mesh, plan.out), _size(mesh, plan.inp))
+    return plan, layout, local_aux
+
+
+def _psum_f32(y, axes):
+    """The sum over mesh `axes` of partial results, added in f32."""
+    return jax.lax.psum(y.astype(jnp.float32), axes).astype(y.dtype) if axes else y
+
+
+def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
+    del result_shape
+    plan, layout, local_aux = _planned(cls, aux, mesh, arg_shapes)
 
     def lower_fn(x3, *arrays3):
-        y = _call(cls, local_aux, kind, x3, arrays3)
-        if plan.inp:
-            y = jax.lax.psum(y.astype(jnp.float32), plan.inp).astype(y.dtype)
-        return y
+        return _psum_f32(_call(cls, local_aux, kind, x3, arrays3), plan.inp)
 
-    return mesh, lower_fn, out_sharding, tuple(arg_shardings)
+    return mesh, lower_fn, layout.out, (layout.x,) + layout.arrays
 
 
 def _warn_dropped(fmt, mesh, arg_shapes, arg_shardings):
@@ -405,19 +429,15 @@ def _impl(*args, jaxpr, cls, aux, kind):
 
 
 def _jvp(primals, tangents, *, jaxpr, cls, aux, kind):
-    """The kernel's own JVP (its primitives' rules), on the operands with nonzero tangents."""
+    """The kernel's own JVP (its primitives' rules) on the operands with nonzero tangents, bound
+    as `sharded_tangent_p` so that it, and its transpose (the backward kernels), partition as
+    the product does."""
     out = sharded_product_p.bind(*primals, jaxpr=jaxpr, cls=cls, aux=aux, kind=kind)
-    live = [i for i, t in enumerate(tangents) if type(t) is not ad.Zero]
+    live = tuple(i for i, t in enumerate(tangents) if type(t) is not ad.Zero)
     if not live:
         return out, ad.Zero.from_primal_value(out)
-
-    def fn(*live_args):
-        args = list(primals)
-        for i, a in zip(live, live_args):
-            args[i] = a
-        return _call(cls, aux, kind, args[0], args[1:])
-
-    _, t_out = jax.jvp(fn, [primals[i] for i in live], [tangents[i] for i in live])
+    t_out = sharded_tangent_p.bind(*primals, *(tangents[i] for i in live), live=live, cls=cls,
+                                   aux=aux, kind=kind)
     return out, t_out
 
 
@@ -448,7 +468,7 @@ def _infer(cls, aux, kind, mesh, arg_shapes, result_shape):
     del result_shape
     fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
     plan = _plan(fmt, mesh, arg_shapes)
-    return NamedSharding(mesh, PartitionSpec(None, _dim(plan.tokens), _dim(plan.out)))
+    return _layout(cls, plan, mesh, arg_shapes[1:]).out
 
 
 def _multi_device(ctx) -> bool:
@@ -472,3 +492,213 @@ batching.primitive_batchers[sharded_product_p] = _batch
 mlir.register_lowering(sharded_product_p, _lowering)
 if _dispatch is not None:
     _dispatch.prim_requires_devices_during_lowering.add(sharded_product_p)
+
+
+# ====================================================================== the backward
+# The JVP of the product binds `sharded_tangent_p` (linear in the tangents of the operands
+# `live`), whose transpose binds `sharded_cotangent_p` (the backward kernels: x's cotangent and
+# the weight arrays'). Both partition by the plan of the primal operands, as the product does,
+# so `grad` of a jit over sharded operands runs every backward kernel on its shard:
+#
+# - data parallel: x's cotangent on the local tokens; each weight array's is the local tokens'
+#   share, summed over the token axes (psum, in f32);
+# - column parallel: each shard's x cotangent is its outputs' share, summed over the output
+#   axes; the weight arrays' are local to their shard;
+# - row parallel: x's cotangent on the local inputs, the weight arrays' on their shard; the
+#   tangent (forward-mode) is summed over the input axes as the product is.
+sharded_tangent_p = Primitive("jaxsparse_sharded_tangent")
+sharded_cotangent_p = Primitive("jaxsparse_sharded_cotangent")
+sharded_cotangent_p.multiple_results = True
+
+
+def _live_fn(cls, aux, kind, primals, live):
+    """The product as a function of the operands `live` (the others held at `primals`)."""
+
+    def fn(*live_args):
+        args = list(primals)
+        for i, a in zip(live, live_args):
+            args[i] = a
+        return _call(cls, aux, kind, args[0], args[1:])
+
+    return fn
+
+
+def _tangent_impl(*args, live, cls, aux, kind):
+    primals, tangents = args[:-len(live)], args[-len(live):]
+    fn = _live_fn(cls, aux, kind, primals, live)
+    return jax.jvp(fn, [primals[i] for i in live], list(tangents))[1]
+
+
+def _cotangent_impl(*args, live, cls, aux, kind):
+    primals, ct = args[:-1], args[-1]
+    fn = _live_fn(cls, aux, kind, primals, live)
+    return list(jax.vjp(fn, *(primals[i] for i in live))[1](ct))
+
+
+@functools.lru_cache(maxsize=512)
+def _traced_tangent(cls, aux, kind, live, avals):
+    """The kernel's JVP traced once per signature: a format that refuses a tangent (frozen int4
+    arrays, packed tiles) raises here, when the JVP is taken, not when it is compiled."""
+    structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
+    return jax.make_jaxpr(functools.partial(_tangent_impl, live=live, cls=cls, aux=aux,
+                                            kind=kind))(*structs)
+
+
+def _tangent_abstract_eval(*args, live, cls, aux, kind):
+    avals = tuple((a.shape, a.dtype) for a in args)
+    (out,) = _traced_tangent(cls, aux, kind, live, avals).out_avals
+    return args[0].update(shape=out.shape, dtype=out.dtype)  # The product's type.
+
+
+def _cotangent_abstract_eval(*args, live, cls, aux, kind):
+    return [args[i] for i in live]  # Each cotangent has its operand's type.
+
+
+def _tangent_transpose(ct, *args, live, cls, aux, kind):
+    primals = args[:-len(live)]
+    if any(ad.is_undefined_primal(p) for p in primals):
+        raise NotImplementedError("jaxsparse: the sharded product's tangent is linear in the "
+                                  "tangents only")
+    out = [None] * len(args)
+    if type(ct) is ad.Zero:
+        return out
+    cts = sharded_cotangent_p.bind(*primals, ct, live=live, cls=cls, aux=aux, kind=kind)
+    for slot, c in enumerate(cts):
+        out[len(primals) + slot] = c
+    return out
+
+
+def _unwrapped_jvp(impl, multiple_results):
+    """Second-order rules: the JVP of the unwrapped kernels (their primitives' own rules)."""
+
+    def rule(primals, tangents, **params):
+        nonzero = [i for i, t in enumerate(tangents) if type(t) is not ad.Zero]
+
+        def fn(*nonzero_args):  # Zero tangents stay symbolic: frozen arrays stay underived.
+            args = list(primals)
+            for i, a in zip(nonzero, nonzero_args):
+                args[i] = a
+            return impl(*args, **params)
+
+        if not nonzero:
+            out = fn()
+            zeros = [ad.Zero.from_primal_value(o) for o in (out if multiple_results else [out])]
+            return out, zeros if multiple_results else zeros[0]
+        return jax.jvp(fn, tuple(primals[i] for i in nonzero),
+                       tuple(tangents[i] for i in nonzero))
+
+    return rule
+
+
+def _unwrapped_batch(impl):
+    def rule(args, dims, **params):
+        out = jax.vmap(functools.partial(impl, **params), in_axes=tuple(dims))(*args)
+        return out, [0] * len(out) if isinstance(out, (list, tuple)) else 0
+
+    return rule
+
+
+def _tangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
+    del result_shape
+    primals = arg_shapes[:-len(live)]
+    plan, layout, local_aux = _planned(cls, aux, mesh, primals)
+    shardings = (layout.x,) + layout.arrays
+
+    def lower_fn(*args):
+        out = _tangent_impl(*args, live=live, cls=cls, aux=local_aux, kind=kind)
+        return _psum_f32(out, plan.inp)
+
+    return mesh, lower_fn, layout.out, shardings + tuple(shardings[i] for i in live)
+
+
+def _cotangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
+    del result_shape
+    primals = arg_shapes[:-1]
+    plan, layout, local_aux = _planned(cls, aux, mesh, primals)
+    shardings = (layout.x,) + layout.arrays
+    # x's cotangent sums over the output shards, every weight array's over the token shards.
+    sums = [plan.out if i == 0 else plan.tokens for i in live]
+
+    def lower_fn(*args):
+        cts = _cotangent_impl(*args, live=live, cls=cls, aux=local_aux, kind=kind)
+        return tuple(_psum_f32(c, axes) for c, axes in zip(cts, sums))
+
+    return (mesh, lower_fn, tuple(shardings[i] for i in live),
+            shardings + (layout.out,))
+
+
+def _tangent_infer(live, cls, aux, kind, mesh, arg_shapes, result_shape):
+    return _infer(cls, aux, kind, mesh, arg_shapes[:-len(live)], result_shape)
+
+
+def _cotangent_infer(live, cls, aux, kind, mesh, arg_shapes, result_shape):
+    del result_shape
+    primals = arg_shapes[:-1]
+    fmt = cls._unflatten(aux, tuple(primals[1:]))
+    layout = _layout(cls, _plan(fmt, mesh, primals), mesh, primals[1:])
+    shardings = (layout.x,) + layout.arrays
+    return tuple(shardings[i] for i in live)
+
+
+def _primal_factors(cls, aux, operand_types):
+    """Shardy factors of the primal operands (as `_sharding_rule`) and of the product."""
+    rule = _sharding_rule(cls, aux, None, None, operand_types, None)
+    operands, result = rule.split(" -> ")
+    return operands.split(", "), result
+
+
+def _tangent_rule(live, cls, aux, kind, mesh, operand_types, result_types):
+    del kind, mesh, result_types
+    factors, result = _primal_factors(cls, aux, operand_types[:-len(live)])
+    return ", ".join(factors + [factors[i] for i in live]) + " -> " + result
+
+
+def _cotangent_rule(live, cls, aux, kind, mesh, operand_types, result_types):
+    del kind, mesh, result_types
+    factors, result = _primal_factors(cls, aux, operand_types[:-1])
+    return (", ".join(factors + [result]) + " -> " + ", ".join(factors[i] for i in live))
+
+
+def _partitioned_backward(impl, partition, infer, rule, live, cls, aux, kind):
+    def call(*args):
+        out = impl(*args, live=live, cls=cls, aux=aux, kind=kind)
+        return tuple(out) if isinstance(out, list) else out
+
+    wrapped = custom_partitioning(call)
+    wrapped.def_partition(
+        partition=functools.partial(partition, live, cls, aux, kind),
+        infer_sharding_from_operands=functools.partial(infer, live, cls, aux, kind),
+        sharding_rule=functools.partial(rule, live, cls, aux, kind),
+    )
+    return wrapped
+
+
+def _backward_lowering(impl, partition, infer, rule, multiple_results):
+    def lowering(ctx, *args, live, cls, aux, kind):
+        params = dict(live=live, cls=cls, aux=aux, kind=kind)
+        if _multi_device(ctx):
+            fn = _partitioned_backward(impl, partition, infer, rule, live, cls, aux, kind)
+        else:
+            fn = functools.partial(impl, **params)
+        return mlir.lower_fun(fn, multiple_results=multiple_results)(ctx, *args)
+
+    return lowering
+
+
+sharded_tangent_p.def_impl(_tangent_impl)
+sharded_tangent_p.def_abstract_eval(_tangent_abstract_eval)
+ad.primitive_jvps[sharded_tangent_p] = _unwrapped_jvp(_tangent_impl, False)
+ad.primitive_transposes[sharded_tangent_p] = _tangent_transpose
+batching.primitive_batchers[sharded_tangent_p] = _unwrapped_batch(_tangent_impl)
+mlir.register_lowering(sharded_tangent_p, _backward_lowering(
+    _tangent_impl, _tangent_partition, _tangent_infer, _tangent_rule, False))
+
+sharded_cotangent_p.def_impl(_cotangent_impl)
+sharded_cotangent_p.def_abstract_eval(_cotangent_abstract_eval)
+ad.primitive_jvps[sharded_cotangent_p] = _unwrapped_jvp(_cotangent_impl, True)
+batching.primitive_batchers[sharded_cotangent_p] = _unwrapped_batch(_cotangent_impl)
+mlir.register_lowering(sharded_cotangent_p, _backward_lowering(
+    _cotangent_impl, _cotangent_partition, _cotangent_infer, _cotangent_rule, True))
+if _dispatch is not None:
+    _dispatch.prim_requires_devices_during_lowering.update(
+        (sharded_tangent_p, sharded_cotangent_p))

@@ -80,6 +80,53 @@ def check_mode(name, w, mesh, mode, axis, x):
             "collectives": collectives(hlo)}
 
 
+def backward(x, w, ct, wrt_weight):
+    """x's cotangent, and the weight arrays' where the format trains them."""
+    if wrt_weight:
+        return jax.vjp(product, x, w)[1](ct)
+    return jax.vjp(lambda x: product(x, w), x)[1](ct)
+
+
+def trains_weight(w, x, ct):
+    try:
+        jax.eval_shape(lambda x, w, ct: backward(x, w, ct, True), x, w, ct)
+        return True
+    except ValueError:  # Frozen arrays (int4, packed tiles) say so.
+        return False
+
+
+def check_backward(name, w, mesh, mode, axis, x):
+    """The backward kernels (x's cotangent, the weight's) of a jit over operands sharded in
+    `mode`, against one device's."""
+    try:
+        ws = jsp.shard_weight(w, mesh, mode, axis)
+    except ValueError as e:
+        return {"error": str(e)}
+    xs = jsp.shard_x(x, mesh, mode, axis)
+    ct = jax.random.normal(jax.random.key(2), (x.shape[0], OUT), jnp.float32).astype(x.dtype)
+    cts = jax.device_put(ct, NamedSharding(mesh, {"data": P(axis), "column": P(None, axis),
+                                                  "row": P()}[mode]))
+    wrt_weight = trains_weight(w, x, ct)
+    fn = jax.jit(backward, static_argnums=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fn(xs, ws, cts, wrt_weight)
+        hlo = fn.lower(xs, ws, cts, wrt_weight).compile().as_text()
+    want = backward(x, w, ct, wrt_weight)
+    pairs = [(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+             if jnp.issubdtype(b.dtype, jnp.floating)]
+    err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+              for a, b in pairs)
+    scale = max(float(jnp.max(jnp.abs(b.astype(jnp.float32)))) for _, b in pairs)
+    # Forward mode: the tangent in x (along x itself) against one device's.
+    tangent = jax.jit(lambda x, w: jax.jvp(lambda x: product(x, w), (x,), (x,))[1])
+    jvp_err = float(jnp.max(jnp.abs(tangent(xs, ws).astype(jnp.float32) -
+                                    tangent(x, w).astype(jnp.float32))))
+    return {"err": err, "scale": scale, "weight": wrt_weight, "grads": len(pairs),
+            "x_spec": spec_of(got[0]), "collectives": collectives(hlo), "jvp_err": jvp_err,
+            "jvp_collectives": collectives(tangent.lower(xs, ws).compile().as_text())}
+
+
 def check_2d(w, x):
     """A (2, 4) mesh: tokens over "data" and the weight over "model", both column and row."""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
@@ -139,8 +186,8 @@ def check_training(w, mesh):
                   jax.device_put(target, NamedSharding(mesh, P("d"))))
     xs = jax.device_put(x, NamedSharding(mesh, P("d")))
     g_sharded = jax.jit(jax.grad(loss))(w.values, xs, target)
-    # The gradients of a jit over a column- and a row-split weight (the backward kernels run
-    # on gathered operands: correct, not split).
+    # The gradients of a jit over a column- and a row-split weight (the backward kernels run on
+    # the shards: check_backward counts the collectives).
     split_err = 0.0
     for mode in ("column", "row"):
         ws = jsp.shard_weight(w, mesh, mode, "d")
@@ -169,6 +216,7 @@ def main():
         xw = x.astype(w.dtype)
         for mode in ("data", "column", "row"):
             run(f"{name}/{mode}", check_mode, name, w, mesh, mode, "d", xw)
+            run(f"{name}/{mode}/backward", check_backward, name, w, mesh, mode, "d", xw)
     ws = formats()
     run("nm24/2d", check_2d, ws["nm24"], x)
     run("int4/2d", check_2d, ws["int4"], x)

@@ -1,6 +1,7 @@
 """Sharded products (jaxsparse/sharding.py): every CPU format partitions under jit with
-NamedShardings, data parallel, column parallel and row parallel, without gathering a weight; a
-data-parallel training step; two processes training data-parallel equal one.
+NamedShardings, data parallel, column parallel and row parallel, without gathering a weight, and
+so do its backward kernels; a data-parallel training step; two processes training data-parallel
+equal one.
 
 The device count is fixed when jax starts its backend, which this process did already: the
 8-device checks run in one subprocess (tests/_sharding_worker.py), whose results the tests read.
@@ -59,6 +60,19 @@ def _result(sharded, key):
     return result
 
 
+def _unless_refused(sharded, key, name, mode):
+    """The check's result; None where the format cannot split in `mode`, which shard_weight must
+    then have refused by name."""
+    result = _result(sharded, key)
+    if (name, mode) not in REFUSED:
+        assert "error" not in result, result["error"]
+        return result
+    assert "error" in result, result
+    assert "jaxsparse.shard_weight" in result["error"]
+    assert re.search(REFUSED[(name, mode)], result["error"]), result["error"]
+    return None
+
+
 def _tolerance(name):
     return 2 ** -7 if name.endswith("bf16") else 1e-5  # bf16: the row shards round per shard.
 
@@ -66,19 +80,37 @@ def _tolerance(name):
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("mode", ("data", "column", "row"))
 def test_sharded_product_equals_one_device_and_gathers_no_weight(sharded, name, mode):
-    result = _result(sharded, f"{name}/{mode}")
-    if (name, mode) in REFUSED:
-        assert "error" in result, result
-        assert "jaxsparse.shard_weight" in result["error"]
-        assert re.search(REFUSED[(name, mode)], result["error"]), result["error"]
+    result = _unless_refused(sharded, f"{name}/{mode}", name, mode)
+    if result is None:
         return
-    assert "error" not in result, result["error"]
     assert result["err"] <= _tolerance(name) * max(result["scale"], 1.0), result
     want_spec = {"data": ["d"], "column": [None, "d"], "row": []}[mode]
     assert result["spec"] == want_spec
     # No gather of anything (weights included); the row shards' partial products are summed.
     want = dict(NO_COLLECTIVES, **({"all-reduce": 1} if mode == "row" else {}))
     assert result["collectives"] == want
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("mode", ("data", "column", "row"))
+def test_backward_kernels_run_on_the_shards_and_gather_no_weight(sharded, name, mode):
+    result = _unless_refused(sharded, f"{name}/{mode}/backward", name, mode)
+    if result is None:
+        return
+    # x's cotangent, and the weight's where the format trains it (int4 and packed tiles are
+    # frozen): equal to one device's.
+    assert result["grads"] == (2 if result["weight"] else 1), result
+    assert result["weight"] == (not name.startswith(("int4", "w4a8", "vnm_tiled"))), result
+    assert result["err"] <= 2 * _tolerance(name) * max(result["scale"], 1.0), result
+    assert result["x_spec"] == {"data": ["d"], "column": [], "row": [None, "d"]}[mode]
+    # Nothing gathered; a sum where shards hold partial cotangents: the weight's over the token
+    # shards (data parallel), x's over the output shards (column parallel).
+    sums = {"data": int(result["weight"]), "column": 1, "row": 0}[mode]
+    assert result["collectives"] == dict(NO_COLLECTIVES, **{"all-reduce": sums}), result
+    # Forward mode partitions as the product does (row parallel: the psum of the shards).
+    assert result["jvp_err"] <= _tolerance(name) * max(result["scale"], 1.0), result
+    want = dict(NO_COLLECTIVES, **({"all-reduce": 1} if mode == "row" else {}))
+    assert result["jvp_collectives"] == want, result
 
 
 @pytest.mark.parametrize("name", ("nm24", "int4"))
