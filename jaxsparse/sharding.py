@@ -466,9 +466,14 @@ def _partitioned(cls, aux, kind):
 def _infer(cls, aux, kind, mesh, arg_shapes, result_shape):
     """GSPMD's (non-Shardy) propagation: the output sharding of the plan."""
     del result_shape
+    return _planned_layout(cls, aux, mesh, arg_shapes).out
+
+
+def _planned_layout(cls, aux, mesh, arg_shapes) -> _Layout:
+    """The shardings of the plan for the primal operands `arg_shapes` (no warning: the
+    partition rules, through `_planned`, give it)."""
     fmt = cls._unflatten(aux, tuple(arg_shapes[1:]))
-    plan = _plan(fmt, mesh, arg_shapes)
-    return _layout(cls, plan, mesh, arg_shapes[1:]).out
+    return _layout(cls, _plan(fmt, mesh, arg_shapes), mesh, arg_shapes[1:])
 
 
 def _multi_device(ctx) -> bool:
@@ -633,9 +638,7 @@ def _tangent_infer(live, cls, aux, kind, mesh, arg_shapes, result_shape):
 
 def _cotangent_infer(live, cls, aux, kind, mesh, arg_shapes, result_shape):
     del result_shape
-    primals = arg_shapes[:-1]
-    fmt = cls._unflatten(aux, tuple(primals[1:]))
-    layout = _layout(cls, _plan(fmt, mesh, primals), mesh, primals[1:])
+    layout = _planned_layout(cls, aux, mesh, arg_shapes[:-1])
     shardings = (layout.x,) + layout.arrays
     return tuple(shardings[i] for i in live)
 
