@@ -35,11 +35,14 @@ def main():
     x = jax.random.normal(jax.random.key(1), (64, 1024))
     weights = {"2:4": jsp.fromdense(w, jsp.NM(2, 4)),
                "64:2:8": jsp.fromdense(w, jsp.VNM(64, 2, 8)),
-               "int4 g128": jsp.fromdense(w, jsp.Int4(128))}
+               "int4 g128": jsp.fromdense(w, jsp.Int4(128)),
+               # 1xN: equal block counts in 8 runs of outputs, so it splits column-parallel;
+               # a block row keeps any inputs, so there is no row-parallel split.
+               "1x16": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=8)}
     product = jax.jit(lambda x, w: jsp.matmul(x, w, path="sparse"))
     for name, ws in weights.items():
         want = product(x, ws)  # One device.
-        for mode in ("data", "column", "row"):
+        for mode in ("data", "column") if name == "1x16" else ("data", "column", "row"):
             wsh = jsp.shard_weight(ws, mesh, mode, "d")
             xsh = jsp.shard_x(x, mesh, mode, "d")
             y = product(xsh, wsh)

@@ -98,9 +98,12 @@ def _describe(weight: SparseFormat, name: str, tensors: dict, where: str) -> dic
         key = f"{name}.{array_name}"
         _add_tensor(tensors, key, array, where, f"weights[{name!r}].{array_name}")
         keys[array_name] = key
-    return {"format": type(weight).__name__, "spec": _encode_spec(weight.spec),
-            "in_features": int(weight.in_features), "out_features": int(weight.out_features),
-            "tensors": keys}
+    entry = {"format": type(weight).__name__, "spec": _encode_spec(weight.spec),
+             "in_features": int(weight.in_features), "out_features": int(weight.out_features),
+             "tensors": keys}
+    if getattr(weight, "shards", 1) > 1:  # A 1xN weight balanced for column parallel.
+        entry["shards"] = int(weight.shards)
+    return entry
 
 
 def _add_tensor(tensors: dict, key: str, array, where: str, what: str) -> None:
@@ -261,8 +264,9 @@ def _record(metadata: dict, where: str) -> dict:
 def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
     what = f"{where}: weight {name!r}"
     fields = {"format", "spec", "in_features", "out_features", "tensors"}
-    if not isinstance(entry, dict) or set(entry) != fields:
-        raise ValueError(f"{what}: the record must have exactly {sorted(fields)}; got {entry!r}")
+    if not isinstance(entry, dict) or set(entry) - {"shards"} != fields:
+        raise ValueError(f"{what}: the record must have exactly {sorted(fields)} (and, for a "
+                         f"1xN weight balanced for column parallel, 'shards'); got {entry!r}")
     cls = _formats().get(entry["format"])
     if cls is None:
         raise ValueError(f"{what}: unknown format {entry['format']!r}; this jaxsparse knows "
@@ -286,9 +290,15 @@ def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
                 value.astype(np.float32)).all():
             raise ValueError(f"{what}: tensor {keys[array]!r} ({array}) holds non-finite "
                              "values (a corrupted or diverged checkpoint)")
+    static = {"out_features": entry["out_features"]}
+    if "shards" in entry:
+        if "shards" not in cls.static_names():
+            raise ValueError(f"{what}: format {cls.__name__} has no 'shards'; the record "
+                             f"gives {entry['shards']!r}")
+        static["shards"] = check_int("shards", entry["shards"], low=1, high=2**31 - 1,
+                                     where=what)
     try:
-        weight = cls.from_arrays(spec, entry["in_features"], arrays,
-                                 out_features=entry["out_features"])
+        weight = cls.from_arrays(spec, entry["in_features"], arrays, **static)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{what}: {err}") from None
     for array, value in weight.arrays().items():

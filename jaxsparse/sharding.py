@@ -31,16 +31,20 @@ format                        data parallel   column parallel            row par
 NMSparse (N:M)                yes             yes                        in a multiple of m *
 VNMSparse (V:N:M)             yes             out a multiple of v        in a multiple of m
 VNMSparseTiled                yes             out a multiple of v        no (tiles mix inputs)
-BlocksSparse (1xN)            yes             no (per-row block counts)  no
+BlocksSparse (1xN)            yes             built with shards= **      no (rows keep any inputs)
 Int4Weight / W4A8             yes             yes                        in a multiple of group
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
 Int4LinesWeight / NMLines     yes             out a multiple of 64       no (lines mix inputs)
 MARLIN layouts (CUDA)         yes             no                         no
 ============================  ==============  =========================  =====================
 
-(* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte.) "in a multiple of"
-is per shard: `in_features / shards`. `shard_weight(w, mesh, mode, axis)` raises a ValueError
-naming the format and the mode where it cannot shard.
+(* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte. ** a 1xN weight
+chosen over the whole matrix holds uneven block counts per run of outputs; one built by
+`BlocksSparse.fromdense(w, n=, density=, shards=s)` keeps equal counts in `s` equal runs of
+block rows and splits over a divisor of `s` devices: values and indices by runs, indptr whole,
+each shard taking its rows of it.) "in a multiple of" is per shard: `in_features / shards`.
+`shard_weight(w, mesh, mode, axis)` raises a ValueError naming the format and the mode where it
+cannot shard.
 
 Limits, all correct but not split: the kernel batch dim (a stack of weights) stays whole, so
 expert parallelism over a stack gathers; a product under `vmap` runs its kernel's batching rule,
@@ -298,6 +302,16 @@ def _planned(cls, aux, mesh, arg_shapes):
     return plan, layout, local_aux
 
 
+def _shard_arrays(cls, aux, plan, mesh, arrays) -> tuple:
+    """One shard's weight arrays from those it holds: the format's `_column_shard` where the
+    plan splits the outputs (1xN takes its rows of the whole indptr), else as held."""
+    if not plan.out:
+        return tuple(arrays)
+    fmt = cls._unflatten(aux, tuple(arrays))
+    return fmt._column_shard(tuple(arrays), jax.lax.axis_index(plan.out),
+                             _size(mesh, plan.out))
+
+
 def _psum_f32(y, axes):
     """The sum over mesh `axes` of partial results, added in f32."""
     return jax.lax.psum(y.astype(jnp.float32), axes).astype(y.dtype) if axes else y
@@ -308,6 +322,7 @@ def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
     plan, layout, local_aux = _planned(cls, aux, mesh, arg_shapes)
 
     def lower_fn(x3, *arrays3):
+        arrays3 = _shard_arrays(cls, aux, plan, mesh, arrays3)
         return _psum_f32(_call(cls, local_aux, kind, x3, arrays3), plan.inp)
 
     return mesh, lower_fn, layout.out, (layout.x,) + layout.arrays
@@ -341,21 +356,36 @@ def _local_aux(fmt, aux, out_shards, in_shards):
 
 
 def _sharding_rule(cls, aux, kind, mesh, operand_types, result_types):
-    """Shardy's rule: x's tokens and the output's tokens are one factor, and so are the
-    weight's output axis (where it runs one element per output) and the output's last dim;
-    every other dim is its own factor (the partition rule decides about them)."""
+    """Shardy's rule (with its compound factors' sizes)."""
     del kind, mesh, result_types
+    operands, result, sizes = _rule_factors(cls, aux, operand_types)
+    return ", ".join(operands) + " -> " + result, sizes
+
+
+def _rule_factors(cls, aux, operand_types):
+    """Shardy's factors of the operands and the product, and the compound factors' sizes: x's
+    tokens and the output's tokens are one factor, and so are the weight's output axis (where
+    it runs one element per output) and the output's last dim. A format with no such axis but
+    with runs (1xN built with shards: `nnz / s` blocks hold `out / s` outputs) shares the run
+    factor `o` of its split axes and of the output's last dim. Every other dim is its own factor
+    (the partition rule decides about them)."""
     column = _declared(cls, aux, "column")
-    parts, shares_out = ["xb t xk"], False
+    one_to_one = any(s.elems == s.feats == 1 for s in column.values())
+    parts, result, sizes = ["xb t xk"], "rb t ro", {}
     for i, (name, typ) in enumerate(zip(cls.array_names(), operand_types[1:])):
         rank = len(typ.shape)
         dims = [f"w{i}d{j}" for j in range(rank)]
         split = column.get(name)
-        if split is not None and split.elems == split.feats == 1:
+        if split is not None and one_to_one and split.elems == split.feats == 1:
             dims[rank + split.axis] = "o"
-            shares_out = True
+            result = "rb t o"
+        elif split is not None and not one_to_one:
+            dims[rank + split.axis] = f"(o w{i}e)"
+            sizes.update({"o": typ.shape[split.axis] // split.elems, f"w{i}e": split.elems,
+                          "of": split.feats})
+            result = "rb t (o of)"
         parts.append(" ".join(dims))
-    return ", ".join(parts) + " -> rb t " + ("o" if shares_out else "ro")
+    return parts, result, sizes
 
 
 def _declared(cls, aux, mode):
@@ -609,8 +639,10 @@ def _tangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
     plan, layout, local_aux = _planned(cls, aux, mesh, primals)
     shardings = (layout.x,) + layout.arrays
 
-    def lower_fn(*args):
-        out = _tangent_impl(*args, live=live, cls=cls, aux=local_aux, kind=kind)
+    def lower_fn(x3, *args):
+        arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:len(primals) - 1])
+        out = _tangent_impl(x3, *arrays3, *args[len(primals) - 1:], live=live, cls=cls,
+                            aux=local_aux, kind=kind)
         return _psum_f32(out, plan.inp)
 
     return mesh, lower_fn, layout.out, shardings + tuple(shardings[i] for i in live)
@@ -624,8 +656,10 @@ def _cotangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
     # x's cotangent sums over the output shards, every weight array's over the token shards.
     sums = [plan.out if i == 0 else plan.tokens for i in live]
 
-    def lower_fn(*args):
-        cts = _cotangent_impl(*args, live=live, cls=cls, aux=local_aux, kind=kind)
+    def lower_fn(x3, *args):
+        arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:-1])
+        cts = _cotangent_impl(x3, *arrays3, args[-1], live=live, cls=cls, aux=local_aux,
+                              kind=kind)
         return tuple(_psum_f32(c, axes) for c, axes in zip(cts, sums))
 
     return (mesh, lower_fn, tuple(shardings[i] for i in live),
@@ -643,23 +677,17 @@ def _cotangent_infer(live, cls, aux, kind, mesh, arg_shapes, result_shape):
     return tuple(shardings[i] for i in live)
 
 
-def _primal_factors(cls, aux, operand_types):
-    """Shardy factors of the primal operands (as `_sharding_rule`) and of the product."""
-    rule = _sharding_rule(cls, aux, None, None, operand_types, None)
-    operands, result = rule.split(" -> ")
-    return operands.split(", "), result
-
-
 def _tangent_rule(live, cls, aux, kind, mesh, operand_types, result_types):
     del kind, mesh, result_types
-    factors, result = _primal_factors(cls, aux, operand_types[:-len(live)])
-    return ", ".join(factors + [factors[i] for i in live]) + " -> " + result
+    factors, result, sizes = _rule_factors(cls, aux, operand_types[:-len(live)])
+    return ", ".join(factors + [factors[i] for i in live]) + " -> " + result, sizes
 
 
 def _cotangent_rule(live, cls, aux, kind, mesh, operand_types, result_types):
     del kind, mesh, result_types
-    factors, result = _primal_factors(cls, aux, operand_types[:-1])
-    return (", ".join(factors + [result]) + " -> " + ", ".join(factors[i] for i in live))
+    factors, result, sizes = _rule_factors(cls, aux, operand_types[:-1])
+    return (", ".join(factors + [result]) + " -> " + ", ".join(factors[i] for i in live),
+            sizes)
 
 
 def _partitioned_backward(impl, partition, infer, rule, live, cls, aux, kind):

@@ -36,6 +36,8 @@ def formats():
         "vnm": jsp.fromdense(w, jsp.VNM(64, 2, 8)),
         "vnm_tiled": jsp.fromdense(w, jsp.VNM(64, 2, 8)).with_tiles(),
         "blocks": jsp.fromdense(w, jsp.Blocks(16, 0.25)),
+        # Equal block counts in 8 runs of outputs: column parallel over 8 (or 4, 2) devices.
+        "blocks_shards": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=8),
         "int4": jsp.fromdense(w, jsp.Int4(32)),
         "int4_lines": jsp.fromdense(w, jsp.Int4(32)).with_lines(),
         "w4a8": jsp.fromdense(w, jsp.Int4(32, activations="int8")),
@@ -127,11 +129,11 @@ def check_backward(name, w, mesh, mode, axis, x):
             "jvp_collectives": collectives(tangent.lower(xs, ws).compile().as_text())}
 
 
-def check_2d(w, x):
-    """A (2, 4) mesh: tokens over "data" and the weight over "model", both column and row."""
+def check_2d(w, x, modes=("column", "row")):
+    """A (2, 4) mesh: tokens over "data" and the weight over "model" in each of `modes`."""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     out = {}
-    for mode in ("column", "row"):
+    for mode in modes:
         ws = jsp.shard_weight(w, mesh, mode, "model")
         xspec = P("data", "model" if mode == "row" else None)
         xs = jax.device_put(x, NamedSharding(mesh, xspec))
@@ -155,6 +157,17 @@ def check_fallback(w, mesh, x):
     return {"err": float(jnp.max(jnp.abs(y - product(x, w)))),
             "warned": [str(c.message) for c in caught
                        if issubclass(c.category, jsp.JaxsparseShardingWarning)]}
+
+
+def check_unbalanced(balanced, whole, mesh, x):
+    """A 1xN weight whose static field claims a balance its arrays lack (the constructor's
+    check bypassed), split column-parallel by hand: its product is NaN, not silently wrong."""
+    arrays = {n: jax.device_put(a, NamedSharding(mesh, spec)) for (n, a), spec in
+              zip(whole.arrays().items(), (P("d", None), P("d"), P()))}
+    ws = type(whole)._unflatten(balanced._aux, tuple(arrays.values()))
+    y = jax.jit(product)(x, ws)
+    return {"nan_columns": int(jnp.sum(jnp.any(jnp.isnan(y), axis=0))),
+            "balanced_nan": bool(jnp.any(jnp.isnan(product(x, balanced))))}
 
 
 def check_training(w, mesh):
@@ -220,7 +233,9 @@ def main():
     ws = formats()
     run("nm24/2d", check_2d, ws["nm24"], x)
     run("int4/2d", check_2d, ws["int4"], x)
+    run("blocks_shards/2d", check_2d, ws["blocks_shards"], x, ("column",))
     run("blocks/fallback", check_fallback, ws["blocks"], mesh, x)
+    run("blocks_shards/unbalanced", check_unbalanced, ws["blocks_shards"], ws["blocks"], mesh, x)
     run("nm24/training", check_training, ws["nm24"], mesh)
     json.dump(results, sys.stdout)
 

@@ -39,6 +39,7 @@ def _every_format():
         "vnm": vnm,
         "vnm_tiled": vnm.with_tiles(),
         "blocks": jsp.fromdense(w[:, :90], jsp.Blocks(16, 0.3)),
+        "blocks_shards": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=3),
         "int4": int4,
         "int4_a8": jsp.fromdense(w, jsp.Int4(None, activations="int8")),
         "int4_nm": int4_nm,
@@ -67,6 +68,7 @@ def test_every_format_round_trips_bit_for_bit(saved):
         got = back[name]
         assert type(got) is type(weight) and got.spec == weight.spec, name
         assert got.shape == weight.shape and got.dtype == weight.dtype, name
+        assert got._aux == weight._aux, name  # 1xN's shards too.
         for array, value in weight.arrays().items():
             np.testing.assert_array_equal(np.asarray(got.arrays()[array]), np.asarray(value),
                                           err_msg=f"{name}.{array}")

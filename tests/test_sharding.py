@@ -7,6 +7,7 @@ The device count is fixed when jax starts its backend, which this process did al
 8-device checks run in one subprocess (tests/_sharding_worker.py), whose results the tests read.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -24,15 +25,18 @@ import pytest
 import jaxsparse as jsp
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.cpu_only  # The CPU kernels, on 8 forced CPU devices.
+# The CPU kernels, on 8 forced CPU devices; one xdist worker runs the module (and its worker
+# process, the `sharded` fixture, once: `make test` distributes by --dist loadgroup).
+pytestmark = [pytest.mark.cpu_only, pytest.mark.xdist_group("sharding")]
 
-FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "int4", "int4_lines",
-           "w4a8", "int4_nm", "int4_nm_lines")
+FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "blocks_shards", "int4",
+           "int4_lines", "w4a8", "int4_nm", "int4_nm_lines")
 # (format, mode) pairs the format's layout cannot split: shard_weight refuses them by name.
 REFUSED = {
     ("vnm_tiled", "row"): "VNMSparseTiled .* its tiles interleave the inputs",
-    ("blocks", "column"): "BlocksSparse .* declares no column-parallel split",
-    ("blocks", "row"): "BlocksSparse .* declares no row-parallel split",
+    ("blocks", "column"): r"BlocksSparse .* chosen over the whole matrix.*shards=s",
+    ("blocks", "row"): r"BlocksSparse .* block rows \(outputs\) keep any inputs",
+    ("blocks_shards", "row"): r"BlocksSparse .* block rows \(outputs\) keep any inputs",
     ("int4_lines", "row"): "Int4LinesWeight .* stores its lines over all inputs",
     ("int4_nm_lines", "row"): "Int4NMLinesWeight .* stores its lines over all inputs",
 }
@@ -47,11 +51,22 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def sharded():
-    run = subprocess.run([sys.executable, "-m", "tests._sharding_worker"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=_env())
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout)
+def sharded(tmp_path_factory):
+    """The worker's results, computed once per session: under pytest-xdist the first worker to
+    get here runs it (half a minute) and the others read its output from the session's shared
+    temporary directory."""
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = folder.parent  # Shared by this session's workers (and only by them).
+    results = folder / "sharding_worker.json"
+    with open(folder / "sharding_worker.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not results.exists():
+            run = subprocess.run([sys.executable, "-m", "tests._sharding_worker"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600, env=_env())
+            assert run.returncode == 0, run.stderr[-4000:]
+            results.write_text(run.stdout)
+    return json.loads(results.read_text())
 
 
 def _result(sharded, key):
@@ -113,12 +128,15 @@ def test_backward_kernels_run_on_the_shards_and_gather_no_weight(sharded, name, 
     assert result["jvp_collectives"] == want, result
 
 
-@pytest.mark.parametrize("name", ("nm24", "int4"))
+@pytest.mark.parametrize("name", ("nm24", "int4", "blocks_shards"))
 def test_tokens_and_weight_on_a_2d_mesh(sharded, name):
     result = _result(sharded, f"{name}/2d")
     assert result["column"]["err"] == 0.0
     assert result["column"]["spec"] == ["data", "model"]
     assert result["column"]["collectives"] == NO_COLLECTIVES
+    if name == "blocks_shards":  # Balanced for 8 runs, so for 4 shards; no row split.
+        assert "row" not in result
+        return
     assert result["row"]["err"] <= 1e-4
     assert result["row"]["spec"] == ["data"]
     assert result["row"]["collectives"] == dict(NO_COLLECTIVES, **{"all-reduce": 1})
@@ -128,6 +146,12 @@ def test_a_split_the_format_cannot_run_falls_back_correctly_and_warns(sharded):
     result = _result(sharded, "blocks/fallback")
     assert result["err"] == 0.0
     assert result["warned"] and "BlocksSparse's values arrives split" in result["warned"][0]
+
+
+def test_a_1xn_weight_without_the_balance_it_claims_multiplies_to_nan(sharded):
+    result = _result(sharded, "blocks_shards/unbalanced")
+    assert not result["balanced_nan"]
+    assert result["nan_columns"] >= 64, result  # At least one shard's 64 outputs.
 
 
 def test_data_parallel_training_step_equals_one_device(sharded):
@@ -151,6 +175,22 @@ def test_shard_weight_refuses_bad_arguments():
     ws = jsp.fromdense(jnp.ones((16, 8)), jsp.Int4(None))
     with pytest.raises(ValueError, match="one scale per output column"):
         jsp.weight_specs(ws, mesh, "row", "d")
+
+
+def test_a_1xn_weight_splits_column_parallel_only_where_built_balanced():
+    P = jax.sharding.PartitionSpec
+    w = jax.random.normal(jax.random.key(0), (64, 128))
+    ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4)
+    two, three = (jax.sharding.Mesh(np.array(jax.devices()[:1] * k), ("d",)) for k in (2, 3))
+    assert jsp.weight_specs(ws, two, "column", "d") == {
+        "values": P("d", None), "indices": P("d"), "indptr": P()}
+    with pytest.raises(ValueError, match="out_features=128 is not a multiple of 3"):
+        jsp.weight_specs(ws, three, "column", "d")
+    eight = jax.sharding.Mesh(np.array(jax.devices()[:1] * 8), ("d",))
+    with pytest.raises(ValueError, match="whole runs of 32 in values"):
+        jsp.weight_specs(ws, eight, "column", "d")  # Balanced for 4 runs, not for 8.
+    with pytest.raises(ValueError, match=r"chosen over the whole matrix.*shards=s"):
+        jsp.weight_specs(jsp.fromdense(w, jsp.Blocks(16, 0.25)), two, "column", "d")
 
 
 def test_weight_specs_name_each_array_split():

@@ -55,7 +55,8 @@ class SparseFormat:
     - optionally `_engine_kernel()`: the product on the shared CPU engine, with `_kernel`'s
       signature, or None where the spec has none (then the "engine" path multiplies densely);
     - optionally `_shard_splits(mode)`: how its arrays split for column and row parallel
-      products (jaxsparse/sharding.py); without it the format is data parallel only.
+      products (jaxsparse/sharding.py), and `_column_shard` where a column shard's arrays are
+      not simply those it holds; without them the format is data parallel only.
 
     and gets pytree registration, `replace`, `astype`, the logical shape, `density`, `nbytes`,
     `spec`, `x @ w` and a `repr` from here.
@@ -124,9 +125,10 @@ class SparseFormat:
 
     @classmethod
     def from_arrays(cls, spec, in_features: int, arrays: dict, *, validate: bool = True,
-                    out_features: int | None = None):
+                    out_features: int | None = None, **layout):
         """A format from its spec, `in_features` and `{array name: array}` (what layers hold);
-        `out_features` is used by formats whose arrays do not carry it (`STATIC_OUT`).
+        `out_features` is used by formats whose arrays do not carry it (`STATIC_OUT`), `layout`
+        by formats with static fields beyond those (1xN's `shards`; defaults otherwise).
 
         With `validate=False` nothing is checked (for arrays a layer already checked, or
         tracers); otherwise the validating constructor runs.
@@ -134,6 +136,7 @@ class SparseFormat:
         static = {"in_features": in_features}
         if cls.STATIC_OUT:
             static["out_features"] = out_features
+        static.update(layout)
         if validate:
             return cls(**arrays, **spec._asdict(), **static)
         return cls._unflatten((*spec, *static.values()),
@@ -173,8 +176,10 @@ class SparseFormat:
         if set(changes) <= set(self.arrays_with_role(TRAINABLE)):
             # Frozen arrays were validated already: skip the host round trip.
             return self._unflatten(self._aux, tuple(arrays[n] for n in self.array_names()))
+        layout = {n: getattr(self, n) for n in self.static_names()
+                  if n not in (*self.SPEC._fields, "in_features", "out_features")}
         return self.from_arrays(self.spec, self.in_features, arrays,
-                                out_features=self.out_features)
+                                out_features=self.out_features, **layout)
 
     def astype(self, dtype):
         """The same structure with the trainable values cast to `dtype` (f32, bf16 or f16)."""
@@ -280,6 +285,13 @@ class SparseFormat:
         stays whole on every shard), or a string saying why the format cannot. Reads only the
         static fields (the spec, `in_features`). Data parallel needs no declaration."""
         return f"{type(self).__name__} declares no {mode}-parallel split"
+
+    def _column_shard(self, arrays: tuple, shard, shards: int) -> tuple:
+        """One column-parallel shard's arrays from those it holds (each split array its own
+        share, each whole one entire), `shard` its index (traced) of `shards`. As held here;
+        a format whose whole arrays index the split ones (1xN's indptr) takes its part."""
+        del shard, shards
+        return arrays
 
     def __rmatmul__(self, x):
         return matmul(x, self)  # The public entry validates x and chooses the path.

@@ -25,6 +25,12 @@ When `out` is not a multiple of `n`, the last block row is partial: its blocks s
 weights, and those of the padding outputs (`>= out`) are 0, are never computed and get zero
 gradient. `out_features` is a static field of the weight (the arrays do not carry it).
 `todense()` drops the padding.
+
+Tensor parallelism over output features needs every device to hold the same number of blocks:
+`fromdense(..., shards=s)` keeps, in each of `s` equal runs of block rows, the same share of
+the blocks (that run's largest), and records `s` on the weight (`shards`, a static field); such
+a weight splits column-parallel over any divisor of `s` devices (jaxsparse/sharding.py). A
+weight chosen over the whole matrix (`shards=1`) runs data parallel only.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from jaxsparse.formats._base import (
     rows_to_dense,
 )
 from jaxsparse.formats._spec import register_spec
+from jaxsparse.sharding import Split
 from jaxsparse.ops.blocks import block_rows, blocks_spmm
 
 BLOCK_SIZES = (4, 8, 16, 32)  # The block widths the kernels are built for (one to two zmm).
@@ -146,6 +153,8 @@ class BlocksSparse(SparseFormat):
         indices: `[..., nnz]` int32, each block's input (frozen).
         indptr: `[..., ceil(out/n) + 1]` int32, where each block row starts (frozen).
         n, density: the spec (static); in_features, out_features: the logical shape (static).
+        shards: the equal runs of block rows that keep equal shares of the blocks (static; 1:
+            chosen over the whole matrix): column-parallel products split over a divisor of it.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -163,9 +172,10 @@ class BlocksSparse(SparseFormat):
     # Static fields, set per instance (they shadow the base's derived properties).
     density: ClassVar = None
     out_features: ClassVar = None
+    shards: ClassVar = 1  # Weights unflattened from an aux without it (from_arrays).
 
     def __init__(self, values, indices, indptr, *, n: int, density: float, in_features: int,
-                 out_features: int):
+                 out_features: int, shards: int = 1):
         where = "jaxsparse.BlocksSparse"
         spec = Blocks(n, density).validate(where)
         in_features = V.check_int("in_features", in_features, low=1, high=2**31 - 1,
@@ -191,13 +201,20 @@ class BlocksSparse(SparseFormat):
                     f"blocks of {spec.n} outputs in {num_groups(out_features, spec.n)} block "
                     f"rows); got {tuple(a.shape)}"
                 )
+        shards = _check_shards(shards, spec, in_features, out_features, where)
         if V.is_concrete(indices) and V.is_concrete(indptr):
             _check_structure(np.asarray(indices), np.asarray(indptr), in_features, where)
+            _check_balance(np.asarray(indptr), shards, where)
         self.values = values
         self.indices = indices.astype(jnp.int32)
         self.indptr = indptr.astype(jnp.int32)
         self.n, self.density = spec
         self.in_features, self.out_features = in_features, out_features
+        self.shards = shards
+
+    @classmethod
+    def static_names(cls) -> tuple[str, ...]:
+        return (*super().static_names(), "shards")
 
     @classmethod
     def array_shapes(cls, spec: Blocks, in_features: int, out_features: int) -> dict:
@@ -222,44 +239,59 @@ class BlocksSparse(SparseFormat):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fromdense(cls, w, *, n: int, density: float) -> "BlocksSparse":
+    def fromdense(cls, w, *, n: int, density: float, shards: int = 1) -> "BlocksSparse":
         """Keep the `Blocks(n, density).kept_blocks(in, out)` blocks of largest L2 norm.
 
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
             n, density: the spec (see `Blocks`).
+            shards: 1 (default): the largest blocks of the whole matrix. `s > 1`: the block
+                rows in `s` equal runs, each keeping `kept_blocks / s` blocks (its largest), so
+                the weight splits column-parallel over `s` devices (or a divisor of `s`);
+                `out` must be a multiple of `n * s` and `kept_blocks` of `s`.
 
         Returns:
             A BlocksSparse of shape `w.shape`. Ties go to the earlier block (row-major over
             block rows, then inputs). Jittable.
+
+        Example:
+            >>> import jax, jaxsparse as jsp
+            >>> w = jax.random.normal(jax.random.key(0), (64, 128))
+            >>> ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4)
+            >>> ws.shards, ws.indptr[::2].tolist()  # 32 blocks in each pair of block rows.
+            (4, [0, 32, 64, 96, 128])
         """
         where = "jaxsparse.BlocksSparse.fromdense"
         spec = Blocks(n, density).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
-        return _fromdense(w, spec)
+        shards = _check_shards(shards, spec, *w.shape[-2:], where)
+        return _fromdense(w, spec, shards)
 
     @classmethod
-    def frommask(cls, w, mask, *, n: int, density: float) -> "BlocksSparse":
+    def frommask(cls, w, mask, *, n: int, density: float, shards: int = 1) -> "BlocksSparse":
         """Keep the entries of `w` where `mask` is True; the mask must be made of whole blocks.
 
         Each block (one input, the real outputs of one block row) must be all True or all
-        False, and at most `kept_blocks(in, out)` blocks may be True. The rest of the stored
-        blocks are the lowest unmasked ones (row-major), holding 0, so `todense()` equals
-        `where(mask, w, 0)` exactly.
+        False, and at most `kept_blocks(in, out)` blocks may be True (with `shards=s`, at most
+        `kept_blocks / s` in each of the `s` runs of block rows: see `fromdense`). The rest of
+        the stored blocks are the lowest unmasked ones (row-major, in each run), holding 0, so
+        `todense()` equals `where(mask, w, 0)` exactly.
 
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
             mask: `[..., in, out]` bool.
+            shards: as in `fromdense`.
         """
         where = "jaxsparse.BlocksSparse.frommask"
         spec = Blocks(n, density).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
         mask = check_mask(mask, w, where)
+        shards = _check_shards(shards, spec, *w.shape[-2:], where)
         if V.is_concrete(mask):
-            _check_mask_blocks(np.asarray(mask), spec, where)
-        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec)
+            _check_mask_blocks(np.asarray(mask), spec, shards, where)
+        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec, shards)
 
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
@@ -304,9 +336,41 @@ class BlocksSparse(SparseFormat):
     def _engine_kernel(self):
         return self._kernel  # The 1xN kernels are dense micro-kernels per block row.
 
+    # ------------------------------------------------------------------ sharding
+    def _shard_splits(self, mode: str):
+        """Column parallel: a weight built with `shards=s` holds `nnz / s` blocks in each run
+        of `out / s` outputs, so values and indices split into such runs; indptr stays whole
+        and each shard takes its rows from it (`_column_shard`). No row-parallel split: a block
+        row keeps any inputs, so an input split would cut each row unevenly."""
+        if mode == "row":
+            return ("its block rows (outputs) keep any inputs, so an input split holds uneven "
+                    "parts of every row")
+        if self.shards == 1:
+            return (f"its blocks were chosen over the whole matrix, so block rows hold uneven "
+                    f"counts; build it with BlocksSparse.fromdense(w, n={self.n}, "
+                    f"density={self.density:g}, shards=s) for s devices")
+        nnz = self.spec.kept_blocks(self.in_features, self.out_features)
+        run = Split(-2, nnz // self.shards, self.out_features // self.shards)
+        return {"values": run, "indices": Split(-1, run.elems, run.feats), "indptr": None}
+
+    def _column_shard(self, arrays: tuple, shard, shards: int) -> tuple:
+        """One column shard's arrays: its values and indices as held, its rows of indptr from
+        the whole one, counted from its first block. `shard`: its index (traced)."""
+        values, indices, indptr = arrays
+        rows = (indptr.shape[-1] - 1) // shards
+        held = values.shape[-2]
+        local = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
+        local = local - (shard * held).astype(local.dtype)
+        # A weight split by hand without its balance (a tracer that escaped the constructor's
+        # check) would read other shards' blocks: NaN, never a silently wrong product.
+        even = (local[..., :1] == 0) & (local[..., -1:] == held)
+        values = jnp.where(even[..., None], values, jnp.asarray(jnp.nan, values.dtype))
+        return values, indices, local
+
     def __repr__(self) -> str:
+        shards = f", shards={self.shards}" if self.shards > 1 else ""
         return (f"BlocksSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
-                f"pattern={self.spec}, nbytes={self.nbytes})")
+                f"pattern={self.spec}, nbytes={self.nbytes}{shards})")
 
 
 # ---------------------------------------------------------------------- selection
@@ -330,15 +394,17 @@ def _block_scores(w, n: int, peak=None):
     return jnp.swapaxes(jnp.sum(blocks * blocks, axis=-1), -1, -2)
 
 
-def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
-    """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block)."""
+def _keep_top(w, score, spec: Blocks, shards: int) -> BlocksSparse:
+    """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block), an
+    equal share from each of `shards` equal runs of block rows."""
     in_f, out_f = w.shape[-2:]
     n, rows = spec.n, num_groups(out_f, spec.n)
     nnz = spec.kept_blocks(in_f, out_f)
     lead = w.shape[:-2]
-    flat = score.reshape(*lead, rows * in_f)
-    _, ids = jax.lax.top_k(flat, nnz)
-    ids = jnp.sort(ids, axis=-1).astype(jnp.int32)  # Row-major: by block row, then input.
+    run = rows // shards * in_f  # Candidate blocks per run.
+    _, ids = jax.lax.top_k(score.reshape(*lead, shards, run), nnz // shards)
+    ids = jnp.sort(ids, axis=-1) + run * jnp.arange(shards)[:, None]
+    ids = ids.reshape(*lead, nnz).astype(jnp.int32)  # Row-major: by block row, then input.
     row, col = ids // in_f, ids % in_f
     wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, rows * n - out_f)])
     blocks = jnp.swapaxes(wp.reshape(*lead, in_f, rows, n), -3, -2)  # [..., R, in, n]
@@ -348,19 +414,19 @@ def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
     for _ in lead:
         search = jax.vmap(search, in_axes=(0, None))
     indptr = search(row, starts).astype(jnp.int32)
-    return BlocksSparse.tree_unflatten((*spec, in_f, out_f), (values, col, indptr))
+    return BlocksSparse.tree_unflatten((*spec, in_f, out_f, shards), (values, col, indptr))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _fromdense(w, spec: Blocks) -> BlocksSparse:
-    return _keep_top(w, _block_scores(w, spec.n), spec)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fromdense(w, spec: Blocks, shards: int = 1) -> BlocksSparse:
+    return _keep_top(w, _block_scores(w, spec.n), spec, shards)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _frommask(w, mask, spec: Blocks) -> BlocksSparse:
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _frommask(w, mask, spec: Blocks, shards: int) -> BlocksSparse:
     # Masked blocks first, then unmasked ones in row-major order (they hold zeros).
     masked = _block_scores(mask.astype(jnp.float32), spec.n) > 0
-    return _keep_top(w, masked.astype(jnp.float32), spec)
+    return _keep_top(w, masked.astype(jnp.float32), spec, shards)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -373,6 +439,38 @@ def _check_sizes(shape, where):
     if shape[-2] < 1 or shape[-1] < 1:
         raise ValueError(f"{where}: w must have at least one input and one output; got shape "
                          f"{tuple(shape)}")
+
+
+def _check_shards(shards, spec: Blocks, in_features: int, out_features: int, where: str) -> int:
+    """`shards` as an int that splits the weight into equal runs of whole block rows holding
+    equal shares of the kept blocks."""
+    shards = V.check_int("shards", shards, low=1, high=2**31 - 1, where=where)
+    if shards == 1:
+        return 1
+    rows, nnz = num_groups(out_features, spec.n), spec.kept_blocks(in_features, out_features)
+    if out_features % spec.n or rows % shards or nnz % shards:
+        raise ValueError(
+            f"{where}: shards={shards} must divide the weight into equal runs of whole 1x"
+            f"{spec.n} block rows holding equal shares of the kept blocks: out_features="
+            f"{out_features} must be a multiple of n*shards={spec.n * shards} and the {nnz} "
+            f"kept blocks ({spec}) a multiple of {shards}")
+    return shards
+
+
+def _check_balance(indptr: np.ndarray, shards: int, where: str) -> None:
+    """Concrete: each of the `shards` runs of block rows holds `nnz / shards` blocks."""
+    if shards == 1:
+        return
+    rows = indptr.shape[-1] - 1
+    starts = indptr[..., ::rows // shards].reshape(-1, shards + 1)
+    held = np.diff(starts, axis=-1)
+    if np.any(held != held[:, :1]):
+        b = int(np.argwhere(np.any(held != held[:, :1], axis=-1))[0, 0])
+        at = f" (stack entry {b})" if starts.shape[0] > 1 else ""
+        raise ValueError(
+            f"{where}: shards={shards} needs equal blocks in each run of {rows // shards} block "
+            f"rows; indptr gives {held[b].tolist()}{at} (BlocksSparse.fromdense(..., "
+            f"shards={shards}) keeps them equal)")
 
 
 def _lead_index(lead, nnz):
@@ -418,8 +516,9 @@ def _preview(a) -> str:
     return str(items) if len(items) <= 12 else f"[{items[0]}, ..., {items[-1]}] (length {len(items)})"
 
 
-def _check_mask_blocks(mask: np.ndarray, spec: Blocks, where: str) -> None:
-    """A 1xN mask: whole blocks only, at most `kept_blocks` of them."""
+def _check_mask_blocks(mask: np.ndarray, spec: Blocks, shards: int, where: str) -> None:
+    """A 1xN mask: whole blocks only, at most `kept_blocks` of them (`kept_blocks / shards` in
+    each run of block rows)."""
     in_f, out_f = mask.shape[-2:]
     n, rows = spec.n, num_groups(out_f, spec.n)
     pad = rows * n - out_f
@@ -445,6 +544,13 @@ def _check_mask_blocks(mask: np.ndarray, spec: Blocks, where: str) -> None:
             f"{limit} of {in_f * rows} (density {spec.density:g}): raise the density or drop "
             "blocks"
         )
+    runs = any_set.reshape(*any_set.shape[:-2], in_f, shards, rows // shards).sum(axis=(-3, -1))
+    if shards > 1 and runs.max() > limit // shards:
+        *lead, run = (int(i) for i in np.argwhere(runs > limit // shards)[0])
+        raise ValueError(
+            f"{where}: mask keeps {int(runs[(*lead, run)])} blocks in block rows "
+            f"[{run * rows // shards}, {(run + 1) * rows // shards}){_at(lead)}; with "
+            f"shards={shards} each run of block rows keeps at most {limit // shards}")
 
 
 def _at(lead) -> str:

@@ -2,6 +2,8 @@
 BSR structure checks, mask checks and the spec's parsing. The generic behaviour (round trips,
 products, gradients, layers, checkpoints) is in test_conformance.py."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,54 @@ def test_fromdense_keeps_the_blocks_of_largest_norm_across_the_whole_weight():
     assert norms[kept].min() >= norms[~kept].max()
     # Rows keep as many blocks as their norms earn: not necessarily equal counts.
     np.testing.assert_array_equal(np.diff(np.asarray(ws.indptr)), kept.sum(axis=0))
+
+
+def test_shards_keep_equal_counts_of_each_runs_largest_blocks():
+    w = dense((32, 128), seed=9)
+    spec = jsp.Blocks(16, density=0.25)
+    ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4)
+    assert ws.shards == 4 and ws.values.shape == (64, 16)
+    np.testing.assert_array_equal(np.asarray(ws.indptr)[::2], [0, 16, 32, 48, 64])
+    norms = np.asarray(jnp.sum(w.reshape(32, 8, 16) ** 2, axis=-1))  # [in, R]
+    kept = np.asarray(ws.block_mask())
+    for run in range(4):  # Each run of 2 block rows keeps its own 16 largest.
+        cols = slice(2 * run, 2 * run + 2)
+        assert kept[:, cols].sum() == 16
+        assert norms[:, cols][kept[:, cols]].min() >= norms[:, cols][~kept[:, cols]].max()
+    np.testing.assert_array_equal(ws.todense(), jnp.where(ws.mask(), w, 0))
+    # One run is the whole-matrix choice; the static field survives pytrees and replace.
+    whole = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=1)
+    np.testing.assert_array_equal(whole.indices, jsp.fromdense(w, spec).indices)
+    flat, tree = jax.tree.flatten(ws)
+    assert jax.tree.unflatten(tree, flat).shards == 4 and ws.replace(values=ws.values).shards == 4
+    assert ws.replace(indices=ws.indices).shards == 4  # Through the validating constructor.
+    assert ws.astype(jnp.bfloat16).shards == 4
+    x = dense((5, 32), seed=10)
+    np.testing.assert_allclose(x @ ws, x @ ws.todense(), rtol=1e-5, atol=1e-5)
+    # frommask keeps a balanced mask balanced (fill blocks per run) and refuses an uneven one.
+    back = jsp.BlocksSparse.frommask(w, ws.mask(), n=16, density=0.25, shards=4)
+    np.testing.assert_array_equal(back.indptr, ws.indptr)
+    top = jnp.zeros((32, 128), bool).at[:, :32].set(True)  # 64 blocks in the first run.
+    with pytest.raises(ValueError, match=r"keeps 64 blocks in block rows \[0, 2\).*at most 16"):
+        jsp.BlocksSparse.frommask(w, top, n=16, density=0.25, shards=4)
+
+
+def test_shards_refuse_runs_that_do_not_divide():
+    w = dense((32, 128), seed=11)
+    with pytest.raises(ValueError, match=r"shards=3 must divide .* multiple of n\*shards=48"):
+        jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=3)
+    with pytest.raises(ValueError, match="shards must be"):
+        jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=0)
+    with pytest.raises(ValueError, match=r"kept blocks \(1x16@0.3\) a multiple of 4"):
+        jsp.BlocksSparse.fromdense(w, n=16, density=0.3, shards=4)  # 77 blocks.
+    whole = jsp.fromdense(w, jsp.Blocks(16, 0.25))
+    a = {k: np.asarray(v) for k, v in whole.arrays().items()}
+    counts = np.diff(np.asarray(whole.indptr)[::2]).tolist()
+    assert len(set(counts)) > 1  # The whole-matrix choice is uneven here.
+    with pytest.raises(ValueError, match=r"needs equal blocks in each run of 2 block rows; "
+                                         rf"indptr gives {re.escape(str(counts))}"):
+        jsp.BlocksSparse(*a.values(), n=16, density=0.25, in_features=32, out_features=128,
+                         shards=4)
 
 
 def test_structure_is_sorted_bsr():
