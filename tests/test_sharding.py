@@ -25,9 +25,7 @@ import pytest
 import jaxsparse as jsp
 
 ROOT = Path(__file__).resolve().parents[1]
-# The CPU kernels, on 8 forced CPU devices; one xdist worker runs the module (and its worker
-# process, the `sharded` fixture, once: `make test` distributes by --dist loadgroup).
-pytestmark = [pytest.mark.cpu_only, pytest.mark.xdist_group("sharding")]
+pytestmark = pytest.mark.cpu_only  # The CPU kernels, on 8 forced CPU devices.
 
 FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "blocks_shards", "int4",
            "int4_lines", "w4a8", "int4_nm", "int4_nm_lines")
