@@ -38,7 +38,7 @@ def main():
                "int4 g128": jsp.fromdense(w, jsp.Int4(128)),
                # 1xN: equal block counts in 8 runs of outputs, so it splits column-parallel;
                # a block row keeps any inputs, so there is no row-parallel split.
-               "1x16": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=8)}
+               "1x16": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8))}
     product = jax.jit(lambda x, w: jsp.matmul(x, w, path="sparse"))
     for name, ws in weights.items():
         want = product(x, ws)  # One device.

@@ -88,7 +88,12 @@ def _deserialize_aux(cls: type[SparseFormat]) -> Callable[[bytes], tuple]:
         what = f"jaxsparse.deserialize: a {cls.__name__} in the program's signature"
         record = json.loads(bytes(data).decode())
         spec = _decode_spec(record["spec"], what)
-        return (*spec, *record["static"])
+        static = list(record["static"])
+        if "shards" not in record["spec"]["fields"] and "shards" in cls.SPEC._fields \
+                and len(static) == len(cls.static_names()) - len(spec) + 1:
+            # Programs of jaxsparse 59a3c92 kept 1xN's shards after the shape, not in the spec.
+            spec = spec._replace(shards=static.pop())
+        return (*spec, *static)
     return deserialize
 
 

@@ -101,8 +101,6 @@ def _describe(weight: SparseFormat, name: str, tensors: dict, where: str) -> dic
     entry = {"format": type(weight).__name__, "spec": _encode_spec(weight.spec),
              "in_features": int(weight.in_features), "out_features": int(weight.out_features),
              "tensors": keys}
-    if getattr(weight, "shards", 1) > 1:  # A 1xN weight balanced for column parallel.
-        entry["shards"] = int(weight.shards)
     return entry
 
 
@@ -265,8 +263,8 @@ def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
     what = f"{where}: weight {name!r}"
     fields = {"format", "spec", "in_features", "out_features", "tensors"}
     if not isinstance(entry, dict) or set(entry) - {"shards"} != fields:
-        raise ValueError(f"{what}: the record must have exactly {sorted(fields)} (and, for a "
-                         f"1xN weight balanced for column parallel, 'shards'); got {entry!r}")
+        raise ValueError(f"{what}: the record must have exactly {sorted(fields)}; got "
+                         f"{entry!r}")
     cls = _formats().get(entry["format"])
     if cls is None:
         raise ValueError(f"{what}: unknown format {entry['format']!r}; this jaxsparse knows "
@@ -275,6 +273,12 @@ def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
     if not isinstance(spec, cls.SPEC):
         raise ValueError(f"{what}: format {cls.__name__} takes a {cls.SPEC.__name__} spec; the "
                          f"record has {spec!r}")
+    if "shards" in entry:  # Files of jaxsparse 59a3c92 recorded a 1xN balance beside the spec.
+        if "shards" not in cls.SPEC._fields:
+            raise ValueError(f"{what}: format {cls.__name__} has no 'shards'; the record "
+                             f"gives {entry['shards']!r}")
+        spec = spec._replace(shards=check_int("shards", entry["shards"], low=1,
+                                              high=2**31 - 1, where=what))
     for field in ("in_features", "out_features"):
         check_int(field, entry[field], low=0, high=2**62, where=what)
     keys = entry["tensors"]
@@ -290,15 +294,9 @@ def _rebuild(name: str, entry, tensors: dict, where: str) -> SparseFormat:
                 value.astype(np.float32)).all():
             raise ValueError(f"{what}: tensor {keys[array]!r} ({array}) holds non-finite "
                              "values (a corrupted or diverged checkpoint)")
-    static = {"out_features": entry["out_features"]}
-    if "shards" in entry:
-        if "shards" not in cls.static_names():
-            raise ValueError(f"{what}: format {cls.__name__} has no 'shards'; the record "
-                             f"gives {entry['shards']!r}")
-        static["shards"] = check_int("shards", entry["shards"], low=1, high=2**31 - 1,
-                                     where=what)
     try:
-        weight = cls.from_arrays(spec, entry["in_features"], arrays, **static)
+        weight = cls.from_arrays(spec, entry["in_features"], arrays,
+                                 out_features=entry["out_features"])
     except (TypeError, ValueError) as err:
         raise type(err)(f"{what}: {err}") from None
     for array, value in weight.arrays().items():
@@ -338,6 +336,9 @@ def _decode_spec(encoded, what: str):
     spec_type = types[encoded["type"]]
     fields = {k: _decode_spec(v, what) if isinstance(v, dict) else v
               for k, v in encoded["fields"].items()}
+    # A field added later with a default (1xN's shards) may be absent from older records.
+    fields = {**{k: v for k, v in spec_type._field_defaults.items() if k not in fields},
+              **fields}
     if set(fields) != set(spec_type._fields):
         raise ValueError(f"{what}: a {spec_type.__name__} spec has the fields "
                          f"{list(spec_type._fields)}; got {sorted(fields)}")

@@ -39,10 +39,11 @@ MARLIN layouts (CUDA)         yes             no                         no
 ============================  ==============  =========================  =====================
 
 (* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte. ** a 1xN weight
-chosen over the whole matrix holds uneven block counts per run of outputs; one built by
-`BlocksSparse.fromdense(w, n=, density=, shards=s)` keeps equal counts in `s` equal runs of
-block rows and splits over a divisor of `s` devices: values and indices by runs, indptr whole,
-each shard taking its rows of it.) "in a multiple of" is per shard: `in_features / shards`.
+chosen over the whole matrix holds uneven block counts per run of outputs; one of the spec
+`Blocks(n, density, shards=s)` (a layer's `sparsity=`, or `BlocksSparse.fromdense(w, n=,
+density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and splits over a
+divisor of `s` devices: values and indices by runs, indptr whole, each shard taking its rows
+of it.) "in a multiple of" is per shard: `in_features / shards`.
 `shard_weight(w, mesh, mode, axis)` raises a ValueError naming the format and the mode where it
 cannot shard.
 

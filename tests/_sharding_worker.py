@@ -37,7 +37,7 @@ def formats():
         "vnm_tiled": jsp.fromdense(w, jsp.VNM(64, 2, 8)).with_tiles(),
         "blocks": jsp.fromdense(w, jsp.Blocks(16, 0.25)),
         # Equal block counts in 8 runs of outputs: column parallel over 8 (or 4, 2) devices.
-        "blocks_shards": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=8),
+        "blocks_shards": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8)),
         "int4": jsp.fromdense(w, jsp.Int4(32)),
         "int4_lines": jsp.fromdense(w, jsp.Int4(32)).with_lines(),
         "w4a8": jsp.fromdense(w, jsp.Int4(32, activations="int8")),
@@ -159,6 +159,26 @@ def check_fallback(w, mesh, x):
                        if issubclass(c.category, jsp.JaxsparseShardingWarning)]}
 
 
+def check_layer(mesh, x):
+    """An nnx SparseLinear of a 1xN spec with shards, its arrays split column-parallel in place:
+    the layer's own call (bias included) under jit, against the unsplit layer."""
+    from flax import nnx
+
+    layer = jsp.nn.SparseLinear(IN, OUT, sparsity=jsp.Blocks(16, 0.25, shards=8),
+                                rngs=nnx.Rngs(0))
+    want = layer(x)
+    split = jsp.shard_weight(layer.weight, mesh, "column", "d")
+    for name, array in split.arrays().items():
+        getattr(layer, name).value = array
+    graphdef, state = nnx.split(layer)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    with jsp.matmul_path("sparse"):
+        y = fn(state, x)
+        hlo = fn.lower(state, x).compile().as_text()
+    return {"err": float(jnp.max(jnp.abs(y - want))), "shards": layer.weight.shards,
+            "spec": spec_of(y), "collectives": collectives(hlo)}
+
+
 def check_unbalanced(balanced, whole, mesh, x):
     """A 1xN weight whose static field claims a balance its arrays lack (the constructor's
     check bypassed), split column-parallel by hand: its product is NaN, not silently wrong."""
@@ -235,6 +255,7 @@ def main():
     run("int4/2d", check_2d, ws["int4"], x)
     run("blocks_shards/2d", check_2d, ws["blocks_shards"], x, ("column",))
     run("blocks/fallback", check_fallback, ws["blocks"], mesh, x)
+    run("blocks_shards/layer", check_layer, mesh, x)
     run("blocks_shards/unbalanced", check_unbalanced, ws["blocks_shards"], ws["blocks"], mesh, x)
     run("nm24/training", check_training, ws["nm24"], mesh)
     json.dump(results, sys.stdout)

@@ -187,3 +187,15 @@ def test_every_registered_target_is_documented():
                           if t not in documented and t.replace("_emu_", "_", 1) not in documented)
     assert not undocumented, f"targets missing from docs/ffi_abi.md: {undocumented}"
     assert jsp.FFI_ABI_VERSION == 1
+
+
+def test_a_1xn_signature_of_an_older_program_reads_its_balance_into_the_spec():
+    # Programs serialised by 59a3c92 kept 1xN's shards after the shape; now it is the spec's.
+    from jaxsparse import _export
+
+    read = _export._deserialize_aux(jsp.BlocksSparse)
+    legacy = {"spec": {"type": "Blocks", "fields": {"n": 16, "density": 0.25}},
+              "static": [32, 128, 4]}
+    assert read(json.dumps(legacy).encode()) == (16, 0.25, 4, 32, 128)
+    ws = jsp.fromdense(jnp.ones((32, 128)), jsp.Blocks(16, 0.25, shards=4))
+    assert read(_export._serialize_aux(jsp.BlocksSparse)(ws._aux)) == ws._aux

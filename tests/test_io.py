@@ -39,7 +39,7 @@ def _every_format():
         "vnm": vnm,
         "vnm_tiled": vnm.with_tiles(),
         "blocks": jsp.fromdense(w[:, :90], jsp.Blocks(16, 0.3)),
-        "blocks_shards": jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=3),
+        "blocks_shards": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=3)),
         "int4": int4,
         "int4_a8": jsp.fromdense(w, jsp.Int4(None, activations="int8")),
         "int4_nm": int4_nm,
@@ -68,7 +68,7 @@ def test_every_format_round_trips_bit_for_bit(saved):
         got = back[name]
         assert type(got) is type(weight) and got.spec == weight.spec, name
         assert got.shape == weight.shape and got.dtype == weight.dtype, name
-        assert got._aux == weight._aux, name  # 1xN's shards too.
+        assert got._aux == weight._aux, name
         for array, value in weight.arrays().items():
             np.testing.assert_array_equal(np.asarray(got.arrays()[array]), np.asarray(value),
                                           err_msg=f"{name}.{array}")
@@ -91,6 +91,28 @@ def test_other_readers_see_the_tensors_and_the_record(saved):
     assert record["weights"]["int4_nm"]["spec"] == {
         "type": "Int4", "fields": {"group_size": 32, "activations": None,
                                    "sparsity": {"type": "NM", "fields": {"n": 2, "m": 4}}}}
+
+
+def test_a_1xn_balance_is_in_the_spec_and_older_records_of_it_still_load(saved, tmp_path):
+    weights, path = saved
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    record = json.loads(header["__metadata__"][jio.METADATA_KEY])["weights"]
+    assert record["blocks_shards"]["spec"]["fields"]["shards"] == 3
+    assert record["blocks"]["spec"]["fields"]["shards"] == 1
+
+    def legacy(record):  # As 59a3c92 wrote it: the spec without shards, the balance beside it.
+        entries = record["weights"]
+        for name in ("blocks", "blocks_shards"):
+            shards = entries[name]["spec"]["fields"].pop("shards")
+            if shards > 1:
+                entries[name]["shards"] = shards
+    back = jsp.load_safetensors(rewrite(path, tmp_path / "legacy.safetensors", legacy))
+    for name in ("blocks", "blocks_shards"):
+        assert back[name].spec == weights[name].spec and back[name]._aux == weights[name]._aux
+    bad = rewrite(path, tmp_path / "bad.safetensors", record_edit("nm", "shards", 2))
+    with pytest.raises(ValueError, match="format NMSparse has no 'shards'"):
+        jsp.load_safetensors(bad)
 
 
 def test_a_plain_safetensors_file_loads_as_arrays(tmp_path):

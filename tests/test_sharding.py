@@ -146,6 +146,14 @@ def test_a_split_the_format_cannot_run_falls_back_correctly_and_warns(sharded):
     assert result["warned"] and "BlocksSparse's values arrives split" in result["warned"][0]
 
 
+def test_a_layer_of_a_1xn_spec_with_shards_runs_column_parallel(sharded):
+    result = _result(sharded, "blocks_shards/layer")  # SparseLinear(sparsity=Blocks(..., 8)).
+    assert result["shards"] == 8
+    assert result["err"] <= 1e-5
+    assert result["spec"] == [None, "d"]  # The output stays split by columns, bias added.
+    assert result["collectives"] == NO_COLLECTIVES
+
+
 def test_a_1xn_weight_without_the_balance_it_claims_multiplies_to_nan(sharded):
     result = _result(sharded, "blocks_shards/unbalanced")
     assert not result["balanced_nan"]

@@ -125,10 +125,9 @@ class SparseFormat:
 
     @classmethod
     def from_arrays(cls, spec, in_features: int, arrays: dict, *, validate: bool = True,
-                    out_features: int | None = None, **layout):
+                    out_features: int | None = None):
         """A format from its spec, `in_features` and `{array name: array}` (what layers hold);
-        `out_features` is used by formats whose arrays do not carry it (`STATIC_OUT`), `layout`
-        by formats with static fields beyond those (1xN's `shards`; defaults otherwise).
+        `out_features` is used by formats whose arrays do not carry it (`STATIC_OUT`).
 
         With `validate=False` nothing is checked (for arrays a layer already checked, or
         tracers); otherwise the validating constructor runs.
@@ -136,7 +135,6 @@ class SparseFormat:
         static = {"in_features": in_features}
         if cls.STATIC_OUT:
             static["out_features"] = out_features
-        static.update(layout)
         if validate:
             return cls(**arrays, **spec._asdict(), **static)
         return cls._unflatten((*spec, *static.values()),
@@ -176,10 +174,8 @@ class SparseFormat:
         if set(changes) <= set(self.arrays_with_role(TRAINABLE)):
             # Frozen arrays were validated already: skip the host round trip.
             return self._unflatten(self._aux, tuple(arrays[n] for n in self.array_names()))
-        layout = {n: getattr(self, n) for n in self.static_names()
-                  if n not in (*self.SPEC._fields, "in_features", "out_features")}
         return self.from_arrays(self.spec, self.in_features, arrays,
-                                out_features=self.out_features, **layout)
+                                out_features=self.out_features)
 
     def astype(self, dtype):
         """The same structure with the trainable values cast to `dtype` (f32, bf16 or f16)."""

@@ -27,10 +27,11 @@ gradient. `out_features` is a static field of the weight (the arrays do not carr
 `todense()` drops the padding.
 
 Tensor parallelism over output features needs every device to hold the same number of blocks:
-`fromdense(..., shards=s)` keeps, in each of `s` equal runs of block rows, the same share of
-the blocks (that run's largest), and records `s` on the weight (`shards`, a static field); such
-a weight splits column-parallel over any divisor of `s` devices (jaxsparse/sharding.py). A
-weight chosen over the whole matrix (`shards=1`) runs data parallel only.
+the spec `Blocks(n, density, shards=s)` keeps, in each of `s` equal runs of block rows, the same
+share of the blocks (that run's largest), so its weights split column-parallel over any divisor
+of `s` devices (jaxsparse/sharding.py). `shards` is part of the pattern, so layers, `sparsify`,
+the pruning masks, SparseGPT and BCOO interop keep the balance too. A weight chosen over the
+whole matrix (`shards=1`, the default) runs data parallel only.
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ class Blocks(NamedTuple):
     """The 1xN spec: blocks of one input by `n` consecutive outputs, a fraction `density` kept.
 
     A hashable value, usable as a static argument and as the `sparsity=` of layers;
-    `"1xN@density"` strings (`"1x16@0.25"`, or `"1x16@25%"`) parse to it. `n` is one of
-    4, 8, 16, 32; `density` is in (0, 1] (0.25 is 75% sparse).
+    `"1xN@density"` strings (`"1x16@0.25"`, or `"1x16@25%"`, and `"1x16@0.25,shards=8"`) parse
+    to it. `n` is one of 4, 8, 16, 32; `density` is in (0, 1] (0.25 is 75% sparse). `shards`
+    (default 1: the largest blocks of the whole matrix) splits the block rows into `shards`
+    equal runs that each keep `kept_blocks / shards` blocks (their largest), so that the
+    weight runs column-parallel over `shards` devices or a divisor of it (a layer's weight too):
+    `out` must then be a multiple of `n * shards` and `kept_blocks` of `shards`.
 
     Example:
         >>> Blocks(16, density=0.25).kept_blocks(64, 32)
         32
-        >>> str(Blocks(16, 0.25))
-        '1x16@0.25'
+        >>> str(Blocks(16, 0.25)), str(Blocks(16, 0.25, shards=8))
+        ('1x16@0.25', '1x16@0.25,shards=8')
     """
 
     n: int
     density: float
+    shards: int = 1
 
     STRING_FORM = "'1xN@density' such as '1x16@0.25'"
 
@@ -103,19 +109,20 @@ class Blocks(NamedTuple):
         if not (0.0 < density <= 1.0):
             raise ValueError(f"{where}: density must be in (0, 1] (the fraction of blocks "
                              f"kept); got {self.density!r}")
-        return Blocks(int(self.n), density)
+        shards = V.check_int("shards", self.shards, low=1, high=2**31 - 1, where=where)
+        return Blocks(int(self.n), density, shards)
 
     @classmethod
     def from_string(cls, text: str) -> "Blocks | None":
         match = _BLOCKS_STRING.match(text)
         if match is None:
             return None
-        n, number, percent = match.groups()
+        n, number, percent, shards = match.groups()
         try:
             density = float(number) / (100.0 if percent else 1.0)
         except ValueError:
             return None
-        return cls(int(n), density)
+        return cls(int(n), density, int(shards) if shards else 1)
 
     def kept_blocks(self, in_features: int, out_features: int) -> int:
         """Blocks a `[in, out]` weight keeps: `density` of its `in * ceil(out/n)`, rounded half
@@ -128,17 +135,19 @@ class Blocks(NamedTuple):
         if shape[-1] < self.n:
             return (f"out={shape[-1]} < n={self.n}: a 1x{self.n} block would be mostly "
                     "padding")
-        return None
+        return _shards_misfit(self, *shape[-2:])
 
     def magnitude_mask(self, w) -> jax.Array:
         """The bool mask `BlocksSparse.fromdense(w, n, density)` keeps (`[..., in, out]`)."""
         return _magnitude_mask(w, self)
 
     def __str__(self) -> str:
-        return f"1x{self.n}@{self.density:g}"
+        shards = f",shards={self.shards}" if self.shards != 1 else ""
+        return f"1x{self.n}@{self.density:g}{shards}"
 
 
-_BLOCKS_STRING = re.compile(r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*$")
+_BLOCKS_STRING = re.compile(
+    r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*(?:,\s*shards\s*=\s*(\d+)\s*)?$")
 
 
 class BlocksSparse(SparseFormat):
@@ -152,9 +161,10 @@ class BlocksSparse(SparseFormat):
         values: `[..., nnz, n]` float32/bfloat16/float16, the kept blocks (trainable).
         indices: `[..., nnz]` int32, each block's input (frozen).
         indptr: `[..., ceil(out/n) + 1]` int32, where each block row starts (frozen).
-        n, density: the spec (static); in_features, out_features: the logical shape (static).
-        shards: the equal runs of block rows that keep equal shares of the blocks (static; 1:
-            chosen over the whole matrix): column-parallel products split over a divisor of it.
+        in_features, out_features: the logical shape (static).
+        n, density, shards: the spec (static; `shards`: the equal runs of block rows that keep
+            equal shares of the blocks, 1 when chosen over the whole matrix: column-parallel
+            products split over a divisor of it).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -172,12 +182,11 @@ class BlocksSparse(SparseFormat):
     # Static fields, set per instance (they shadow the base's derived properties).
     density: ClassVar = None
     out_features: ClassVar = None
-    shards: ClassVar = 1  # Weights unflattened from an aux without it (from_arrays).
 
     def __init__(self, values, indices, indptr, *, n: int, density: float, in_features: int,
                  out_features: int, shards: int = 1):
         where = "jaxsparse.BlocksSparse"
-        spec = Blocks(n, density).validate(where)
+        spec = Blocks(n, density, shards).validate(where)
         in_features = V.check_int("in_features", in_features, low=1, high=2**31 - 1,
                                   where=where)
         out_features = V.check_int("out_features", out_features, low=1, high=2**31 - 1,
@@ -201,20 +210,15 @@ class BlocksSparse(SparseFormat):
                     f"blocks of {spec.n} outputs in {num_groups(out_features, spec.n)} block "
                     f"rows); got {tuple(a.shape)}"
                 )
-        shards = _check_shards(shards, spec, in_features, out_features, where)
+        _check_shards(spec, in_features, out_features, where)
         if V.is_concrete(indices) and V.is_concrete(indptr):
             _check_structure(np.asarray(indices), np.asarray(indptr), in_features, where)
-            _check_balance(np.asarray(indptr), shards, where)
+            _check_balance(np.asarray(indptr), spec.shards, where)
         self.values = values
         self.indices = indices.astype(jnp.int32)
         self.indptr = indptr.astype(jnp.int32)
-        self.n, self.density = spec
+        self.n, self.density, self.shards = spec
         self.in_features, self.out_features = in_features, out_features
-        self.shards = shards
-
-    @classmethod
-    def static_names(cls) -> tuple[str, ...]:
-        return (*super().static_names(), "shards")
 
     @classmethod
     def array_shapes(cls, spec: Blocks, in_features: int, out_features: int) -> dict:
@@ -244,11 +248,11 @@ class BlocksSparse(SparseFormat):
 
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
-            n, density: the spec (see `Blocks`).
-            shards: 1 (default): the largest blocks of the whole matrix. `s > 1`: the block
-                rows in `s` equal runs, each keeping `kept_blocks / s` blocks (its largest), so
-                the weight splits column-parallel over `s` devices (or a divisor of `s`);
-                `out` must be a multiple of `n * s` and `kept_blocks` of `s`.
+            n, density, shards: the spec (see `Blocks`). `shards=1` (default): the largest
+                blocks of the whole matrix. `s > 1`: the block rows in `s` equal runs, each
+                keeping `kept_blocks / s` blocks (its largest), so the weight splits
+                column-parallel over `s` devices (or a divisor of `s`); `out` must be a
+                multiple of `n * s` and `kept_blocks` of `s`.
 
         Returns:
             A BlocksSparse of shape `w.shape`. Ties go to the earlier block (row-major over
@@ -262,11 +266,11 @@ class BlocksSparse(SparseFormat):
             (4, [0, 32, 64, 96, 128])
         """
         where = "jaxsparse.BlocksSparse.fromdense"
-        spec = Blocks(n, density).validate(where)
+        spec = Blocks(n, density, shards).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
-        shards = _check_shards(shards, spec, *w.shape[-2:], where)
-        return _fromdense(w, spec, shards)
+        _check_shards(spec, *w.shape[-2:], where)
+        return _fromdense(w, spec)
 
     @classmethod
     def frommask(cls, w, mask, *, n: int, density: float, shards: int = 1) -> "BlocksSparse":
@@ -281,17 +285,17 @@ class BlocksSparse(SparseFormat):
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
             mask: `[..., in, out]` bool.
-            shards: as in `fromdense`.
+            n, density, shards: the spec, as in `fromdense`.
         """
         where = "jaxsparse.BlocksSparse.frommask"
-        spec = Blocks(n, density).validate(where)
+        spec = Blocks(n, density, shards).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
         mask = check_mask(mask, w, where)
-        shards = _check_shards(shards, spec, *w.shape[-2:], where)
+        _check_shards(spec, *w.shape[-2:], where)
         if V.is_concrete(mask):
-            _check_mask_blocks(np.asarray(mask), spec, shards, where)
-        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec, shards)
+            _check_mask_blocks(np.asarray(mask), spec, where)
+        return _frommask(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask, spec)
 
     # ------------------------------------------------------------------ views
     def todense(self) -> jax.Array:
@@ -347,8 +351,9 @@ class BlocksSparse(SparseFormat):
                     "parts of every row")
         if self.shards == 1:
             return (f"its blocks were chosen over the whole matrix, so block rows hold uneven "
-                    f"counts; build it with BlocksSparse.fromdense(w, n={self.n}, "
-                    f"density={self.density:g}, shards=s) for s devices")
+                    f"counts; build it with the spec Blocks({self.n}, {self.density:g}, "
+                    f"shards=s) for s devices (a layer's sparsity=, or BlocksSparse.fromdense"
+                    f"(w, n={self.n}, density={self.density:g}, shards=s))")
         nnz = self.spec.kept_blocks(self.in_features, self.out_features)
         run = Split(-2, nnz // self.shards, self.out_features // self.shards)
         return {"values": run, "indices": Split(-1, run.elems, run.feats), "indptr": None}
@@ -368,9 +373,8 @@ class BlocksSparse(SparseFormat):
         return values, indices, local
 
     def __repr__(self) -> str:
-        shards = f", shards={self.shards}" if self.shards > 1 else ""
         return (f"BlocksSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
-                f"pattern={self.spec}, nbytes={self.nbytes}{shards})")
+                f"pattern={self.spec}, nbytes={self.nbytes})")
 
 
 # ---------------------------------------------------------------------- selection
@@ -394,9 +398,10 @@ def _block_scores(w, n: int, peak=None):
     return jnp.swapaxes(jnp.sum(blocks * blocks, axis=-1), -1, -2)
 
 
-def _keep_top(w, score, spec: Blocks, shards: int) -> BlocksSparse:
+def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
     """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block), an
-    equal share from each of `shards` equal runs of block rows."""
+    equal share from each of `spec.shards` equal runs of block rows."""
+    shards = spec.shards
     in_f, out_f = w.shape[-2:]
     n, rows = spec.n, num_groups(out_f, spec.n)
     nnz = spec.kept_blocks(in_f, out_f)
@@ -414,19 +419,19 @@ def _keep_top(w, score, spec: Blocks, shards: int) -> BlocksSparse:
     for _ in lead:
         search = jax.vmap(search, in_axes=(0, None))
     indptr = search(row, starts).astype(jnp.int32)
-    return BlocksSparse.tree_unflatten((*spec, in_f, out_f, shards), (values, col, indptr))
+    return BlocksSparse.tree_unflatten((*spec, in_f, out_f), (values, col, indptr))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _fromdense(w, spec: Blocks, shards: int = 1) -> BlocksSparse:
-    return _keep_top(w, _block_scores(w, spec.n), spec, shards)
+@functools.partial(jax.jit, static_argnums=1)
+def _fromdense(w, spec: Blocks) -> BlocksSparse:
+    return _keep_top(w, _block_scores(w, spec.n), spec)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _frommask(w, mask, spec: Blocks, shards: int) -> BlocksSparse:
+@functools.partial(jax.jit, static_argnums=2)
+def _frommask(w, mask, spec: Blocks) -> BlocksSparse:
     # Masked blocks first, then unmasked ones in row-major order (they hold zeros).
     masked = _block_scores(mask.astype(jnp.float32), spec.n) > 0
-    return _keep_top(w, masked.astype(jnp.float32), spec, shards)
+    return _keep_top(w, masked.astype(jnp.float32), spec)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -441,20 +446,25 @@ def _check_sizes(shape, where):
                          f"{tuple(shape)}")
 
 
-def _check_shards(shards, spec: Blocks, in_features: int, out_features: int, where: str) -> int:
-    """`shards` as an int that splits the weight into equal runs of whole block rows holding
-    equal shares of the kept blocks."""
-    shards = V.check_int("shards", shards, low=1, high=2**31 - 1, where=where)
+def _shards_misfit(spec: Blocks, in_features: int, out_features: int) -> str | None:
+    """None when `spec.shards` divides a `[in, out]` weight into equal runs of whole block rows
+    holding equal shares of the kept blocks, else why not."""
+    shards = spec.shards
     if shards == 1:
-        return 1
+        return None
     rows, nnz = num_groups(out_features, spec.n), spec.kept_blocks(in_features, out_features)
     if out_features % spec.n or rows % shards or nnz % shards:
-        raise ValueError(
-            f"{where}: shards={shards} must divide the weight into equal runs of whole 1x"
-            f"{spec.n} block rows holding equal shares of the kept blocks: out_features="
-            f"{out_features} must be a multiple of n*shards={spec.n * shards} and the {nnz} "
-            f"kept blocks ({spec}) a multiple of {shards}")
-    return shards
+        return (f"shards={shards} must divide the weight into equal runs of whole 1x{spec.n} "
+                f"block rows holding equal shares of the kept blocks: out_features="
+                f"{out_features} must be a multiple of n*shards={spec.n * shards} and the "
+                f"{nnz} kept blocks ({spec._replace(shards=1)}) a multiple of {shards}")
+    return None
+
+
+def _check_shards(spec: Blocks, in_features: int, out_features: int, where: str) -> None:
+    reason = _shards_misfit(spec, in_features, out_features)
+    if reason is not None:
+        raise ValueError(f"{where}: {reason}")
 
 
 def _check_balance(indptr: np.ndarray, shards: int, where: str) -> None:
@@ -516,9 +526,10 @@ def _preview(a) -> str:
     return str(items) if len(items) <= 12 else f"[{items[0]}, ..., {items[-1]}] (length {len(items)})"
 
 
-def _check_mask_blocks(mask: np.ndarray, spec: Blocks, shards: int, where: str) -> None:
+def _check_mask_blocks(mask: np.ndarray, spec: Blocks, where: str) -> None:
     """A 1xN mask: whole blocks only, at most `kept_blocks` of them (`kept_blocks / shards` in
     each run of block rows)."""
+    shards = spec.shards
     in_f, out_f = mask.shape[-2:]
     n, rows = spec.n, num_groups(out_f, spec.n)
     pad = rows * n - out_f

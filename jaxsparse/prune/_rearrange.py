@@ -204,6 +204,14 @@ def _blocks_spec(spec, where, name: str = "spec") -> Blocks:
     if not isinstance(pattern, Blocks):
         raise ValueError(f"{where}: {name} must be a 1xN spec, jaxsparse.Blocks(n, density) or "
                          f"'1xN@density'; got {pattern!r}")
+    if pattern.shards != 1:
+        # The search scores the blocks a whole matrix keeps; runs that each keep their own
+        # share would need another objective (not built).
+        raise ValueError(
+            f"{where}: {name}={pattern} has shards={pattern.shards}; the filter search ranks "
+            f"the blocks of the whole matrix, so rearrange with Blocks({pattern.n}, "
+            f"{pattern.density:g}) and then compress with {pattern} (a permutation is valid "
+            "for either)")
     return pattern
 
 

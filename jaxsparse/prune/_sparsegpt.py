@@ -256,12 +256,13 @@ def _make_plan(spec, shape, dtype, block_size, act_order=False) -> _Plan:
 
 
 def _chunk_quotas(spec, chunks, k, out):
-    """What each chunk keeps so that the layer keeps exactly what `fromdense` would."""
+    """What each chunk keeps so that the layer keeps exactly what `fromdense` would (1xN with
+    `shards`: what each chunk keeps in each run of block rows)."""
     if isinstance(spec, Unstructured):
         per_input, total = out, int(round(spec.density * k * out))
     elif isinstance(spec, Blocks):
-        per_input = -(-out // spec.n)
-        total = spec.kept_blocks(k, out)
+        per_input = -(-out // spec.n) // spec.shards
+        total = spec.kept_blocks(k, out) // spec.shards
     else:
         return None
     cuts = [min(total, math.floor(total * (a + s) / k + 0.5)) for a, s in chunks]
@@ -450,9 +451,11 @@ def _chunk_mask(w, d, plan: _Plan, chunk: int):
     quota = plan.chunk_quota[chunk]
     scaled = w / d[:, None]
     if isinstance(plan.spec, Blocks):
-        n = plan.spec.n
+        n, shards = plan.spec.n, plan.spec.shards
         score = jnp.swapaxes(_block_scores(scaled, n), 0, 1)  # [rows, out/n]: w^2/d^2 summed
-        kept = _top(score, quota)
+        runs = jnp.swapaxes(score.reshape(score.shape[0], shards, -1), 0, 1)
+        kept = jax.vmap(lambda run: _top(run, quota))(runs)  # Each run of block rows its own.
+        kept = jnp.swapaxes(kept, 0, 1).reshape(score.shape)
         return jnp.repeat(kept, n, axis=1)[:, : w.shape[1]]
     return _top(scaled * scaled, quota)
 

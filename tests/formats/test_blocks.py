@@ -58,6 +58,27 @@ def test_shards_keep_equal_counts_of_each_runs_largest_blocks():
         jsp.BlocksSparse.frommask(w, top, n=16, density=0.25, shards=4)
 
 
+def test_shards_is_part_of_the_spec_through_the_seam_strings_and_fits():
+    w = dense((32, 128), seed=12)
+    spec = jsp.Blocks(16, 0.25, shards=4)
+    ws = jsp.fromdense(w, spec)
+    assert ws.spec == spec and ws.shards == 4 and str(spec) == "1x16@0.25,shards=4"
+    np.testing.assert_array_equal(
+        ws.indices, jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4).indices)
+    np.testing.assert_array_equal(spec.magnitude_mask(w), ws.mask())
+    np.testing.assert_array_equal(jsp.frommask(w, ws.mask(), spec).indptr, ws.indptr)
+    assert jsp.prune.as_pattern("1x16@25%, shards=4") == spec
+    assert jsp.prune.as_pattern(str(spec)) == spec
+    assert jsp.prune.as_pattern("1x16@0.25") == jsp.Blocks(16, 0.25, 1)
+    assert spec.fits_shape((32, 128)) is None
+    assert "multiple of n*shards=64" in spec.fits_shape((32, 96))
+    assert "77 kept blocks (1x16@0.3) a multiple of 4" in jsp.Blocks(16, 0.3, 4).fits_shape(
+        (32, 128))
+    for bad, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="shards"):
+            jsp.Blocks(16, 0.25, bad).validate()
+
+
 def test_shards_refuse_runs_that_do_not_divide():
     w = dense((32, 128), seed=11)
     with pytest.raises(ValueError, match=r"shards=3 must divide .* multiple of n\*shards=48"):

@@ -280,3 +280,28 @@ def test_other_bad_arguments():
     layer = SparseLinear(8, 4, sparsity="2:4", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="x must have last dimension 8"):
         layer(jnp.ones((2, 7)))
+
+
+def test_a_1xn_spec_with_shards_gives_layers_balanced_weights():
+    # The spec carries the balance, so a fresh layer, from_dense and sparsify keep it and the
+    # layer's weight can split column-parallel (tests/test_sharding.py runs one on 8 devices).
+    spec = jsp.Blocks(16, 0.25, shards=4)
+    dense = nnx.Linear(32, 128, rngs=nnx.Rngs(5))
+    for layer in (SparseLinear(32, 128, sparsity=spec, rngs=nnx.Rngs(5)),
+                  SparseLinear.from_dense(dense, spec)):
+        w = layer.weight
+        assert w.spec == spec and w.shards == 4
+        np.testing.assert_array_equal(np.diff(np.asarray(w.indptr)[::2]), [16] * 4)
+        assert jsp.shard_weight(w, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)),
+                                "column", "d").shards == 4
+    model = nnx.Sequential(nnx.Linear(32, 128, rngs=nnx.Rngs(6)), nnx.Linear(128, 64,
+                                                                            rngs=nnx.Rngs(7)))
+    sparse = jsp.nn.sparsify(model, "1x16@0.25,shards=4")
+    assert [m.weight.shards for m in sparse.layers] == [4, 4]
+    x = normal(8, (3, 32))
+    want = x
+    for m in sparse.layers:
+        want = want @ m.weight.todense() + m.bias[...]
+    assert_close(sparse(x), want, jnp.float32, scale_for(128))
+    with pytest.raises(ValueError, match=r"out_features=96 .*multiple of n\*shards=64"):
+        SparseLinear(32, 96, sparsity=spec, rngs=nnx.Rngs(0))

@@ -160,6 +160,24 @@ def test_gradual_pruning_to_a_blocks_spec_keeps_whole_blocks_at_every_step():
                           prune.magnitude_mask(params["b"]["kernel"], spec))
 
 
+def test_gradual_pruning_to_a_spec_with_shards_prunes_each_run_alike():
+    params = {"a": {"kernel": random_array(keys(3, 1)[0], (32, 64))}}
+    spec = jsp.Blocks(8, 0.25, shards=4)  # 4 runs of 2 block rows, 16 blocks kept in each.
+    runs = []
+
+    def check(t, params, state):
+        counts = block_norms(state.masks["a"]["kernel"], 8).astype(bool).reshape(32, 4, 2)
+        runs.append(counts.sum(axis=(0, 2)).tolist())
+
+    tx = prune.gradual_pruning(prune.cubic_schedule(0.75, 0, 4), update_every=1, pattern_fn=spec)
+    params, state = train(tx, params, 6, check)
+    assert all(len(set(r)) == 1 for r in runs), runs  # Every step: the same count per run.
+    assert runs[-1] == [16] * 4
+    mask = state.masks["a"]["kernel"]
+    assert np.array_equal(mask, prune.magnitude_mask(params["a"]["kernel"], spec))
+    jsp.BlocksSparse.frommask(params["a"]["kernel"], mask, **spec._asdict())  # Balanced.
+
+
 def test_gradual_pruning_per_layer_targets_reached_together():
     params = make_params()
     specs = prune.block_densities(params, 8, 0.3)

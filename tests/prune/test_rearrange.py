@@ -380,3 +380,10 @@ def test_linen_conv_batchnorm_chain():
     assert report["params/Dense_0"].skipped.startswith("its outputs reach the model's output")
     assert not np.array_equal(new["params"]["Conv_0"]["kernel"],
                               variables["params"]["Conv_0"]["kernel"])
+
+
+def test_a_spec_with_shards_is_refused_with_what_to_do_instead():
+    kernel = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"shards=4; the filter search ranks the blocks of the "
+                                         r"whole matrix, so rearrange with Blocks\(16, 0.25\)"):
+        prune.rearrange_outputs(kernel, jsp.Blocks(16, 0.25, shards=4))

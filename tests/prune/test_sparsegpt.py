@@ -367,3 +367,15 @@ def test_gptq_in_input_order_matches_the_reference(spec):
     got = prune.gptq(w, gram, spec, act_order=False, block_size=32)
     want, _ = reference_obs(w, gram, spec, block_size=32, act_order=False)
     np.testing.assert_allclose(dense(got), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_1xn_spec_with_shards_keeps_each_runs_share_and_still_beats_magnitude():
+    # Column-parallel 1xN (Blocks(..., shards=s)): every chunk's choice is made per run of block
+    # rows, so the layer comes back balanced (the constructor checks it) at the same count.
+    x, w, gram = layer(6, 64, 128)
+    spec = jsp.Blocks(16, 0.25, shards=4)
+    got = prune.sparsegpt(w, gram, spec)
+    assert got.spec == spec
+    np.testing.assert_array_equal(np.diff(np.asarray(got.indptr)[::2]), [32] * 4)
+    magnitude = jsp.fromdense(w, spec).todense()
+    assert relative_error(x, w, dense(got)) < relative_error(x, w, magnitude)
