@@ -35,7 +35,7 @@ BlocksSparse (1xN)            yes             built with shards= **      no (row
 Int4Weight / W4A8             yes             yes                        in a multiple of group
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
 Int4LinesWeight / NMLines     yes             out a multiple of 64       no (lines mix inputs)
-MARLIN layouts (CUDA)         yes             no                         no
+MARLIN layouts (CUDA) ***     yes             out a multiple of 64       whole K tiles and groups
 ============================  ==============  =========================  =====================
 
 (* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte. ** a 1xN weight
@@ -43,7 +43,11 @@ chosen over the whole matrix holds uneven block counts per run of outputs; one o
 `Blocks(n, density, shards=s)` (a layer's `sparsity=`, or `BlocksSparse.fromdense(w, n=,
 density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and splits over a
 divisor of `s` devices: values and indices by runs, indptr whole, each shard taking its rows
-of it.) "in a multiple of" is per shard: `in_features / shards`.
+of it. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
+blocks one after the other and the scales are permuted inside 64 columns, so a shard of whole
+64-column blocks, or of whole K tiles (64 inputs, 128 at 2:4) and whole groups, holds exactly
+the MARLIN layout of its own columns or inputs; one scale per column cannot split by rows.) "in
+a multiple of" is per shard: `in_features / shards`.
 `shard_weight(w, mesh, mode, axis)` raises a ValueError naming the format and the mode where it
 cannot shard.
 

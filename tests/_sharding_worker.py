@@ -179,6 +179,58 @@ def check_layer(mesh, x):
             "spec": spec_of(y), "collectives": collectives(hlo)}
 
 
+MARLIN_SPECS = {"int4_marlin": jsp.Int4(128), "int4_marlin_g32": jsp.Int4(32),
+                "int4_marlin_channel": jsp.Int4(None),
+                "int4_nm_marlin": jsp.Int4(128, sparsity=jsp.NM(2, 4)),
+                "int4_nm_marlin_channel": jsp.Int4(None, sparsity=jsp.NM(2, 4))}
+
+
+def marlin_dense():
+    """[1024, 512] bf16: a row shard of 8 holds 128 inputs (2:4's K tile), a column one 64."""
+    return jax.random.normal(jax.random.key(2), (1024, 512), jnp.float32).astype(jnp.bfloat16)
+
+
+def check_marlin_layout(mesh, name, mode):
+    """Every device's share of a MARLIN weight split in `mode` is, array by array, the MARLIN
+    layout of its own columns (inputs) of the dense weight, packed on their own."""
+    w, spec = marlin_dense(), MARLIN_SPECS[name]
+    try:
+        ws = jsp.shard_weight(jsp.fromdense(w, spec).packed_for("cuda"), mesh, mode, "d")
+    except ValueError as e:
+        return {"error": str(e)}
+    devices = list(mesh.devices.flat)
+    axis = 1 if mode == "column" else 0
+    size = w.shape[axis] // len(devices)
+    pack = jax.jit(lambda part: jsp.fromdense(part, spec).packed_for("cuda").arrays())
+    wants = [pack(jax.lax.slice_in_dim(w, d * size, (d + 1) * size, axis=axis))
+             for d in range(len(devices))]
+    mismatched = []
+    for array_name, array in ws.arrays().items():
+        for shard in array.addressable_shards:
+            d = devices.index(shard.device)
+            if not np.array_equal(np.asarray(shard.data), np.asarray(wants[d][array_name])):
+                mismatched.append(f"{array_name}@{d}")
+    return {"mismatched": mismatched, "split": [str(a.sharding.spec) for a in ws.arrays().values()]}
+
+
+def check_marlin_product(mesh, name, mode):
+    """The MARLIN kernel (on the SIMT emulator: JAXSPARSE_EMULATE_CUDA=1) on each device's
+    share, against one device's: output spec, collectives, and x's gradient."""
+    w = marlin_dense()
+    wp = jsp.fromdense(w, MARLIN_SPECS[name]).packed_for("cuda")
+    x = jax.random.normal(jax.random.key(3), (16, w.shape[0]), jnp.float32).astype(w.dtype)
+    out = check_mode(name, wp, mesh, mode, "d", x)
+    if "error" in out:
+        return out
+    ws, xs = jsp.shard_weight(wp, mesh, mode, "d"), jsp.shard_x(x, mesh, mode, "d")
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(product(x, w).astype(jnp.float32) ** 2)))
+    got, want = grad(xs, ws), grad(x, wp)
+    out["grad_err"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+    out["grad_scale"] = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    out["grad_collectives"] = collectives(grad.lower(xs, ws).compile().as_text())
+    return out
+
+
 def check_unbalanced(balanced, whole, mesh, x):
     """A 1xN weight whose static field claims a balance its arrays lack (the constructor's
     check bypassed), split column-parallel by hand: its product is NaN, not silently wrong."""
@@ -237,6 +289,15 @@ def main():
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("d",))
     results = {}
+    if sys.argv[1:] == ["marlin"]:  # Run by tests/test_sharding.py with JAXSPARSE_EMULATE_CUDA=1.
+        for name in MARLIN_SPECS:
+            for mode in ("data", "column", "row"):
+                try:
+                    results[f"{name}/{mode}"] = check_marlin_product(mesh, name, mode)
+                except Exception:
+                    results[f"{name}/{mode}"] = {"exception": traceback.format_exc()}
+        json.dump(results, sys.stdout)
+        return
 
     def run(key, fn, *args):
         try:
@@ -258,6 +319,9 @@ def main():
     run("blocks_shards/layer", check_layer, mesh, x)
     run("blocks_shards/unbalanced", check_unbalanced, ws["blocks_shards"], ws["blocks"], mesh, x)
     run("nm24/training", check_training, ws["nm24"], mesh)
+    for name in MARLIN_SPECS:
+        for mode in ("column", "row"):
+            run(f"{name}/{mode}/layout", check_marlin_layout, mesh, name, mode)
     json.dump(results, sys.stdout)
 
 

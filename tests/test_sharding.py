@@ -1,7 +1,8 @@
 """Sharded products (jaxsparse/sharding.py): every CPU format partitions under jit with
 NamedShardings, data parallel, column parallel and row parallel, without gathering a weight, and
 so do its backward kernels; a data-parallel training step; two processes training data-parallel
-equal one.
+equal one. The MARLIN layouts (CUDA) split into exactly the layout of each shard's columns or
+inputs, and their sharded products run on the CUDA kernels under the SIMT emulator.
 
 The device count is fixed when jax starts its backend, which this process did already: the
 8-device checks run in one subprocess (tests/_sharding_worker.py), whose results the tests read.
@@ -152,6 +153,52 @@ def test_a_layer_of_a_1xn_spec_with_shards_runs_column_parallel(sharded):
     assert result["err"] <= 1e-5
     assert result["spec"] == [None, "d"]  # The output stays split by columns, bias added.
     assert result["collectives"] == NO_COLLECTIVES
+
+
+MARLIN = ("int4_marlin", "int4_marlin_g32", "int4_marlin_channel", "int4_nm_marlin",
+          "int4_nm_marlin_channel")
+MARLIN_REFUSED = r"cannot be split in row mode .* one scale per output column"
+
+
+@pytest.mark.parametrize("mode", ("column", "row"))
+@pytest.mark.parametrize("name", MARLIN)
+def test_a_marlin_weights_shards_hold_the_layout_of_their_own_columns_or_inputs(sharded, name,
+                                                                               mode):
+    result = _result(sharded, f"{name}/{mode}/layout")  # [1024, 512] bf16 over 8 devices.
+    if name.endswith("_channel") and mode == "row":
+        assert re.search(MARLIN_REFUSED, result["error"]), result
+        return
+    assert "error" not in result, result["error"]
+    assert result["mismatched"] == []
+    axis = "P(None, 'd')" if mode == "column" else "P('d', None)"
+    assert set(result["split"]) == {axis}
+
+
+def test_marlin_products_split_in_every_mode_on_the_emulated_cuda_kernels():
+    # Its own process: JAXSPARSE_EMULATE_CUDA=1 lowers every product onto the CUDA kernels.
+    run = subprocess.run([sys.executable, "-m", "tests._sharding_worker", "marlin"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**_env(), "JAXSPARSE_EMULATE_CUDA": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(run.stdout)
+    for name in MARLIN:
+        for mode in ("data", "column", "row"):
+            key = f"{name}/{mode}"
+            result = _result(results, key)
+            if name.endswith("_channel") and mode == "row":
+                assert re.search(MARLIN_REFUSED, result["error"]), result
+                continue
+            assert "error" not in result, (key, result["error"])
+            exact = mode != "row"  # Row shards round their partial products to bf16 first.
+            assert result["err"] <= (0.0 if exact else result["scale"] * 2**-7), (key, result)
+            assert result["spec"] == {"data": ["d"], "column": [None, "d"], "row": []}[mode]
+            assert result["collectives"] == dict(
+                NO_COLLECTIVES, **({"all-reduce": 1} if mode == "row" else {})), key
+            # x's gradient (the canonical int4 kernel of W^T on each shard): summed over the
+            # output shards in column parallel, local in the others; bf16 rounding only.
+            assert result["grad_err"] <= result["grad_scale"] * 2**-7, (key, result)
+            assert result["grad_collectives"] == dict(
+                NO_COLLECTIVES, **({"all-reduce": 1} if mode != "data" else {})), key
 
 
 def test_a_1xn_weight_without_the_balance_it_claims_multiplies_to_nan(sharded):

@@ -85,7 +85,7 @@ class Blocks(NamedTuple):
     density: float
     shards: int = 1
 
-    STRING_FORM = "'1xN@density' such as '1x16@0.25'"
+    STRING_FORM = "'1xN@density' such as '1x16@0.25' (or '1x16@0.25,shards=8')"
 
     @property
     def format(self) -> type:
@@ -138,7 +138,7 @@ class Blocks(NamedTuple):
         return _shards_misfit(self, *shape[-2:])
 
     def magnitude_mask(self, w) -> jax.Array:
-        """The bool mask `BlocksSparse.fromdense(w, n, density)` keeps (`[..., in, out]`)."""
+        """The bool mask `BlocksSparse.fromdense(w, **spec._asdict())` keeps (`[..., in, out]`)."""
         return _magnitude_mask(w, self)
 
     def __str__(self) -> str:

@@ -30,7 +30,11 @@ from jaxsparse.formats.int4 import (
     _Int4Base,
     _check_finite_scales,
 )
+from jaxsparse.sharding import Split
 from jaxsparse.ops.int4_marlin import (
+    MARLIN_NM_TILE_K,
+    MARLIN_TILE_K,
+    MARLIN_TILE_N,
     check_marlin_arrays,
     int4_marlin_matmul,
     int4_nm_marlin_matmul,
@@ -93,6 +97,26 @@ class _MarlinBase(_Int4Base):
         """The device kernel whatever the path: a device layout is never unpacked per call."""
         del path
         return self._sparse_product(x)
+
+    def _shard_splits(self, mode: str):
+        """Column parallel: each row of the packed arrays (one k-tile) holds its 64-column
+        blocks one after the other (128 words of packed_qweight, 64 of packed_meta; the scales
+        permuted inside 64 columns), so a shard of whole 64-column blocks holds exactly the
+        layout of its columns. Row parallel: packed rows of 16 inputs (32 at 2:4), a shard
+        holding whole pipeline stages (64 inputs, 128 at 2:4: the kernel's K tile) and whole
+        groups of the scales; one scale per column cannot split."""
+        sparse = self.sparsity is not None
+        if mode == "column":
+            blocks = Split(-1, MARLIN_TILE_N, MARLIN_TILE_N)
+            splits = {"packed_qweight": Split(-1, 2 * MARLIN_TILE_N, MARLIN_TILE_N),
+                      "packed_scales": blocks}
+            return {**splits, "packed_meta": blocks} if sparse else splits
+        if self.group_size is None:
+            return ("one scale per output column (group_size=None) spans every input; row "
+                    "parallel needs groups (Int4(group_size=...))")
+        stage = Split(-2, 4, MARLIN_NM_TILE_K if sparse else MARLIN_TILE_K)  # 4 packed rows.
+        splits = {"packed_qweight": stage, "packed_scales": Split(-2, 1, self.group_size)}
+        return {**splits, "packed_meta": stage} if sparse else splits
 
     @classmethod
     def _check(cls, arrays: dict, group_size, sparsity, activations, in_features):

@@ -41,6 +41,7 @@ are interchangeable, given the same symmetric int4 codes.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +68,11 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _TARGET = "jaxsparse_int4_marlin_matmul"
 _NM_TARGET = "jaxsparse_int4_nm_marlin_matmul"
 
-# Position 8i + j of a 64-column chunk of grouped scales holds column i + 8j.
-_GROUPED_SCALE_PERM = np.array([i + 8 * j for i in range(8) for j in range(8)])
-# Position 8i + j of a 32-column chunk of per-column scales holds column 2i + _PER_COLUMN_COLS[j].
-_PER_COLUMN_COLS = (0, 1, 8, 9, 16, 17, 24, 25)
-_PER_COLUMN_SCALE_PERM = np.array([2 * i + c for i in range(4) for c in _PER_COLUMN_COLS])
+# The scales' permutations, each a swap of two axes (so its own inverse). Grouped: position
+# 8i + j of a 64-column chunk holds column i + 8j (an 8 x 8 transpose). Per column: position
+# 8i + 2a + b of a 32-column chunk holds column 8a + 2i + b (the outer 4 x 4 of [4, 4, 2]).
+_GROUPED_SCALE_CHUNK = (8, 8)
+_PER_COLUMN_SCALE_CHUNK = (4, 4, 2)
 
 
 # ====================================================================== validation
@@ -154,13 +155,15 @@ def _codes_from_words(words):
     return c.reshape(16 * kb, n)
 
 
-def _scale_perm(group_size):
-    return _PER_COLUMN_SCALE_PERM if group_size is None else _GROUPED_SCALE_PERM
-
-
-def _permute_scales(scales, perm):
+def _permute_scales(scales, grouped: bool):
+    """MARLIN's scale order from the canonical one, and back (the same swap); `grouped`: the
+    grouped order (the 2:4 kernel's for every group size). Reshapes and a transpose, no index
+    table: traced inside a sharded product's rules, a table would be a closed-over constant,
+    which `custom_partitioning` refuses."""
     rows, n = scales.shape
-    return scales.reshape(rows, n // perm.size, perm.size)[:, :, perm].reshape(rows, n)
+    chunk = _GROUPED_SCALE_CHUNK if grouped else _PER_COLUMN_SCALE_CHUNK
+    blocks = scales.reshape(rows, n // math.prod(chunk), *chunk)
+    return jnp.swapaxes(blocks, 2, 3).reshape(rows, n)
 
 
 def marlin_pack(qweight, scales, *, group_size):
@@ -187,7 +190,7 @@ def marlin_pack(qweight, scales, *, group_size):
     group_size = _check_group_size(group_size, k, where)
     _check_scales(scales, k, n, group_size, where)
     words = _words_from_codes(_split_codes(qweight))
-    return words, _permute_scales(scales, _scale_perm(group_size))
+    return words, _permute_scales(scales, group_size is not None)
 
 
 def marlin_unpack(packed_qweight, packed_scales, *, group_size):
@@ -198,7 +201,7 @@ def marlin_unpack(packed_qweight, packed_scales, *, group_size):
     packed_scales = V.as_array("packed_scales", packed_scales, where=where)
     _, _, group_size = _check_packed(where, packed_qweight, packed_scales, group_size)
     qweight = _join_codes(_codes_from_words(packed_qweight))
-    return qweight, _permute_scales(packed_scales, np.argsort(_scale_perm(group_size)))
+    return qweight, _permute_scales(packed_scales, group_size is not None)
 
 
 def _check_packed(where, packed_qweight, packed_scales, group_size, packed_meta=None):
@@ -494,7 +497,7 @@ def marlin_nm_pack(qweight, positions, scales, *, group_size):
     _check_scales(scales, k, n, group_size, where)
     _check_distinct_positions(positions, where)
     v0, v1, p0, p1 = _sorted_pairs(qweight, positions)
-    return _nm_words(v0, v1), _nm_meta(p0, p1), _permute_scales(scales, _GROUPED_SCALE_PERM)
+    return _nm_words(v0, v1), _nm_meta(p0, p1), _permute_scales(scales, grouped=True)
 
 
 def marlin_nm_unpack(packed_qweight, packed_meta, packed_scales, *, group_size):
@@ -511,7 +514,7 @@ def marlin_nm_unpack(packed_qweight, packed_meta, packed_scales, *, group_size):
     code = p0 | (p1 << 2)
     pairs = code.reshape(code.shape[0] // 2, 2, n)
     positions = (pairs[:, 0] | (pairs[:, 1] << 4)).astype(jnp.uint8)
-    return qweight, positions, _permute_scales(packed_scales, np.argsort(_GROUPED_SCALE_PERM))
+    return qweight, positions, _permute_scales(packed_scales, grouped=True)
 
 
 def check_marlin_arrays(where: str, packed_qweight, packed_scales, group_size, packed_meta=None):
