@@ -204,3 +204,19 @@ def test_bad_arguments_and_state():
     wrong_dtype["sparsity"]["indices"] = wrong_dtype["sparsity"]["indices"].astype(jnp.int32)
     with pytest.raises(TypeError, match="indices must have dtype uint8; got int32"):
         layer.apply(wrong_dtype, x)
+
+
+def test_a_1xn_spec_with_shards_gives_a_balanced_weight():
+    spec = jsp.Blocks(16, 0.25, shards=4)  # Column parallel over 4 devices (or 2).
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32)), jnp.float32)
+    layer = SparseDense(128, sparsity=spec)
+    variables = layer.init(jax.random.key(1), x)
+    box = variables["sparsity"]["indptr"]
+    assert box.pattern == spec
+    np.testing.assert_array_equal(np.diff(np.asarray(box.value)[::2]), [16] * 4)
+    weight = jsp.BlocksSparse(variables["params"]["values"], variables["sparsity"]["indices"].value,
+                              box.value, **spec._asdict(), in_features=32, out_features=128)
+    want = x @ weight.todense() + variables["params"]["bias"]
+    assert_close(layer.apply(variables, x), want, jnp.float32, scale_for(32))
+    with pytest.raises(ValueError, match=r"multiple of n\*shards=64"):
+        SparseDense(96, sparsity=spec).init(jax.random.key(1), x)
