@@ -145,6 +145,11 @@ class Blocks(NamedTuple):
         shards = f",shards={self.shards}" if self.shards != 1 else ""
         return f"1x{self.n}@{self.density:g}{shards}"
 
+    def __repr__(self) -> str:
+        # The whole-matrix default left out, as the spec was written before it had shards.
+        shards = f", shards={self.shards!r}" if self.shards != 1 else ""
+        return f"Blocks(n={self.n!r}, density={self.density!r}{shards})"
+
 
 _BLOCKS_STRING = re.compile(
     r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*(?:,\s*shards\s*=\s*(\d+)\s*)?$")

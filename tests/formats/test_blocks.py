@@ -63,6 +63,8 @@ def test_shards_is_part_of_the_spec_through_the_seam_strings_and_fits():
     spec = jsp.Blocks(16, 0.25, shards=4)
     ws = jsp.fromdense(w, spec)
     assert ws.spec == spec and ws.shards == 4 and str(spec) == "1x16@0.25,shards=4"
+    assert repr(spec) == "Blocks(n=16, density=0.25, shards=4)"
+    assert repr(jsp.Blocks(16, 0.25)) == "Blocks(n=16, density=0.25)"  # As before shards.
     np.testing.assert_array_equal(
         ws.indices, jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4).indices)
     np.testing.assert_array_equal(spec.magnitude_mask(w), ws.mask())
