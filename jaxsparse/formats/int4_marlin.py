@@ -30,7 +30,6 @@ from jaxsparse.formats.int4 import (
     _Int4Base,
     _check_finite_scales,
 )
-from jaxsparse.sharding import Split
 from jaxsparse.ops.int4_marlin import (
     MARLIN_NM_TILE_K,
     MARLIN_TILE_K,
@@ -43,6 +42,7 @@ from jaxsparse.ops.int4_marlin import (
     marlin_pack,
     marlin_unpack,
 )
+from jaxsparse.sharding import Split
 
 DEVICES = ("cpu", "cuda")
 
