@@ -36,13 +36,15 @@ def main():
     weights = {"2:4": jsp.fromdense(w, jsp.NM(2, 4)),
                "64:2:8": jsp.fromdense(w, jsp.VNM(64, 2, 8)),
                "int4 g128": jsp.fromdense(w, jsp.Int4(128)),
-               # 1xN: equal block counts in 8 runs of outputs, so it splits column-parallel;
-               # a block row keeps any inputs, so there is no row-parallel split.
-               "1x16": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8))}
+               # 1xN: equal block counts in 8 runs of outputs, so it splits column-parallel,
+               # or in 8 runs of inputs (stored run after run), so it splits row-parallel.
+               "1x16": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8)),
+               "1x16 in": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8, split="in"))}
     product = jax.jit(lambda x, w: jsp.matmul(x, w, path="sparse"))
     for name, ws in weights.items():
         want = product(x, ws)  # One device.
-        for mode in ("data", "column") if name == "1x16" else ("data", "column", "row"):
+        modes = {"1x16": ("data", "column"), "1x16 in": ("data", "row")}
+        for mode in modes.get(name, ("data", "column", "row")):
             wsh = jsp.shard_weight(ws, mesh, mode, "d")
             xsh = jsp.shard_x(x, mesh, mode, "d")
             y = product(xsh, wsh)

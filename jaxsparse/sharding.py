@@ -31,7 +31,7 @@ format                        data parallel   column parallel            row par
 NMSparse (N:M)                yes             yes                        in a multiple of m *
 VNMSparse (V:N:M)             yes             out a multiple of v        in a multiple of m
 VNMSparseTiled                yes             out a multiple of v        no (tiles mix inputs)
-BlocksSparse (1xN)            yes             built with shards= **      no (rows keep any inputs)
+BlocksSparse (1xN)            yes             built with shards= **      shards=, split="in" **
 Int4Weight / W4A8             yes             yes                        in a multiple of group
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
 Int4LinesWeight / NMLines     yes             out a multiple of 64       no (lines mix inputs)
@@ -39,11 +39,13 @@ MARLIN layouts (CUDA) ***     yes             out a multiple of 64       whole K
 ============================  ==============  =========================  =====================
 
 (* and of 8 inputs for 2:4, whose 2-bit positions pack 8 inputs per byte. ** a 1xN weight
-chosen over the whole matrix holds uneven block counts per run of outputs; one of the spec
-`Blocks(n, density, shards=s)` (a layer's `sparsity=`, or `BlocksSparse.fromdense(w, n=,
-density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and splits over a
-divisor of `s` devices: values and indices by runs, indptr whole, each shard taking its rows
-of it. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
+chosen over the whole matrix holds uneven block counts per run of outputs or inputs; one of
+the spec `Blocks(n, density, shards=s)` (a layer's `sparsity=`, or `BlocksSparse.fromdense(w,
+n=, density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and splits
+column-parallel over a divisor of `s` devices; one of `Blocks(n, density, shards=s,
+split="in")` keeps equal counts in `s` equal runs of inputs, stored run after run (the stacked
+layout, jaxsparse/formats/blocks.py), and splits row-parallel. Either way values and indices
+split by runs and indptr stays whole, each shard taking its rows of it. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
 blocks one after the other and the scales are permuted inside 64 columns, so a shard of whole
 64-column blocks, or of whole K tiles (64 inputs, 128 at 2:4) and whole groups, holds exactly
 the MARLIN layout of its own columns or inputs; one scale per column cannot split by rows.) "in
@@ -309,12 +311,27 @@ def _planned(cls, aux, mesh, arg_shapes):
 
 def _shard_arrays(cls, aux, plan, mesh, arrays) -> tuple:
     """One shard's weight arrays from those it holds: the format's `_column_shard` where the
-    plan splits the outputs (1xN takes its rows of the whole indptr), else as held."""
-    if not plan.out:
-        return tuple(arrays)
-    fmt = cls._unflatten(aux, tuple(arrays))
-    return fmt._column_shard(tuple(arrays), jax.lax.axis_index(plan.out),
-                             _size(mesh, plan.out))
+    plan splits the outputs and its `_row_shard` where it splits the inputs (1xN takes its
+    rows of the whole indptr), else as held."""
+    arrays = tuple(arrays)
+    fmt = cls._unflatten(aux, arrays)
+    if plan.out:
+        arrays = fmt._column_shard(arrays, jax.lax.axis_index(plan.out), _size(mesh, plan.out))
+    if plan.inp:
+        arrays = fmt._row_shard(arrays, jax.lax.axis_index(plan.inp), _size(mesh, plan.inp))
+    return arrays
+
+
+def _guarded(cls, local_aux, arrays, outs):
+    """`outs` (a product or its cotangents), NaN throughout where the format finds its local
+    arrays inconsistent (`_shard_consistent`: a hand-split 1xN weight without the balance its
+    spec claims): a shard's wrong structure could otherwise leave some outputs silently wrong,
+    as it never reads them."""
+    ok = cls._unflatten(local_aux, tuple(arrays))._shard_consistent()
+    if ok is None:
+        return outs
+    return jax.tree.map(lambda a: jnp.where(ok, a, jnp.asarray(jnp.nan, a.dtype))
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, outs)
 
 
 def _psum_f32(y, axes):
@@ -328,7 +345,8 @@ def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
 
     def lower_fn(x3, *arrays3):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, arrays3)
-        return _psum_f32(_call(cls, local_aux, kind, x3, arrays3), plan.inp)
+        y = _guarded(cls, local_aux, arrays3, _call(cls, local_aux, kind, x3, arrays3))
+        return _psum_f32(y, plan.inp)
 
     return mesh, lower_fn, layout.out, (layout.x,) + layout.arrays
 
@@ -357,6 +375,7 @@ def _local_aux(fmt, aux, out_shards, in_shards):
     local["in_features"] = fmt.in_features // in_shards
     if "out_features" in local:
         local["out_features"] = fmt.out_features // out_shards
+    local = fmt._shard_statics(local, out_shards, in_shards)
     return tuple(local[n] for n in names)
 
 
@@ -648,7 +667,7 @@ def _tangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:len(primals) - 1])
         out = _tangent_impl(x3, *arrays3, *args[len(primals) - 1:], live=live, cls=cls,
                             aux=local_aux, kind=kind)
-        return _psum_f32(out, plan.inp)
+        return _psum_f32(_guarded(cls, local_aux, arrays3, out), plan.inp)
 
     return mesh, lower_fn, layout.out, shardings + tuple(shardings[i] for i in live)
 
@@ -665,6 +684,7 @@ def _cotangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:-1])
         cts = _cotangent_impl(x3, *arrays3, args[-1], live=live, cls=cls, aux=local_aux,
                               kind=kind)
+        cts = _guarded(cls, local_aux, arrays3, list(cts))
         return tuple(_psum_f32(c, axes) for c, axes in zip(cts, sums))
 
     return (mesh, lower_fn, tuple(shardings[i] for i in live),

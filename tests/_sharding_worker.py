@@ -38,6 +38,8 @@ def formats():
         "blocks": jsp.fromdense(w, jsp.Blocks(16, 0.25)),
         # Equal block counts in 8 runs of outputs: column parallel over 8 (or 4, 2) devices.
         "blocks_shards": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8)),
+        # Equal block counts in 8 runs of inputs (stacked): row parallel over 8 (or 4, 2).
+        "blocks_rows": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8, split="in")),
         "int4": jsp.fromdense(w, jsp.Int4(32)),
         "int4_lines": jsp.fromdense(w, jsp.Int4(32)).with_lines(),
         "w4a8": jsp.fromdense(w, jsp.Int4(32, activations="int8")),
@@ -159,24 +161,27 @@ def check_fallback(w, mesh, x):
                        if issubclass(c.category, jsp.JaxsparseShardingWarning)]}
 
 
-def check_layer(mesh, x):
-    """An nnx SparseLinear of a 1xN spec with shards, its arrays split column-parallel in place:
-    the layer's own call (bias included) under jit, against the unsplit layer."""
+def check_layer(mesh, x, mode="column"):
+    """An nnx SparseLinear of a 1xN spec with shards, its arrays split in `mode` in place (x
+    split by its inputs in row mode): the layer's own call (bias included) under jit, against
+    the unsplit layer."""
     from flax import nnx
 
-    layer = jsp.nn.SparseLinear(IN, OUT, sparsity=jsp.Blocks(16, 0.25, shards=8),
+    split = "in" if mode == "row" else "out"
+    layer = jsp.nn.SparseLinear(IN, OUT, sparsity=jsp.Blocks(16, 0.25, shards=8, split=split),
                                 rngs=nnx.Rngs(0))
     want = layer(x)
-    split = jsp.shard_weight(layer.weight, mesh, "column", "d")
-    for name, array in split.arrays().items():
+    sharded = jsp.shard_weight(layer.weight, mesh, mode, "d")
+    for name, array in sharded.arrays().items():
         getattr(layer, name).value = array
     graphdef, state = nnx.split(layer)
     fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    xs = jsp.shard_x(x, mesh, mode, "d")
     with jsp.matmul_path("sparse"):
-        y = fn(state, x)
-        hlo = fn.lower(state, x).compile().as_text()
+        y = fn(state, xs)
+        hlo = fn.lower(state, xs).compile().as_text()
     return {"err": float(jnp.max(jnp.abs(y - want))), "shards": layer.weight.shards,
-            "spec": spec_of(y), "collectives": collectives(hlo)}
+            "split": layer.weight.split, "spec": spec_of(y), "collectives": collectives(hlo)}
 
 
 MARLIN_SPECS = {"int4_marlin": jsp.Int4(128), "int4_marlin_g32": jsp.Int4(32),
@@ -233,7 +238,13 @@ def check_marlin_product(mesh, name, mode):
 
 def check_unbalanced(balanced, whole, mesh, x):
     """A 1xN weight whose static field claims a balance its arrays lack (the constructor's
-    check bypassed), split column-parallel by hand: its product is NaN, not silently wrong."""
+    check bypassed), split by hand as the balance would be (column parallel, or row parallel
+    for a stacked one): its product is NaN, not silently wrong."""
+    if balanced.stacked:  # The whole matrix's indptr, read as stacked rows: pad it to length.
+        indptr = jnp.concatenate([whole.indptr, jnp.full(
+            (balanced.indptr.shape[-1] - whole.indptr.shape[-1],), whole.indptr[-1])])
+        whole = type(whole)._unflatten(whole._aux, (whole.values, whole.indices, indptr))
+        x = jsp.shard_x(x, mesh, "row", "d")
     arrays = {n: jax.device_put(a, NamedSharding(mesh, spec)) for (n, a), spec in
               zip(whole.arrays().items(), (P("d", None), P("d"), P()))}
     ws = type(whole)._unflatten(balanced._aux, tuple(arrays.values()))
@@ -313,9 +324,12 @@ def main():
     run("nm24/2d", check_2d, ws["nm24"], x)
     run("int4/2d", check_2d, ws["int4"], x)
     run("blocks_shards/2d", check_2d, ws["blocks_shards"], x, ("column",))
+    run("blocks_rows/2d", check_2d, ws["blocks_rows"], x, ("row",))
     run("blocks/fallback", check_fallback, ws["blocks"], mesh, x)
     run("blocks_shards/layer", check_layer, mesh, x)
+    run("blocks_rows/layer", check_layer, mesh, x, "row")
     run("blocks_shards/unbalanced", check_unbalanced, ws["blocks_shards"], ws["blocks"], mesh, x)
+    run("blocks_rows/unbalanced", check_unbalanced, ws["blocks_rows"], ws["blocks"], mesh, x)
     run("nm24/training", check_training, ws["nm24"], mesh)
     for name in MARLIN_SPECS:
         for mode in ("column", "row"):

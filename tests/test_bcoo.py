@@ -10,7 +10,7 @@ from jax.experimental import sparse as jsparse
 import jaxsparse as jsp
 from tests.test_io import dense, every_format
 
-SPARSE = ("nm", "nm_bf16", "vnm", "vnm_tiled", "blocks", "blocks_shards")
+SPARSE = ("nm", "nm_bf16", "vnm", "vnm_tiled", "blocks", "blocks_shards", "blocks_rows")
 INT4 = ("int4", "int4_a8", "int4_nm", "int4_lines", "int4_nm_lines", "int4_marlin",
         "int4_nm_marlin")
 CANONICAL = {"vnm_tiled": jsp.VNMSparse, "int4_lines": jsp.Int4Weight,

@@ -196,6 +196,6 @@ def test_a_1xn_signature_of_an_older_program_reads_its_balance_into_the_spec():
     read = _export._deserialize_aux(jsp.BlocksSparse)
     legacy = {"spec": {"type": "Blocks", "fields": {"n": 16, "density": 0.25}},
               "static": [32, 128, 4]}
-    assert read(json.dumps(legacy).encode()) == (16, 0.25, 4, 32, 128)
+    assert read(json.dumps(legacy).encode()) == (16, 0.25, 4, "out", 32, 128)
     ws = jsp.fromdense(jnp.ones((32, 128)), jsp.Blocks(16, 0.25, shards=4))
     assert read(_export._serialize_aux(jsp.BlocksSparse)(ws._aux)) == ws._aux

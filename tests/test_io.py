@@ -40,6 +40,7 @@ def _every_format():
         "vnm_tiled": vnm.with_tiles(),
         "blocks": jsp.fromdense(w[:, :90], jsp.Blocks(16, 0.3)),
         "blocks_shards": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=3)),
+        "blocks_rows": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=4, split="in")),
         "int4": int4,
         "int4_a8": jsp.fromdense(w, jsp.Int4(None, activations="int8")),
         "int4_nm": int4_nm,
@@ -100,10 +101,13 @@ def test_a_1xn_balance_is_in_the_spec_and_older_records_of_it_still_load(saved, 
     record = json.loads(header["__metadata__"][jio.METADATA_KEY])["weights"]
     assert record["blocks_shards"]["spec"]["fields"]["shards"] == 3
     assert record["blocks"]["spec"]["fields"]["shards"] == 1
+    assert record["blocks_rows"]["spec"]["fields"] == {"n": 16, "density": 0.25, "shards": 4,
+                                                      "split": "in"}
 
     def legacy(record):  # As 59a3c92 wrote it: the spec without shards, the balance beside it.
         entries = record["weights"]
         for name in ("blocks", "blocks_shards"):
+            assert entries[name]["spec"]["fields"].pop("split") == "out"
             shards = entries[name]["spec"]["fields"].pop("shards")
             if shards > 1:
                 entries[name]["shards"] = shards

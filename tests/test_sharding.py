@@ -28,14 +28,15 @@ import jaxsparse as jsp
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.cpu_only  # The CPU kernels, on 8 forced CPU devices.
 
-FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "blocks_shards", "int4",
-           "int4_lines", "w4a8", "int4_nm", "int4_nm_lines")
+FORMATS = ("nm24", "nm24_bf16", "nm28", "vnm", "vnm_tiled", "blocks", "blocks_shards",
+           "blocks_rows", "int4", "int4_lines", "w4a8", "int4_nm", "int4_nm_lines")
 # (format, mode) pairs the format's layout cannot split: shard_weight refuses them by name.
 REFUSED = {
     ("vnm_tiled", "row"): "VNMSparseTiled .* its tiles interleave the inputs",
     ("blocks", "column"): r"BlocksSparse .* chosen over the whole matrix.*shards=s",
-    ("blocks", "row"): r"BlocksSparse .* block rows \(outputs\) keep any inputs",
-    ("blocks_shards", "row"): r"BlocksSparse .* block rows \(outputs\) keep any inputs",
+    ("blocks", "row"): r"BlocksSparse .* chosen over the whole matrix.*shards=s, split=\"in\"",
+    ("blocks_shards", "row"): r"BlocksSparse .* balance runs of outputs, not of inputs",
+    ("blocks_rows", "column"): r"BlocksSparse .* balance runs of inputs, not of outputs",
     ("int4_lines", "row"): "Int4LinesWeight .* stores its lines over all inputs",
     ("int4_nm_lines", "row"): "Int4NMLinesWeight .* stores its lines over all inputs",
 }
@@ -127,14 +128,17 @@ def test_backward_kernels_run_on_the_shards_and_gather_no_weight(sharded, name, 
     assert result["jvp_collectives"] == want, result
 
 
-@pytest.mark.parametrize("name", ("nm24", "int4", "blocks_shards"))
+@pytest.mark.parametrize("name", ("nm24", "int4", "blocks_shards", "blocks_rows"))
 def test_tokens_and_weight_on_a_2d_mesh(sharded, name):
     result = _result(sharded, f"{name}/2d")
-    assert result["column"]["err"] == 0.0
-    assert result["column"]["spec"] == ["data", "model"]
-    assert result["column"]["collectives"] == NO_COLLECTIVES
-    if name == "blocks_shards":  # Balanced for 8 runs, so for 4 shards; no row split.
-        assert "row" not in result
+    # The 1xN weights are balanced for 8 runs, so for 4 shards, of outputs or of inputs.
+    assert ("column" in result) == (name != "blocks_rows")
+    assert ("row" in result) == (name != "blocks_shards")
+    if "column" in result:
+        assert result["column"]["err"] == 0.0
+        assert result["column"]["spec"] == ["data", "model"]
+        assert result["column"]["collectives"] == NO_COLLECTIVES
+    if "row" not in result:
         return
     assert result["row"]["err"] <= 1e-4
     assert result["row"]["spec"] == ["data"]
@@ -149,10 +153,18 @@ def test_a_split_the_format_cannot_run_falls_back_correctly_and_warns(sharded):
 
 def test_a_layer_of_a_1xn_spec_with_shards_runs_column_parallel(sharded):
     result = _result(sharded, "blocks_shards/layer")  # SparseLinear(sparsity=Blocks(..., 8)).
-    assert result["shards"] == 8
+    assert (result["shards"], result["split"]) == (8, "out")
     assert result["err"] <= 1e-5
     assert result["spec"] == [None, "d"]  # The output stays split by columns, bias added.
     assert result["collectives"] == NO_COLLECTIVES
+
+
+def test_a_layer_of_a_1xn_spec_split_by_inputs_runs_row_parallel(sharded):
+    result = _result(sharded, "blocks_rows/layer")  # Blocks(..., 8, split="in"), x split.
+    assert (result["shards"], result["split"]) == (8, "in")
+    assert result["err"] <= 1e-5
+    assert result["spec"] == []  # The shards' partial products summed, then the bias.
+    assert result["collectives"] == dict(NO_COLLECTIVES, **{"all-reduce": 1})
 
 
 MARLIN = ("int4_marlin", "int4_marlin_g32", "int4_marlin_channel", "int4_nm_marlin",
@@ -201,10 +213,11 @@ def test_marlin_products_split_in_every_mode_on_the_emulated_cuda_kernels():
                 NO_COLLECTIVES, **({"all-reduce": 1} if mode != "data" else {})), key
 
 
-def test_a_1xn_weight_without_the_balance_it_claims_multiplies_to_nan(sharded):
-    result = _result(sharded, "blocks_shards/unbalanced")
+@pytest.mark.parametrize("name", ("blocks_shards", "blocks_rows"))
+def test_a_1xn_weight_without_the_balance_it_claims_multiplies_to_nan(sharded, name):
+    result = _result(sharded, f"{name}/unbalanced")  # Split column- or row-parallel by hand.
     assert not result["balanced_nan"]
-    assert result["nan_columns"] >= 64, result  # At least one shard's 64 outputs.
+    assert result["nan_columns"] == 512, result  # Every output: none silently wrong.
 
 
 def test_data_parallel_training_step_equals_one_device(sharded):
@@ -244,6 +257,22 @@ def test_a_1xn_weight_splits_column_parallel_only_where_built_balanced():
         jsp.weight_specs(ws, eight, "column", "d")  # Balanced for 4 runs, not for 8.
     with pytest.raises(ValueError, match=r"chosen over the whole matrix.*shards=s"):
         jsp.weight_specs(jsp.fromdense(w, jsp.Blocks(16, 0.25)), two, "column", "d")
+
+
+def test_a_1xn_weight_split_by_inputs_splits_row_parallel_only():
+    P = jax.sharding.PartitionSpec
+    w = jax.random.normal(jax.random.key(0), (64, 40))  # out not a multiple of n: no matter.
+    ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4, split="in")
+    two, three = (jax.sharding.Mesh(np.array(jax.devices()[:1] * k), ("d",)) for k in (2, 3))
+    assert jsp.weight_specs(ws, two, "row", "d") == {
+        "values": P("d", None), "indices": P("d"), "indptr": P()}
+    with pytest.raises(ValueError, match="in_features=64 is not a multiple of 3"):
+        jsp.weight_specs(ws, three, "row", "d")
+    eight = jax.sharding.Mesh(np.array(jax.devices()[:1] * 8), ("d",))
+    with pytest.raises(ValueError, match="whole runs of 16 in values"):
+        jsp.weight_specs(ws, eight, "row", "d")  # Balanced for 4 runs, not for 8.
+    with pytest.raises(ValueError, match="balance runs of inputs, not of outputs"):
+        jsp.weight_specs(ws, two, "column", "d")
 
 
 def test_weight_specs_name_each_array_split():

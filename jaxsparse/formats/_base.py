@@ -289,6 +289,25 @@ class SparseFormat:
         del shard, shards
         return arrays
 
+    def _row_shard(self, arrays: tuple, shard, shards: int) -> tuple:
+        """One row-parallel shard's arrays, as `_column_shard` (1xN's stacked layout counts its
+        indices from the shard's first input)."""
+        del shard, shards
+        return arrays
+
+    def _shard_consistent(self):
+        """On one shard's weight (its arrays local): a bool scalar, False where the arrays
+        cannot be this shard's part of a weight of its spec (the product is then NaN), or None
+        when every split is consistent by construction (here)."""
+        return None
+
+    def _shard_statics(self, statics: dict, out_shards: int, in_shards: int) -> dict:
+        """The static fields of one shard's weight, given `{name: value}` with `in_features`
+        (and a static `out_features`) already divided; as given here (1xN's stacked layout
+        divides its runs)."""
+        del out_shards, in_shards
+        return statics
+
     def __rmatmul__(self, x):
         return matmul(x, self)  # The public entry validates x and chooses the path.
 

@@ -26,12 +26,20 @@ weights, and those of the padding outputs (`>= out`) are 0, are never computed a
 gradient. `out_features` is a static field of the weight (the arrays do not carry it).
 `todense()` drops the padding.
 
-Tensor parallelism over output features needs every device to hold the same number of blocks:
-the spec `Blocks(n, density, shards=s)` keeps, in each of `s` equal runs of block rows, the same
-share of the blocks (that run's largest), so its weights split column-parallel over any divisor
-of `s` devices (jaxsparse/sharding.py). `shards` is part of the pattern, so layers, `sparsify`,
-the pruning masks, SparseGPT and BCOO interop keep the balance too. A weight chosen over the
-whole matrix (`shards=1`, the default) runs data parallel only.
+Tensor parallelism needs every device to hold the same number of blocks. Over output features
+(column parallel), the spec `Blocks(n, density, shards=s)` keeps, in each of `s` equal runs of
+block rows, the same share of the blocks (that run's largest), so its weights split
+column-parallel over any divisor of `s` devices (jaxsparse/sharding.py). Over input features
+(row parallel), `Blocks(n, density, shards=s, split="in")` keeps the same share in each of `s`
+equal runs of inputs, and stores the weight as `s` BSR matrices one after the other, run by run
+(the *stacked* layout): `indptr [..., s*R + 1]`, its stacked row `q = run*R + r` holding block
+row `r`'s blocks of that run's inputs, `indices` still the inputs of the whole weight. A device
+then holds one contiguous slice of `values` and `indices`, a BSR matrix of its own inputs, and
+its products are summed over the devices. On one device the stacked weight's product is the
+sum of its runs' products (each run's partial in the dtype, the sum in float32). `shards` and
+`split` are part of the pattern, so layers, `sparsify`, the pruning masks, SparseGPT and BCOO
+interop keep the balance too. A weight chosen over the whole matrix (`shards=1`, the default)
+runs data parallel only.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from jaxsparse.sharding import Split
 from jaxsparse.ops.blocks import block_rows, blocks_spmm
 
 BLOCK_SIZES = (4, 8, 16, 32)  # The block widths the kernels are built for (one to two zmm).
+SPLITS = ("out", "in")  # The features a balanced spec's runs run along.
 
 
 @register_spec
@@ -69,23 +78,31 @@ class Blocks(NamedTuple):
     A hashable value, usable as a static argument and as the `sparsity=` of layers;
     `"1xN@density"` strings (`"1x16@0.25"`, or `"1x16@25%"`, and `"1x16@0.25,shards=8"`) parse
     to it. `n` is one of 4, 8, 16, 32; `density` is in (0, 1] (0.25 is 75% sparse). `shards`
-    (default 1: the largest blocks of the whole matrix) splits the block rows into `shards`
-    equal runs that each keep `kept_blocks / shards` blocks (their largest), so that the
-    weight runs column-parallel over `shards` devices or a divisor of it (a layer's weight too):
-    `out` must then be a multiple of `n * shards` and `kept_blocks` of `shards`.
+    (default 1: the largest blocks of the whole matrix) splits the weight into `shards` equal
+    runs that each keep `kept_blocks / shards` blocks (their largest), so that it runs
+    tensor-parallel over `shards` devices or a divisor of it (a layer's weight too); `split`
+    says along which features: `"out"` (default: runs of block rows, column parallel; `out`
+    must then be a multiple of `n * shards`) or `"in"` (runs of inputs, row parallel, in the
+    stacked layout of the module docstring; `in` must be a multiple of `shards`). Either way
+    `kept_blocks` must be a multiple of `shards`. With `shards=1` the split is moot and reads
+    `"out"`.
 
     Example:
         >>> Blocks(16, density=0.25).kept_blocks(64, 32)
         32
         >>> str(Blocks(16, 0.25)), str(Blocks(16, 0.25, shards=8))
         ('1x16@0.25', '1x16@0.25,shards=8')
+        >>> Blocks.from_string("1x16@0.25,shards=4,split=in")
+        Blocks(n=16, density=0.25, shards=4, split='in')
     """
 
     n: int
     density: float
     shards: int = 1
+    split: str = "out"
 
-    STRING_FORM = "'1xN@density' such as '1x16@0.25' (or '1x16@0.25,shards=8')"
+    STRING_FORM = ("'1xN@density' such as '1x16@0.25' (or '1x16@0.25,shards=8', "
+                   "'1x16@0.25,shards=8,split=in')")
 
     @property
     def format(self) -> type:
@@ -110,19 +127,22 @@ class Blocks(NamedTuple):
             raise ValueError(f"{where}: density must be in (0, 1] (the fraction of blocks "
                              f"kept); got {self.density!r}")
         shards = V.check_int("shards", self.shards, low=1, high=2**31 - 1, where=where)
-        return Blocks(int(self.n), density, shards)
+        if self.split not in SPLITS:
+            raise ValueError(f"{where}: split must be one of {SPLITS} (the features the "
+                             f"shards run along); got {self.split!r}")
+        return Blocks(int(self.n), density, shards, self.split if shards > 1 else "out")
 
     @classmethod
     def from_string(cls, text: str) -> "Blocks | None":
         match = _BLOCKS_STRING.match(text)
         if match is None:
             return None
-        n, number, percent, shards = match.groups()
+        n, number, percent, shards, split = match.groups()
         try:
             density = float(number) / (100.0 if percent else 1.0)
         except ValueError:
             return None
-        return cls(int(n), density, int(shards) if shards else 1)
+        return cls(int(n), density, int(shards) if shards else 1, split or "out")
 
     def kept_blocks(self, in_features: int, out_features: int) -> int:
         """Blocks a `[in, out]` weight keeps: `density` of its `in * ceil(out/n)`, rounded half
@@ -141,18 +161,26 @@ class Blocks(NamedTuple):
         """The bool mask `BlocksSparse.fromdense(w, **spec._asdict())` keeps (`[..., in, out]`)."""
         return _magnitude_mask(w, self)
 
+    @property
+    def stacked(self) -> bool:
+        """True when weights of this spec are stored in the stacked layout (row-parallel runs)."""
+        return self.split == "in" and self.shards > 1
+
     def __str__(self) -> str:
         shards = f",shards={self.shards}" if self.shards != 1 else ""
-        return f"1x{self.n}@{self.density:g}{shards}"
+        split = f",split={self.split}" if self.split != "out" else ""
+        return f"1x{self.n}@{self.density:g}{shards}{split}"
 
     def __repr__(self) -> str:
         # The whole-matrix default left out, as the spec was written before it had shards.
         shards = f", shards={self.shards!r}" if self.shards != 1 else ""
-        return f"Blocks(n={self.n!r}, density={self.density!r}{shards})"
+        split = f", split={self.split!r}" if self.split != "out" else ""
+        return f"Blocks(n={self.n!r}, density={self.density!r}{shards}{split})"
 
 
 _BLOCKS_STRING = re.compile(
-    r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*(?:,\s*shards\s*=\s*(\d+)\s*)?$")
+    r"^\s*1\s*[xX]\s*(\d+)\s*@\s*([0-9.eE+-]+)\s*(%?)\s*(?:,\s*shards\s*=\s*(\d+)\s*)?"
+    r"(?:,\s*split\s*=\s*(in|out)\s*)?$")
 
 
 class BlocksSparse(SparseFormat):
@@ -165,11 +193,13 @@ class BlocksSparse(SparseFormat):
     Attributes:
         values: `[..., nnz, n]` float32/bfloat16/float16, the kept blocks (trainable).
         indices: `[..., nnz]` int32, each block's input (frozen).
-        indptr: `[..., ceil(out/n) + 1]` int32, where each block row starts (frozen).
+        indptr: `[..., ceil(out/n) + 1]` int32, where each block row starts (frozen); in the
+            stacked layout (`split="in"`) `[..., shards * ceil(out/n) + 1]`, run after run.
         in_features, out_features: the logical shape (static).
-        n, density, shards: the spec (static; `shards`: the equal runs of block rows that keep
-            equal shares of the blocks, 1 when chosen over the whole matrix: column-parallel
-            products split over a divisor of it).
+        n, density, shards, split: the spec (static; `shards`: the equal runs of block rows,
+            or of inputs with `split="in"`, that keep equal shares of the blocks, 1 when chosen
+            over the whole matrix: column- or row-parallel products split over a divisor of
+            it).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
@@ -189,9 +219,9 @@ class BlocksSparse(SparseFormat):
     out_features: ClassVar = None
 
     def __init__(self, values, indices, indptr, *, n: int, density: float, in_features: int,
-                 out_features: int, shards: int = 1):
+                 out_features: int, shards: int = 1, split: str = "out"):
         where = "jaxsparse.BlocksSparse"
-        spec = Blocks(n, density, shards).validate(where)
+        spec = Blocks(n, density, shards, split).validate(where)
         in_features = V.check_int("in_features", in_features, low=1, high=2**31 - 1,
                                   where=where)
         out_features = V.check_int("out_features", out_features, low=1, high=2**31 - 1,
@@ -218,19 +248,20 @@ class BlocksSparse(SparseFormat):
         _check_shards(spec, in_features, out_features, where)
         if V.is_concrete(indices) and V.is_concrete(indptr):
             _check_structure(np.asarray(indices), np.asarray(indptr), in_features, where)
-            _check_balance(np.asarray(indptr), spec.shards, where)
+            _check_balance(np.asarray(indices), np.asarray(indptr), spec, in_features, where)
         self.values = values
         self.indices = indices.astype(jnp.int32)
         self.indptr = indptr.astype(jnp.int32)
-        self.n, self.density, self.shards = spec
+        self.n, self.density, self.shards, self.split = spec
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
     def array_shapes(cls, spec: Blocks, in_features: int, out_features: int) -> dict:
         """`{name: (shape, dtype)}` of one weight's arrays; dtype None means the values' dtype."""
         nnz = spec.kept_blocks(in_features, out_features)
+        rows = num_groups(out_features, spec.n) * (spec.shards if spec.stacked else 1)
         return {"values": ((nnz, spec.n), None), "indices": ((nnz,), jnp.int32),
-                "indptr": ((num_groups(out_features, spec.n) + 1,), jnp.int32)}
+                "indptr": ((rows + 1,), jnp.int32)}
 
     # ------------------------------------------------------------------ shape
     @property
@@ -244,20 +275,28 @@ class BlocksSparse(SparseFormat):
     @property
     def block_rows(self) -> int:
         """`R = ceil(out/n)`, the block rows."""
-        return self.indptr.shape[-1] - 1
+        return num_groups(self.out_features, self.n)
+
+    @property
+    def stacked(self) -> bool:
+        """True in the stacked layout (`split="in"` with shards: module docstring)."""
+        return self.split == "in" and self.shards > 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fromdense(cls, w, *, n: int, density: float, shards: int = 1) -> "BlocksSparse":
+    def fromdense(cls, w, *, n: int, density: float, shards: int = 1,
+                  split: str = "out") -> "BlocksSparse":
         """Keep the `Blocks(n, density).kept_blocks(in, out)` blocks of largest L2 norm.
 
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
-            n, density, shards: the spec (see `Blocks`). `shards=1` (default): the largest
-                blocks of the whole matrix. `s > 1`: the block rows in `s` equal runs, each
-                keeping `kept_blocks / s` blocks (its largest), so the weight splits
-                column-parallel over `s` devices (or a divisor of `s`); `out` must be a
-                multiple of `n * s` and `kept_blocks` of `s`.
+            n, density, shards, split: the spec (see `Blocks`). `shards=1` (default): the
+                largest blocks of the whole matrix. `s > 1`: `s` equal runs, each keeping
+                `kept_blocks / s` blocks (its largest), so the weight splits over `s`
+                devices (or a divisor of `s`): runs of block rows (`split="out"`, column
+                parallel; `out` must be a multiple of `n * s`) or of inputs (`split="in"`,
+                row parallel, stacked; `in` must be a multiple of `s`); `kept_blocks` must be
+                a multiple of `s`.
 
         Returns:
             A BlocksSparse of shape `w.shape`. Ties go to the earlier block (row-major over
@@ -271,29 +310,30 @@ class BlocksSparse(SparseFormat):
             (4, [0, 32, 64, 96, 128])
         """
         where = "jaxsparse.BlocksSparse.fromdense"
-        spec = Blocks(n, density, shards).validate(where)
+        spec = Blocks(n, density, shards, split).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
         _check_shards(spec, *w.shape[-2:], where)
         return _fromdense(w, spec)
 
     @classmethod
-    def frommask(cls, w, mask, *, n: int, density: float, shards: int = 1) -> "BlocksSparse":
+    def frommask(cls, w, mask, *, n: int, density: float, shards: int = 1,
+                 split: str = "out") -> "BlocksSparse":
         """Keep the entries of `w` where `mask` is True; the mask must be made of whole blocks.
 
         Each block (one input, the real outputs of one block row) must be all True or all
         False, and at most `kept_blocks(in, out)` blocks may be True (with `shards=s`, at most
-        `kept_blocks / s` in each of the `s` runs of block rows: see `fromdense`). The rest of
-        the stored blocks are the lowest unmasked ones (row-major, in each run), holding 0, so
+        `kept_blocks / s` in each of the `s` runs: see `fromdense`). The rest of the stored
+        blocks are the lowest unmasked ones (row-major, in each run), holding 0, so
         `todense()` equals `where(mask, w, 0)` exactly.
 
         Args:
             w: `[..., in, out]` float32/bfloat16/float16.
             mask: `[..., in, out]` bool.
-            n, density, shards: the spec, as in `fromdense`.
+            n, density, shards, split: the spec, as in `fromdense`.
         """
         where = "jaxsparse.BlocksSparse.frommask"
-        spec = Blocks(n, density, shards).validate(where)
+        spec = Blocks(n, density, shards, split).validate(where)
         w = check_dense("w", w, where)
         _check_sizes(w.shape, where)
         mask = check_mask(mask, w, where)
@@ -326,7 +366,13 @@ class BlocksSparse(SparseFormat):
         return jnp.swapaxes(dense, -1, -2)
 
     def _rows(self):
-        return block_rows(self.indptr, self.indices.shape[-1])
+        """The block row of every stored block (`[..., nnz]`; R or -1 outside every row)."""
+        rows = block_rows(self.indptr, self.indices.shape[-1])
+        if not self.stacked:
+            return rows
+        stacked = self.block_rows * self.shards  # Stacked row q = run * R + r.
+        return jnp.where((rows >= 0) & (rows < stacked), rows % self.block_rows,
+                         self.block_rows)
 
     def _scatter(self, values):
         """`values [..., nnz, n]` into `[..., out, in]` at the stored blocks."""
@@ -340,46 +386,82 @@ class BlocksSparse(SparseFormat):
         return dense[..., :self.out_features, :]
 
     def _kernel(self, x, values, indices, indptr):
-        return blocks_spmm(x, values, indices, indptr, out_features=self.out_features)
+        if not self.stacked:
+            return blocks_spmm(x, values, indices, indptr, out_features=self.out_features)
+        # The stacked BSR is a weight [in, shards * R * n] whose run j holds run j's inputs:
+        # its product, in runs of R * n outputs, summed (in f32) is the weight's.
+        width = self.block_rows * self.n
+        parts = blocks_spmm(x, values, indices, indptr, out_features=self.shards * width)
+        parts = parts.reshape(*parts.shape[:-1], self.shards, width)
+        y = jnp.sum(parts.astype(jnp.float32), axis=-2).astype(parts.dtype)
+        return y[..., :self.out_features]
 
     def _engine_kernel(self):
         return self._kernel  # The 1xN kernels are dense micro-kernels per block row.
 
     # ------------------------------------------------------------------ sharding
     def _shard_splits(self, mode: str):
-        """Column parallel: a weight built with `shards=s` holds `nnz / s` blocks in each run
-        of `out / s` outputs, so values and indices split into such runs; indptr stays whole
-        and each shard takes its rows from it (`_column_shard`). No row-parallel split: a block
-        row keeps any inputs, so an input split would cut each row unevenly."""
-        if mode == "row":
-            return ("its block rows (outputs) keep any inputs, so an input split holds uneven "
-                    "parts of every row")
-        if self.shards == 1:
-            return (f"its blocks were chosen over the whole matrix, so block rows hold uneven "
-                    f"counts; build it with the spec Blocks({self.n}, {self.density:g}, "
-                    f"shards=s) for s devices (a layer's sparsity=, or BlocksSparse.fromdense"
-                    f"(w, n={self.n}, density={self.density:g}, shards=s))")
+        """A weight built with `shards=s` holds `nnz / s` blocks in each of its runs: of
+        `out / s` outputs (`split="out"`: column parallel) or of `in / s` inputs
+        (`split="in"`, stacked: row parallel). Values and indices split into such runs;
+        indptr stays whole and each shard takes its rows from it (`_column_shard`,
+        `_row_shard`). A weight chosen over the whole matrix holds uneven counts in every
+        run, so it splits in neither mode."""
+        split = "out" if mode == "column" else "in"
+        if self.shards == 1 or self.split != split:
+            why = ("its blocks were chosen over the whole matrix, so its runs hold uneven counts"
+                   if self.shards == 1 else
+                   f"its shards={self.shards} balance runs of "
+                   f"{'inputs' if self.split == 'in' else 'outputs'}, not of "
+                   f"{'outputs' if mode == 'column' else 'inputs'}")
+            along = ', split="in"' if split == "in" else ""
+            return (f"{why}; for {mode} parallel over s devices build it with the spec "
+                    f"Blocks({self.n}, {self.density:g}, shards=s{along}) (a layer's "
+                    f"sparsity=, or BlocksSparse.fromdense(w, n={self.n}, "
+                    f"density={self.density:g}, shards=s{along}))")
         nnz = self.spec.kept_blocks(self.in_features, self.out_features)
-        run = Split(-2, nnz // self.shards, self.out_features // self.shards)
+        total = self.out_features if mode == "column" else self.in_features
+        run = Split(-2, nnz // self.shards, total // self.shards)
         return {"values": run, "indices": Split(-1, run.elems, run.feats), "indptr": None}
 
     def _column_shard(self, arrays: tuple, shard, shards: int) -> tuple:
         """One column shard's arrays: its values and indices as held, its rows of indptr from
         the whole one, counted from its first block. `shard`: its index (traced)."""
         values, indices, indptr = arrays
-        rows = (indptr.shape[-1] - 1) // shards
-        held = values.shape[-2]
-        local = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
-        local = local - (shard * held).astype(local.dtype)
-        # A weight split by hand without its balance (a tracer that escaped the constructor's
-        # check) would read other shards' blocks: NaN, never a silently wrong product.
-        even = (local[..., :1] == 0) & (local[..., -1:] == held)
-        values = jnp.where(even[..., None], values, jnp.asarray(jnp.nan, values.dtype))
-        return values, indices, local
+        return values, indices, _local_indptr(indptr, shard, shards, values.shape[-2])
+
+    def _row_shard(self, arrays: tuple, shard, shards: int) -> tuple:
+        """One row shard's arrays (stacked layout): its values as held, its indices counted
+        from its first input, its stacked rows of indptr (`shards / devices` runs of R rows)
+        counted from its first block. `shard`: its index (traced)."""
+        values, indices, indptr = arrays
+        first = (shard * (self.in_features // shards)).astype(indices.dtype)
+        return (values, indices - first,
+                _local_indptr(indptr, shard, shards, values.shape[-2]))
+
+    def _shard_consistent(self):
+        """A shard's local BSR spans exactly its blocks, and its inputs are its own: else the
+        weight was split by hand without the balance its spec claims (a tracer that escaped
+        the constructor's check), and the shard would read other shards' blocks."""
+        held = self.values.shape[-2]
+        ok = jnp.all(self.indptr[..., 0] == 0) & jnp.all(self.indptr[..., -1] == held)
+        return ok & jnp.all((self.indices >= 0) & (self.indices < self.in_features))
+
+    def _shard_statics(self, statics: dict, out_shards: int, in_shards: int) -> dict:
+        """A row shard holds `shards / in_shards` of the runs."""
+        return {**statics, "shards": self.shards // in_shards} if self.stacked else statics
 
     def __repr__(self) -> str:
         return (f"BlocksSparse(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
                 f"pattern={self.spec}, nbytes={self.nbytes})")
+
+
+def _local_indptr(indptr, shard, shards: int, held: int):
+    """A shard's equal share of indptr's (stacked) rows, counted from its first block, of the
+    `held` it holds."""
+    rows = (indptr.shape[-1] - 1) // shards
+    local = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
+    return local - (shard * held).astype(local.dtype)
 
 
 # ---------------------------------------------------------------------- selection
@@ -405,21 +487,31 @@ def _block_scores(w, n: int, peak=None):
 
 def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
     """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block), an
-    equal share from each of `spec.shards` equal runs of block rows."""
+    equal share from each of `spec.shards` equal runs (of block rows, or of inputs when
+    stacked)."""
     shards = spec.shards
     in_f, out_f = w.shape[-2:]
     n, rows = spec.n, num_groups(out_f, spec.n)
     nnz = spec.kept_blocks(in_f, out_f)
     lead = w.shape[:-2]
-    run = rows // shards * in_f  # Candidate blocks per run.
+    # Candidates run by run, each run row-major (by block row, then input): a stacked spec's
+    # run j is block rows [j R, j R + R) of the stacked BSR, over inputs [j in/s, j in/s + in/s).
+    width = in_f // shards if spec.stacked else in_f  # Inputs of a run's rows.
+    if spec.stacked:
+        score = jnp.moveaxis(score.reshape(*lead, rows, shards, width), -2, -3)
+    run = score.size // math.prod(lead) // shards  # Candidate blocks per run.
     _, ids = jax.lax.top_k(score.reshape(*lead, shards, run), nnz // shards)
     ids = jnp.sort(ids, axis=-1) + run * jnp.arange(shards)[:, None]
-    ids = ids.reshape(*lead, nnz).astype(jnp.int32)  # Row-major: by block row, then input.
-    row, col = ids // in_f, ids % in_f
+    ids = ids.reshape(*lead, nnz).astype(jnp.int32)
+    row, col = ids // width, ids % width  # Stacked: row q = j R + r, col within run j.
+    if spec.stacked:
+        col = col + row // rows * width
     wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, rows * n - out_f)])
     blocks = jnp.swapaxes(wp.reshape(*lead, in_f, rows, n), -3, -2)  # [..., R, in, n]
-    values = jnp.take_along_axis(blocks.reshape(*lead, rows * in_f, n), ids[..., None], axis=-2)
-    starts = jnp.arange(rows + 1, dtype=jnp.int32)
+    flat = (row % rows) * in_f + col
+    values = jnp.take_along_axis(blocks.reshape(*lead, rows * in_f, n), flat[..., None],
+                                 axis=-2)
+    starts = jnp.arange(rows * (shards if spec.stacked else 1) + 1, dtype=jnp.int32)
     search = functools.partial(jnp.searchsorted, side="left")
     for _ in lead:
         search = jax.vmap(search, in_axes=(0, None))
@@ -453,11 +545,18 @@ def _check_sizes(shape, where):
 
 def _shards_misfit(spec: Blocks, in_features: int, out_features: int) -> str | None:
     """None when `spec.shards` divides a `[in, out]` weight into equal runs of whole block rows
-    holding equal shares of the kept blocks, else why not."""
+    (or of inputs, `split="in"`) holding equal shares of the kept blocks, else why not."""
     shards = spec.shards
     if shards == 1:
         return None
     rows, nnz = num_groups(out_features, spec.n), spec.kept_blocks(in_features, out_features)
+    if spec.stacked:
+        if in_features % shards or nnz % shards:
+            return (f"shards={shards}, split='in' must divide the weight into equal runs of "
+                    f"inputs holding equal shares of the kept blocks: in_features="
+                    f"{in_features} must be a multiple of {shards} and the {nnz} kept blocks "
+                    f"({spec._replace(shards=1, split='out')}) a multiple of {shards}")
+        return None
     if out_features % spec.n or rows % shards or nnz % shards:
         return (f"shards={shards} must divide the weight into equal runs of whole 1x{spec.n} "
                 f"block rows holding equal shares of the kept blocks: out_features="
@@ -472,20 +571,37 @@ def _check_shards(spec: Blocks, in_features: int, out_features: int, where: str)
         raise ValueError(f"{where}: {reason}")
 
 
-def _check_balance(indptr: np.ndarray, shards: int, where: str) -> None:
-    """Concrete: each of the `shards` runs of block rows holds `nnz / shards` blocks."""
+def _check_balance(indices: np.ndarray, indptr: np.ndarray, spec: Blocks, in_features: int,
+                   where: str) -> None:
+    """Concrete: each of the `shards` runs of (stacked) block rows holds `nnz / shards` blocks,
+    and, stacked, only inputs of its own run."""
+    shards = spec.shards
     if shards == 1:
         return
     rows = indptr.shape[-1] - 1
     starts = indptr[..., ::rows // shards].reshape(-1, shards + 1)
     held = np.diff(starts, axis=-1)
+    runs = "stacked block rows" if spec.stacked else "block rows"
+    split = ", split='in'" if spec.stacked else ""
     if np.any(held != held[:, :1]):
         b = int(np.argwhere(np.any(held != held[:, :1], axis=-1))[0, 0])
         at = f" (stack entry {b})" if starts.shape[0] > 1 else ""
         raise ValueError(
-            f"{where}: shards={shards} needs equal blocks in each run of {rows // shards} block "
-            f"rows; indptr gives {held[b].tolist()}{at} (BlocksSparse.fromdense(..., "
-            f"shards={shards}) keeps them equal)")
+            f"{where}: shards={shards} needs equal blocks in each run of {rows // shards} "
+            f"{runs}; indptr gives {held[b].tolist()}{at} (BlocksSparse.fromdense(..., "
+            f"shards={shards}{split}) keeps them equal)")
+    if spec.stacked:
+        width = in_features // shards
+        nnz = indices.shape[-1]
+        run = np.arange(nnz) // max(1, nnz // shards)
+        outside = (indices // width) != run
+        if outside.any():
+            *lead, p = (int(i) for i in np.argwhere(outside)[0])
+            raise ValueError(
+                f"{where}: stacked run {run[p]} (blocks [{run[p] * (nnz // shards)}, "
+                f"{(run[p] + 1) * (nnz // shards)})) must hold inputs [{run[p] * width}, "
+                f"{(run[p] + 1) * width}); block {p} holds input {int(indices[(*lead, p)])}"
+                f"{_at(lead)}")
 
 
 def _lead_index(lead, nnz):
@@ -560,13 +676,24 @@ def _check_mask_blocks(mask: np.ndarray, spec: Blocks, where: str) -> None:
             f"{limit} of {in_f * rows} (density {spec.density:g}): raise the density or drop "
             "blocks"
         )
-    runs = any_set.reshape(*any_set.shape[:-2], in_f, shards, rows // shards).sum(axis=(-3, -1))
-    if shards > 1 and runs.max() > limit // shards:
+    if shards == 1:
+        return
+    if spec.stacked:
+        width = in_f // shards
+        runs = any_set.reshape(*any_set.shape[:-2], shards, width, rows).sum(axis=(-2, -1))
+        what = "inputs [{0}, {1})"
+        span = width
+    else:
+        runs = any_set.reshape(*any_set.shape[:-2], in_f, shards, rows // shards).sum(
+            axis=(-3, -1))
+        what = "block rows [{0}, {1})"
+        span = rows // shards
+    if runs.max() > limit // shards:
         *lead, run = (int(i) for i in np.argwhere(runs > limit // shards)[0])
         raise ValueError(
-            f"{where}: mask keeps {int(runs[(*lead, run)])} blocks in block rows "
-            f"[{run * rows // shards}, {(run + 1) * rows // shards}){_at(lead)}; with "
-            f"shards={shards} each run of block rows keeps at most {limit // shards}")
+            f"{where}: mask keeps {int(runs[(*lead, run)])} blocks in "
+            f"{what.format(run * span, (run + 1) * span)}{_at(lead)}; with shards={shards} "
+            f"each run keeps at most {limit // shards}")
 
 
 def _at(lead) -> str:

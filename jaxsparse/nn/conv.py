@@ -350,8 +350,9 @@ def sparse_conv(where: str, inputs: Array, weight, geometry: ConvGeometry, in_fe
 def blocks_conv_direct(where: str, x, weight, geometry: ConvGeometry, preferred_element_type):
     """`conv_patches(x) @ weight` by `blocks_conv`, in sparse_product's dtypes, for a single 1xN
     weight of a 2-D convolution without input dilation or negative padding: the kernel gathers
-    the patches itself and never stores them. None for the rest (they store the patches)."""
-    if not (isinstance(weight, BlocksSparse) and weight.values.ndim == 2
+    the patches itself and never stores them. None for the rest (they store the patches; a
+    stacked weight, split by inputs, runs its own sum of runs there)."""
+    if not (isinstance(weight, BlocksSparse) and weight.values.ndim == 2 and not weight.stacked
             and geometry.rank == 2 and all(d == 1 for d in geometry.input_dilation)):
         return None
     compute = jnp.promote_types(x.dtype, weight.dtype)

@@ -155,33 +155,39 @@ def _gradual_mask(w, pattern, sparsity) -> jax.Array:
     and the largest `1 - sparsity` fraction is kept, so the mask is exactly the N:M mask when the
     sparsity reaches `1 - n/m` (with `in` a multiple of `m`), and N:M-valid beyond that.
     `Blocks(n, density)`: whole blocks at every step, the largest-norm `1 - sparsity` fraction of
-    them (the schedule sets the density; with `shards`, that fraction of each run of block rows),
-    so the mask is the spec's when the sparsity reaches `1 - density`.
+    them (the schedule sets the density; with `shards`, that fraction of each run of block rows,
+    or of inputs with `split="in"`), so the mask is the spec's when the sparsity reaches
+    `1 - density`.
     """
     density = 1.0 - jnp.asarray(sparsity, jnp.float32)
     if isinstance(pattern, Blocks):
-        return _blocks_mask(w, pattern.n, density, pattern.shards)
+        return _blocks_mask(w, pattern.n, density, pattern.shards, pattern.split)
     score = jnp.abs(w)
     if isinstance(pattern, Unstructured):
         return _ranked_mask(score, density)
     return _ranked_mask(score, density, priority=pattern.magnitude_mask(w))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _blocks_mask(w, n: int, density, shards: int = 1) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))
+def _blocks_mask(w, n: int, density, shards: int = 1, split: str = "out") -> jax.Array:
     """The 1xN mask keeping a (maybe traced) fraction `density` of the blocks of each
-    `[in, out]` matrix of `w [..., in, out]` (of each of its `shards` runs of block rows), by L2
-    norm: `Blocks(n, density, shards).magnitude_mask(w)` (same count, same ties) for a density
-    known only at run time."""
+    `[in, out]` matrix of `w [..., in, out]` (of each of its `shards` runs of block rows, or of
+    inputs with `split="in"`), by L2 norm: `Blocks(n, density, shards,
+    split).magnitude_mask(w)` (same count, same ties) for a density known only at run time."""
     in_f, out_f = w.shape[-2:]
     lead = w.shape[:-2]
     scores = _block_scores(w, n)  # [..., R, in]
     rows = scores.shape[-2]
+    stacked = split == "in" and shards > 1
+    if stacked:  # Run j: its block rows over its inputs, row-major as the format stores them.
+        scores = jnp.moveaxis(scores.reshape(*lead, rows, shards, in_f // shards), -2, -3)
     total = rows * in_f // shards  # Blocks per run.
     # Blocks.kept_blocks: floor(density * total + 0.5), at least one; per run, the same count
     # whenever the whole matrix's is a multiple of `shards` (the spec's own density).
     k = jnp.maximum(jnp.floor(density * total + 0.5), 1.0)
     flat = scores.reshape(-1, total)
     kept = jax.vmap(lambda s: _ranked_mask(s, k / total))(flat)  # Ties: the lower block first.
+    if stacked:
+        kept = jnp.moveaxis(kept.reshape(*lead, shards, rows, in_f // shards), -3, -2)
     kept = jnp.swapaxes(kept.reshape(*lead, rows, in_f), -1, -2)  # [..., in, R]
     return jnp.repeat(kept, n, axis=-1)[..., :out_f]

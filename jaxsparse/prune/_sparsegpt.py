@@ -244,12 +244,18 @@ def _make_plan(spec, shape, dtype, block_size, act_order=False) -> _Plan:
         step = group_mask.m
     else:
         step = _STEP if k % _STEP == 0 else 1
+        if isinstance(spec, Blocks) and spec.stacked and (k // spec.shards) % step:
+            step = 1  # Chunks start at every run of inputs.
     padded = -(-k // step) * step
     size = max(step, block_size // step * step)
     if quant_group is not None and not static_scales:
         # A scale group never straddles two chunks: its scale is taken from updated weights.
         size = quant_group * max(1, size // quant_group) if quant_group <= size else quant_group
-    chunks = tuple((a, min(size, padded - a)) for a in range(0, padded, size))
+    cuts = set(range(0, padded, size))
+    if isinstance(spec, Blocks) and spec.stacked:  # A chunk never straddles two runs.
+        cuts |= set(range(0, k, k // spec.shards))
+    cuts = sorted(cuts) + [padded]
+    chunks = tuple((a, b - a) for a, b in zip(cuts, cuts[1:]))
     quota = _chunk_quotas(spec, chunks, k, out) if group_mask is None else None
     return _Plan(spec, chunks, step, group_mask, quota, quant_group, static_scales, act_order,
                  jnp.dtype(dtype).name)
@@ -257,19 +263,37 @@ def _make_plan(spec, shape, dtype, block_size, act_order=False) -> _Plan:
 
 def _chunk_quotas(spec, chunks, k, out):
     """What each chunk keeps so that the layer keeps exactly what `fromdense` would (1xN with
-    `shards`: what each chunk keeps in each run of block rows)."""
+    `shards`: what each chunk keeps in each run of block rows; with `split="in"`, each run of
+    inputs keeps its share, spread over its chunks)."""
     if isinstance(spec, Unstructured):
         per_input, total = out, int(round(spec.density * k * out))
+    elif isinstance(spec, Blocks) and spec.stacked:
+        per_input, runs = -(-out // spec.n), spec.shards
+        total = spec.kept_blocks(k, out) // runs
+        width = k // runs
+        quotas = []
+        for run in range(runs):  # The chunks of run j lie in [j width, j width + width).
+            mine = [(a - run * width, s) for a, s in chunks if run * width <= a < (run + 1) * width]
+            quotas += _spread(total, mine, width)
+        quotas += [0] * (len(chunks) - len(quotas))  # Chunks of the padding past k.
+        assert all(0 <= q <= s * per_input for q, (_, s) in zip(quotas, chunks))
+        return tuple(quotas)
     elif isinstance(spec, Blocks):
         per_input = -(-out // spec.n) // spec.shards
         total = spec.kept_blocks(k, out) // spec.shards
     else:
         return None
-    cuts = [min(total, math.floor(total * (a + s) / k + 0.5)) for a, s in chunks]
-    cuts[-1] = total
-    quotas = np.diff([0, *cuts]).tolist()
+    quotas = _spread(total, chunks, k)
     assert all(0 <= q <= s * per_input for q, (_, s) in zip(quotas, chunks))
     return tuple(quotas)
+
+
+def _spread(total: int, chunks, k: int) -> list:
+    """`total` over `chunks` ((start, size) from 0, covering k) in proportion to their inputs,
+    rounded so that the counts add up."""
+    cuts = [min(total, math.floor(total * (a + s) / k + 0.5)) for a, s in chunks]
+    cuts[-1] = total
+    return np.diff([0, *cuts]).tolist()
 
 
 def _damped(gram, damp):
@@ -451,7 +475,7 @@ def _chunk_mask(w, d, plan: _Plan, chunk: int):
     quota = plan.chunk_quota[chunk]
     scaled = w / d[:, None]
     if isinstance(plan.spec, Blocks):
-        n, shards = plan.spec.n, plan.spec.shards
+        n, shards = plan.spec.n, 1 if plan.spec.stacked else plan.spec.shards
         score = jnp.swapaxes(_block_scores(scaled, n), 0, 1)  # [rows, out/n]: w^2/d^2 summed
         runs = jnp.swapaxes(score.reshape(score.shape[0], shards, -1), 0, 1)
         kept = jax.vmap(lambda run: _top(run, quota))(runs)  # Each run of block rows its own.

@@ -99,6 +99,75 @@ def test_shards_refuse_runs_that_do_not_divide():
                          shards=4)
 
 
+def test_split_by_inputs_keeps_each_input_runs_largest_blocks_stacked_run_after_run():
+    w = dense((32, 40), seed=13)  # 3 block rows, the last partial; 4 runs of 8 inputs.
+    ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4, split="in")
+    assert ws.stacked and ws.split == "in" and ws.values.shape == (24, 16)
+    indptr, indices = np.asarray(ws.indptr), np.asarray(ws.indices)
+    assert indptr.shape == (4 * 3 + 1,)  # Stacked rows q = run * 3 + r.
+    np.testing.assert_array_equal(indptr[::3], [0, 6, 12, 18, 24])
+    np.testing.assert_array_equal(indices // 8, np.repeat(np.arange(4), 6))  # Own inputs.
+    padded = jnp.pad(w, ((0, 0), (0, 8)))
+    norms = np.asarray(jnp.sum(padded.reshape(32, 3, 16) ** 2, axis=-1))  # [in, R]
+    kept = np.asarray(ws.block_mask())
+    for run in range(4):  # Each run of 8 inputs keeps its own 6 largest.
+        rows = slice(8 * run, 8 * run + 8)
+        assert kept[rows].sum() == 6
+        assert norms[rows][kept[rows]].min() >= norms[rows][~kept[rows]].max()
+        # ... which is what the whole-matrix choice keeps of those inputs alone.
+        alone = jsp.BlocksSparse.fromdense(w[rows], n=16, density=0.25)
+        np.testing.assert_array_equal(alone.block_mask(), kept[rows])
+    np.testing.assert_array_equal(ws.todense(), jnp.where(ws.mask(), w, 0))
+    x = dense((5, 32), seed=14)
+    np.testing.assert_allclose(x @ ws, x @ ws.todense(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(  # The mask the spec names, and frommask keeps the layout.
+        jsp.Blocks(16, 0.25, 4, "in").magnitude_mask(w), ws.mask())
+    back = jsp.BlocksSparse.frommask(w, ws.mask(), n=16, density=0.25, shards=4, split="in")
+    np.testing.assert_array_equal(back.indptr, ws.indptr)
+    np.testing.assert_array_equal(back.indices, ws.indices)
+    top = jnp.zeros((32, 40), bool).at[:8, :32].set(True)  # 16 blocks in the first run.
+    with pytest.raises(ValueError, match=r"keeps 16 blocks in inputs \[0, 8\).*at most 6"):
+        jsp.BlocksSparse.frommask(w, top, n=16, density=0.25, shards=4, split="in")
+    stack = jnp.stack([w, dense((32, 40), seed=15)])  # A stack of weights, each balanced.
+    wss = jsp.fromdense(stack, jsp.Blocks(16, 0.25, 4, "in"))
+    np.testing.assert_array_equal(wss.todense()[0], ws.todense())
+
+
+def test_split_is_part_of_the_spec_strings_and_fits():
+    spec = jsp.Blocks(16, 0.25, shards=4, split="in")
+    assert str(spec) == "1x16@0.25,shards=4,split=in" and spec.stacked
+    assert repr(spec) == "Blocks(n=16, density=0.25, shards=4, split='in')"
+    assert jsp.prune.as_pattern("1x16@25%, shards=4, split=in") == spec
+    assert jsp.prune.as_pattern("1x16@0.25,shards=4,split=out") == jsp.Blocks(16, 0.25, 4)
+    # One run is the whole matrix: the split is moot and reads "out".
+    assert jsp.Blocks(16, 0.25, 1, "in").validate() == jsp.Blocks(16, 0.25)
+    assert spec.fits_shape((32, 40)) is None  # Any out; in a multiple of the runs.
+    assert "in_features=30 must be a multiple of 4" in spec.fits_shape((30, 40))
+    assert "kept blocks (1x16@0.3) a multiple of 4" in jsp.Blocks(16, 0.3, 4, "in").fits_shape(
+        (32, 40))
+    with pytest.raises(ValueError, match=r"split must be one of \('out', 'in'\)"):
+        jsp.Blocks(16, 0.25, 4, "rows").validate()
+
+
+def test_a_stacked_weight_refuses_arrays_without_its_balance_or_with_other_runs_inputs():
+    w = dense((32, 40), seed=16)
+    ws = jsp.BlocksSparse.fromdense(w, n=16, density=0.25, shards=4, split="in")
+    a = {k: np.asarray(v) for k, v in ws.arrays().items()}
+    static = dict(n=16, density=0.25, in_features=32, out_features=40, shards=4, split="in")
+    jsp.BlocksSparse(**a, **static)  # As built: accepted.
+    with pytest.raises(ValueError, match=r"indptr must have shape \(13,\)"):
+        jsp.BlocksSparse(a["values"], a["indices"], a["indptr"][:4], **static)
+    uneven = a["indptr"].copy()
+    uneven[3] += 1  # The first run's last row takes a block of the second run.
+    with pytest.raises(ValueError, match=r"equal blocks in each run of 3 stacked block rows"):
+        jsp.BlocksSparse(a["values"], a["indices"], uneven, **static)
+    swapped = a["indices"].copy()
+    swapped[0] = 31  # A block of run 0 on an input of run 3 (still sorted in its row).
+    swapped[:a["indptr"][1]] = np.sort(swapped[:a["indptr"][1]])
+    with pytest.raises(ValueError, match=r"stacked run 0 .* must hold inputs \[0, 8\)"):
+        jsp.BlocksSparse(a["values"], swapped, a["indptr"], **static)
+
+
 def test_structure_is_sorted_bsr():
     ws = jsp.fromdense(dense((64, 40), seed=2), jsp.Blocks(8, 0.3))
     indptr, indices = np.asarray(ws.indptr), np.asarray(ws.indices)

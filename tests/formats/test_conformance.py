@@ -47,6 +47,8 @@ CASES = [
     Case(jsp.Blocks(16, 0.25), 64, 48),
     Case(jsp.Blocks(4, 0.5), 23, 10),
     Case(jsp.Blocks(8, 0.3), 40, 21),
+    # Balanced over 4 runs of 10 inputs, stacked (row parallel), a partial last block row.
+    Case(jsp.Blocks(8, 0.3, shards=4, split="in"), 40, 21),
 ]
 # One N:M, two V:N:M and one 1xN case (a partial last block row) for the costlier checks.
 FAST = [CASES[0], CASES[4], CASES[5], CASES[10]]

@@ -22,6 +22,8 @@ from tests._check import assert_close, once_after, scale_for
 SPECS = [
     pytest.param(jsp.Blocks(16, 0.25), 16, 32, id="1x16@0.25"),
     pytest.param(jsp.Blocks(4, 0.5), 8, 10, id="1x4@0.5-ragged-out"),
+    # Row-parallel runs over the flattened kernel's inputs (stacked: no direct 1xN kernel).
+    pytest.param(jsp.Blocks(8, 0.25, shards=4, split="in"), 16, 16, id="1x8@0.25-split-in"),
     pytest.param(jsp.NM(2, 4), 8, 12, id="2:4"),
     pytest.param(jsp.VNM(16, 2, 8), 16, 32, id="16:2:8"),
 ]

@@ -298,10 +298,27 @@ def test_a_1xn_spec_with_shards_gives_layers_balanced_weights():
                                                                             rngs=nnx.Rngs(7)))
     sparse = jsp.nn.sparsify(model, "1x16@0.25,shards=4")
     assert [m.weight.shards for m in sparse.layers] == [4, 4]
+    assert_chain_of_dense_layers(sparse)
+    with pytest.raises(ValueError, match=r"out_features=96 .*multiple of n\*shards=64"):
+        SparseLinear(32, 96, sparsity=spec, rngs=nnx.Rngs(0))
+
+
+def test_a_1xn_spec_split_by_inputs_gives_layers_stacked_weights():
+    # Row parallel: runs of inputs, stored run after run (tests/test_sharding.py runs a layer of
+    # it on 8 devices).
+    model = nnx.Sequential(nnx.Linear(32, 128, rngs=nnx.Rngs(6)), nnx.Linear(128, 40,
+                                                                            rngs=nnx.Rngs(7)))
+    sparse = jsp.nn.sparsify(model, "1x16@0.25,shards=4,split=in")
+    assert [(m.weight.shards, m.weight.stacked) for m in sparse.layers] == [(4, True)] * 2
+    assert_chain_of_dense_layers(sparse)
+
+
+def assert_chain_of_dense_layers(sparse):
+    """A Sequential of sparse layers computes its dense kernels' chain."""
     x = normal(8, (3, 32))
     want = x
     for m in sparse.layers:
         want = want @ m.weight.todense() + m.bias[...]
     assert_close(sparse(x), want, jnp.float32, scale_for(128))
-    with pytest.raises(ValueError, match=r"out_features=96 .*multiple of n\*shards=64"):
-        SparseLinear(32, 96, sparsity=spec, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"in_features=30 must be a multiple of 4"):
+        SparseLinear(30, 64, sparsity=jsp.Blocks(16, 0.25, 4, "in"), rngs=nnx.Rngs(0))

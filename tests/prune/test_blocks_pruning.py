@@ -160,14 +160,17 @@ def test_gradual_pruning_to_a_blocks_spec_keeps_whole_blocks_at_every_step():
                           prune.magnitude_mask(params["b"]["kernel"], spec))
 
 
-def test_gradual_pruning_to_a_spec_with_shards_prunes_each_run_alike():
+@pytest.mark.parametrize("split", ("out", "in"))
+def test_gradual_pruning_to_a_spec_with_shards_prunes_each_run_alike(split):
     params = {"a": {"kernel": random_array(keys(3, 1)[0], (32, 64))}}
-    spec = jsp.Blocks(8, 0.25, shards=4)  # 4 runs of 2 block rows, 16 blocks kept in each.
+    # 4 runs of 2 block rows (of 8 inputs with split="in"), 16 blocks kept in each.
+    spec = jsp.Blocks(8, 0.25, shards=4, split=split)
     runs = []
 
     def check(t, params, state):
-        counts = block_norms(state.masks["a"]["kernel"], 8).astype(bool).reshape(32, 4, 2)
-        runs.append(counts.sum(axis=(0, 2)).tolist())
+        counts = block_norms(state.masks["a"]["kernel"], 8).astype(bool)  # [in, R]
+        runs.append(counts.reshape(4, -1).sum(axis=1).tolist() if split == "in" else
+                    counts.reshape(32, 4, 2).sum(axis=(0, 2)).tolist())
 
     tx = prune.gradual_pruning(prune.cubic_schedule(0.75, 0, 4), update_every=1, pattern_fn=spec)
     params, state = train(tx, params, 6, check)
@@ -176,6 +179,7 @@ def test_gradual_pruning_to_a_spec_with_shards_prunes_each_run_alike():
     mask = state.masks["a"]["kernel"]
     assert np.array_equal(mask, prune.magnitude_mask(params["a"]["kernel"], spec))
     jsp.BlocksSparse.frommask(params["a"]["kernel"], mask, **spec._asdict())  # Balanced.
+
 
 
 def test_gradual_pruning_per_layer_targets_reached_together():

@@ -379,3 +379,17 @@ def test_a_1xn_spec_with_shards_keeps_each_runs_share_and_still_beats_magnitude(
     np.testing.assert_array_equal(np.diff(np.asarray(got.indptr)[::2]), [32] * 4)
     magnitude = jsp.fromdense(w, spec).todense()
     assert relative_error(x, w, dense(got)) < relative_error(x, w, magnitude)
+
+
+@pytest.mark.parametrize("inputs", (64, 60))  # Runs of 16 inputs; of 15 (one input a step).
+def test_a_1xn_spec_split_by_inputs_keeps_each_input_runs_share_and_beats_magnitude(inputs):
+    # Row-parallel 1xN (Blocks(..., shards=s, split="in")): chunks end at every run of inputs and
+    # share out that run's count, so the layer comes back stacked and balanced.
+    x, w, gram = layer(6, inputs, 128)
+    spec = jsp.Blocks(16, 0.25, shards=4, split="in")
+    got = prune.sparsegpt(w, gram, spec, block_size=24)  # Chunks that straddle run edges.
+    assert got.spec == spec and got.stacked
+    kept = spec.kept_blocks(inputs, 128) // 4
+    np.testing.assert_array_equal(np.diff(np.asarray(got.indptr)[::8]), [kept] * 4)
+    magnitude = jsp.fromdense(w, spec).todense()
+    assert relative_error(x, w, dense(got)) < relative_error(x, w, magnitude)
