@@ -20,7 +20,8 @@ Two levels:
 
 The search (`method="cluster"`, the default) treats the problem as grouping the filters into
 blocks of `n`: with `A = kernel**2` folded to `[rows, out]`, a block's score is the sum of its
-group's `A` over one row, and the kept norm is the sum of the `k` largest scores. It seeds with a
+group's `A` over one row, and the kept norm is the sum of the `k` largest scores (of each run's
+`k / shards` largest for a balanced spec, `Blocks(n, density, shards, split)`). It seeds with a
 recursive balanced 2-means split of the filters' per-input profiles `A[:, j]` (filters large on
 the same inputs end up in one group) and balanced k-means, then improves the exact objective by
 a swap search (`_swap_search`) alternated with balanced reassignments under the kept blocks
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.blocks import Blocks
+from jaxsparse.formats.blocks import Blocks, _shards_misfit
 from jaxsparse.prune._layerwise import check_mapping
 from jaxsparse.prune._patterns import as_pattern
 from jaxsparse.prune._permutation import _check_perm
@@ -66,13 +67,14 @@ def kept_block_norm(kernel, spec) -> float:
     `[in, out]` as is, a Conv HWIO `[kh, kw, Cin, Cout]` as `[kh*kw*Cin, Cout]`), blocks `b` of `n`
     consecutive outputs (the last one zero-padded when `n` does not divide `out`), and the kept
     blocks the `Blocks(n, density).kept_blocks(rows, out)` of largest norm (global within the
-    layer, as `jaxsparse.BlocksSparse.fromdense` keeps them). Divide by `sum(kernel**2)` for the
-    fraction kept.
+    layer, as `jaxsparse.BlocksSparse.fromdense` keeps them; with `shards=s`, the largest
+    `kept_blocks / s` of each of the spec's runs of block rows, or of rows with `split="in"`).
+    Divide by `sum(kernel**2)` for the fraction kept.
 
     Args:
         kernel: `[..., in, out]` float array (concrete, any float dtype; squared in float32,
             summed in float64).
-        spec: a `jaxsparse.Blocks(n, density)` or its string (`"1x16@0.25"`).
+        spec: a `jaxsparse.Blocks(n, density, shards, split)` or its string (`"1x16@0.25"`).
 
     Returns:
         A Python float >= 0.
@@ -86,6 +88,7 @@ def kept_block_norm(kernel, spec) -> float:
     where = "jaxsparse.prune.kept_block_norm"
     spec = _blocks_spec(spec, where)
     x = _squares(kernel, where)
+    _check_runs(spec, x, where)
     return _kept(x, np.arange(x.shape[0]), spec)
 
 
@@ -138,7 +141,9 @@ def rearrange_outputs(kernel, spec, *, method: str = "cluster") -> np.ndarray:
     spec = _blocks_spec(spec, where)
     if method not in METHODS:
         raise ValueError(f"{where}: method must be one of {METHODS}; got {method!r}")
-    return _search(_squares(kernel, where), spec, method)
+    x = _squares(kernel, where)
+    _check_runs(spec, x, where)
+    return _search(x, spec, method)
 
 
 def apply_output_permutation(kernel, perm):
@@ -204,14 +209,6 @@ def _blocks_spec(spec, where, name: str = "spec") -> Blocks:
     if not isinstance(pattern, Blocks):
         raise ValueError(f"{where}: {name} must be a 1xN spec, jaxsparse.Blocks(n, density) or "
                          f"'1xN@density'; got {pattern!r}")
-    if pattern.shards != 1:
-        # The search scores the blocks a whole matrix keeps; runs that each keep their own
-        # share would need another objective (not built).
-        raise ValueError(
-            f"{where}: {name}={pattern} has shards={pattern.shards}; the filter search ranks "
-            f"the blocks of the whole matrix, so rearrange with Blocks({pattern.n}, "
-            f"{pattern.density:g}) and then compress with {pattern} (a permutation is valid "
-            "for either)")
     return pattern
 
 
@@ -232,6 +229,14 @@ def _squares(kernel, where) -> np.ndarray:
     return np.ascontiguousarray((w * w).T)
 
 
+def _check_runs(spec: Blocks, x: np.ndarray, where: str) -> None:
+    """A balanced spec's runs must divide the folded kernel `x [out, rows]`."""
+    reason = _shards_misfit(spec, x.shape[1], x.shape[0])
+    if reason is not None:
+        raise ValueError(f"{where}: spec {spec} does not fit the kernel folded to "
+                         f"[{x.shape[1]}, {x.shape[0]}]: {reason}")
+
+
 def _groups(out: int, n: int) -> int:
     return -(-out // n)
 
@@ -239,7 +244,8 @@ def _groups(out: int, n: int) -> int:
 class _Problem:
     """One layer's search: `x [out, rows]` squared magnitudes per filter, zero filters appended
     to `slots = G*n` (the padding of a partial last block, pinned at the end), and `k` kept
-    blocks. A permutation of slots lists, block after block, the filters each block holds."""
+    blocks (`k` in each of the spec's `shards` runs: of blocks, or of rows with `split="in"`).
+    A permutation of slots lists, block after block, the filters each block holds."""
 
     def __init__(self, x: np.ndarray, spec: Blocks):
         self.n = spec.n
@@ -248,7 +254,10 @@ class _Problem:
         self.slots = self.groups * self.n
         self.xp = np.zeros((self.slots, self.rows), np.float32)
         self.xp[: self.out] = x
-        self.k = spec.kept_blocks(self.rows, self.out)
+        if _shards_misfit(spec, self.rows, self.out) is not None:
+            spec = spec._replace(shards=1, split="out")  # A skipped layer's report: whole.
+        self.shards, self.by_rows = spec.shards, spec.stacked
+        self.k = spec.kept_blocks(self.rows, self.out) // self.shards
         cap = np.full(self.groups, self.n)
         cap[-1] = self.out - self.n * (self.groups - 1)
         self.cap = cap  # Real filters per block.
@@ -260,12 +269,28 @@ class _Problem:
         """Block scores `[G, rows]` of the slot permutation `perm`."""
         return self.xp[perm].reshape(self.groups, self.n, self.rows).sum(1, dtype=dtype)
 
+    def runs(self, scores: np.ndarray) -> np.ndarray:
+        """Block scores `[G, rows]` as `[shards, blocks of a run]`."""
+        if not self.by_rows:
+            return scores.reshape(self.shards, -1)
+        runs = scores.reshape(self.groups, self.shards, -1)
+        return runs.transpose(1, 0, 2).reshape(self.shards, -1)
+
+    def top_mask(self, scores: np.ndarray) -> np.ndarray:
+        """float32 0/1 mask `[G, rows]` of the kept blocks: the `k` largest of each run."""
+        mask = np.stack([_topk_mask(run, self.k) for run in self.runs(scores)])
+        if not self.by_rows:
+            return mask.reshape(scores.shape)
+        mask = mask.reshape(self.shards, self.groups, -1).transpose(1, 0, 2)
+        return mask.reshape(scores.shape)
+
     def kept(self, order: np.ndarray) -> float:
         """Exact (float64) kept norm with the filters in `order` (a permutation of `out`)."""
         if self.rows == 0 or self.out == 0:
             return 0.0
-        flat = self.scores(self.slots_of(order), np.float64).ravel()
-        return float(np.partition(flat, flat.size - self.k)[flat.size - self.k:].sum())
+        runs = self.runs(self.scores(self.slots_of(order), np.float64))
+        cut = runs.shape[1] - self.k
+        return float(np.partition(runs, cut, axis=1)[:, cut:].sum())
 
 
 def _kept(x: np.ndarray, order: np.ndarray, spec: Blocks) -> float:
@@ -327,7 +352,7 @@ def _swap_search(pb: _Problem, order: np.ndarray, max_rounds: int = 400) -> np.n
     # Scores, mask and P are updated only where a round changed them (the touched blocks, the
     # blocks whose kept rows moved): late rounds swap few blocks, so they cost little.
     scores = pb.scores(perm)
-    mask = _topk_mask(scores, pb.k)
+    mask = pb.top_mask(scores)
     p = pb.xp @ mask.T  # [slots, G]: filter j's kept mass if it sat in block g.
     for _ in range(max_rounds):
         value = float(np.sum(scores * mask, dtype=np.float64))
@@ -359,7 +384,7 @@ def _swap_search(pb: _Problem, order: np.ndarray, max_rounds: int = 400) -> np.n
         touched = np.nonzero(used)[0]
         cols = perm.reshape(groups, n)[touched].reshape(-1)
         scores[touched] = pb.xp[cols].reshape(len(touched), n, pb.rows).sum(1, dtype=np.float32)
-        new_mask = _topk_mask(scores, pb.k)
+        new_mask = pb.top_mask(scores)
         changed = np.nonzero(np.any(new_mask != mask, axis=1))[0]
         mask = new_mask
         if changed.size:
@@ -384,7 +409,7 @@ def _refine(pb: _Problem, order: np.ndarray, max_steps: int = 6,
     best = _swap_search(pb, order)
     best_kept = pb.kept(best)
     for _ in range(max_steps):
-        mask = _topk_mask(pb.scores(pb.slots_of(best)), pb.k)
+        mask = pb.top_mask(pb.scores(pb.slots_of(best)))
         assign = _balanced_assign(pb.xp[: pb.out] @ mask.T, pb.cap)
         moved = _swap_search(pb, np.argsort(assign, kind="stable").astype(np.int32))
         value = pb.kept(moved)

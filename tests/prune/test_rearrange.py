@@ -77,6 +77,8 @@ def test_rearrangement_strictly_raises_the_kept_norm_on_a_constructed_kernel():
     ((64, 96), jsp.Blocks(16, 0.25)),
     ((3, 3, 8, 36), jsp.Blocks(8, 0.3)),  # Conv HWIO; out=36 leaves a partial last block.
     ((40, 10), jsp.Blocks(4, 0.5)),
+    ((64, 96), jsp.Blocks(16, 0.25, shards=2)),  # Balanced runs of block rows ...
+    ((3, 3, 8, 36), jsp.Blocks(8, 0.2, shards=4, split="in")),  # ... and of inputs.
 ], ids=str)
 def test_every_method_returns_a_permutation_never_worse_than_the_identity(method, shape, spec):
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -382,8 +384,27 @@ def test_linen_conv_batchnorm_chain():
                               variables["params"]["Conv_0"]["kernel"])
 
 
-def test_a_spec_with_shards_is_refused_with_what_to_do_instead():
-    kernel = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"shards=4; the filter search ranks the blocks of the "
-                                         r"whole matrix, so rearrange with Blocks\(16, 0.25\)"):
-        prune.rearrange_outputs(kernel, jsp.Blocks(16, 0.25, shards=4))
+@pytest.mark.parametrize("split", ("out", "in"))
+def test_a_balanced_spec_searches_for_the_blocks_each_run_keeps(split):
+    # The kept norm of a balanced spec is what its format keeps (each run's largest), and the
+    # search raises it on filters in hidden groups as for the whole matrix.
+    w = planted(64, 128, 16)
+    spec = jsp.Blocks(16, 0.25, shards=4, split=split)
+    kept = jsp.fromdense(jnp.asarray(w), spec).todense()
+    assert prune.kept_block_norm(w, spec) == pytest.approx(
+        float(np.sum(np.asarray(kept, np.float64) ** 2)), rel=1e-6)
+    assert prune.kept_block_norm(w, spec) < prune.kept_block_norm(w, jsp.Blocks(16, 0.25))
+    moved = prune.apply_output_permutation(w, prune.rearrange_outputs(w, spec))
+    assert prune.kept_block_norm(moved, spec) > 1.2 * prune.kept_block_norm(w, spec)
+    with pytest.raises(ValueError, match=r"does not fit the kernel folded to \[64, 96\]"):
+        prune.rearrange_outputs(w[:, :96], jsp.Blocks(16, 0.25, shards=4))  # 6 block rows.
+
+
+def test_a_model_rearranged_for_a_balanced_spec_keeps_its_function():
+    model = randomize(LinearChain(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (4, 12))
+    # fc1 [12, 32] in 4 runs of one block row; fc2 [32, 16] has 2 block rows: skipped, with why.
+    report = check_preserved(model, x, spec="1x8@0.5,shards=4")
+    assert report["fc1/kernel"].skipped is None
+    assert report["fc1/kernel"].kept_after >= report["fc1/kernel"].kept_before
+    assert "multiple of n*shards=32" in report["fc2/kernel"].skipped
