@@ -24,8 +24,8 @@ from jaxsparse.prune import _tree
 from jaxsparse.prune._patterns import as_pattern
 
 
-def block_densities(params, n: int, density: float, *, filter: _tree.Filter = None
-                    ) -> dict[str, Blocks]:
+def block_densities(params, n: int, density: float, *, filter: _tree.Filter = None,
+                    shards: int = 1, split: str = "out") -> dict[str, Blocks]:
     r"""One 1xN density for a whole model: a global block-norm threshold, a density per layer.
 
     Every selected kernel `[..., in, out]` is cut into blocks of one input by `n` consecutive
@@ -37,6 +37,11 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
     one block: a layer is never emptied). The norms are compared as they are: layers whose
     weights have a smaller scale (a larger fan-in, usually) lose more blocks.
 
+    With `shards=s` (tensor parallel: `Blocks(n, density, shards, split)`), each layer's share
+    is rounded to the nearest multiple of `s` (at least `s`), so every spec splits into `s`
+    runs, and kernels whose runs do not divide (`Blocks.fits_shape`) are left out; the model's
+    density then differs from `density` by that rounding.
+
     Args:
         params: a params tree (`nnx.state(model, nnx.Param)`, linen `variables`, a dict) or an
             nnx Module (its `nnx.Param`s are used).
@@ -45,6 +50,8 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
         filter: which leaves: a predicate `(path, leaf) -> bool` on the '/'-joined path, a
             regular expression searched in it, or None (float leaves of rank >= 2 named
             `kernel`). Kernels with fewer than `n` outputs (`Blocks.fits_shape`) are left out.
+        shards, split: the balance of every layer's spec (see `jaxsparse.Blocks`); default:
+            each layer's blocks chosen over its whole matrix.
 
     Returns:
         `{kernel path: Blocks(n, density_l)}` in the tree's order, usable wherever a pattern is
@@ -60,6 +67,7 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
     """
     where = "jaxsparse.prune.block_densities"
     spec = Blocks(n, density).validate(where)
+    runs = Blocks(n, 1.0, shards, split).validate(where)  # The shape's part of the balance.
     params = _params_of(params)
     filter_fn = _tree.resolve_filter(filter, where)
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -74,11 +82,12 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
         if V.is_tracer(leaf):
             raise TypeError(f"{where}: params must be concrete (the threshold is chosen on the "
                             f"host, outside jit); {name!r} is a tracer")
-        if spec.fits_shape(leaf.shape) is None:
+        if runs.fits_shape(leaf.shape) is None:
             chosen.append((name, leaf))
     if not chosen:
         raise ValueError(f"{where}: no kernel of params was selected (float leaves of rank >= 2 "
-                         f"with at least n={spec.n} outputs that `filter` accepts)")
+                         f"with at least n={spec.n} outputs that `filter` accepts"
+                         f"{f', whose shape splits into {runs.shards} runs' if shards > 1 else ''})")
     peak = max(float(jnp.max(jnp.abs(w))) for _, w in chosen)  # One scale: scores compared.
     scores = [np.asarray(_block_scores(jnp.asarray(w), spec.n, peak)).reshape(-1)
               for _, w in chosen]
@@ -88,7 +97,10 @@ def block_densities(params, n: int, density: float, *, filter: _tree.Filter = No
     order = np.argsort(-flat, kind="stable")[:k]
     owner = np.repeat(np.arange(len(chosen)), [s.size for s in scores])
     kept = np.bincount(owner[order], minlength=len(chosen))
-    return {name: Blocks(spec.n, max(int(c), 1) / s.size)
+    step = runs.shards  # Each layer's count a multiple of its runs (at least one per run).
+    kept = [min(s.size, max(step, step * int(np.floor(c / step + 0.5)))) for c, s in
+            zip(kept, scores)]
+    return {name: Blocks(spec.n, c / s.size, runs.shards, runs.split)
             for (name, _), c, s in zip(chosen, kept, scores)}
 
 

@@ -102,6 +102,25 @@ def test_block_densities_is_one_global_threshold():
     assert specs["b/kernel"].density < 0.3 < specs["a/kernel"].density
 
 
+@pytest.mark.parametrize("split", ("out", "in"))
+def test_block_densities_with_shards_rounds_each_layer_to_whole_runs(split):
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": rng.standard_normal((32, 64))},
+              "b": {"kernel": 2 * rng.standard_normal((64, 32))},
+              "c": {"kernel": rng.standard_normal((30, 16))}}  # Splits in neither way.
+    specs = prune.block_densities(params, 8, 0.3, shards=4, split=split)
+    assert list(specs) == ["a/kernel", "b/kernel"]
+    whole = prune.block_densities({k: params[k] for k in "ab"}, 8, 0.3)
+    for name, spec in specs.items():
+        w = jnp.asarray(params[name[0]]["kernel"], jnp.float32)
+        assert (spec.shards, spec.split) == (4, split)
+        kept = spec.kept_blocks(*w.shape)
+        assert kept % 4 == 0 and abs(kept - whole[name].kept_blocks(*w.shape)) < 4
+        assert jsp.fromdense(w, spec).indices.shape == (kept,)  # Balanced: it builds.
+    with pytest.raises(ValueError, match="whose shape splits into 4 runs"):
+        prune.block_densities({"c": params["c"]}, 8, 0.3, shards=4, split=split)
+
+
 def test_block_densities_of_an_nnx_model_and_bad_input():
     model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu,
                            nnx.Linear(32, 32, rngs=nnx.Rngs(1)))
