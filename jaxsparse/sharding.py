@@ -16,8 +16,9 @@ kernel on its shard:
 
 Plans combine (tokens over one mesh axis and outputs over another). No plan gathers a weight:
 when the weight is sharded in a way its format cannot run locally (a row split that cuts a
-group, a layout whose input runs are interleaved with its outputs), the rule falls back to the
-replicated weight, which is correct, and warns (`JaxsparseShardingWarning`).
+group, a layout whose input runs are interleaved with its outputs: V:N:M's packed tiles), the
+rule falls back to the replicated weight, which is correct, and warns
+(`JaxsparseShardingWarning`).
 
 What each format can do is declared by the format (`SparseFormat._shard_splits`): per mode,
 per stored array, the axis that runs over output (or input) features and how many elements of
@@ -34,7 +35,7 @@ VNMSparseTiled                yes             out a multiple of v        no (til
 BlocksSparse (1xN)            yes             built with shards= **      shards=, split="in" **
 Int4Weight / W4A8             yes             yes                        in a multiple of group
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
-Int4LinesWeight / NMLines     yes             out a multiple of 64       no (lines mix inputs)
+Int4LinesWeight / NMLines     yes             out a multiple of 64       multiple of group (, 16)
 MARLIN layouts (CUDA) ***     yes             out a multiple of 64       whole K tiles and groups
 ============================  ==============  =========================  =====================
 
@@ -45,7 +46,10 @@ n=, density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and
 column-parallel over a divisor of `s` devices; one of `Blocks(n, density, shards=s,
 split="in")` keeps equal counts in `s` equal runs of inputs, stored run after run (the stacked
 layout, jaxsparse/formats/blocks.py), and splits row-parallel. Either way values and indices
-split by runs and indptr stays whole, each shard taking its rows of it. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
+split by runs and indptr stays whole, each shard taking its rows of it. The int4 lines hold
+`[..., ceil(out/64), lines per block, 64]`: blocks of 64 outputs split column-parallel, each
+block's lines row-parallel (a line per 2 inputs; 8 lines per chunk of 16 at 2:4) in whole
+groups. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
 blocks one after the other and the scales are permuted inside 64 columns, so a shard of whole
 64-column blocks, or of whole K tiles (64 inputs, 128 at 2:4) and whole groups, holds exactly
 the MARLIN layout of its own columns or inputs; one scale per column cannot split by rows.) "in

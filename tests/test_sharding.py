@@ -37,8 +37,6 @@ REFUSED = {
     ("blocks", "row"): r"BlocksSparse .* chosen over the whole matrix.*shards=s, split=\"in\"",
     ("blocks_shards", "row"): r"BlocksSparse .* balance runs of outputs, not of inputs",
     ("blocks_rows", "column"): r"BlocksSparse .* balance runs of inputs, not of outputs",
-    ("int4_lines", "row"): "Int4LinesWeight .* stores its lines over all inputs",
-    ("int4_nm_lines", "row"): "Int4NMLinesWeight .* stores its lines over all inputs",
 }
 NO_COLLECTIVES = {"all-gather": 0, "all-reduce": 0, "all-to-all": 0, "collective-permute": 0}
 

@@ -14,6 +14,12 @@ gradient in x works (its backward unpacks the lines to the canonical layout for 
 kernel), a gradient in the weight raises. `packed_for("cpu")` gives the canonical weight back bit
 for bit; `todense()` unpacks and dequantises. int8 activations keep the canonical layout.
 
+Both forms hold their lines as `[..., ceil(out/64), lines per block, 64]`: the kernels' stream,
+block after block (the ops take it flattened to `[..., ceil(out/64) * lines per block, 64]`, the
+same bytes), with the blocks and each block's inputs on axes of their own, so the weight splits
+column-parallel by blocks and row-parallel by runs of each block's lines. Lines of the flat
+shape (checkpoints of jaxsparse before 2026-12-07) are accepted and viewed as such.
+
 The 2:4 form's lines (`jaxsparse.ops.int4_nm_pack_lines`) keep each block of 64 outputs' chunks of
 16 inputs one after the other, a chunk's value bytes beside 4-bit indices of each kept value's
 input in the chunk: the few-token kernel looks the inputs up in a vector of the chunk's x, with
@@ -24,6 +30,7 @@ ninth round).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN
@@ -77,6 +84,30 @@ class _LinesBase(_Int4Base):
         return self._canonical().mask()
 
     @staticmethod
+    def _blocked(lines, scales, per_block: int, where: str):
+        """`lines` as `[..., ceil(out/64), per_block, 64]` uint8 for `scales [..., G, out]`,
+        checked; the flat `[..., ceil(out/64) * per_block, 64]` of older checkpoints viewed so."""
+        lines = V.as_array("lines", lines, where=where)
+        if lines.dtype != jnp.uint8:
+            raise TypeError(f"{where}: lines must be uint8 (packed nibbles), got "
+                            f"{lines.dtype.name}")
+        blocks = -(-scales.shape[-1] // LINE_OUTPUTS)
+        lead = tuple(scales.shape[:-2])
+        want = (*lead, blocks, per_block, LINE_OUTPUTS)
+        if tuple(lines.shape) == (*lead, blocks * per_block, LINE_OUTPUTS):
+            lines = lines.reshape(want)  # The flat layout: the same bytes.
+        if tuple(lines.shape) != want:
+            raise ValueError(f"{where}: lines must have shape {want} ([..., ceil(out/64), "
+                             f"{per_block} lines per block, 64] for the scales' "
+                             f"{tuple(scales.shape)}); got {tuple(lines.shape)}")
+        return lines
+
+    @staticmethod
+    def _flat(lines):
+        """The ops' view of the lines: `[..., ceil(out/64) * per_block, 64]`."""
+        return lines.reshape(*lines.shape[:-3], -1, LINE_OUTPUTS)
+
+    @staticmethod
     def _scales(scales, where):
         scales = V.as_array("scales", scales, where=where)
         if scales.ndim < 2:
@@ -90,7 +121,8 @@ class Int4LinesWeight(_LinesBase):
     `[..., in, out]`.
 
     Attributes:
-        lines: `[..., ceil(out/64) in/2, 64]` uint8 (`jaxsparse.ops.int4_pack_lines`; frozen).
+        lines: `[..., ceil(out/64), in/2, 64]` uint8 (`jaxsparse.ops.int4_pack_lines`, a
+            block of 64 outputs per entry of axis -3; frozen).
         scales: `[..., in/group, out]` float (frozen), as `Int4Weight`'s; its dtype is the
             weight's.
         group_size, sparsity (None), in_features: static, as `Int4Weight`'s.
@@ -99,7 +131,7 @@ class Int4LinesWeight(_LinesBase):
         >>> import jax.numpy as jnp, jaxsparse as jsp
         >>> wl = jsp.fromdense(jnp.ones((64, 8)), jsp.Int4(32)).with_lines()
         >>> wl.shape, wl.lines.shape, (jnp.ones((2, 64)) @ wl).shape
-        ((64, 8), (32, 64), (2, 8))
+        ((64, 8), (1, 32, 64), (2, 8))
     """
 
     ARRAYS = (("lines", FROZEN), ("scales", FROZEN))
@@ -114,10 +146,9 @@ class Int4LinesWeight(_LinesBase):
                              f"activations={spec.activations!r}")
         scales = self._scales(scales, where)
         out = scales.shape[-1]
-        rows = -(-out // LINE_OUTPUTS) * (in_features // 2)
-        lines = self._check_uint8("lines", lines, (rows, LINE_OUTPUTS), where)
+        lines = self._blocked(lines, scales, in_features // 2, where)
         group = spec.group_for(in_features)
-        self.scales = self._check_scales(scales, (in_features // group, out), lines.shape[:-2],
+        self.scales = self._check_scales(scales, (in_features // group, out), lines.shape[:-3],
                                          where)
         self.lines = lines
         self.group_size, self.sparsity, self.in_features = spec.group_size, None, in_features
@@ -134,19 +165,21 @@ class Int4LinesWeight(_LinesBase):
             raise ValueError(f"{where}: int8 activations read the canonical layout; the lines "
                              f"multiply float activations (use a weight without "
                              f"activations='int8')")
-        return cls._unflatten(wq._aux, (int4_pack_lines(wq.qweight), wq.scales))
+        lines = int4_pack_lines(wq.qweight)
+        lines = lines.reshape(*lines.shape[:-2], -1, wq.in_features // 2, LINE_OUTPUTS)
+        return cls._unflatten(wq._aux, (lines, wq.scales))
 
     def _canonical(self) -> Int4Weight:
-        qweight = int4_unpack_lines(self.lines, out_features=self.out_features)
+        qweight = int4_unpack_lines(self._flat(self.lines), out_features=self.out_features)
         return Int4Weight._unflatten(self._aux, (qweight, self.scales))
 
     def _kernel(self, x, lines, scales):
-        return int4_matmul_lines(x, lines, scales, group_size=self.group)
+        return int4_matmul_lines(x, self._flat(lines), scales, group_size=self.group)
 
     def _shard_splits(self, mode: str):
-        """Column parallel: each block of 64 outputs is `in/2` consecutive lines. No row
-        parallel split: a block's lines run over all its inputs."""
-        return _lines_splits(self, mode, self.in_features // 2)
+        """Column parallel: blocks of 64 outputs. Row parallel: each block's lines, one per
+        pair of inputs, in whole scale groups."""
+        return _lines_splits(self, mode, 1, 2)
 
 
 class Int4NMLinesWeight(_LinesBase):
@@ -154,7 +187,7 @@ class Int4NMLinesWeight(_LinesBase):
     `[..., in, out]`.
 
     Attributes:
-        lines: `[..., ceil(out/64) ceil(in/16) 8, 64]` uint8 (`jaxsparse.ops.int4_nm_pack_lines`;
+        lines: `[..., ceil(out/64), ceil(in/16) 8, 64]` uint8 (`jaxsparse.ops.int4_nm_pack_lines`;
             frozen): per block of 64 outputs and chunk of 16 inputs, 4 lines of value bytes and 4
             of indices `4 j + p` of the kept values' inputs in the chunk.
         scales: `[..., in/group, out]` float (frozen), as `Int4NMWeight`'s; its dtype is the
@@ -166,7 +199,7 @@ class Int4NMLinesWeight(_LinesBase):
         >>> spec = jsp.Int4(32, sparsity=jsp.NM(2, 4))
         >>> wl = jsp.fromdense(jnp.ones((64, 8)), spec).with_lines()
         >>> wl.shape, wl.lines.shape, (jnp.ones((2, 64)) @ wl).shape
-        ((64, 8), (32, 64), (2, 8))
+        ((64, 8), (1, 32, 64), (2, 8))
     """
 
     ARRAYS = (("lines", FROZEN), ("scales", FROZEN))
@@ -178,12 +211,11 @@ class Int4NMLinesWeight(_LinesBase):
                                                      activations)
         scales = self._scales(scales, where)
         out = scales.shape[-1]
-        rows = -(-out // LINE_OUTPUTS) * _nm_lines_per_block(in_features)
-        lines = self._check_uint8("lines", lines, (rows, LINE_OUTPUTS), where)
+        lines = self._blocked(lines, scales, _nm_lines_per_block(in_features), where)
         if V.is_concrete(lines):
             _check_nm_indices(np.asarray(lines), where)
         group = spec.group_for(in_features)
-        self.scales = self._check_scales(scales, (in_features // group, out), lines.shape[:-2],
+        self.scales = self._check_scales(scales, (in_features // group, out), lines.shape[:-3],
                                          where)
         self.lines = lines
         self.group_size, self.sparsity, self.in_features = spec.group_size, spec.sparsity, \
@@ -197,20 +229,23 @@ class Int4NMLinesWeight(_LinesBase):
             raise TypeError(f"jaxsparse.Int4NMWeight.with_lines: these lines hold an int4 + 2:4 "
                             f"weight (Int4NMWeight); got {type(wq).__name__}")
         lines = int4_nm_pack_lines(wq.qweight, wq.positions)
+        lines = lines.reshape(*lines.shape[:-2], -1, _nm_lines_per_block(wq.in_features),
+                              LINE_OUTPUTS)
         return cls._unflatten(wq._aux, (lines, wq.scales))
 
     def _canonical(self) -> Int4NMWeight:
-        qweight, positions = int4_nm_unpack_lines(self.lines, in_features=self.in_features,
+        qweight, positions = int4_nm_unpack_lines(self._flat(self.lines),
+                                                  in_features=self.in_features,
                                                   out_features=self.out_features)
         return Int4NMWeight._unflatten(self._aux, (qweight, positions, self.scales))
 
     def _kernel(self, x, lines, scales):
-        return int4_nm_matmul_lines(x, lines, scales, group_size=self.group)
+        return int4_nm_matmul_lines(x, self._flat(lines), scales, group_size=self.group)
 
     def _shard_splits(self, mode: str):
-        """Column parallel: each block of 64 outputs is `ceil(in/16) * 8` consecutive lines.
-        No row parallel split: a block's lines run over all its inputs."""
-        return _lines_splits(self, mode, _nm_lines_per_block(self.in_features))
+        """Column parallel: blocks of 64 outputs. Row parallel: each block's chunks of 16
+        inputs (8 lines each), in whole scale groups."""
+        return _lines_splits(self, mode, 8, NM_CHUNK)
 
 
 def _nm_lines_per_block(in_features: int) -> int:
@@ -218,18 +253,20 @@ def _nm_lines_per_block(in_features: int) -> int:
     return -(-in_features // NM_CHUNK) * 8
 
 
-def _lines_splits(w, mode, lines_per_block):
-    if mode == "row":
-        return ("each block of 64 outputs stores its lines over all inputs; row parallel needs "
-                "the canonical weight (w.packed_for('cpu'))")
-    return {"lines": Split(-2, lines_per_block, LINE_OUTPUTS), "scales": Split(-1, 1, 1)}
+def _lines_splits(w, mode, lines, inputs):
+    """Column parallel: `lines [..., blocks, per block, 64]` by blocks, scales by columns. Row
+    parallel: each block's lines in runs of `lines` lines holding `inputs` inputs, and the
+    scales by rows of groups."""
+    if mode == "column":
+        return {"lines": Split(-3, 1, LINE_OUTPUTS), "scales": Split(-1, 1, 1)}
+    return {"lines": Split(-2, lines, inputs), "scales": Split(-2, 1, w.group)}
 
 
 def _check_nm_indices(lines: np.ndarray, where: str) -> None:
     """Every index byte of the 2:4 lines is `(4 j + p0) | (4 j + p1) << 4` with j its byte of the
     dword and p0 < p1 (what the pack writes: the kernel looks `4 j + p` up in the chunk, the
     unpack keeps p)."""
-    index = lines.reshape(*lines.shape[:-2], -1, 8, 16, 4)[..., 4:, :, :].astype(np.int32)
+    index = lines.reshape(*lines.shape[:-3], -1, 8, 16, 4)[..., 4:, :, :].astype(np.int32)
     slot = np.arange(4)
     p0, p1 = index & 3, (index >> 4) & 3
     good = (((index >> 2) & 3) == slot) & (((index >> 6) & 3) == slot) & (p0 < p1)

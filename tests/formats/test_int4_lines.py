@@ -25,7 +25,7 @@ def test_packed_once_and_back_bit_for_bit():
     wq = weight()
     wl = jax.jit(lambda w: w.with_lines())(wq)
     assert isinstance(wl, jsp.Int4LinesWeight) and wl.device == "cpu"
-    assert wl.shape == wq.shape and wl.dtype == wq.dtype and wl.lines.shape == (2 * 128, 64)
+    assert wl.shape == wq.shape and wl.dtype == wq.dtype and wl.lines.shape == (2, 128, 64)
     back = wl.packed_for("cpu")
     assert isinstance(back, jsp.Int4Weight)
     np.testing.assert_array_equal(back.qweight, wq.qweight)
@@ -53,7 +53,7 @@ def test_products_and_x_gradients_are_the_canonical_ones(t, dtype, sparse):
 def test_a_stack_of_weights_multiplies_per_entry():
     wq = weight(k=128, n=40, group=32, batch=(3,))
     wl = wq.with_lines()
-    assert wl.batch_shape == (3,) and wl.lines.shape == (3, 64, 64)
+    assert wl.batch_shape == (3,) and wl.lines.shape == (3, 1, 64, 64)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 128)), jnp.float32)
     assert_close(x @ wl, x @ wq, jnp.float32, scale_for(128))
 
@@ -67,6 +67,16 @@ def test_serialisation_round_trips_bit_exact():
     assert len(data) < 128 * 256 // 2 + 4 * wl.scales.size + 200
     np.testing.assert_array_equal(restored.lines, wl.lines)
     np.testing.assert_array_equal(restored.scales, wl.scales)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lines_of_the_flat_layout_of_older_checkpoints_are_viewed_by_blocks(sparse):
+    wl = weight(sparse=sparse).with_lines()
+    flat = wl.lines.reshape(-1, 64)  # As jaxsparse wrote them before 2026-12-07.
+    old = type(wl).from_arrays(wl.spec, wl.in_features, {"lines": flat, "scales": wl.scales})
+    np.testing.assert_array_equal(old.lines, wl.lines)
+    with pytest.raises(ValueError, match=r"lines must have shape \(2, \d+, 64\)"):
+        type(wl).from_arrays(wl.spec, wl.in_features, {"lines": flat[:-1], "scales": wl.scales})
 
 
 def test_what_the_lines_do_not_hold_is_refused_by_name():
@@ -86,7 +96,7 @@ def test_nm_lines_packed_once_and_back_bit_for_bit():
     wl = jax.jit(lambda w: w.with_lines())(wq)
     assert isinstance(wl, jsp.Int4NMLinesWeight) and wl.device == "cpu"
     assert wl.shape == wq.shape and wl.dtype == wq.dtype and wl.sparsity == jsp.NM(2, 4)
-    assert wl.lines.shape == (2 * 13 * 8, 64)
+    assert wl.lines.shape == (2, 13 * 8, 64)
     back = wl.packed_for("cpu")
     assert isinstance(back, jsp.Int4NMWeight)
     for name in ("qweight", "positions", "scales"):
@@ -99,7 +109,7 @@ def test_nm_lines_packed_once_and_back_bit_for_bit():
 def test_nm_lines_stack_and_serialisation():
     wq = weight(k=128, n=40, group=32, batch=(3,), sparse=True)
     wl = wq.with_lines()
-    assert wl.batch_shape == (3,) and wl.lines.shape == (3, 8 * 8, 64)
+    assert wl.batch_shape == (3,) and wl.lines.shape == (3, 1, 8 * 8, 64)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 128)), jnp.float32)
     assert_close(x @ wl, x @ wq, jnp.float32, scale_for(128))
     data = flax.serialization.to_bytes(wl.arrays())
@@ -116,10 +126,10 @@ def test_nm_lines_refuse_what_they_do_not_hold_by_name():
         jsp.Int4NMLinesWeight.from_canonical(jsp.fromdense(w, jsp.Int4(32)))
     wl = jsp.fromdense(w, jsp.Int4(32, sparsity=jsp.NM(2, 4))).with_lines()
     bad = np.asarray(wl.lines).copy()
-    bad[4, 1] = 0x10  # group 1's byte of an index line: index 0 (group 0's input) and 1
+    bad[0, 4, 1] = 0x10  # group 1's byte of an index line: index 0 (group 0's input) and 1
     with pytest.raises(ValueError, match="lines hold an index byte"):
         wl.replace(lines=jnp.asarray(bad))
-    with pytest.raises(ValueError, match="lines must have shape"):
-        wl.replace(lines=wl.lines[:-8])
+    with pytest.raises(ValueError, match=r"lines must have shape \(1, 32, 64\)"):
+        wl.replace(lines=wl.lines[:, :-8])
     with pytest.raises(ValueError, match="frozen"):
         jax.grad(lambda s: jnp.sum(jnp.ones((1, 64)) @ wl.replace(scales=s)))(wl.scales)
