@@ -33,7 +33,7 @@ NMSparse (N:M)                yes             yes                        in a mu
 VNMSparse (V:N:M)             yes             out a multiple of v        in a multiple of m
 VNMSparseTiled                yes             out a multiple of v        no (tiles mix inputs)
 BlocksSparse (1xN)            yes             built with shards= **      shards=, split="in" **
-Int4Weight / W4A8             yes             yes                        in a multiple of group
+Int4Weight / W4A8             yes             yes                        in a multiple of group ***
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
 Int4LinesWeight / NMLines     yes             out a multiple of 64       multiple of group (, 16)
 MARLIN layouts (CUDA) ***     yes             out a multiple of 64       whole K tiles and groups
@@ -52,8 +52,10 @@ block's lines row-parallel (a line per 2 inputs; 8 lines per chunk of 16 at 2:4)
 groups. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
 blocks one after the other and the scales are permuted inside 64 columns, so a shard of whole
 64-column blocks, or of whole K tiles (64 inputs, 128 at 2:4) and whole groups, holds exactly
-the MARLIN layout of its own columns or inputs; one scale per column cannot split by rows.) "in
-a multiple of" is per shard: `in_features / shards`.
+the MARLIN layout of its own columns or inputs. Every int4 layout with one scale per column
+keeps all of them on each row shard: a shard's partial product is scaled as the whole one's,
+except with int8 activations, whose quantisation then spans every input.) "in a multiple of"
+is per shard: `in_features / shards`.
 `shard_weight(w, mesh, mode, axis)` raises a ValueError naming the format and the mode where it
 cannot shard.
 

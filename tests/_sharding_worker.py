@@ -41,6 +41,9 @@ def formats():
         # Equal block counts in 8 runs of inputs (stacked): row parallel over 8 (or 4, 2).
         "blocks_rows": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8, split="in")),
         "int4": jsp.fromdense(w, jsp.Int4(32)),
+        # One scale per column: row shards keep all of them.
+        "int4_channel": jsp.fromdense(w, jsp.Int4(None)),
+        "int4_nm_lines_channel": jsp.fromdense(w, jsp.Int4(None, jsp.NM(2, 4))).with_lines(),
         "int4_lines": jsp.fromdense(w, jsp.Int4(32)).with_lines(),
         "w4a8": jsp.fromdense(w, jsp.Int4(32, activations="int8")),
         "int4_nm": jsp.fromdense(w, jsp.Int4(32, sparsity=jsp.NM(2, 4))),
@@ -197,18 +200,22 @@ def marlin_dense():
 
 def check_marlin_layout(mesh, name, mode):
     """Every device's share of a MARLIN weight split in `mode` is, array by array, the MARLIN
-    layout of its own columns (inputs) of the dense weight, packed on their own."""
+    layout of its own columns of the dense weight, packed on their own, or of its own inputs of
+    the canonical weight (its rows of codes; its groups of scales, or all of a column's one)."""
     w, spec = marlin_dense(), MARLIN_SPECS[name]
+    wq = jsp.fromdense(w, spec)
     try:
-        ws = jsp.shard_weight(jsp.fromdense(w, spec).packed_for("cuda"), mesh, mode, "d")
+        ws = jsp.shard_weight(wq.packed_for("cuda"), mesh, mode, "d")
     except ValueError as e:
         return {"error": str(e)}
     devices = list(mesh.devices.flat)
-    axis = 1 if mode == "column" else 0
-    size = w.shape[axis] // len(devices)
-    pack = jax.jit(lambda part: jsp.fromdense(part, spec).packed_for("cuda").arrays())
-    wants = [pack(jax.lax.slice_in_dim(w, d * size, (d + 1) * size, axis=axis))
-             for d in range(len(devices))]
+    if mode == "column":
+        size = w.shape[1] // len(devices)
+        pack = jax.jit(lambda part: jsp.fromdense(part, spec).packed_for("cuda").arrays())
+        wants = [pack(w[:, d * size:(d + 1) * size]) for d in range(len(devices))]
+    else:
+        wants = [canonical_rows(wq, d, len(devices)).packed_for("cuda").arrays()
+                 for d in range(len(devices))]
     mismatched = []
     for array_name, array in ws.arrays().items():
         for shard in array.addressable_shards:
@@ -216,6 +223,18 @@ def check_marlin_layout(mesh, name, mode):
             if not np.array_equal(np.asarray(shard.data), np.asarray(wants[d][array_name])):
                 mismatched.append(f"{array_name}@{d}")
     return {"mismatched": mismatched, "split": [str(a.sharding.spec) for a in ws.arrays().values()]}
+
+
+def canonical_rows(wq, d, devices):
+    """Device `d`'s inputs of a canonical int4 weight, by the format's own row splits (an
+    array it keeps whole, one scale per column, whole)."""
+    splits, arrays = wq._shard_splits("row"), {}
+    for array_name, a in wq.arrays().items():
+        split = splits.get(array_name)
+        size = a.shape[split.axis] // devices if split else None
+        arrays[array_name] = a if split is None else jax.lax.slice_in_dim(
+            a, d * size, (d + 1) * size, axis=split.axis)
+    return type(wq).from_arrays(wq.spec, wq.in_features // devices, arrays)
 
 
 def check_marlin_product(mesh, name, mode):

@@ -421,7 +421,7 @@ class Int4Weight(_Int4Base):
 
     def _shard_splits(self, mode: str):
         """Column parallel: every array by output columns. Row parallel: 2 inputs per byte of
-        qweight, a group of inputs per scale (one group per column cannot split)."""
+        qweight, a group of inputs per scale (one scale per column: whole on every shard)."""
         return _int4_splits(self, mode, {"qweight": 2})
 
     def _kernel(self, x, qweight, scales):
@@ -563,7 +563,8 @@ class Int4NMWeight(_Int4Base):
 
     def _shard_splits(self, mode: str):
         """Column parallel: every array by output columns. Row parallel: 4 inputs per byte of
-        qweight, 8 per byte of positions, a group of inputs per scale."""
+        qweight, 8 per byte of positions, a group of inputs per scale (one scale per column:
+        whole on every shard)."""
         return _int4_splits(self, mode, {"qweight": 4, "positions": 8})
 
     def _kernel(self, x, qweight, positions, scales):
@@ -575,11 +576,24 @@ def _int4_splits(w, mode, inputs_per_row):
     """The splits of a canonical int4 weight (`[in/k, out]` arrays, k inputs per row)."""
     if mode == "column":
         return {name: Split(-1, 1, 1) for name in w.array_names()}
-    if w.group_size is None:
-        return ("one scale per output column (group_size=None) spans every input; row "
-                "parallel needs groups (Int4(group_size=...))")
-    return {**{name: Split(-2, 1, k) for name, k in inputs_per_row.items()},
-            "scales": Split(-2, 1, w.group)}
+    scales = row_scales(w)
+    if isinstance(scales, str):
+        return scales
+    return {**{name: Split(-2, 1, k) for name, k in inputs_per_row.items()}, "scales": scales}
+
+
+def row_scales(w):
+    """How an int4 weight's scales split row-parallel: by whole groups; one scale per column
+    (`group_size=None`) stays whole on every shard, each shard's partial product scaled alike,
+    except with int8 activations, whose quantisation groups then span every input (a shard's
+    slice of x would be quantised on its own scale: another product)."""
+    if w.group_size is not None:
+        return Split(-2, 1, w.group)
+    if w.activations:
+        return ("one scale per output column (group_size=None) with int8 activations: x is "
+                "quantised per token over every input, which no input shard holds; row "
+                "parallel needs groups (Int4(group_size=..., activations='int8'))")
+    return None
 
 
 # ====================================================================== checks

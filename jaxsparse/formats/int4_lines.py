@@ -36,7 +36,7 @@ from jaxsparse import _validate as V
 from jaxsparse.formats._base import FROZEN
 import numpy as np
 
-from jaxsparse.formats.int4 import _SPARSE, Int4NMWeight, Int4Weight, _Int4Base
+from jaxsparse.formats.int4 import _SPARSE, Int4NMWeight, Int4Weight, _Int4Base, row_scales
 from jaxsparse.sharding import Split
 from jaxsparse.ops.int4 import (
     LINE_OUTPUTS,
@@ -259,7 +259,7 @@ def _lines_splits(w, mode, lines, inputs):
     scales by rows of groups."""
     if mode == "column":
         return {"lines": Split(-3, 1, LINE_OUTPUTS), "scales": Split(-1, 1, 1)}
-    return {"lines": Split(-2, lines, inputs), "scales": Split(-2, 1, w.group)}
+    return {"lines": Split(-2, lines, inputs), "scales": row_scales(w)}
 
 
 def _check_nm_indices(lines: np.ndarray, where: str) -> None:

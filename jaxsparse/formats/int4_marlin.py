@@ -104,18 +104,17 @@ class _MarlinBase(_Int4Base):
         permuted inside 64 columns), so a shard of whole 64-column blocks holds exactly the
         layout of its columns. Row parallel: packed rows of 16 inputs (32 at 2:4), a shard
         holding whole pipeline stages (64 inputs, 128 at 2:4: the kernel's K tile) and whole
-        groups of the scales; one scale per column cannot split."""
+        groups of the scales; one scale per column (`group_size=None`) stays whole on every
+        shard."""
         sparse = self.sparsity is not None
         if mode == "column":
             blocks = Split(-1, MARLIN_TILE_N, MARLIN_TILE_N)
             splits = {"packed_qweight": Split(-1, 2 * MARLIN_TILE_N, MARLIN_TILE_N),
                       "packed_scales": blocks}
             return {**splits, "packed_meta": blocks} if sparse else splits
-        if self.group_size is None:
-            return ("one scale per output column (group_size=None) spans every input; row "
-                    "parallel needs groups (Int4(group_size=...))")
         stage = Split(-2, 4, MARLIN_NM_TILE_K if sparse else MARLIN_TILE_K)  # 4 packed rows.
-        splits = {"packed_qweight": stage, "packed_scales": Split(-2, 1, self.group_size)}
+        scales = None if self.group_size is None else Split(-2, 1, self.group_size)
+        splits = {"packed_qweight": stage, "packed_scales": scales}
         return {**splits, "packed_meta": stage} if sparse else splits
 
     @classmethod
