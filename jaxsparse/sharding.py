@@ -16,9 +16,8 @@ kernel on its shard:
 
 Plans combine (tokens over one mesh axis and outputs over another). No plan gathers a weight:
 when the weight is sharded in a way its format cannot run locally (a row split that cuts a
-group, a layout whose input runs are interleaved with its outputs: V:N:M's packed tiles), the
-rule falls back to the replicated weight, which is correct, and warns
-(`JaxsparseShardingWarning`).
+group, or splits a weight along an axis its format does not split), the rule falls back to the
+replicated weight, which is correct, and warns (`JaxsparseShardingWarning`).
 
 What each format can do is declared by the format (`SparseFormat._shard_splits`): per mode,
 per stored array, the axis that runs over output (or input) features and how many elements of
@@ -31,7 +30,7 @@ format                        data parallel   column parallel            row par
 ============================  ==============  =========================  =====================
 NMSparse (N:M)                yes             yes                        in a multiple of m *
 VNMSparse (V:N:M)             yes             out a multiple of v        in a multiple of m
-VNMSparseTiled                yes             out a multiple of v        no (tiles mix inputs)
+VNMSparseTiled                yes             out a multiple of v        m (f32), 8 m (bf16)
 BlocksSparse (1xN)            yes             built with shards= **      shards=, split="in" **
 Int4Weight / W4A8             yes             yes                        in a multiple of group ***
 Int4NMWeight (int4 + 2:4)     yes             yes                        multiple of group, 8
@@ -46,9 +45,11 @@ n=, density=, shards=s)`) keeps equal counts in `s` equal runs of block rows and
 column-parallel over a divisor of `s` devices; one of `Blocks(n, density, shards=s,
 split="in")` keeps equal counts in `s` equal runs of inputs, stored run after run (the stacked
 layout, jaxsparse/formats/blocks.py), and splits row-parallel. Either way values and indices
-split by runs and indptr stays whole, each shard taking its rows of it. The int4 lines hold
-`[..., ceil(out/64), lines per block, 64]`: blocks of 64 outputs split column-parallel, each
-block's lines row-parallel (a line per 2 inputs; 8 lines per chunk of 16 at 2:4) in whole
+split by runs and indptr stays whole, each shard taking its rows of it. V:N:M's packed tiles
+hold each panel's words as `[output tiles, k steps, words]`: panels split column-parallel, k
+steps row-parallel (an f32 step is one group of m inputs, a bf16 step 8 groups). The int4 lines
+hold `[..., ceil(out/64), lines per block, 64]`: blocks of 64 outputs split column-parallel,
+each block's lines row-parallel (a line per 2 inputs; 8 lines per chunk of 16 at 2:4) in whole
 groups. *** Int4MarlinWeight and Int4NMMarlinWeight: a packed row holds one K tile's 64-column
 blocks one after the other and the scales are permuted inside 64 columns, so a shard of whole
 64-column blocks, or of whole K tiles (64 inputs, 128 at 2:4) and whole groups, holds exactly

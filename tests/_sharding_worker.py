@@ -35,6 +35,8 @@ def formats():
         "nm28": jsp.fromdense(w, jsp.NM(2, 8)),
         "vnm": jsp.fromdense(w, jsp.VNM(64, 2, 8)),
         "vnm_tiled": jsp.fromdense(w, jsp.VNM(64, 2, 8)).with_tiles(),
+        # bf16 tiles: k steps of 8 groups (64 inputs), so row parallel over 4 devices, not 8.
+        "vnm_tiled_bf16": jsp.fromdense(w.astype(jnp.bfloat16), jsp.VNM(64, 2, 8)).with_tiles(),
         "blocks": jsp.fromdense(w, jsp.Blocks(16, 0.25)),
         # Equal block counts in 8 runs of outputs: column parallel over 8 (or 4, 2) devices.
         "blocks_shards": jsp.fromdense(w, jsp.Blocks(16, 0.25, shards=8)),
@@ -145,7 +147,9 @@ def check_2d(w, x, modes=("column", "row")):
         fn = jax.jit(product)
         y = fn(xs, ws)
         hlo = fn.lower(xs, ws).compile().as_text()
-        out[mode] = {"err": float(jnp.max(jnp.abs(y - product(x, w)))),
+        want = product(x, w).astype(jnp.float32)
+        out[mode] = {"err": float(jnp.max(jnp.abs(y.astype(jnp.float32) - want))),
+                     "scale": float(jnp.max(jnp.abs(want))),
                      "spec": spec_of(y),
                      "collectives": collectives(hlo)}
     return out
@@ -223,6 +227,25 @@ def check_marlin_layout(mesh, name, mode):
             if not np.array_equal(np.asarray(shard.data), np.asarray(wants[d][array_name])):
                 mismatched.append(f"{array_name}@{d}")
     return {"mismatched": mismatched, "split": [str(a.sharding.spec) for a in ws.arrays().values()]}
+
+
+def check_tiles_layout(w, devices):
+    """A V:N:M weight's tiles split row-parallel over `devices`: every device's tiles are the
+    packing of its own values and indices (what its kernel multiplies)."""
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("d",))
+    ws = jsp.shard_weight(w, mesh, "row", "d")
+    held = {a: {s.device: np.asarray(s.data) for s in getattr(ws, a).addressable_shards}
+            for a in ("values", "indices", "tiles")}
+    mismatched, split = [], w.columns.shape[-1] // devices  # Columns: each shard's groups'.
+    for index, device in enumerate(mesh.devices.flat):
+        columns = np.asarray(w.columns)[..., index * split:(index + 1) * split]
+        local = jsp.VNMSparse(held["values"][device], held["indices"][device], columns, v=w.v,
+                              n=w.n, m=w.m, in_features=w.in_features // devices)
+        if not np.array_equal(np.asarray(local.with_tiles().tiles, np.float32),
+                              held["tiles"][device].astype(np.float32)):
+            mismatched.append(index)
+    return {"mismatched": mismatched, "tiles": str(ws.tiles.sharding.spec),
+            "local": list(held["tiles"][mesh.devices.flat[0]].shape)}
 
 
 def canonical_rows(wq, d, devices):
@@ -342,6 +365,9 @@ def main():
     ws = formats()
     run("nm24/2d", check_2d, ws["nm24"], x)
     run("int4/2d", check_2d, ws["int4"], x)
+    run("vnm_tiled_bf16/2d", check_2d, ws["vnm_tiled_bf16"], x.astype(jnp.bfloat16))
+    run("vnm_tiled/row/layout", check_tiles_layout, ws["vnm_tiled"], 8)
+    run("vnm_tiled_bf16/row/layout", check_tiles_layout, ws["vnm_tiled_bf16"], 4)
     run("blocks_shards/2d", check_2d, ws["blocks_shards"], x, ("column",))
     run("blocks_rows/2d", check_2d, ws["blocks_rows"], x, ("row",))
     run("blocks/fallback", check_fallback, ws["blocks"], mesh, x)

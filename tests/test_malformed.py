@@ -365,9 +365,9 @@ MALFORMED = [
          lambda k: build(TILED, k.tiled, tiles=np.asarray(k.tiled.tiles) + 1), ValueError,
          r"VNMSparseTiled: tiles must be the values' packing \(vnm_pack_tiles\)"),
     case("tiled-tiles-shape", "VNMSparseTiled", "constructor", "shape",
-         lambda k: build(TILED, k.tiled, tiles=k.tiled.tiles[:, :-1]), ValueError,
-         r"VNMSparseTiled: tiles must be float32 of shape \(4, \d+\) \(vnm_pack_tiles of the "
-         r"values\); got float32 \(4, \d+\)"),
+         lambda k: build(TILED, k.tiled, tiles=k.tiled.tiles[..., :-1]), ValueError,
+         r"VNMSparseTiled: tiles must be float32 of shape \(4, 1, \d+, \d+\) \(vnm_pack_tiles "
+         r"of the values, each panel's words as \[A, S, W\]\); got float32 \(4, 1, \d+, \d+\)"),
     case("tiled-f16", "VNMSparseTiled", "packing", "dtype",
          lambda k: k.vnm.astype(F16).with_tiles(), TypeError,
          r"with_tiles: tiles are packed for bfloat16 or float32 values .*got float16"),

@@ -23,9 +23,10 @@ and group this stores `n` values and `n` bytes, and per panel `4` bytes: for 64:
 10.06 bytes per 32 dense ones (3.18x fewer).
 
 An inference form, `VNMSparseTiled` (`ws.with_tiles()`, bfloat16 or float32), also holds
-`tiles [..., P, words]`: the weight packed once from `values` and `indices` into the layout the
-CPU forward multiplies (`jaxsparse.ops.vnm_pack_tiles`), so from 32 tokens it no longer decodes
-the values on every call.
+`tiles [..., P, A, S, W]`: the weight packed once from `values` and `indices` into the layout the
+CPU forward multiplies (`jaxsparse.ops.vnm_pack_tiles`, whose `[..., P, words]` it views with
+each panel's output tiles, k steps and words on axes of their own, so that it splits by panels
+and by steps), so from 32 tokens it no longer decodes the values on every call.
 
 Padding is handled as N:M handles it: `in` is zero-padded to a multiple of `m` (a ragged last
 group has fewer real inputs; when fewer than 4 are real, selected columns point into the padding
@@ -42,6 +43,7 @@ each output keeps its `n` largest `|w|` of the 4 (ties to the lower slot).
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import NamedTuple
 
@@ -336,15 +338,18 @@ class VNMSparseTiled(VNMSparse):
 
     Attributes:
         values, indices, columns: as in `VNMSparse`; values bfloat16 or float32.
-        tiles: `[..., ceil(out/v), words]` of the values' dtype (`jaxsparse.ops.vnm_pack_tiles`;
-            frozen).
+        tiles: `[..., ceil(out/v), A, S, W]` of the values' dtype: `jaxsparse.ops.vnm_pack_tiles`'s
+            words of each panel in their own axes (frozen): bf16 `A = v/16` output tiles of `S`
+            k steps of 32 slots (8 groups) in 512 words; f32 `A = 1`, `S` groups of `W = 4 v`
+            (a group's 4 slots' rows). A row shard holds whole k steps (groups), a column shard
+            whole panels.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsparse as jsp
         >>> w = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
         >>> wt = jsp.VNMSparse.fromdense(w, v=16, n=2, m=8).with_tiles()
         >>> wt.tiles.shape, (jnp.ones((40, 64), jnp.bfloat16) @ wt).shape
-        ((2, 512), (40, 32))
+        ((2, 1, 1, 512), (40, 32))
     """
 
     ARRAYS = VNMSparse.ARRAYS + (("tiles", FROZEN),)
@@ -359,7 +364,7 @@ class VNMSparseTiled(VNMSparse):
     def from_sparse(cls, ws: VNMSparse) -> "VNMSparseTiled":
         """`ws` with its tiles packed (pure, jittable); values bfloat16 or float32."""
         _check_tile_dtype(ws.values.dtype, "jaxsparse.VNMSparse.with_tiles")
-        tiles = vnm_pack_tiles(ws.values, ws.indices, v=ws.v, n=ws.n)
+        tiles = _packed_tiles(ws.values, ws.indices, ws.v, ws.n)
         return cls._unflatten(ws._aux, (ws.values, ws.indices, ws.columns, tiles))
 
     @classmethod
@@ -378,8 +383,8 @@ class VNMSparseTiled(VNMSparse):
         """As `VNMSparse.array_shapes`, plus the tiles of values of `dtype`."""
         shapes = super().array_shapes(spec, in_features, out_features)
         kept = shapes["values"][0][-1]
-        words = tile_words_per_panel(spec.v, kept, spec.n, dtype)
-        shapes["tiles"] = ((num_groups(out_features, spec.v), words), None)
+        view = _tile_view(spec.v, kept, spec.n, dtype)
+        shapes["tiles"] = ((num_groups(out_features, spec.v), *view), None)
         return shapes
 
     def with_tiles(self) -> "VNMSparseTiled":
@@ -405,15 +410,20 @@ class VNMSparseTiled(VNMSparse):
         return self.without_tiles().astype(dtype)
 
     def _kernel(self, x, values, indices, columns, tiles):
-        return vnm_spmm_tiled(x, values, indices, columns, tiles, v=self.v, n=self.n, m=self.m)
+        flat = tiles.reshape(*tiles.shape[:-3], -1)  # The op's [..., P, words]: the same order.
+        return vnm_spmm_tiled(x, values, indices, columns, flat, v=self.v, n=self.n, m=self.m)
 
     def _shard_splits(self, mode: str):
-        """As `VNMSparse`, plus the tiles by panels (column parallel); a panel's tiles
-        interleave its inputs, so no row-parallel split."""
-        if mode == "row":
-            return ("its tiles interleave the inputs of each panel (row parallel needs "
-                    "the VNMSparse of w.without_tiles())")
-        return {**super()._shard_splits(mode), "tiles": Split(-2, 1, self.v)}
+        """As `VNMSparse`, plus the tiles: by panels (column parallel), by k steps (row
+        parallel: a bf16 step holds 8 groups, an f32 one a group; read from the values'
+        dtype, which the row split needs)."""
+        if mode == "column":
+            return {**super()._shard_splits(mode), "tiles": Split(-4, 1, self.v)}
+        dtype = getattr(self.values, "dtype", None)
+        if dtype is None:
+            return "its tiles' row split depends on the values' dtype, which is not known here"
+        groups = 1 if jnp.dtype(dtype) == jnp.float32 else _STEP_GROUPS
+        return {**super()._shard_splits(mode), "tiles": Split(-2, 1, groups * self.m)}
 
 
 # ---------------------------------------------------------------------- packed tiles
@@ -426,22 +436,46 @@ def _check_tile_dtype(dtype, where):
         )
 
 
+_STEP_GROUPS = 8  # Groups per bf16 k step: 32 slots of 4 per group.
+
+
+def _tile_view(v, kept, n, dtype) -> tuple[int, int, int]:
+    """`(A, S, W)`: a panel's packed words (`tile_words_per_panel`) in axes of their own: bf16
+    `v/16` output tiles by k steps by 16 pair rows x 32 words; f32 one by groups by 4 rows x v."""
+    words = tile_words_per_panel(v, kept, n, dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return 1, kept // n, words * n // kept
+    tiles, step = v // 16, 16 * 32
+    return tiles, words // (tiles * step), step
+
+
+def _packed_tiles(values, indices, v, n):
+    """`vnm_pack_tiles` in the format's view `[..., P, A, S, W]`."""
+    tiles = vnm_pack_tiles(values, indices, v=v, n=n)
+    return tiles.reshape(*tiles.shape[:-1], *_tile_view(v, values.shape[-1], n, values.dtype))
+
+
 def _checked_tiles(tiles, values, indices, v, n, where):
     """The tiles: packed from the values when None, else checked to be exactly their packing
-    (when concrete), so the two can never disagree."""
+    (when concrete), so the two can never disagree. The flat `[..., P, words]` of older
+    checkpoints is viewed as `[..., P, A, S, W]`."""
     _check_tile_dtype(values.dtype, where)
     if tiles is None:
-        return vnm_pack_tiles(values, indices, v=v, n=n)
+        return _packed_tiles(values, indices, v, n)
     tiles = V.as_array("tiles", tiles, where=where)
-    want = (*values.shape[:-2], num_groups(values.shape[-2], v),
-            tile_words_per_panel(v, values.shape[-1], n, values.dtype))
+    panels = (*values.shape[:-2], num_groups(values.shape[-2], v))
+    view = _tile_view(v, values.shape[-1], n, values.dtype)
+    want = (*panels, *view)
+    if tuple(tiles.shape) == (*panels, math.prod(view)):
+        tiles = tiles.reshape(want)  # The flat layout: the same words.
     if tiles.dtype != values.dtype or tuple(tiles.shape) != want:
         raise ValueError(
             f"{where}: tiles must be {values.dtype.name} of shape {want} (vnm_pack_tiles of the "
-            f"values); got {tiles.dtype.name} {tuple(tiles.shape)}"
+            f"values, each panel's words as [A, S, W]); got {tiles.dtype.name} "
+            f"{tuple(tiles.shape)}"
         )
     if V.is_concrete(tiles) and V.is_concrete(values) and V.is_concrete(indices):
-        packed = vnm_pack_tiles(values, indices, v=v, n=n)
+        packed = _packed_tiles(values, indices, v, n)
         if not np.array_equal(np.asarray(tiles, np.float32), np.asarray(packed, np.float32),
                               equal_nan=True):
             raise ValueError(f"{where}: tiles must be the values' packing (vnm_pack_tiles); pass "

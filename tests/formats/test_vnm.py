@@ -213,6 +213,10 @@ def test_tiles_are_checked():
     assert isinstance(jsp.VNMSparseTiled(**arrays, tiles=good, **spec), jsp.VNMSparseTiled)
     made = jsp.VNMSparseTiled(**arrays, **spec)  # tiles=None: packed.
     np.testing.assert_array_equal(bits(made.tiles), bits(good))
+    # Each panel's words as [output tiles, k steps, 512]: 12 groups are 48 slots, 2 steps.
+    assert good.shape == (5, 1, 2, 512)
+    flat = jsp.VNMSparseTiled(**arrays, tiles=good.reshape(5, -1), **spec)  # Older files.
+    np.testing.assert_array_equal(bits(flat.tiles), bits(good))
     with pytest.raises(ValueError, match="tiles must be the values' packing"):
         jsp.VNMSparseTiled(**arrays, tiles=(good.astype(jnp.float32) * 2).astype(jnp.bfloat16),
                            **spec)
