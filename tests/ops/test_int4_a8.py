@@ -93,6 +93,32 @@ def test_a_nan_activation_makes_its_token_nan():
                                             3, axis=1))
 
 
+# From a dozen tokens the product leaves the streaming kernel where the groups allow it: the
+# engine's int8 tiles with VNNI (from 16), the avx2 unit's u8 panels (from 12: 16 outputs by
+# blocks of 256 tokens, 3 tokens at a time, 8 quads summed in s16 per widening). Their integer
+# sums are exact and their epilogue is the streaming kernel's, so the result equals, bit for bit,
+# the same product taken 4 tokens per call (streamed on every ISA). Cases: the avx2 threshold with
+# one s16 chunk per group (g32); outputs past the last whole panel; one group per column with
+# K = 100 (a short last chunk) and with K = 1536 over 4 outputs (half a vector); two token blocks
+# (257 = 256 + 1) and three (600, g128), micro tiles of 1 and 2 tokens at the blocks' ends; g64 by
+# 130 outputs in bf16, g32 in f16; in each an all-zero group (token 1) and a NaN activation (only
+# its token is NaN).
+@pytest.mark.parametrize("t,k,n,group,dtype", once_after([
+    (12, 128, 16, 32, jnp.float32), (17, 384, 40, 128, jnp.float32),
+    (100, 100, 21, 100, jnp.float32), (50, 1536, 4, 1536, jnp.float32),
+    (257, 256, 33, 64, jnp.float32), (600, 512, 24, 128, jnp.float32),
+    (38, 256, 130, 64, jnp.bfloat16), (29, 96, 17, 32, jnp.float16)], keep=2))
+def test_many_tokens_equal_the_streamed_product(isa, t, k, n, group, dtype):
+    weight = dense_weight(k, n, group, dtype=dtype)
+    x = tokens(1, t, k, dtype).at[0, 1, :group].set(0).at[0, t - 2, k // 2].set(jnp.nan)
+    got = np.asarray(int4_a8_matmul(x, *weight, group_size=group).astype(jnp.float32))
+    streamed = np.concatenate([
+        np.asarray(int4_a8_matmul(x[:, i:i + 4], *weight, group_size=group).astype(jnp.float32))
+        for i in range(0, t, 4)], axis=1)
+    np.testing.assert_array_equal(got, streamed, err_msg=isa)
+    assert np.isnan(got[0, t - 2]).all() and not np.isnan(np.delete(got, t - 2, axis=1)).any()
+
+
 def test_quantisation_of_the_activations():
     x = jnp.asarray([[[0.5, -1.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]]])
     codes, scales, sums = quantize_activations(x, 4)
