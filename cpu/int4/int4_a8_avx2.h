@@ -7,7 +7,7 @@
 // bound it. Here a task decodes a panel of 16 outputs once for a block of up
 // to 256 tokens into a u8 layout (per quad of inputs, two ymm of 8 outputs'
 // dwords, bytes (u0, u2, u1, u3) as A8Dword; zeros past N), then multiplies
-// 3 tokens by the panel at a time, the panel's 16 * K bytes staying in L1
+// 4 tokens by the panel at a time, the panel's 16 * K bytes staying in L1
 // (24 KB at K = 1536) or streaming from L2 in order.
 //
 // The arithmetic is the streaming kernel's, exactly: per quad vpmaddubsw of
@@ -28,10 +28,15 @@
 // well) spends 1 + 1/8, about 56 multiply-adds a cycle against the f32 FMA's
 // 16 (2 pipes x 8 lanes).
 //
-// Registers: 3 tokens x 2 vectors of s16 sums (6) and of int32 group sums
-// (6), the 2 weight vectors, the broadcast codes and vpmaddubsw's product:
-// the 16 ymm registers, ones read from memory by vpmaddwd. 4 tokens would
-// need 8 + 8 + 4, and spill in the inner loop.
+// Registers: 4 tokens x 2 vectors of s16 sums (8), the 2 weight vectors, the
+// broadcast codes and vpmaddubsw's product: 12 of the 16 ymm in the inner
+// loop; the 8 int32 group sums wait outside it (the compiler keeps some in
+// registers, spills the rest once per 8 quads). Timed against 3, 5 and 6
+// tokens in one process (Zen 3, MiniLM's three shapes at 256 and 1440
+// tokens), as time over 4 tokens' time: 3 tokens 1.16-1.31x, 5 0.89-1.08x
+// (no clear winner; 4 divides the block), 6 1.09-1.24x (12 s16 sums, 2
+// weights, broadcast and product are 17 registers: one sum spills in the
+// inner loop).
 //
 // Groups must be whole chunks of 8 quads (32 inputs), or one group per
 // column (K any multiple of 4: the last chunk is short); other groups stream,
@@ -50,7 +55,7 @@ namespace int4 {
 
 constexpr int kA8Vecs = 2;                         // 8-output vectors per panel
 constexpr int64_t kA8PanelWidth = 8 * kA8Vecs;     // outputs per task
-constexpr int kA8Tokens = 3;                       // tokens per micro tile
+constexpr int kA8Tokens = 4;                       // tokens per micro tile
 constexpr int kA8ChunkQuads = 8;                   // quads summed in s16 before widening
 constexpr int64_t kA8BlockTokens = 256;            // tokens per task
 // From this many tokens the panels beat the streaming kernel: at 12 tokens by
@@ -166,6 +171,7 @@ inline void A8PanelTask(void* ctx, int64_t task, int worker) {
     switch (nt) {
       case 1: A8PanelTokens<1>(c, panel, o0, t, y); break;
       case 2: A8PanelTokens<2>(c, panel, o0, t, y); break;
+      case 3: A8PanelTokens<3>(c, panel, o0, t, y); break;
       default: A8PanelTokens<kA8Tokens>(c, panel, o0, t, y); break;
     }
     for (int r = 0; r < nt; ++r) {
