@@ -3,7 +3,7 @@
 // for the engine's int8 tiles (int4_a8_tiles.h). The streaming kernel
 // (ForwardA8Avx2) decodes each weight quad once per 4 tokens: 7 operations
 // per 8 outputs' quad shared by only 4 tokens' 3 (vpmaddubsw, vpmaddwd,
-// vpaddd), so from a few dozen tokens the decode and the per-quad widening
+// vpaddd), so from about a dozen tokens the decode and the per-quad widening
 // bound it. Here a task decodes a panel of 16 outputs once for a block of up
 // to 256 tokens into a u8 layout (per quad of inputs, two ymm of 8 outputs'
 // dwords, bytes (u0, u2, u1, u3) as A8Dword; zeros past N), then multiplies
@@ -21,12 +21,12 @@
 // ForwardA8Slice, so the results are bit-identical.
 //
 // Why vpaddw before widening: vpmaddubsw and vpmaddwd both issue on the
-// vector multiply pipes (Zen 3: FP0 and FP3, 2 a cycle, 3-4 cycles; Intel
-// without VNNI: p0 and p1, 5 cycles). Widening every quad (the streaming
-// kernel's order) spends two multiply-pipe operations per 32 multiply-adds;
-// summing 8 quads in s16 first on the adders (Zen 3 FP1 / FP2, Intel p5 as
-// well) spends 1 + 1/8, about 56 multiply-adds a cycle against the f32 FMA's
-// 16 (2 pipes x 8 lanes).
+// vector multiply pipes (Intel without VNNI: p0 and p1, 5 cycles of latency;
+// Zen 3: two of its four vector pipes), of which there are fewer than vector
+// adders. Widening every quad (the streaming kernel's order) spends two
+// multiply-pipe operations per 32 multiply-adds; summing 8 quads in s16 first
+// on the adders spends 1 + 1/8, close to half, and 2 vpmaddubsw a cycle are
+// 64 multiply-adds against the f32 FMA's 16 (2 pipes x 8 lanes).
 //
 // Registers: 4 tokens x 2 vectors of s16 sums (8), the 2 weight vectors, the
 // broadcast codes and vpmaddubsw's product: 12 of the 16 ymm in the inner
