@@ -522,10 +522,17 @@ class BlocksFamily(SparseFamily):
     forms = (Form("blocks", trainable=True),)
 
     def draw_spec(self, rng, setup):
+        n = (4, 8, 16, 32)[setup % 4]
+        if setup % 3 == 2:  # Balanced for row parallelism (stacked): half of each run kept.
+            return jsp.Blocks(n, 0.5, int(rng.choice([2, 4])), "in")
         density = float(rng.choice([rng.uniform(0.02, 1.0), rng.uniform(0.02, 0.4), 1.0, 1e-3]))
-        return jsp.Blocks((4, 8, 16, 32)[setup % 4], density)
+        return jsp.Blocks(n, density)
 
     def draw_shape(self, rng, spec):
+        # A balanced spec's inputs: a multiple of 2 * shards, so half of each run is whole.
+        if spec.stacked:
+            return (2 * spec.shards * int(rng.integers(1, 160 // (2 * spec.shards) + 1)),
+                    draw_size(rng, spec.n, 160, edges=(spec.n, 64, 128)))
         return (draw_size(rng, 1, 160, edges=(32, 64)),
                 draw_size(rng, spec.n, 160, edges=(spec.n, 64, 128)))
 
@@ -542,31 +549,45 @@ class BlocksFamily(SparseFamily):
         block = np.arange(r["indices"].shape[-1])
         return (r["indptr"][:, None, 1:] <= block[None, :, None]).sum(-1)
 
+    def block_rows(self, bucket, r):
+        """`[C, nnz]`: each stored block's block row (a stacked weight's rows run run after
+        run: row q of the stacked BSR is block row q mod R)."""
+        return self.rows(r) % -(-bucket.out // bucket.spec.n)
+
     def stored(self, bucket, r):
         n = bucket.spec.n
-        outputs = self.rows(r)[..., None] * n + np.arange(n)
+        outputs = self.block_rows(bucket, r)[..., None] * n + np.arange(n)
         return r["indices"].astype(np.int64)[..., None], outputs
 
     def check_rule(self, bucket, w, r, mask):
         """The stored positions are whole 1xn blocks by construction (`stored`); the rule is
-        which: `kept_blocks` distinct blocks of the largest L2 norms across the weight."""
-        n, c = bucket.spec.n, w.shape[0]
-        nnz = bucket.spec.kept_blocks(bucket.k, bucket.out)
+        which: `kept_blocks` distinct blocks of the largest L2 norms across the weight (across
+        each run, an equal share, for a balanced spec)."""
+        spec, c = bucket.spec, w.shape[0]
+        n, shards = spec.n, spec.shards
+        nnz = spec.kept_blocks(bucket.k, bucket.out)
         assert r["indices"].shape[-1] == nnz, bucket.where()
         k, out = self.padded_shape(bucket)
         blocks = padded(w.astype(np.float64) / power_of_two_near_max(w), k, out)
         norms = (blocks.reshape(c, k, out // n, n) ** 2).sum(-1)  # [C, K, R]
         kept = np.zeros(norms.shape, bool)
-        kept[case_index(r["indices"]), r["indices"], self.rows(r)] = True
+        kept[case_index(r["indices"]), r["indices"], self.block_rows(bucket, r)] = True
         bad = kept.sum((1, 2)) != nnz
         assert not bad.any(), f"{bucket.where(first_bad(bad))}: a block is stored twice"
-        for case in range(c):
-            if kept[case].all():
-                continue
-            low, high = norms[case][kept[case]].min(), norms[case][~kept[case]].max()
-            assert low >= high * (1 - 1e-5) - 1e-30, (
-                f"{bucket.where(case)}: a dropped block's squared L2 norm {high} beats a kept "
-                f"one's {low}")
+        axis = 1 if spec.split == "in" else 2  # The runs: of inputs, or of block rows.
+        for run in range(shards):
+            part = np.arange(norms.shape[axis]).reshape(shards, -1)[run]
+            run_norms, run_kept = norms.take(part, axis), kept.take(part, axis)
+            bad = run_kept.sum((1, 2)) != nnz // shards
+            assert not bad.any(), f"{bucket.where(first_bad(bad))}: run {run} is not its share"
+            for case in range(c):
+                if run_kept[case].all():
+                    continue
+                low = run_norms[case][run_kept[case]].min()
+                high = run_norms[case][~run_kept[case]].max()
+                assert low >= high * (1 - 1e-5) - 1e-30, (
+                    f"{bucket.where(case)}: a dropped block's squared L2 norm {high} beats a "
+                    f"kept one's {low} (run {run} of {shards})")
 
 
 def with_lines(wq):
