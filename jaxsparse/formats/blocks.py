@@ -485,6 +485,24 @@ def _block_scores(w, n: int, peak=None):
     return jnp.swapaxes(jnp.sum(blocks * blocks, axis=-1), -1, -2)
 
 
+def _by_runs(score, spec: Blocks):
+    """Block scores `[..., R, in]` as `[..., shards, candidates of a run]`, each run row-major
+    (by block row, then input): runs of block rows, or, stacked, run j the block rows over
+    inputs `[j in/s, j in/s + in/s)` (block rows `[j R, j R + R)` of the stacked BSR)."""
+    *lead, rows, in_f = score.shape
+    if spec.stacked:
+        score = jnp.moveaxis(score.reshape(*lead, rows, spec.shards, in_f // spec.shards), -2, -3)
+    return score.reshape(*lead, spec.shards, -1)
+
+
+def _from_runs(runs, spec: Blocks, rows: int, in_f: int):
+    """`_by_runs`'s inverse: `[..., shards, candidates]` back to `[..., R, in]`."""
+    lead = runs.shape[:-2]
+    if spec.stacked:
+        runs = jnp.moveaxis(runs.reshape(*lead, spec.shards, rows, in_f // spec.shards), -3, -2)
+    return runs.reshape(*lead, rows, in_f)
+
+
 def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
     """Store the `kept_blocks` blocks of highest `score [..., R, in]` (ties: lower block), an
     equal share from each of `spec.shards` equal runs (of block rows, or of inputs when
@@ -494,13 +512,10 @@ def _keep_top(w, score, spec: Blocks) -> BlocksSparse:
     n, rows = spec.n, num_groups(out_f, spec.n)
     nnz = spec.kept_blocks(in_f, out_f)
     lead = w.shape[:-2]
-    # Candidates run by run, each run row-major (by block row, then input): a stacked spec's
-    # run j is block rows [j R, j R + R) of the stacked BSR, over inputs [j in/s, j in/s + in/s).
     width = in_f // shards if spec.stacked else in_f  # Inputs of a run's rows.
-    if spec.stacked:
-        score = jnp.moveaxis(score.reshape(*lead, rows, shards, width), -2, -3)
-    run = score.size // math.prod(lead) // shards  # Candidate blocks per run.
-    _, ids = jax.lax.top_k(score.reshape(*lead, shards, run), nnz // shards)
+    runs = _by_runs(score, spec)
+    run = runs.shape[-1]  # Candidate blocks per run.
+    _, ids = jax.lax.top_k(runs, nnz // shards)
     ids = jnp.sort(ids, axis=-1) + run * jnp.arange(shards)[:, None]
     ids = ids.reshape(*lead, nnz).astype(jnp.int32)
     row, col = ids // width, ids % width  # Stacked: row q = j R + r, col within run j.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _validate as V
-from jaxsparse.formats.blocks import Blocks, _block_scores
+from jaxsparse.formats.blocks import Blocks, _block_scores, _by_runs, _from_runs
 from jaxsparse.prune import _layerwise, _tree
 from jaxsparse.prune._patterns import Unstructured, as_pattern
 
@@ -178,16 +178,14 @@ def _blocks_mask(w, n: int, density, shards: int = 1, split: str = "out") -> jax
     lead = w.shape[:-2]
     scores = _block_scores(w, n)  # [..., R, in]
     rows = scores.shape[-2]
-    stacked = split == "in" and shards > 1
-    if stacked:  # Run j: its block rows over its inputs, row-major as the format stores them.
-        scores = jnp.moveaxis(scores.reshape(*lead, rows, shards, in_f // shards), -2, -3)
+    runs = Blocks(n, 1.0, shards, split)  # The runs, as the format keeps them.
+    scores = _by_runs(scores, runs)
     total = rows * in_f // shards  # Blocks per run.
     # Blocks.kept_blocks: floor(density * total + 0.5), at least one; per run, the same count
     # whenever the whole matrix's is a multiple of `shards` (the spec's own density).
     k = jnp.maximum(jnp.floor(density * total + 0.5), 1.0)
     flat = scores.reshape(-1, total)
     kept = jax.vmap(lambda s: _ranked_mask(s, k / total))(flat)  # Ties: the lower block first.
-    if stacked:
-        kept = jnp.moveaxis(kept.reshape(*lead, shards, rows, in_f // shards), -3, -2)
-    kept = jnp.swapaxes(kept.reshape(*lead, rows, in_f), -1, -2)  # [..., in, R]
+    kept = _from_runs(kept.reshape(*lead, shards, total), runs, rows, in_f)
+    kept = jnp.swapaxes(kept, -1, -2)  # [..., in, R]
     return jnp.repeat(kept, n, axis=-1)[..., :out_f]
