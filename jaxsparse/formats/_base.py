@@ -55,8 +55,10 @@ class SparseFormat:
     - optionally `_engine_kernel()`: the product on the shared CPU engine, with `_kernel`'s
       signature, or None where the spec has none (then the "engine" path multiplies densely);
     - optionally `_shard_splits(mode)`: how its arrays split for column and row parallel
-      products (jaxsparse/sharding.py), and `_column_shard` where a column shard's arrays are
-      not simply those it holds; without them the format is data parallel only.
+      products (jaxsparse/sharding.py), and `_column_shard` / `_row_shard` where a shard's
+      arrays are not simply those it holds (with `_shard_statics` for a static field that
+      changes per shard, `_shard_consistent` to turn a hand-split weight's product NaN); without
+      them the format is data parallel only.
 
     and gets pytree registration, `replace`, `astype`, the logical shape, `density`, `nbytes`,
     `spec`, `x @ w` and a `repr` from here.
