@@ -329,11 +329,14 @@ def _shard_arrays(cls, aux, plan, mesh, arrays) -> tuple:
     return arrays
 
 
-def _guarded(cls, local_aux, arrays, outs):
-    """`outs` (a product or its cotangents), NaN throughout where the format finds its local
-    arrays inconsistent (`_shard_consistent`: a hand-split 1xN weight without the balance its
-    spec claims): a shard's wrong structure could otherwise leave some outputs silently wrong,
-    as it never reads them."""
+def _guarded(cls, local_aux, plan, arrays, outs):
+    """`outs` (a product or its cotangents), NaN throughout where the plan splits the weight
+    and the format finds its local arrays inconsistent (`_shard_consistent`: a hand-split 1xN
+    weight without the balance its spec claims): a shard's wrong structure could otherwise
+    leave some outputs silently wrong, as it never reads them. Data parallel keeps the weight
+    whole: nothing to check."""
+    if not (plan.out or plan.inp):
+        return outs
     ok = cls._unflatten(local_aux, tuple(arrays))._shard_consistent()
     if ok is None:
         return outs
@@ -352,7 +355,7 @@ def _partition(cls, aux, kind, mesh, arg_shapes, result_shape):
 
     def lower_fn(x3, *arrays3):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, arrays3)
-        y = _guarded(cls, local_aux, arrays3, _call(cls, local_aux, kind, x3, arrays3))
+        y = _guarded(cls, local_aux, plan, arrays3, _call(cls, local_aux, kind, x3, arrays3))
         return _psum_f32(y, plan.inp)
 
     return mesh, lower_fn, layout.out, (layout.x,) + layout.arrays
@@ -674,7 +677,7 @@ def _tangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:len(primals) - 1])
         out = _tangent_impl(x3, *arrays3, *args[len(primals) - 1:], live=live, cls=cls,
                             aux=local_aux, kind=kind)
-        return _psum_f32(_guarded(cls, local_aux, arrays3, out), plan.inp)
+        return _psum_f32(_guarded(cls, local_aux, plan, arrays3, out), plan.inp)
 
     return mesh, lower_fn, layout.out, shardings + tuple(shardings[i] for i in live)
 
@@ -691,7 +694,7 @@ def _cotangent_partition(live, cls, aux, kind, mesh, arg_shapes, result_shape):
         arrays3 = _shard_arrays(cls, aux, plan, mesh, args[:-1])
         cts = _cotangent_impl(x3, *arrays3, args[-1], live=live, cls=cls, aux=local_aux,
                               kind=kind)
-        cts = _guarded(cls, local_aux, arrays3, list(cts))
+        cts = _guarded(cls, local_aux, plan, arrays3, list(cts))
         return tuple(_psum_f32(c, axes) for c, axes in zip(cts, sums))
 
     return (mesh, lower_fn, tuple(shardings[i] for i in live),
