@@ -95,12 +95,18 @@ class _LinesBase(_Int4Base):
         lead = tuple(scales.shape[:-2])
         want = (*lead, blocks, per_block, LINE_OUTPUTS)
         if tuple(lines.shape) == (*lead, blocks * per_block, LINE_OUTPUTS):
-            lines = lines.reshape(want)  # The flat layout: the same bytes.
+            lines = _LinesBase._by_blocks(lines, per_block)  # The flat layout: the same bytes.
         if tuple(lines.shape) != want:
             raise ValueError(f"{where}: lines must have shape {want} ([..., ceil(out/64), "
                              f"{per_block} lines per block, 64] for the scales' "
                              f"{tuple(scales.shape)}); got {tuple(lines.shape)}")
         return lines
+
+    @staticmethod
+    def _by_blocks(flat, per_block: int):
+        """The ops' flat lines `[..., ceil(out/64) * per_block, 64]` by blocks (`_flat`'s
+        inverse)."""
+        return flat.reshape(*flat.shape[:-2], -1, per_block, LINE_OUTPUTS)
 
     @staticmethod
     def _flat(lines):
@@ -165,8 +171,7 @@ class Int4LinesWeight(_LinesBase):
             raise ValueError(f"{where}: int8 activations read the canonical layout; the lines "
                              f"multiply float activations (use a weight without "
                              f"activations='int8')")
-        lines = int4_pack_lines(wq.qweight)
-        lines = lines.reshape(*lines.shape[:-2], -1, wq.in_features // 2, LINE_OUTPUTS)
+        lines = cls._by_blocks(int4_pack_lines(wq.qweight), wq.in_features // 2)
         return cls._unflatten(wq._aux, (lines, wq.scales))
 
     def _canonical(self) -> Int4Weight:
@@ -228,9 +233,8 @@ class Int4NMLinesWeight(_LinesBase):
         if not isinstance(wq, Int4NMWeight):
             raise TypeError(f"jaxsparse.Int4NMWeight.with_lines: these lines hold an int4 + 2:4 "
                             f"weight (Int4NMWeight); got {type(wq).__name__}")
-        lines = int4_nm_pack_lines(wq.qweight, wq.positions)
-        lines = lines.reshape(*lines.shape[:-2], -1, _nm_lines_per_block(wq.in_features),
-                              LINE_OUTPUTS)
+        lines = cls._by_blocks(int4_nm_pack_lines(wq.qweight, wq.positions),
+                               _nm_lines_per_block(wq.in_features))
         return cls._unflatten(wq._aux, (lines, wq.scales))
 
     def _canonical(self) -> Int4NMWeight:
