@@ -71,8 +71,9 @@ void RunInline(int64_t num_tasks, void (*task)(void*, int64_t, int),
 // runs). These helpers wait for the next job for kSpinMicros after each one,
 // yielding the core to any other runnable thread while they wait, and then
 // sleep: the next call of a chain finds them awake, and nothing else is
-// woken. A job takes them only when they are awake and the last job was
-// short; otherwise it runs as before, on XLA's pool.
+// woken. A job takes them only when they are awake and the last job of its
+// kind (its task function and task count) was short; otherwise it runs as
+// before, on XLA's pool.
 class HelperPool {
  public:
   // The process's pool, made with `helpers` threads on first use (and again
@@ -84,10 +85,11 @@ class HelperPool {
   // sleep or another call holds the pool.
   bool TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), void* ctx);
 
-  // After a job that ran on XLA's pool and took `took`: a short one wakes the
-  // helpers to wait kSpinMicros for the next (a chain's next call finds them
-  // awake).
-  void Finished(std::chrono::steady_clock::duration took);
+  // After a job that ran on XLA's pool and took `took`: remembers whether its
+  // kind is long, and a short one wakes the helpers to wait kSpinMicros for
+  // the next (a chain's next call finds them awake).
+  void Finished(int64_t num_tasks, void (*task)(void*, int64_t, int),
+                std::chrono::steady_clock::duration took);
 
   int helpers() const { return helpers_; }
 
@@ -98,6 +100,17 @@ class HelperPool {
   // than on XLA's (MiniLM at 1440 tokens, jobs of 2-9 ms: 228 ms per forward
   // against 173 ms, 2-core Zen 4, jax 0.12; the cause was not found).
   static constexpr int64_t kLongJobMicros = 1000;
+  // Whether a job is long is remembered per kind, not for the last job alone:
+  // one kernel call runs a short job (a pack of x) before its long product, so
+  // "the last job was short" sent every long product of a chain at 1440
+  // tokens to these helpers (MiniLM's 2:4 projections chained with a GELU, 2-core
+  // Zen 5, jax 0.12.1: 62.6 ms against 48.9 ms with the products on XLA's
+  // pool, dense 48.2 ms). A direct-mapped table of kinds (a collision only
+  // costs one job on the other pool).
+  static constexpr int kKinds = 256;
+  static uint64_t Kind(int64_t num_tasks, void (*task)(void*, int64_t, int));
+  bool KnownLong(uint64_t kind) const;
+  void Remember(uint64_t kind, bool long_job);
   explicit HelperPool(int helpers) : helpers_(helpers) {}
   void Work(int worker);
   void Drain(int worker);
@@ -105,7 +118,8 @@ class HelperPool {
   const int helpers_;
   std::atomic<bool> busy_{false};     // a caller holds the pool
   std::atomic<int> sleeping_{0};      // helpers asleep (changed under mu_)
-  std::atomic<bool> long_jobs_{false};  // the last job took over kLongJobMicros
+  // Per kind: its key with bit 0 set when its last job took over kLongJobMicros.
+  std::atomic<uint64_t> kinds_[kKinds] = {};
   std::atomic<bool> open_{false};     // the current job takes helpers
   std::atomic<int> active_{0};        // helpers inside the current job
   std::atomic<uint64_t> generation_{0};
@@ -150,10 +164,27 @@ void HelperPool::Work(int worker) {
   }
 }
 
+uint64_t HelperPool::Kind(int64_t num_tasks, void (*task)(void*, int64_t, int)) {
+  const uint64_t mixed = (reinterpret_cast<uintptr_t>(task) ^
+                          static_cast<uint64_t>(num_tasks) * 0x9E3779B97F4A7C15ull) *
+                         0xBF58476D1CE4E5B9ull;
+  return mixed & ~uint64_t{1};  // Bit 0 holds the flag.
+}
+
+bool HelperPool::KnownLong(uint64_t kind) const {
+  const uint64_t slot = kinds_[(kind >> 32) % kKinds].load(std::memory_order_relaxed);
+  return slot == (kind | 1);
+}
+
+void HelperPool::Remember(uint64_t kind, bool long_job) {
+  kinds_[(kind >> 32) % kKinds].store(kind | (long_job ? 1 : 0), std::memory_order_relaxed);
+}
+
 bool HelperPool::TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), void* ctx) {
+  const uint64_t kind = Kind(num_tasks, task);
   // Asleep, the helpers would join late (a futex wake-up), after the
   // XLA-pool helper that the caller then schedules.
-  if (long_jobs_.load() || sleeping_.load() != 0 || busy_.exchange(true)) return false;
+  if (KnownLong(kind) || sleeping_.load() != 0 || busy_.exchange(true)) return false;
   const auto start = std::chrono::steady_clock::now();
   num_tasks_ = num_tasks;
   task_ = task;
@@ -173,14 +204,15 @@ bool HelperPool::TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), vo
 #endif
   }
   busy_.store(false);
-  long_jobs_.store(std::chrono::steady_clock::now() - start >
-                   std::chrono::microseconds(kLongJobMicros));
+  Remember(kind, std::chrono::steady_clock::now() - start >
+                     std::chrono::microseconds(kLongJobMicros));
   return true;
 }
 
-void HelperPool::Finished(std::chrono::steady_clock::duration took) {
+void HelperPool::Finished(int64_t num_tasks, void (*task)(void*, int64_t, int),
+                          std::chrono::steady_clock::duration took) {
   const bool long_job = took > std::chrono::microseconds(kLongJobMicros);
-  long_jobs_.store(long_job);
+  Remember(Kind(num_tasks, task), long_job);
   if (long_job || sleeping_.load() == 0) return;
   generation_.fetch_add(1);  // A job of no tasks: open_ stays as it is.
   std::lock_guard<std::mutex> lock(mu_);
@@ -266,7 +298,7 @@ void ParallelFor(void* pool_ptr, int64_t num_tasks,
   state->closed = true;
   state->idle.wait(lock, [&] { return state->running == 0; });
   lock.unlock();
-  if (own != nullptr) own->Finished(std::chrono::steady_clock::now() - start);
+  if (own != nullptr) own->Finished(num_tasks, task, std::chrono::steady_clock::now() - start);
 }
 
 AlignedPtr AllocateAligned(size_t bytes) {
