@@ -71,9 +71,9 @@ void RunInline(int64_t num_tasks, void (*task)(void*, int64_t, int),
 // runs). These helpers wait for the next job for kSpinMicros after each one,
 // yielding the core to any other runnable thread while they wait, and then
 // sleep: the next call of a chain finds them awake, and nothing else is
-// woken. A job takes them only when they are awake and the last job of its
-// kind (its task function and task count) was short; otherwise it runs as
-// before, on XLA's pool.
+// woken. A job takes them when they are awake and its kind (its task
+// function and task count) ran faster on them than on XLA's pool the last
+// times it ran on each; otherwise it runs as before, on XLA's pool.
 class HelperPool {
  public:
   // The process's pool, made with `helpers` threads on first use (and again
@@ -85,9 +85,9 @@ class HelperPool {
   // sleep or another call holds the pool.
   bool TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), void* ctx);
 
-  // After a job that ran on XLA's pool and took `took`: remembers whether its
-  // kind is long, and a short one wakes the helpers to wait kSpinMicros for
-  // the next (a chain's next call finds them awake).
+  // After a job that ran on XLA's pool and took `took`: times its kind there,
+  // and a short one wakes the helpers to wait kSpinMicros for the next (a
+  // chain's next call finds them awake).
   void Finished(int64_t num_tasks, void (*task)(void*, int64_t, int),
                 std::chrono::steady_clock::duration took);
 
@@ -95,22 +95,32 @@ class HelperPool {
 
  private:
   static constexpr int64_t kSpinMicros = 200;
-  // After a job longer than this the next one runs on XLA's pool: a helper's
-  // wake-up is small beside it, and long jobs ran slower on these helpers
-  // than on XLA's (MiniLM at 1440 tokens, jobs of 2-9 ms: 228 ms per forward
-  // against 173 ms, 2-core Zen 4, jax 0.12; the cause was not found).
+  // After a job shorter than this the helpers are woken for the next one.
   static constexpr int64_t kLongJobMicros = 1000;
-  // Whether a job is long is remembered per kind, not for the last job alone:
-  // one kernel call runs a short job (a pack of x) before its long product, so
-  // "the last job was short" sent every long product of a chain at 1440
-  // tokens to these helpers (MiniLM's 2:4 projections chained with a GELU, 2-core
-  // Zen 5, jax 0.12.1: 62.6 ms against 48.9 ms with the products on XLA's
-  // pool, dense 48.2 ms). A direct-mapped table of kinds (a collision only
-  // costs one job on the other pool).
+  // Which pool a job takes is measured per kind of job, because neither is
+  // faster everywhere: a chain of short products gains by these helpers, but
+  // beside XLA's own parallel ops (whose Eigen workers spin after them) jobs
+  // ran slower here than on XLA's pool, by up to 1.5x, short ones too (a
+  // pack of x at 1440 tokens: 0.49 ms here, 0.19 ms there; 2-core Zen 5, jax
+  // 0.12.1). Rules by duration did not hold: "the last job was long" sent
+  // every long product of a chain here after its call's short pack (MiniLM's
+  // 2:4 projections with a GELU between: 62.6 ms a forward, 48.9 ms with
+  // every job on XLA's pool, dense 48.2 ms), and any threshold is one
+  // machine's. So each kind keeps a running time on each pool (its first job
+  // here, its next there), takes the faster, and every kExploreEvery-th job
+  // takes the other to follow a change. A direct-mapped table: a kind that
+  // collides starts over.
   static constexpr int kKinds = 256;
+  static constexpr uint32_t kExploreEvery = 32;
+  struct KindTimes {
+    std::atomic<uint64_t> key{0};
+    std::atomic<uint32_t> own_us{0}, xla_us{0};  // running times; 0: not yet timed
+    std::atomic<uint32_t> jobs{0};
+  };
   static uint64_t Kind(int64_t num_tasks, void (*task)(void*, int64_t, int));
-  bool KnownLong(uint64_t kind) const;
-  void Remember(uint64_t kind, bool long_job);
+  KindTimes& Times(uint64_t kind) { return kinds_[(kind >> 40) % kKinds]; }
+  bool PreferHelpers(uint64_t kind);
+  void Record(uint64_t kind, bool on_helpers, std::chrono::steady_clock::duration took);
   explicit HelperPool(int helpers) : helpers_(helpers) {}
   void Work(int worker);
   void Drain(int worker);
@@ -118,8 +128,7 @@ class HelperPool {
   const int helpers_;
   std::atomic<bool> busy_{false};     // a caller holds the pool
   std::atomic<int> sleeping_{0};      // helpers asleep (changed under mu_)
-  // Per kind: its key with bit 0 set when its last job took over kLongJobMicros.
-  std::atomic<uint64_t> kinds_[kKinds] = {};
+  KindTimes kinds_[kKinds];
   std::atomic<bool> open_{false};     // the current job takes helpers
   std::atomic<int> active_{0};        // helpers inside the current job
   std::atomic<uint64_t> generation_{0};
@@ -168,23 +177,45 @@ uint64_t HelperPool::Kind(int64_t num_tasks, void (*task)(void*, int64_t, int)) 
   const uint64_t mixed = (reinterpret_cast<uintptr_t>(task) ^
                           static_cast<uint64_t>(num_tasks) * 0x9E3779B97F4A7C15ull) *
                          0xBF58476D1CE4E5B9ull;
-  return mixed & ~uint64_t{1};  // Bit 0 holds the flag.
+  return mixed | 1;  // Never 0, an empty slot's key.
 }
 
-bool HelperPool::KnownLong(uint64_t kind) const {
-  const uint64_t slot = kinds_[(kind >> 32) % kKinds].load(std::memory_order_relaxed);
-  return slot == (kind | 1);
+// Relaxed atomics throughout: concurrent callers may mix their updates of a
+// slot, which only misplaces a job, never a result.
+bool HelperPool::PreferHelpers(uint64_t kind) {
+  KindTimes& t = Times(kind);
+  if (t.key.load(std::memory_order_relaxed) != kind) {
+    t.key.store(kind, std::memory_order_relaxed);
+    t.own_us.store(0, std::memory_order_relaxed);
+    t.xla_us.store(0, std::memory_order_relaxed);
+    t.jobs.store(0, std::memory_order_relaxed);
+  }
+  const uint32_t jobs = t.jobs.fetch_add(1, std::memory_order_relaxed) + 1;
+  const uint32_t own = t.own_us.load(std::memory_order_relaxed);
+  const uint32_t xla = t.xla_us.load(std::memory_order_relaxed);
+  if (own == 0) return true;
+  if (xla == 0) return false;
+  const bool faster = own <= xla;
+  return jobs % kExploreEvery == 0 ? !faster : faster;
 }
 
-void HelperPool::Remember(uint64_t kind, bool long_job) {
-  kinds_[(kind >> 32) % kKinds].store(kind | (long_job ? 1 : 0), std::memory_order_relaxed);
+void HelperPool::Record(uint64_t kind, bool on_helpers,
+                        std::chrono::steady_clock::duration took) {
+  KindTimes& t = Times(kind);
+  if (t.key.load(std::memory_order_relaxed) != kind) return;
+  const int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(took).count();
+  const uint32_t now = static_cast<uint32_t>(std::clamp<int64_t>(us, 1, int64_t{1} << 30));
+  std::atomic<uint32_t>& slot = on_helpers ? t.own_us : t.xla_us;
+  const uint32_t before = slot.load(std::memory_order_relaxed);
+  // A running mean over about the last four jobs: one noisy job does not flip the choice.
+  slot.store(before == 0 ? now : (3 * before + now) / 4, std::memory_order_relaxed);
 }
 
 bool HelperPool::TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), void* ctx) {
   const uint64_t kind = Kind(num_tasks, task);
   // Asleep, the helpers would join late (a futex wake-up), after the
   // XLA-pool helper that the caller then schedules.
-  if (KnownLong(kind) || sleeping_.load() != 0 || busy_.exchange(true)) return false;
+  if (sleeping_.load() != 0 || !PreferHelpers(kind) || busy_.exchange(true)) return false;
   const auto start = std::chrono::steady_clock::now();
   num_tasks_ = num_tasks;
   task_ = task;
@@ -204,16 +235,14 @@ bool HelperPool::TryRun(int64_t num_tasks, void (*task)(void*, int64_t, int), vo
 #endif
   }
   busy_.store(false);
-  Remember(kind, std::chrono::steady_clock::now() - start >
-                     std::chrono::microseconds(kLongJobMicros));
+  Record(kind, true, std::chrono::steady_clock::now() - start);
   return true;
 }
 
 void HelperPool::Finished(int64_t num_tasks, void (*task)(void*, int64_t, int),
                           std::chrono::steady_clock::duration took) {
-  const bool long_job = took > std::chrono::microseconds(kLongJobMicros);
-  Remember(Kind(num_tasks, task), long_job);
-  if (long_job || sleeping_.load() == 0) return;
+  Record(Kind(num_tasks, task), false, took);
+  if (took > std::chrono::microseconds(kLongJobMicros) || sleeping_.load() == 0) return;
   generation_.fetch_add(1);  // A job of no tasks: open_ stays as it is.
   std::lock_guard<std::mutex> lock(mu_);
   wake_.notify_all();
