@@ -410,7 +410,7 @@ void LoadColumnsTAs(int64_t n, int64_t n_out, const void* dy, int64_t count, int
       const char* row = static_cast<const char*>(dy) + (t * n_out + h) * kBytes;
       r[t] = t < count ? LoadF32<D>(row, live) : _mm512_setzero_ps();
     }
-    Transpose16x16Floats(r);
+    JAXSPARSE_AVX512_NAMESPACE::Transpose16x16Floats(r);
     for (int64_t j = 0; j < Min(16, n - h); ++j) _mm512_storeu_ps(rows + (h + j) * 16, r[j]);
   }
 }
@@ -425,7 +425,7 @@ void StoreDxAs(int64_t k, const float* acc, int64_t count, void* dx) {
     for (int64_t i = 0; i < 16; ++i) {
       r[i] = i < live ? _mm512_loadu_ps(acc + (k0 + i) * 16) : _mm512_setzero_ps();
     }
-    Transpose16x16Floats(r);
+    JAXSPARSE_AVX512_NAMESPACE::Transpose16x16Floats(r);
     const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1u);
     for (int64_t t = 0; t < count; ++t) {
       StoreF32<D>(static_cast<char*>(dx) + (t * k + k0) * kBytes, r[t], keep);

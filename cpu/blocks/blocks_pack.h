@@ -1,7 +1,6 @@
 // The forward's pack of x into xT with 8 x 8 register transposes (included by
 // blocks_avx512.h and blocks_avx2.h, so by the avx512, avx512bf16 and avx2
-// units, in their own namespaces). The 8 x 8 transposes are AVX2; the
-// 16 x 16 one (the AVX-512 backward's) is compiled only where AVX-512 is.
+// units, in their own namespaces). The 8 x 8 transposes are AVX2.
 //
 // Why: the scalar pack (blocks_kernels.h, PackTransposedAs) stores one element
 // per instruction at a stride of ld, so for 128 tokens x 4096 inputs it is
@@ -9,7 +8,8 @@
 // where the products themselves are short. Here 8 tokens x 8 inputs are
 // loaded as 8 rows (one 16- or 32-byte load each), transposed in registers
 // (unpacks, all on the shuffle pipes) and stored as 8 runs of 8 tokens.
-// The edges (tokens or inputs not a multiple of 8) take the scalar loop.
+// The edges (tokens or inputs not a multiple of 8) take the scalar loop. The
+// AVX-512 backward's 16 x 16 transpose is simd_avx512.h's.
 #ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_PACK_H_
 #define JAXSPARSE_CPU_BLOCKS_BLOCKS_PACK_H_
 
@@ -43,38 +43,6 @@ inline void Transpose8x8Words(__m128i r[8]) {
   }
 }
 
-#ifdef __AVX512F__
-// Rows r[i] (16 floats each) -> r[j] = column j: unpacks pair the rows within
-// 128-bit lanes, shuffles make 4 x 4 blocks, two rounds of lane shuffles move
-// the blocks (64 shuffles for 256 elements, where scalar moves take 256
-// loads and stores).
-inline void Transpose16x16Floats(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4 i + c], lane L: rows 4 i .. 4 i + 3 of column 4 L + c.
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
-  }
-  // Per c, a 4 x 4 transpose of 128-bit lanes across r[c], r[4 + c], r[8 + c], r[12 + c].
-  for (int c = 0; c < 4; ++c) {
-    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
-    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
-    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
-    t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-    t[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
-    t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
-  }
-  for (int j = 0; j < 16; ++j) r[j] = t[j];
-}
-#endif  // __AVX512F__
 
 // Rows r[i] = token i's 8 inputs (f32) -> r[j] = input j's 8 tokens.
 inline void Transpose8x8Floats(__m256 r[8]) {

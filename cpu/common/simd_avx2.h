@@ -24,6 +24,7 @@ struct Traits {
   static constexpr int kMaxVecs = 4;
   static constexpr int kChains = 8;
   static constexpr int kAccRegs = 12;
+  static constexpr int kSquare = 0;  // No register transposes (simd_avx512.h).
 
   using V = __m256;
 

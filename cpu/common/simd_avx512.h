@@ -30,6 +30,37 @@ namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_AVX512_NAMESPACE {
 
+// Rows r[i] (16 floats each) -> r[j] = column j: unpacks pair the rows within
+// 128-bit lanes, shuffles make 4 x 4 blocks, two rounds of lane shuffles move
+// the blocks (64 shuffles for 256 elements, where scalar moves take 256
+// loads and stores).
+inline void Transpose16x16Floats(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 i + c], lane L: rows 4 i .. 4 i + 3 of column 4 L + c.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  // Per c, a 4 x 4 transpose of 128-bit lanes across r[c], r[4 + c], r[8 + c], r[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+    t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+  }
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
 struct Traits {
   static constexpr int kWidth = 16;
   // 8 zmm of tokens (128) per tile: each entry's value feeds 8 FMAs whose x
@@ -39,8 +70,21 @@ struct Traits {
   static constexpr int kMaxVecs = 8;
   static constexpr int kChains = 8;
   static constexpr int kAccRegs = 16;
+  // Squares of this many floats that TransposeSquare moves in registers (0:
+  // none; the packs then move elements one by one).
+  static constexpr int kSquare = 16;
 
   using V = __m512;
+
+  // dst[j * ldd + i] = src[i * ld + j] for a 16 x 16 square: 16 loads, 64
+  // shuffles and 16 stores where element moves take 256 loads and strided
+  // stores.
+  static void TransposeSquare(const float* src, int64_t ld, float* dst, int64_t ldd) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+    Transpose16x16Floats(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ldd, r[j]);
+  }
 
   static V Zero() { return _mm512_setzero_ps(); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }

@@ -22,6 +22,7 @@ struct Traits {
   static constexpr int kMaxVecs = 2;
   static constexpr int kChains = 4;
   static constexpr int kAccRegs = 4;
+  static constexpr int kSquare = 0;  // No register transposes (simd_avx512.h).
 
   struct V {
     float v[kWidth];

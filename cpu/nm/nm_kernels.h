@@ -312,7 +312,17 @@ struct PackJob {
       const int rn = static_cast<int>(Min(kSq, r1 - r));
       int64_t col[kSq];
       for (int k = 0; k < rn; ++k) col[k] = SourceColumn(r + k, width);
+      // f32 squares of 16 consecutive columns by 16 tokens move in registers
+      // (a 1440 x 1536 x at 2:4 took 0.81 ms element by element beside a 3.8
+      // ms product, 2-core Zen 5).
+      const bool square = rn == kSq && col[kSq - 1] == col[0] + kSq - 1 && col[kSq - 1] < cols;
       for (int64_t t0 = 0; t0 < width; t0 += Tr::kWidth) {
+        if constexpr (std::is_same_v<S, float> && Tr::kSquare == kSq && Tr::kWidth == kSq) {
+          if (square && t0 + kSq <= valid) {
+            Tr::TransposeSquare(s + t0 * cols + col[0], cols, out + r * width + t0, width);
+            continue;
+          }
+        }
         float sq[kSq][Tr::kWidth];
         for (int tt = 0; tt < Tr::kWidth; ++tt) {
           const bool live = t0 + tt < valid;
