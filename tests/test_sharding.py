@@ -136,7 +136,13 @@ def test_tokens_and_weight_on_a_2d_mesh(sharded, name):
     assert ("column" in result) == (name != "blocks_rows")
     assert ("row" in result) == (name != "blocks_shards")
     if "column" in result:
-        assert result["column"]["err"] == 0.0
+        # Each device multiplies half the tokens (16 of 32) by its outputs: the same sums, bit
+        # for bit, except bf16 V:N:M in the AVX-512 units (avx512, avx512bf16, amx), whose
+        # kernels sum in an order that depends on the token count (seen on Zen 5: one output
+        # one bf16 step apart, 9.5e-7 at a scale of 41; exact on avx2).
+        reordered = name.endswith("bf16") and jsp.cpu_isa() in ("avx512", "avx512bf16", "amx")
+        limit = _tolerance(name) * result["column"]["scale"] if reordered else 0.0
+        assert result["column"]["err"] <= limit, result
         assert result["column"]["spec"] == ["data", "model"]
         assert result["column"]["collectives"] == NO_COLLECTIVES
     if "row" not in result:

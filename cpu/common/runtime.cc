@@ -100,16 +100,17 @@ class HelperPool {
   // Which pool a job takes is measured per kind of job, because neither is
   // faster everywhere: a chain of short products gains by these helpers, but
   // beside XLA's own parallel ops (whose Eigen workers spin after them) jobs
-  // ran slower here than on XLA's pool, by up to 1.5x, short ones too (a
-  // pack of x at 1440 tokens: 0.49 ms here, 0.19 ms there; 2-core Zen 5, jax
-  // 0.12.1). Rules by duration did not hold: "the last job was long" sent
-  // every long product of a chain here after its call's short pack (MiniLM's
-  // 2:4 projections with a GELU between: 62.6 ms a forward, 48.9 ms with
-  // every job on XLA's pool, dense 48.2 ms), and any threshold is one
-  // machine's. So each kind keeps a running time on each pool (its first job
-  // here, its next there), takes the faster, and every kExploreEvery-th job
-  // takes the other to follow a change. A direct-mapped table: a kind that
-  // collides starts over.
+  // took about twice their time here, short ones too (2-core Zen 5, jax
+  // 0.12.1, 1440 tokens: a 2:4 product 7.8 ms here, 3.7 ms there; its pack
+  // of x 0.49 ms, 0.19 ms). Rules by duration did not hold: "the last job was
+  // short" sent every long product of a chain here after its call's short
+  // pack (MiniLM's 2:4 projections with a GELU between: 62.6 ms a forward,
+  // 48.9 ms with every job on XLA's pool, dense 48.2 ms), and any threshold
+  // is one machine's. So each kind keeps a running time on each pool (its
+  // first job here, its next there), takes the faster, and every
+  // kExploreEvery-th job (kExploreRarely-th when one pool took 1.5x the
+  // other's time) takes the other to follow a change. A direct-mapped table:
+  // a kind that collides starts over.
   static constexpr int kKinds = 256;
   static constexpr uint32_t kExploreEvery = 32;
   static constexpr uint32_t kExploreRarely = 512;  // when one pool is 1.5x the other
@@ -197,8 +198,6 @@ bool HelperPool::PreferHelpers(uint64_t kind) {
   if (own == 0) return true;
   if (xla == 0) return false;
   const bool faster = own <= xla;
-  // A pool twice as slow is tried again rarely: a long job on the helpers
-  // beside XLA's spinning workers took 2x its time (7.8 ms against 3.7 ms).
   const uint64_t slow = std::max(own, xla), quick = std::min(own, xla);
   const uint32_t every = 2 * slow > 3 * quick ? kExploreRarely : kExploreEvery;
   return jobs % every == 0 ? !faster : faster;
@@ -209,7 +208,7 @@ void HelperPool::Record(uint64_t kind, bool on_helpers,
   KindTimes& t = Times(kind);
   if (t.key.load(std::memory_order_relaxed) != kind) return;
   const int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(took).count();
-  const uint32_t now = static_cast<uint32_t>(std::clamp<int64_t>(us, 1, int64_t{1} << 30));
+  const uint32_t now = static_cast<uint32_t>(std::clamp<int64_t>(us, 1, int64_t{1} << 28));
   std::atomic<uint32_t>& slot = on_helpers ? t.own_us : t.xla_us;
   const uint32_t before = slot.load(std::memory_order_relaxed);
   // A running mean over about the last four jobs: one noisy job does not flip the choice.
