@@ -277,7 +277,7 @@ namespace cpu {
 namespace JAXSPARSE_INT4_ISA {
 namespace int4 {
 // Without AVX-512 every product streams the weight (no panel or pairs path).
-constexpr int64_t kPanelWorkFloats = 0;
+inline int64_t PanelWorkFloats(const Int4Problem&) { return 0; }
 inline bool UsePanels(const Int4Problem&) { return false; }
 inline bool UseNmRepack(const Int4Problem&) { return false; }
 inline bool UsePairs(const Int4Problem&) { return false; }
@@ -406,7 +406,7 @@ inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_c
   const int64_t scales = p.dtype == Dtype::kF32 ? 0 : groups * p.n_out;  // f32: in place
   const int64_t xsum = panels ? 0 : p.tokens * groups;
   const int64_t per_worker =
-      per_worker_floats ? per_worker_floats : panels ? kPanelWorkFloats : kTokenBlock * p.n_out;
+      per_worker_floats ? per_worker_floats : panels ? PanelWorkFloats(p) : kTokenBlock * p.n_out;
   const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
   // 16 floats of slack after each part keep the next 64-byte aligned.
   const int64_t total = dense + scales + xsum + work + 64;

@@ -37,8 +37,13 @@ constexpr int kPairsTokens = 16;
 // streaming kernels' one pass (bf16 on the lines at 2 tokens: 3.4x XLA against
 // 3.9x; canonical at 4: 1.7-2.2x against 1.9-2.6x). bf16: above the maximum
 // the canonical form's column walk fell behind the tiles (48 tokens:
-// 1.07-1.14x against 1.18-1.26x). f32: up to 128 tokens as fast as the panels
-// or faster (1.09-1.11x against 1.04-1.10x at 128), untried beyond.
+// 1.07-1.14x against 1.18-1.26x). f32: up to 48 tokens. On Zen 4 the pairs
+// kept up with the panels to 128 tokens (1.09-1.11x XLA against 1.04-1.10x);
+// since the panels sum over all of K in registers they lead from 64 tokens
+// on (2-core Zen 5, jax 0.12.1, 4096 x 4096 / 11008 x 4096, XLA's f32 dot
+// in the same process: at 64 tokens 1.06-1.10x / 1.10-1.11x against the
+// pairs' 0.89-0.93x / 0.84-0.92x, at 128 1.06-1.08x against 0.80-0.82x; at
+// 32 tokens the pairs 1.05-1.07x against 0.93x at 4096 x 4096).
 struct PairsRange {
   int64_t lines_min, lines_max, canonical_min, canonical_max;
 };
@@ -48,7 +53,7 @@ constexpr PairsRange kPairsBf16 = {4, 15, 8, 15};
 #else
 constexpr PairsRange kPairsBf16 = {4, 63, 8, 32};
 #endif
-constexpr PairsRange kPairsF32 = {8, 128, 8, 128};  // f32 and f16
+constexpr PairsRange kPairsF32 = {8, 128, 8, 48};  // f32 and f16
 #ifdef __AVX512BF16__
 constexpr bool kHasBf16Pairs = true;
 #else

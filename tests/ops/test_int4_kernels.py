@@ -16,9 +16,10 @@ pytestmark = pytest.mark.once
 
 # (tokens, K, N, group): one vector of outputs and less, a task's 64 and a ragged tail, several
 # tasks; 1-5 tokens (each token block and its tail), 17 tokens (4 blocks and 1), 70; groups of
-# 8 over K = 200, one group per column of K = 392. From 16 tokens on, products by W take the
-# panel path (int4_panel_avx512.h): blocks of 128 inputs and a ragged one (K = 200, 136), a
-# panel's 64 outputs and a ragged one (N = 130), two token blocks of 384 and a ragged one (390);
+# 8 over K = 200, one group per column of K = 392. Past the pairs' range (below), products by W
+# take the panel path (int4_panel_avx512.h): all of K decoded at once (K = 136) or, past 2048
+# inputs, in two chunks whose sums wait in a buffer (K = 2056, below), a panel's 64 outputs and
+# a ragged one (N = 130, 70), two token blocks of 384 and a ragged one (390);
 # the 2:4 form in f32 / f16 packs each block of 64 outputs into lines in the task and looks its
 # inputs up there (NmRepackTask): ragged chunks (K = 200, 136), groups of 8 inside a chunk,
 # ragged blocks (N = 130, 33, 20) and unsorted positions. The avx2 unit walks a task's outputs
@@ -37,13 +38,15 @@ SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
 # bf16 at 16+ tokens takes the engine's tiles in the avx512bf16 and amx units (int4_tiles.h):
 # the last shape has three k blocks (16, 16, 1 steps), two token blocks and two panel groups,
 # each with a ragged tail. The dense form with a token per register (int4_pairs.h) takes f32
-# from 8 to 128 tokens (17, 20, 70 above) and bf16 from 8 to 32 (vdpbf16ps; up to 15 in the amx
-# unit): 20 tokens in two chunks, and the range's ends, 8 and 32 (two chunks of 16), with ragged
-# vectors; 390 f32 tokens take the panels.
+# from 8 to 48 tokens (17, 20 above, and the range's end, 48) and bf16 from 8 to 32 (vdpbf16ps;
+# up to 15 in the amx unit): 20 tokens in two chunks, and the range's ends, 8 and 32 (two chunks
+# of 16), with ragged vectors; 70 and 390 f32 tokens take the panels, and 52 tokens of each dtype
+# over K = 2056 take them in two chunks of K (bf16 in the avx512 unit, which has no tiles).
 CASES = [(*shape, jnp.float32) for shape in SHAPES] + [
     (*shape, dtype) for shape in (SHAPES[1], SHAPES[3], SHAPES[9]) for dtype in DTYPES[1:]] + [
     (260, 1056, 290, 32, jnp.bfloat16), (8, 136, 70, 8, jnp.bfloat16),
-    (32, 64, 33, 32, jnp.bfloat16)]
+    (32, 64, 33, 32, jnp.bfloat16), (48, 136, 70, 8, jnp.float32)] + [
+    (52, 2056, 70, 8, dtype) for dtype in DTYPES]
 
 
 @pytest.mark.parametrize("form", ["dense", "2:4"])
