@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/nm/nm_panel_avx512.h"
+
 namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_NM_ISA {
@@ -387,10 +389,14 @@ struct RowDot : Dims {
   }
 };
 
-// The forward for AVX-512: the row-vectorised kernel at few tokens, else the
-// token-vectorised one.
+// The forward for AVX-512: the row-vectorised kernel at few tokens, f32 2:4
+// at many on dense panels (nm_panel_avx512.h), else the token-vectorised one.
 template <class D>
 bool SpmmAvx512(const NmProblem& p, const NmRuntime& rt) {
+  if (NmPanels::Applies(p)) {
+    NmPanels op(p, rt);
+    return op.Compute();
+  }
   if (RowDot<D, true>::Applies(p)) {
     RowDot<D, true> op(p, rt);
     return op.Compute();

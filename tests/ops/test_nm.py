@@ -542,3 +542,30 @@ def test_packed_forward_differentiates_through_either_backward(isa, t, dtype):
         assert_close(g, w, dtype, scale_for(2 * t))
     with pytest.raises(ValueError, match="engine_backward needs n in"):
         nm_spmm_packed(x, ws.values[None], *arrays, n=3, m=4, engine_backward=True)
+
+
+# (tokens, in, out): on the AVX-512 units the f32 2:4 forward from 1024 tokens on, where an output
+# dimension is at most 512, decodes panels of 64 outputs into dense f32 and multiplies them on the
+# panel micro-kernel (cpu/nm/nm_panel_avx512.h): `in` not a multiple of 4 and ragged panels (130,
+# 70), two chunks of K (2056) with their sums between chunks over two token blocks (1030 tokens),
+# and 16-output blocks of which only some rows exist (33).
+PANEL_SHAPES = [(1024, 130, 70), (1030, 2056, 33), (1100, 64, 130)]
+
+
+@pytest.mark.parametrize("t,k,out", PANEL_SHAPES)
+def test_panel_forward_matches_the_reference_on_every_isa(isa, t, k, out):
+    x, ws, _ = operands(keys(90, 1)[0], t, k, out, 2, 4, jnp.float32, bw=2)
+    y = nm_spmm(x, ws.values, ws.indices, n=2, m=4)
+    assert y.shape == (2, t, out)
+    assert_close(y, nm_spmm_reference(x, ws.values, ws.indices, n=2, m=4), jnp.float32,
+                 scale_for(k))
+
+
+def test_panel_forward_on_unvalidated_positions(isa):
+    # Positions past the group (the padding, or garbage) name no row of the panel and drop out,
+    # as in the reference.
+    x, ws, _ = operands(keys(91, 1)[0], 1024, 64, 70, 2, 4, jnp.float32)
+    indices = ws.indices.at[0, 3, 1].set(4).at[0, 5, 0].set(255).at[0, 69, 7].set(9)
+    y = nm_spmm(x, ws.values, indices, n=2, m=4)
+    assert_close(y, nm_spmm_reference(x, ws.values, indices, n=2, m=4), jnp.float32,
+                 scale_for(64))
