@@ -41,14 +41,9 @@ inline int64_t PanelChunk(int64_t k) {
   return std::min(k, (k + chunks - 1) / chunks + 3 & ~int64_t{3});
 }
 
-// Lanes 0 .. remaining - 1 (all 16 when remaining >= 16).
-inline __mmask16 PanelLanes(int64_t remaining) {
-  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
-}
-
 // The panel's 4 lane masks: outputs past `on` are masked off.
 inline void PanelMasks(int64_t on, __mmask16* masks) {
-  for (int v = 0; v < 4; ++v) masks[v] = on > 16 * v ? PanelLanes(on - 16 * v) : 0;
+  for (int v = 0; v < 4; ++v) masks[v] = on > 16 * v ? LaneMask(on - 16 * v) : 0;
 }
 
 enum class PanelDtype { kF32, kBF16, kF16 };

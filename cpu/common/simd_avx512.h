@@ -30,6 +30,13 @@ namespace jaxsparse {
 namespace cpu {
 namespace JAXSPARSE_AVX512_NAMESPACE {
 
+// The first `remaining` lanes (all 16 from 16 on): masked loads and stores
+// of a row's last, partial vector never touch past its end.
+inline __mmask16 LaneMask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF)
+                         : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
 // Rows r[i] (16 floats each) -> r[j] = column j: unpacks pair the rows within
 // 128-bit lanes, shuffles make 4 x 4 blocks, two rounds of lane shuffles move
 // the blocks (64 shuffles for 256 elements, where scalar moves take 256

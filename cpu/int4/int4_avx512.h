@@ -27,13 +27,6 @@ inline void PrefetchRow(const uint8_t* row) {
   _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
 }
 
-// The lanes of outputs [o, o + 16) that exist (the last vector of a row may be
-// partial): masked loads and stores never touch past the end of a row.
-inline __mmask16 LaneMask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF)
-                         : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
 // 16 bytes of a qweight (or positions) row as 16 dwords.
 inline __m512i LoadBytes(const uint8_t* row, __mmask16 mask) {
   return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row));

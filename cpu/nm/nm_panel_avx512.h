@@ -132,7 +132,7 @@ struct NmPanels {
   // The rows of gn <= 8 groups of 16 outputs (`rows` of them exist) from
   // entry e0 on, into w (rows kPanelOut floats apart).
   void DecodeBlock(int64_t o, int64_t rows, int64_t e0, int64_t gn, float* w) const {
-    const __mmask16 entries = PanelLanes(2 * gn);
+    const __mmask16 entries = LaneMask(2 * gn);
     __m512 val[16], pos[16];
     for (int i = 0; i < 16; ++i) {
       if (i < rows) {
