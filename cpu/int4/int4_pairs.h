@@ -12,10 +12,11 @@
 // vectors of u - 8 by vpermps (3 operations per 32 weights), then 2 FMAs per
 // token. Per group the f32 sums are scaled once (the weight is never rounded).
 //
-// A task owns a 64-output block and a chunk of up to kPairsTokens tokens: four
-// passes over the block's rows, one per 16 outputs, with a token's accumulator
-// per register, so that one decode serves up to 16 tokens (the streaming
-// kernels' serves 4). The passes after the first read the block's K/2 64-byte
+// A task owns a 64-output block and a chunk of tokens: bf16 four passes over
+// the block's rows, one per 16 outputs, with a token's accumulator per
+// register, so that one decode serves up to 16 tokens (the streaming kernels'
+// serves 4); f32 two passes of 32 outputs with up to 12 tokens (2 x 12
+// accumulators). The passes after the first read the block's K/2 64-byte
 // lines (128 KB at K = 4096) from L2. x is packed once per call with a row's
 // tokens side by side (PackTokensJob).
 #include <cstring>
@@ -27,9 +28,14 @@ namespace cpu {
 namespace JAXSPARSE_INT4_ISA {
 namespace int4 {
 
-// Tokens per pass: 16 accumulators (24 spilled: bf16 at 0.67x XLA at 48
-// tokens, 1.45x with 16).
+// Tokens per pass: bf16 16 accumulators (24 spilled: bf16 at 0.67x XLA at 48
+// tokens, 1.45x with 16). f32 2 x 12: each row's decode (a load, a shift and
+// two vpermps per 16 outputs) then serves twice the FMAs, and twice the
+// independent chains hide the FMAs' latency. At 17 tokens (two chunks of 9
+// and 8) on Zen 5 that ran 384 x 1536 in 49.7 us against 57.5 us with one
+// vector of 16 outputs, with the weights in cache (XLA's dot: 53.8 us).
 constexpr int kPairsTokens = 16;
+constexpr int kPairsTokensF32 = 12;
 
 // Token counts that run here, per dtype and layout (measured on Zen 4 at
 // 4096 x 4096 and 4096 x 11008, docs/cpu_speed_notes.md, int4 sixth and eighth
@@ -114,19 +120,18 @@ inline __m512i PairBytes(const PairsCtx& c, const uint8_t* row, int j, __mmask16
   return LoadBytes(row, mask);
 }
 
-// Outputs [o, o + 16), o = 64 block + 16 j, of tokens [t0, t0 + kTokens).
-// y: f32 [kTokens][16], accumulated group by group.
-template <int kTokens, bool kLines, bool kBf16>
-void PairsPass(const PairsCtx& c, int64_t block, int j, int64_t t0, __mmask16 mask, float* y) {
+// Outputs [o, o + 16), o = 64 block + 16 j, of tokens [t0, t0 + kTokens),
+// bf16 on vdpbf16ps. y: f32 [kTokens][16], accumulated group by group.
+template <int kTokens, bool kLines>
+void PairsPassBf16(const PairsCtx& c, int64_t block, int j, int64_t t0, __mmask16 mask,
+                   float* y) {
+#ifdef __AVX512BF16__
   const Int4Problem& p = *c.p;
   const int64_t n = p.n_out, k = p.k, groups = k / p.group, o = block * kOutBlock + 16 * j;
   // Row r's bytes: the block's line r, or canonical row r from output o.
   const uint8_t* rows = kLines ? c.qweight + block * (k / 2) * 64 : c.qweight + o;
   const int64_t stride = kLines ? 64 : n;
-#ifdef __AVX512BF16__
   const __m512i table = NibbleBf16Table();
-#endif
-  const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   for (int t = 0; t < kTokens; ++t) _mm512_store_ps(y + 16 * t, _mm512_setzero_ps());
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[kTokens];
@@ -138,30 +143,72 @@ void PairsPass(const PairsCtx& c, int64_t block, int j, int64_t t0, __mmask16 ma
       // them ahead, the later ones find them in L2.
       if (!kLines && j == 0 && r + kPrefetchRows < k / 2) PrefetchRow(row + kPrefetchRows * n);
       const __m512i bytes = PairBytes<kLines>(c, row, j, mask);
-      if constexpr (kBf16) {
-#ifdef __AVX512BF16__
-        const __m512bh w = reinterpret_cast<__m512bh>(PairsFromLowByte(bytes, table));
-        const int32_t* pairs = static_cast<const int32_t*>(c.x_packed) + r * p.tokens + t0;
-        for (int t = 0; t < kTokens; ++t) {
-          acc[t] = _mm512_dpbf16_ps(acc[t], w,
-                                    reinterpret_cast<__m512bh>(_mm512_set1_epi32(pairs[t])));
-        }
-#endif
-      } else {
-        const __m512 lo = _mm512_permutexvar_ps(bytes, codes);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), codes);
-        const float* x0 = static_cast<const float*>(c.x_packed) + 2 * r * p.tokens + t0;
-        const float* x1 = x0 + p.tokens;
-        for (int t = 0; t < kTokens; ++t) {
-          acc[t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x0[t]), acc[t]);
-          acc[t] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x1[t]), acc[t]);
-        }
+      const __m512bh w = reinterpret_cast<__m512bh>(PairsFromLowByte(bytes, table));
+      const int32_t* pairs = static_cast<const int32_t*>(c.x_packed) + r * p.tokens + t0;
+      for (int t = 0; t < kTokens; ++t) {
+        acc[t] = _mm512_dpbf16_ps(acc[t], w,
+                                  reinterpret_cast<__m512bh>(_mm512_set1_epi32(pairs[t])));
       }
     }
     const __m512 s = _mm512_maskz_loadu_ps(mask, c.scales + g * n + o);
     for (int t = 0; t < kTokens; ++t) {
       _mm512_store_ps(y + 16 * t, _mm512_fmadd_ps(s, acc[t], _mm512_load_ps(y + 16 * t)));
     }
+  }
+#else
+  (void)c, (void)block, (void)j, (void)t0, (void)mask, (void)y;
+#endif
+}
+
+// Outputs [o, o + 32), o = 64 block + 16 j (j = 0 or 2), of tokens
+// [t0, t0 + kTokens) in f32. masks: the two vectors' outputs below n_out.
+// The nibbles become u - 8 by vpermps (exact), 2 FMAs per token and vector
+// per row; per group the sums are scaled once (the weight is never rounded).
+// y: f32 [kTokens][32].
+template <int kTokens, bool kLines>
+void PairsPassF32(const PairsCtx& c, int64_t block, int j, int64_t t0, const __mmask16 masks[2],
+                  float* y) {
+  const Int4Problem& p = *c.p;
+  const int64_t n = p.n_out, k = p.k, groups = k / p.group, o = block * kOutBlock + 16 * j;
+  const uint8_t* rows = kLines ? c.qweight + block * (k / 2) * 64 : c.qweight + o;
+  const int64_t stride = kLines ? 64 : n;
+  const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  // Two arrays per role: one array of more than 16 vectors stays in memory.
+  __m512 out0[kTokens], out1[kTokens];
+  for (int t = 0; t < kTokens; ++t) out0[t] = out1[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc0[kTokens], acc1[kTokens];
+    for (int t = 0; t < kTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t r = g * p.group / 2; r < (g + 1) * p.group / 2; ++r) {
+      const uint8_t* row = rows + r * stride;
+      if (!kLines && j == 0 && r + kPrefetchRows < k / 2) PrefetchRow(row + kPrefetchRows * n);
+      const __m512i b0 = kLines ? LineFrom(row, j, row == c.last_line) : LoadBytes(row, masks[0]);
+      const __m512i b1 =
+          kLines ? LineFrom(row, j + 1, row == c.last_line) : LoadBytes(row + 16, masks[1]);
+      const __m512 lo0 = _mm512_permutexvar_ps(b0, codes);
+      const __m512 hi0 = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), codes);
+      const __m512 lo1 = _mm512_permutexvar_ps(b1, codes);
+      const __m512 hi1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), codes);
+      const float* x0 = static_cast<const float*>(c.x_packed) + 2 * r * p.tokens + t0;
+      const float* x1 = x0 + p.tokens;
+      for (int t = 0; t < kTokens; ++t) {
+        const __m512 a = _mm512_set1_ps(x0[t]), b = _mm512_set1_ps(x1[t]);
+        acc0[t] = _mm512_fmadd_ps(lo0, a, acc0[t]);
+        acc1[t] = _mm512_fmadd_ps(lo1, a, acc1[t]);
+        acc0[t] = _mm512_fmadd_ps(hi0, b, acc0[t]);
+        acc1[t] = _mm512_fmadd_ps(hi1, b, acc1[t]);
+      }
+    }
+    const __m512 s0 = _mm512_maskz_loadu_ps(masks[0], c.scales + g * n + o);
+    const __m512 s1 = _mm512_maskz_loadu_ps(masks[1], c.scales + g * n + o + 16);
+    for (int t = 0; t < kTokens; ++t) {
+      out0[t] = _mm512_fmadd_ps(s0, acc0[t], out0[t]);
+      out1[t] = _mm512_fmadd_ps(s1, acc1[t], out1[t]);
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) {
+    _mm512_store_ps(y + 32 * t, out0[t]);
+    _mm512_store_ps(y + 32 * t + 16, out1[t]);
   }
 }
 
@@ -178,23 +225,48 @@ struct PackTokensJob {
 
   void Run(int64_t task, int /*worker*/) const {
     const int64_t r0 = task * kRows, rows = std::min(kRows, p->k / 2 - r0);
+    if (p->dtype == Dtype::kBF16) return PackBf16Pairs(r0, rows);
+    PackWidened(2 * r0, 2 * (r0 + rows));
+  }
+
+  // f32 [K, T] for inputs [i0, i1): squares of 16 tokens x 16 inputs
+  // transposed in registers (x's rows read 64 bytes at a time), the rest
+  // one by one. Moving every element one by one cost MiniLM's 1536 x 384
+  // product at 17 tokens 15 us of its 65 (no pack at all, a probe: 50 us).
+  void PackWidened(int64_t i0, int64_t i1) const {
     const int64_t k = p->k, tokens = p->tokens;
-    if (p->dtype == Dtype::kF32) {
-      const float* xf = static_cast<const float*>(x);
-      float* out = static_cast<float*>(packed);
-      for (int64_t i = 2 * r0; i < 2 * (r0 + rows); ++i) {
-        for (int64_t t = 0; t < tokens; ++t) out[i * tokens + t] = xf[t * k + i];
+    float* out = static_cast<float*>(packed);
+    const int64_t t_squares = tokens / 16 * 16, i_squares = i0 + (i1 - i0) / 16 * 16;
+    for (int64_t t = 0; t < t_squares; t += 16) {
+      for (int64_t i = i0; i < i_squares; i += 16) {
+        __m512 r[16];
+        for (int s = 0; s < 16; ++s) r[s] = LoadWidened(t + s, i);
+        Transpose16x16Floats(r);
+        for (int s = 0; s < 16; ++s) _mm512_storeu_ps(out + (i + s) * tokens + t, r[s]);
       }
-      return;
     }
-    if (p->dtype == Dtype::kF16) {
-      const uint16_t* xh = static_cast<const uint16_t*>(x);
-      float* out = static_cast<float*>(packed);
-      for (int64_t i = 2 * r0; i < 2 * (r0 + rows); ++i) {
-        for (int64_t t = 0; t < tokens; ++t) out[i * tokens + t] = F16ToF32(xh[t * k + i]);
-      }
-      return;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t from = t < t_squares ? i_squares : i0;
+      for (int64_t i = from; i < i1; ++i) out[i * tokens + t] = Widened(t * k + i);
     }
+  }
+
+  // x[t, i .. i + 16) as f32.
+  __m512 LoadWidened(int64_t t, int64_t i) const {
+    const int64_t at = t * p->k + i;
+    if (p->dtype == Dtype::kF32) return _mm512_loadu_ps(static_cast<const float*>(x) + at);
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + at)));
+  }
+
+  float Widened(int64_t at) const {
+    if (p->dtype == Dtype::kF32) return static_cast<const float*>(x)[at];
+    return F16ToF32(static_cast<const uint16_t*>(x)[at]);
+  }
+
+  // bf16: dword r of a token is its inputs (2r, 2r + 1), [K/2, T].
+  void PackBf16Pairs(int64_t r0, int64_t rows) const {
+    const int64_t k = p->k, tokens = p->tokens;
     const uint16_t* xh = static_cast<const uint16_t*>(x);
     int32_t* out = static_cast<int32_t*>(packed);
     for (int64_t r = r0; r < r0 + rows; ++r) {
@@ -216,22 +288,32 @@ struct PairsJob {
     const int64_t block = task / c->chunks;
     const int64_t t0 = (task % c->chunks) * c->chunk_tokens;
     const int nt = static_cast<int>(std::min(c->chunk_tokens, p.tokens - t0));
-    alignas(64) float y[kPairsTokens * 16];
-    for (int j = 0; j < 4; ++j) {
+    alignas(64) float y[kPairsTokensF32 * 32];  // the larger of 16 x 16 and 12 x 32
+    static_assert(kPairsTokensF32 * 32 >= kPairsTokens * 16, "y holds a bf16 pass");
+    const bool bf16 = p.dtype == Dtype::kBF16;
+    const int vecs = bf16 ? 1 : 2;  // per pass
+    for (int j = 0; j < 4; j += vecs) {
       const int64_t o = block * kOutBlock + 16 * j;
       if (o >= p.n_out) break;
-      const __mmask16 mask = LaneMask(p.n_out - o);
-      Dispatch<kPairsTokens>(nt, [&](auto tokens) {
-        constexpr int kTokens = decltype(tokens)::value;
-        if (p.dtype != Dtype::kBF16) {  // f32, or f16 widened
-          if (p.lines) return PairsPass<kTokens, true, false>(*c, block, j, t0, mask, y);
-          return PairsPass<kTokens, false, false>(*c, block, j, t0, mask, y);
-        }
-        if (p.lines) return PairsPass<kTokens, true, true>(*c, block, j, t0, mask, y);
-        PairsPass<kTokens, false, true>(*c, block, j, t0, mask, y);
-      });
-      const int64_t on = std::min<int64_t>(16, p.n_out - o);
-      for (int t = 0; t < nt; ++t) Store(c->out, p.dtype, (t0 + t) * p.n_out + o, y + 16 * t, on);
+      const __mmask16 masks[2] = {LaneMask(p.n_out - o),
+                                  o + 16 < p.n_out ? LaneMask(p.n_out - o - 16) : __mmask16{0}};
+      if (bf16) {
+        Dispatch<kPairsTokens>(nt, [&](auto tokens) {
+          constexpr int kTokens = decltype(tokens)::value;
+          if (p.lines) return PairsPassBf16<kTokens, true>(*c, block, j, t0, masks[0], y);
+          PairsPassBf16<kTokens, false>(*c, block, j, t0, masks[0], y);
+        });
+      } else {  // f32, or f16 widened
+        Dispatch<kPairsTokensF32>(nt, [&](auto tokens) {
+          constexpr int kTokens = decltype(tokens)::value;
+          if (p.lines) return PairsPassF32<kTokens, true>(*c, block, j, t0, masks, y);
+          PairsPassF32<kTokens, false>(*c, block, j, t0, masks, y);
+        });
+      }
+      const int64_t width = 16 * vecs, on = std::min<int64_t>(width, p.n_out - o);
+      for (int t = 0; t < nt; ++t) {
+        Store(c->out, p.dtype, (t0 + t) * p.n_out + o, y + width * t, on);
+      }
     }
   }
 };
@@ -252,7 +334,7 @@ inline bool RunPairs(const Int4Problem& p, const Runtime& rt) {
   PairsCtx c{};
   c.p = &p;
   c.x_packed = x_packed;
-  c.chunks = CeilDiv(p.tokens, kPairsTokens);
+  c.chunks = CeilDiv(p.tokens, f32 || p.dtype == Dtype::kF16 ? kPairsTokensF32 : kPairsTokens);
   c.chunk_tokens = CeilDiv(p.tokens, c.chunks);
   const int64_t blocks = CeilDiv(p.n_out, kOutBlock);
   for (int64_t e = 0; e < p.batch; ++e) {

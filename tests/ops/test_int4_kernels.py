@@ -42,10 +42,15 @@ SHAPES = [(1, 64, 1, 32), (3, 128, 17, 8), (4, 64, 64, 64), (5, 256, 130, 128),
 # up to 15 in the amx unit): 20 tokens in two chunks, and the range's ends, 8 and 32 (two chunks
 # of 16), with ragged vectors; 70 and 390 f32 tokens take the panels, and 52 tokens of each dtype
 # over K = 2056 take them in two chunks of K (bf16 in the avx512 unit, which has no tiles).
+# The f32 passes take 32 outputs and up to 12 tokens: a second vector of 4 outputs (N = 20, 84)
+# in one chunk of 12 and in two; f32 and f16 x is packed in squares of 16 tokens x 16 inputs with
+# the rest one by one: 24 tokens (a square and 8) over K = 144 (a pack task's 128 inputs and 16).
 CASES = [(*shape, jnp.float32) for shape in SHAPES] + [
     (*shape, dtype) for shape in (SHAPES[1], SHAPES[3], SHAPES[9]) for dtype in DTYPES[1:]] + [
     (260, 1056, 290, 32, jnp.bfloat16), (8, 136, 70, 8, jnp.bfloat16),
-    (32, 64, 33, 32, jnp.bfloat16), (48, 136, 70, 8, jnp.float32)] + [
+    (32, 64, 33, 32, jnp.bfloat16), (48, 136, 70, 8, jnp.float32),
+    (12, 64, 20, 32, jnp.float32), (24, 144, 84, 16, jnp.float32),
+    (24, 144, 84, 16, jnp.float16)] + [
     (52, 2056, 70, 8, dtype) for dtype in DTYPES]
 
 

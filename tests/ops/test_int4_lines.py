@@ -48,8 +48,10 @@ def test_pack_lines_places_each_byte_and_unpacks_bit_for_bit(rows, n):
 # (two blocks, the second ragged) and of 26 outputs (one block). The dense form with a token per
 # register (int4_pairs.h) takes f32 from 8 to 128 tokens and bf16 from 4 to 63 (vdpbf16ps, the
 # units with AVX512-BF16): one chunk of 4 tokens and groups of 8, two chunks (9 + 8) with a last
-# block of 2 outputs, three (14 + 14 + 12) with a ragged vector; 64 bf16 tokens take the tiles
-# again, 130 f32 ones the panels.
+# block of 2 outputs, 40 tokens in three bf16 chunks (14 + 14 + 12) and four f32 ones (of 10, the
+# f32 passes taking 32 outputs and up to 12 tokens) with a ragged vector, and two f32 chunks of 12
+# with a second vector of 4 outputs (N = 84); 64 bf16 tokens take the tiles again, 130 f32 ones
+# the panels.
 SHAPES = [(1, 64, 1, 32), (2, 128, 64, 64), (3, 256, 130, 128), (4, 64, 70, 8),
           (5, 392, 33, 392), (17, 200, 130, 8), (40, 1056, 290, 32), (1, 128, 1090, 64),
           (1, 64, 1050, 32), (64, 256, 130, 64), (130, 136, 70, 8)]
@@ -59,7 +61,7 @@ CASES = [(*s, jnp.float32) for s in SHAPES[:-2] + SHAPES[-1:]] + [
     (*s, jnp.bfloat16) for s in (SHAPES[3], SHAPES[9])] + [
     # The avx2 unit's slices (tests/ops/test_int4_kernels.py): a last task of one vector after a
     # 4 + 3 token split over one group, a slice of 3 vectors of 4 with a 4 + 2 split.
-    (7, 8, 72, 8, jnp.float32), (6, 48, 24, 48, jnp.float16)]
+    (7, 8, 72, 8, jnp.float32), (6, 48, 24, 48, jnp.float16), (24, 144, 84, 16, jnp.float32)]
 
 
 @pytest.mark.parametrize("t,k,n,group,dtype", once_after(CASES, keep=2))
