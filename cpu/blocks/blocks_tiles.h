@@ -164,7 +164,7 @@ struct Bf16TileMicro {
     uint16_t* out = static_cast<uint16_t*>(y);
     for (int64_t m = 0; m * 16 < outs; ++m) {
       const int64_t left = outs - 16 * m;
-      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 keep = LaneMask(left);
       for (int64_t t = 0; t < tokens; ++t) {
         const __m512 col = _mm512_i32gather_ps(rows, c + m * 16 * kTileTokens + t, 4);
         const __m256i words = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(col));

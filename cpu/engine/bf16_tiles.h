@@ -325,7 +325,7 @@ inline void PackColumnsAsB(const uint16_t* dy, int64_t ld, int64_t cols, int64_t
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t j = 0; j < tiles; ++j) {
     const int64_t left = cols - j * 16;
-    const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+    const __mmask16 keep = LaneMask(left);
     for (int64_t s = 0; s < steps; ++s) {
       uint16_t* tile = b + (j * steps + s) * kTileWords;
       for (int64_t r = 0; r < kTileRows; ++r) {

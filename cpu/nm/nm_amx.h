@@ -269,7 +269,7 @@ struct SpmmPackedAmx : Dims {
                                             _mm512_set1_epi32(static_cast<int>(c_ld)));
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       const int64_t left = rows - r0;
-      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 keep = LaneMask(left);
       for (int64_t t = 0; t < T; ++t) {
         const __m512 sums = _mm512_i32gather_ps(down, wk.c + r0 * c_ld + t, 4);
         const __m256i words = (__m256i)_mm512_cvtneps_pbh(sums);

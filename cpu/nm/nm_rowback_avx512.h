@@ -101,7 +101,7 @@ struct SddmmRows : Dims {
       float d[kRowBackMaxTokens];
       for (int64_t t = 0; t < T; ++t) d[t] = D::ToF32(dy[t * N + j]);
       for (int64_t c = 0; c < Kc; c += 16) {
-        const __mmask16 live = Live(Kc - c);
+        const __mmask16 live = LaneMask(Kc - c);
         __m512i k;
         __mmask16 valid;
         Inputs(idx + j * Kc, c, live, &k, &valid);
@@ -122,7 +122,7 @@ struct SddmmRows : Dims {
       return x;
     } else {
       for (int64_t i = 0; i < T * K; i += 16) {
-        const __mmask16 live = Live(T * K - i);
+        const __mmask16 live = LaneMask(T * K - i);
         _mm512_mask_storeu_ps(wide + i, live, HalfToF32(x + i, live));
       }
       return wide;
@@ -160,10 +160,6 @@ struct SddmmRows : Dims {
       _mm256_mask_storeu_epi16(out, live,
                                _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
-  }
-
-  static __mmask16 Live(int64_t left) {
-    return left >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << left) - 1);
   }
 };
 
@@ -288,7 +284,7 @@ struct SpmmTRows : Dims {
     for (int t = 0; t < kT; ++t)
       for (int c = 0; c < kC; ++c) {
         const int64_t k = (c0 + c) * 16;
-        SddmmRows<Tr, D>::Store(dx + t * K + k, acc[t][c], SddmmRows<Tr, D>::Live(K - k));
+        SddmmRows<Tr, D>::Store(dx + t * K + k, acc[t][c], LaneMask(K - k));
       }
   }
 

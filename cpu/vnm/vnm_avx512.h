@@ -394,7 +394,7 @@ struct Avx512Isa {
   static void ToF32Row(const typename D::Storage* src, float* dst, int64_t count) {
     for (int64_t i = 0; i < count; i += 16) {
       const int64_t left = count - i;
-      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 keep = LaneMask(left);
       _mm512_mask_storeu_ps(dst + i, keep, LoadF32<D>(src + i, keep));
     }
   }
@@ -402,7 +402,7 @@ struct Avx512Isa {
   static void FromF32Row(const float* src, typename D::Storage* dst, int64_t count) {
     for (int64_t i = 0; i < count; i += 16) {
       const int64_t left = count - i;
-      const __mmask16 keep = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 keep = LaneMask(left);
       StoreF32<D>(dst + i, _mm512_maskz_loadu_ps(keep, src + i), keep);
     }
   }
@@ -413,10 +413,10 @@ struct Avx512Isa {
                         int64_t cols, typename Out::Storage* dst, int64_t dst_ld) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       const int64_t nr = Min(16, rows - r0);
-      const __mmask16 row_mask = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+      const __mmask16 row_mask = LaneMask(nr);
       for (int64_t c0 = 0; c0 < cols; c0 += 16) {
         const int64_t nc = Min(16, cols - c0);
-        const __mmask16 col_mask = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        const __mmask16 col_mask = LaneMask(nc);
         __m512 b[16];
 #pragma GCC unroll 16
         for (int r = 0; r < 16; ++r)
@@ -826,8 +826,7 @@ struct SpmmStream : Dims {
       for (; e0 < whole; e0 += 16) piece(e0, acc[0], 0xffff, std::false_type{});
     }
     for (; e0 < kc; e0 += 16) {
-      const __mmask16 live = static_cast<__mmask16>(
-          kc - e0 >= 16 ? 0xffff : (1u << (kc - e0)) - 1);
+      const __mmask16 live = LaneMask(kc - e0);
       piece(e0, acc[0], live, std::true_type{});
     }
     if (!kSafe && _mm512_test_epi32_mask(seen, _mm512_set1_epi32(~3)) != 0) return false;
@@ -1051,7 +1050,7 @@ struct SpmmStream : Dims {
         _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int64_t j0 = 0; j0 < vecs; j0 += per16) {
       const int64_t left = rows - j0 * rpv;
-      const __mmask16 live = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 live = LaneMask(left);
       for (int64_t t = 0; t < T; ++t) {
         auto at = [&](int64_t j) {
           return j < vecs ? acc[j * T + t] : _mm512_setzero_ps();
