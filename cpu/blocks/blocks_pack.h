@@ -43,7 +43,6 @@ inline void Transpose8x8Words(__m128i r[8]) {
   }
 }
 
-
 // Rows r[i] = token i's 8 inputs (f32) -> r[j] = input j's 8 tokens.
 inline void Transpose8x8Floats(__m256 r[8]) {
   __m256 t[8], s[8];

@@ -187,8 +187,7 @@ inline bool RunA8Tiles(const Int4Problem& p, const Runtime& rt) {
   A8TileScratch scratch{token_tiles * c.steps * i8::kTileBytes, groups * p.n_out,
                         std::max(rt.num_workers, 1), 2 * c.steps * i8::kTileBytes,
                         groups * kA8PanelOut, nullptr, nullptr, nullptr, nullptr};
-  // Qualified: int4::TakeScratch (the streaming kernels') hides kernel_util.h's.
-  if (!JAXSPARSE_KERNEL_ISA::TakeScratch(rt, scratch)) return false;
+  if (!TakeScratch(rt, scratch)) return false;
   c.a = scratch.a;
   c.scales = scratch.scales;
   c.b = scratch.b;

@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "cpu/common/dtype_convert.h"
+#include "cpu/common/kernel_util.h"
 #include "cpu/int4/int4_kernels_api.h"
 
 namespace jaxsparse {
@@ -391,33 +392,33 @@ inline void NmRepackTask(void* ctx, int64_t task, int worker) {
 // ---------------------------------------------------------------- drivers
 // Scratch: the widened dense operand and scales (bf16/f16 only: f32 is read
 // in place), the group sums of x, and per worker the dx tasks' scaled dy or
-// the panels' decoded block and accumulators.
+// the panels' decoded block and accumulators (floats of each; Layout carves
+// them, kernel_util.h's TakeScratch).
 struct Scratch {
-  float* dense;
-  float* scales;
-  float* xsum;
-  float* work;
+  int64_t dense_floats, scale_floats, xsum_floats, work_floats;
+  float* dense = nullptr;
+  float* scales = nullptr;
+  float* xsum = nullptr;
+  float* work = nullptr;
+
+  void Layout(Carver& c) {
+    dense = c.Take<float>(dense_floats);
+    scales = c.Take<float>(scale_floats);
+    xsum = c.Take<float>(xsum_floats);
+    work = c.Take<float>(work_floats);
+  }
 };
 
-inline bool TakeScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_cols,
-                        bool panels, int64_t per_worker_floats, Scratch* s) {
+inline bool TakeStreamScratch(const Int4Problem& p, const Runtime& rt, int64_t dense_cols,
+                              bool panels, int64_t per_worker_floats, Scratch* s) {
   const int64_t groups = p.k / p.group;
-  const int64_t dense = p.dtype == Dtype::kF32 ? 0 : p.tokens * dense_cols;
-  const int64_t scales = p.dtype == Dtype::kF32 ? 0 : groups * p.n_out;  // f32: in place
-  const int64_t xsum = panels ? 0 : p.tokens * groups;
   const int64_t per_worker =
       per_worker_floats ? per_worker_floats : panels ? PanelWorkFloats(p) : kTokenBlock * p.n_out;
-  const int64_t work = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
-  // 16 floats of slack after each part keep the next 64-byte aligned.
-  const int64_t total = dense + scales + xsum + work + 64;
-  float* base = static_cast<float*>(rt.scratch(rt.scratch_owner, total * sizeof(float)));
-  if (base == nullptr) return false;
-  auto aligned = [](float* f) { return f + (-reinterpret_cast<intptr_t>(f) / 4 & 15); };
-  s->dense = base;
-  s->scales = aligned(s->dense + dense);
-  s->xsum = aligned(s->scales + scales);
-  s->work = aligned(s->xsum + xsum);
-  return true;
+  s->dense_floats = p.dtype == Dtype::kF32 ? 0 : p.tokens * dense_cols;
+  s->scale_floats = p.dtype == Dtype::kF32 ? 0 : groups * p.n_out;  // f32: in place
+  s->xsum_floats = panels ? 0 : p.tokens * groups;
+  s->work_floats = static_cast<int64_t>(std::max(rt.num_workers, 1)) * per_worker;
+  return TakeScratch(rt, *s);
 }
 
 // The lines at 1 token: tasks of two blocks (ForwardLinesTokens), when that
@@ -463,7 +464,7 @@ bool Run(const Int4Problem& p, const Runtime& rt) {
   const int64_t repack_floats = 0;
 #endif
   Scratch s;
-  if (!TakeScratch(p, rt, dense_cols, panels, repack_floats, &s)) return false;
+  if (!TakeStreamScratch(p, rt, dense_cols, panels, repack_floats, &s)) return false;
   const int64_t groups = p.k / p.group;
   for (int64_t b = 0; b < p.batch; ++b) {
     const void* dense = Offset(p.dense, b * p.dense_stride, p.dtype);

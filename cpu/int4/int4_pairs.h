@@ -334,7 +334,7 @@ inline bool RunPairs(const Int4Problem& p, const Runtime& rt) {
   PairsCtx c{};
   c.p = &p;
   c.x_packed = x_packed;
-  c.chunks = CeilDiv(p.tokens, f32 || p.dtype == Dtype::kF16 ? kPairsTokensF32 : kPairsTokens);
+  c.chunks = CeilDiv(p.tokens, p.dtype == Dtype::kBF16 ? kPairsTokens : kPairsTokensF32);
   c.chunk_tokens = CeilDiv(p.tokens, c.chunks);
   const int64_t blocks = CeilDiv(p.n_out, kOutBlock);
   for (int64_t e = 0; e < p.batch; ++e) {

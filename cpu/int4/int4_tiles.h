@@ -199,8 +199,7 @@ bool RunTiles(const Int4Problem& p, const Runtime& rt) {
   const int64_t groups = p.k / p.group;
   TileScratch scratch{token_tiles * c.steps * tiles::kTileWords, groups * p.n_out,
                       std::max(rt.num_workers, 1), c.worker_floats, nullptr, nullptr, nullptr};
-  // Qualified: int4::TakeScratch (the streaming kernels') hides kernel_util.h's.
-  if (!JAXSPARSE_KERNEL_ISA::TakeScratch(rt, scratch)) return false;
+  if (!TakeScratch(rt, scratch)) return false;
   c.a = scratch.a;
   c.scales = scratch.scales;
   c.work = scratch.work;

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/common/kernel_util.h"
 #include "cpu/common/panel_avx512.h"
 
 namespace jaxsparse {
@@ -64,6 +65,8 @@ struct NmPanels {
 
   NmPanels(const NmProblem& problem, const Runtime& runtime) : p(problem), rt(runtime) {}
 
+  void Layout(Carver& c) { work = c.Take<float>(std::max(rt.num_workers, 1) * work_floats); }
+
   bool Compute() {
     kc = (p.k + 3) / 4 * 2;
     // Each task decodes its panel once, reading the panel's values and
@@ -84,10 +87,7 @@ struct NmPanels {
     token_blocks = (p.tokens + task_tokens - 1) / task_tokens;
     // Whole 64-byte lines per worker.
     work_floats = PanelWorkFloats(p.k, task_tokens) + 15 & ~int64_t{15};
-    float* base = static_cast<float*>(
-        rt.scratch(rt.scratch_owner, static_cast<size_t>(workers * work_floats + 16) * 4));
-    if (base == nullptr) return false;
-    work = base + (-reinterpret_cast<intptr_t>(base) / 4 & 15);
+    if (!TakeScratch(rt, *this)) return false;
     for (int64_t b = 0; b < p.batch; ++b) {
       x = static_cast<const float*>(p.x) + b * p.x_stride;
       values = static_cast<const float*>(p.values) + b * p.values_stride;
