@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/nm/nm_outlanes_avx512.h"
 #include "cpu/nm/nm_panel_avx512.h"
 
 namespace jaxsparse {
@@ -84,7 +85,7 @@ struct RowVec {
       for (int q = 0; q < kRows; ++q)
         h = _mm256_mask_loadu_epi16(h, keep & (kRowMask << (kSlot * q)),
                                     p + q * stride - kSlot * q);
-      return Widen<D>(h);
+      return WidenHalves<D>(h);
     }
   }
 
@@ -158,16 +159,6 @@ struct RowVec {
   static float Sum(__m512 v, int q) {
     return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(
         static_cast<__mmask16>(kRowMask << (kSlot * q)), v));
-  }
-
-  template <class D>
-  static __m512 Widen(__m256i h) {
-    if constexpr (std::is_same_v<D, BF16<Traits>>) {
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-      return _mm512_cvtph_ps(h);
-    }
   }
 };
 
@@ -389,12 +380,18 @@ struct RowDot : Dims {
   }
 };
 
-// The forward for AVX-512: the row-vectorised kernel at few tokens, f32 2:4
-// at many on dense panels (nm_panel_avx512.h), else the token-vectorised one.
+// The forward for AVX-512: 2:4 at 13-32 tokens with outputs in the lanes
+// (nm_outlanes_avx512.h), the row-vectorised kernel at other few-token
+// counts, f32 2:4 at many on dense panels (nm_panel_avx512.h), else the
+// token-vectorised one.
 template <class D>
 bool SpmmAvx512(const NmProblem& p, const NmRuntime& rt) {
   if (NmPanels::Applies(p)) {
     NmPanels op(p, rt);
+    return op.Compute();
+  }
+  if (OutLanes<D>::Applies(p)) {
+    OutLanes<D> op(p, rt);
     return op.Compute();
   }
   if (RowDot<D, true>::Applies(p)) {
