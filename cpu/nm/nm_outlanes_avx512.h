@@ -1,4 +1,4 @@
-// The few-token 2:4 forward with outputs in the lanes (AVX-512 units;
+// The few-token 2:4 and 1:4 forward with outputs in the lanes (AVX-512 units;
 // included by nm_rowdot_avx512.h after nm_kernels.h, in the units that define
 // JAXSPARSE_NM_ISA).
 //
@@ -8,13 +8,14 @@
 // outputs and all the tokens of a pass (up to 24, a register each), so each
 // piece of the weight is decoded once per call:
 //
-//   the values of 16 outputs x 16 kept entries (8 groups, 32 inputs) are
-//   transposed in registers, so that a vector holds one entry of 16 outputs,
-//   and their 2-bit positions come in one dword per output (a gather of 4
-//   bytes per row). Per token and group, one vpermps picks each lane's input
-//   out of the token's 16 inputs of 4 groups (control = 4 x group + position)
-//   and one FMA adds value x input: 2 permutes and 2 FMAs per group where the
-//   dense rows of the group would take 4 FMAs plus their decode.
+//   the values of 16 outputs x 16 kept entries (8 groups, 32 inputs at 2:4;
+//   16 groups, 64 inputs at 1:4) are transposed in registers, so that a
+//   vector holds one entry of 16 outputs, and their 2-bit positions come in
+//   one dword per output (a gather of 4 bytes per row). Per token and kept
+//   entry, one vpermps picks each lane's input out of the token's 16 inputs
+//   of 4 groups (control = 4 x group + position) and one FMA adds value x
+//   input: at 2:4, 2 permutes and 2 FMAs per group where the dense rows of
+//   the group would take 4 FMAs plus their decode.
 //
 // Measured alone (one core, weights in L1, 17 tokens, against dense FMAs on
 // decoded rows at the pipes' rate): 0.89x the dense time with the permutes,
@@ -33,7 +34,9 @@
 // 4096 1.65-1.88x against 2.11-2.13x, bf16 at 4: 1.73x against 2.43-2.50x),
 // where the row kernel's weight stream is the bound and one token fills few
 // lanes of its blocks anyway. bf16 from 12 tokens on runs the tiles
-// (nm_amx.h) in the units that have them.
+// (nm_amx.h) in the units that have them. 1:4 at 17 tokens: 384 x 1536
+// 1.55-1.94x against 0.89-0.93x, 4096 x 4096 2.83-2.89x against 2.11-2.40x
+// (docs/cpu_speed_notes.md, "MiniLM on Zen 5, fourth round").
 #ifndef JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #define JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #include <immintrin.h>
@@ -65,17 +68,17 @@ struct OutLanes : Dims {
   // than 16 vectors stays in memory), beside 2 values, 2 controls and a table.
   static constexpr int kPassTokens = 24;
   static constexpr int64_t kMinTokens = 13, kMaxTokens = 32;
-  // Entries per chunk (16 outputs x 16 entries: one transpose) and inputs.
-  static constexpr int64_t kChunkEntries = 16, kChunkInputs = 32;
+  // Entries per chunk: 16 outputs x 16 entries, one transpose.
+  static constexpr int64_t kChunkEntries = 16;
 
   static bool Applies(const NmProblem& p) {
-    return p.n == 2 && p.m == 4 && p.indices_2bit != nullptr && p.tokens >= kMinTokens &&
-           p.tokens <= kMaxTokens && p.k > 0 && p.n_out > 0;
+    return (p.n == 1 || p.n == 2) && p.m == 4 && p.indices_2bit != nullptr &&
+           p.tokens >= kMinTokens && p.tokens <= kMaxTokens && p.k > 0 && p.n_out > 0;
   }
 
   const NmProblem& p;
   const NmRuntime& rt;
-  int64_t chunks, kc2, x_stride, pass_tokens;
+  int64_t chunk_inputs, chunks, kc2, x_stride, pass_tokens;
   // f32 x is read in place when its rows hold whole chunks of inputs and do
   // not all fall in one L1 set (a stride of whole 4 KB pages); else it is
   // packed (and widened) into xs, zero past K.
@@ -88,10 +91,11 @@ struct OutLanes : Dims {
   S* y = nullptr;
 
   OutLanes(const NmProblem& prob, const NmRuntime& runtime) : Dims(prob), p(prob), rt(runtime) {
+    chunk_inputs = kChunkEntries * 4 / n;  // 32 at 2:4, 64 at 1:4
     chunks = CeilDiv(Kc, kChunkEntries);
     kc2 = CeilDiv(Kc, 4);
-    x_in_place = std::is_same_v<S, float> && K == chunks * kChunkInputs && K % 1024 != 0;
-    x_stride = x_in_place ? K : chunks * kChunkInputs;
+    x_in_place = std::is_same_v<S, float> && K == chunks * chunk_inputs && K % 1024 != 0;
+    x_stride = x_in_place ? K : chunks * chunk_inputs;
     if (!x_in_place && x_stride % 1024 == 0) x_stride += 16;
     pass_tokens = CeilDiv(T, CeilDiv(T, kPassTokens));
   }
@@ -123,7 +127,8 @@ struct OutLanes : Dims {
     Sweep(o, rows);
     for (int64_t t0 = 0; t0 < T; t0 += pass_tokens) {
       Dispatch<kPassTokens>(static_cast<int>(Min(pass_tokens, T - t0)), [&](auto tokens) {
-        Pass<decltype(tokens)::value>(o, rows, t0);
+        if (n == 1) return Pass<decltype(tokens)::value, 1>(o, rows, t0);
+        Pass<decltype(tokens)::value, 2>(o, rows, t0);
       });
     }
   }
@@ -182,8 +187,8 @@ struct OutLanes : Dims {
     return _mm512_load_si512(words);
   }
 
-  // Tokens [t0, t0 + kT) of outputs [o, o + rows), over all of K.
-  template <int kT>
+  // Tokens [t0, t0 + kT) of outputs [o, o + rows), over all of K, for kN:4.
+  template <int kT, int kN>
   void Pass(int64_t o, int64_t rows, int64_t t0) const {
     constexpr int kA = (kT + 1) / 2, kB = kT / 2;
     __m512 a[kA], b[kB + 1];
@@ -197,26 +202,30 @@ struct OutLanes : Dims {
       __m512 v[16];
       Values(o, rows, e0, v);
       const __m512i pos = Positions(o, rows, e0);
-      // Two tables of 16 inputs (4 groups) each; a group's entries 2q, 2q + 1.
-      for (int h = 0; h < 2; ++h) {
-        const float* xh = x0 + c * kChunkInputs + 16 * h;
+      // Tables of 16 inputs (4 groups, 4 kN entries) each: 2 at 2:4, 4 at 1:4.
+      for (int h = 0; h < 4 / kN; ++h) {
+        const float* xh = x0 + c * chunk_inputs + 16 * h;
         for (int q = 0; q < 4; ++q) {
-          const int e = 8 * h + 2 * q;
           const __m512i group = _mm512_set1_epi32(4 * q);
-          const __m512i c0 = _mm512_add_epi32(
-              _mm512_and_si512(_mm512_srli_epi32(pos, 2 * e), three), group);
-          const __m512i c1 = _mm512_add_epi32(
-              _mm512_and_si512(_mm512_srli_epi32(pos, 2 * e + 2), three), group);
-          const __m512 v0 = v[e], v1 = v[e + 1];
+          __m512i control[kN];
+          __m512 value[kN];
+          for (int j = 0; j < kN; ++j) {
+            const int e = 4 * kN * h + kN * q + j;
+            control[j] = _mm512_add_epi32(
+                _mm512_and_si512(_mm512_srli_epi32(pos, 2 * e), three), group);
+            value[j] = v[e];
+          }
           for (int t = 0; t < kA; ++t) {
             const __m512 table = _mm512_loadu_ps(xh + t * stride);
-            a[t] = _mm512_fmadd_ps(v0, _mm512_permutexvar_ps(c0, table), a[t]);
-            a[t] = _mm512_fmadd_ps(v1, _mm512_permutexvar_ps(c1, table), a[t]);
+            for (int j = 0; j < kN; ++j) {
+              a[t] = _mm512_fmadd_ps(value[j], _mm512_permutexvar_ps(control[j], table), a[t]);
+            }
           }
           for (int t = 0; t < kB; ++t) {
             const __m512 table = _mm512_loadu_ps(xh + (kA + t) * stride);
-            b[t] = _mm512_fmadd_ps(v0, _mm512_permutexvar_ps(c0, table), b[t]);
-            b[t] = _mm512_fmadd_ps(v1, _mm512_permutexvar_ps(c1, table), b[t]);
+            for (int j = 0; j < kN; ++j) {
+              b[t] = _mm512_fmadd_ps(value[j], _mm512_permutexvar_ps(control[j], table), b[t]);
+            }
           }
         }
       }

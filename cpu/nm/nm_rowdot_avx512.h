@@ -380,8 +380,8 @@ struct RowDot : Dims {
   }
 };
 
-// The forward for AVX-512: 2:4 at 13-32 tokens with outputs in the lanes
-// (nm_outlanes_avx512.h), the row-vectorised kernel at other few-token
+// The forward for AVX-512: 2:4 and 1:4 at 13-32 tokens with outputs in the
+// lanes (nm_outlanes_avx512.h), the row-vectorised kernel at other few-token
 // counts, f32 2:4 at many on dense panels (nm_panel_avx512.h), else the
 // token-vectorised one.
 template <class D>
