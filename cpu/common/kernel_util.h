@@ -30,6 +30,19 @@ inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
+// Reads a byte of every cache line of [p, p + bytes), in address order, so a
+// block that a kernel then reads as many streams side by side (rows of a
+// weight) comes in as one stream, which the hardware prefetchers follow.
+// Nothing for bytes <= 0.
+inline void TouchLines(const void* p, int64_t bytes) {
+  if (bytes <= 0) return;
+  const uint8_t* at = static_cast<const uint8_t*>(p);
+  uint32_t sink = 0;
+  for (int64_t i = 0; i < bytes; i += kCacheLine) sink |= at[i];
+  sink |= at[bytes - 1];
+  asm volatile("" : : "r"(sink));  // The reads are the point: keep them.
+}
+
 // Carves one scratch request into 64-byte aligned pieces: a first pass
 // measures (base == nullptr), the second hands out pointers. An empty piece
 // still takes a cache line, so no two pieces ever share an address.

@@ -25,18 +25,21 @@
 // rate, not twice it; what it saves is the weight stream (half the values)
 // and the row kernel's repeated decodes.
 //
-// Where it runs: 13-32 tokens. Against XLA's f32 dot in one process (2-core
-// Zen 5, jax 0.12.1, weights hot in a loop of products; this kernel's build
-// and the row kernel's by turns): at 17 tokens 384 x 384 1.01x against
-// 0.75x, 1536 x 384 1.01x against 0.68x, 384 x 1536 0.81-1.06x against
-// 0.70-0.83x; at 24 and 32 tokens ahead or even (4096 x 4096 at 32:
-// 1.18-1.33x against 1.22-1.24x); at 12-16 even; at 8 tokens behind (4096 x
-// 4096 1.65-1.88x against 2.11-2.13x, bf16 at 4: 1.73x against 2.43-2.50x),
-// where the row kernel's weight stream is the bound and one token fills few
-// lanes of its blocks anyway. bf16 from 12 tokens on runs the tiles
-// (nm_amx.h) in the units that have them. 1:4 at 17 tokens: 384 x 1536
-// 1.55-1.94x against 0.89-0.93x, 4096 x 4096 2.83-2.89x against 2.11-2.40x
-// (docs/cpu_speed_notes.md, "MiniLM on Zen 5, fourth round").
+// Where it runs: 2:4 at 9-32 tokens, 1:4 at 1-48. Against XLA's f32 dot in
+// one process (2-core Zen 5, jax 0.12.1, weights hot in a loop of products;
+// this kernel and the row kernel by turns): 2:4 at 17 tokens 384 x 384 1.01x
+// against 0.75x, 1536 x 384 1.01x against 0.68x, 384 x 1536 0.81-1.06x
+// against 0.70-0.83x; at 10 tokens 0.82-0.87x against 0.69-0.77x (384 x 1536,
+// 1536 x 384) and 4096 x 4096 1.78x against 1.65x; at 24 and 32 ahead or even
+// (4096 x 4096 at 32: 1.18-1.33x against 1.22-1.24x); at 8 tokens behind
+// (4096 x 4096 1.89x against 1.98x), where the row kernel's weight stream is
+// the bound and one token fills few lanes of its blocks anyway. 1:4 at 17
+// tokens: 384 x 1536 1.55-1.94x against 0.89-0.93x, 4096 x 4096 2.83-2.89x
+// against 2.11-2.40x; at 1 token 2.21x against 1.50x and 5.64x against 2.57x;
+// at 48 (against the token-vectorised kernel) 1.46x against 1.26x and 1.97x
+// against 1.98x. bf16 from 12 tokens on runs the tiles (nm_amx.h) in the
+// units that have them (docs/cpu_speed_notes.md, "MiniLM on Zen 5, fourth
+// round" and "fifth round").
 #ifndef JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #define JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #include <immintrin.h>
@@ -67,13 +70,21 @@ struct OutLanes : Dims {
   // Tokens of one pass: a sum register each, in two arrays (one array of more
   // than 16 vectors stays in memory), beside 2 values, 2 controls and a table.
   static constexpr int kPassTokens = 24;
-  static constexpr int64_t kMinTokens = 13, kMaxTokens = 32;
+  // 1:4 runs here at 1-48 tokens: its row kernel (4 rows of 4 lanes per
+  // vector) was slower at every count measured (1-12 tokens, f32, bf16, f16,
+  // weights hot and cold), and the token-vectorised kernel at 40 and 48. 2:4
+  // at 9-32: at 1-8 tokens the row kernel's blocks of 8 tokens are whole and
+  // its weight stream led; at 40 the two were even.
+  static constexpr int64_t kMinTokens1of4 = 1, kMaxTokens1of4 = 48;
+  static constexpr int64_t kMinTokens2of4 = 9, kMaxTokens2of4 = 32;
   // Entries per chunk: 16 outputs x 16 entries, one transpose.
   static constexpr int64_t kChunkEntries = 16;
 
   static bool Applies(const NmProblem& p) {
     return (p.n == 1 || p.n == 2) && p.m == 4 && p.indices_2bit != nullptr &&
-           p.tokens >= kMinTokens && p.tokens <= kMaxTokens && p.k > 0 && p.n_out > 0;
+           p.k > 0 && p.n_out > 0 &&
+           (p.n == 1 ? p.tokens >= kMinTokens1of4 && p.tokens <= kMaxTokens1of4
+                     : p.tokens >= kMinTokens2of4 && p.tokens <= kMaxTokens2of4);
   }
 
   const NmProblem& p;
@@ -142,15 +153,8 @@ struct OutLanes : Dims {
   // (2-8 chunks, T0/T1/NTA) or of the next task's block in address order did
   // not help (2-core Zen 5).
   void Sweep(int64_t o, int64_t rows) const {
-    uint32_t sink = 0;
-    auto sweep = [&](const void* begin, int64_t bytes) {
-      const uint8_t* at = static_cast<const uint8_t*>(begin);
-      for (int64_t i = 0; i < bytes; i += kCacheLine) sink |= at[i];
-      sink |= at[bytes - 1];
-    };
-    sweep(values + o * Kc, rows * Kc * static_cast<int64_t>(sizeof(S)));
-    sweep(idx2 + o * kc2, rows * kc2);
-    asm volatile("" : : "r"(sink));
+    TouchLines(values + o * Kc, rows * Kc * static_cast<int64_t>(sizeof(S)));
+    TouchLines(idx2 + o * kc2, rows * kc2);
   }
 
   // Entries [e0, e0 + 16) of outputs [o, o + rows) as 16 vectors, vector e
