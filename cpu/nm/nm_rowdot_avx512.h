@@ -47,8 +47,6 @@ constexpr int32_t kRowDotMaxN = 8;
 // permutes keep the core busy, and the hardware prefetcher alone falls behind
 // the weight stream.
 constexpr int64_t kRowDotAhead = 16;
-// From this many tokens a task first sweeps its rows (RowDot::Sweep).
-constexpr int64_t kRowDotSweepMinTokens = 2;
 
 // The chunk geometry of a pattern. A row's chunk takes a slot of 8 lanes
 // (lanes 5-8) or 4 lanes (lanes <= 4, e.g. 1:4 and 2:8), so a zmm holds the
@@ -236,31 +234,12 @@ struct RowDot : Dims {
   // 2x6, 2x8, 3x6, 4x4 at T=16; 8 x 1 for one token).
   void Run(int64_t task, int /*worker*/) const {
     const int64_t j0 = task * rows_per_task, j1 = Min(N, j0 + rows_per_task);
-    if (T >= kRowDotSweepMinTokens) Sweep(j0, j1);
     if (chunk.slot == 8) {
       if (T == 1) return Rows<2, 8, 1>(j0, j1);
       return Rows<2, 2, 8>(j0, j1);
     }
     if (T == 1) return Rows<4, 8, 1>(j0, j1);
     Rows<4, 2, 8>(j0, j1);
-  }
-
-  // Reads a byte of every line of rows [j0, j1)'s values and positions in
-  // address order (one block of memory) before the blocks read them 4 rows
-  // side by side, once per 8 tokens. In a model the weights come from L3 or
-  // DRAM; a chain of 72 distinct cold 384 x 384 2:4 products ran 1.39x XLA's
-  // dot with the sweep and 1.34x without at 8 tokens, 1.83x and 1.48x at 2
-  // (384 x 1536 at 8: 1.52x and 1.36x), and hot weights ran as before. At 1
-  // token the 16 rows of a block stream with software prefetch, and the
-  // sweep, a second pass over the weight, cost 25-50% (4096 x 4096, 1024 x
-  // 1024, hot).
-  void Sweep(int64_t j0, int64_t j1) const {
-    TouchLines(values + j0 * Kc, (j1 - j0) * Kc * static_cast<int64_t>(sizeof(S)));
-    if (kPacked) {
-      TouchLines(idx2 + j0 * Kc2, (j1 - j0) * Kc2);
-    } else {
-      TouchLines(idx + j0 * Kc, (j1 - j0) * Kc);
-    }
   }
 
   // Left-over rows go one vector at a time, its missing rows masked off; each
