@@ -39,6 +39,15 @@ namespace tiles = bf16_tiles;
 // it lost, 11.9 against 10.4: x^T no longer fits L2 beside the A tiles).
 constexpr int64_t kNmAmxMinTokens = 12;
 constexpr int64_t kNmAmxMaxTokens = 256;
+// Without AMX the same tiles run on vdpbf16ps, and the outputs-in-lanes
+// kernel (nm_outlanes_avx512.h) leads below these counts. Measured on a
+// 2-core Zen 5 (jax 0.12.1, weights hot, against XLA's bf16 dot): 1:4 at 12,
+// 17, 32 and 48 tokens 1.04-2.73x against the tiles' 0.67-1.44x (384 x 1536,
+// 4096 x 4096); 2:4 at 12 and 17 tokens 0.80-1.29x against 0.64-0.95x, at 20
+// 0.64-0.97x against 0.57-0.94x, at 24 the tiles ahead (0.82-0.93x against
+// 0.65-0.84x).
+constexpr int64_t kNmDpMinTokens1of4 = 49;
+constexpr int64_t kNmDpMinTokens2of4 = 21;
 // Outputs per task: two A tiles.
 constexpr int64_t kNmAmxRows = 2 * tiles::kTileRows;
 // k steps (32 inputs) decoded at a time: 2 A tiles x 64 KB stay in L2 next
@@ -66,9 +75,13 @@ struct SpmmPackedAmx : Dims {
   uint16_t* y = nullptr;
 
   static bool Applies(const NmProblem& p) {
+#ifdef JAXSPARSE_TILES_ON_AMX
+    const int64_t min_tokens = kNmAmxMinTokens;
+#else
+    const int64_t min_tokens = p.n == 1 ? kNmDpMinTokens1of4 : kNmDpMinTokens2of4;
+#endif
     return p.dtype == Dtype::kBF16 && p.indices_2bit != nullptr && p.m == 4 &&
-           (p.n == 1 || p.n == 2) && p.tokens >= kNmAmxMinTokens &&
-           p.tokens <= kNmAmxMaxTokens;
+           (p.n == 1 || p.n == 2) && p.tokens >= min_tokens && p.tokens <= kNmAmxMaxTokens;
   }
 
   SpmmPackedAmx(const NmProblem& prob, const Runtime& runtime) : Dims(prob), p(prob), rt(runtime) {

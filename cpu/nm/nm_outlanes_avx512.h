@@ -37,9 +37,9 @@
 // tokens: 384 x 1536 1.55-1.94x against 0.89-0.93x, 4096 x 4096 2.83-2.89x
 // against 2.11-2.40x; at 1 token 2.21x against 1.50x and 5.64x against 2.57x;
 // at 48 (against the token-vectorised kernel) 1.46x against 1.26x and 1.97x
-// against 1.98x. bf16 from 12 tokens on runs the tiles (nm_amx.h) in the
-// units that have them (docs/cpu_speed_notes.md, "MiniLM on Zen 5, fourth
-// round" and "fifth round").
+// against 1.98x. bf16 runs the tiles (nm_amx.h) from 12 tokens on AMX, and
+// on vdpbf16ps 2:4 from 21 tokens and 1:4 from 49 (docs/cpu_speed_notes.md,
+// "MiniLM on Zen 5, fourth round" and "N:M at few tokens, fifth round").
 #ifndef JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #define JAXSPARSE_CPU_NM_NM_OUTLANES_AVX512_H_
 #include <immintrin.h>
@@ -90,6 +90,7 @@ struct OutLanes : Dims {
   const NmProblem& p;
   const NmRuntime& rt;
   int64_t chunk_inputs, chunks, kc2, x_stride, pass_tokens;
+  __m512i row_offsets;  // Lane i: i * kc2, output i's positions in a task's block.
   // f32 x is read in place when its rows hold whole chunks of inputs and do
   // not all fall in one L1 set (a stride of whole 4 KB pages); else it is
   // packed (and widened) into xs, zero past K.
@@ -105,6 +106,9 @@ struct OutLanes : Dims {
     chunk_inputs = kChunkEntries * 4 / n;  // 32 at 2:4, 64 at 1:4
     chunks = CeilDiv(Kc, kChunkEntries);
     kc2 = CeilDiv(Kc, 4);
+    row_offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(kc2)));
     x_in_place = std::is_same_v<S, float> && K == chunks * chunk_inputs && K % 1024 != 0;
     x_stride = x_in_place ? K : chunks * chunk_inputs;
     if (!x_in_place && x_stride % 1024 == 0) x_stride += 16;
@@ -180,12 +184,7 @@ struct OutLanes : Dims {
   __m512i Positions(int64_t o, int64_t rows, int64_t e0) const {
     const uint8_t* at = idx2 + o * kc2 + e0 / 4;
     const int64_t bytes = Min(4, kc2 - e0 / 4);
-    if (rows == 16 && bytes == 4) {
-      const __m512i rows_at = _mm512_mullo_epi32(
-          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-          _mm512_set1_epi32(static_cast<int32_t>(kc2)));
-      return _mm512_i32gather_epi32(rows_at, at, 1);
-    }
+    if (rows == 16 && bytes == 4) return _mm512_i32gather_epi32(row_offsets, at, 1);
     alignas(64) uint32_t words[16] = {};
     for (int64_t i = 0; i < rows; ++i) std::memcpy(&words[i], at + i * kc2, bytes);
     return _mm512_load_si512(words);

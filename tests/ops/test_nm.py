@@ -426,9 +426,9 @@ def test_pack_indices_2bit_layout_and_round_trip():
 # at 9-32 tokens and 1:4 at 1-48 with outputs in the lanes (cpu/nm/nm_outlanes_avx512.h:
 # 16-output tasks, 32- or 64-input chunks with a ragged last one at in = 36, 70, 300, 2052, x read
 # in place at in = 64 and 128 and packed with a padded stride at 1024, one pass of up to 24 tokens
-# or two at 30 and 40, a ragged last task); on AMX the tile
-# kernel at 12-256 tokens (32-output tasks, 32-input k steps, 16-token tiles, a ragged last group
-# and step); past 256 tokens the token-vectorised kernel.
+# or two at 30 and 40, a ragged last task); for bf16 the tile kernel (32-output tasks, 32-input k
+# steps, 16-token tiles, a ragged last group and step) up to 256 tokens, from 12 on AMX and on
+# vdpbf16ps 2:4 from 21 and 1:4 from 49; past 256 tokens the token-vectorised kernel.
 PACKED_SHAPES = [(1, 16, 8), (1, 128, 40), (2, 6, 3), (4, 70, 33), (9, 36, 18), (11, 4, 1),
                  (12, 100, 37), (13, 70, 16), (16, 2052, 33), (17, 300, 65), (24, 64, 32),
                  (30, 1024, 20), (33, 1030, 70), (40, 130, 20), (128, 64, 31), (256, 96, 40),
