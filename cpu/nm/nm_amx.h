@@ -46,7 +46,7 @@ constexpr int64_t kNmAmxMaxTokens = 256;
 // 4096 x 4096); 2:4 at 12 and 17 tokens 0.80-1.29x against 0.64-0.95x, at 20
 // 0.64-0.97x against 0.57-0.94x, at 24 the tiles ahead (0.82-0.93x against
 // 0.65-0.84x).
-constexpr int64_t kNmDpMinTokens1of4 = 49;
+constexpr int64_t kNmDpMinTokens1of4 = OutLanes<BF16<Traits>>::kMaxTokens1of4 + 1;  // 49
 constexpr int64_t kNmDpMinTokens2of4 = 21;
 // Outputs per task: two A tiles.
 constexpr int64_t kNmAmxRows = 2 * tiles::kTileRows;

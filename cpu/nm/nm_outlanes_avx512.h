@@ -152,10 +152,11 @@ struct OutLanes : Dims {
   // order (16 rows are one block of memory). In a model the weights come from
   // L3 or DRAM (MiniLM's f32 2:4 layers: 22 MB), and the transposes read 16
   // rows side by side, 16 streams, more than the hardware prefetchers follow:
-  // a chain of 72 cold 384 x 384 products at 17 tokens ran 1.27x XLA's dot
-  // with the sweep and 0.69x without; software prefetches of the rows ahead
-  // (2-8 chunks, T0/T1/NTA) or of the next task's block in address order did
-  // not help (2-core Zen 5).
+  // a chain of 72 cold 384 x 384 products at 17 tokens ran 1.04-1.33x XLA's
+  // dot with the sweep and 0.60-0.85x without (384 x 1536: 1.01-1.16x and
+  // 0.57-0.58x; each variant its own weights, the order rotated per round);
+  // software prefetches of the rows ahead (2-8 chunks, T0/T1/NTA) or of the
+  // next task's block in address order did not help (2-core Zen 5).
   void Sweep(int64_t o, int64_t rows) const {
     TouchLines(values + o * Kc, rows * Kc * static_cast<int64_t>(sizeof(S)));
     TouchLines(idx2 + o * kc2, rows * kc2);
