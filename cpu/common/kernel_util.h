@@ -43,6 +43,24 @@ inline void TouchLines(const void* p, int64_t bytes) {
   asm volatile("" : : "r"(sink));  // The reads are the point: keep them.
 }
 
+// Asks for the cache lines of `rows` spans of `bytes` bytes, `stride` bytes
+// apart from `p` (a column of a row-major weight, or its scales' rows), all
+// at once and without waiting for them. A kernel calls it for what it reads
+// first: its own prefetches run ahead of its walk, and the hardware's do not
+// follow a walk across rows a page apart, so without it a weight not in cache
+// (as in a model, where each product's weight comes from L3 or memory) comes
+// in one miss after another for the first rows. Nothing for rows or bytes <= 0.
+inline void PrefetchSpans(const void* p, int64_t stride, int64_t rows, int64_t bytes) {
+  if (bytes <= 0) return;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uintptr_t first = base + r * stride, last = first + bytes - 1;
+    for (uintptr_t line = first & ~uintptr_t{kCacheLine - 1}; line <= last; line += kCacheLine) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+    }
+  }
+}
+
 // Carves one scratch request into 64-byte aligned pieces: a first pass
 // measures (base == nullptr), the second hands out pointers. An empty piece
 // still takes a cache line, so no two pieces ever share an address.

@@ -55,6 +55,11 @@ inline void DecodeA8Panel(const A8TileCtx& c, int64_t o0, int8_t* b, int32_t* su
   const Int4Problem& p = *c.p;
   const int64_t n = p.n_out, quads = p.k / 4, groups = p.k / p.group;
   const __m512i ones = _mm512_set1_epi8(1);
+  // The first half's walk brings in the panel's lines (the second half's
+  // bytes share them): its first rows at once, then kPrefetchRows ahead.
+  const int64_t rows = p.k / 2, width = std::min<int64_t>(kA8PanelOut, n - o0);
+  PrefetchSpans(c.qweight + o0, n, std::min(kPrefetchRows, rows), width);
+  PrefetchSpans(c.scales + o0, n * 4, groups, width * 4);
   for (int64_t j = 0; j < 2; ++j) {
     const int64_t o = o0 + 16 * j;
     const __mmask16 mask = o < n ? LaneMask(n - o) : 0;
@@ -62,6 +67,11 @@ inline void DecodeA8Panel(const A8TileCtx& c, int64_t o0, int8_t* b, int32_t* su
       __m512i sum = _mm512_setzero_si512();
       for (int64_t s = g * c.group_steps; s < (g + 1) * c.group_steps; ++s) {
         int8_t* tile = b + (j * c.steps + s) * i8::kTileBytes;
+        const int64_t ahead = 2 * s * i8::kTileRows + kPrefetchRows;
+        if (j == 0 && ahead < rows) {  // The step's 32 rows, kPrefetchRows ahead.
+          PrefetchSpans(c.qweight + ahead * n + o0, n,
+                        std::min<int64_t>(2 * i8::kTileRows, rows - ahead), width);
+        }
         for (int64_t r = 0; r < i8::kTileRows; ++r) {
           const int64_t q = s * i8::kTileRows + r;
           const __m512i w = q < quads && mask != 0

@@ -59,7 +59,10 @@ void ForwardDenseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
   __m512 out[4][kTokens];
   for (int v = 0; v < 4; ++v)
     for (int t = 0; t < kTokens; ++t) out[v][t] = _mm512_setzero_ps();
+  // The walk's first rows at once (kernel_util.h).
+  PrefetchSpans(c.qweight + o0, n, std::min(kPrefetchRows, k / 2), on);
   for (int64_t g = 0; g < groups; ++g) {
+    PrefetchSpans(c.scales + g * n + o0, 0, 1, on * 4);  // Read at the group's end.
     __m512 acc[4][kTokens];
     for (int v = 0; v < 4; ++v)
       for (int t = 0; t < kTokens; ++t) acc[v][t] = _mm512_setzero_ps();
@@ -157,12 +160,17 @@ void ForwardSparseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float
   const Int4Problem& p = *c.p;
   const int64_t n = p.n_out, k = p.k, groups = k / p.group, per_group = p.group / 4;
   const int vecs = static_cast<int>((on + 15) / 16);
+  // The walk's first rows at once (kernel_util.h); the later vectors' bytes
+  // share the first one's lines.
+  PrefetchSpans(c.qweight + o0, n, std::min(kPrefetchRows, k / 4), on);
+  PrefetchSpans(c.positions + o0, n, std::min(kPrefetchRows, k / 8), on);
   for (int v = 0; v < vecs; ++v) {
     const __mmask16 mask = LaneMask(on - 16 * v);
     const int64_t o = o0 + 16 * v;
     __m512 out[kTokens];
     for (int t = 0; t < kTokens; ++t) out[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
+      PrefetchSpans(c.scales + g * n + o, 0, 1, 64);  // Read at the group's end.
       __m512 acc[kTokens];
       for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
       for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
@@ -332,6 +340,7 @@ void ForwardLinesTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float*
   for (int v = 0; v < kVecs; ++v)
     for (int t = 0; t < kTokens; ++t) out[v][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
+    PrefetchSpans(c.scales + g * n + o0, 0, 1, on * 4);  // Read at the group's end.
     __m512 acc[kVecs][kTokens];
     for (int v = 0; v < kVecs; ++v)
       for (int t = 0; t < kTokens; ++t) acc[v][t] = _mm512_setzero_ps();
@@ -510,11 +519,26 @@ inline int64_t NmBlockBytes(const Int4Problem& p) { return (p.k + 15) / 16 * 8 *
 inline void PackNmLinesBlock(const Int4Problem& p, const uint8_t* qweight,
                              const uint8_t* positions, int64_t o0, uint8_t* lines) {
   const int64_t n = p.n_out, groups = p.k / 4, chunks = (p.k + 15) / 16;
+  const int64_t width = std::min<int64_t>(64, n - o0);
   const __m512i three = _mm512_set1_epi32(3), pad_value = _mm512_set1_epi32(0x88);
+  // The first vector's walk brings in the block's lines (the others' bytes
+  // share them): its first rows at once, then kPrefetchRows ahead.
+  // (A positions row serves two groups: half the rows, as far ahead.)
+  const int64_t position_rows = (groups + 1) / 2, ahead = kPrefetchRows / 2;
+  PrefetchSpans(qweight + o0, n, std::min(kPrefetchRows, groups), width);
+  PrefetchSpans(positions + o0, n, std::min(ahead, position_rows), width);
   for (int v = 0; v < 4; ++v) {
     const int64_t o = o0 + 16 * v;
     const __mmask16 mask = o < n ? LaneMask(n - o) : 0;
     for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t row = 4 * ch + kPrefetchRows, position_row = 2 * ch + ahead;
+      if (v == 0 && row < groups) {
+        PrefetchSpans(qweight + row * n + o0, n, std::min<int64_t>(4, groups - row), width);
+      }
+      if (v == 0 && position_row < position_rows) {
+        PrefetchSpans(positions + position_row * n + o0, n,
+                      std::min<int64_t>(2, position_rows - position_row), width);
+      }
       __m512i values = _mm512_setzero_si512(), index = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {
         const int64_t g = 4 * ch + j;
@@ -572,7 +596,10 @@ void ForwardA8Tokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float* y)
   __m512 out[4][kTokens];
   for (int v = 0; v < 4; ++v)
     for (int t = 0; t < kTokens; ++t) out[v][t] = _mm512_setzero_ps();
+  // The walk's first rows at once (kernel_util.h).
+  PrefetchSpans(c.qweight + o0, n, std::min(kPrefetchRows, k / 2), on);
   for (int64_t g = 0; g < groups; ++g) {
+    PrefetchSpans(c.scales + g * n + o0, 0, 1, on * 4);  // Read at the group's end.
     __m512i acc[4][kTokens];
     for (int v = 0; v < 4; ++v)
       for (int t = 0; t < kTokens; ++t) acc[v][t] = _mm512_setzero_si512();

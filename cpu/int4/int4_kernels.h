@@ -375,6 +375,8 @@ inline void NmRepackTask(void* ctx, int64_t task, int worker) {
   const Int4Problem& p = *c.p;
   const int64_t o0 = task * kOutBlock, on = std::min(kOutBlock, p.n_out - o0);
   uint8_t* lines = reinterpret_cast<uint8_t*>(c.work + worker * c.lines_floats);
+  // The block's scales, read a group at a time after the pack: asked for now.
+  PrefetchSpans(c.scales + o0, p.n_out * 4, p.k / p.group, on * 4);
   PackNmLinesBlock(p, c.qweight, c.positions, o0, lines);
   Ctx local = c;
   local.block_lines = lines;

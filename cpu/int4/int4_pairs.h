@@ -134,6 +134,8 @@ void PairsPassBf16(const PairsCtx& c, int64_t block, int j, int64_t t0, __mmask1
   const __m512i table = NibbleBf16Table();
   for (int t = 0; t < kTokens; ++t) _mm512_store_ps(y + 16 * t, _mm512_setzero_ps());
   for (int64_t g = 0; g < groups; ++g) {
+    // The group's scales, read at its end.
+    PrefetchSpans(c.scales + g * n + o, 0, 1, std::min<int64_t>(16, n - o) * 4);
     __m512 acc[kTokens];
     for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t r = g * p.group / 2; r < (g + 1) * p.group / 2; ++r) {
@@ -177,6 +179,8 @@ void PairsPassF32(const PairsCtx& c, int64_t block, int j, int64_t t0, const __m
   __m512 out0[kTokens], out1[kTokens];
   for (int t = 0; t < kTokens; ++t) out0[t] = out1[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
+    // The group's scales, read at its end.
+    PrefetchSpans(c.scales + g * n + o, 0, 1, std::min<int64_t>(32, n - o) * 4);
     __m512 acc0[kTokens], acc1[kTokens];
     for (int t = 0; t < kTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
     for (int64_t r = g * p.group / 2; r < (g + 1) * p.group / 2; ++r) {
@@ -280,6 +284,15 @@ struct PackTokensJob {
 // Up to this many elements of x, PackTokensJob runs on the calling thread.
 constexpr int64_t kInlinePackElements = int64_t{1} << 16;
 
+// A task's first rows, asked for at once before its first pass (kernel_util.h:
+// the pass's own prefetches run kPrefetchRows ahead of it). The lines layout
+// is one stream, which the hardware prefetchers follow.
+inline void PrefetchBlockStart(const PairsCtx& c, int64_t block) {
+  const Int4Problem& p = *c.p;
+  const int64_t o = block * kOutBlock, width = std::min(kOutBlock, p.n_out - o);
+  if (!p.lines) PrefetchSpans(c.qweight + o, p.n_out, std::min(kPrefetchRows, p.k / 2), width);
+}
+
 struct PairsJob {
   const PairsCtx* c;
 
@@ -292,6 +305,7 @@ struct PairsJob {
     static_assert(kPairsTokensF32 * 32 >= kPairsTokens * 16, "y holds a bf16 pass");
     const bool bf16 = p.dtype == Dtype::kBF16;
     const int vecs = bf16 ? 1 : 2;  // per pass
+    PrefetchBlockStart(*c, block);
     for (int j = 0; j < 4; j += vecs) {
       const int64_t o = block * kOutBlock + 16 * j;
       if (o >= p.n_out) break;
