@@ -170,7 +170,8 @@ void ForwardSparseTokens(const Ctx& c, int64_t o0, int64_t on, int64_t t0, float
     __m512 out[kTokens];
     for (int t = 0; t < kTokens; ++t) out[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      PrefetchSpans(c.scales + g * n + o, 0, 1, 64);  // Read at the group's end.
+      // The group's scales, read at its end.
+      PrefetchSpans(c.scales + g * n + o, 0, 1, std::min<int64_t>(16, n - o) * 4);
       __m512 acc[kTokens];
       for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
       for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
