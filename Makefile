@@ -15,6 +15,9 @@ TEST_ISAS ?= all
 # EMULATED=0 skips the second pass (the op tests on the CUDA kernels under the SIMT emulator): CI's
 # first Python, whose extension is the same C++ the second Python's emulated pass runs.
 EMULATED ?= 1
+# AMX_EMULATED=0 skips the third pass (the op tests on the "amx" ISA's kernels, their tile
+# instructions on the AMX emulator: cpu/common/amx_emulator.h): CI's first Python, as EMULATED.
+AMX_EMULATED ?= 1
 # ONCE=0 deselects the tests marked `once` (tests/conftest.py): CI's first Python, where what
 # they add does not depend on the jax version and the newest jax's run has them.
 ONCE ?= 1
@@ -67,6 +70,11 @@ JAX_FACING_TESTS := jaxsparse tests/formats/test_conformance.py tests/formats/te
 	tests/test_ffi.py tests/test_io.py tests/test_malformed.py tests/test_mixed_precision.py \
 	tests/test_sharding.py
 
+# The third run puts the op tests onto the "amx" ISA on any machine with AVX512-BF16, its tile
+# instructions executed by the AMX emulator (JAXSPARSE_EMULATE_AMX=1; tests run per CPU ISA take
+# "amx" only there: tests/conftest.py). Without AVX512-BF16 it has nothing to run and says so.
+AMX_EMULATED_TESTS := tests/ops tests/test_amx_emulator.py
+
 # EMULATED_ONCE=0 leaves the tests marked `once` out of the emulated pass (CI's newest jax): there
 # they are the op sweeps' later shapes, while the CUDA kernels' shapes and tile edges are
 # tests/cuda/test_emulated_<format>.py's, which the first pass runs on the emulator in full. The
@@ -77,6 +85,8 @@ test: $(VENV)/.installed
 		$(if $(filter 0,$(ONCE)),-m "not once") $(TESTS)
 	test "$(EMULATED)" = 0 || JAXSPARSE_EMULATE_CUDA=1 $(VENV)/bin/python -m pytest -q -n 2 \
 		$(if $(filter 0,$(EMULATED_ONCE)),-m "not once or emulated_only") $(EMULATED_TESTS)
+	test "$(AMX_EMULATED)" = 0 || JAXSPARSE_EMULATE_AMX=1 $(VENV)/bin/python -m pytest -q -n 2 \
+		$(AMX_EMULATED_TESTS)
 
 # The concurrency soak for a minute (the suite runs it for a few seconds): 8 threads call jitted
 # products of every CPU format; results must equal the single-threaded ones, memory stay flat.

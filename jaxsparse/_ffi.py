@@ -64,6 +64,13 @@ def emulating_cuda() -> bool:
     return _EMULATE_CUDA
 
 
+def emulating_amx() -> bool:
+    """True when JAXSPARSE_EMULATE_AMX=1 at import runs the "amx" ISA's kernels on the AMX tile
+    emulator (cpu/common/amx_emulator.h): then "amx" is supported, and the default, on any machine
+    with AVX512-BF16, so that machines without AMX test the AMX kernels."""
+    return _cpu is not None and _cpu.amx_emulated()
+
+
 def has_cuda_kernels() -> bool:
     """True when the CUDA extension was built (nvcc present at build time)."""
     return _cuda is not None

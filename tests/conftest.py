@@ -52,10 +52,11 @@ def _isas_to_test() -> list[str]:
     (there the ops run the emulated CUDA kernels whatever the ISA, and the tests that call the CPU
     targets by name ran on every ISA in the first pass of `make test`) or when
     JAXSPARSE_TEST_ISAS=default (`make test TEST_ISAS=default`: CI's second Python, whose
-    extension is the same C++ compiled again, so its ISAs were covered by the first)."""
+    extension is the same C++ compiled again, so its ISAs were covered by the first), and "amx"
+    only on the AMX emulator (`make test`'s third pass: the other ISAs ran in the first)."""
     if not jsp.has_cpu_kernels():
         return []
-    if _ffi.emulating_cuda() or _test_isas_mode() == "default":
+    if _ffi.emulating_cuda() or _ffi.emulating_amx() or _test_isas_mode() == "default":
         return [jsp.cpu_isa()]
     return jsp.supported_cpu_isas()
 
@@ -80,6 +81,7 @@ _AUDIT_FILE = os.environ.get("JAXSPARSE_EMULATION_AUDIT")
 
 
 def pytest_configure(config):
+    _check_amx_emulation()
     config.addinivalue_line(
         "markers", "cpu_only: launches no CUDA kernel under the SIMT emulator; the emulated pass "
         "of `make test` skips it (checked by `make emulation-audit`)")
@@ -92,6 +94,20 @@ def pytest_configure(config):
         "threads, end-to-end models whose layers are tested on their own): CI runs it with the "
         "newest jax only (`make test ONCE=0` deselects it: .ci/run's other Python), on the "
         "default ISA only (`TEST_ISAS=lean`) and not in the emulated pass (`EMULATED_ONCE=0`)")
+
+
+def _check_amx_emulation():
+    """`make test`'s third pass (JAXSPARSE_EMULATE_AMX=1) runs the AMX kernels on the tile emulator.
+    A machine without AVX512-BF16 cannot run those units at all, so the pass has nothing to do
+    there; a machine with it and no emulated "amx" has a build without the emulator, an error."""
+    if os.environ.get("JAXSPARSE_EMULATE_AMX") != "1" or _ffi.emulating_amx():
+        return
+    if jsp.has_cpu_kernels() and "avx512bf16" in jsp.supported_cpu_isas():
+        raise pytest.UsageError("JAXSPARSE_EMULATE_AMX=1, but this build has no AMX emulator "
+                                "(CMake's JAXSPARSE_AMX_EMULATION, or a compiler without the AMX "
+                                "flags)")
+    pytest.exit("JAXSPARSE_EMULATE_AMX=1: no AVX512-BF16 on this machine, so no AMX unit can run "
+                "here, emulated or not", returncode=0)
 
 
 def pytest_collection_modifyitems(config, items):

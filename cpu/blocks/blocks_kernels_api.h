@@ -76,6 +76,8 @@ extern const BlocksKernelTable kBlocksKernelsAvx2;
 extern const BlocksKernelTable kBlocksKernelsAvx512;
 extern const BlocksKernelTable kBlocksKernelsAvx512Bf16;
 extern const BlocksKernelTable kBlocksKernelsAmx;
+// The same unit on the AMX emulator (cpu/common/amx_unit.h).
+extern const BlocksKernelTable kBlocksKernelsAmxEmulated;
 
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #ifdef JAXSPARSE_X86
 #include <cpuid.h>
@@ -103,6 +105,8 @@ bool X86Supports(Isa isa) {
 bool Supports(Isa isa) {
   if (isa == Isa::kPortable) return true;
 #ifdef JAXSPARSE_X86
+  // The emulated AMX units need the AMX units' other instructions.
+  if (isa == Isa::kAmx && AmxEmulated()) return X86Supports(Isa::kAvx512Bf16);
   return X86Supports(isa);
 #else
   return false;
@@ -122,6 +126,18 @@ std::atomic<Isa>& CurrentIsaSlot() {
 }
 
 }  // namespace
+
+bool AmxEmulated() {
+#if defined(JAXSPARSE_AMX_KERNELS) && defined(JAXSPARSE_AMX_EMULATION)
+  static const bool emulated = [] {
+    const char* flag = std::getenv("JAXSPARSE_EMULATE_AMX");
+    return flag != nullptr && std::strcmp(flag, "1") == 0;
+  }();
+  return emulated;
+#else
+  return false;
+#endif
+}
 
 const char* IsaName(Isa isa) {
   switch (isa) {

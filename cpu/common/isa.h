@@ -30,17 +30,27 @@ Isa CurrentIsa();
 // Returns false (and changes nothing) when this machine cannot run `isa`.
 bool SetCurrentIsa(Isa isa);
 
+// True when JAXSPARSE_EMULATE_AMX=1 was set at load and the build has the
+// emulated AMX units (CMake's JAXSPARSE_AMX_EMULATION): then "amx" is
+// supported on any machine with AVX512-BF16 (the units' other instructions),
+// is the default ISA, and runs the AMX units' emulated build
+// (cpu/common/amx_emulator.h), on AMX machines too.
+bool AmxEmulated();
+
 // A format's kernel table for the ISA in use. Each format defines one table
 // per ISA (kFooPortable, and kFooAvx2 / kFooAvx512 / kFooAvx512Bf16 / kFooAmx
 // on x86 builds); pass them here, null for the ones this build or format
 // lacks. A format without AMX or AVX512-BF16 kernels runs its AVX-512 ones
-// under those ISAs.
+// under those ISAs. Under AmxEmulated() "amx" takes `amx_emulated` instead
+// of `amx` (a build with one has the other).
 template <class Table>
 const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
                                 const Table* avx512, const Table* avx512_bf16 = nullptr,
-                                const Table* amx = nullptr) {
+                                const Table* amx = nullptr,
+                                const Table* amx_emulated = nullptr) {
   const Isa isa = CurrentIsa();
-  if (isa == Isa::kAmx && amx != nullptr) return *amx;
+  if (isa == Isa::kAmx && AmxEmulated() && amx_emulated != nullptr) return *amx_emulated;
+  if (isa == Isa::kAmx && !AmxEmulated() && amx != nullptr) return *amx;
   if (isa == Isa::kAvx512Bf16 && avx512_bf16 != nullptr) return *avx512_bf16;
   if ((isa == Isa::kAmx || isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512) && avx512 != nullptr)
     return *avx512;
@@ -53,6 +63,11 @@ const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
 
 // TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512), with
 // the x86 tables only where the build has them.
+#ifdef JAXSPARSE_AMX_EMULATION
+#define JAXSPARSE_AMX_EMULATED_TABLE(prefix) (&prefix##AmxEmulated)
+#else
+#define JAXSPARSE_AMX_EMULATED_TABLE(prefix) nullptr
+#endif
 #if defined(JAXSPARSE_X86) && !defined(JAXSPARSE_AVX512_KERNELS)
 // An x86 build without the AVX-512 units (CMake's JAXSPARSE_AVX512_KERNELS=OFF).
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix)                      \
@@ -68,7 +83,8 @@ const Table& TableForCurrentIsa(const Table& portable, const Table* avx2,
 #ifdef JAXSPARSE_AMX_KERNELS
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(prefix)                              \
   ::jaxsparse::cpu::TableForCurrentIsa(prefix##Portable, &prefix##Avx2, &prefix##Avx512, \
-                                       &prefix##Avx512Bf16, &prefix##Amx)
+                                       &prefix##Avx512Bf16, &prefix##Amx,             \
+                                       JAXSPARSE_AMX_EMULATED_TABLE(prefix))
 #else
 #define JAXSPARSE_TABLE_FOR_CURRENT_ISA_WITH_AMX(prefix) JAXSPARSE_TABLE_FOR_CURRENT_ISA(prefix)
 #endif

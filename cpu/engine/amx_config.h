@@ -1,20 +1,20 @@
 // The AMX tile configuration the engine's tile products share (bf16_tiles.h's
 // tdpbf16ps, int8_tiles.h's tdpbssd): all eight tiles 16 rows of 64 bytes.
-// Included only by translation units compiled with the AMX flags, after
+// Included only by AMX units (the AMX flags, or their emulated build: amx_unit.h), after
 // JAXSPARSE_KERNEL_ISA names their namespace (one ISA per unit, so one guard).
 #ifndef JAXSPARSE_CPU_ENGINE_AMX_CONFIG_H_
 #define JAXSPARSE_CPU_ENGINE_AMX_CONFIG_H_
 
-#include <immintrin.h>
-
 #include <cstdint>
 #include <cstring>
+
+#include "cpu/common/amx_unit.h"
 
 #ifndef JAXSPARSE_KERNEL_ISA
 #error "define JAXSPARSE_KERNEL_ISA (the namespace of this instantiation) first"
 #endif
-#if !defined(__AMX_TILE__)
-#error "amx_config.h needs the AMX flags"
+#if !defined(JAXSPARSE_AMX_TILES)
+#error "amx_config.h needs an AMX unit (the AMX flags, or JAXSPARSE_AMX_EMULATED)"
 #endif
 
 namespace jaxsparse {

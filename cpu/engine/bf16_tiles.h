@@ -50,8 +50,10 @@
 #if !defined(__AVX512BF16__) || !defined(__AVX512VBMI2__)
 #error "bf16_tiles.h needs AVX512-BF16 and VBMI2 (the amx or avx512bf16 flags)"
 #endif
-// The tile unit where the flags allow it, else vdpbf16ps.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The tile unit in an AMX unit (the hardware's, or its model in an emulated
+// unit: amx_unit.h), else vdpbf16ps.
+#include "cpu/common/amx_unit.h"
+#ifdef JAXSPARSE_AMX_TILES
 #define JAXSPARSE_TILES_ON_AMX 1
 #endif
 #ifdef JAXSPARSE_TILES_ON_AMX

@@ -41,6 +41,8 @@ struct EngineKernelTable {
 extern const EngineKernelTable kEngineKernelsPortable;
 extern const EngineKernelTable kEngineKernelsAvx512Bf16;
 extern const EngineKernelTable kEngineKernelsAmx;
+// The same unit on the AMX emulator (cpu/common/amx_unit.h).
+extern const EngineKernelTable kEngineKernelsAmxEmulated;
 
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -18,11 +18,12 @@ namespace cpu {
 namespace {
 
 // avx2 and avx512 run the portable (scalar) kernels; avx512bf16 the VNNI
-// ones, amx the tile ones, where the build has them.
+// ones, amx the tile ones (or their emulated build), where the build has them.
 const EngineKernelTable& Kernels() {
 #ifdef JAXSPARSE_AMX_KERNELS
   return TableForCurrentIsa<EngineKernelTable>(kEngineKernelsPortable, nullptr, nullptr,
-                                               &kEngineKernelsAvx512Bf16, &kEngineKernelsAmx);
+                                               &kEngineKernelsAvx512Bf16, &kEngineKernelsAmx,
+                                               JAXSPARSE_AMX_EMULATED_TABLE(kEngineKernels));
 #else
   return TableForCurrentIsa<EngineKernelTable>(kEngineKernelsPortable, nullptr, nullptr);
 #endif

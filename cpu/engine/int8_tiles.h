@@ -35,12 +35,11 @@
 #ifndef JAXSPARSE_KERNEL_ISA
 #error "define JAXSPARSE_KERNEL_ISA (the namespace of this instantiation) first"
 #endif
-// The tile unit where the flags allow it, else vpdpbusd where they allow
-// that, else scalar code.
-#if defined(__AMX_TILE__)
-#if !defined(__AMX_INT8__)
-#error "int8_tiles.h in an AMX unit needs -mamx-int8 (tdpbssd)"
-#endif
+// The tile unit in an AMX unit (the hardware's, or its model in an emulated
+// unit: amx_unit.h), else vpdpbusd where the flags allow that, else scalar
+// code.
+#include "cpu/common/amx_unit.h"
+#if defined(JAXSPARSE_AMX_TILES)
 #ifndef JAXSPARSE_TILES_ON_AMX
 #define JAXSPARSE_TILES_ON_AMX 1
 #endif

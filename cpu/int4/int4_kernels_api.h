@@ -65,6 +65,8 @@ extern const Int4KernelTable kInt4KernelsAvx512;
 // vdpbf16ps, or AMX; built when the compiler knows the AMX flags.
 extern const Int4KernelTable kInt4KernelsAvx512Bf16;
 extern const Int4KernelTable kInt4KernelsAmx;
+// The same unit on the AMX emulator (cpu/common/amx_unit.h).
+extern const Int4KernelTable kInt4KernelsAmxEmulated;
 
 }  // namespace cpu
 }  // namespace jaxsparse

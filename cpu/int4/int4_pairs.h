@@ -21,6 +21,7 @@
 // tokens side by side (PackTokensJob).
 #include <cstring>
 
+#include "cpu/common/amx_unit.h"
 #include "cpu/common/kernel_util.h"
 
 namespace jaxsparse {
@@ -53,7 +54,7 @@ constexpr int kPairsTokensF32 = 12;
 struct PairsRange {
   int64_t lines_min, lines_max, canonical_min, canonical_max;
 };
-#ifdef __AMX_BF16__
+#ifdef JAXSPARSE_AMX_TILES
 // AMX's tiles take bf16 from one A tile (16 tokens, int4_tiles.h) on.
 constexpr PairsRange kPairsBf16 = {4, 15, 8, 15};
 #else

@@ -64,6 +64,8 @@ extern const NmKernelTable kNmKernelsAvx2;
 extern const NmKernelTable kNmKernelsAvx512;
 extern const NmKernelTable kNmKernelsAvx512Bf16;
 extern const NmKernelTable kNmKernelsAmx;
+// The same unit on the AMX emulator (cpu/common/amx_unit.h).
+extern const NmKernelTable kNmKernelsAmxEmulated;
 
 }  // namespace cpu
 }  // namespace jaxsparse

@@ -63,6 +63,8 @@ extern const VnmKernelTable kVnmKernelsAvx2;
 extern const VnmKernelTable kVnmKernelsAvx512;
 extern const VnmKernelTable kVnmKernelsAvx512Bf16;
 extern const VnmKernelTable kVnmKernelsAmx;
+// The same unit on the AMX emulator (cpu/common/amx_unit.h).
+extern const VnmKernelTable kVnmKernelsAmxEmulated;
 
 }  // namespace cpu
 }  // namespace jaxsparse
