@@ -12,6 +12,11 @@
  * 4. bf16 dot peak: 12 independent zmm vdpbf16ps chains per thread (each does 32 bf16 products
  *    into 16 f32 lanes), on 1 and 2 threads, where the CPU has AVX512-BF16 (checked at run time).
  *    The bound of the engine's bf16 tiles on CPUs without AMX (cpu/engine/bf16_tiles.h).
+ * 5. The 1xN f32 forward's inner step in L1 (cpu/blocks/blocks_avx512.h, RowTile at n = 16): per
+ *    block one index load and one load of its 16 weights, then 24 FMAs, each with an embedded
+ *    {1to16} broadcast of one token's x: one broadcast per FMA, its bound from the compute side.
+ *    Beside it, the same FMAs with each broadcast shared by two blocks' weight vectors (half a
+ *    broadcast per FMA), which a block row alone cannot do (its blocks keep distinct inputs).
  * Needs an AVX-512 CPU (checked); Linux for part 3.
  */
 #include <immintrin.h>
@@ -147,6 +152,67 @@ static void permute_step(void) {
   free(slots);
 }
 
+/* ------------------------------------------------------------------ 5. the 1xN block step */
+
+/* Per block one weight vector and 24 tokens' broadcasts into 24 accumulators. */
+__attribute__((noinline)) static void block_row(const float* x, const int* inputs,
+                                                const float* w, int blocks, float* out) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_ps();
+  for (int b = 0; b < blocks; b++) {
+    const float* xs = x + inputs[b];
+    const __m512 wv = _mm512_loadu_ps(w + 16 * b);
+#pragma GCC unroll 24
+    for (int t = 0; t < 24; t++) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(xs[t]), wv, acc[t]);
+  }
+  for (int i = 0; i < 24; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
+}
+
+/* Two weight vectors per block and 12 tokens: each broadcast feeds both. */
+__attribute__((noinline)) static void block_row_shared(const float* x, const int* inputs,
+                                                       const float* w, int blocks, float* out) {
+  __m512 acc[12][2];
+  for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int b = 0; b < blocks; b++) {
+    const float* xs = x + inputs[b];
+    const __m512 w0 = _mm512_loadu_ps(w + 32 * b), w1 = _mm512_loadu_ps(w + 32 * b + 16);
+#pragma GCC unroll 12
+    for (int t = 0; t < 12; t++) {
+      const __m512 xv = _mm512_set1_ps(xs[t]);
+      acc[t][0] = _mm512_fmadd_ps(xv, w0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(xv, w1, acc[t][1]);
+    }
+  }
+  for (int i = 0; i < 12; i++) {
+    _mm512_storeu_ps(out + 32 * i, acc[i][0]);
+    _mm512_storeu_ps(out + 32 * i + 16, acc[i][1]);
+  }
+}
+
+static void block_step(void) {
+  enum { kBlocks = 144, kRows = 64, kRowFloats = 48 };  /* a 3x3x64 row at 25%: 12 KB of x */
+  float* x = aligned_alloc(64, kRows * kRowFloats * sizeof(float));
+  float* w = aligned_alloc(64, kBlocks * 32 * sizeof(float));
+  int* inputs = malloc(kBlocks * sizeof(int));
+  for (int i = 0; i < kRows * kRowFloats; i++) x[i] = 1e-3f * (i % 7);
+  for (int i = 0; i < kBlocks * 32; i++) w[i] = 1e-3f;
+  for (int b = 0; b < kBlocks; b++) inputs[b] = (b * 37 % kRows) * kRowFloats;
+  const long rounds = 100000;
+  float out[384];
+  for (int shared = 1; shared <= 2; shared++) {
+    const double t0 = now();
+    for (long r = 0; r < rounds; r++)
+      (shared == 1 ? block_row : block_row_shared)(x, inputs, w, kBlocks, out);
+    const double t = now() - t0;
+    printf("1xN block step in L1, 1 thread, %s: %.2f zmm FMA/ns (checksum %g)\n",
+           shared == 1 ? "a broadcast per FMA" : "a broadcast per 2 FMAs",
+           24.0 * kBlocks * rounds / t / 1e9, out[0]);
+  }
+  free(x);
+  free(w);
+  free(inputs);
+}
+
 /* ------------------------------------------------------------------ 3. first touch */
 
 static void first_touch(void) {
@@ -183,6 +249,7 @@ int main(void) {
   fma_peak();
   bf16_dot_peak();
   permute_step();
+  block_step();
   first_touch();
   return 0;
 }

@@ -156,12 +156,25 @@ inline void StoreTile(const __m512 (*acc)[Lanes<kN>::kV], int64_t tokens, int64_
   }
 }
 
+// Where input k's tokens start in the micro-kernel's x: k * ld floats into a
+// packed xT (RowsApart), or a table's entry (RowsAt: a convolution's input
+// strip, where input k = (kernel position, channel) is a channel's row
+// shifted by the position, blocks_kernels.h's direct convolution).
+struct RowsApart {
+  int64_t ld;
+  int64_t operator()(uint32_t k) const { return static_cast<int64_t>(k) * ld; }
+};
+struct RowsAt {
+  const int64_t* offsets;
+  int64_t operator()(uint32_t k) const { return offsets[k]; }
+};
+
 // Blocks [b0, b1) of one row for kA token groups. With few groups the FMAs of
 // one block depend on the previous block's (4-cycle latency): kC chains take
 // alternate blocks and are summed at the end.
-template <int kN, int kA, Dtype D>
+template <int kN, int kA, Dtype D, class At>
 void RowTile(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
-             int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+             int64_t b1, const float* xt, At at, int64_t tokens, void* y, int64_t outs) {
   using L = Lanes<kN>;
   constexpr int kC = kA >= 4 ? 1 : 4 / kA;
   __m512 acc[kC][kA][L::kV];
@@ -192,13 +205,13 @@ void RowTile(const BlocksProblem& p, const void* values, const int32_t* indices,
     for (int c = 0; c < kC; ++c) {
       const uint32_t input = static_cast<uint32_t>(indices[b + c]);
       if (input >= k) continue;  // Untrusted structure: a block outside x adds nothing.
-      AddBlock<kN, kA, D>(values, b + c, xt + static_cast<int64_t>(input) * ld, acc[c]);
+      AddBlock<kN, kA, D>(values, b + c, xt + at(input), acc[c]);
     }
   }
   for (; b < b1; ++b) {
     const uint32_t input = static_cast<uint32_t>(indices[b]);
     if (input >= k) continue;
-    AddBlock<kN, kA, D>(values, b, xt + static_cast<int64_t>(input) * ld, acc[0]);
+    AddBlock<kN, kA, D>(values, b, xt + at(input), acc[0]);
   }
   #pragma GCC unroll 32
   for (int c = 1; c < kC; ++c)
@@ -209,36 +222,48 @@ void RowTile(const BlocksProblem& p, const void* values, const int32_t* indices,
   StoreTile<kN, kA, D>(acc[0], tokens, p.n_out, outs, y);
 }
 
-template <int kN, Dtype D>
+template <int kN, Dtype D, class At>
 void RowFor(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
-            int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+            int64_t b1, const float* xt, At at, int64_t tokens, void* y, int64_t outs) {
   using L = Lanes<kN>;
   const int64_t groups = CeilDiv(tokens, L::kG);
   // The smallest instantiated tile that covers the tokens.
-  if (groups <= 1) return RowTile<kN, 1, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 2) return RowTile<kN, 2, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 4) return RowTile<kN, 4, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 8) return RowTile<kN, 8, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 12) return RowTile<kN, 12, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 1) return RowTile<kN, 1, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 2) return RowTile<kN, 2, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 4) return RowTile<kN, 4, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 8) return RowTile<kN, 8, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 12) return RowTile<kN, 12, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
   if constexpr (L::kMaxGroups > 12) {
-    if (groups <= 16) return RowTile<kN, 16, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-    return RowTile<kN, 24, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    if (groups <= 16) return RowTile<kN, 16, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+    return RowTile<kN, 24, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
   }
 }
 
-template <Dtype D>
+template <Dtype D, class At>
 void RowForDtype(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
-                 int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
-                 int64_t outs) {
+                 int64_t b1, const float* xt, At at, int64_t tokens, void* y, int64_t outs) {
   switch (p.n) {
     case 4:
-      return RowFor<4, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return RowFor<4, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     case 8:
-      return RowFor<8, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return RowFor<8, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     case 16:
-      return RowFor<16, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return RowFor<16, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     default:
-      return RowFor<32, D>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return RowFor<32, D>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  }
+}
+
+template <class At>
+void RowForAny(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
+               int64_t b1, const float* xt, At at, int64_t tokens, void* y, int64_t outs) {
+  switch (p.dtype) {
+    case Dtype::kBF16:
+      return RowForDtype<Dtype::kBF16>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+    case Dtype::kF16:
+      return RowForDtype<Dtype::kF16>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+    default:
+      return RowForDtype<Dtype::kF32>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
   }
 }
 
@@ -265,14 +290,15 @@ struct Avx512Micro {
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {
-    switch (p.dtype) {
-      case Dtype::kBF16:
-        return RowForDtype<Dtype::kBF16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-      case Dtype::kF16:
-        return RowForDtype<Dtype::kF16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-      default:
-        return RowForDtype<Dtype::kF32>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-    }
+    RowForAny(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
+  }
+  // The direct convolution (blocks_kernels.h): x is an f32 strip of the
+  // input, input k's tokens at xt + offsets[k], one float apart.
+  static bool DirectConv(const BlocksProblem&) { return true; }
+  static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
+                    int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
+                    int64_t tokens, void* y, int64_t outs) {
+    RowForAny(p, values, indices, b0, b1, xt, RowsAt{offsets}, tokens, y, outs);
   }
 };
 

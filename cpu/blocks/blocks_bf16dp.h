@@ -230,6 +230,13 @@ struct Bf16DpMicro {
     if (!UsesDp(p)) return Avx512Micro::Pack(p, rows, count, ld, k0, k1, xt);
     PackWordsRows(rows, count, ld, k0, k1, reinterpret_cast<uint16_t*>(xt));
   }
+  // The direct convolution where the f32-compute kernel runs.
+  static bool DirectConv(const BlocksProblem& p) { return !UsesDp(p); }
+  static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
+                    int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
+                    int64_t tokens, void* y, int64_t outs) {
+    Avx512Micro::RowAt(p, values, indices, b0, b1, xt, offsets, tokens, y, outs);
+  }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {

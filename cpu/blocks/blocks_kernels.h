@@ -21,6 +21,10 @@
 //      tile of tokens x n outputs in registers over the row's blocks and
 //      stores it once. Tiles are the outer loop: one tile's lines of xT stay
 //      in L2 while the task's rows stream through.
+// A convolution's x is its images: step 1 gathers the patches while packing,
+// or, at stride 1 with a kernel larger than 1x1, each task packs the input
+// strip of a band of output rows once and reads every kernel position as a
+// shifted view of it (SpmmOp's DirectJob).
 // The backward ops reuse the same structure:
 //   spmm_t  dx[t, k] = sum over blocks p with input k of dy[t, row(p)] . v[p]:
 //           tasks own token tiles (no two tasks write the same dx entry), or,
@@ -66,6 +70,10 @@ constexpr int64_t kTokensT = 16;
 // Slack after xT so a micro-kernel's last token tile may read a whole tile of
 // padding tokens (never stored).
 constexpr int64_t kPackSlack = 256;
+// Floats of the direct convolution's tile buffer: a tile of tokens x n
+// outputs, at most 96 x 4, 48 x 8, 24 x 16 or 12 x 32 (Lanes in
+// blocks_avx512.h; the portable and AVX2 tiles are not larger).
+constexpr int64_t kMaxTileOutputs = 512;
 
 // ---------------------------------------------------------------- scalars
 inline float LoadAs(Dtype dtype, const void* base, int64_t i) {
@@ -249,6 +257,13 @@ template <class Micro, class = void>
 struct PrepacksWeights : std::false_type {};
 template <class Micro>
 struct PrepacksWeights<Micro, std::void_t<decltype(&Micro::PrepackRows)>> : std::true_type {};
+// Micro-kernels that read x through an offset table per input (RowAt) run a
+// convolution of stride 1 directly from a strip of its input (SpmmOp's
+// DirectJob), where DirectConv(p) says their kernel for p can.
+template <class Micro, class = void>
+struct ReadsOffsets : std::false_type {};
+template <class Micro>
+struct ReadsOffsets<Micro, std::void_t<decltype(&Micro::RowAt)>> : std::true_type {};
 
 template <class Micro>
 struct SpmmOp {
@@ -271,9 +286,57 @@ struct SpmmOp {
   int64_t* bounds = nullptr;
   float* xt = nullptr;
   uint16_t* weights = nullptr;  // the micro-kernel's prepacked weights, if it takes them
+  // The direct convolution (stride 1): instead of the patches, each task
+  // packs a band of output rows' input strip once, f32 [channel][strip row]
+  // [strip column] (strip_ld floats per channel, zero where the padding is);
+  // the kernel position (i, j) of channel c is then the channel's row shifted
+  // by i * strip_w + j, and input k = (i, j, c) reads xt + offsets[k]. A
+  // virtual token v = row * strip_w + column of the band (columns past out_w
+  // are computed and dropped) reads its x at v + offsets[k]: every token of a
+  // tile one float apart, as in a packed xT, but each input pixel is packed
+  // once instead of once per kernel position (9 times for 3 x 3).
+  bool direct = false;
+  int64_t strip_w = 0;     // input columns of a strip: out_w + (kernel_w - 1) dilation_w
+  int64_t band_rows = 0;   // output rows per task
+  int64_t bands = 0;       // tasks per image
+  int64_t strip_ld = 0;    // floats per channel of a strip
+  int64_t* offsets = nullptr;
+
+  bool DirectApplies() const {
+    if constexpr (ReadsOffsets<Micro>::value) {
+      // A 1 x 1 kernel's patches are its pixels: nothing to save there.
+      return p.conv != nullptr && p.conv->stride_h == 1 && p.conv->stride_w == 1 &&
+             p.k > p.conv->channels && Micro::DirectConv(p);
+    } else {
+      return false;
+    }
+  }
+
+  // Bands of about 64 K floats of strip (L2), and enough tasks for the workers.
+  void LayoutDirect(Carver& c) {
+    const BlocksConv& g = *p.conv;
+    const int64_t halo = (p.k / (g.kernel_w * g.channels) - 1) * g.dilation_h;
+    strip_w = g.out_w + (g.kernel_w - 1) * g.dilation_w;
+    const int64_t images = p.tokens / (g.out_h * g.out_w);
+    band_rows = Max(1, Min(g.out_h, 65536 / (g.channels * strip_w) - halo));
+    const int64_t want_bands = CeilDiv(4 * rt.num_workers, Max(1, images));
+    band_rows = Max(1, Min(band_rows, CeilDiv(g.out_h, want_bands)));
+    bands = CeilDiv(g.out_h, band_rows);
+    // A tile reads up to a tile past its first token, and the last kernel
+    // position reads (kernel_w - 1) dilation_w past the strip's last row.
+    strip_ld = RoundUp((band_rows + halo) * strip_w + tile + (g.kernel_w - 1) * g.dilation_w +
+                           Micro::Slack(), 16);
+    region = g.channels * strip_ld;
+    spans = c.Take<int64_t>(p.rows + 1);
+    bounds = c.Take<int64_t>(p.rows + 1);
+    offsets = c.Take<int64_t>(p.k);
+    xt = c.Take<float>(region * rt.num_workers);
+  }
 
   void Layout(Carver& c) {
     tile = Micro::TileTokens(p);
+    direct = DirectApplies();
+    if (direct) return LayoutDirect(c);
     by_tokens = rt.num_workers > 1 && p.nnz < kChunkBlocks * rt.num_workers && p.tokens > tile;
     // By tokens: about four token blocks per worker, so they balance.
     const int64_t want = by_tokens ? Min(kBlockTokens, CeilDiv(p.tokens, 4 * rt.num_workers))
@@ -296,6 +359,21 @@ struct SpmmOp {
     } else {
       return false;
     }
+  }
+
+  bool RunDirect() {
+    FillOffsets();
+    const BlocksConv& g = *p.conv;
+    const int64_t images = p.tokens / (g.out_h * g.out_w);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const void* x = Offset(p.x, p.dtype, b * p.x_stride);
+      const void* values = Offset(p.values, p.dtype, b * p.values_stride);
+      const int32_t* indices = p.indices + b * p.indices_stride;
+      RowSpans(p.indptr + b * p.indptr_stride, p.rows, p.nnz, spans);
+      void* y = Offset(p.out, p.dtype, b * p.tokens * p.n_out);
+      RunParallel(rt, images * bands, DirectJob{this, x, values, indices, y});
+    }
+    return true;
   }
 
   // Block row r of a token tile through the micro-kernel.
@@ -396,8 +474,88 @@ struct SpmmOp {
     }
   };
 
+  // Input k = (position i, j; channel c) of the kernel: channel c's strip
+  // row shifted by the position.
+  void FillOffsets() const {
+    const BlocksConv& g = *p.conv;
+    for (int64_t kk = 0; kk < p.k; ++kk) {
+      const int64_t pos = kk / g.channels, ch = kk % g.channels;
+      const int64_t i = pos / g.kernel_w, j = pos % g.kernel_w;
+      offsets[kk] = ch * strip_ld + i * g.dilation_h * strip_w + j * g.dilation_w;
+    }
+  }
+
+  // A token's outputs of one block row: a copy of a constant size (one or two
+  // vector moves, not a call) for a whole block of n in f32 or 16 bits.
+  static void CopyOutputs(void* to, const void* from, int64_t bytes) {
+    switch (bytes) {
+      case 8: return std::memcpy(to, from, 8), void();
+      case 16: return std::memcpy(to, from, 16), void();
+      case 32: return std::memcpy(to, from, 32), void();
+      case 64: return std::memcpy(to, from, 64), void();
+      case 128: return std::memcpy(to, from, 128), void();
+      default: std::memcpy(to, from, bytes);
+    }
+  }
+
+  // One band of one image: its strip, then per tile of virtual tokens every
+  // block row into a tile buffer, whose real tokens go to y.
+  struct DirectJob {
+    const SpmmOp* op;
+    const void* x;
+    const void* values;
+    const int32_t* indices;
+    void* y;
+    void Run(int64_t task, int worker) const {
+      const BlocksProblem& p = op->p;
+      const BlocksConv& g = *p.conv;
+      const int64_t image = task / op->bands, oh0 = task % op->bands * op->band_rows;
+      const int64_t rows_out = Min(op->band_rows, g.out_h - oh0);
+      const int64_t halo = (p.k / (g.kernel_w * g.channels) - 1) * g.dilation_h;
+      const int64_t sw = op->strip_w, ih0 = oh0 - g.pad_top;
+      float* strip = op->xt + worker * op->region;
+      const intptr_t bytes = ElementBytes(p.dtype);
+      const auto pixel = [&](int64_t v) -> const void* {
+        const int64_t ih = ih0 + v / sw, iw = v % sw - g.pad_left;
+        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
+        return Offset(x, p.dtype, ((image * g.height + ih) * g.width + iw) * g.channels);
+      };
+      // Zero past the strip's rows too: the tiles' slack reads there.
+      Micro::Pack(p, pixel, (rows_out + halo) * sw, op->strip_ld, 0, g.channels, strip);
+      // The tile buffer: a tile's tokens x n outputs, n apart.
+      BlocksProblem in_tile = p;
+      in_tile.n_out = p.n;
+      alignas(64) float tile_y[kMaxTileOutputs];
+      const int64_t virtual_tokens = (rows_out - 1) * sw + g.out_w;
+      const int64_t first_token = (image * g.out_h + oh0) * g.out_w;
+      // Rows outside, tiles inside: a row's weights (9 KB for 144 blocks of
+      // 16 f32) stay in L1 while the strip streams from L2; the other way
+      // round the weights of every row (36 KB for 64 outputs of a 3 x 3 x 64
+      // kernel at 25%) and a tile's strip lines (24 KB) overflowed L1.
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
+        for (int64_t v0 = 0; v0 < virtual_tokens; v0 += op->tile) {
+          const int64_t count = Min(op->tile, virtual_tokens - v0);
+          Micro::RowAt(in_tile, values, indices, op->spans[r], op->spans[r + 1], strip + v0,
+                       op->offsets, count, tile_y, outs);
+          const int64_t row_bytes = outs * bytes;
+          for (int64_t t = 0; t < count; ++t) {
+            const int64_t row = (v0 + t) / sw, column = (v0 + t) % sw;
+            if (column >= g.out_w) continue;  // A strip column past the output row.
+            const int64_t token = first_token + row * g.out_w + column;
+            CopyOutputs(Offset(y, p.dtype, token * p.n_out + r * p.n),
+                        Offset(tile_y, p.dtype, t * p.n), row_bytes);
+          }
+        }
+      }
+    }
+  };
+
   bool operator()() {
     if (!TakeScratch(rt, *this)) return false;
+    if constexpr (ReadsOffsets<Micro>::value) {
+      if (direct) return RunDirect();
+    }
     const int64_t count0 = Min(p.tokens, block);
     // The slack a last tile may read: padding tokens, never stored; zeroed so
     // they hold no stale bits.

@@ -88,6 +88,14 @@ struct Bf16TileMicro {
                   int64_t outs) {
     Bf16DpMicro::Row(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
   }
+  static bool DirectConv(const BlocksProblem& p) {
+    return !UsesTiles(p) && Bf16DpMicro::DirectConv(p);
+  }
+  static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
+                    int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
+                    int64_t tokens, void* y, int64_t outs) {
+    Bf16DpMicro::RowAt(p, values, indices, b0, b1, xt, offsets, tokens, y, outs);
+  }
 
   // ---- the weights' A, once per call
   static int64_t OutputTiles(const BlocksProblem& p) { return p.n / 16; }
