@@ -166,7 +166,8 @@ struct RowsApart {
 };
 struct RowsAt {
   const int64_t* offsets;
-  int64_t operator()(uint32_t k) const { return offsets[k]; }
+  int64_t first;  // the tile's first token, in the strip's elements like the offsets
+  int64_t operator()(uint32_t k) const { return offsets[k] + first; }
 };
 
 // Blocks [b0, b1) of one row for kA token groups. With few groups the FMAs of
@@ -293,12 +294,12 @@ struct Avx512Micro {
     RowForAny(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
   }
   // The direct convolution (blocks_kernels.h): x is an f32 strip of the
-  // input, input k's tokens at xt + offsets[k], one float apart.
+  // input, the tile's token t of input k at xt + offsets[k] + first + t.
   static bool DirectConv(const BlocksProblem&) { return true; }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
-                    int64_t tokens, void* y, int64_t outs) {
-    RowForAny(p, values, indices, b0, b1, xt, RowsAt{offsets}, tokens, y, outs);
+                    int64_t first, int64_t tokens, void* y, int64_t outs) {
+    RowForAny(p, values, indices, b0, b1, xt, RowsAt{offsets, first}, tokens, y, outs);
   }
 };
 

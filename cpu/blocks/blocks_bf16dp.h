@@ -108,9 +108,9 @@ inline __m512i BroadcastPairs(const uint32_t* p) {
   return _mm512_castps_si512(BroadcastX<kG>(reinterpret_cast<const float*>(p)));
 }
 
-template <int kN, int kA>
+template <int kN, int kA, class At>
 void DpRowTile(const BlocksProblem& p, const void* values_raw, const int32_t* indices,
-               int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
+               int64_t b0, int64_t b1, const float* xt, At at, int64_t tokens, void* y,
                int64_t outs) {
   using L = DpLanes<kN>;
   constexpr int kTokens = kA * L::kG;
@@ -123,11 +123,12 @@ void DpRowTile(const BlocksProblem& p, const void* values_raw, const int32_t* in
   for (int a = 0; a < kA; ++a)
 #pragma GCC unroll 4
     for (int v = 0; v < L::kV; ++v) acc[a][v] = _mm512_setzero_ps();
-  // xT in bf16 (Pack below), in the f32 region's first half of each tile.
+  // xT in bf16 (Pack below), in the f32 region's first half of each tile;
+  // `at` gives input k's row in words (RowsApart / RowsAt, blocks_avx512.h).
   const uint16_t* xt16 = reinterpret_cast<const uint16_t*>(xt);
   auto x_row = [&](int64_t b) -> const uint16_t* {
     const uint32_t input = static_cast<uint32_t>(indices[b]);
-    return input < k ? xt16 + static_cast<int64_t>(input) * ld : nullptr;
+    return input < k ? xt16 + at(input) : nullptr;
   };
   for (int64_t c0 = b0; c0 < b1; c0 += 2 * kDpPairChunk) {
     const int64_t c1 = Min(b1, c0 + 2 * kDpPairChunk);
@@ -173,30 +174,30 @@ void DpRowTile(const BlocksProblem& p, const void* values_raw, const int32_t* in
   StoreTile<kN, kA, Dtype::kBF16>(acc, tokens, p.n_out, outs, y);
 }
 
-template <int kN>
+template <int kN, class At>
 void DpRowFor(const BlocksProblem& p, const void* values, const int32_t* indices, int64_t b0,
-              int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y, int64_t outs) {
+              int64_t b1, const float* xt, At at, int64_t tokens, void* y, int64_t outs) {
   using L = DpLanes<kN>;
   const int64_t groups = CeilDiv(tokens, L::kG);
   // The smallest instantiation holding the tile's groups: 2, 4, 8, 12, 16,
   // 24 (those below kMaxGroups), then kMaxGroups.
-  if (groups <= 2) return DpRowTile<kN, 2>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 4) return DpRowTile<kN, 4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
-  if (groups <= 8) return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  if (groups <= 2) return DpRowTile<kN, 2>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 4) return DpRowTile<kN, 4>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
+  if (groups <= 8) return DpRowTile<kN, 8>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
   if (groups <= 12) {
-    return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    return DpRowTile<kN, 12>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
   }
   if constexpr (L::kMaxGroups > 16) {
     if (groups <= 16) {
-      return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return DpRowTile<kN, 16>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     }
   }
   if constexpr (L::kMaxGroups > 24) {
     if (groups <= 24) {
-      return DpRowTile<kN, 24>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+      return DpRowTile<kN, 24>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     }
   }
-  return DpRowTile<kN, L::kMaxGroups>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+  return DpRowTile<kN, L::kMaxGroups>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
 }
 
 // bf16 from kDpMinTokens tokens on vdpbf16ps; everything else (f32, f16, and
@@ -230,26 +231,37 @@ struct Bf16DpMicro {
     if (!UsesDp(p)) return Avx512Micro::Pack(p, rows, count, ld, k0, k1, xt);
     PackWordsRows(rows, count, ld, k0, k1, reinterpret_cast<uint16_t*>(xt));
   }
-  // The direct convolution where the f32-compute kernel runs.
-  static bool DirectConv(const BlocksProblem& p) { return !UsesDp(p); }
+  // The direct convolution on either kernel: the pairs read a bf16 strip
+  // (Pack above) at offsets in words, the f32-compute kernel an f32 one.
+  static bool DirectConv(const BlocksProblem&) { return true; }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
-                    int64_t tokens, void* y, int64_t outs) {
-    Avx512Micro::RowAt(p, values, indices, b0, b1, xt, offsets, tokens, y, outs);
+                    int64_t first, int64_t tokens, void* y, int64_t outs) {
+    if (!UsesDp(p)) {
+      return Avx512Micro::RowAt(p, values, indices, b0, b1, xt, offsets, first, tokens, y,
+                                outs);
+    }
+    DpRowForN(p, values, indices, b0, b1, xt, RowsAt{offsets, first}, tokens, y, outs);
   }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {
     if (!UsesDp(p)) return Avx512Micro::Row(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    DpRowForN(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
+  }
+  template <class At>
+  static void DpRowForN(const BlocksProblem& p, const void* values, const int32_t* indices,
+                        int64_t b0, int64_t b1, const float* xt, At at, int64_t tokens, void* y,
+                        int64_t outs) {
     switch (p.n) {
       case 4:
-        return DpRowFor<4>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+        return DpRowFor<4>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
       case 8:
-        return DpRowFor<8>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+        return DpRowFor<8>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
       case 16:
-        return DpRowFor<16>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+        return DpRowFor<16>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
       default:
-        return DpRowFor<32>(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+        return DpRowFor<32>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
     }
   }
 };

@@ -287,7 +287,8 @@ struct SpmmOp {
   float* xt = nullptr;
   uint16_t* weights = nullptr;  // the micro-kernel's prepacked weights, if it takes them
   // The direct convolution (stride 1): instead of the patches, each task
-  // packs a band of output rows' input strip once, f32 [channel][strip row]
+  // packs a band of output rows' input strip once (as its micro-kernel packs
+  // x: f32, or bf16 for the pair kernel), [channel][strip row]
   // [strip column] (strip_ld floats per channel, zero where the padding is);
   // the kernel position (i, j) of channel c is then the channel's row shifted
   // by i * strip_w + j, and input k = (i, j, c) reads xt + offsets[k]. A
@@ -536,8 +537,8 @@ struct SpmmOp {
         const int64_t outs = Min(static_cast<int64_t>(p.n), p.n_out - r * p.n);
         for (int64_t v0 = 0; v0 < virtual_tokens; v0 += op->tile) {
           const int64_t count = Min(op->tile, virtual_tokens - v0);
-          Micro::RowAt(in_tile, values, indices, op->spans[r], op->spans[r + 1], strip + v0,
-                       op->offsets, count, tile_y, outs);
+          Micro::RowAt(in_tile, values, indices, op->spans[r], op->spans[r + 1], strip,
+                       op->offsets, v0, count, tile_y, outs);
           const int64_t row_bytes = outs * bytes;
           for (int64_t t = 0; t < count; ++t) {
             const int64_t row = (v0 + t) / sw, column = (v0 + t) % sw;

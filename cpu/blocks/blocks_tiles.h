@@ -93,8 +93,8 @@ struct Bf16TileMicro {
   }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
-                    int64_t tokens, void* y, int64_t outs) {
-    Bf16DpMicro::RowAt(p, values, indices, b0, b1, xt, offsets, tokens, y, outs);
+                    int64_t first, int64_t tokens, void* y, int64_t outs) {
+    Bf16DpMicro::RowAt(p, values, indices, b0, b1, xt, offsets, first, tokens, y, outs);
   }
 
   // ---- the weights' A, once per call

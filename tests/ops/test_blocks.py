@@ -253,9 +253,9 @@ def test_the_ffi_validator_names_the_operand():
 # of the 8x8 pack, padding on every side, strides and dilation, 1x1, more output pixels than a
 # token block (two images of 20x20). Stride 1 with a kernel larger than 1x1 runs the direct
 # convolution (blocks_kernels.h's DirectJob: a strip per band of output rows, tiles across its
-# rows) on the AVX-512 kernels: the last four cases give it uneven padding with dilation, a 1x1
-# kernel (which keeps the patches), outputs that are not a multiple of n, padding wider than the
-# kernel's reach, and many bands with a short last one.
+# rows) on the AVX-512 kernels, f32 and bf16 pairs: the last four cases give it uneven padding
+# with dilation, a 1x1 kernel (which keeps the patches), outputs that are not a multiple of n,
+# padding wider than the kernel's reach, and many bands with a short last one.
 CONV_CASES = [
     (9, 11, 12, 40, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 16),
     (10, 7, 8, 24, (3, 2), (2, 1), (1, 2), ((0, 2), (1, 0)), 8),
