@@ -71,8 +71,9 @@ constexpr int64_t kTokensT = 16;
 // padding tokens (never stored).
 constexpr int64_t kPackSlack = 256;
 // Floats of the direct convolution's tile buffer: a tile of tokens x n
-// outputs, at most 96 x 4, 48 x 8, 24 x 16 or 12 x 32 (Lanes in
-// blocks_avx512.h; the portable and AVX2 tiles are not larger).
+// outputs, at most 96 x 4, 48 x 8, 24 x 16 or 12 x 32 for the f32-compute
+// kernel (Lanes in blocks_avx512.h), 30 x 16 and 14 x 32 for the bf16 pairs
+// (DpLanes in blocks_bf16dp.h).
 constexpr int64_t kMaxTileOutputs = 512;
 
 // ---------------------------------------------------------------- scalars
@@ -289,18 +290,20 @@ struct SpmmOp {
   // The direct convolution (stride 1): instead of the patches, each task
   // packs a band of output rows' input strip once (as its micro-kernel packs
   // x: f32, or bf16 for the pair kernel), [channel][strip row]
-  // [strip column] (strip_ld floats per channel, zero where the padding is);
-  // the kernel position (i, j) of channel c is then the channel's row shifted
-  // by i * strip_w + j, and input k = (i, j, c) reads xt + offsets[k]. A
-  // virtual token v = row * strip_w + column of the band (columns past out_w
-  // are computed and dropped) reads its x at v + offsets[k]: every token of a
-  // tile one float apart, as in a packed xT, but each input pixel is packed
-  // once instead of once per kernel position (9 times for 3 x 3).
+  // [strip column] (strip_ld elements per channel, zero where the padding
+  // is); the kernel position (i, j) of channel c is then the channel's row
+  // shifted by i * strip_w + j. A virtual token v = row * strip_w + column of
+  // the band (columns past out_w are computed and dropped) reads input
+  // k = (i, j, c) at strip + offsets[k] + v: every token of a tile one
+  // element apart, as in a packed xT, but each input pixel is packed once
+  // instead of once per kernel position (9 times for 3 x 3).
   bool direct = false;
+  int64_t images = 0;      // per batch entry
+  int64_t halo = 0;        // input rows a band reads past its output rows
   int64_t strip_w = 0;     // input columns of a strip: out_w + (kernel_w - 1) dilation_w
   int64_t band_rows = 0;   // output rows per task
   int64_t bands = 0;       // tasks per image
-  int64_t strip_ld = 0;    // floats per channel of a strip
+  int64_t strip_ld = 0;    // elements per channel of a strip
   int64_t* offsets = nullptr;
 
   bool DirectApplies() const {
@@ -316,9 +319,9 @@ struct SpmmOp {
   // Bands of about 64 K floats of strip (L2), and enough tasks for the workers.
   void LayoutDirect(Carver& c) {
     const BlocksConv& g = *p.conv;
-    const int64_t halo = (p.k / (g.kernel_w * g.channels) - 1) * g.dilation_h;
+    halo = (p.k / (g.kernel_w * g.channels) - 1) * g.dilation_h;
     strip_w = g.out_w + (g.kernel_w - 1) * g.dilation_w;
-    const int64_t images = p.tokens / (g.out_h * g.out_w);
+    images = p.tokens / (g.out_h * g.out_w);
     band_rows = Max(1, Min(g.out_h, 65536 / (g.channels * strip_w) - halo));
     const int64_t want_bands = CeilDiv(4 * rt.num_workers, Max(1, images));
     band_rows = Max(1, Min(band_rows, CeilDiv(g.out_h, want_bands)));
@@ -364,8 +367,6 @@ struct SpmmOp {
 
   bool RunDirect() {
     FillOffsets();
-    const BlocksConv& g = *p.conv;
-    const int64_t images = p.tokens / (g.out_h * g.out_w);
     for (int64_t b = 0; b < p.batch; ++b) {
       const void* x = Offset(p.x, p.dtype, b * p.x_stride);
       const void* values = Offset(p.values, p.dtype, b * p.values_stride);
@@ -490,12 +491,23 @@ struct SpmmOp {
   // vector moves, not a call) for a whole block of n in f32 or 16 bits.
   static void CopyOutputs(void* to, const void* from, int64_t bytes) {
     switch (bytes) {
-      case 8: return std::memcpy(to, from, 8), void();
-      case 16: return std::memcpy(to, from, 16), void();
-      case 32: return std::memcpy(to, from, 32), void();
-      case 64: return std::memcpy(to, from, 64), void();
-      case 128: return std::memcpy(to, from, 128), void();
-      default: std::memcpy(to, from, bytes);
+      case 8:
+        std::memcpy(to, from, 8);
+        return;
+      case 16:
+        std::memcpy(to, from, 16);
+        return;
+      case 32:
+        std::memcpy(to, from, 32);
+        return;
+      case 64:
+        std::memcpy(to, from, 64);
+        return;
+      case 128:
+        std::memcpy(to, from, 128);
+        return;
+      default:
+        std::memcpy(to, from, bytes);
     }
   }
 
@@ -512,7 +524,6 @@ struct SpmmOp {
       const BlocksConv& g = *p.conv;
       const int64_t image = task / op->bands, oh0 = task % op->bands * op->band_rows;
       const int64_t rows_out = Min(op->band_rows, g.out_h - oh0);
-      const int64_t halo = (p.k / (g.kernel_w * g.channels) - 1) * g.dilation_h;
       const int64_t sw = op->strip_w, ih0 = oh0 - g.pad_top;
       float* strip = op->xt + worker * op->region;
       const intptr_t bytes = ElementBytes(p.dtype);
@@ -522,7 +533,7 @@ struct SpmmOp {
         return Offset(x, p.dtype, ((image * g.height + ih) * g.width + iw) * g.channels);
       };
       // Zero past the strip's rows too: the tiles' slack reads there.
-      Micro::Pack(p, pixel, (rows_out + halo) * sw, op->strip_ld, 0, g.channels, strip);
+      Micro::Pack(p, pixel, (rows_out + op->halo) * sw, op->strip_ld, 0, g.channels, strip);
       // The tile buffer: a tile's tokens x n outputs, n apart.
       BlocksProblem in_tile = p;
       in_tile.n_out = p.n;
