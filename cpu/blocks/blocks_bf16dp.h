@@ -234,6 +234,9 @@ struct Bf16DpMicro {
   // The direct convolution on either kernel: the pairs read a bf16 strip
   // (Pack above) at offsets in words, the f32-compute kernel an f32 one.
   static bool DirectConv(const BlocksProblem&) { return true; }
+  static int64_t DirectTileTokens(const BlocksProblem& p) {
+    return UsesDp(p) ? TileTokens(p) : Avx512Micro::DirectTileTokens(p);
+  }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
                     int64_t first, int64_t tokens, void* y, int64_t outs) {

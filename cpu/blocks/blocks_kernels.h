@@ -72,9 +72,10 @@ constexpr int64_t kTokensT = 16;
 constexpr int64_t kPackSlack = 256;
 // Floats of the direct convolution's tile buffer: a tile of tokens x n
 // outputs, at most 96 x 4, 48 x 8, 24 x 16 or 12 x 32 for the f32-compute
-// kernel (Lanes in blocks_avx512.h), 30 x 16 and 14 x 32 for the bf16 pairs
+// kernel (Lanes in blocks_avx512.h), 64 x 16 for its f32 tokens-in-lanes
+// direct tile (kDirectTokens), 30 x 16 and 14 x 32 for the bf16 pairs
 // (DpLanes in blocks_bf16dp.h).
-constexpr int64_t kMaxTileOutputs = 512;
+constexpr int64_t kMaxTileOutputs = 1024;
 
 // ---------------------------------------------------------------- scalars
 inline float LoadAs(Dtype dtype, const void* base, int64_t i) {
@@ -340,7 +341,12 @@ struct SpmmOp {
   void Layout(Carver& c) {
     tile = Micro::TileTokens(p);
     direct = DirectApplies();
-    if (direct) return LayoutDirect(c);
+    if constexpr (ReadsOffsets<Micro>::value) {
+      if (direct) {
+        tile = Micro::DirectTileTokens(p);
+        return LayoutDirect(c);
+      }
+    }
     by_tokens = rt.num_workers > 1 && p.nnz < kChunkBlocks * rt.num_workers && p.tokens > tile;
     // By tokens: about four token blocks per worker, so they balance.
     const int64_t want = by_tokens ? Min(kBlockTokens, CeilDiv(p.tokens, 4 * rt.num_workers))

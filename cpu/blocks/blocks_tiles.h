@@ -91,6 +91,9 @@ struct Bf16TileMicro {
   static bool DirectConv(const BlocksProblem& p) {
     return !UsesTiles(p) && Bf16DpMicro::DirectConv(p);
   }
+  static int64_t DirectTileTokens(const BlocksProblem& p) {
+    return Bf16DpMicro::DirectTileTokens(p);
+  }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
                     int64_t first, int64_t tokens, void* y, int64_t outs) {

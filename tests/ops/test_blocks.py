@@ -284,6 +284,25 @@ def test_blocks_conv_gathers_the_patches_the_reference_stores(isa, dtype, h, w, 
     assert_close(y, want, dtype, scale_for(k))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n", [8, 16])
+def test_blocks_conv_untrusted_structure_reads_nothing_out_of_bounds(isa, dtype, n):
+    """The stride-1 convolution reads its inputs through a table of offsets: garbage indices
+    and an unordered indptr must add nothing there either, as the reference says."""
+    geometry = dict(out_features=40, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+                    padding=((1, 1), (1, 1)))
+    ws = weight(21, 9 * 6, 40, n, 0.5, dtype)
+    x = jnp.asarray(np.random.default_rng(22).standard_normal((2, 7, 9, 6)), dtype)
+    values, indices, indptr = ws.values[None], ws.indices[None], ws.indptr[None]
+    nnz = indices.shape[-1]
+    garbage = jnp.array([-3, 54, 2**30, 53, 7, 1000, -1, 5, 55, 0], jnp.int32)
+    bad_indices = indices.at[0, ::3].set(jnp.resize(garbage, (-(-nnz // 3),)))
+    bad_indptr = jnp.array([[-5, 3, 2, nnz + 9, 4, 7][: indptr.shape[-1]]], jnp.int32)
+    for ind, ptr in [(bad_indices, indptr), (indices, bad_indptr), (bad_indices, bad_indptr)]:
+        assert_close(blocks_conv(x, values, ind, ptr, **geometry),
+                     blocks_conv_reference(x, values, ind, ptr, **geometry), dtype, scale_for(54))
+
+
 def test_blocks_conv_gradients_vmap_and_jvp():
     params = dict(out_features=24, kernel_size=(3, 3), strides=(2, 1), dilation=(1, 1),
                   padding=((1, 1), (0, 1)))
