@@ -268,36 +268,38 @@ void RowForAny(const BlocksProblem& p, const void* values, const int32_t* indice
   }
 }
 
-// ---------------------------------------------------------------- direct f32, tokens in lanes
-// The direct convolution's strip holds a tile's tokens one float apart for
-// every input, so for f32 1 x 16 blocks the lanes can hold tokens instead of
-// outputs. With outputs in the lanes (RowTile) every FMA takes its own
-// broadcast of x, as an embedded {1to16} operand: 5.3-6.0 zmm FMA/ns per core
-// on Zen 5 against 7.6-8.05 for FMAs alone (cpu_bounds.c part 5), since a
-// block row's blocks have distinct inputs and cannot share one. With tokens in
-// the lanes a block is kDirectVectors loads of 16 tokens, and each of its
-// weights is broadcast once (a load, no shuffle) for kDirectVectors FMAs.
-// 8 outputs x 2 vectors per pass beat 4 x 4 (more passes over the blocks)
-// and 8 x 3 and 4 x 6 (24 accumulators) on Zen 5: 1.50 ms against 1.61-2.0
-// for the 56 x 56 x 64 layer at 25%, 2.0-2.75 with outputs in the lanes.
-// The accumulators come out [output][token]; one 16 x 16 transpose per 16
-// tokens (64 shuffles for 256 outputs, each of which took 9 FMAs at 25% of a
-// 3 x 3 x 64 kernel) turns them into the tile's [token][output] rows.
-constexpr int kDirectOutputs = 8;   // outputs per pass over the row's blocks
-constexpr int kDirectVectors = 2;   // 16-token vectors per tile
-constexpr int64_t kDirectTokens = 16 * kDirectVectors;
+// ---------------------------------------------------------------- f32, tokens in lanes
+// Where a tile's tokens lie one float apart for every input (a packed xT of
+// full tiles, or the direct convolution's strip), f32 1 x 16 blocks can put
+// tokens in the lanes instead of outputs. With outputs in the lanes (RowTile)
+// every FMA takes its own broadcast of x, as an embedded {1to16} operand:
+// 5.3-6.0 zmm FMA/ns per core on Zen 5 against 7.6-8.05 for FMAs alone
+// (cpu_bounds.c part 5), since a block row's blocks have distinct inputs and
+// cannot share one. With tokens in the lanes a block is kLaneVectors loads of
+// 16 tokens, and each of its weights is broadcast once (a load, no shuffle)
+// for kLaneVectors FMAs. 8 outputs x 2 vectors per pass beat 4 x 4 (more
+// passes over the blocks) and 8 x 3 and 4 x 6 (24 accumulators) on Zen 5:
+// 1.50 ms against 1.61-2.0 for the direct 56 x 56 x 64 convolution at 25%,
+// 2.0-2.75 with outputs in the lanes. The accumulators come out
+// [output][token]; one 16 x 16 transpose per 16 tokens (64 shuffles for 256
+// outputs, each of which took 9 FMAs at 25% of a 3 x 3 x 64 kernel) turns
+// them into the tile's [token][output] rows.
+constexpr int kLaneOutputs = 8;   // outputs per pass over the row's blocks
+constexpr int kLaneVectors = 2;   // 16-token vectors per tile
+constexpr int64_t kLaneTokens = 16 * kLaneVectors;
+static_assert(kLaneTokens * 16 <= kMaxTileOutputs, "the direct convolution's tile buffer");
 
-inline bool DirectInLanes(const BlocksProblem& p) {
+inline bool TokensInLanes(const BlocksProblem& p) {
   return p.dtype == Dtype::kF32 && p.n == 16;
 }
 
-// Outputs [o0, o0 + kDirectOutputs) of the tile, over blocks [b0, b1), into
-// out [16][kDirectTokens]. 16 independent accumulators cover the FMA latency
-// (4 cycles at two per cycle).
-inline void DirectOutputsPass(const float* values, const int32_t* indices, int64_t b0,
-                              int64_t b1, uint64_t k, const float* x, const int64_t* offsets,
-                              int o0, float* out) {
-  constexpr int kO = kDirectOutputs, kT = kDirectVectors;
+// Outputs [o0, o0 + kLaneOutputs) of the tile, over blocks [b0, b1), into
+// out [16][kLaneTokens]; input k's tokens at xt + at(k). 16 independent
+// accumulators cover the FMA latency (4 cycles at two per cycle).
+template <class At>
+inline void TokenLanesPass(const float* values, const int32_t* indices, int64_t b0, int64_t b1,
+                           uint64_t k, const float* xt, At at, int o0, float* out) {
+  constexpr int kO = kLaneOutputs, kT = kLaneVectors;
   __m512 acc[kO][kT];
   #pragma GCC unroll 16
   for (int o = 0; o < kO; ++o)
@@ -306,7 +308,7 @@ inline void DirectOutputsPass(const float* values, const int32_t* indices, int64
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t input = static_cast<uint32_t>(indices[b]);
     if (input >= k) continue;  // Untrusted structure: a block outside x adds nothing.
-    const float* xs = x + offsets[input];
+    const float* xs = xt + at(input);
     __m512 xv[kT];
     #pragma GCC unroll 16
     for (int t = 0; t < kT; ++t) xv[t] = _mm512_loadu_ps(xs + 16 * t);
@@ -321,26 +323,26 @@ inline void DirectOutputsPass(const float* values, const int32_t* indices, int64
   #pragma GCC unroll 16
   for (int o = 0; o < kO; ++o)
     #pragma GCC unroll 16
-    for (int t = 0; t < kT; ++t) _mm512_store_ps(out + (o0 + o) * kDirectTokens + 16 * t, acc[o][t]);
+    for (int t = 0; t < kT; ++t) _mm512_store_ps(out + (o0 + o) * kLaneTokens + 16 * t, acc[o][t]);
 }
 
-// A tile of `tokens` virtual tokens (at most kDirectTokens) of one block row:
-// y[t * n_out + o] for o < outs. x is the strip at the tile's first token.
-inline void DirectRowInLanes(const BlocksProblem& p, const float* values, const int32_t* indices,
-                             int64_t b0, int64_t b1, const float* x, const int64_t* offsets,
-                             int64_t tokens, float* y, int64_t outs) {
-  alignas(64) float out[16 * kDirectTokens];
+// A tile of `tokens` tokens (at most kLaneTokens) of one block row:
+// y[t * n_out + o] for o < outs.
+template <class At>
+void TokenLanesRow(const BlocksProblem& p, const float* values, const int32_t* indices, int64_t b0,
+                   int64_t b1, const float* xt, At at, int64_t tokens, float* y, int64_t outs) {
+  alignas(64) float out[16 * kLaneTokens];
   // Every pass, also those past `outs`: each block stores 16 values, so they
   // read nothing outside it, and the transpose then reads no stale lanes (the
   // padding outputs' lanes are masked off at the store).
-  for (int o0 = 0; o0 < 16; o0 += kDirectOutputs) {
-    DirectOutputsPass(values, indices, b0, b1, static_cast<uint64_t>(p.k), x, offsets, o0, out);
+  for (int o0 = 0; o0 < 16; o0 += kLaneOutputs) {
+    TokenLanesPass(values, indices, b0, b1, static_cast<uint64_t>(p.k), xt, at, o0, out);
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << outs) - 1u);
   for (int64_t g = 0; g * 16 < tokens; ++g) {
     __m512 r[16];
     #pragma GCC unroll 16
-    for (int o = 0; o < 16; ++o) r[o] = _mm512_load_ps(out + o * kDirectTokens + 16 * g);
+    for (int o = 0; o < 16; ++o) r[o] = _mm512_load_ps(out + o * kLaneTokens + 16 * g);
     Transpose16x16Floats(r);
     const int64_t live = Min(16, tokens - 16 * g);
     for (int64_t t = 0; t < live; ++t) _mm512_mask_storeu_ps(y + (16 * g + t) * p.n_out, keep, r[t]);
@@ -348,7 +350,14 @@ inline void DirectRowInLanes(const BlocksProblem& p, const float* values, const 
 }
 
 struct Avx512Micro {
+  // f32 1 x 16 blocks with a tile's worth of tokens take them in the lanes
+  // (TokenLanesRow); fewer tokens stay on outputs in the lanes, where the
+  // weights' stream decides.
+  static bool LanesHoldTokens(const BlocksProblem& p) {
+    return TokensInLanes(p) && p.tokens >= kLaneTokens;
+  }
   static int64_t TileTokens(const BlocksProblem& p) {
+    if (LanesHoldTokens(p)) return kLaneTokens;
     switch (p.n) {
       case 4:
         return Lanes<4>::kMaxGroups * Lanes<4>::kG;
@@ -370,21 +379,26 @@ struct Avx512Micro {
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {
+    if (LanesHoldTokens(p) && ld == kLaneTokens) {
+      return TokenLanesRow(p, static_cast<const float*>(values), indices, b0, b1, xt,
+                           RowsApart{ld}, tokens, static_cast<float*>(y), outs);
+    }
     RowForAny(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
   }
   // The direct convolution (blocks_kernels.h): x is an f32 strip of the
   // input, the tile's token t of input k at xt + offsets[k] + first + t.
-  // f32 1 x 16 blocks take the tokens in the lanes (DirectRowInLanes).
+  // f32 1 x 16 blocks take the tokens in the lanes (TokenLanesRow) whatever
+  // the count: the strip's tiles run across the band's rows.
   static bool DirectConv(const BlocksProblem&) { return true; }
   static int64_t DirectTileTokens(const BlocksProblem& p) {
-    return DirectInLanes(p) ? kDirectTokens : TileTokens(p);
+    return TokensInLanes(p) ? kLaneTokens : TileTokens(p);
   }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
                     int64_t first, int64_t tokens, void* y, int64_t outs) {
-    if (DirectInLanes(p)) {
-      return DirectRowInLanes(p, static_cast<const float*>(values), indices, b0, b1, xt + first,
-                              offsets, tokens, static_cast<float*>(y), outs);
+    if (TokensInLanes(p)) {
+      return TokenLanesRow(p, static_cast<const float*>(values), indices, b0, b1, xt,
+                           RowsAt{offsets, first}, tokens, static_cast<float*>(y), outs);
     }
     RowForAny(p, values, indices, b0, b1, xt, RowsAt{offsets, first}, tokens, y, outs);
   }

@@ -72,10 +72,10 @@ constexpr int64_t kTokensT = 16;
 constexpr int64_t kPackSlack = 256;
 // Floats of the direct convolution's tile buffer: a tile of tokens x n
 // outputs, at most 96 x 4, 48 x 8, 24 x 16 or 12 x 32 for the f32-compute
-// kernel (Lanes in blocks_avx512.h), 64 x 16 for its f32 tokens-in-lanes
-// direct tile (kDirectTokens), 30 x 16 and 14 x 32 for the bf16 pairs
-// (DpLanes in blocks_bf16dp.h).
-constexpr int64_t kMaxTileOutputs = 1024;
+// kernel (Lanes in blocks_avx512.h) and 32 x 16 for its f32 tokens in lanes
+// (kLaneTokens), 30 x 16 and 14 x 32 for the bf16 pairs (DpLanes in
+// blocks_bf16dp.h).
+constexpr int64_t kMaxTileOutputs = 512;
 
 // ---------------------------------------------------------------- scalars
 inline float LoadAs(Dtype dtype, const void* base, int64_t i) {
