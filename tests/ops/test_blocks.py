@@ -303,6 +303,18 @@ def test_blocks_conv_untrusted_structure_reads_nothing_out_of_bounds(isa, dtype,
                      blocks_conv_reference(x, values, ind, ptr, **geometry), dtype, scale_for(54))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocks_conv_many_images_run_several_bands_per_task(isa, dtype):
+    """17 small images: one band each, taken a few at a time per task (the last run shorter)."""
+    geometry = dict(out_features=48, kernel_size=(3, 3), strides=(1, 1), dilation=(1, 1),
+                    padding=((1, 1), (1, 1)))
+    ws = weight(23, 9 * 5, 48, 16, 0.4, dtype)
+    x = jnp.asarray(np.random.default_rng(24).standard_normal((17, 6, 5, 5)), dtype)
+    arrays3 = (ws.values[None], ws.indices[None], ws.indptr[None])
+    assert_close(blocks_conv(x, *arrays3, **geometry),
+                 blocks_conv_reference(x, *arrays3, **geometry), dtype, scale_for(45))
+
+
 def test_blocks_conv_gradients_vmap_and_jvp():
     params = dict(out_features=24, kernel_size=(3, 3), strides=(2, 1), dilation=(1, 1),
                   padding=((1, 1), (0, 1)))
