@@ -17,6 +17,13 @@
  *    {1to16} broadcast of one token's x: one broadcast per FMA, its bound from the compute side.
  *    Beside it, the same FMAs with each broadcast shared by two blocks' weight vectors (half a
  *    broadcast per FMA), which a block row alone cannot do (its blocks keep distinct inputs).
+ * 6. The same step with tokens in the lanes (blocks_avx512.h, TokenLanesRow, f32 1x16): per block
+ *    two loads of 16 tokens' x and 8 broadcasts of weights (a load each), then 16 FMAs (a broadcast
+ *    per 2 FMAs). And, where the CPU has AVX512-BF16, the two bf16 steps: the pair kernel's
+ *    (blocks_bf16dp.h: per pair of blocks a weight-pair vector, then 30 vdpbf16ps each with an
+ *    embedded {1to16} broadcast of one token's x pair), and the same with tokens in the lanes (per
+ *    pair of blocks two vpermt2w building 32 tokens' x pairs from bf16 rows, 8 broadcasts of weight
+ *    pairs, 16 vdpbf16ps): whether a bf16 kernel with tokens in the lanes could gain.
  * Needs an AVX-512 CPU (checked); Linux for part 3.
  */
 #include <immintrin.h>
@@ -213,6 +220,118 @@ static void block_step(void) {
   free(inputs);
 }
 
+/* ------------------------------------------------------------------ 6. tokens in the lanes */
+
+__attribute__((noinline)) static void lanes_row(const float* x, const int* inputs, const float* w,
+                                                int blocks, float* out) {
+  for (int o0 = 0; o0 < 16; o0 += 8) {
+    __m512 acc[8][2];
+    for (int o = 0; o < 8; o++) acc[o][0] = acc[o][1] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+      const float* xs = x + inputs[b];
+      const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
+#pragma GCC unroll 8
+      for (int o = 0; o < 8; o++) {
+        const __m512 wo = _mm512_set1_ps(w[16 * b + o0 + o]);
+        acc[o][0] = _mm512_fmadd_ps(wo, x0, acc[o][0]);
+        acc[o][1] = _mm512_fmadd_ps(wo, x1, acc[o][1]);
+      }
+    }
+    for (int o = 0; o < 8; o++) {
+      _mm512_storeu_ps(out + 32 * (o0 + o), acc[o][0]);
+      _mm512_storeu_ps(out + 32 * (o0 + o) + 16, acc[o][1]);
+    }
+  }
+}
+
+/* The pair kernel's step: 30 token accumulators, a weight-pair vector per pair of blocks, each
+ * token's x pair broadcast into vdpbf16ps from memory. */
+__attribute__((noinline, target("avx512f,avx512bf16"))) static void pairs_row(
+    const uint32_t* pairs, const int* inputs, const uint16_t* w, int blocks, float* out) {
+  __m512 acc[30];
+  for (int t = 0; t < 30; t++) acc[t] = _mm512_setzero_ps();
+  for (int b = 0; b + 1 < blocks; b += 2) {
+    const __m512i wv = _mm512_loadu_si512(w + 32 * b);
+    const uint32_t* xp = pairs + inputs[b] / 2;
+#pragma GCC unroll 30
+    for (int t = 0; t < 30; t++) {
+      __asm__("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc[t]) : [w] "v"(wv), [x] "m"(xp[t]));
+    }
+  }
+  for (int t = 0; t < 30; t++) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+/* The bf16 step with tokens in the lanes: per pair of blocks, 32 tokens' x pairs built from the
+ * two inputs' bf16 rows (two vpermt2w), then 8 outputs' weight pairs broadcast, 16 vdpbf16ps. */
+__attribute__((noinline, target("avx512f,avx512bw,avx512bf16"))) static void bf16_lanes_row(
+    const uint16_t* x, const int* inputs, const uint32_t* w, int blocks, float* out) {
+  const __m512i lo_order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+                                            1, 32, 0);
+  const __m512i hi_order = _mm512_add_epi16(lo_order, _mm512_set1_epi16(16));
+  for (int o0 = 0; o0 < 16; o0 += 8) {
+    __m512 acc[8][2];
+    for (int o = 0; o < 8; o++) acc[o][0] = acc[o][1] = _mm512_setzero_ps();
+    for (int b = 0; b + 1 < blocks; b += 2) {
+      const __m512i p = _mm512_loadu_si512(x + inputs[b]);      /* 32 tokens of input p */
+      const __m512i q = _mm512_loadu_si512(x + inputs[b + 1]);  /* and of input q */
+      const __m512i x0 = _mm512_permutex2var_epi16(p, lo_order, q);
+      const __m512i x1 = _mm512_permutex2var_epi16(p, hi_order, q);
+#pragma GCC unroll 8
+      for (int o = 0; o < 8; o++) {
+        const __m512i wo = _mm512_set1_epi32((int)w[16 * b + o0 + o]);
+        acc[o][0] = _mm512_dpbf16_ps(acc[o][0], (__m512bh)x0, (__m512bh)wo);
+        acc[o][1] = _mm512_dpbf16_ps(acc[o][1], (__m512bh)x1, (__m512bh)wo);
+      }
+    }
+    for (int o = 0; o < 8; o++) {
+      _mm512_storeu_ps(out + 32 * (o0 + o), acc[o][0]);
+      _mm512_storeu_ps(out + 32 * (o0 + o) + 16, acc[o][1]);
+    }
+  }
+}
+
+static void lanes_step(void) {
+  enum { kBlocks = 144, kRows = 64, kRowFloats = 48 };
+  float* x = aligned_alloc(64, (kRows * kRowFloats + 64) * sizeof(float));
+  float* w = aligned_alloc(64, kBlocks * 32 * sizeof(float));
+  int* inputs = malloc(kBlocks * sizeof(int));
+  for (int i = 0; i < kRows * kRowFloats + 64; i++) x[i] = 1e-3f * (i % 7);
+  for (int i = 0; i < kBlocks * 32; i++) w[i] = 1e-3f;
+  for (int b = 0; b < kBlocks; b++) inputs[b] = (b * 37 % kRows) * kRowFloats + b % 5;
+  const long rounds = 100000;
+  float out[512];
+  double t0 = now();
+  for (long r = 0; r < rounds; r++) lanes_row(x, inputs, w, kBlocks, out);
+  double t = now() - t0;
+  printf("1xN step with tokens in the lanes, f32, 1 thread: %.2f zmm FMA/ns (checksum %g)\n",
+         32.0 * kBlocks * rounds / t / 1e9, out[0]);
+  if (__builtin_cpu_supports("avx512bf16")) {
+    /* bf16 x rows and weights of about 1e-3 (0x3a83); the same offsets, in words */
+    uint16_t* xb = aligned_alloc(64, (kRows * kRowFloats + 64) * sizeof(uint16_t) * 2);
+    uint16_t* wb = aligned_alloc(64, kBlocks * 32 * sizeof(uint16_t));
+    for (int i = 0; i < 2 * (kRows * kRowFloats + 64); i++) xb[i] = 0x3a83;
+    for (int i = 0; i < kBlocks * 32; i++) wb[i] = 0x3a83;
+    t0 = now();
+    for (long r = 0; r < rounds; r++)
+      pairs_row((const uint32_t*)xb, inputs, wb, kBlocks, out);
+    t = now() - t0;
+    printf("1xN bf16 pair step (a broadcast per vdpbf16ps), 1 thread: %.2f zmm vdpbf16ps/ns "
+           "(checksum %g)\n", 30.0 * (kBlocks / 2) * rounds / t / 1e9, out[0]);
+    t0 = now();
+    for (long r = 0; r < rounds; r++)
+      bf16_lanes_row(xb, inputs, (const uint32_t*)wb, kBlocks, out);
+    t = now() - t0;
+    printf("1xN bf16 step with tokens in the lanes, 1 thread: %.2f zmm vdpbf16ps/ns "
+           "(checksum %g)\n", 32.0 * (kBlocks / 2) * rounds / t / 1e9, out[0]);
+    free(xb);
+    free(wb);
+  }
+  free(x);
+  free(w);
+  free(inputs);
+}
+
 /* ------------------------------------------------------------------ 3. first touch */
 
 static void first_touch(void) {
@@ -250,6 +369,7 @@ int main(void) {
   bf16_dot_peak();
   permute_step();
   block_step();
+  lanes_step();
   first_touch();
   return 0;
 }

@@ -287,6 +287,7 @@ void RowForAny(const BlocksProblem& p, const void* values, const int32_t* indice
 constexpr int kLaneOutputs = 8;   // outputs per pass over the row's blocks
 constexpr int kLaneVectors = 2;   // 16-token vectors per tile
 constexpr int64_t kLaneTokens = 16 * kLaneVectors;
+constexpr int64_t kLanePrefetch = 16;  // blocks
 static_assert(kLaneTokens * 16 <= kMaxTileOutputs, "the direct convolution's tile buffer");
 
 inline bool TokensInLanes(const BlocksProblem& p) {
@@ -307,6 +308,16 @@ inline void TokenLanesPass(const float* values, const int32_t* indices, int64_t 
     for (int t = 0; t < kT; ++t) acc[o][t] = _mm512_setzero_ps();
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t input = static_cast<uint32_t>(indices[b]);
+    // The x row kLanePrefetch blocks ahead, into L1 (its two lines): rows
+    // come from L2 at random, and the FMAs wait on them.
+    if (b + kLanePrefetch < b1) {
+      const uint32_t ahead = static_cast<uint32_t>(indices[b + kLanePrefetch]);
+      if (ahead < k) {
+        const char* row = reinterpret_cast<const char*>(xt + at(ahead));
+        _mm_prefetch(row, _MM_HINT_T0);
+        _mm_prefetch(row + 4 * kLaneTokens - 1, _MM_HINT_T0);
+      }
+    }
     if (input >= k) continue;  // Untrusted structure: a block outside x adds nothing.
     const float* xs = xt + at(input);
     __m512 xv[kT];
@@ -326,6 +337,25 @@ inline void TokenLanesPass(const float* values, const int32_t* indices, int64_t 
     for (int t = 0; t < kT; ++t) _mm512_store_ps(out + (o0 + o) * kLaneTokens + 16 * t, acc[o][t]);
 }
 
+// y[t * n_out + o] = out[o][t] for t < tokens, o < outs: one 16 x 16
+// transpose per 16 tokens, rounded once to D.
+template <Dtype D>
+inline void StoreTokenLanes(const float* out, int64_t tokens, int64_t n_out, int64_t outs,
+                            void* y) {
+  constexpr int64_t kBytes = D == Dtype::kF32 ? 4 : 2;
+  const __mmask16 keep = static_cast<__mmask16>((1u << outs) - 1u);
+  for (int64_t g = 0; g * 16 < tokens; ++g) {
+    __m512 r[16];
+    #pragma GCC unroll 16
+    for (int o = 0; o < 16; ++o) r[o] = _mm512_load_ps(out + o * kLaneTokens + 16 * g);
+    Transpose16x16Floats(r);
+    const int64_t live = Min(16, tokens - 16 * g);
+    for (int64_t t = 0; t < live; ++t) {
+      StoreF32<D>(static_cast<char*>(y) + (16 * g + t) * n_out * kBytes, r[t], keep);
+    }
+  }
+}
+
 // A tile of `tokens` tokens (at most kLaneTokens) of one block row:
 // y[t * n_out + o] for o < outs.
 template <class At>
@@ -338,15 +368,7 @@ void TokenLanesRow(const BlocksProblem& p, const float* values, const int32_t* i
   for (int o0 = 0; o0 < 16; o0 += kLaneOutputs) {
     TokenLanesPass(values, indices, b0, b1, static_cast<uint64_t>(p.k), xt, at, o0, out);
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << outs) - 1u);
-  for (int64_t g = 0; g * 16 < tokens; ++g) {
-    __m512 r[16];
-    #pragma GCC unroll 16
-    for (int o = 0; o < 16; ++o) r[o] = _mm512_load_ps(out + o * kLaneTokens + 16 * g);
-    Transpose16x16Floats(r);
-    const int64_t live = Min(16, tokens - 16 * g);
-    for (int64_t t = 0; t < live; ++t) _mm512_mask_storeu_ps(y + (16 * g + t) * p.n_out, keep, r[t]);
-  }
+  StoreTokenLanes<Dtype::kF32>(out, tokens, p.n_out, outs, y);
 }
 
 struct Avx512Micro {

@@ -200,6 +200,97 @@ void DpRowFor(const BlocksProblem& p, const void* values, const int32_t* indices
   return DpRowTile<kN, L::kMaxGroups>(p, values, indices, b0, b1, xt, at, tokens, y, outs);
 }
 
+// ---------------------------------------------------------------- tokens in lanes
+// bf16 1 x 16 blocks with a tile's worth of tokens (a packed xT of full tiles,
+// or the direct convolution's strip) put tokens in the lanes, as the f32
+// kernel does (TokenLanesRow, blocks_avx512.h): per pair of blocks, the two
+// inputs' 32 tokens interleaved into two vectors of x pairs (two vpermt2w),
+// then per output its weight pair broadcast from memory (a load) into two
+// vdpbf16ps. On Zen 5 that step runs at 7.5-7.7 vdpbf16ps/ns per core, the
+// pairs above (each vdpbf16ps with its embedded {1to16} broadcast of x) at
+// 2.6-2.7 (cpu_bounds.c part 6), against a peak of 7.8.
+inline bool Bf16TokensInLanes(const BlocksProblem& p) {
+  return p.dtype == Dtype::kBF16 && p.n == 16;
+}
+
+// Outputs [o0, o0 + kLaneOutputs) of the tile over blocks [b0, b1), into
+// out [16][kLaneTokens] f32. A block whose input lies outside x reads a row
+// of zeros and weighs zero (NaN weights there add nothing); a row's odd last
+// block pairs with zeros.
+template <class At>
+inline void Bf16TokenLanesPass(const uint16_t* values, const int32_t* indices, int64_t b0,
+                               int64_t b1, uint64_t k, const uint16_t* xt16, At at, int o0,
+                               float* out) {
+  static_assert(kLaneOutputs == 8 && kLaneVectors == 2, "8 weight pairs, 32 tokens");
+  alignas(64) static const uint16_t kZeroRow[kLaneTokens] = {};
+  // Word 2t: input p's token t, word 2t + 1: input q's (word 32 + t of the pair of sources).
+  const __m512i lo_order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41,
+                                            9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2,
+                                            33, 1, 32, 0);
+  const __m512i hi_order = _mm512_add_epi16(lo_order, _mm512_set1_epi16(16));
+  __m512 acc[kLaneOutputs][kLaneVectors];
+#pragma GCC unroll 8
+  for (int o = 0; o < kLaneOutputs; ++o) acc[o][0] = acc[o][1] = _mm512_setzero_ps();
+  alignas(16) uint32_t pairs[kLaneOutputs];
+  for (int64_t b = b0; b < b1; b += 2) {
+    const uint32_t input_p = static_cast<uint32_t>(indices[b]);
+    const uint32_t input_q = b + 1 < b1 ? static_cast<uint32_t>(indices[b + 1]) : UINT32_MAX;
+    const bool has_p = input_p < k, has_q = input_q < k;
+    // Ask for the x rows kLanePrefetch blocks ahead into L1: the rows come
+    // from L2 at random, and the pair's vpermt2w and its 16 vdpbf16ps wait on
+    // them.
+    if (b + kLanePrefetch + 1 < b1) {
+      const uint32_t ahead_p = static_cast<uint32_t>(indices[b + kLanePrefetch]);
+      const uint32_t ahead_q = static_cast<uint32_t>(indices[b + kLanePrefetch + 1]);
+      if (ahead_p < k) _mm_prefetch(reinterpret_cast<const char*>(xt16 + at(ahead_p)), _MM_HINT_T0);
+      if (ahead_q < k) _mm_prefetch(reinterpret_cast<const char*>(xt16 + at(ahead_q)), _MM_HINT_T0);
+    }
+    const __m128i wp = has_p ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + b * 16 + o0))
+                             : _mm_setzero_si128();
+    const __m128i wq = has_q ? _mm_loadu_si128(
+                                   reinterpret_cast<const __m128i*>(values + (b + 1) * 16 + o0))
+                             : _mm_setzero_si128();
+    // (v[p][o], v[q][o]) for the pass's 8 outputs, stored so that each is
+    // broadcast by a load.
+    _mm_store_si128(reinterpret_cast<__m128i*>(pairs), _mm_unpacklo_epi16(wp, wq));
+    _mm_store_si128(reinterpret_cast<__m128i*>(pairs + 4), _mm_unpackhi_epi16(wp, wq));
+    const __m512i xp = _mm512_loadu_si512(has_p ? xt16 + at(input_p) : kZeroRow);
+    const __m512i xq = _mm512_loadu_si512(has_q ? xt16 + at(input_q) : kZeroRow);
+    const __m512bh x0 = (__m512bh)_mm512_permutex2var_epi16(xp, lo_order, xq);
+    const __m512bh x1 = (__m512bh)_mm512_permutex2var_epi16(xp, hi_order, xq);
+#pragma GCC unroll 8
+    for (int o = 0; o < kLaneOutputs; ++o) {
+      // From memory, by asm: GCC otherwise forwards the stores and builds the
+      // broadcasts with vpsrldq and a register vpbroadcastd, shuffles on the
+      // pipes vdpbf16ps needs (2048 tokens of 4096 x 4096 at 25% on Zen 5:
+      // 36-44 ms that way, 32-36 ms this way, before the prefetch above).
+      __m512i w_pair;
+      __asm__("vpbroadcastd %[pair], %[w]" : [w] "=v"(w_pair) : [pair] "m"(pairs[o]));
+      const __m512bh wo = (__m512bh)w_pair;
+      acc[o][0] = _mm512_dpbf16_ps(acc[o][0], x0, wo);
+      acc[o][1] = _mm512_dpbf16_ps(acc[o][1], x1, wo);
+    }
+  }
+#pragma GCC unroll 8
+  for (int o = 0; o < kLaneOutputs; ++o) {
+    _mm512_store_ps(out + (o0 + o) * kLaneTokens, acc[o][0]);
+    _mm512_store_ps(out + (o0 + o) * kLaneTokens + 16, acc[o][1]);
+  }
+}
+
+template <class At>
+void Bf16TokenLanesRow(const BlocksProblem& p, const void* values, const int32_t* indices,
+                       int64_t b0, int64_t b1, const float* xt, At at, int64_t tokens, void* y,
+                       int64_t outs) {
+  alignas(64) float out[16 * kLaneTokens];
+  for (int o0 = 0; o0 < 16; o0 += kLaneOutputs) {
+    Bf16TokenLanesPass(static_cast<const uint16_t*>(values), indices, b0, b1,
+                       static_cast<uint64_t>(p.k), reinterpret_cast<const uint16_t*>(xt), at,
+                       o0, out);
+  }
+  StoreTokenLanes<Dtype::kBF16>(out, tokens, p.n_out, outs, y);
+}
+
 // bf16 from kDpMinTokens tokens on vdpbf16ps; everything else (f32, f16, and
 // bf16 below: there the values stream decides, and pairing adds work) on the
 // f32-compute kernel.
@@ -209,8 +300,13 @@ struct Bf16DpMicro {
   static bool UsesDp(const BlocksProblem& p) {
     return p.dtype == Dtype::kBF16 && p.tokens >= kDpMinTokens;
   }
+  // bf16 1 x 16 blocks with a tile's worth of tokens take them in the lanes.
+  static bool LanesHoldTokens(const BlocksProblem& p) {
+    return Bf16TokensInLanes(p) && p.tokens >= kLaneTokens;
+  }
   static int64_t TileTokens(const BlocksProblem& p) {
     if (!UsesDp(p)) return Avx512Micro::TileTokens(p);
+    if (LanesHoldTokens(p)) return kLaneTokens;
     switch (p.n) {
       case 4:
         return DpLanes<4>::kMaxGroups * DpLanes<4>::kG;
@@ -235,7 +331,8 @@ struct Bf16DpMicro {
   // (Pack above) at offsets in words, the f32-compute kernel an f32 one.
   static bool DirectConv(const BlocksProblem&) { return true; }
   static int64_t DirectTileTokens(const BlocksProblem& p) {
-    return UsesDp(p) ? TileTokens(p) : Avx512Micro::DirectTileTokens(p);
+    if (!UsesDp(p)) return Avx512Micro::DirectTileTokens(p);
+    return Bf16TokensInLanes(p) ? kLaneTokens : TileTokens(p);
   }
   static void RowAt(const BlocksProblem& p, const void* values, const int32_t* indices,
                     int64_t b0, int64_t b1, const float* xt, const int64_t* offsets,
@@ -244,12 +341,19 @@ struct Bf16DpMicro {
       return Avx512Micro::RowAt(p, values, indices, b0, b1, xt, offsets, first, tokens, y,
                                 outs);
     }
+    if (Bf16TokensInLanes(p)) {
+      return Bf16TokenLanesRow(p, values, indices, b0, b1, xt, RowsAt{offsets, first}, tokens, y,
+                               outs);
+    }
     DpRowForN(p, values, indices, b0, b1, xt, RowsAt{offsets, first}, tokens, y, outs);
   }
   static void Row(const BlocksProblem& p, const void* values, const int32_t* indices,
                   int64_t b0, int64_t b1, const float* xt, int64_t ld, int64_t tokens, void* y,
                   int64_t outs) {
     if (!UsesDp(p)) return Avx512Micro::Row(p, values, indices, b0, b1, xt, ld, tokens, y, outs);
+    if (LanesHoldTokens(p) && ld == kLaneTokens) {
+      return Bf16TokenLanesRow(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
+    }
     DpRowForN(p, values, indices, b0, b1, xt, RowsApart{ld}, tokens, y, outs);
   }
   template <class At>
