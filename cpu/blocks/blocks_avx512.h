@@ -273,9 +273,9 @@ void RowForAny(const BlocksProblem& p, const void* values, const int32_t* indice
 // full tiles, or the direct convolution's strip), f32 1 x 16 blocks can put
 // tokens in the lanes instead of outputs. With outputs in the lanes (RowTile)
 // every FMA takes its own broadcast of x, as an embedded {1to16} operand:
-// 5.3-6.0 zmm FMA/ns per core on Zen 5 against 7.6-8.05 for FMAs alone
-// (cpu_bounds.c part 5), since a block row's blocks have distinct inputs and
-// cannot share one. With tokens in the lanes a block is kLaneVectors loads of
+// 5.3-7.1 zmm FMA/ns per core on Zen 5 against 7.6-8.55 for FMAs alone
+// (cpu_bounds.c part 5, runs of two sessions), since a block row's blocks
+// have distinct inputs and cannot share one. With tokens in the lanes a block is kLaneVectors loads of
 // 16 tokens, and each of its weights is broadcast once (a load, no shuffle)
 // for kLaneVectors FMAs. 8 outputs x 2 vectors per pass beat 4 x 4 (more
 // passes over the blocks) and 8 x 3 and 4 x 6 (24 accumulators) on Zen 5:

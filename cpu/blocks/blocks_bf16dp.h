@@ -20,6 +20,9 @@
 // zeros, and a block whose input lies outside x reads zeros (it adds nothing).
 // The products are exact in f32 and summed in f32 (vdpbf16ps treats bf16
 // subnormal inputs as zero, below any tolerance the f32 path keeps).
+// 1 x 16 blocks from 32 tokens take another kernel (Bf16TokenLanesRow
+// below): on Zen 5 these embedded broadcasts hold vdpbf16ps to a third of its
+// peak, where broadcasting the weight pairs into token vectors reaches it.
 #ifndef JAXSPARSE_CPU_BLOCKS_BLOCKS_BF16DP_H_
 #define JAXSPARSE_CPU_BLOCKS_BLOCKS_BF16DP_H_
 
